@@ -1,0 +1,1 @@
+//! Portico's BGP announcer.

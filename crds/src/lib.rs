@@ -1,0 +1,1 @@
+//! Kubernetes API types of Portico's custom resources (group `portico.io`).

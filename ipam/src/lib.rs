@@ -1,0 +1,1 @@
+//! Portico's address allocator (LB-IPAM). Pure: plain data in, decisions out.
