@@ -45,7 +45,8 @@ pub fn run(pings: u32) -> Result<LabReport> {
     let mut prog = XdpProgram::load().context("loading the XDP program")?;
     {
         let _in_node = node.enter()?;
-        prog.attach("eth0", AttachMode::Native).context("attaching XDP on the node")?;
+        prog.attach("eth0", AttachMode::Native)
+            .context("attaching XDP on the node")?;
     }
     let count = pings.to_string();
     client.run(&["ping", "-c", &count, "-i", "0.05", "-W", "2", "198.18.0.2"])?;
