@@ -1,0 +1,497 @@
+//! Session FSM, timers and negotiation, driven by a simulated clock.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use common::{config_a, config_b, split_messages, Pair};
+use ipnet::IpNet;
+use portico_announcer::session::{Event, GracefulRestartConfig, State};
+use portico_announcer::{Command, Family, RouteAttrs};
+
+fn v4_prefixes(n: u32) -> Vec<IpNet> {
+    (0..n)
+        .map(|i| IpNet::new(Ipv4Addr::from(0x0a00_0000 + i).into(), 32).unwrap())
+        .collect()
+}
+
+fn v6_prefixes(n: u32) -> Vec<IpNet> {
+    (0..n)
+        .map(|i| {
+            let a = std::net::Ipv6Addr::from(
+                0xfd00_0000_0000_0000_0000_0000_0000_0000u128 + u128::from(i),
+            );
+            IpNet::new(a.into(), 128).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn two_sessions_reach_established_and_agree_on_capabilities() {
+    let mut p = Pair::default_pair();
+    p.established();
+    let n = p.a.negotiated().unwrap();
+    assert_eq!(n.hold_time, 90);
+    assert_eq!(n.keepalive_time, 30);
+    assert!(n.four_octet_as && n.route_refresh && n.extended_message);
+    assert_eq!(n.families, vec![Family::Ipv4Unicast, Family::Ipv6Unicast]);
+    assert_eq!(n.peer_router_id, Ipv4Addr::new(192, 0, 2, 2));
+    let states: Vec<State> = p
+        .a_events
+        .iter()
+        .filter_map(|e| match e {
+            Event::StateChanged { to, .. } => Some(*to),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            State::Connect,
+            State::OpenSent,
+            State::OpenConfirm,
+            State::Established
+        ]
+    );
+    assert!(p
+        .b_events
+        .iter()
+        .any(|e| matches!(e, Event::Established(_))));
+}
+
+#[test]
+fn keepalives_keep_an_idle_session_up() {
+    let mut p = Pair::default_pair();
+    p.established();
+    p.advance(Duration::from_secs(600));
+    assert_eq!(p.a.state(), State::Established);
+    assert_eq!(p.b.state(), State::Established);
+}
+
+#[test]
+fn frozen_peer_past_hold_time_gets_hold_timer_expired_and_session_recovers() {
+    let mut p = Pair::default_pair();
+    p.established();
+    p.b_frozen = true;
+    p.advance(Duration::from_secs(91));
+    assert_ne!(p.a.state(), State::Established);
+    let status = p.a.status(p.now);
+    assert_eq!(
+        status.last_notification_sent.as_deref(),
+        Some("Hold Timer Expired")
+    );
+    // SIGCONT: the peer notices the dead connection, and A reconnects automatically.
+    p.b_frozen = false;
+    p.b.handle_closed(p.now);
+    p.advance(Duration::from_secs(10));
+    assert_eq!(p.a.state(), State::Established, "{:?}", p.a_events);
+}
+
+#[test]
+fn wrong_peer_as_is_refused_with_bad_peer_as_text() {
+    let mut b = config_b();
+    b.peer_as = 65099;
+    let mut p = Pair::new(config_a(), b);
+    p.start();
+    assert_ne!(p.a.state(), State::Established);
+    let a = p.a.status(p.now);
+    assert_eq!(
+        a.last_notification_received.as_deref(),
+        Some("OPEN Message Error / Bad Peer AS")
+    );
+    let b = p.b.status(p.now);
+    assert_eq!(
+        b.last_notification_sent.as_deref(),
+        Some("OPEN Message Error / Bad Peer AS")
+    );
+}
+
+#[test]
+fn stop_sends_administrative_shutdown() {
+    let mut p = Pair::default_pair();
+    p.established();
+    let now = p.now;
+    p.a.handle_command(now, Command::Stop);
+    p.drive();
+    assert_eq!(p.a.state(), State::Idle);
+    assert_eq!(
+        p.b.status(p.now).last_notification_received.as_deref(),
+        Some("Cease / Administrative Shutdown")
+    );
+    // No automatic restart after a manual stop.
+    p.advance(Duration::from_secs(300));
+    assert_eq!(p.a.state(), State::Idle);
+}
+
+#[test]
+fn connect_retry_fires_with_jitter_while_peer_is_absent() {
+    let mut p = Pair::default_pair();
+    let now = p.now;
+    p.a.handle_command(now, Command::Start);
+    p.drive(); // B is Idle: the connect fails, A goes Active.
+    assert_eq!(p.a.state(), State::Active);
+    let deadline = p.a.poll_timeout().unwrap();
+    let wait = deadline - p.now;
+    assert!(
+        wait >= Duration::from_millis(3750) && wait <= Duration::from_secs(5),
+        "{wait:?}"
+    );
+    let connects = |p: &Pair| p.a_events.iter().filter(|e| **e == Event::Connect).count();
+    assert_eq!(connects(&p), 1);
+    p.advance(Duration::from_secs(5));
+    assert_eq!(connects(&p), 2);
+    // Once the peer listens, the next retry establishes.
+    let now = p.now;
+    p.b.handle_command(now, Command::Start);
+    p.advance(Duration::from_secs(5));
+    assert_eq!(p.a.state(), State::Established);
+}
+
+#[test]
+fn delay_open_waits_for_the_peer_open() {
+    let mut b = config_b();
+    b.delay_open = Some(Duration::from_secs(3));
+    let mut p = Pair::new(config_a(), b);
+    p.start();
+    // B held its OPEN; A's OPEN arrived, so B answered at once.
+    assert_eq!(p.b.state(), State::Established);
+    assert_eq!(p.a.state(), State::Established);
+}
+
+#[test]
+fn delay_open_expiry_sends_open() {
+    let mut a = config_a();
+    a.delay_open = Some(Duration::from_secs(3));
+    let mut b = config_b();
+    b.delay_open = Some(Duration::from_secs(5));
+    let mut p = Pair::new(a, b);
+    p.start();
+    assert_eq!(p.a.state(), State::Connect);
+    p.advance(Duration::from_secs(3));
+    assert_eq!(p.a.state(), State::Established);
+}
+
+#[test]
+fn two_octet_peer_gets_as_trans_and_as4_path() {
+    let mut a = config_a();
+    a.local_as = 4_200_000_001;
+    let mut b = config_b();
+    b.four_octet_as = false;
+    b.peer_as = 23456;
+    let mut p = Pair::new(a, b);
+    let now = p.now;
+    p.a.handle_command(
+        now,
+        Command::Announce {
+            prefixes: v4_prefixes(1),
+            attrs: RouteAttrs::default(),
+        },
+    );
+    p.established();
+    assert!(!p.a.negotiated().unwrap().four_octet_as);
+    let bytes = p.a_bytes();
+    let msgs = split_messages(&bytes);
+    // OPEN carries AS_TRANS in My AS.
+    assert_eq!(&msgs[0][20..22], &23456u16.to_be_bytes());
+    let update = msgs.iter().find(|m| m[18] == 2).unwrap();
+    // AS_PATH with a 2-octet AS_TRANS, AS4_PATH with the real AS.
+    let as_path = [0x40, 2, 4, 2, 1, 0x5b, 0xa0];
+    let as4_path = [0xc0, 17, 6, 2, 1, 0xfa, 0x56, 0xea, 0x01];
+    let has = |needle: &[u8]| update.windows(needle.len()).any(|w| w == needle);
+    assert!(has(&as_path), "{}", portico_announcer::wire::hex(update));
+    assert!(has(&as4_path), "{}", portico_announcer::wire::hex(update));
+    assert_eq!(p.b_updates()[0].announced, 1);
+}
+
+#[test]
+fn four_octet_peer_gets_a_four_octet_as_path() {
+    let mut a = config_a();
+    a.local_as = 4_200_000_001;
+    let mut b = config_b();
+    b.peer_as = 4_200_000_001;
+    let mut p = Pair::new(a, b);
+    let now = p.now;
+    p.a.handle_command(
+        now,
+        Command::Announce {
+            prefixes: v4_prefixes(1),
+            attrs: RouteAttrs::default(),
+        },
+    );
+    p.established();
+    assert!(p.a.negotiated().unwrap().four_octet_as);
+    let bytes = p.a_bytes();
+    let update = split_messages(&bytes)
+        .into_iter()
+        .find(|m| m[18] == 2)
+        .unwrap()
+        .to_vec();
+    let as_path = [0x40, 2, 6, 2, 1, 0xfa, 0x56, 0xea, 0x01];
+    assert!(update.windows(as_path.len()).any(|w| w == as_path));
+    assert!(!update.windows(2).any(|w| w == [0xc0, 17]));
+}
+
+#[test]
+fn graceful_restart_sends_end_of_rib_after_the_table_for_each_family() {
+    let mut a = config_a();
+    a.graceful_restart = Some(GracefulRestartConfig {
+        restart_time: 120,
+        restarting: true,
+        forwarding_state: true,
+    });
+    let mut p = Pair::new(a, config_b());
+    let now = p.now;
+    p.a.handle_command(
+        now,
+        Command::Announce {
+            prefixes: v4_prefixes(3).into_iter().chain(v6_prefixes(2)).collect(),
+            attrs: RouteAttrs::default(),
+        },
+    );
+    p.established();
+    let ups = p.b_updates();
+    let eor: Vec<Option<Family>> = ups.iter().map(|u| u.end_of_rib).collect();
+    assert_eq!(
+        eor,
+        [
+            None,
+            None,
+            Some(Family::Ipv4Unicast),
+            Some(Family::Ipv6Unicast)
+        ]
+    );
+    // The peer saw the R and F bits.
+    let n = p.b.negotiated().unwrap();
+    let gr = n.peer_capabilities.graceful_restart.as_ref().unwrap();
+    assert!(gr.restarting);
+    assert_eq!(gr.restart_time, 120);
+    assert!(gr.families.iter().all(|(_, f)| *f));
+    // The R bit is only for the first session after a restart.
+    let now = p.now;
+    p.a.handle_command(now, Command::Stop);
+    p.a.handle_command(now, Command::Start);
+    p.drive();
+    p.advance(Duration::from_secs(10));
+    let n = p.b.negotiated().unwrap();
+    assert!(
+        !n.peer_capabilities
+            .graceful_restart
+            .as_ref()
+            .unwrap()
+            .restarting
+    );
+}
+
+#[test]
+fn no_end_of_rib_without_graceful_restart() {
+    let mut p = Pair::default_pair();
+    p.established();
+    assert!(p.b_updates().is_empty());
+}
+
+#[test]
+fn route_refresh_request_is_answered_with_the_adj_rib_out() {
+    let mut p = Pair::default_pair();
+    let now = p.now;
+    p.a.handle_command(
+        now,
+        Command::Announce {
+            prefixes: v4_prefixes(100)
+                .into_iter()
+                .chain(v6_prefixes(10))
+                .collect(),
+            attrs: RouteAttrs::default(),
+        },
+    );
+    p.established();
+    let before: usize = p.b_updates().iter().map(|u| u.announced).sum();
+    assert_eq!(before, 110);
+    let now = p.now;
+    p.b.handle_command(now, Command::RequestRefresh(Family::Ipv6Unicast));
+    p.drive();
+    let after: usize = p.b_updates().iter().map(|u| u.announced).sum();
+    assert_eq!(after - before, 10);
+}
+
+#[test]
+fn full_table_is_packed_into_few_updates() {
+    let mut b = config_b();
+    b.extended_message = false;
+    let mut p = Pair::new(config_a(), b);
+    let now = p.now;
+    let attrs = RouteAttrs {
+        communities: vec![0xfde8_0001],
+        ..Default::default()
+    };
+    p.a.handle_command(
+        now,
+        Command::Announce {
+            prefixes: v4_prefixes(10_000),
+            attrs,
+        },
+    );
+    p.established();
+    let ups = p.b_updates();
+    assert_eq!(ups.iter().map(|u| u.announced).sum::<usize>(), 10_000);
+    // 5 bytes per /32; attributes ORIGIN(4)+AS_PATH(9)+COMMUNITIES(7)+NEXT_HOP(7)=27:
+    // (4096-23-27)/5 = 809 per message.
+    assert_eq!(ups.len(), 10_000usize.div_ceil(809));
+    assert_eq!(p.a.status(p.now).advertised, [10_000, 0]);
+}
+
+#[test]
+fn extended_messages_pack_more_per_update() {
+    let mut p = Pair::default_pair();
+    let now = p.now;
+    p.a.handle_command(
+        now,
+        Command::Announce {
+            prefixes: v4_prefixes(100_000),
+            attrs: RouteAttrs::default(),
+        },
+    );
+    p.established();
+    let ups = p.b_updates();
+    assert_eq!(ups.iter().map(|u| u.announced).sum::<usize>(), 100_000);
+    // (65535-23-20)/5 = 13098 per message.
+    assert_eq!(ups.len(), 100_000usize.div_ceil(13_098));
+}
+
+#[test]
+fn withdrawals_and_changes_are_batched() {
+    let mut b = config_b();
+    b.extended_message = false;
+    let mut p = Pair::new(config_a(), b);
+    let now = p.now;
+    p.a.handle_command(
+        now,
+        Command::Announce {
+            prefixes: v4_prefixes(2000)
+                .into_iter()
+                .chain(v6_prefixes(500))
+                .collect(),
+            attrs: RouteAttrs::default(),
+        },
+    );
+    p.established();
+    let n0 = p.b_updates().len();
+    let now = p.now;
+    p.a.handle_command(
+        now,
+        Command::Withdraw {
+            prefixes: v4_prefixes(1000)
+                .into_iter()
+                .chain(v6_prefixes(500))
+                .collect(),
+        },
+    );
+    p.drive();
+    let ups = p.b_updates();
+    let new = &ups[n0..];
+    assert_eq!(new.iter().map(|u| u.withdrawn).sum::<usize>(), 1500);
+    // (4096-23)/5 = 814 v4 per message; v6 /128 = 17 bytes: (4096-23-7)/17 = 239.
+    assert_eq!(new.len(), 1000usize.div_ceil(814) + 500usize.div_ceil(239));
+    assert_eq!(p.a.status(p.now).advertised, [1000, 0]);
+}
+
+#[test]
+fn attribute_change_re_announces_only_changed_prefixes() {
+    let mut p = Pair::default_pair();
+    let now = p.now;
+    p.a.handle_command(
+        now,
+        Command::Announce {
+            prefixes: v4_prefixes(10),
+            attrs: RouteAttrs::default(),
+        },
+    );
+    p.established();
+    let n0 = p.b_updates().len();
+    let now = p.now;
+    p.a.handle_command(
+        now,
+        Command::Announce {
+            prefixes: v4_prefixes(3),
+            attrs: RouteAttrs {
+                med: Some(10),
+                ..Default::default()
+            },
+        },
+    );
+    // Re-announcing unchanged prefixes sends nothing.
+    p.a.handle_command(
+        now,
+        Command::Announce {
+            prefixes: v4_prefixes(10)[5..].to_vec(),
+            attrs: RouteAttrs::default(),
+        },
+    );
+    p.drive();
+    let ups = p.b_updates();
+    assert_eq!(ups.len() - n0, 1);
+    assert_eq!(ups[n0].announced, 3);
+}
+
+#[test]
+fn unexpected_update_in_open_confirm_is_an_fsm_error() {
+    let mut p = Pair::default_pair();
+    let now = p.now;
+    p.b.handle_command(now, Command::Start);
+    p.a.handle_command(now, Command::Start);
+    // Deliver A's OPEN to B by hand without B's reply reaching A.
+    while let Some(e) = p.a.poll_event() {
+        if e == Event::Connect {
+            let a = common::A_ADDR.parse().unwrap();
+            let b = common::B_ADDR.parse().unwrap();
+            assert!(p
+                .a
+                .handle_connected(now, a, b, portico_announcer::Direction::Outbound));
+            assert!(p
+                .b
+                .handle_connected(now, b, a, portico_announcer::Direction::Inbound));
+        }
+    }
+    let open = p.a.poll_transmit().unwrap();
+    p.b.handle_bytes(now, &open);
+    assert_eq!(p.b.state(), State::OpenConfirm);
+    let mut eor = Vec::new();
+    portico_announcer::update::encode_end_of_rib(Family::Ipv4Unicast, &mut eor);
+    p.b.handle_bytes(now, &eor);
+    assert_eq!(p.b.state(), State::Idle);
+    assert_eq!(
+        p.b.status(now).last_notification_sent.as_deref(),
+        Some("Finite State Machine Error / Receive Unexpected Message in OpenConfirm State")
+    );
+}
+
+#[test]
+fn ipv6_session_announces_ipv4_with_configured_next_hop_only() {
+    use portico_announcer::Direction;
+    let mut a = config_a();
+    a.next_hop_v4 = None;
+    let mut p = Pair::new(a, config_b());
+    let now = p.now;
+    p.a.handle_command(
+        now,
+        Command::Announce {
+            prefixes: v4_prefixes(2).into_iter().chain(v6_prefixes(2)).collect(),
+            attrs: RouteAttrs::default(),
+        },
+    );
+    p.a.handle_command(now, Command::Start);
+    p.b.handle_command(now, Command::Start);
+    while let Some(e) = p.a.poll_event() {
+        if e == Event::Connect {
+            let a = "[fd00::1]:40000".parse().unwrap();
+            let b = "[fd00::2]:179".parse().unwrap();
+            assert!(p.a.handle_connected(now, a, b, Direction::Outbound));
+            assert!(p.b.handle_connected(now, b, a, Direction::Inbound));
+            p.connected = true;
+        }
+    }
+    p.drive();
+    assert_eq!(p.a.state(), State::Established);
+    assert!(p.a_events.contains(&Event::NoNextHop(Family::Ipv4Unicast)));
+    assert_eq!(p.a.status(p.now).advertised, [0, 2]);
+}
