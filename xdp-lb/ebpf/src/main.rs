@@ -1,32 +1,94 @@
 //! Portico's XDP program. The entry point only dispatches; the work lives in modules split by
-//! job (parsing, NAT, checksums, ICMP, maps), as Katran splits its headers.
+//! job, as Katran splits its headers: `parse` (bounds-checked headers), `nat` (conntrack,
+//! Maglev, DNAT/SNAT and reverse NAT), `csum` (incremental checksums), `fib` (next hop),
+//! `maps` (one doc comment per map).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod csum;
+#[cfg(target_arch = "bpf")]
+mod fib;
+#[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod nat;
+#[cfg(target_arch = "bpf")]
+mod parse;
 
 #[cfg(target_arch = "bpf")]
 mod program {
     use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-    use portico_xdp_common::stat;
+    use portico_xdp_common::{family, stat, VipKey};
 
-    use crate::maps;
+    use crate::{
+        maps::{self, stat_add},
+        nat,
+        parse::{self, Skip},
+    };
 
-    /// Entry point, frags-aware from the start (`xdp.frags` section).
+    /// Entry point, frags-aware (`xdp.frags` section): lengths come from the real buffer.
     #[xdp(frags)]
     pub fn portico_xdp(ctx: XdpContext) -> u32 {
-        count(&ctx);
-        xdp_action::XDP_PASS
+        // SAFETY: ctx.ctx is the kernel's xdp_md for this invocation.
+        let bytes =
+            unsafe { aya_ebpf::helpers::generated::bpf_xdp_get_buff_len(ctx.ctx as *mut _) };
+        stat_add(stat::PACKETS, 1);
+        stat_add(stat::BYTES, bytes);
+        match try_balance(&ctx, bytes) {
+            Ok(verdict) => verdict,
+            Err(skip) => {
+                stat_add(
+                    match skip {
+                        Skip::NotIp => stat::PASS_NOT_VIP,
+                        Skip::Malformed => stat::PASS_MALFORMED,
+                        Skip::Fragment => stat::PASS_FRAGMENT,
+                    },
+                    1,
+                );
+                xdp_action::XDP_PASS
+            }
+        }
     }
 
-    /// Counts the packet and its bytes in the per-CPU stats.
     #[inline(always)]
-    fn count(ctx: &XdpContext) {
-        maps::stat_add(stat::PACKETS, 1);
-        // SAFETY: ctx.ctx is the kernel's xdp_md for this invocation.
-        let len = unsafe { aya_ebpf::helpers::generated::bpf_xdp_get_buff_len(ctx.ctx as *mut _) };
-        maps::stat_add(stat::BYTES, len);
+    fn try_balance(ctx: &XdpContext, bytes: u64) -> Result<u32, Skip> {
+        let p = parse::parse(ctx)?;
+        if !parse::has_ports(p.proto) {
+            stat_add(stat::PASS_NOT_VIP, 1);
+            return Ok(xdp_action::XDP_PASS);
+        }
+        let Some(cfg) = maps::CONFIG.get(0) else {
+            return Ok(xdp_action::XDP_PASS);
+        };
+        let t = nat::read_tuple(ctx, &p)?;
+        let vip = VipKey {
+            addr: t.key.dst,
+            port: t.key.dport,
+            proto: t.key.proto,
+            family: t.key.family,
+        };
+        // SAFETY: read-only copy of the value.
+        if let Some(svc) = unsafe { maps::SERVICES.get(&vip) }.copied() {
+            if p.proto == portico_xdp_common::proto::SCTP {
+                // SCTP's CRC32c covers the whole packet: not rewritten in XDP (yet).
+                stat_add(stat::PASS_UNSUPPORTED, 1);
+                return Ok(xdp_action::XDP_PASS);
+            }
+            return nat::forward(ctx, &p, &t, &svc, cfg, bytes);
+        }
+        let to_snat = if t.key.family == family::V4 {
+            t.key.dst[..4] == cfg.snat_v4
+        } else {
+            t.key.dst == cfg.snat_v6
+        };
+        if to_snat {
+            if let Some(verdict) = nat::reply(ctx, &p, &t, bytes)? {
+                return Ok(verdict);
+            }
+        }
+        stat_add(stat::PASS_NOT_VIP, 1);
+        Ok(xdp_action::XDP_PASS)
     }
 
     #[panic_handler]

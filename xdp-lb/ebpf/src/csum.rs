@@ -1,0 +1,50 @@
+//! Incremental Internet checksum updates (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')).
+//!
+//! Values are the raw words as they sit in the packet (no byte swapping): the one's
+//! complement sum does not depend on byte order as long as every word is read the same way.
+
+/// Accumulates the change of one 16-bit word.
+#[inline(always)]
+pub fn diff16(old: u16, new: u16) -> u64 {
+    u64::from(!old) + u64::from(new)
+}
+
+/// Accumulates the change of one 32-bit word (an IPv4 address, or two 16-bit fields).
+#[inline(always)]
+pub fn diff32(old: u32, new: u32) -> u64 {
+    u64::from(!old) + u64::from(new)
+}
+
+/// Accumulates the change of a 16-byte address.
+#[inline(always)]
+pub fn diff128(old: &[u32; 4], new: &[u32; 4]) -> u64 {
+    diff32(old[0], new[0])
+        + diff32(old[1], new[1])
+        + diff32(old[2], new[2])
+        + diff32(old[3], new[3])
+}
+
+/// Folds a 64-bit accumulator to 16 bits with end-around carry.
+#[inline(always)]
+fn fold(mut sum: u64) -> u16 {
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// Applies an accumulated change to checksum `csum`.
+#[inline(always)]
+pub fn apply(csum: u16, delta: u64) -> u16 {
+    !fold(u64::from(!csum) + delta)
+}
+
+/// As [`apply`], for a UDP checksum: a result of 0 goes on the wire as 0xffff (RFC 768).
+#[inline(always)]
+pub fn apply_udp(csum: u16, delta: u64) -> u16 {
+    match apply(csum, delta) {
+        0 => 0xffff,
+        c => c,
+    }
+}

@@ -1,0 +1,102 @@
+//! Next-hop resolution with `bpf_fib_lookup`: egress interface and MAC addresses.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup, xdp_action},
+    helpers::generated::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect},
+    programs::XdpContext,
+};
+use portico_xdp_common::{family, stat, NextHop};
+
+use crate::{maps::stat_add, parse::ptr_at};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+
+/// Where a rewritten packet goes.
+pub enum Route {
+    /// Resolved: interface and MACs.
+    Via(NextHop),
+    /// Route known, neighbour not resolved yet: let the kernel resolve it.
+    NoNeigh,
+    /// No route.
+    None,
+}
+
+/// Looks up the route for a packet from `src` to `dst` (network order, 16-byte form)
+/// arriving on the context's interface.
+#[inline(always)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "mirrors the fields bpf_fib_lookup takes"
+)]
+pub fn lookup(
+    ctx: &XdpContext,
+    fam: u8,
+    proto: u8,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    sport: u16,
+    dport: u16,
+    tot_len: u16,
+) -> Route {
+    // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid starting value.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.l4_protocol = proto;
+    p.sport = sport;
+    p.dport = dport;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    p.ifindex = ctx.ingress_ifindex() as u32;
+    if fam == family::V4 {
+        p.family = AF_INET;
+        p.__bindgen_anon_3.ipv4_src = src[0];
+        p.__bindgen_anon_4.ipv4_dst = dst[0];
+    } else {
+        p.family = AF_INET6;
+        p.__bindgen_anon_3.ipv6_src = *src;
+        p.__bindgen_anon_4.ipv6_dst = *dst;
+    }
+    // SAFETY: ctx.ctx is this invocation's xdp_md; p lives on the stack for the call.
+    let rc = unsafe {
+        fib_lookup_helper(
+            ctx.ctx as *mut _,
+            &mut p as *mut _,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => Route::Via(NextHop {
+            ifindex: p.ifindex,
+            smac: p.smac,
+            dmac: p.dmac,
+            expires_ns: 0,
+        }),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeigh,
+        _ => Route::None,
+    }
+}
+
+/// Writes the next hop's MACs and sends the packet: XDP_TX when it leaves the interface it
+/// came in on, a redirect otherwise.
+#[inline(always)]
+pub fn send(ctx: &XdpContext, nh: &NextHop) -> u32 {
+    let Ok(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: 12 bytes checked above.
+    let eth = unsafe { &mut *eth };
+    eth[0..6].copy_from_slice(&nh.dmac);
+    eth[6..12].copy_from_slice(&nh.smac);
+    if nh.ifindex == ctx.ingress_ifindex() as u32 {
+        stat_add(stat::TX, 1);
+        xdp_action::XDP_TX
+    } else {
+        stat_add(stat::REDIRECT, 1);
+        // SAFETY: plain helper call.
+        unsafe { bpf_redirect(nh.ifindex, 0) as u32 }
+    }
+}

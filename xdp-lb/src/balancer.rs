@@ -1,0 +1,780 @@
+//! The balancer API the controller drives: node configuration, services (VIP listeners) with
+//! weighted backends, and their counters. [`XdpBalancer`] programs the XDP maps;
+//! [`FakeBalancer`] keeps the same state in memory for controller tests.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
+use portico_xdp_common::{
+    backend_state, config_flags, family, map_name, proto, service_flags, Backend, Config, Counters,
+    NextHop, Service, VipKey,
+};
+
+use crate::{
+    maglev::{self, MaglevBackend, MaglevError},
+    program::{map_err, XdpError, XdpProgram},
+};
+
+/// L4 protocol of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// SCTP (listed; XDP passes it to the stack until CRC32c rewriting lands).
+    Sctp,
+}
+
+impl Protocol {
+    fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => proto::TCP,
+            Protocol::Udp => proto::UDP,
+            Protocol::Sctp => proto::SCTP,
+        }
+    }
+}
+
+/// A VIP listener: (VIP, port, protocol).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// The VIP.
+    pub vip: IpAddr,
+    /// Listener port.
+    pub port: u16,
+    /// Listener protocol.
+    pub proto: Protocol,
+}
+
+impl std::fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = match self.proto {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        };
+        match self.vip {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{p}", self.port),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{p}", self.port),
+        }
+    }
+}
+
+/// A backend of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BackendSpec {
+    /// Backend address.
+    pub addr: IpAddr,
+    /// Backend port.
+    pub port: u16,
+    /// Relative weight; 0 drains: no new flows, tracked flows continue.
+    pub weight: u32,
+}
+
+/// A service as the controller wants it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// The listener.
+    pub key: ServiceKey,
+    /// Backends (empty: new flows are dropped and counted).
+    pub backends: Vec<BackendSpec>,
+    /// Hash on the client address only (session affinity).
+    pub hash_source_only: bool,
+}
+
+/// Node-wide settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Source address for NAT toward IPv4 backends.
+    pub snat_v4: Option<Ipv4Addr>,
+    /// Source address for NAT toward IPv6 backends.
+    pub snat_v6: Option<Ipv6Addr>,
+    /// SNAT source ports; keep them out of the node's ephemeral range.
+    pub snat_ports: (u16, u16),
+    /// Flow-hash seed, the same on every node.
+    pub hash_seed: u32,
+    /// Idle timeout of TCP flows.
+    pub tcp_timeout: Duration,
+    /// Idle timeout of UDP flows.
+    pub udp_timeout: Duration,
+    /// Life of a TCP flow after FIN/RST.
+    pub tcp_closing_timeout: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            snat_v4: None,
+            snat_v6: None,
+            snat_ports: (20000, 29999),
+            hash_seed: 0x5052_5443,
+            tcp_timeout: Duration::from_secs(3600),
+            udp_timeout: Duration::from_secs(60),
+            tcp_closing_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Counters of a service and of each of its backends.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// The service's own counters (client → VIP and replies).
+    pub service: Counters,
+    /// Per backend (address, port), client → backend direction.
+    pub backends: Vec<((IpAddr, u16), Counters)>,
+}
+
+/// Errors of the balancer API; each names the object, field and value.
+#[derive(Debug, thiserror::Error)]
+pub enum BalancerError {
+    /// The spec is invalid.
+    #[error("service {service}: {field} = {value}: {why}")]
+    InvalidSpec {
+        /// The listener.
+        service: ServiceKey,
+        /// The offending field.
+        field: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// The node configuration is invalid.
+    #[error("node config: {field} = {value}: {why}")]
+    InvalidNodeConfig {
+        /// The offending field.
+        field: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// Out of service or backend slots.
+    #[error("out of {what} slots ({max} at most; reload with a larger LoadOptions)")]
+    Full {
+        /// Which table.
+        what: &'static str,
+        /// Its size.
+        max: u32,
+    },
+    /// Maglev refused the backends.
+    #[error("service {service}: {source}")]
+    Maglev {
+        /// The listener.
+        service: ServiceKey,
+        /// Why.
+        source: MaglevError,
+    },
+    /// The kernel side failed.
+    #[error(transparent)]
+    Xdp(#[from] XdpError),
+}
+
+/// What the controller needs from a balancer.
+pub trait Balancer {
+    /// Sets SNAT addresses, port range, hash seed and timeouts.
+    ///
+    /// # Errors
+    /// Invalid values, or the kernel refuses the update.
+    fn configure_node(&mut self, config: &NodeConfig) -> Result<(), BalancerError>;
+
+    /// Creates or replaces a service; its Maglev table is swapped in whole.
+    ///
+    /// # Errors
+    /// Invalid spec, no SNAT address for the family, out of slots, or a kernel failure.
+    fn upsert_service(&mut self, spec: &ServiceSpec) -> Result<(), BalancerError>;
+
+    /// Removes a service; returns whether it existed.
+    ///
+    /// # Errors
+    /// The kernel refuses the update.
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<bool, BalancerError>;
+
+    /// The current spec of a service.
+    fn service(&self, key: &ServiceKey) -> Option<&ServiceSpec>;
+
+    /// Counters of a service, `None` when it does not exist.
+    ///
+    /// # Errors
+    /// The counters cannot be read.
+    fn service_stats(&self, key: &ServiceKey) -> Result<Option<ServiceStats>, BalancerError>;
+
+    /// Changes one backend's weight (0 drains it).
+    ///
+    /// # Errors
+    /// Unknown service or backend, or as [`Balancer::upsert_service`].
+    fn set_backend_weight(
+        &mut self,
+        key: &ServiceKey,
+        addr: IpAddr,
+        port: u16,
+        weight: u32,
+    ) -> Result<(), BalancerError> {
+        let mut spec = self
+            .service(key)
+            .cloned()
+            .ok_or_else(|| BalancerError::InvalidSpec {
+                service: *key,
+                field: "service",
+                value: key.to_string(),
+                why: "no such service",
+            })?;
+        let backend = spec
+            .backends
+            .iter_mut()
+            .find(|b| b.addr == addr && b.port == port)
+            .ok_or_else(|| BalancerError::InvalidSpec {
+                service: *key,
+                field: "backends",
+                value: format!("{addr}:{port}"),
+                why: "no such backend",
+            })?;
+        backend.weight = weight;
+        self.upsert_service(&spec)
+    }
+}
+
+/// Checks a spec against the node configuration.
+fn validate(spec: &ServiceSpec, node: &NodeConfig) -> Result<(), BalancerError> {
+    let bad = |field, value: String, why| BalancerError::InvalidSpec {
+        service: spec.key,
+        field,
+        value,
+        why,
+    };
+    if spec.key.port == 0 {
+        return Err(bad("port", "0".into(), "listener port must be 1-65535"));
+    }
+    match spec.key.vip {
+        IpAddr::V4(_) if node.snat_v4.is_none() => {
+            return Err(bad(
+                "vip",
+                spec.key.vip.to_string(),
+                "no IPv4 SNAT address configured on this node",
+            ))
+        }
+        IpAddr::V6(_) if node.snat_v6.is_none() => {
+            return Err(bad(
+                "vip",
+                spec.key.vip.to_string(),
+                "no IPv6 SNAT address configured on this node",
+            ))
+        }
+        _ => {}
+    }
+    let mut seen = BTreeSet::new();
+    for (i, b) in spec.backends.iter().enumerate() {
+        if b.addr.is_ipv4() != spec.key.vip.is_ipv4() {
+            return Err(bad(
+                "backends[].addr",
+                format!("[{i}] {}", b.addr),
+                "backend family differs from the VIP's (NAT46/64 is not supported yet)",
+            ));
+        }
+        if b.port == 0 {
+            return Err(bad(
+                "backends[].port",
+                format!("[{i}] 0"),
+                "backend port must be 1-65535",
+            ));
+        }
+        if !seen.insert((b.addr, b.port)) {
+            return Err(bad(
+                "backends",
+                format!("[{i}] {}:{}", b.addr, b.port),
+                "duplicate backend",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_node(c: &NodeConfig) -> Result<(), BalancerError> {
+    let bad = |field, value: String, why| BalancerError::InvalidNodeConfig { field, value, why };
+    let (lo, hi) = c.snat_ports;
+    if lo == 0 || lo > hi {
+        return Err(bad(
+            "snat_ports",
+            format!("{lo}-{hi}"),
+            "must be a non-empty range within 1-65535",
+        ));
+    }
+    for (field, d) in [
+        ("tcp_timeout", c.tcp_timeout),
+        ("udp_timeout", c.udp_timeout),
+        ("tcp_closing_timeout", c.tcp_closing_timeout),
+    ] {
+        if d.as_secs() == 0 || d.as_secs() > u64::from(u32::MAX) {
+            return Err(bad(
+                field,
+                format!("{d:?}"),
+                "must be between 1 s and 2^32 s",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The stable Maglev key of a backend: FNV-1a over address and port, the same on every node.
+fn stable_key(addr: IpAddr, port: u16) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let bytes: Vec<u8> = match addr {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    for b in bytes.iter().chain(port.to_be_bytes().iter()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn addr16(a: IpAddr) -> ([u8; 16], u8) {
+    let mut out = [0u8; 16];
+    match a {
+        IpAddr::V4(v4) => {
+            out[..4].copy_from_slice(&v4.octets());
+            (out, family::V4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), family::V6),
+    }
+}
+
+fn vip_key(k: &ServiceKey) -> VipKey {
+    let (addr, fam) = addr16(k.vip);
+    VipKey {
+        addr,
+        port: k.port.to_be(),
+        proto: k.proto.number(),
+        family: fam,
+    }
+}
+
+/// Lowest free id in `1..max` not in `used`.
+fn free_id(used: &BTreeSet<u32>, max: u32) -> Option<u32> {
+    (1..max).find(|i| !used.contains(i))
+}
+
+struct Installed {
+    id: u32,
+    ring_gen: u32,
+    spec: ServiceSpec,
+    backend_ids: HashMap<(IpAddr, u16), u32>,
+}
+
+/// The real balancer: programs the XDP maps of a loaded [`XdpProgram`].
+pub struct XdpBalancer {
+    program: XdpProgram,
+    node: NodeConfig,
+    services: BTreeMap<ServiceKey, Installed>,
+    service_ids: BTreeSet<u32>,
+    backend_ids: BTreeSet<u32>,
+}
+
+impl XdpBalancer {
+    /// Wraps a loaded program; call [`Balancer::configure_node`] before adding services.
+    pub fn new(program: XdpProgram) -> Self {
+        Self {
+            program,
+            node: NodeConfig::default(),
+            services: BTreeMap::new(),
+            service_ids: BTreeSet::new(),
+            backend_ids: BTreeSet::new(),
+        }
+    }
+
+    /// The underlying program (attach, test-run, raw counters).
+    pub fn program(&self) -> &XdpProgram {
+        &self.program
+    }
+
+    /// The underlying program, mutably (attach).
+    pub fn program_mut(&mut self) -> &mut XdpProgram {
+        &mut self.program
+    }
+
+    fn write_backend(&mut self, id: u32, b: &Backend) -> Result<(), XdpError> {
+        let mut backends: Array<&mut MapData, Backend> =
+            self.program.map_mut(map_name::BACKENDS)?;
+        backends.set(id, b, 0).map_err(map_err(map_name::BACKENDS))
+    }
+
+    /// Frees a backend id: tracked flows to it are re-balanced from then on.
+    fn release_backend(&mut self, id: u32) -> Result<(), XdpError> {
+        self.write_backend(id, &Backend::default())?;
+        let mut hops: Array<&mut MapData, NextHop> = self.program.map_mut(map_name::NEXT_HOPS)?;
+        hops.set(id, NextHop::default(), 0)
+            .map_err(map_err(map_name::NEXT_HOPS))?;
+        self.backend_ids.remove(&id);
+        Ok(())
+    }
+
+    fn reset_counters(&mut self, map: &'static str, id: u32) -> Result<(), XdpError> {
+        let os = |what| move |source| XdpError::Os { what, source };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| os("reading possible CPUs")(e))?;
+        let mut array: PerCpuArray<&mut MapData, Counters> = self.program.map_mut(map)?;
+        let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus])
+            .map_err(os("per-CPU values"))?;
+        array.set(id, zeros, 0).map_err(map_err(map))
+    }
+}
+
+impl Balancer for XdpBalancer {
+    fn configure_node(&mut self, config: &NodeConfig) -> Result<(), BalancerError> {
+        validate_node(config)?;
+        let mut cfg = Config {
+            ring_size: self.program.options().ring_size,
+            snat_port_min: config.snat_ports.0,
+            snat_port_max: config.snat_ports.1,
+            hash_seed: config.hash_seed,
+            flags: 0,
+            tcp_timeout_s: config.tcp_timeout.as_secs() as u32,
+            udp_timeout_s: config.udp_timeout.as_secs() as u32,
+            tcp_closing_timeout_s: config.tcp_closing_timeout.as_secs() as u32,
+            ..Config::default()
+        };
+        if let Some(a) = config.snat_v4 {
+            cfg.snat_v4 = a.octets();
+        }
+        if let Some(a) = config.snat_v6 {
+            cfg.snat_v6 = a.octets();
+        }
+        let _ = config_flags::ECHO_REPLY;
+        let mut array: Array<&mut MapData, Config> = self.program.map_mut(map_name::CONFIG)?;
+        array.set(0, cfg, 0).map_err(map_err(map_name::CONFIG))?;
+        self.node = config.clone();
+        Ok(())
+    }
+
+    fn upsert_service(&mut self, spec: &ServiceSpec) -> Result<(), BalancerError> {
+        validate(spec, &self.node)?;
+        let options = self.program.options();
+        let m = options.ring_size;
+
+        // Ids: keep the service's and its surviving backends'; allocate the rest.
+        let known = self.services.get(&spec.key);
+        let new_backends = spec
+            .backends
+            .iter()
+            .filter(|b| known.is_none_or(|i| !i.backend_ids.contains_key(&(b.addr, b.port))))
+            .count();
+        // Ids 1..max are usable; check room first so a refused update changes nothing.
+        if self.backend_ids.len() + new_backends > options.max_backends as usize - 1 {
+            return Err(BalancerError::Full {
+                what: "backend",
+                max: options.max_backends,
+            });
+        }
+        let (id, old_gen, mut backend_ids) = match known {
+            Some(i) => (i.id, i.ring_gen, i.backend_ids.clone()),
+            None => {
+                let id = free_id(&self.service_ids, options.max_services).ok_or(
+                    BalancerError::Full {
+                        what: "service",
+                        max: options.max_services,
+                    },
+                )?;
+                self.service_ids.insert(id);
+                self.reset_counters(map_name::SERVICE_STATS, id)?;
+                (id, 1, HashMap::new())
+            }
+        };
+        let wanted: BTreeSet<(IpAddr, u16)> =
+            spec.backends.iter().map(|b| (b.addr, b.port)).collect();
+        let gone: Vec<((IpAddr, u16), u32)> = backend_ids
+            .iter()
+            .filter(|(k, _)| !wanted.contains(k))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        for b in &spec.backends {
+            if let std::collections::hash_map::Entry::Vacant(slot) = backend_ids.entry((b.addr, b.port)) {
+                let Some(bid) = free_id(&self.backend_ids, options.max_backends) else {
+                    return Err(BalancerError::Full {
+                        what: "backend",
+                        max: options.max_backends,
+                    });
+                };
+                slot.insert(bid);
+                self.backend_ids.insert(bid);
+                self.reset_counters(map_name::BACKEND_STATS, bid)?;
+            }
+            let (addr, fam) = addr16(b.addr);
+            let value = Backend {
+                addr,
+                port: b.port.to_be(),
+                family: fam,
+                state: if b.weight == 0 {
+                    backend_state::DRAINING
+                } else {
+                    backend_state::ACTIVE
+                },
+            };
+            self.write_backend(backend_ids[&(b.addr, b.port)], &value)?;
+        }
+
+        // Maglev over the wanted backends, written into the idle half of the ring.
+        let mb: Vec<MaglevBackend> = spec
+            .backends
+            .iter()
+            .map(|b| MaglevBackend {
+                key: stable_key(b.addr, b.port),
+                weight: b.weight,
+            })
+            .collect();
+        let table = maglev::table(&mb, m).map_err(|source| BalancerError::Maglev {
+            service: spec.key,
+            source,
+        })?;
+        let new_gen = old_gen ^ 1;
+        let base = (id * 2 + new_gen) * m;
+        {
+            let mut rings: Array<&mut MapData, u32> = self.program.map_mut(map_name::RINGS)?;
+            for (slot, entry) in table.iter().enumerate() {
+                let bid = entry.map_or(0, |i| {
+                    let b = &spec.backends[i as usize];
+                    backend_ids[&(b.addr, b.port)]
+                });
+                rings
+                    .set(base + slot as u32, bid, 0)
+                    .map_err(map_err(map_name::RINGS))?;
+            }
+        }
+        // Flip: packets see the old table or the new one, never a mix.
+        let service = Service {
+            id,
+            flags: if spec.hash_source_only {
+                service_flags::HASH_SRC_ONLY
+            } else {
+                0
+            },
+            ring_gen: new_gen,
+            _pad: 0,
+        };
+        {
+            let mut services: BpfHashMap<&mut MapData, VipKey, Service> =
+                self.program.map_mut(map_name::SERVICES)?;
+            services
+                .insert(vip_key(&spec.key), service, 0)
+                .map_err(map_err(map_name::SERVICES))?;
+        }
+        for (k, bid) in gone {
+            backend_ids.remove(&k);
+            self.release_backend(bid)?;
+        }
+        self.services.insert(
+            spec.key,
+            Installed {
+                id,
+                ring_gen: new_gen,
+                spec: spec.clone(),
+                backend_ids,
+            },
+        );
+        Ok(())
+    }
+
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<bool, BalancerError> {
+        let Some(installed) = self.services.remove(key) else {
+            return Ok(false);
+        };
+        {
+            let mut services: BpfHashMap<&mut MapData, VipKey, Service> =
+                self.program.map_mut(map_name::SERVICES)?;
+            services
+                .remove(&vip_key(key))
+                .map_err(map_err(map_name::SERVICES))?;
+        }
+        for bid in installed.backend_ids.values() {
+            self.release_backend(*bid)?;
+        }
+        self.service_ids.remove(&installed.id);
+        Ok(true)
+    }
+
+    fn service(&self, key: &ServiceKey) -> Option<&ServiceSpec> {
+        self.services.get(key).map(|i| &i.spec)
+    }
+
+    fn service_stats(&self, key: &ServiceKey) -> Result<Option<ServiceStats>, BalancerError> {
+        let Some(installed) = self.services.get(key) else {
+            return Ok(None);
+        };
+        let service = self
+            .program
+            .counters(map_name::SERVICE_STATS, installed.id)?;
+        let mut backends = Vec::new();
+        for b in &installed.spec.backends {
+            let bid = installed.backend_ids[&(b.addr, b.port)];
+            backends.push((
+                (b.addr, b.port),
+                self.program.counters(map_name::BACKEND_STATS, bid)?,
+            ));
+        }
+        Ok(Some(ServiceStats { service, backends }))
+    }
+}
+
+/// In-memory balancer with the same validation, for controller tests.
+#[derive(Debug, Default)]
+pub struct FakeBalancer {
+    /// The node configuration last set.
+    pub node: NodeConfig,
+    /// The services, as upserted.
+    pub services: BTreeMap<ServiceKey, ServiceSpec>,
+}
+
+impl Balancer for FakeBalancer {
+    fn configure_node(&mut self, config: &NodeConfig) -> Result<(), BalancerError> {
+        validate_node(config)?;
+        self.node = config.clone();
+        Ok(())
+    }
+
+    fn upsert_service(&mut self, spec: &ServiceSpec) -> Result<(), BalancerError> {
+        validate(spec, &self.node)?;
+        let mb: Vec<MaglevBackend> = spec
+            .backends
+            .iter()
+            .map(|b| MaglevBackend {
+                key: stable_key(b.addr, b.port),
+                weight: b.weight,
+            })
+            .collect();
+        maglev::table(&mb, maglev::MIN_M).map_err(|source| BalancerError::Maglev {
+            service: spec.key,
+            source,
+        })?;
+        self.services.insert(spec.key, spec.clone());
+        Ok(())
+    }
+
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<bool, BalancerError> {
+        Ok(self.services.remove(key).is_some())
+    }
+
+    fn service(&self, key: &ServiceKey) -> Option<&ServiceSpec> {
+        self.services.get(key)
+    }
+
+    fn service_stats(&self, key: &ServiceKey) -> Result<Option<ServiceStats>, BalancerError> {
+        Ok(self.services.get(key).map(|s| ServiceStats {
+            service: Counters::default(),
+            backends: s
+                .backends
+                .iter()
+                .map(|b| ((b.addr, b.port), Counters::default()))
+                .collect(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> ServiceKey {
+        ServiceKey {
+            vip: "203.0.113.10".parse().unwrap(),
+            port: 80,
+            proto: Protocol::Tcp,
+        }
+    }
+
+    fn node() -> NodeConfig {
+        NodeConfig {
+            snat_v4: Some("198.18.1.1".parse().unwrap()),
+            ..NodeConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_backend_of_another_family_is_refused_with_its_index_and_address() {
+        let mut fake = FakeBalancer::default();
+        fake.configure_node(&node()).unwrap();
+        let spec = ServiceSpec {
+            key: key(),
+            backends: vec![
+                BackendSpec {
+                    addr: "198.18.2.1".parse().unwrap(),
+                    port: 8080,
+                    weight: 1,
+                },
+                BackendSpec {
+                    addr: "fd00::1".parse().unwrap(),
+                    port: 8080,
+                    weight: 1,
+                },
+            ],
+            hash_source_only: false,
+        };
+        let err = fake.upsert_service(&spec).unwrap_err().to_string();
+        assert!(
+            err.contains("203.0.113.10:80/tcp") && err.contains("[1] fd00::1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_vip_without_snat_address_for_its_family_is_refused() {
+        let mut fake = FakeBalancer::default();
+        fake.configure_node(&node()).unwrap();
+        let spec = ServiceSpec {
+            key: ServiceKey {
+                vip: "2001:db8::10".parse().unwrap(),
+                port: 443,
+                proto: Protocol::Tcp,
+            },
+            backends: vec![],
+            hash_source_only: false,
+        };
+        let err = fake.upsert_service(&spec).unwrap_err().to_string();
+        assert!(err.contains("no IPv6 SNAT address"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_snat_port_range_is_refused() {
+        let mut fake = FakeBalancer::default();
+        let err = fake
+            .configure_node(&NodeConfig {
+                snat_ports: (30000, 20000),
+                ..node()
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("snat_ports = 30000-20000"), "{err}");
+    }
+
+    #[test]
+    fn set_backend_weight_updates_the_stored_spec() {
+        let mut fake = FakeBalancer::default();
+        fake.configure_node(&node()).unwrap();
+        let b = BackendSpec {
+            addr: "198.18.2.1".parse().unwrap(),
+            port: 8080,
+            weight: 1,
+        };
+        fake.upsert_service(&ServiceSpec {
+            key: key(),
+            backends: vec![b],
+            hash_source_only: false,
+        })
+        .unwrap();
+        fake.set_backend_weight(&key(), b.addr, b.port, 0).unwrap();
+        assert_eq!(fake.service(&key()).unwrap().backends[0].weight, 0);
+        assert!(fake.set_backend_weight(&key(), b.addr, 1, 0).is_err());
+    }
+
+    #[test]
+    fn stable_keys_differ_by_port_and_address() {
+        let a: IpAddr = "198.18.2.1".parse().unwrap();
+        let b: IpAddr = "198.18.2.2".parse().unwrap();
+        assert_ne!(stable_key(a, 80), stable_key(a, 81));
+        assert_ne!(stable_key(a, 80), stable_key(b, 80));
+        assert_eq!(stable_key(a, 80), stable_key(a, 80));
+    }
+}

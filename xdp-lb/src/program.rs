@@ -1,0 +1,370 @@
+//! Loading, attaching and test-running the XDP program, and raw access to its maps.
+
+use std::time::Duration;
+
+use aya::{
+    maps::{MapData, MapError, PerCpuArray},
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode},
+    Ebpf, EbpfError, EbpfLoader,
+};
+use portico_xdp_common::{
+    map_name, stat, Counters, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, PROGRAM_NAME,
+};
+
+use crate::maglev;
+
+/// The XDP object file, built by `build.rs` through aya-build.
+static PROGRAM_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portico-xdp"));
+
+/// Errors of the XDP loader.
+#[derive(Debug, thiserror::Error)]
+pub enum XdpError {
+    /// The object could not be loaded (verifier rejection, missing privileges, no BTF...).
+    #[error("loading the XDP object: {0}")]
+    Load(#[from] EbpfError),
+    /// The program could not be loaded, attached or test-run.
+    #[error("XDP program {PROGRAM_NAME}: {0}")]
+    Program(#[from] ProgramError),
+    /// A map is missing from the object, has the wrong type, or an operation on it failed.
+    #[error("map {name}: {source}")]
+    Map {
+        /// Map name in the object.
+        name: &'static str,
+        /// What went wrong.
+        source: MapError,
+    },
+    /// An OS query failed.
+    #[error("{what}: {source}")]
+    Os {
+        /// What was asked.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// No interface of that name.
+    #[error("interface {0:?} does not exist")]
+    NoSuchInterface(String),
+    /// Load options out of range.
+    #[error("load option {field} = {value}: {why}")]
+    BadOption {
+        /// Which option.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+        /// What is wrong.
+        why: &'static str,
+    },
+}
+
+/// Map sizes, fixed at load time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Service slots (ids 1..max_services-1).
+    pub max_services: u32,
+    /// Backend slots over all services (ids 1..max_backends-1).
+    pub max_backends: u32,
+    /// Maglev table size M, a prime in [251, 131071].
+    pub ring_size: u32,
+    /// Connection-tracking entries (LRU); the reverse-NAT map has as many.
+    pub conntrack_entries: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            max_services: DEFAULT_MAX_SERVICES,
+            max_backends: DEFAULT_MAX_BACKENDS,
+            ring_size: maglev::DEFAULT_M,
+            conntrack_entries: 65536,
+        }
+    }
+}
+
+impl LoadOptions {
+    fn validate(&self) -> Result<(), XdpError> {
+        let bad = |field, value: u32, why| XdpError::BadOption {
+            field,
+            value: value.into(),
+            why,
+        };
+        if !(maglev::MIN_M..=maglev::MAX_M).contains(&self.ring_size)
+            || !maglev::is_prime(self.ring_size)
+        {
+            return Err(bad(
+                "ring_size",
+                self.ring_size,
+                "must be a prime between 251 and 131071",
+            ));
+        }
+        if !(2..=65535).contains(&self.max_services) {
+            return Err(bad(
+                "max_services",
+                self.max_services,
+                "must be between 2 and 65535",
+            ));
+        }
+        if !(2..=1 << 20).contains(&self.max_backends) {
+            return Err(bad(
+                "max_backends",
+                self.max_backends,
+                "must be between 2 and 1048576",
+            ));
+        }
+        if u64::from(self.max_services) * 2 * u64::from(self.ring_size) > u64::from(u32::MAX) {
+            return Err(bad(
+                "max_services",
+                self.max_services,
+                "times 2·ring_size exceeds the array limit",
+            ));
+        }
+        if self.conntrack_entries < 64 {
+            return Err(bad(
+                "conntrack_entries",
+                self.conntrack_entries,
+                "must be at least 64",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How to attach to an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Driver mode (`XDP_FLAGS_DRV_MODE`): the driver runs the program before building an skb.
+    Native,
+    /// Generic mode (`XDP_FLAGS_SKB_MODE`): after the skb is built; works on every device.
+    Generic,
+}
+
+impl AttachMode {
+    fn xdp_mode(self) -> XdpMode {
+        match self {
+            AttachMode::Native => XdpMode::Driver,
+            AttachMode::Generic => XdpMode::Skb,
+        }
+    }
+}
+
+/// Global counters, summed over CPUs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Packets seen.
+    pub packets: u64,
+    /// Bytes seen (real buffer length, fragments included).
+    pub bytes: u64,
+}
+
+/// Result of one `BPF_PROG_TEST_RUN` invocation.
+#[derive(Debug, Clone)]
+pub struct TestRunOutput {
+    /// The XDP verdict (`XDP_PASS` = 2, ...).
+    pub verdict: u32,
+    /// The packet as the program left it.
+    pub packet: Vec<u8>,
+    /// Kernel-measured duration of the run.
+    pub duration: Duration,
+}
+
+/// XDP action codes, as the kernel defines them.
+pub mod verdict {
+    /// Error in the program: drop.
+    pub const ABORTED: u32 = 0;
+    /// Drop.
+    pub const DROP: u32 = 1;
+    /// Hand to the stack.
+    pub const PASS: u32 = 2;
+    /// Send back out the receiving interface.
+    pub const TX: u32 = 3;
+    /// Send out another interface (bpf_redirect).
+    pub const REDIRECT: u32 = 4;
+
+    /// The action's name, for messages.
+    pub fn name(v: u32) -> &'static str {
+        match v {
+            ABORTED => "XDP_ABORTED",
+            DROP => "XDP_DROP",
+            PASS => "XDP_PASS",
+            TX => "XDP_TX",
+            REDIRECT => "XDP_REDIRECT",
+            _ => "XDP_?",
+        }
+    }
+}
+
+/// Portico's XDP program, loaded into the kernel.
+pub struct XdpProgram {
+    pub(crate) ebpf: Ebpf,
+    pub(crate) options: LoadOptions,
+}
+
+impl XdpProgram {
+    /// Loads the embedded object with default map sizes.
+    ///
+    /// # Errors
+    /// As [`XdpProgram::load_with`].
+    pub fn load() -> Result<Self, XdpError> {
+        Self::load_with(LoadOptions::default())
+    }
+
+    /// Loads the embedded object with the given map sizes, and the program into the kernel.
+    ///
+    /// # Errors
+    /// Bad options; without `CAP_BPF`/root; the verifier rejects the program; no BTF.
+    pub fn load_with(options: LoadOptions) -> Result<Self, XdpError> {
+        options.validate()?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(
+                map_name::RINGS,
+                options.max_services * 2 * options.ring_size,
+            )
+            .map_max_entries(map_name::SERVICES, options.max_services * 4)
+            .map_max_entries(map_name::SERVICE_STATS, options.max_services)
+            .map_max_entries(map_name::BACKENDS, options.max_backends)
+            .map_max_entries(map_name::BACKEND_STATS, options.max_backends)
+            .map_max_entries(map_name::NEXT_HOPS, options.max_backends)
+            .map_max_entries(map_name::CONNTRACK, options.conntrack_entries)
+            .map_max_entries(map_name::REV_NAT, options.conntrack_entries)
+            .load(PROGRAM_OBJECT)?;
+        let prog: &mut Xdp = program_mut(&mut ebpf)?;
+        prog.load()?;
+        Ok(Self { ebpf, options })
+    }
+
+    /// The map sizes this program was loaded with.
+    pub fn options(&self) -> LoadOptions {
+        self.options
+    }
+
+    fn program(&self) -> Result<&Xdp, XdpError> {
+        let prog = self
+            .ebpf
+            .program(PROGRAM_NAME)
+            .ok_or(ProgramError::NotLoaded)?;
+        Ok(prog.try_into()?)
+    }
+
+    /// Attaches to `iface` (in the calling thread's network namespace) in `mode`. Detached
+    /// when `self` is dropped.
+    ///
+    /// # Errors
+    /// Unknown interface, or the driver refuses the mode.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), XdpError> {
+        let prog = program_mut(&mut self.ebpf)?;
+        match prog.attach(iface, mode.xdp_mode()) {
+            Ok(_link) => Ok(()),
+            Err(ProgramError::UnknownInterface { name }) => Err(XdpError::NoSuchInterface(name)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Runs the program once on `packet` with `BPF_PROG_TEST_RUN` (repeat = 1).
+    ///
+    /// # Errors
+    /// The kernel refuses the run (packet too short or too long, no privileges).
+    pub fn test_run(&self, packet: &[u8]) -> Result<TestRunOutput, XdpError> {
+        self.test_run_on(packet, None)
+    }
+
+    /// As [`XdpProgram::test_run`], as if the packet arrived on interface `ingress_ifindex`
+    /// (of the calling thread's namespace), so FIB lookups and XDP_TX decisions are real.
+    ///
+    /// # Errors
+    /// The kernel refuses the run.
+    pub fn test_run_on(
+        &self,
+        packet: &[u8],
+        ingress_ifindex: Option<u32>,
+    ) -> Result<TestRunOutput, XdpError> {
+        let mut out = vec![0u8; packet.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ctx_in: ingress_ifindex.map(|i| {
+                ctx[12..16].copy_from_slice(&i.to_ne_bytes());
+                &ctx[..]
+            }),
+            ..TestRunOptions::new()
+        };
+        let result = self.program()?.test_run(opts)?;
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutput {
+            verdict: result.return_value,
+            packet: out,
+            duration: result.duration,
+        })
+    }
+
+    /// A global counter (see `portico_xdp_common::stat`), summed over all CPUs.
+    ///
+    /// # Errors
+    /// The stats map is missing or unreadable.
+    pub fn stat(&self, idx: u32) -> Result<u64, XdpError> {
+        let array: PerCpuArray<&MapData, u64> = self.map(map_name::STATS)?;
+        let values = array.get(&idx, 0).map_err(map_err(map_name::STATS))?;
+        Ok(values.iter().sum())
+    }
+
+    /// Packets and bytes seen, summed over all CPUs.
+    ///
+    /// # Errors
+    /// The stats map is missing or unreadable.
+    pub fn stats(&self) -> Result<Stats, XdpError> {
+        Ok(Stats {
+            packets: self.stat(stat::PACKETS)?,
+            bytes: self.stat(stat::BYTES)?,
+        })
+    }
+
+    /// Counters of a service or backend id from `map` (`SERVICE_STATS` or `BACKEND_STATS`).
+    pub(crate) fn counters(&self, map: &'static str, id: u32) -> Result<Counters, XdpError> {
+        let array: PerCpuArray<&MapData, Counters> = self.map(map)?;
+        let values = array.get(&id, 0).map_err(map_err(map))?;
+        Ok(values.iter().fold(Counters::default(), |acc, c| Counters {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+            new_flows: acc.new_flows + c.new_flows,
+        }))
+    }
+
+    /// A typed view of map `name`.
+    pub(crate) fn map<'a, M>(&'a self, name: &'static str) -> Result<M, XdpError>
+    where
+        M: TryFrom<&'a aya::maps::Map, Error = MapError>,
+    {
+        let map = self.ebpf.map(name).ok_or(XdpError::Map {
+            name,
+            source: MapError::InvalidName { name: name.into() },
+        })?;
+        M::try_from(map).map_err(map_err(name))
+    }
+
+    /// A typed, writable view of map `name`.
+    pub(crate) fn map_mut<'a, M>(&'a mut self, name: &'static str) -> Result<M, XdpError>
+    where
+        M: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+    {
+        let map = self.ebpf.map_mut(name).ok_or(XdpError::Map {
+            name,
+            source: MapError::InvalidName { name: name.into() },
+        })?;
+        M::try_from(map).map_err(map_err(name))
+    }
+}
+
+/// Wraps a map error with the map's name.
+pub(crate) fn map_err(name: &'static str) -> impl Fn(MapError) -> XdpError {
+    move |source| XdpError::Map { name, source }
+}
+
+fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
+    let prog = ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or(ProgramError::NotLoaded)?;
+    Ok(prog.try_into()?)
+}
