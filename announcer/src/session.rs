@@ -249,6 +249,10 @@ pub struct SessionStatus {
     pub updates_received: u64,
     /// UPDATEs sent.
     pub updates_sent: u64,
+    /// Prefixes announced to us (counted, never installed).
+    pub prefixes_received: u64,
+    /// Prefixes withdrawn by the peer.
+    pub withdrawals_received: u64,
     /// Times the session fell back to Idle or Active after a failure.
     pub connect_retry_counter: u32,
 }
@@ -284,6 +288,8 @@ pub struct Session {
     last_received: Option<Notification>,
     updates_received: u64,
     updates_sent: u64,
+    prefixes_received: u64,
+    withdrawals_received: u64,
     connect_retry_counter: u32,
     consecutive_failures: u32,
 }
@@ -325,6 +331,8 @@ impl Session {
             last_received: None,
             updates_received: 0,
             updates_sent: 0,
+            prefixes_received: 0,
+            withdrawals_received: 0,
             connect_retry_counter: 0,
             consecutive_failures: 0,
         }
@@ -393,6 +401,8 @@ impl Session {
             last_notification_received: self.last_received.as_ref().map(ToString::to_string),
             updates_received: self.updates_received,
             updates_sent: self.updates_sent,
+            prefixes_received: self.prefixes_received,
+            withdrawals_received: self.withdrawals_received,
             connect_retry_counter: self.connect_retry_counter,
         }
     }
@@ -858,7 +868,11 @@ impl Session {
                     None => return,
                 };
                 match update::inspect(body, ctx) {
-                    Ok(summary) => self.events.push_back(Event::UpdateReceived(summary)),
+                    Ok(summary) => {
+                        self.prefixes_received += summary.announced as u64;
+                        self.withdrawals_received += summary.withdrawn as u64;
+                        self.events.push_back(Event::UpdateReceived(summary));
+                    }
                     Err(n) => self.fail(now, Some(n)),
                 }
             }
