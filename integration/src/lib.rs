@@ -5,5 +5,6 @@
 
 pub mod lab;
 pub mod netns;
+pub mod peers;
 
 pub use netns::{require_root, NetNs, TestNet};
