@@ -1,0 +1,1347 @@
+//! BPF_PROG_TEST_RUN fixture table for the XDP balancer, as Katran's BpfTester:
+//! `{description, input packet, expected verdict, expected output packet}`.
+//!
+//! The program runs "inside" a throwaway namespace (`lb`) whose interfaces, addresses and
+//! permanent neighbour entries make `bpf_fib_lookup` resolve for real: clients sit behind
+//! `eth0`, backends behind `eth1` (one backend also behind `eth0`, for the XDP_TX case).
+//! Expected packets are built by a reference NAT that rewrites the input and recomputes
+//! every checksum from scratch (independent of the program's incremental updates).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use etherparse::{PacketBuilder, VlanId};
+use portico_integration::{NetNs, TestNet};
+use portico_xdp::{
+    verdict, BackendSpec, Balancer, LoadOptions, NodeConfig, Protocol, ServiceKey, ServiceSpec,
+    XdpBalancer, XdpProgram,
+};
+use portico_xdp_common::stat;
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 1];
+const LB0_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0];
+const LB1_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 1];
+const BE_MAC: [[u8; 6]; 3] = [
+    [0x02, 0xbe, 0, 0, 0, 1],
+    [0x02, 0xbe, 0, 0, 0, 2],
+    [0x02, 0xbe, 0, 0, 0, 3],
+];
+const BE0_MAC: [u8; 6] = [0x02, 0xbe, 0, 0, 0, 0x10];
+
+const CLIENT4: [u8; 4] = [198, 18, 0, 1];
+const CLIENT4B: [u8; 4] = [198, 18, 0, 2];
+const VIP4: [u8; 4] = [203, 0, 113, 10];
+const VIP4_TX: [u8; 4] = [203, 0, 113, 11];
+const VIP4_DRAINED: [u8; 4] = [203, 0, 113, 12];
+const VIP4_EMPTY: [u8; 4] = [203, 0, 113, 13];
+const SNAT4: [u8; 4] = [198, 18, 1, 254];
+const BACKENDS4: [[u8; 4]; 3] = [[198, 18, 1, 1], [198, 18, 1, 2], [198, 18, 1, 3]];
+const BACKEND4_ETH0: [u8; 4] = [198, 18, 0, 10];
+
+const CLIENT6: [u8; 16] = ip6("fd00:18::1");
+const VIP6: [u8; 16] = ip6("fd00:203::10");
+const SNAT6: [u8; 16] = ip6("fd00:18:1::fe");
+const BACKENDS6: [[u8; 16]; 3] = [
+    ip6("fd00:18:1::1"),
+    ip6("fd00:18:1::2"),
+    ip6("fd00:18:1::3"),
+];
+
+const fn ip6(s: &str) -> [u8; 16] {
+    // Tiny const parser for the fixed, fully written-out forms used here ("fd00:18:1::1").
+    let b = s.as_bytes();
+    let mut groups = [0u16; 8];
+    let mut n = 0;
+    let mut i = 0;
+    let mut cur: u16 = 0;
+    let mut tail_start = 8;
+    while i < b.len() {
+        let c = b[i];
+        if c == b':' {
+            groups[n] = cur;
+            n += 1;
+            cur = 0;
+            if i + 1 < b.len() && b[i + 1] == b':' {
+                tail_start = n;
+                i += 1;
+            }
+        } else {
+            let d = if c >= b'a' { c - b'a' + 10 } else { c - b'0' };
+            cur = cur * 16 + d as u16;
+        }
+        i += 1;
+    }
+    groups[n] = cur;
+    n += 1;
+    let mut out = [0u8; 16];
+    if tail_start == 8 {
+        let mut g = 0;
+        while g < 8 {
+            out[2 * g] = (groups[g] >> 8) as u8;
+            out[2 * g + 1] = groups[g] as u8;
+            g += 1;
+        }
+    } else {
+        let head = tail_start;
+        let tail = n - head;
+        let mut g = 0;
+        while g < head {
+            out[2 * g] = (groups[g] >> 8) as u8;
+            out[2 * g + 1] = groups[g] as u8;
+            g += 1;
+        }
+        let mut t = 0;
+        while t < tail {
+            let pos = 8 - tail + t;
+            out[2 * pos] = (groups[head + t] >> 8) as u8;
+            out[2 * pos + 1] = groups[head + t] as u8;
+            t += 1;
+        }
+    }
+    out
+}
+
+// ---------- packet construction ----------
+
+#[derive(Clone, Copy)]
+enum L4 {
+    Tcp { flags: u8 },
+    Udp,
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const FIN: u8 = 0x01;
+const SYNACK: u8 = 0x12;
+
+#[derive(Clone, Copy)]
+enum Vlan {
+    None,
+    Single(u16),
+    Double(u16, u16),
+}
+
+#[allow(clippy::too_many_arguments, reason = "one argument per header field a fixture varies")]
+fn build(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    vlan: Vlan,
+    src: IpAddr,
+    dst: IpAddr,
+    ttl: u8,
+    l4: L4,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(smac, dmac);
+    let ipb = match vlan {
+        Vlan::None => match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), ttl),
+            (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), ttl),
+            _ => unreachable!(),
+        },
+        Vlan::Single(id) => {
+            let v = eth.single_vlan(VlanId::try_new(id).unwrap());
+            match (src, dst) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => v.ipv4(s.octets(), d.octets(), ttl),
+                (IpAddr::V6(s), IpAddr::V6(d)) => v.ipv6(s.octets(), d.octets(), ttl),
+                _ => unreachable!(),
+            }
+        }
+        Vlan::Double(o, i) => {
+            let v = eth.double_vlan(VlanId::try_new(o).unwrap(), VlanId::try_new(i).unwrap());
+            match (src, dst) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => v.ipv4(s.octets(), d.octets(), ttl),
+                (IpAddr::V6(s), IpAddr::V6(d)) => v.ipv6(s.octets(), d.octets(), ttl),
+                _ => unreachable!(),
+            }
+        }
+    };
+    let mut out = Vec::new();
+    match l4 {
+        L4::Tcp { flags } => {
+            let mut b = ipb.tcp(sport, dport, 1000, 64240);
+            if flags & SYN != 0 {
+                b = b.syn();
+            }
+            if flags & ACK != 0 {
+                b = b.ack(1);
+            }
+            if flags & FIN != 0 {
+                b = b.fin();
+            }
+            b.write(&mut out, payload).unwrap();
+        }
+        L4::Udp => ipb.udp(sport, dport).write(&mut out, payload).unwrap(),
+    }
+    out
+}
+
+fn v4(a: [u8; 4]) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(a))
+}
+fn v6(a: [u8; 16]) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::from(a))
+}
+
+fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    build(
+        CLIENT_MAC,
+        LB0_MAC,
+        Vlan::None,
+        v4(src),
+        v4(dst),
+        64,
+        L4::Tcp { flags },
+        sport,
+        dport,
+        b"",
+    )
+}
+fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    build(
+        CLIENT_MAC,
+        LB0_MAC,
+        Vlan::None,
+        v4(src),
+        v4(dst),
+        64,
+        L4::Udp,
+        sport,
+        dport,
+        payload,
+    )
+}
+fn tcp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    build(
+        CLIENT_MAC,
+        LB0_MAC,
+        Vlan::None,
+        v6(src),
+        v6(dst),
+        64,
+        L4::Tcp { flags },
+        sport,
+        dport,
+        b"",
+    )
+}
+fn udp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    build(
+        CLIENT_MAC,
+        LB0_MAC,
+        Vlan::None,
+        v6(src),
+        v6(dst),
+        64,
+        L4::Udp,
+        sport,
+        dport,
+        payload,
+    )
+}
+
+/// Inserts IPv4 options (a multiple of 4 bytes) after the fixed header of an untagged packet.
+fn with_ipv4_options(p: &[u8], options: &[u8]) -> Vec<u8> {
+    assert_eq!(options.len() % 4, 0);
+    let mut out = p[..34].to_vec();
+    out.extend_from_slice(options);
+    out.extend_from_slice(&p[34..]);
+    out[14] = 0x40 | ((20 + options.len()) / 4) as u8;
+    let tot = u16::from_be_bytes([out[16], out[17]]) + options.len() as u16;
+    out[16..18].copy_from_slice(&tot.to_be_bytes());
+    let ihl = 20 + options.len();
+    out[24..26].copy_from_slice(&[0, 0]);
+    let c = ones_sum_finish(ones_sum(&out[14..14 + ihl], 0));
+    out[24..26].copy_from_slice(&c.to_be_bytes());
+    out
+}
+
+/// Inserts IPv6 extension headers (each `(type, bytes)`, bytes including the next-header and
+/// length fields, whose next-header is patched here) after the fixed header.
+fn with_ipv6_ext(p: &[u8], exts: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    let mut out = p[..54].to_vec();
+    let upper = out[20];
+    out[20] = exts[0].0;
+    let mut added = 0;
+    for (i, (_, bytes)) in exts.iter().enumerate() {
+        let mut b = bytes.clone();
+        b[0] = exts.get(i + 1).map_or(upper, |e| e.0);
+        added += b.len();
+        out.extend_from_slice(&b);
+    }
+    out.extend_from_slice(&p[54..]);
+    let plen = u16::from_be_bytes([out[18], out[19]]) + added as u16;
+    out[18..20].copy_from_slice(&plen.to_be_bytes());
+    out
+}
+
+fn opts_ext(len8: usize) -> Vec<u8> {
+    // PadN filling the header.
+    let total = (len8 + 1) * 8;
+    let mut b = vec![0u8; total];
+    b[1] = len8 as u8;
+    b[2] = 1;
+    b[3] = (total - 4) as u8;
+    b
+}
+
+// ---------- reference NAT with full checksum recomputation ----------
+
+fn ones_sum(data: &[u8], mut acc: u32) -> u32 {
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        acc += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        acc += u32::from(*last) << 8;
+    }
+    acc
+}
+
+fn ones_sum_finish(mut acc: u32) -> u16 {
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
+}
+
+struct Layout {
+    l3: usize,
+    l4: usize,
+    v6: bool,
+    proto: u8,
+}
+
+fn layout(p: &[u8]) -> Layout {
+    let mut l3 = 14;
+    let mut et = u16::from_be_bytes([p[12], p[13]]);
+    while et == 0x8100 || et == 0x88a8 {
+        et = u16::from_be_bytes([p[l3 + 2], p[l3 + 3]]);
+        l3 += 4;
+    }
+    if et == 0x0800 {
+        let ihl = usize::from(p[l3] & 0xf) * 4;
+        Layout {
+            l3,
+            l4: l3 + ihl,
+            v6: false,
+            proto: p[l3 + 9],
+        }
+    } else {
+        let mut next = p[l3 + 6];
+        let mut off = l3 + 40;
+        while matches!(next, 0 | 43 | 60 | 44) {
+            let len = if next == 44 {
+                8
+            } else {
+                (usize::from(p[off + 1]) + 1) * 8
+            };
+            next = p[off];
+            off += len;
+        }
+        Layout {
+            l3,
+            l4: off,
+            v6: true,
+            proto: next,
+        }
+    }
+}
+
+/// Rewrites MACs, addresses, ports and TTL, then recomputes all checksums from scratch.
+fn reference_nat(
+    input: &[u8],
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+) -> Vec<u8> {
+    let mut p = input.to_vec();
+    p[0..6].copy_from_slice(&dmac);
+    p[6..12].copy_from_slice(&smac);
+    let l = layout(&p);
+    let udp_zero = l.proto == 17 && !l.v6 && p[l.l4 + 6] == 0 && p[l.l4 + 7] == 0;
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            p[l.l3 + 12..l.l3 + 16].copy_from_slice(&s.octets());
+            p[l.l3 + 16..l.l3 + 20].copy_from_slice(&d.octets());
+            p[l.l3 + 8] -= 1;
+            p[l.l3 + 10..l.l3 + 12].copy_from_slice(&[0, 0]);
+            let c = ones_sum_finish(ones_sum(&p[l.l3..l.l4], 0));
+            p[l.l3 + 10..l.l3 + 12].copy_from_slice(&c.to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            p[l.l3 + 8..l.l3 + 24].copy_from_slice(&s.octets());
+            p[l.l3 + 24..l.l3 + 40].copy_from_slice(&d.octets());
+            p[l.l3 + 7] -= 1;
+        }
+        _ => unreachable!(),
+    }
+    p[l.l4..l.l4 + 2].copy_from_slice(&sport.to_be_bytes());
+    p[l.l4 + 2..l.l4 + 4].copy_from_slice(&dport.to_be_bytes());
+    let csum_at = l.l4 + if l.proto == 6 { 16 } else { 6 };
+    if !udp_zero {
+        p[csum_at..csum_at + 2].copy_from_slice(&[0, 0]);
+        let seg_len = p.len() - l.l4;
+        let mut acc = 0;
+        if l.v6 {
+            acc = ones_sum(&p[l.l3 + 8..l.l3 + 40], acc);
+            acc = ones_sum(&(seg_len as u32).to_be_bytes(), acc);
+        } else {
+            acc = ones_sum(&p[l.l3 + 12..l.l3 + 20], acc);
+            acc = ones_sum(&(seg_len as u16).to_be_bytes(), acc);
+        }
+        acc = ones_sum(&[0, l.proto], acc);
+        acc = ones_sum(&p[l.l4..], acc);
+        let mut c = ones_sum_finish(acc);
+        if c == 0 && l.proto == 17 {
+            c = 0xffff;
+        }
+        p[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    p
+}
+
+/// The (address, port) pair at source or destination of a packet.
+fn endpoint(p: &[u8], source: bool) -> (IpAddr, u16) {
+    let l = layout(p);
+    let port_off = if source { l.l4 } else { l.l4 + 2 };
+    let port = u16::from_be_bytes([p[port_off], p[port_off + 1]]);
+    let addr = if l.v6 {
+        let o = if source { l.l3 + 8 } else { l.l3 + 24 };
+        v6(p[o..o + 16].try_into().unwrap())
+    } else {
+        let o = if source { l.l3 + 12 } else { l.l3 + 16 };
+        v4(p[o..o + 4].try_into().unwrap())
+    };
+    (addr, port)
+}
+
+// ---------- the table ----------
+
+/// What the output must be.
+enum Expect {
+    /// The verdict leaves the packet as it was.
+    Unchanged,
+    /// NAT toward a backend of `backends`; remember the flow under `flow` (and, if `same_as`
+    /// names an earlier flow, it must have the same backend and SNAT port).
+    ToBackend {
+        backends: Vec<IpAddr>,
+        port: u16,
+        snat: IpAddr,
+        smac: [u8; 6],
+        flow: &'static str,
+        same_as: Option<&'static str>,
+    },
+}
+
+struct Fixture {
+    description: &'static str,
+    input: Vec<u8>,
+    ingress: &'static str,
+    verdict: u32,
+    expect: Expect,
+}
+
+/// A reply from the backend that flow `flow` landed on, to the SNAT address and port.
+struct ReplyOf {
+    flow: &'static str,
+    l4: L4,
+    vip: IpAddr,
+    vport: u16,
+    client: IpAddr,
+    cport: u16,
+}
+
+fn setup_lb_namespace(net: &mut TestNet) -> NetNs {
+    let lb = net.add_ns("lb").unwrap();
+    let wire = net.add_ns("w").unwrap();
+    net.veth(&lb, "eth0", &wire, "c0").unwrap();
+    net.veth(&lb, "eth1", &wire, "b0").unwrap();
+    let cmds: &[&[&str]] = &[
+        &["ip", "link", "set", "eth0", "address", "02:1b:00:00:00:00"],
+        &["ip", "link", "set", "eth1", "address", "02:1b:00:00:00:01"],
+        &["ip", "addr", "add", "198.18.0.254/24", "dev", "eth0"],
+        &["ip", "addr", "add", "198.18.1.254/24", "dev", "eth1"],
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "fd00:18::fe/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "fd00:18:1::fe/64",
+            "dev",
+            "eth1",
+            "nodad",
+        ],
+        &["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+        &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            "198.18.0.1",
+            "lladdr",
+            "02:c1:00:00:00:01",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            "198.18.0.2",
+            "lladdr",
+            "02:c1:00:00:00:01",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            "198.18.0.10",
+            "lladdr",
+            "02:be:00:00:00:10",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            "198.18.1.1",
+            "lladdr",
+            "02:be:00:00:00:01",
+            "dev",
+            "eth1",
+            "nud",
+            "permanent",
+        ],
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            "198.18.1.2",
+            "lladdr",
+            "02:be:00:00:00:02",
+            "dev",
+            "eth1",
+            "nud",
+            "permanent",
+        ],
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            "198.18.1.3",
+            "lladdr",
+            "02:be:00:00:00:03",
+            "dev",
+            "eth1",
+            "nud",
+            "permanent",
+        ],
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            "fd00:18::1",
+            "lladdr",
+            "02:c1:00:00:00:01",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            "fd00:18:1::1",
+            "lladdr",
+            "02:be:00:00:00:01",
+            "dev",
+            "eth1",
+            "nud",
+            "permanent",
+        ],
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            "fd00:18:1::2",
+            "lladdr",
+            "02:be:00:00:00:02",
+            "dev",
+            "eth1",
+            "nud",
+            "permanent",
+        ],
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            "fd00:18:1::3",
+            "lladdr",
+            "02:be:00:00:00:03",
+            "dev",
+            "eth1",
+            "nud",
+            "permanent",
+        ],
+    ];
+    for c in cmds {
+        lb.run(c).unwrap();
+    }
+    lb
+}
+
+fn balancer() -> XdpBalancer {
+    let program = XdpProgram::load_with(LoadOptions {
+        max_services: 16,
+        max_backends: 64,
+        ring_size: 251,
+        conntrack_entries: 4096,
+    })
+    .expect("loading the XDP program (needs root)");
+    let mut b = XdpBalancer::new(program);
+    b.configure_node(&NodeConfig {
+        snat_v4: Some(Ipv4Addr::from(SNAT4)),
+        snat_v6: Some(Ipv6Addr::from(SNAT6)),
+        snat_ports: (20000, 20099),
+        ..NodeConfig::default()
+    })
+    .unwrap();
+    let svc = |vip: IpAddr, port, proto, backends: Vec<(IpAddr, u32)>| ServiceSpec {
+        key: ServiceKey { vip, port, proto },
+        backends: backends
+            .into_iter()
+            .map(|(addr, weight)| BackendSpec {
+                addr,
+                port: 8080,
+                weight,
+            })
+            .collect(),
+        hash_source_only: false,
+    };
+    let b4: Vec<(IpAddr, u32)> = BACKENDS4.iter().map(|a| (v4(*a), 1)).collect();
+    let b6: Vec<(IpAddr, u32)> = BACKENDS6.iter().map(|a| (v6(*a), 1)).collect();
+    b.upsert_service(&svc(v4(VIP4), 80, Protocol::Tcp, b4.clone()))
+        .unwrap();
+    b.upsert_service(&svc(v4(VIP4), 53, Protocol::Udp, b4.clone()))
+        .unwrap();
+    b.upsert_service(&svc(
+        v4(VIP4_TX),
+        80,
+        Protocol::Tcp,
+        vec![(v4(BACKEND4_ETH0), 1)],
+    ))
+    .unwrap();
+    b.upsert_service(&svc(
+        v4(VIP4_DRAINED),
+        80,
+        Protocol::Tcp,
+        b4.iter().map(|(a, _)| (*a, 0)).collect(),
+    ))
+    .unwrap();
+    b.upsert_service(&svc(v4(VIP4_EMPTY), 80, Protocol::Tcp, vec![]))
+        .unwrap();
+    b.upsert_service(&svc(v6(VIP6), 443, Protocol::Tcp, b6.clone()))
+        .unwrap();
+    b.upsert_service(&svc(v6(VIP6), 53, Protocol::Udp, b6))
+        .unwrap();
+    b
+}
+
+fn nat_to(backends: &[IpAddr], flow: &'static str, same_as: Option<&'static str>) -> Expect {
+    let v6 = backends[0].is_ipv6();
+    Expect::ToBackend {
+        backends: backends.to_vec(),
+        port: 8080,
+        snat: if v6 { self::v6(SNAT6) } else { v4(SNAT4) },
+        smac: LB1_MAC,
+        flow,
+        same_as,
+    }
+}
+
+fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
+    let be4: Vec<IpAddr> = BACKENDS4.iter().map(|a| v4(*a)).collect();
+    let be6: Vec<IpAddr> = BACKENDS6.iter().map(|a| v6(*a)).collect();
+    let mut f = Vec::new();
+    let mut add = |description, input, ingress, verdict, expect| {
+        f.push(Fixture {
+            description,
+            input,
+            ingress,
+            verdict,
+            expect,
+        });
+    };
+    use verdict::{DROP, PASS, REDIRECT, TX};
+    use Expect::Unchanged;
+
+    // IPv4 TCP
+    add(
+        "tcp4 SYN to VIP: new flow, NAT to a backend, redirected to eth1",
+        tcp4(CLIENT4, VIP4, 40001, 80, SYN),
+        "eth0",
+        REDIRECT,
+        nat_to(&be4, "t4", None),
+    );
+    add(
+        "tcp4 ACK of the same flow: tracked, same backend and SNAT port",
+        tcp4(CLIENT4, VIP4, 40001, 80, ACK),
+        "eth0",
+        REDIRECT,
+        nat_to(&be4, "t4b", Some("t4")),
+    );
+    add(
+        "tcp4 data segment of the same flow, 1000-byte payload",
+        build(
+            CLIENT_MAC,
+            LB0_MAC,
+            Vlan::None,
+            v4(CLIENT4),
+            v4(VIP4),
+            64,
+            L4::Tcp { flags: ACK },
+            40001,
+            80,
+            &[0x5a; 1000],
+        ),
+        "eth0",
+        REDIRECT,
+        nat_to(&be4, "t4c", Some("t4")),
+    );
+    add(
+        "tcp4 second client flow: NAT",
+        tcp4(CLIENT4B, VIP4, 40002, 80, SYN),
+        "eth0",
+        REDIRECT,
+        nat_to(&be4, "t4d", None),
+    );
+    add(
+        "tcp4 third flow from the same client, other port",
+        tcp4(CLIENT4, VIP4, 40003, 80, SYN),
+        "eth0",
+        REDIRECT,
+        nat_to(&be4, "t4e", None),
+    );
+    add(
+        "tcp4 FIN of a tracked flow: same backend",
+        tcp4(CLIENT4, VIP4, 40001, 80, FIN | ACK),
+        "eth0",
+        REDIRECT,
+        nat_to(&be4, "t4f", Some("t4")),
+    );
+    add(
+        "tcp4 with 4 bytes of IPv4 options (NOP×3, EOL): NAT, options kept",
+        with_ipv4_options(&tcp4(CLIENT4, VIP4, 40010, 80, SYN), &[1, 1, 1, 0]),
+        "eth0",
+        REDIRECT,
+        nat_to(&be4, "t4o", None),
+    );
+    add(
+        "tcp4 with 12 bytes of IPv4 options: NAT",
+        with_ipv4_options(&tcp4(CLIENT4, VIP4, 40011, 80, SYN), &[1; 12]),
+        "eth0",
+        REDIRECT,
+        nat_to(&be4, "t4o2", None),
+    );
+    add(
+        "tcp4 in an 802.1Q tag: NAT, tag kept",
+        build(
+            CLIENT_MAC,
+            LB0_MAC,
+            Vlan::Single(100),
+            v4(CLIENT4),
+            v4(VIP4),
+            64,
+            L4::Tcp { flags: SYN },
+            40020,
+            80,
+            b"",
+        ),
+        "eth0",
+        REDIRECT,
+        nat_to(&be4, "t4v", None),
+    );
+    add(
+        "tcp4 in QinQ tags: NAT, both tags kept",
+        build(
+            CLIENT_MAC,
+            LB0_MAC,
+            Vlan::Double(200, 100),
+            v4(CLIENT4),
+            v4(VIP4),
+            64,
+            L4::Tcp { flags: SYN },
+            40021,
+            80,
+            b"",
+        ),
+        "eth0",
+        REDIRECT,
+        nat_to(&be4, "t4qq", None),
+    );
+    add(
+        "tcp4 to a service whose backend is behind the ingress: XDP_TX",
+        tcp4(CLIENT4, VIP4_TX, 40030, 80, SYN),
+        "eth0",
+        TX,
+        Expect::ToBackend {
+            backends: vec![v4(BACKEND4_ETH0)],
+            port: 8080,
+            snat: v4(SNAT4),
+            smac: LB0_MAC,
+            flow: "t4tx",
+            same_as: None,
+        },
+    );
+    add(
+        "tcp4 TTL 1 to VIP: passed (the stack sends Time Exceeded)",
+        build(
+            CLIENT_MAC,
+            LB0_MAC,
+            Vlan::None,
+            v4(CLIENT4),
+            v4(VIP4),
+            1,
+            L4::Tcp { flags: SYN },
+            40040,
+            80,
+            b"",
+        ),
+        "eth0",
+        PASS,
+        Unchanged,
+    );
+    add(
+        "tcp4 to the VIP on a port without service: passed",
+        tcp4(CLIENT4, VIP4, 40041, 81, SYN),
+        "eth0",
+        PASS,
+        Unchanged,
+    );
+    add(
+        "tcp4 to a non-VIP address: passed",
+        tcp4(CLIENT4, [198, 18, 0, 254], 40042, 80, SYN),
+        "eth0",
+        PASS,
+        Unchanged,
+    );
+    add(
+        "tcp4 to a service whose backends all drain: dropped",
+        tcp4(CLIENT4, VIP4_DRAINED, 40043, 80, SYN),
+        "eth0",
+        DROP,
+        Unchanged,
+    );
+    add(
+        "tcp4 to a service with no backends: dropped",
+        tcp4(CLIENT4, VIP4_EMPTY, 40044, 80, SYN),
+        "eth0",
+        DROP,
+        Unchanged,
+    );
+    add(
+        "tcp4 to a SNAT port nobody holds: passed",
+        tcp4(BACKENDS4[0], SNAT4, 8080, 20001, ACK),
+        "eth1",
+        PASS,
+        Unchanged,
+    );
+    // IPv4 UDP
+    add(
+        "udp4 to VIP: new flow, NAT",
+        udp4(CLIENT4, VIP4, 50001, 53, b"query"),
+        "eth0",
+        REDIRECT,
+        nat_to(&be4, "u4", None),
+    );
+    add(
+        "udp4 second datagram: tracked",
+        udp4(CLIENT4, VIP4, 50001, 53, b"query2"),
+        "eth0",
+        REDIRECT,
+        nat_to(&be4, "u4b", Some("u4")),
+    );
+    add(
+        "udp4 without checksum (0): NAT keeps it 0",
+        {
+            let mut p = udp4(CLIENT4, VIP4, 50002, 53, b"nocsum");
+            p[40..42].copy_from_slice(&[0, 0]);
+            p
+        },
+        "eth0",
+        REDIRECT,
+        nat_to(&be4, "u4z", None),
+    );
+    add(
+        "udp4 to the VIP's TCP-only port: passed",
+        udp4(CLIENT4, VIP4, 50003, 80, b"x"),
+        "eth0",
+        PASS,
+        Unchanged,
+    );
+    add(
+        "ipv4 first fragment (MF) to VIP: passed",
+        {
+            let mut p = udp4(CLIENT4, VIP4, 50004, 53, b"frag");
+            p[20] |= 0x20;
+            p
+        },
+        "eth0",
+        PASS,
+        Unchanged,
+    );
+    add(
+        "ipv4 later fragment (offset 8) to VIP: passed",
+        {
+            let mut p = udp4(CLIENT4, VIP4, 50005, 53, b"frag");
+            p[21] = 1;
+            p
+        },
+        "eth0",
+        PASS,
+        Unchanged,
+    );
+    add(
+        "ARP request: passed",
+        {
+            let mut p = vec![0xff; 6];
+            p.extend_from_slice(&CLIENT_MAC);
+            p.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+            p.extend_from_slice(&CLIENT_MAC);
+            p.extend_from_slice(&CLIENT4);
+            p.extend_from_slice(&[0; 6]);
+            p.extend_from_slice(&VIP4);
+            p
+        },
+        "eth0",
+        PASS,
+        Unchanged,
+    );
+    add(
+        "ICMP echo request to VIP: passed to the stack",
+        {
+            let mut out = Vec::new();
+            PacketBuilder::ethernet2(CLIENT_MAC, LB0_MAC)
+                .ipv4(CLIENT4, VIP4, 64)
+                .icmpv4_echo_request(1, 1)
+                .write(&mut out, b"ping")
+                .unwrap();
+            out
+        },
+        "eth0",
+        PASS,
+        Unchanged,
+    );
+    // IPv6
+    add(
+        "tcp6 SYN to VIP: new flow, NAT",
+        tcp6(CLIENT6, VIP6, 41001, 443, SYN),
+        "eth0",
+        REDIRECT,
+        nat_to(&be6, "t6", None),
+    );
+    add(
+        "tcp6 ACK: tracked",
+        tcp6(CLIENT6, VIP6, 41001, 443, ACK),
+        "eth0",
+        REDIRECT,
+        nat_to(&be6, "t6b", Some("t6")),
+    );
+    add(
+        "udp6 to VIP: new flow, NAT",
+        udp6(CLIENT6, VIP6, 51001, 53, b"query6"),
+        "eth0",
+        REDIRECT,
+        nat_to(&be6, "u6", None),
+    );
+    add(
+        "udp6 second datagram: tracked",
+        udp6(CLIENT6, VIP6, 51001, 53, b"again"),
+        "eth0",
+        REDIRECT,
+        nat_to(&be6, "u6b", Some("u6")),
+    );
+    add(
+        "tcp6 behind a hop-by-hop header: NAT",
+        with_ipv6_ext(&tcp6(CLIENT6, VIP6, 41002, 443, SYN), &[(0, opts_ext(0))]),
+        "eth0",
+        REDIRECT,
+        nat_to(&be6, "t6h", None),
+    );
+    add(
+        "tcp6 behind hop-by-hop, routing (segments left 0) and destination options: NAT",
+        with_ipv6_ext(
+            &tcp6(CLIENT6, VIP6, 41003, 443, SYN),
+            &[
+                (0, opts_ext(0)),
+                (43, vec![0, 0, 0, 0, 0, 0, 0, 0]),
+                (60, opts_ext(1)),
+            ],
+        ),
+        "eth0",
+        REDIRECT,
+        nat_to(&be6, "t6r", None),
+    );
+    add(
+        "tcp6 behind an atomic fragment header (offset 0, M=0): NAT",
+        with_ipv6_ext(
+            &tcp6(CLIENT6, VIP6, 41004, 443, SYN),
+            &[(44, vec![0, 0, 0, 0, 0, 0, 0, 1])],
+        ),
+        "eth0",
+        REDIRECT,
+        nat_to(&be6, "t6f", None),
+    );
+    add(
+        "udp6 real fragment (M=1): passed",
+        with_ipv6_ext(
+            &udp6(CLIENT6, VIP6, 51002, 53, b"frag"),
+            &[(44, vec![0, 0, 0, 1, 0, 0, 0, 2])],
+        ),
+        "eth0",
+        PASS,
+        Unchanged,
+    );
+    add(
+        "tcp6 behind five extension headers (over the walk limit): passed",
+        with_ipv6_ext(
+            &tcp6(CLIENT6, VIP6, 41005, 443, SYN),
+            &[
+                (60, opts_ext(0)),
+                (60, opts_ext(0)),
+                (60, opts_ext(0)),
+                (60, opts_ext(0)),
+                (60, opts_ext(0)),
+            ],
+        ),
+        "eth0",
+        PASS,
+        Unchanged,
+    );
+    add(
+        "tcp6 hop limit 1: passed",
+        build(
+            CLIENT_MAC,
+            LB0_MAC,
+            Vlan::None,
+            v6(CLIENT6),
+            v6(VIP6),
+            1,
+            L4::Tcp { flags: SYN },
+            41006,
+            443,
+            b"",
+        ),
+        "eth0",
+        PASS,
+        Unchanged,
+    );
+    add(
+        "tcp6 to a non-VIP address: passed",
+        tcp6(CLIENT6, ip6("fd00:18::fe"), 41007, 443, SYN),
+        "eth0",
+        PASS,
+        Unchanged,
+    );
+    add(
+        "udp6 in an 802.1Q tag: NAT",
+        build(
+            CLIENT_MAC,
+            LB0_MAC,
+            Vlan::Single(7),
+            v6(CLIENT6),
+            v6(VIP6),
+            64,
+            L4::Udp,
+            51003,
+            53,
+            b"vlan6",
+        ),
+        "eth0",
+        REDIRECT,
+        nat_to(&be6, "u6v", None),
+    );
+
+    // Truncation at every header boundary (and inside each header): passed untouched.
+    let full4 = tcp4(CLIENT4, VIP4, 40100, 80, SYN);
+    for (cut, description) in [
+        (14, "tcp4 cut after Ethernet"),
+        (24, "tcp4 cut inside the IPv4 header"),
+        (34, "tcp4 cut after the IPv4 header"),
+        (44, "tcp4 cut inside the TCP header"),
+        (53, "tcp4 cut one byte short of the TCP header"),
+    ] {
+        add(description, full4[..cut].to_vec(), "eth0", PASS, Unchanged);
+    }
+    let full6 = tcp6(CLIENT6, VIP6, 41100, 443, SYN);
+    for (cut, description) in [
+        (30, "tcp6 cut inside the IPv6 header"),
+        (54, "tcp6 cut after the IPv6 header"),
+        (64, "tcp6 cut inside the TCP header"),
+    ] {
+        add(description, full6[..cut].to_vec(), "eth0", PASS, Unchanged);
+    }
+    let ext6 = with_ipv6_ext(&tcp6(CLIENT6, VIP6, 41101, 443, SYN), &[(0, opts_ext(1))]);
+    add(
+        "tcp6 cut inside a hop-by-hop header",
+        ext6[..58].to_vec(),
+        "eth0",
+        PASS,
+        Unchanged,
+    );
+    let vlan4 = build(
+        CLIENT_MAC,
+        LB0_MAC,
+        Vlan::Single(100),
+        v4(CLIENT4),
+        v4(VIP4),
+        64,
+        L4::Tcp { flags: SYN },
+        40101,
+        80,
+        b"",
+    );
+    add(
+        "tcp4 in 802.1Q cut inside the tag",
+        vlan4[..16].to_vec(),
+        "eth0",
+        PASS,
+        Unchanged,
+    );
+    let u4 = udp4(CLIENT4, VIP4, 50100, 53, b"q");
+    add(
+        "udp4 cut inside the UDP header",
+        u4[..38].to_vec(),
+        "eth0",
+        PASS,
+        Unchanged,
+    );
+
+    let n = f.len();
+    // Replies: from the backend each flow landed on, to the SNAT address and port.
+    let replies = vec![
+        (
+            n,
+            ReplyOf {
+                flow: "t4",
+                l4: L4::Tcp { flags: SYNACK },
+                vip: v4(VIP4),
+                vport: 80,
+                client: v4(CLIENT4),
+                cport: 40001,
+            },
+        ),
+        (
+            n + 1,
+            ReplyOf {
+                flow: "t4d",
+                l4: L4::Tcp { flags: SYNACK },
+                vip: v4(VIP4),
+                vport: 80,
+                client: v4(CLIENT4B),
+                cport: 40002,
+            },
+        ),
+        (
+            n + 2,
+            ReplyOf {
+                flow: "u4",
+                l4: L4::Udp,
+                vip: v4(VIP4),
+                vport: 53,
+                client: v4(CLIENT4),
+                cport: 50001,
+            },
+        ),
+        (
+            n + 3,
+            ReplyOf {
+                flow: "t6",
+                l4: L4::Tcp { flags: SYNACK },
+                vip: v6(VIP6),
+                vport: 443,
+                client: v6(CLIENT6),
+                cport: 41001,
+            },
+        ),
+        (
+            n + 4,
+            ReplyOf {
+                flow: "u6",
+                l4: L4::Udp,
+                vip: v6(VIP6),
+                vport: 53,
+                client: v6(CLIENT6),
+                cport: 51001,
+            },
+        ),
+    ];
+    (f, replies)
+}
+
+fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid C string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(i, 0, "no interface {name}");
+    i
+}
+
+fn hex(p: &[u8]) -> String {
+    p.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn check_output(description: &str, want: &[u8], got: &[u8]) {
+    if want != got {
+        let first = want
+            .iter()
+            .zip(got)
+            .position(|(a, b)| a != b)
+            .unwrap_or(want.len().min(got.len()));
+        panic!(
+            "{description}: output differs at byte {first}\n want ({} B): {}\n  got ({} B): {}",
+            want.len(),
+            hex(want),
+            got.len(),
+            hex(got)
+        );
+    }
+}
+
+#[test]
+fn xdp_fixture_table() {
+    let mut net = TestNet::new().unwrap();
+    let lb = setup_lb_namespace(&mut net);
+    let balancer = balancer();
+    let prog = balancer.program();
+    let _in_lb = lb.enter().unwrap();
+    let (fixtures, replies) = fixtures();
+    let mut flows: std::collections::HashMap<&str, (IpAddr, u16)> =
+        std::collections::HashMap::new();
+    let mut run = 0;
+    for fx in &fixtures {
+        let out = prog
+            .test_run_on(&fx.input, Some(ifindex(fx.ingress)))
+            .unwrap();
+        assert_eq!(
+            verdict::name(out.verdict),
+            verdict::name(fx.verdict),
+            "{}: verdict",
+            fx.description
+        );
+        match &fx.expect {
+            Expect::Unchanged => check_output(fx.description, &fx.input, &out.packet),
+            Expect::ToBackend {
+                backends,
+                port,
+                snat,
+                smac,
+                flow,
+                same_as,
+            } => {
+                let (backend, bport) = endpoint(&out.packet, false);
+                let (src, sport) = endpoint(&out.packet, true);
+                assert!(
+                    backends.contains(&backend),
+                    "{}: went to {backend}, not a backend",
+                    fx.description
+                );
+                assert_eq!(bport, *port, "{}: backend port", fx.description);
+                assert_eq!(src, *snat, "{}: SNAT address", fx.description);
+                assert!(
+                    (20000..=20099).contains(&sport),
+                    "{}: SNAT port {sport} outside the range",
+                    fx.description
+                );
+                if let Some(prev) = same_as {
+                    assert_eq!(
+                        flows[prev],
+                        (backend, sport),
+                        "{}: tracked flow moved",
+                        fx.description
+                    );
+                }
+                flows.insert(flow, (backend, sport));
+                let dmac = if backend == v4(BACKEND4_ETH0) {
+                    BE0_MAC
+                } else {
+                    let i = backends.iter().position(|b| *b == backend).unwrap();
+                    BE_MAC[i]
+                };
+                let want = reference_nat(&fx.input, *smac, dmac, *snat, backend, sport, *port);
+                check_output(fx.description, &want, &out.packet);
+            }
+        }
+        run += 1;
+    }
+    for (_, r) in &replies {
+        let (backend, snat_port) = flows[r.flow];
+        let snat = if backend.is_ipv6() {
+            v6(SNAT6)
+        } else {
+            v4(SNAT4)
+        };
+        let dmac = BE_MAC[0];
+        let input = build(
+            dmac,
+            LB1_MAC,
+            Vlan::None,
+            backend,
+            snat,
+            64,
+            r.l4,
+            8080,
+            snat_port,
+            b"reply",
+        );
+        let description = format!(
+            "reply of flow {} from {backend}: reverse NAT to the client via eth0",
+            r.flow
+        );
+        let out = prog.test_run_on(&input, Some(ifindex("eth1"))).unwrap();
+        assert_eq!(
+            verdict::name(out.verdict),
+            "XDP_REDIRECT",
+            "{description}: verdict"
+        );
+        let want = reference_nat(
+            &input, LB0_MAC, CLIENT_MAC, r.vip, r.client, r.vport, r.cport,
+        );
+        check_output(&description, &want, &out.packet);
+        run += 1;
+    }
+    assert!(run >= 40, "only {run} fixtures ran");
+    assert!(prog.stat(stat::PASS_FRAGMENT).unwrap() >= 2);
+    assert!(prog.stat(stat::PASS_MALFORMED).unwrap() >= 10);
+    assert!(prog.stat(stat::REPLY_NAT).unwrap() >= 5);
+    assert!(prog.stat(stat::DROP_NO_BACKEND).unwrap() >= 2);
+    println!("{run} fixtures passed");
+}
