@@ -10,6 +10,8 @@ pub mod decision;
 pub mod driver;
 pub mod session;
 mod sockopt;
+#[doc(hidden)]
+pub mod testing;
 mod timer;
 pub mod update;
 pub mod wire;

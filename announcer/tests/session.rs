@@ -495,3 +495,58 @@ fn ipv6_session_announces_ipv4_with_configured_next_hop_only() {
     assert!(p.a_events.contains(&Event::NoNextHop(Family::Ipv4Unicast)));
     assert_eq!(p.a.status(p.now).advertised, [0, 2]);
 }
+
+#[test]
+fn collision_keeps_the_connection_opened_by_the_higher_identifier() {
+    use portico_announcer::session::{collision_winner, Direction, Session};
+    // Both speakers connect at once: A->B (A outbound, B inbound) and B->A.
+    let now = std::time::Instant::now();
+    let mut b_cfg = config_b();
+    b_cfg.passive = false;
+    let mk = |c: &portico_announcer::SessionConfig, seed| {
+        let mut s = Session::new(c.clone(), now, seed);
+        s.handle_command(now, Command::Start);
+        while s.poll_event().is_some() {}
+        s
+    };
+    let (mut a1, mut b1) = (mk(&config_a(), 1), mk(&b_cfg, 2)); // a1 -> b1 (A initiated)
+    let (mut a2, mut b2) = (mk(&config_a(), 3), mk(&b_cfg, 4)); // b2 -> a2 (B initiated)
+    let (la, lb) = (
+        common::A_ADDR.parse().unwrap(),
+        common::B_ADDR.parse().unwrap(),
+    );
+    assert!(a1.handle_connected(now, la, lb, Direction::Outbound));
+    assert!(b1.handle_connected(now, lb, la, Direction::Inbound));
+    assert!(b2.handle_connected(now, lb, la, Direction::Outbound));
+    assert!(a2.handle_connected(now, la, lb, Direction::Inbound));
+    let shuttle = |x: &mut Session, y: &mut Session| {
+        for _ in 0..4 {
+            while let Some(t) = x.poll_transmit() {
+                y.handle_bytes(now, &t);
+            }
+            while let Some(t) = y.poll_transmit() {
+                x.handle_bytes(now, &t);
+            }
+        }
+    };
+    // The driver resolves as soon as both sessions have the peer's OPEN (OpenConfirm);
+    // here both connections run to the end and the loser is closed afterwards, which
+    // exercises the same close path.
+    shuttle(&mut a1, &mut b1);
+    shuttle(&mut a2, &mut b2);
+    let a_id = config_a().router_id;
+    let b_id = config_b().router_id;
+    // B has the higher identifier: the connection B opened survives.
+    assert_eq!(collision_winner(a_id, b_id), Direction::Inbound);
+    assert_eq!(collision_winner(b_id, a_id), Direction::Outbound);
+    a1.close_for_collision(now);
+    let bytes = a1.poll_transmit().unwrap();
+    b1.handle_bytes(now, &bytes);
+    assert_eq!(b1.state(), State::Idle);
+    assert_eq!(
+        b1.status(now).last_notification_received.as_deref(),
+        Some("Cease / Connection Collision Resolution")
+    );
+    assert_eq!(a2.state(), State::Established);
+    assert_eq!(b2.state(), State::Established);
+}

@@ -1,0 +1,26 @@
+//! Arbitrary bytes from the peer into an Established session: nothing may panic.
+//! `cargo +nightly fuzz run established_session -- -max_total_time=60`
+#![no_main]
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use libfuzzer_sys::fuzz_target;
+use portico_announcer::testing::established_session;
+
+fuzz_target!(|data: &[u8]| {
+    static NOW: OnceLock<Instant> = OnceLock::new();
+    let now = *NOW.get_or_init(Instant::now);
+    // The first byte picks iBGP/eBGP and how the stream is split into reads.
+    let (ctl, rest) = data.split_first().unwrap_or((&0, &[]));
+    let mut s = established_session(now, ctl & 1 == 1);
+    let split = usize::from(ctl >> 1).max(1);
+    for chunk in rest.chunks(split) {
+        s.handle_bytes(now, chunk);
+        while s.poll_transmit().is_some() {}
+        while s.poll_event().is_some() {}
+    }
+    s.handle_timeout(now + Duration::from_secs(1000));
+    let _ = s.poll_transmit();
+    let _ = s.status(now);
+});
