@@ -1,6 +1,6 @@
 //! The `portico` binary.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 /// Portico: LoadBalancer addresses, BGP announcements and an XDP Maglev fast path for
@@ -21,6 +21,14 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         pings: u32,
     },
+    /// Print Portico's CustomResourceDefinitions as YAML, generated from the Rust types,
+    /// or write one file per CRD into a directory (the checked-in copies live in
+    /// `deploy/crds/`).
+    Crds {
+        /// Write `<dir>/<plural>.<group>.yaml` files instead of printing.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -36,6 +44,29 @@ fn main() -> Result<()> {
                 report.pings_sent, report.xdp_packets, report.xdp_bytes
             );
             println!("{}", report.to_json());
+        }
+        Command::Crds { out_dir } => {
+            let files = portico_crds::crd_files()?;
+            match out_dir {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                    for (name, yaml) in files {
+                        let path = dir.join(name);
+                        std::fs::write(&path, yaml)
+                            .with_context(|| format!("writing {}", path.display()))?;
+                        println!("wrote {}", path.display());
+                    }
+                }
+                None => {
+                    for (i, (_, yaml)) in files.iter().enumerate() {
+                        if i > 0 {
+                            println!("---");
+                        }
+                        print!("{yaml}");
+                    }
+                }
+            }
         }
     }
     Ok(())
