@@ -535,6 +535,7 @@ impl Allocator {
                 }
             }
         }
+        let kept_some = !self.slot(slot).allocation().is_empty();
         let mut first_error = None;
         for &family in &wanted.families {
             if self.slot(slot).addr(family).is_some() {
@@ -544,6 +545,11 @@ impl Allocator {
                 Ok(ip) => self.hold(slot, ip),
                 Err(e) if wanted.all_required => {
                     self.drop_slot(slot);
+                    if kept_some {
+                        // Answer as a first allocation would, so that repeated calls give
+                        // the same reason.
+                        return self.allocate(consumer);
+                    }
                     return Err(e);
                 }
                 Err(e) => {
@@ -856,25 +862,16 @@ impl Allocator {
                 Unsatisfied::FamilyUnavailable { family }
             });
         }
+        // Join an address of the same sharing key where the holders accept us; where none
+        // does (ports overlap, policies differ, namespaces not opted in), take a fresh one.
         if let Some(sharing) = &consumer.requests.sharing {
-            let mut conflict = None;
             for &ip in self.shared.get(sharing.key.as_str()).into_iter().flatten() {
-                if Family::of(ip) != family
-                    || !self.pool_of(ip).is_some_and(|i| candidates.contains(&i))
+                if Family::of(ip) == family
+                    && self.pool_of(ip).is_some_and(|i| candidates.contains(&i))
+                    && self.share_check(consumer, Some(slot), ip).is_ok()
                 {
-                    continue;
+                    return Ok(ip);
                 }
-                match self.share_check(consumer, Some(slot), ip) {
-                    Ok(()) => return Ok(ip),
-                    Err(e @ Unsatisfied::PortConflict { .. })
-                    | Err(e @ Unsatisfied::TrafficPolicyMismatch { .. }) => {
-                        conflict.get_or_insert(e);
-                    }
-                    Err(_) => {}
-                }
-            }
-            if let Some(e) = conflict {
-                return Err(e);
             }
         }
         for &index in &candidates {

@@ -1,0 +1,375 @@
+//! Random sequences of pool edits, consumer changes, releases and restarts, checking after
+//! every step the invariants of docs/ipam.md.
+//!
+//! Runs 10,000 cases by default; set `PROPTEST_CASES` to change that.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use proptest::prelude::*;
+
+use portico_ipam::{
+    Allocation, Allocator, Consumer, ConsumerId, CrossNamespace, Family, FamilyPolicy,
+    LabelSelector, Pool, PoolState, Protocol, TrafficPolicy,
+};
+
+const POOLS: [&str; 3] = ["p0", "p1", "p2"];
+const NAMES: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
+const NAMESPACES: [&str; 2] = ["n0", "n1"];
+
+#[derive(Debug, Clone)]
+struct PoolSpec {
+    v4: Option<(u8, u8)>,
+    v6: Option<(u8, u8)>,
+    created_at: i64,
+    priority: i32,
+    web_only: bool,
+    disabled: bool,
+    auto_assign: bool,
+    avoid_buggy: bool,
+}
+
+#[derive(Debug, Clone)]
+struct ConsumerSpec {
+    namespace: usize,
+    web: bool,
+    share: Option<bool>,
+    ports: Vec<(u16, bool)>,
+    local: bool,
+    families: u8,
+    requested_v4: Option<u8>,
+    requested_pool: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    ApplyPool(usize, PoolSpec),
+    RemovePool(usize),
+    Allocate(usize, ConsumerSpec),
+    Release(usize),
+    Restart,
+}
+
+fn pool_spec() -> impl Strategy<Value = PoolSpec> {
+    (
+        prop::option::of((0u8..24, 0u8..8)),
+        prop::option::of((0u8..24, 0u8..8)),
+        0i64..4,
+        0i32..3,
+        prop::bool::weighted(0.2),
+        prop::bool::weighted(0.1),
+        prop::bool::weighted(0.85),
+        prop::bool::weighted(0.2),
+    )
+        .prop_map(
+            |(v4, v6, created_at, priority, web_only, disabled, auto_assign, avoid_buggy)| {
+                PoolSpec {
+                    v4,
+                    v6,
+                    created_at,
+                    priority,
+                    web_only,
+                    disabled,
+                    auto_assign,
+                    avoid_buggy,
+                }
+            },
+        )
+}
+
+fn consumer_spec() -> impl Strategy<Value = ConsumerSpec> {
+    (
+        0usize..2,
+        any::<bool>(),
+        prop::option::of(any::<bool>()),
+        prop::collection::vec(
+            (prop::sample::select(vec![53u16, 80, 443]), any::<bool>()),
+            0..3,
+        ),
+        prop::bool::weighted(0.2),
+        0u8..5,
+        prop::option::weighted(0.2, 250u8..=255),
+        prop::option::weighted(0.1, 0usize..3),
+    )
+        .prop_map(
+            |(namespace, web, share, ports, local, families, requested_v4, requested_pool)| {
+                ConsumerSpec {
+                    namespace,
+                    web,
+                    share,
+                    ports,
+                    local,
+                    families,
+                    requested_v4,
+                    requested_pool,
+                }
+            },
+        )
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        2 => (0usize..3, pool_spec()).prop_map(|(i, s)| Op::ApplyPool(i, s)),
+        1 => (0usize..3).prop_map(Op::RemovePool),
+        6 => (0usize..6, consumer_spec()).prop_map(|(i, s)| Op::Allocate(i, s)),
+        1 => (0usize..6).prop_map(Op::Release),
+        1 => Just(Op::Restart),
+    ]
+}
+
+/// Pools live in 10.0.0.248/29 + 10.0.1.0/29 (start offsets 0..24 over a 24-address
+/// window straddling a .255/.0 boundary) and fd00::/120, small enough to run full.
+fn build_pool(index: usize, spec: &PoolSpec) -> Pool {
+    let mut blocks = Vec::new();
+    if let Some((start, len)) = spec.v4 {
+        let base = u32::from(std::net::Ipv4Addr::new(10, 0, 0, 248));
+        let first = std::net::Ipv4Addr::from(base + u32::from(start));
+        let last = std::net::Ipv4Addr::from(base + u32::from(start) + u32::from(len));
+        blocks.push(format!("{first}-{last}"));
+    }
+    if let Some((start, len)) = spec.v6 {
+        blocks.push(format!("fd00::{:x}-fd00::{:x}", start, start + len));
+    }
+    if blocks.is_empty() {
+        blocks.push("10.0.2.0/32".into());
+    }
+    let refs: Vec<&str> = blocks.iter().map(String::as_str).collect();
+    let mut pool = Pool::from_blocks(POOLS[index], &refs)
+        .unwrap()
+        .created(spec.created_at)
+        .with_priority(spec.priority)
+        .disabled(spec.disabled)
+        .auto_assign(spec.auto_assign)
+        .avoiding_buggy_ips(spec.avoid_buggy);
+    if spec.web_only {
+        pool = pool.selecting(LabelSelector::everything().with_label("tier", "web"));
+    }
+    pool
+}
+
+fn build_consumer(index: usize, spec: &ConsumerSpec) -> Consumer {
+    let mut c = Consumer::service(NAMESPACES[spec.namespace], NAMES[index]);
+    if spec.web {
+        c = c.with_label("tier", "web");
+    }
+    match spec.share {
+        Some(true) => c = c.sharing_across("k", CrossNamespace::Any),
+        Some(false) => c = c.sharing("k"),
+        None => {}
+    }
+    for &(port, udp) in &spec.ports {
+        c = c.with_port(port, if udp { Protocol::Udp } else { Protocol::Tcp });
+    }
+    if spec.local {
+        c = c.with_traffic_policy(TrafficPolicy::Local);
+    }
+    c = match spec.families {
+        0 | 1 => c,
+        2 => c.with_families(&[Family::V6], FamilyPolicy::SingleStack),
+        3 => c.with_families(&[Family::V4, Family::V6], FamilyPolicy::PreferDualStack),
+        _ => c.with_families(&[Family::V6, Family::V4], FamilyPolicy::RequireDualStack),
+    };
+    if let Some(last) = spec.requested_v4 {
+        c = c.requesting(&[IpAddr::from([10, 0, 0, last])]);
+    }
+    if let Some(p) = spec.requested_pool {
+        c = c.in_pool(POOLS[p]);
+    }
+    c
+}
+
+struct World {
+    allocator: Allocator,
+    pools: BTreeMap<usize, Pool>,
+    consumers: BTreeMap<usize, Consumer>,
+}
+
+impl World {
+    fn snapshot(&self) -> BTreeMap<ConsumerId, Allocation> {
+        self.allocator.allocations().collect()
+    }
+
+    /// Reconciles every known consumer, as the controller does after a pool change.
+    fn reconcile_all(&mut self) {
+        for c in self.consumers.values() {
+            let _ = self.allocator.allocate(c);
+        }
+    }
+
+    fn restart(&mut self) {
+        let before = self.snapshot();
+        let mut fresh = Allocator::new();
+        for p in self.pools.values() {
+            fresh.apply_pool(p.clone());
+        }
+        for c in self.consumers.values() {
+            if let Some(a) = before.get(&c.id) {
+                fresh.restore(c, &a.ips());
+            }
+        }
+        self.allocator = fresh;
+    }
+}
+
+fn compatible(x: &Consumer, y: &Consumer) -> bool {
+    let (Some(sx), Some(sy)) = (&x.requests.sharing, &y.requests.sharing) else {
+        return false;
+    };
+    sx.key == sy.key
+        && x.traffic_policy == y.traffic_policy
+        && x.ports.is_disjoint(&y.ports)
+        && (x.id.namespace == y.id.namespace
+            || (sx.cross_namespace.allows(&y.id.namespace)
+                && sy.cross_namespace.allows(&x.id.namespace)))
+}
+
+fn check_invariants(world: &World) -> Result<(), TestCaseError> {
+    let a = &world.allocator;
+    let by_id: BTreeMap<&ConsumerId, &Consumer> =
+        world.consumers.values().map(|c| (&c.id, c)).collect();
+    let mut holders: BTreeMap<IpAddr, Vec<&ConsumerId>> = BTreeMap::new();
+    let allocations: Vec<(ConsumerId, Allocation)> = a.allocations().collect();
+    for (id, alloc) in &allocations {
+        prop_assert!(!alloc.is_empty(), "{id} is listed with no address");
+        for ip in alloc.ips() {
+            holders.entry(ip).or_default().push(id);
+        }
+    }
+    // Ready pools never overlap, and every held address is in exactly one Ready pool.
+    let ready: Vec<&Pool> = world
+        .pools
+        .values()
+        .filter(|p| a.pool_status(&p.name).unwrap().state == PoolState::Ready)
+        .collect();
+    for (i, p) in ready.iter().enumerate() {
+        for q in &ready[i + 1..] {
+            prop_assert!(
+                !p.ranges
+                    .iter()
+                    .any(|r| q.ranges.iter().any(|s| r.overlaps(s))),
+                "ready pools {} and {} overlap",
+                p.name,
+                q.name
+            );
+        }
+    }
+    for (ip, ids) in &holders {
+        let inside = ready.iter().filter(|p| p.contains(*ip)).count();
+        prop_assert_eq!(inside, 1, "{} is held outside the ready pools", ip);
+        // No address is shared unless every pair of holders may share.
+        for (i, x) in ids.iter().enumerate() {
+            for y in &ids[i + 1..] {
+                let (cx, cy) = (by_id[x], by_id[y]);
+                prop_assert!(compatible(cx, cy), "{} shared by {} and {}", ip, x, y);
+            }
+        }
+        let mut listed = a.holders(*ip);
+        listed.sort();
+        let mut expected: Vec<ConsumerId> = ids.iter().map(|i| (*i).clone()).collect();
+        expected.sort();
+        prop_assert_eq!(listed, expected);
+    }
+    // Pool counts match the held addresses.
+    for p in world.pools.values() {
+        let status = a.pool_status(&p.name).unwrap();
+        for family in Family::ALL {
+            let usage = if family == Family::V4 {
+                status.v4
+            } else {
+                status.v6
+            };
+            let counted = if status.state == PoolState::Ready {
+                holders
+                    .keys()
+                    .filter(|ip| Family::of(**ip) == family && p.contains(**ip))
+                    .count() as u128
+            } else {
+                0
+            };
+            prop_assert_eq!(usage.used, counted, "pool {} {}", &p.name, family);
+            prop_assert!(usage.used <= usage.total);
+        }
+    }
+    Ok(())
+}
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_histories_keep_every_invariant(ops in prop::collection::vec(op(), 1..40)) {
+        let mut world = World {
+            allocator: Allocator::new(),
+            pools: BTreeMap::new(),
+            consumers: BTreeMap::new(),
+        };
+        for op in ops {
+            match op {
+                Op::ApplyPool(i, spec) => {
+                    let before = world.snapshot();
+                    let pool = build_pool(i, &spec);
+                    world.pools.insert(i, pool.clone());
+                    let released = world.allocator.apply_pool(pool);
+                    // Only released consumers lose addresses; nobody else changes.
+                    let lost: BTreeSet<&ConsumerId> = released.iter().map(|r| &r.consumer).collect();
+                    for (id, alloc) in &before {
+                        if !lost.contains(id) {
+                            prop_assert_eq!(world.allocator.allocation(id), Some(*alloc), "{} moved", id);
+                        }
+                    }
+                    world.reconcile_all();
+                }
+                Op::RemovePool(i) => {
+                    if let Some(pool) = world.pools.remove(&i) {
+                        world.allocator.remove_pool(&pool.name);
+                        world.reconcile_all();
+                    }
+                }
+                Op::Allocate(i, spec) => {
+                    let c = build_consumer(i, &spec);
+                    if let Some(old) = world.consumers.insert(i, c.clone()) {
+                        if old.id != c.id {
+                            // A different object (it moved namespace): the old one is gone.
+                            world.allocator.release(&old.id);
+                        }
+                    }
+                    let first = world.allocator.allocate(&c);
+                    let second = world.allocator.allocate(&c);
+                    prop_assert_eq!(&first, &second, "allocate is not idempotent for {}", &c.id);
+                    if let Ok(alloc) = &first {
+                        if let Some(ip) = c.requests.ips.first() {
+                            prop_assert_eq!(alloc.ips(), vec![*ip]);
+                        }
+                    }
+                }
+                Op::Release(i) => {
+                    if let Some(c) = world.consumers.remove(&i) {
+                        world.allocator.release(&c.id);
+                        prop_assert!(world.allocator.allocation(&c.id).is_none());
+                    }
+                }
+                Op::Restart => {
+                    // Reach a steady state first (a controller reconciles everything).
+                    world.reconcile_all();
+                    let steady = world.snapshot();
+                    world.reconcile_all();
+                    prop_assert_eq!(&world.snapshot(), &steady, "a second reconcile moved someone");
+                    world.restart();
+                    world.reconcile_all();
+                    let after = world.snapshot();
+                    for (id, alloc) in &steady {
+                        prop_assert_eq!(after.get(id), Some(alloc), "{} moved across a restart", id);
+                    }
+                }
+            }
+            check_invariants(&world)?;
+        }
+    }
+}
