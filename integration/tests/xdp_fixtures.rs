@@ -120,7 +120,10 @@ enum Vlan {
     Double(u16, u16),
 }
 
-#[allow(clippy::too_many_arguments, reason = "one argument per header field a fixture varies")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one argument per header field a fixture varies"
+)]
 fn build(
     smac: [u8; 6],
     dmac: [u8; 6],

@@ -492,7 +492,9 @@ impl Balancer for XdpBalancer {
             .map(|(k, v)| (*k, *v))
             .collect();
         for b in &spec.backends {
-            if let std::collections::hash_map::Entry::Vacant(slot) = backend_ids.entry((b.addr, b.port)) {
+            if let std::collections::hash_map::Entry::Vacant(slot) =
+                backend_ids.entry((b.addr, b.port))
+            {
                 let Some(bid) = free_id(&self.backend_ids, options.max_backends) else {
                     return Err(BalancerError::Full {
                         what: "backend",

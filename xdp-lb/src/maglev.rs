@@ -65,12 +65,89 @@ fn mix64(mut x: u64) -> u64 {
     x
 }
 
-/// Builds the lookup table: `M` entries, each an index into `backends`, or `None` for every
-/// entry when no backend has a weight (all draining or none at all).
+/// Below this many empty slots, claims search the empty slots instead of walking
+/// permutations (same result, far fewer probes in the tail).
+const TAIL_SLOTS: u32 = 256;
+
+/// Words of the taken-slot bitmap: enough for [`MAX_M`], a power of two so that masked
+/// indices need no bounds check.
+const TAKEN_WORDS: usize = 2048;
+
+/// Fast `x mod m` for a fixed `m` (Barrett reduction with a 64-bit reciprocal).
+struct Barrett {
+    m: u64,
+    r: u128,
+}
+
+impl Barrett {
+    fn new(m: u32) -> Self {
+        Self {
+            m: u64::from(m),
+            r: u128::from(u64::MAX) / u128::from(m),
+        }
+    }
+
+    fn reduce(&self, x: u64) -> u32 {
+        let q = ((u128::from(x) * self.r) >> 64) as u64;
+        let mut r = x - q * self.m;
+        while r >= self.m {
+            r -= self.m;
+        }
+        r as u32
+    }
+}
+
+/// Inverse of `a` modulo the prime `m` (extended Euclid).
+fn mod_inverse(a: u32, m: u32) -> u32 {
+    let (mut t, mut new_t) = (0i64, 1i64);
+    let (mut r, mut new_r) = (i64::from(m), i64::from(a));
+    while new_r != 0 {
+        let q = r / new_r;
+        (t, new_t) = (new_t, t - q * new_t);
+        (r, new_r) = (new_r, r - q * new_r);
+    }
+    if t < 0 {
+        t += i64::from(m);
+    }
+    t as u32
+}
+
+/// A Maglev lookup table: `M` slots, each an index into the backends given to [`table`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    slots: Vec<u32>,
+}
+
+impl Table {
+    const EMPTY: u32 = u32::MAX;
+
+    /// Number of slots (M).
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether the table has no slots (never, for a built table).
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The backend index in `slot`, `None` when no backend has weight.
+    pub fn get(&self, slot: usize) -> Option<u32> {
+        self.slots.get(slot).copied().filter(|&i| i != Self::EMPTY)
+    }
+
+    /// Every slot in order.
+    pub fn iter(&self) -> impl Iterator<Item = Option<u32>> + '_ {
+        self.slots.iter().map(|&i| (i != Self::EMPTY).then_some(i))
+    }
+}
+
+/// Builds the lookup table: `M` slots, each an index into `backends`, or `None` in every
+/// slot when no backend has a weight (all draining or none at all).
 ///
 /// # Errors
 /// `m` is not a prime in range, or two backends share a key.
-pub fn table(backends: &[MaglevBackend], m: u32) -> Result<Vec<Option<u32>>, MaglevError> {
+pub fn table(backends: &[MaglevBackend], m: u32) -> Result<Table, MaglevError> {
     if !(MIN_M..=MAX_M).contains(&m) || !is_prime(m) {
         return Err(MaglevError::BadTableSize(m));
     }
@@ -82,24 +159,34 @@ pub fn table(backends: &[MaglevBackend], m: u32) -> Result<Vec<Option<u32>>, Mag
         }
     }
     order.retain(|&i| backends[i as usize].weight > 0);
-    let mut entries: Vec<u32> = vec![u32::MAX; m as usize];
+    let mut entries: Vec<u32> = vec![Table::EMPTY; m as usize];
     if order.is_empty() {
-        return Ok(vec![None; m as usize]);
+        return Ok(Table { slots: entries });
     }
 
+    // Per backend: next slot of its permutation, its skip, its weight. Slots are u32
+    // (M < 2^17) and advance by add-and-subtract, never by division.
     let m64 = u64::from(m);
-    // Per backend: next slot of its permutation, its skip, its weight.
-    let mut next: Vec<u64> = Vec::with_capacity(order.len());
-    let mut skip: Vec<u64> = Vec::with_capacity(order.len());
+    let mut next: Vec<u32> = Vec::with_capacity(order.len());
+    let mut skip: Vec<u32> = Vec::with_capacity(order.len());
+    let mut offset: Vec<u32> = Vec::with_capacity(order.len());
     let mut weight: Vec<u64> = Vec::with_capacity(order.len());
     for &i in &order {
         let b = backends[i as usize];
-        next.push(mix64(b.key) % m64);
-        skip.push(mix64(b.key ^ 0x9e37_79b9_7f4a_7c15) % (m64 - 1) + 1);
+        let o = (mix64(b.key) % m64) as u32;
+        next.push(o);
+        offset.push(o);
+        skip.push((mix64(b.key ^ 0x9e37_79b9_7f4a_7c15) % (m64 - 1) + 1) as u32);
         weight.push(u64::from(b.weight));
     }
+    let modm = Barrett::new(m);
     let w_max = weight.iter().copied().max().unwrap_or(1);
+    // Which slots are taken, as a bitmap: 8 KiB for M = 65537, so the probing (most of
+    // the work) stays in L1 and the table itself is written once per slot.
+    let mut taken = Box::new([0u64; TAKEN_WORDS]);
 
+    let mut empties: Vec<u32> = Vec::new();
+    let mut inverses: Vec<Option<u32>> = vec![None; order.len()];
     let mut filled = 0u32;
     let mut round: u64 = 0;
     'fill: loop {
@@ -110,17 +197,44 @@ pub fn table(backends: &[MaglevBackend], m: u32) -> Result<Vec<Option<u32>>, Mag
             if w != w_max && (round + 1) * w / w_max == round * w / w_max {
                 continue;
             }
+            let step = skip[k];
+            let remaining = m - filled;
             let mut slot = next[k];
-            while entries[slot as usize] != u32::MAX {
-                slot += skip[k];
-                if slot >= m64 {
-                    slot -= m64;
+            if remaining <= TAIL_SLOTS {
+                // Few slots left: walking the permutation would take about M/remaining
+                // probes. Instead take the empty slot that comes first in this backend's
+                // permutation (all earlier ones are taken): position j(s) = (s − offset)·skip⁻¹.
+                if empties.is_empty() {
+                    empties = (0..m)
+                        .filter(|&s| {
+                            taken[(s >> 6) as usize & (TAKEN_WORDS - 1)] & (1 << (s & 63)) == 0
+                        })
+                        .collect();
+                }
+                let inv = inverses[k].get_or_insert_with(|| mod_inverse(step, m));
+                let o = offset[k];
+                let (mut best, mut best_j) = (0usize, u32::MAX);
+                for (e, &s) in empties.iter().enumerate() {
+                    let j = modm.reduce(u64::from(s + m - o) * u64::from(*inv));
+                    if j < best_j {
+                        best_j = j;
+                        best = e;
+                    }
+                }
+                slot = empties.swap_remove(best);
+            } else {
+                while taken[(slot >> 6) as usize & (TAKEN_WORDS - 1)] & (1 << (slot & 63)) != 0 {
+                    slot += step;
+                    if slot >= m {
+                        slot -= m;
+                    }
                 }
             }
+            taken[(slot >> 6) as usize & (TAKEN_WORDS - 1)] |= 1 << (slot & 63);
             entries[slot as usize] = idx;
-            slot += skip[k];
-            if slot >= m64 {
-                slot -= m64;
+            slot += step;
+            if slot >= m {
+                slot -= m;
             }
             next[k] = slot;
             filled += 1;
@@ -130,7 +244,7 @@ pub fn table(backends: &[MaglevBackend], m: u32) -> Result<Vec<Option<u32>>, Mag
         }
         round += 1;
     }
-    Ok(entries.into_iter().map(Some).collect())
+    Ok(Table { slots: entries })
 }
 
 #[cfg(test)]
@@ -146,10 +260,10 @@ mod tests {
             .collect()
     }
 
-    fn counts(t: &[Option<u32>], n: usize) -> Vec<u32> {
+    fn counts(t: &Table, n: usize) -> Vec<u32> {
         let mut c = vec![0u32; n];
         for e in t.iter().flatten() {
-            c[*e as usize] += 1;
+            c[e as usize] += 1;
         }
         c
     }
@@ -177,7 +291,7 @@ mod tests {
         for n in [1u32, 3, 10, 100] {
             let m = 65537;
             let t = table(&backends(n), m).unwrap();
-            assert!(t.iter().all(Option::is_some));
+            assert!(t.iter().all(|e| e.is_some()));
             let c = counts(&t, n as usize);
             let (min, max) = (*c.iter().min().unwrap(), *c.iter().max().unwrap());
             assert!(
@@ -212,7 +326,7 @@ mod tests {
             let after = table(&kept, m).unwrap();
             let moved = before
                 .iter()
-                .zip(&after)
+                .zip(after.iter())
                 .filter(|(b, a)| {
                     let bk = all[b.unwrap() as usize].key;
                     let ak = kept[a.unwrap() as usize].key;
@@ -257,8 +371,68 @@ mod tests {
         for x in &mut b {
             x.weight = 0;
         }
-        assert!(table(&b, DEFAULT_M).unwrap().iter().all(Option::is_none));
-        assert!(table(&[], DEFAULT_M).unwrap().iter().all(Option::is_none));
+        assert!(table(&b, DEFAULT_M).unwrap().iter().all(|e| e.is_none()));
+        assert!(table(&[], DEFAULT_M).unwrap().iter().all(|e| e.is_none()));
+    }
+
+    /// Classic Maglev population (walk each permutation until an empty slot), with the same
+    /// permutations and weighted rounds: the reference the tail shortcut must match.
+    fn reference(backends: &[MaglevBackend], m: u32) -> Vec<u64> {
+        let mut order: Vec<&MaglevBackend> = backends.iter().filter(|b| b.weight > 0).collect();
+        order.sort_by_key(|b| b.key);
+        let m64 = u64::from(m);
+        let mut next: Vec<u64> = order.iter().map(|b| mix64(b.key) % m64).collect();
+        let skip: Vec<u64> = order
+            .iter()
+            .map(|b| mix64(b.key ^ 0x9e37_79b9_7f4a_7c15) % (m64 - 1) + 1)
+            .collect();
+        let w_max = order.iter().map(|b| u64::from(b.weight)).max().unwrap();
+        let mut slots = vec![u64::MAX; m as usize];
+        let mut filled = 0;
+        let mut round = 0u64;
+        while filled < m {
+            for (k, b) in order.iter().enumerate() {
+                let w = u64::from(b.weight);
+                if (round + 1) * w / w_max == round * w / w_max || filled == m {
+                    continue;
+                }
+                while slots[next[k] as usize] != u64::MAX {
+                    next[k] = (next[k] + skip[k]) % m64;
+                }
+                slots[next[k] as usize] = b.key;
+                next[k] = (next[k] + skip[k]) % m64;
+                filled += 1;
+            }
+            round += 1;
+        }
+        slots
+    }
+
+    #[test]
+    fn the_fast_builder_matches_classic_maglev_slot_for_slot() {
+        for (n, m, weighted) in [
+            (3u32, 251u32, false),
+            (100, 16_381, false),
+            (37, 65_537, true),
+            (1000, 65_537, false),
+        ] {
+            let b: Vec<MaglevBackend> = backends(n)
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut x)| {
+                    if weighted {
+                        x.weight = 1 + (i as u32 % 4);
+                    }
+                    x
+                })
+                .collect();
+            let fast: Vec<u64> = table(&b, m)
+                .unwrap()
+                .iter()
+                .map(|e| b[e.unwrap() as usize].key)
+                .collect();
+            assert_eq!(fast, reference(&b, m), "n={n} m={m} weighted={weighted}");
+        }
     }
 
     #[test]

@@ -8,7 +8,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use portico_xdp_common::{
-    map_name, stat, Counters, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, PROGRAM_NAME,
+    map_name, stat, Counters, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FLOOR_PROGRAM_NAME,
+    PROGRAM_NAME,
 };
 
 use crate::maglev;
@@ -277,27 +278,33 @@ impl XdpProgram {
         packet: &[u8],
         ingress_ifindex: Option<u32>,
     ) -> Result<TestRunOutput, XdpError> {
-        let mut out = vec![0u8; packet.len() + 256];
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex.
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
-        let opts = TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            ctx_in: ingress_ifindex.map(|i| {
-                ctx[12..16].copy_from_slice(&i.to_ne_bytes());
-                &ctx[..]
-            }),
-            ..TestRunOptions::new()
-        };
-        let result = self.program()?.test_run(opts)?;
-        out.truncate(result.data_size_out as usize);
-        Ok(TestRunOutput {
-            verdict: result.return_value,
-            packet: out,
-            duration: result.duration,
-        })
+        run_once(self.program()?, packet, ingress_ifindex)
+    }
+
+    /// Runs the benchmark floor program (swap MACs, XDP_TX) once on `packet`; loads it on
+    /// first use.
+    ///
+    /// # Errors
+    /// The program does not load, or the kernel refuses the run.
+    pub fn test_run_floor(
+        &mut self,
+        packet: &[u8],
+        ingress_ifindex: Option<u32>,
+    ) -> Result<TestRunOutput, XdpError> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(FLOOR_PROGRAM_NAME)
+            .ok_or(ProgramError::NotLoaded)?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        let prog: &Xdp = self
+            .ebpf
+            .program(FLOOR_PROGRAM_NAME)
+            .ok_or(ProgramError::NotLoaded)?
+            .try_into()?;
+        run_once(prog, packet, ingress_ifindex)
     }
 
     /// A global counter (see `portico_xdp_common::stat`), summed over all CPUs.
@@ -367,4 +374,33 @@ fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
         .program_mut(PROGRAM_NAME)
         .ok_or(ProgramError::NotLoaded)?;
     Ok(prog.try_into()?)
+}
+
+/// One `BPF_PROG_TEST_RUN` with repeat = 1, optionally as if arriving on `ingress_ifindex`.
+fn run_once(
+    prog: &Xdp,
+    packet: &[u8],
+    ingress_ifindex: Option<u32>,
+) -> Result<TestRunOutput, XdpError> {
+    let mut out = vec![0u8; packet.len() + 256];
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex.
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+    let opts = TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        ctx_in: ingress_ifindex.map(|i| {
+            ctx[12..16].copy_from_slice(&i.to_ne_bytes());
+            &ctx[..]
+        }),
+        ..TestRunOptions::new()
+    };
+    let result = prog.test_run(opts)?;
+    out.truncate(result.data_size_out as usize);
+    Ok(TestRunOutput {
+        verdict: result.return_value,
+        packet: out,
+        duration: result.duration,
+    })
 }

@@ -97,6 +97,8 @@ pub mod map_name {
 
 /// Name of the XDP entry point in the object file.
 pub const PROGRAM_NAME: &str = "portico_xdp";
+/// Name of the benchmark floor program (swap MACs, XDP_TX) in the same object.
+pub const FLOOR_PROGRAM_NAME: &str = "xdp_floor";
 
 /// Default number of service slots (ids 1..MAX_SERVICES-1; id 0 means unset).
 pub const DEFAULT_MAX_SERVICES: u32 = 256;

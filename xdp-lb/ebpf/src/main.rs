@@ -91,6 +91,23 @@ mod program {
         Ok(xdp_action::XDP_PASS)
     }
 
+    /// Benchmark floor: swaps the MAC addresses and sends the frame back (XDP_TX). Loaded
+    /// only by the datapath benchmark, to compare the balancer against the cheapest program
+    /// that touches the packet.
+    #[xdp]
+    pub fn xdp_floor(ctx: XdpContext) -> u32 {
+        let Ok(eth) = parse::ptr_at::<[u8; 12]>(&ctx, 0) else {
+            return xdp_action::XDP_PASS;
+        };
+        // SAFETY: 12 bytes checked.
+        let eth = unsafe { &mut *eth };
+        let mut dst = [0u8; 6];
+        dst.copy_from_slice(&eth[0..6]);
+        eth.copy_within(6..12, 0);
+        eth[6..12].copy_from_slice(&dst);
+        xdp_action::XDP_TX
+    }
+
     #[panic_handler]
     fn panic(_info: &core::panic::PanicInfo) -> ! {
         loop {}
