@@ -3,6 +3,7 @@
 //!
 //! Traffic in these tests only ever flows between namespaces the test created itself.
 
+pub mod fibnet;
 pub mod lab;
 pub mod netns;
 pub mod peers;

@@ -10,16 +10,14 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::{PacketBuilder, VlanId};
-use portico_integration::{NetNs, TestNet};
+use portico_integration::{fibnet, TestNet};
 use portico_xdp::{
     verdict, BackendSpec, Balancer, LoadOptions, NodeConfig, Protocol, ServiceKey, ServiceSpec,
     XdpBalancer, XdpProgram,
 };
 use portico_xdp_common::stat;
 
-const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 1];
-const LB0_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0];
-const LB1_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 1];
+use fibnet::{CLIENT_MAC, LB0_MAC, LB1_MAC};
 const BE_MAC: [[u8; 6]; 3] = [
     [0x02, 0xbe, 0, 0, 0, 1],
     [0x02, 0xbe, 0, 0, 0, 2],
@@ -457,165 +455,6 @@ struct ReplyOf {
     vport: u16,
     client: IpAddr,
     cport: u16,
-}
-
-fn setup_lb_namespace(net: &mut TestNet) -> NetNs {
-    let lb = net.add_ns("lb").unwrap();
-    let wire = net.add_ns("w").unwrap();
-    net.veth(&lb, "eth0", &wire, "c0").unwrap();
-    net.veth(&lb, "eth1", &wire, "b0").unwrap();
-    let cmds: &[&[&str]] = &[
-        &["ip", "link", "set", "eth0", "address", "02:1b:00:00:00:00"],
-        &["ip", "link", "set", "eth1", "address", "02:1b:00:00:00:01"],
-        &["ip", "addr", "add", "198.18.0.254/24", "dev", "eth0"],
-        &["ip", "addr", "add", "198.18.1.254/24", "dev", "eth1"],
-        &[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            "fd00:18::fe/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-        &[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            "fd00:18:1::fe/64",
-            "dev",
-            "eth1",
-            "nodad",
-        ],
-        &["sysctl", "-qw", "net.ipv4.ip_forward=1"],
-        &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            "198.18.0.1",
-            "lladdr",
-            "02:c1:00:00:00:01",
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            "198.18.0.2",
-            "lladdr",
-            "02:c1:00:00:00:01",
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            "198.18.0.10",
-            "lladdr",
-            "02:be:00:00:00:10",
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            "198.18.1.1",
-            "lladdr",
-            "02:be:00:00:00:01",
-            "dev",
-            "eth1",
-            "nud",
-            "permanent",
-        ],
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            "198.18.1.2",
-            "lladdr",
-            "02:be:00:00:00:02",
-            "dev",
-            "eth1",
-            "nud",
-            "permanent",
-        ],
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            "198.18.1.3",
-            "lladdr",
-            "02:be:00:00:00:03",
-            "dev",
-            "eth1",
-            "nud",
-            "permanent",
-        ],
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            "fd00:18::1",
-            "lladdr",
-            "02:c1:00:00:00:01",
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            "fd00:18:1::1",
-            "lladdr",
-            "02:be:00:00:00:01",
-            "dev",
-            "eth1",
-            "nud",
-            "permanent",
-        ],
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            "fd00:18:1::2",
-            "lladdr",
-            "02:be:00:00:00:02",
-            "dev",
-            "eth1",
-            "nud",
-            "permanent",
-        ],
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            "fd00:18:1::3",
-            "lladdr",
-            "02:be:00:00:00:03",
-            "dev",
-            "eth1",
-            "nud",
-            "permanent",
-        ],
-    ];
-    for c in cmds {
-        lb.run(c).unwrap();
-    }
-    lb
 }
 
 fn balancer() -> XdpBalancer {
@@ -1208,11 +1047,7 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
 }
 
 fn ifindex(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).unwrap();
-    // SAFETY: valid C string.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    assert_ne!(i, 0, "no interface {name}");
-    i
+    fibnet::ifindex(name).unwrap()
 }
 
 fn hex(p: &[u8]) -> String {
@@ -1242,7 +1077,7 @@ fn check_output(description: &str, want: &[u8], got: &[u8]) {
 #[test]
 fn xdp_fixture_table() {
     let mut net = TestNet::new().unwrap();
-    let lb = setup_lb_namespace(&mut net);
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
     let balancer = balancer();
     let prog = balancer.program();
     let _in_lb = lb.enter().unwrap();

@@ -1,0 +1,193 @@
+//! Per-packet cost of the XDP balancer under `BPF_PROG_TEST_RUN` (needs root).
+//!
+//! `cargo run --release -p portico-xdp --example datapath_bench [-- --calls 100000]`
+//!
+//! Method (as Katran's BpfTester): every call runs the program once (`repeat = 1`) on a fresh
+//! copy of the input, and the kernel-measured durations are averaged; `repeat > 1` would feed
+//! the rewritten packet back in. Every call's verdict is checked. The cases are interleaved
+//! in rounds so that machine noise hits them alike; one JSON line per case, then a summary.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use etherparse::PacketBuilder;
+use portico_integration::{fibnet, TestNet};
+use portico_xdp::{
+    verdict, BackendSpec, Balancer, LoadOptions, NodeConfig, Protocol, ServiceKey, ServiceSpec,
+    XdpBalancer, XdpProgram,
+};
+
+const VIP4: [u8; 4] = [203, 0, 113, 10];
+const VIP6: &str = "fd00:203::10";
+const ROUNDS: usize = 10;
+
+fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, syn: bool) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(fibnet::CLIENT_MAC, fibnet::LB0_MAC)
+        .ipv4(src, dst, 64)
+        .tcp(sport, 80, 1, 64240);
+    let b = if syn { b.syn() } else { b.ack(1) };
+    let mut out = Vec::new();
+    b.write(&mut out, &[]).expect("building a packet");
+    out
+}
+
+fn udp6(sport: u16) -> Vec<u8> {
+    let src: Ipv6Addr = "fd00:18::1".parse().expect("address");
+    let dst: Ipv6Addr = VIP6.parse().expect("address");
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(fibnet::CLIENT_MAC, fibnet::LB0_MAC)
+        .ipv6(src.octets(), dst.octets(), 64)
+        .udp(sport, 53)
+        .write(&mut out, b"0123456789abcdef")
+        .expect("building a packet");
+    out
+}
+
+struct Case {
+    name: &'static str,
+    total: Duration,
+    calls: u64,
+}
+
+impl Case {
+    fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            total: Duration::ZERO,
+            calls: 0,
+        }
+    }
+
+    fn ns(&self) -> f64 {
+        self.total.as_nanos() as f64 / self.calls.max(1) as f64
+    }
+}
+
+fn record(case: &mut Case, out: &portico_xdp::TestRunOutput, want: u32) -> Result<()> {
+    if out.verdict != want {
+        bail!(
+            "{}: verdict {} (want {})",
+            case.name,
+            verdict::name(out.verdict),
+            verdict::name(want)
+        );
+    }
+    case.total += out.duration;
+    case.calls += 1;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let calls: usize = match args.iter().position(|a| a == "--calls") {
+        Some(i) => args.get(i + 1).context("--calls needs a value")?.parse()?,
+        None => 100_000,
+    };
+    ensure!(calls >= ROUNDS, "--calls must be at least {ROUNDS}");
+    let per_round = calls / ROUNDS;
+
+    let mut net = TestNet::new()?;
+    let lb = fibnet::lb_namespace(&mut net)?;
+    let program = XdpProgram::load_with(LoadOptions {
+        max_services: 16,
+        max_backends: 64,
+        ring_size: 16381,
+        conntrack_entries: 262_144,
+    })?;
+    let mut balancer = XdpBalancer::new(program);
+    balancer.configure_node(&NodeConfig {
+        snat_v4: Some(Ipv4Addr::from(fibnet::SNAT4)),
+        snat_v6: Some(fibnet::SNAT6.parse()?),
+        snat_ports: (1024, 65535),
+        ..NodeConfig::default()
+    })?;
+    let backends = |v6: bool| -> Vec<BackendSpec> {
+        (1..=fibnet::BACKENDS)
+            .map(|i| BackendSpec {
+                addr: if v6 {
+                    IpAddr::V6(format!("fd00:18:1::{i:x}").parse().expect("address"))
+                } else {
+                    IpAddr::V4(Ipv4Addr::new(198, 18, 1, i))
+                },
+                port: 8080,
+                weight: 1,
+            })
+            .collect()
+    };
+    balancer.upsert_service(&ServiceSpec {
+        key: ServiceKey {
+            vip: IpAddr::V4(Ipv4Addr::from(VIP4)),
+            port: 80,
+            proto: Protocol::Tcp,
+        },
+        backends: backends(false),
+        hash_source_only: false,
+    })?;
+    balancer.upsert_service(&ServiceSpec {
+        key: ServiceKey {
+            vip: IpAddr::V6(VIP6.parse()?),
+            port: 53,
+            proto: Protocol::Udp,
+        },
+        backends: backends(true),
+        hash_source_only: false,
+    })?;
+
+    let _in_lb = lb.enter()?;
+    let eth0 = fibnet::ifindex("eth0")?;
+    let established = tcp4([198, 18, 0, 1], VIP4, 40000, false);
+    let udp = udp6(50000);
+    let not_vip = tcp4([198, 18, 0, 1], [198, 18, 0, 254], 40001, true);
+    // Warm: create the tracked flows and the next-hop cache.
+    for p in [&tcp4([198, 18, 0, 1], VIP4, 40000, true), &udp] {
+        balancer.program().test_run_on(p, Some(eth0))?;
+    }
+    let mut cases = [
+        Case::new("tcp4_ct_hit"),
+        Case::new("tcp4_new_flow"),
+        Case::new("udp6_ct_hit"),
+        Case::new("non_vip_pass"),
+        Case::new("floor_xdp_tx"),
+    ];
+    let mut round_ratio = Vec::with_capacity(ROUNDS);
+    let mut flow = 0u32;
+    for _ in 0..ROUNDS {
+        let (hit_before, floor_before) = (cases[0].total, cases[4].total);
+        for _ in 0..per_round {
+            let prog = balancer.program();
+            record(&mut cases[0], &prog.test_run_on(&established, Some(eth0))?, verdict::REDIRECT)?;
+            // A new flow each call: distinct client address and port.
+            flow += 1;
+            let src = [198, 18, 0, 1 + (flow >> 16) as u8];
+            let syn = tcp4(src, VIP4, (flow & 0xffff) as u16 | 1024, true);
+            record(&mut cases[1], &prog.test_run_on(&syn, Some(eth0))?, verdict::REDIRECT)?;
+            record(&mut cases[2], &prog.test_run_on(&udp, Some(eth0))?, verdict::REDIRECT)?;
+            record(&mut cases[3], &prog.test_run_on(&not_vip, Some(eth0))?, verdict::PASS)?;
+            let floor = balancer.program_mut().test_run_floor(&established, Some(eth0))?;
+            record(&mut cases[4], &floor, verdict::TX)?;
+        }
+        let hit = (cases[0].total - hit_before).as_nanos() as f64;
+        let floor = (cases[4].total - floor_before).as_nanos() as f64;
+        round_ratio.push(hit / floor.max(1.0));
+    }
+    for c in &cases {
+        println!("{{\"case\":\"{}\",\"ns_per_pkt\":{:.1},\"calls\":{}}}", c.name, c.ns(), c.calls);
+    }
+    round_ratio.sort_by(f64::total_cmp);
+    let median_ratio = round_ratio[ROUNDS / 2];
+    eprintln!(
+        "tcp4_ct_hit / floor_xdp_tx: {:.2} overall, per-round median {median_ratio:.2} (min {:.2}, max {:.2})",
+        cases[0].ns() / cases[4].ns(),
+        round_ratio[0],
+        round_ratio[ROUNDS - 1]
+    );
+    println!(
+        "{{\"tcp4_ct_hit_over_floor\":{:.2},\"tcp4_new_flow_over_floor\":{:.2},\"round_median_ct_hit_over_floor\":{median_ratio:.2}}}",
+        cases[0].ns() / cases[4].ns(),
+        cases[1].ns() / cases[4].ns()
+    );
+    Ok(())
+}
