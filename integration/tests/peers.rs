@@ -46,8 +46,14 @@ fn link() -> (TestNet, Side, Side) {
         (&a, "198.18.0.1/24", "fd00:18::1/64"),
         (&b, "198.18.0.2/24", "fd00:18::2/64"),
     ] {
+        // No DAD on the link: FRR refuses IPv6 sessions while eth0's link-local address is
+        // tentative, and a tentative ULA cannot be bound. The link-local address comes back
+        // without DAD once the link goes down and up.
+        ns.run(&["sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0"])
+            .unwrap();
+        ns.run(&["ip", "link", "set", "eth0", "down"]).unwrap();
+        ns.run(&["ip", "link", "set", "eth0", "up"]).unwrap();
         ns.run(&["ip", "addr", "add", v4, "dev", "eth0"]).unwrap();
-        // nodad: a tentative address cannot be bound, and DAD would only add a delay.
         ns.run(&["ip", "addr", "add", v6, "dev", "eth0", "nodad"])
             .unwrap();
     }
@@ -62,6 +68,14 @@ fn link() -> (TestNet, Side, Side) {
         side(a, "198.18.0.1", "fd00:18::1", ASN_A),
         side(b, "198.18.0.2", "fd00:18::2", ASN_B),
     )
+}
+
+/// Unwraps `result`, or panics with the error and the log tails of `peers`.
+fn ok<T>(result: anyhow::Result<T>, peers: &[&RealPeer]) -> T {
+    result.unwrap_or_else(|e| {
+        let logs: Vec<String> = peers.iter().map(|p| p.log_tail()).collect();
+        panic!("{e:#}\n{}", logs.join("\n"))
+    })
 }
 
 /// `me` peering with `other` over IPv4 and over IPv6, each neighbor shaped by `shape`.
@@ -97,10 +111,10 @@ fn start_pair(
 
 fn wait_all_established(peer_a: &RealPeer, a: &Side, peer_b: &RealPeer, b: &Side) {
     for addr in [b.v4, b.v6] {
-        peer_a.wait_established(addr, TIMEOUT).unwrap();
+        ok(peer_a.wait_established(addr, TIMEOUT), &[peer_b]);
     }
     for addr in [a.v4, a.v6] {
-        peer_b.wait_established(addr, TIMEOUT).unwrap();
+        ok(peer_b.wait_established(addr, TIMEOUT), &[peer_a]);
     }
 }
 
@@ -153,9 +167,10 @@ fn exchange_routes(kind_a: PeerKind, kind_b: PeerKind) {
     wait_all_established(&peer_a, &a, &peer_b, &b);
 
     for (receiver, wanted, sender) in [(&peer_b, &from_a, &a), (&peer_a, &from_b, &b)] {
-        let routes = receiver
-            .wait_routes(|r| holds_all(r, wanted), TIMEOUT)
-            .unwrap();
+        let routes = ok(
+            receiver.wait_routes(|r| holds_all(r, wanted), TIMEOUT),
+            &[&peer_a, &peer_b],
+        );
         for ann in wanted {
             let route = routes.iter().find(|r| r.prefix == ann.prefix).unwrap();
             assert_received(route, ann, sender);
@@ -167,15 +182,14 @@ fn exchange_routes(kind_a: PeerKind, kind_b: PeerKind) {
 
     // A withdrawal reaches the other side.
     peer_a.withdraw(from_a[0].prefix).unwrap();
-    peer_b
-        .wait_routes(
-            |r| {
-                !r.iter().any(|r| r.prefix == from_a[0].prefix)
-                    && r.iter().any(|r| r.prefix == from_a[1].prefix)
-            },
-            TIMEOUT,
-        )
-        .unwrap();
+    let withdrawn = peer_b.wait_routes(
+        |r| {
+            !r.iter().any(|r| r.prefix == from_a[0].prefix)
+                && r.iter().any(|r| r.prefix == from_a[1].prefix)
+        },
+        TIMEOUT,
+    );
+    ok(withdrawn, &[&peer_a]);
 }
 
 #[test]
@@ -191,6 +205,70 @@ fn gobgp_and_frr_exchange_routes_over_ipv4_and_ipv6() {
 #[test]
 fn frr_and_bird_exchange_routes_over_ipv4_and_ipv6() {
     exchange_routes(PeerKind::Frr, PeerKind::Bird);
+}
+
+/// iBGP (both in AS 4200000001): LOCAL_PREF travels, the AS_PATH stays empty, the next hop
+/// is the originator, and a re-announcement with other attributes replaces the route.
+fn ibgp(kind_a: PeerKind, kind_b: PeerKind) {
+    let (_net, a, mut b) = link();
+    b.asn = a.asn;
+    let mut peer_a = RealPeer::start(&a.ns, config(kind_a, &a, &b, |n| n)).unwrap();
+    let peer_b = RealPeer::start(&b.ns, config(kind_b, &b, &a, |n| n)).unwrap();
+    let sent = announcements(&a, 5).map(|ann| ann.local_pref(200));
+    for ann in &sent {
+        peer_a.announce(ann.clone()).unwrap();
+    }
+    wait_all_established(&peer_a, &a, &peer_b, &b);
+    let routes = ok(
+        peer_b.wait_routes(|r| holds_all(r, &sent), TIMEOUT),
+        &[&peer_a],
+    );
+    for ann in &sent {
+        let route = routes.iter().find(|r| r.prefix == ann.prefix).unwrap();
+        let next_hop = if ann.prefix.addr().is_ipv4() {
+            a.v4
+        } else {
+            a.v6
+        };
+        assert_eq!(route.next_hop, Some(next_hop), "{route:?}");
+        assert_eq!(route.as_path, Vec::<u32>::new(), "{route:?}");
+        assert_eq!(route.local_pref, Some(200), "{route:?}");
+        assert_eq!(route.communities, ann.communities, "{route:?}");
+        assert_eq!(route.large_communities, ann.large_communities, "{route:?}");
+        assert_eq!(route.med, ann.med, "{route:?}");
+    }
+
+    let changed = Announcement::new(sent[0].prefix)
+        .local_pref(300)
+        .large_community(a.asn, 9, 9);
+    peer_a.announce(changed.clone()).unwrap();
+    let replaced = peer_b.wait_routes(
+        |r| {
+            r.iter().any(|r| {
+                r.prefix == changed.prefix
+                    && r.local_pref == Some(300)
+                    && r.communities.is_empty()
+                    && r.large_communities == changed.large_communities
+            })
+        },
+        TIMEOUT,
+    );
+    ok(replaced, &[&peer_a]);
+}
+
+#[test]
+fn ibgp_from_bird_to_frr_carries_local_pref() {
+    ibgp(PeerKind::Bird, PeerKind::Frr);
+}
+
+#[test]
+fn ibgp_from_frr_to_gobgp_carries_local_pref() {
+    ibgp(PeerKind::Frr, PeerKind::Gobgp);
+}
+
+#[test]
+fn ibgp_from_gobgp_to_bird_carries_local_pref() {
+    ibgp(PeerKind::Gobgp, PeerKind::Bird);
 }
 
 /// Matching TCP MD5 passwords on both sides: the sessions come up.
@@ -249,7 +327,7 @@ fn freeze_and_thaw(frozen_kind: PeerKind, watcher_kind: PeerKind) {
     frozen.stop().unwrap();
     // Hold time 3 s: the watcher gives up after 3 s without a keepalive.
     for addr in [a.v4, a.v6] {
-        watcher.wait_down(addr, Duration::from_secs(10)).unwrap();
+        ok(watcher.wait_down(addr, Duration::from_secs(10)), &[&frozen]);
     }
     frozen.cont().unwrap();
     wait_all_established(&frozen, &a, &watcher, &b);
@@ -279,16 +357,14 @@ fn restarted_peers_come_back_with_their_routes() {
         let watcher = RealPeer::start(&b.ns, config(PeerKind::Bird, &b, &a, |n| n)).unwrap();
         let [v4, _] = announcements(&a, 3);
         restarted.announce(v4.clone()).unwrap();
-        watcher
-            .wait_routes(|r| holds_all(r, std::slice::from_ref(&v4)), TIMEOUT)
-            .unwrap();
+        let first = watcher.wait_routes(|r| holds_all(r, std::slice::from_ref(&v4)), TIMEOUT);
+        ok(first, &[&restarted]);
         let old_pid = restarted.pid();
         restarted.restart().unwrap();
         assert_ne!(restarted.pid(), old_pid, "{kind}");
-        restarted.wait_established(b.v4, TIMEOUT).unwrap();
-        let routes = watcher
-            .wait_routes(|r| holds_all(r, std::slice::from_ref(&v4)), TIMEOUT)
-            .unwrap();
+        ok(restarted.wait_established(b.v4, TIMEOUT), &[&watcher]);
+        let again = watcher.wait_routes(|r| holds_all(r, std::slice::from_ref(&v4)), TIMEOUT);
+        let routes = ok(again, &[&restarted]);
         let route = routes.iter().find(|r| r.prefix == v4.prefix).unwrap();
         assert_received(route, &v4, &a);
     }
@@ -314,21 +390,19 @@ fn graceful_restart(helper_kind: PeerKind, restarter_kind: PeerKind) {
     .unwrap();
     let [v4, _] = announcements(&b, 4);
     restarter.announce(v4.clone()).unwrap();
-    helper.wait_established(b.v4, TIMEOUT).unwrap();
-    helper
-        .wait_routes(
-            |r| r.iter().any(|r| r.prefix == v4.prefix && !r.stale),
-            TIMEOUT,
-        )
-        .unwrap();
+    ok(helper.wait_established(b.v4, TIMEOUT), &[&restarter]);
+    let fresh = helper.wait_routes(
+        |r| r.iter().any(|r| r.prefix == v4.prefix && !r.stale),
+        TIMEOUT,
+    );
+    ok(fresh, &[&restarter]);
 
     restarter.crash();
-    let routes = helper
-        .wait_routes(
-            |r| r.iter().any(|r| r.prefix == v4.prefix && r.stale),
-            TIMEOUT,
-        )
-        .unwrap();
+    let stale = helper.wait_routes(
+        |r| r.iter().any(|r| r.prefix == v4.prefix && r.stale),
+        TIMEOUT,
+    );
+    let routes = ok(stale, &[&restarter]);
     assert_ne!(
         helper.session_state(b.v4).unwrap(),
         SessionState::Established,
@@ -336,13 +410,12 @@ fn graceful_restart(helper_kind: PeerKind, restarter_kind: PeerKind) {
     );
 
     restarter.restart().unwrap();
-    helper.wait_established(b.v4, TIMEOUT).unwrap();
-    helper
-        .wait_routes(
-            |r| r.iter().any(|r| r.prefix == v4.prefix && !r.stale),
-            TIMEOUT,
-        )
-        .unwrap();
+    ok(helper.wait_established(b.v4, TIMEOUT), &[&restarter]);
+    let fresh = helper.wait_routes(
+        |r| r.iter().any(|r| r.prefix == v4.prefix && !r.stale),
+        TIMEOUT,
+    );
+    ok(fresh, &[&restarter]);
 }
 
 #[test]

@@ -6,7 +6,8 @@
 //! - Routes it originates come from `protocol static` blocks (blackhole routes carrying the
 //!   attributes); announcing rewrites the file and runs `birdc configure`.
 //! - No kernel protocol: nothing is installed into the namespace's kernel tables; next hops
-//!   resolve against directly connected networks (`protocol device`).
+//!   resolve against directly connected networks (`protocol device`), also for iBGP
+//!   (`direct`, since BIRD's default for iBGP, a recursive lookup, needs an IGP table).
 //! - `show route all` marks stale (graceful restart) routes with an `s` after the
 //!   preference, `(100s)`, but only while a new session refreshes them; while the neighbor
 //!   is still down they look fresh, and `show protocols all` says
@@ -102,6 +103,11 @@ fn render_config(cfg: &super::PeerConfig, announcements: &[Announcement]) -> Str
             let _ = writeln!(c, "  password \"{pw}\";");
         }
         match n.ttl {
+            // BIRD treats iBGP as multihop with recursive next hops, which needs an IGP
+            // table; these neighbors are on the link.
+            TtlMode::Default if n.asn == cfg.local_asn => {
+                let _ = writeln!(c, "  direct;");
+            }
             TtlMode::Default => {}
             TtlMode::Multihop(ttl) => {
                 let _ = writeln!(c, "  multihop {ttl};");

@@ -418,7 +418,10 @@ pub struct RealPeer {
     config: PeerConfig,
     announcements: Vec<Announcement>,
     dir: tempfile::TempDir,
+    /// The BGP daemon.
     child: Option<Child>,
+    /// Processes the daemon needs, started once before it (FRR's zebra).
+    helpers: Vec<Child>,
 }
 
 impl fmt::Debug for RealPeer {
@@ -451,7 +454,17 @@ impl RealPeer {
             announcements: Vec::new(),
             dir,
             child: None,
+            helpers: Vec::new(),
         };
+        let helpers = match peer.config.kind {
+            PeerKind::Frr => frr::helpers(&peer.ctl())?,
+            PeerKind::Bird | PeerKind::Gobgp => Vec::new(),
+        };
+        for helper in helpers {
+            let child = peer.spawn(&helper.argv)?;
+            peer.helpers.push(child);
+            peer.wait_for_file(&helper.ready)?;
+        }
         peer.launch()?;
         Ok(peer)
     }
@@ -679,13 +692,15 @@ impl RealPeer {
     /// # Errors
     /// The daemon rejects it.
     pub fn announce(&mut self, announcement: Announcement) -> Result<()> {
+        let before = self.announcements.len();
         self.announcements
             .retain(|a| a.prefix != announcement.prefix);
+        let replacing = self.announcements.len() != before;
         self.announcements.push(announcement.clone());
         let ctl = self.ctl();
         match self.config.kind {
             PeerKind::Bird => bird::apply_announcements(&ctl, &self.announcements),
-            PeerKind::Frr => frr::announce(&ctl, &announcement),
+            PeerKind::Frr => frr::announce(&ctl, &announcement, replacing),
             PeerKind::Gobgp => gobgp::announce(&ctl, &announcement),
         }
         .with_context(|| format!("{} announcing {}", self.config.kind, announcement.prefix))
@@ -769,6 +784,42 @@ impl RealPeer {
         self.dir.path().join("daemon.log")
     }
 
+    /// Starts `argv` in the namespace with output appended to the log.
+    fn spawn(&self, argv: &[String]) -> Result<Child> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .context("opening the daemon log")?;
+        let (program, args) = argv.split_first().context("empty daemon command")?;
+        // `ip netns exec` execs the program in place: the child's pid is the daemon's.
+        self.ns
+            .command(program)
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawning {argv:?} in {}", self.ns.name()))
+    }
+
+    /// Waits until a helper has created `path` (its socket).
+    fn wait_for_file(&self, path: &Path) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !path.exists() {
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} did not appear within {START_TIMEOUT:?}\n{}",
+                    path.display(),
+                    self.log_tail()
+                );
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+        Ok(())
+    }
+
     /// Writes the configuration, spawns the daemon and waits for its control socket.
     fn launch(&mut self) -> Result<()> {
         let ctl = self.ctl();
@@ -777,24 +828,7 @@ impl RealPeer {
             PeerKind::Frr => frr::prepare(&ctl, &self.announcements)?,
             PeerKind::Gobgp => gobgp::prepare(&ctl)?,
         };
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .context("opening the daemon log")?;
-        let (program, args) = argv.split_first().context("empty daemon command")?;
-        let child = self
-            .ns
-            .command(program)
-            .args(args)
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("spawning {argv:?} in {}", self.ns.name()))?;
-        // `ip netns exec` execs the daemon in place: the child's pid is the daemon's.
-        self.child = Some(child);
+        self.child = Some(self.spawn(&argv)?);
 
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -887,13 +921,25 @@ impl RealPeer {
     }
 }
 
+/// Set to keep each peer's directory (config, log) after the test, for debugging.
+pub const KEEP_DIRS_ENV: &str = "PORTICO_KEEP_PEER_DIRS";
+
 impl Drop for RealPeer {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        if std::env::var_os(KEEP_DIRS_ENV).is_some() {
+            self.dir.disable_cleanup(true);
+        }
+        for mut child in self.child.take().into_iter().chain(self.helpers.drain(..)) {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
+}
+
+/// A process started before the daemon, ready once `ready` exists.
+struct Helper {
+    argv: Vec<String>,
+    ready: PathBuf,
 }
 
 /// Parses `a:b` (FRR and GoBGP print communities this way).
