@@ -7,5 +7,6 @@ pub mod fibnet;
 pub mod lab;
 pub mod netns;
 pub mod peers;
+pub mod traffic;
 
 pub use netns::{require_root, NetNs, TestNet};

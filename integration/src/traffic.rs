@@ -1,0 +1,297 @@
+//! Real traffic between namespaces, from threads of this process: each thread enters its
+//! namespace (`setns` is per thread) and uses ordinary sockets. Backends answer every line or
+//! datagram with their name, so clients can tell which backend served them. Every loop is
+//! bounded in count and time.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::NetNs;
+
+/// Socket timeouts for every client operation.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A TCP and UDP echo-with-name server on `port`, running in a namespace until dropped.
+pub struct Backend {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    addr: SocketAddr,
+}
+
+impl Backend {
+    /// Starts the server inside `ns` on `addr` (TCP and UDP); it answers with `name`.
+    ///
+    /// # Errors
+    /// Entering the namespace or binding fails.
+    pub fn start(ns: &NetNs, name: &str, addr: SocketAddr) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
+        let mut threads = Vec::new();
+        for udp in [false, true] {
+            let (ns, name, stop, tx) = (ns.clone(), format!("{name}\n"), stop.clone(), tx.clone());
+            threads.push(std::thread::spawn(move || {
+                let entered = ns.enter();
+                let guard = match entered {
+                    Ok(g) => g,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                if udp {
+                    serve_udp(addr, &name, &stop, &tx);
+                } else {
+                    serve_tcp(addr, &name, &stop, &tx);
+                }
+                drop(guard);
+            }));
+        }
+        for _ in 0..2 {
+            rx.recv_timeout(IO_TIMEOUT)
+                .context("backend did not start")??;
+        }
+        Ok(Self {
+            stop,
+            threads,
+            addr,
+        })
+    }
+}
+
+fn serve_tcp(
+    addr: SocketAddr,
+    name: &str,
+    stop: &AtomicBool,
+    ready: &std::sync::mpsc::Sender<Result<()>>,
+) {
+    let listener = match TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(anyhow::anyhow!("binding tcp {addr}: {e}")));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let name = name.to_owned();
+                std::thread::spawn(move || {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                    let mut writer = match stream.try_clone() {
+                        Ok(w) => w,
+                        Err(_) => return,
+                    };
+                    let reader = BufReader::new(stream);
+                    for line in reader.lines() {
+                        if line.is_err() || writer.write_all(name.as_bytes()).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
+fn serve_udp(
+    addr: SocketAddr,
+    name: &str,
+    stop: &AtomicBool,
+    ready: &std::sync::mpsc::Sender<Result<()>>,
+) {
+    let socket = match UdpSocket::bind(addr) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(anyhow::anyhow!("binding udp {addr}: {e}")));
+            return;
+        }
+    };
+    let _ = socket.set_read_timeout(Some(Duration::from_millis(100)));
+    let _ = ready.send(Ok(()));
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((_, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(name.as_bytes(), from);
+        }
+    }
+}
+
+impl Backend {
+    /// The address the backend listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs `f` on a thread inside `ns` and returns its result.
+///
+/// # Errors
+/// Entering the namespace fails, or `f` fails or panics.
+pub fn in_ns<T: Send + 'static>(
+    ns: &NetNs,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let ns = ns.clone();
+    std::thread::spawn(move || {
+        let _guard = ns.enter()?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+}
+
+/// One TCP exchange: connect to `vip`, send a line, read the backend's name, close.
+///
+/// # Errors
+/// Connect, write or read fails or times out.
+pub fn tcp_once(vip: SocketAddr) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&vip, IO_TIMEOUT)
+        .with_context(|| format!("connecting to {vip}"))?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.write_all(b"hello\n")?;
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .context("reading the answer")?;
+    let _ = s.shutdown(Shutdown::Both);
+    if line.is_empty() {
+        bail!("connection to {vip} closed without an answer");
+    }
+    Ok(line.trim().to_owned())
+}
+
+/// One UDP exchange from a fresh socket (a new flow): send, read the backend's name.
+///
+/// # Errors
+/// Bind, send or receive fails or times out.
+pub fn udp_once(vip: SocketAddr) -> Result<String> {
+    let local: SocketAddr = match vip.ip() {
+        IpAddr::V4(_) => "0.0.0.0:0".parse()?,
+        IpAddr::V6(_) => "[::]:0".parse()?,
+    };
+    let s = UdpSocket::bind(local)?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut buf = [0u8; 256];
+    // Datagrams may be lost before neighbours settle: retry a bounded number of times.
+    for _ in 0..5 {
+        s.send_to(b"hello", vip)?;
+        if let Ok((n, _)) = s.recv_from(&mut buf) {
+            return Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned());
+        }
+    }
+    bail!("no UDP answer from {vip} after 5 tries")
+}
+
+/// Runs `count` exchanges of `exchange` against `vip` on `threads` threads inside `ns`, and
+/// returns how many each backend answered. Fails on the first failed exchange.
+///
+/// # Errors
+/// Any exchange fails, or the whole run exceeds `deadline`.
+pub fn spread(
+    ns: &NetNs,
+    vip: SocketAddr,
+    count: usize,
+    threads: usize,
+    deadline: Duration,
+    exchange: fn(SocketAddr) -> Result<String>,
+) -> Result<BTreeMap<String, usize>> {
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let n = count / threads + usize::from(t < count % threads);
+        let ns = ns.clone();
+        handles.push(std::thread::spawn(
+            move || -> Result<BTreeMap<String, usize>> {
+                let _guard = ns.enter()?;
+                let mut tally = BTreeMap::new();
+                for i in 0..n {
+                    if start.elapsed() > deadline {
+                        bail!("deadline of {deadline:?} passed after {i} exchanges on one thread");
+                    }
+                    let who =
+                        exchange(vip).with_context(|| format!("exchange {i} on thread {t}"))?;
+                    *tally.entry(who).or_insert(0) += 1;
+                }
+                Ok(tally)
+            },
+        ));
+    }
+    let mut total = BTreeMap::new();
+    for h in handles {
+        let tally = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        for (k, v) in tally {
+            *total.entry(k).or_insert(0) += v;
+        }
+    }
+    Ok(total)
+}
+
+/// A long-lived TCP connection through the VIP, kept open to exchange lines later.
+pub struct LongLived {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    /// The backend that answered the first line.
+    pub backend: String,
+}
+
+impl LongLived {
+    /// Opens a connection (the calling thread must be in the client namespace) and learns
+    /// which backend serves it.
+    ///
+    /// # Errors
+    /// The connection or first exchange fails.
+    pub fn open(vip: SocketAddr) -> Result<Self> {
+        let stream = TcpStream::connect_timeout(&vip, IO_TIMEOUT)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        let mut me = Self {
+            stream,
+            reader,
+            backend: String::new(),
+        };
+        me.backend = me.exchange()?;
+        Ok(me)
+    }
+
+    /// Sends a line and reads the answer.
+    ///
+    /// # Errors
+    /// The connection broke or timed out.
+    pub fn exchange(&mut self) -> Result<String> {
+        self.stream.write_all(b"ping\n")?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        if line.is_empty() {
+            bail!("connection closed");
+        }
+        Ok(line.trim().to_owned())
+    }
+}
