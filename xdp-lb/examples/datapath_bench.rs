@@ -158,15 +158,33 @@ fn main() -> Result<()> {
         let (hit_before, floor_before) = (cases[0].total, cases[4].total);
         for _ in 0..per_round {
             let prog = balancer.program();
-            record(&mut cases[0], &prog.test_run_on(&established, Some(eth0))?, verdict::REDIRECT)?;
+            record(
+                &mut cases[0],
+                &prog.test_run_on(&established, Some(eth0))?,
+                verdict::REDIRECT,
+            )?;
             // A new flow each call: distinct client address and port.
             flow += 1;
             let src = [198, 18, 0, 1 + (flow >> 16) as u8];
             let syn = tcp4(src, VIP4, (flow & 0xffff) as u16 | 1024, true);
-            record(&mut cases[1], &prog.test_run_on(&syn, Some(eth0))?, verdict::REDIRECT)?;
-            record(&mut cases[2], &prog.test_run_on(&udp, Some(eth0))?, verdict::REDIRECT)?;
-            record(&mut cases[3], &prog.test_run_on(&not_vip, Some(eth0))?, verdict::PASS)?;
-            let floor = balancer.program_mut().test_run_floor(&established, Some(eth0))?;
+            record(
+                &mut cases[1],
+                &prog.test_run_on(&syn, Some(eth0))?,
+                verdict::REDIRECT,
+            )?;
+            record(
+                &mut cases[2],
+                &prog.test_run_on(&udp, Some(eth0))?,
+                verdict::REDIRECT,
+            )?;
+            record(
+                &mut cases[3],
+                &prog.test_run_on(&not_vip, Some(eth0))?,
+                verdict::PASS,
+            )?;
+            let floor = balancer
+                .program_mut()
+                .test_run_floor(&established, Some(eth0))?;
             record(&mut cases[4], &floor, verdict::TX)?;
         }
         let hit = (cases[0].total - hit_before).as_nanos() as f64;
@@ -174,7 +192,12 @@ fn main() -> Result<()> {
         round_ratio.push(hit / floor.max(1.0));
     }
     for c in &cases {
-        println!("{{\"case\":\"{}\",\"ns_per_pkt\":{:.1},\"calls\":{}}}", c.name, c.ns(), c.calls);
+        println!(
+            "{{\"case\":\"{}\",\"ns_per_pkt\":{:.1},\"calls\":{}}}",
+            c.name,
+            c.ns(),
+            c.calls
+        );
     }
     round_ratio.sort_by(f64::total_cmp);
     let median_ratio = round_ratio[ROUNDS / 2];
