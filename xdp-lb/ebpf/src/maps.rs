@@ -32,14 +32,20 @@ pub static RINGS: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES * 2 
 #[map(name = "BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
+/// Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): inserts do not contend on one global list;
+/// lookups still see every CPU's entries.
+const BPF_F_NO_COMMON_LRU: u32 = 2;
+
 /// Connection tracking: client → VIP 5-tuple → backend, SNAT port, state.
 #[map(name = "CONNTRACK")]
-pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(65536, 0);
+pub static CONNTRACK: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
 
 /// Reverse NAT: backend → SNAT address:port 5-tuple → client and VIP. Also the SNAT port
 /// reservation: a port is taken exactly when its entry exists (inserted with BPF_NOEXIST).
 #[map(name = "REV_NAT")]
-pub static REV_NAT: LruHashMap<FlowKey, RevNat> = LruHashMap::with_max_entries(65536, 0);
+pub static REV_NAT: LruHashMap<FlowKey, RevNat> =
+    LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
 
 /// Per-service per-CPU counters by service id.
 #[map(name = "SERVICE_STATS")]

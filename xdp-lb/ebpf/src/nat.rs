@@ -365,31 +365,30 @@ pub fn forward(
     let closing = t.tcp_flags & (TCP_FIN | TCP_RST) != 0;
     let fresh_syn = t.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
 
-    let mut tracked: Option<(u32, u16)> = None;
+    let mut tracked: Option<(u32, u16, &'static Backend)> = None;
     if let Some(f) = maps::CONNTRACK.get_ptr_mut(key) {
         // SAFETY: valid map value pointer; racing writers only touch plain integers.
         let flow = unsafe { &mut *f };
         let reusable = !(fresh_syn && flow.state == flow_state::CLOSING);
-        if reusable && !expired(flow, cfg, key.proto, now) && backend(flow.backend_id).is_some() {
-            if now.saturating_sub(flow.last_seen_ns) > NS_PER_S {
-                flow.last_seen_ns = now;
+        if reusable && !expired(flow, cfg, key.proto, now) {
+            if let Some(be) = backend(flow.backend_id) {
+                if now.saturating_sub(flow.last_seen_ns) > NS_PER_S {
+                    flow.last_seen_ns = now;
+                }
+                if closing && flow.state != flow_state::CLOSING {
+                    flow.state = flow_state::CLOSING;
+                    flow.last_seen_ns = now;
+                }
+                tracked = Some((flow.backend_id, flow.snat_port, be));
             }
-            if closing && flow.state != flow_state::CLOSING {
-                flow.state = flow_state::CLOSING;
-                flow.last_seen_ns = now;
-            }
-            tracked = Some((flow.backend_id, flow.snat_port));
         }
     }
     let snat = snat_addr(cfg, key.family);
     let new_flow = tracked.is_none();
     let (backend_id, snat_port, be) = match tracked {
-        Some((id, port)) => {
+        Some(hit) => {
             stat_add(stat::CT_HIT, 1);
-            let Some(be) = backend(id) else {
-                return Ok(xdp_action::XDP_ABORTED);
-            };
-            (id, port, be)
+            hit
         }
         None => {
             stat_add(stat::CT_MISS, 1);
