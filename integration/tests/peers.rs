@@ -6,9 +6,12 @@
 //! is tested against them. Addresses live only on the test's veth (198.18.0.0/24 and
 //! fd00:18::/64); nothing leaves the two namespaces. Needs root.
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::{Duration, Instant},
+};
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 use portico_integration::{
     peers::{Announcement, Neighbor, PeerConfig, PeerKind, RealPeer, Route, SessionState},
     NetNs, TestNet,
@@ -76,6 +79,12 @@ fn ok<T>(result: anyhow::Result<T>, peers: &[&RealPeer]) -> T {
         let logs: Vec<String> = peers.iter().map(|p| p.log_tail()).collect();
         panic!("{e:#}\n{}", logs.join("\n"))
     })
+}
+
+/// Keeps only the IPv4 session of `config`.
+fn v4only(mut config: PeerConfig) -> PeerConfig {
+    config.neighbors.retain(|n| n.addr.is_ipv4());
+    config
 }
 
 /// `me` peering with `other` over IPv4 and over IPv6, each neighbor shaped by `shape`.
@@ -373,11 +382,6 @@ fn restarted_peers_come_back_with_their_routes() {
 /// `restarter` crashes; `helper` keeps its routes marked stale, and fresh after it is back.
 fn graceful_restart(helper_kind: PeerKind, restarter_kind: PeerKind) {
     let (_net, a, b) = link();
-    let v4only = |c: PeerConfig| {
-        let mut c = c;
-        c.neighbors.retain(|n| n.addr.is_ipv4());
-        c
-    };
     let helper = RealPeer::start(
         &a.ns,
         v4only(config(helper_kind, &a, &b, |n| n.graceful_restart(20))),
@@ -431,4 +435,45 @@ fn gobgp_keeps_stale_routes_while_frr_restarts() {
 #[test]
 fn frr_keeps_stale_routes_while_bird_restarts() {
     graceful_restart(PeerKind::Frr, PeerKind::Bird);
+}
+
+/// `origin` originates `n` host routes (198.19.0.0/16) in one go; `receiver` counts them all
+/// with the cheap `route_count`, as the push benchmark does.
+fn large_table(origin_kind: PeerKind, receiver_kind: PeerKind, n: usize) {
+    let (_net, a, b) = link();
+    let mut origin = RealPeer::start(&a.ns, v4only(config(origin_kind, &a, &b, |n| n))).unwrap();
+    let receiver = RealPeer::start(&b.ns, v4only(config(receiver_kind, &b, &a, |n| n))).unwrap();
+    ok(receiver.wait_established(a.v4, TIMEOUT), &[&origin]);
+    let started = Instant::now();
+    let routes = (0..n).map(|i| {
+        let [hi, lo] = u16::try_from(i).unwrap().to_be_bytes();
+        Announcement::new(IpNet::V4(
+            Ipv4Net::new(Ipv4Addr::new(198, 19, hi, lo), 32).unwrap(),
+        ))
+    });
+    origin.announce_many(routes).unwrap();
+    let announced = started.elapsed();
+    assert_eq!(origin.route_count().unwrap(), n);
+    let count = ok(receiver.wait_route_count(n, TIMEOUT), &[&origin]);
+    assert_eq!(count, n);
+    eprintln!(
+        "{origin_kind} announced {n} routes in {announced:?}; {receiver_kind} held them all \
+         after {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn frr_counts_ten_thousand_routes_from_bird() {
+    large_table(PeerKind::Bird, PeerKind::Frr, 10_000);
+}
+
+#[test]
+fn gobgp_counts_ten_thousand_routes_from_bird() {
+    large_table(PeerKind::Bird, PeerKind::Gobgp, 10_000);
+}
+
+#[test]
+fn bird_counts_ten_thousand_routes_from_frr() {
+    large_table(PeerKind::Frr, PeerKind::Bird, 10_000);
 }

@@ -692,18 +692,50 @@ impl RealPeer {
     /// # Errors
     /// The daemon rejects it.
     pub fn announce(&mut self, announcement: Announcement) -> Result<()> {
-        let before = self.announcements.len();
-        self.announcements
-            .retain(|a| a.prefix != announcement.prefix);
-        let replacing = self.announcements.len() != before;
-        self.announcements.push(announcement.clone());
+        self.announce_many([announcement])
+    }
+
+    /// Originates many routes at once: one reconfiguration for BIRD, batched vtysh calls for
+    /// FRR (fast for routes without attributes; each route with attributes needs its own
+    /// route-map, which costs bgpd tens of milliseconds); GoBGP still takes one `gobgp` call
+    /// per route (about 10 ms each).
+    ///
+    /// # Errors
+    /// The daemon rejects one of them.
+    pub fn announce_many(
+        &mut self,
+        announcements: impl IntoIterator<Item = Announcement>,
+    ) -> Result<()> {
+        let batch: Vec<Announcement> = announcements.into_iter().collect();
+        let mut known: std::collections::HashMap<IpNet, usize> = self
+            .announcements
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.prefix, i))
+            .collect();
+        let mut previous = Vec::with_capacity(batch.len());
+        for a in &batch {
+            match known.get(&a.prefix) {
+                Some(&i) => {
+                    previous.push(Some(std::mem::replace(
+                        &mut self.announcements[i],
+                        a.clone(),
+                    )));
+                }
+                None => {
+                    known.insert(a.prefix, self.announcements.len());
+                    self.announcements.push(a.clone());
+                    previous.push(None);
+                }
+            }
+        }
         let ctl = self.ctl();
         match self.config.kind {
             PeerKind::Bird => bird::apply_announcements(&ctl, &self.announcements),
-            PeerKind::Frr => frr::announce(&ctl, &announcement, replacing),
-            PeerKind::Gobgp => gobgp::announce(&ctl, &announcement),
+            PeerKind::Frr => frr::announce(&ctl, &batch, &previous),
+            PeerKind::Gobgp => batch.iter().try_for_each(|a| gobgp::announce(&ctl, a)),
         }
-        .with_context(|| format!("{} announcing {}", self.config.kind, announcement.prefix))
+        .with_context(|| format!("{} announcing {} routes", self.config.kind, batch.len()))
     }
 
     /// Stops originating `prefix`.
