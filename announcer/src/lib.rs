@@ -5,9 +5,11 @@
 //!   packing and RFC 7606 inspection by hand).
 //! - [`driver`]: the thin tokio driver ([`driver::Speaker`]) with TCP MD5, GTSM and TTL.
 //! - [`decision`]: which addresses a node announces, and aggregation.
+//! - [`netlink`]: holding announced addresses on a local link (dummy, else bridge).
 
 pub mod decision;
 pub mod driver;
+pub mod netlink;
 pub mod session;
 mod sockopt;
 #[doc(hidden)]
