@@ -9,7 +9,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use etherparse::{PacketBuilder, VlanId};
+use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, Icmpv6Type, PacketBuilder, VlanId};
 use portico_integration::{fibnet, TestNet};
 use portico_xdp::{
     verdict, BackendSpec, Balancer, LoadOptions, NodeConfig, Protocol, ServiceKey, ServiceSpec,
@@ -242,6 +242,44 @@ fn udp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, payload: &[u8]) ->
     )
 }
 
+fn echo4(src: [u8; 4], dst: [u8; 4], request: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB0_MAC).ipv4(src, dst, 64);
+    if request {
+        b.icmpv4_echo_request(1, 1)
+            .write(&mut out, b"ping")
+            .unwrap();
+    } else {
+        b.icmpv4_echo_reply(1, 1).write(&mut out, b"ping").unwrap();
+    }
+    out
+}
+
+fn echo_reply4() -> Vec<u8> {
+    let mut p = echo4(VIP4, CLIENT4, false);
+    p[0..6].copy_from_slice(&CLIENT_MAC);
+    p[6..12].copy_from_slice(&LB0_MAC);
+    p
+}
+
+fn echo6(src: [u8; 16], dst: [u8; 16], request: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB0_MAC).ipv6(src, dst, 64);
+    if request {
+        b.icmpv6_echo_request(1, 1)
+            .write(&mut out, b"ping6")
+            .unwrap();
+    } else {
+        b.icmpv6_echo_reply(1, 1).write(&mut out, b"ping6").unwrap();
+    }
+    out
+}
+
+/// An IP packet without its Ethernet header (what an ICMP error quotes).
+fn l3_of(frame: Vec<u8>) -> Vec<u8> {
+    frame[14..].to_vec()
+}
+
 /// Inserts IPv4 options (a multiple of 4 bytes) after the fixed header of an untagged packet.
 fn with_ipv4_options(p: &[u8], options: &[u8]) -> Vec<u8> {
     assert_eq!(options.len() % 4, 0);
@@ -427,6 +465,8 @@ fn endpoint(p: &[u8], source: bool) -> (IpAddr, u16) {
 enum Expect {
     /// The verdict leaves the packet as it was.
     Unchanged,
+    /// Exactly these bytes.
+    Exact(Vec<u8>),
     /// NAT toward a backend of `backends`; remember the flow under `flow` (and, if `same_as`
     /// names an earlier flow, it must have the same backend and SNAT port).
     ToBackend {
@@ -785,19 +825,30 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         Unchanged,
     );
     add(
-        "ICMP echo request to VIP: passed to the stack",
-        {
-            let mut out = Vec::new();
-            PacketBuilder::ethernet2(CLIENT_MAC, LB0_MAC)
-                .ipv4(CLIENT4, VIP4, 64)
-                .icmpv4_echo_request(1, 1)
-                .write(&mut out, b"ping")
-                .unwrap();
-            out
-        },
+        "ICMP echo request to a VIP: answered in XDP (XDP_TX)",
+        echo4(CLIENT4, VIP4, true),
+        "eth0",
+        TX,
+        Expect::Exact(echo_reply4()),
+    );
+    add(
+        "ICMP echo request to a non-VIP address: passed",
+        echo4(CLIENT4, [198, 18, 0, 254], true),
         "eth0",
         PASS,
         Unchanged,
+    );
+    add(
+        "ICMPv6 echo request to a VIP: answered in XDP (XDP_TX)",
+        echo6(CLIENT6, VIP6, true),
+        "eth0",
+        TX,
+        Expect::Exact({
+            let mut p = echo6(VIP6, CLIENT6, false);
+            p[0..6].copy_from_slice(&CLIENT_MAC);
+            p[6..12].copy_from_slice(&LB0_MAC);
+            p
+        }),
     );
     // IPv6
     add(
@@ -1097,6 +1148,7 @@ fn xdp_fixture_table() {
         );
         match &fx.expect {
             Expect::Unchanged => check_output(fx.description, &fx.input, &out.packet),
+            Expect::Exact(want) => check_output(fx.description, want, &out.packet),
             Expect::ToBackend {
                 backends,
                 port,
@@ -1176,6 +1228,208 @@ fn xdp_fixture_table() {
         check_output(&description, &want, &out.packet);
         run += 1;
     }
+    // ICMP errors quoting tracked flows, translated outer and inner.
+    let be_mac = |backend: IpAddr| {
+        let i = BACKENDS4
+            .iter()
+            .map(|a| v4(*a))
+            .chain(BACKENDS6.iter().map(|a| v6(*a)))
+            .position(|b| b == backend)
+            .unwrap();
+        BE_MAC[i % 3]
+    };
+    // (description, input, ingress, verdict, expected output)
+    type IcmpCase = (String, Vec<u8>, &'static str, u32, Vec<u8>);
+    let mut icmp_cases: Vec<IcmpCase> = Vec::new();
+    {
+        let (backend, snat_port) = flows["u4"];
+        let IpAddr::V4(be) = backend else {
+            unreachable!()
+        };
+        let quoted = l3_of(build(
+            LB1_MAC,
+            be_mac(backend),
+            Vlan::None,
+            v4(SNAT4),
+            backend,
+            63,
+            L4::Udp,
+            snat_port,
+            8080,
+            b"query",
+        ));
+        let port_unreach = || Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+        let mut input = Vec::new();
+        PacketBuilder::ethernet2(be_mac(backend), LB1_MAC)
+            .ipv4(be.octets(), SNAT4, 64)
+            .icmpv4(port_unreach())
+            .write(&mut input, &quoted)
+            .unwrap();
+        let client_view = l3_of(build(
+            CLIENT_MAC,
+            LB0_MAC,
+            Vlan::None,
+            v4(CLIENT4),
+            v4(VIP4),
+            63,
+            L4::Udp,
+            50001,
+            53,
+            b"query",
+        ));
+        let mut want = Vec::new();
+        PacketBuilder::ethernet2(LB0_MAC, CLIENT_MAC)
+            .ipv4(VIP4, CLIENT4, 63)
+            .icmpv4(port_unreach())
+            .write(&mut want, &client_view)
+            .unwrap();
+        icmp_cases.push((
+            "ICMP port unreachable from the backend of a UDP flow: translated to the client".into(),
+            input,
+            "eth1",
+            verdict::REDIRECT,
+            want,
+        ));
+    }
+    {
+        let (backend, snat_port) = flows["t6"];
+        let IpAddr::V6(be) = backend else {
+            unreachable!()
+        };
+        let quoted = l3_of(build(
+            LB1_MAC,
+            be_mac(backend),
+            Vlan::None,
+            v6(SNAT6),
+            backend,
+            63,
+            L4::Tcp { flags: SYN },
+            snat_port,
+            8080,
+            b"",
+        ));
+        let mut input = Vec::new();
+        PacketBuilder::ethernet2(be_mac(backend), LB1_MAC)
+            .ipv6(be.octets(), SNAT6, 64)
+            .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1280 })
+            .write(&mut input, &quoted)
+            .unwrap();
+        let client_view = l3_of(build(
+            CLIENT_MAC,
+            LB0_MAC,
+            Vlan::None,
+            v6(CLIENT6),
+            v6(VIP6),
+            63,
+            L4::Tcp { flags: SYN },
+            41001,
+            443,
+            b"",
+        ));
+        let mut want = Vec::new();
+        PacketBuilder::ethernet2(LB0_MAC, CLIENT_MAC)
+            .ipv6(VIP6, CLIENT6, 63)
+            .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1280 })
+            .write(&mut want, &client_view)
+            .unwrap();
+        icmp_cases.push((
+            "ICMPv6 packet too big from the backend of a TCP flow: translated to the client".into(),
+            input,
+            "eth1",
+            verdict::REDIRECT,
+            want,
+        ));
+    }
+    {
+        let (backend, snat_port) = flows["t4"];
+        let IpAddr::V4(be) = backend else {
+            unreachable!()
+        };
+        let frag_needed = || {
+            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+                next_hop_mtu: 1400,
+            })
+        };
+        let quoted = l3_of(build(
+            LB0_MAC,
+            CLIENT_MAC,
+            Vlan::None,
+            v4(VIP4),
+            v4(CLIENT4),
+            63,
+            L4::Tcp { flags: SYNACK },
+            80,
+            40001,
+            b"",
+        ));
+        let mut input = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, LB0_MAC)
+            .ipv4(CLIENT4, VIP4, 64)
+            .icmpv4(frag_needed())
+            .write(&mut input, &quoted)
+            .unwrap();
+        let backend_view = l3_of(build(
+            LB1_MAC,
+            be_mac(backend),
+            Vlan::None,
+            backend,
+            v4(SNAT4),
+            63,
+            L4::Tcp { flags: SYNACK },
+            8080,
+            snat_port,
+            b"",
+        ));
+        let mut want = Vec::new();
+        PacketBuilder::ethernet2(LB1_MAC, be_mac(backend))
+            .ipv4(SNAT4, be.octets(), 63)
+            .icmpv4(frag_needed())
+            .write(&mut want, &backend_view)
+            .unwrap();
+        icmp_cases.push(("ICMP fragmentation needed from the client side about a reply: translated to the backend".into(), input, "eth0", verdict::REDIRECT, want));
+    }
+    {
+        // An error quoting a flow nobody tracks: passed untouched.
+        let quoted = l3_of(build(
+            LB1_MAC,
+            BE_MAC[0],
+            Vlan::None,
+            v4(SNAT4),
+            v4(BACKENDS4[0]),
+            63,
+            L4::Udp,
+            29999,
+            8080,
+            b"?",
+        ));
+        let mut input = Vec::new();
+        PacketBuilder::ethernet2(BE_MAC[0], LB1_MAC)
+            .ipv4(BACKENDS4[0], SNAT4, 64)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                DestUnreachableHeader::Port,
+            ))
+            .write(&mut input, &quoted)
+            .unwrap();
+        let want = input.clone();
+        icmp_cases.push((
+            "ICMP error quoting an untracked flow: passed".into(),
+            input,
+            "eth1",
+            verdict::PASS,
+            want,
+        ));
+    }
+    for (description, input, ingress, want_verdict, want) in &icmp_cases {
+        let out = prog.test_run_on(input, Some(ifindex(ingress))).unwrap();
+        assert_eq!(
+            verdict::name(out.verdict),
+            verdict::name(*want_verdict),
+            "{description}: verdict"
+        );
+        check_output(description, want, &out.packet);
+        run += 1;
+    }
+    assert!(prog.stat(stat::ICMP_ERROR_NAT).unwrap() >= 3);
     assert!(run >= 40, "only {run} fixtures ran");
     assert!(prog.stat(stat::PASS_FRAGMENT).unwrap() >= 2);
     assert!(prog.stat(stat::PASS_MALFORMED).unwrap() >= 10);

@@ -104,6 +104,8 @@ pub struct NodeConfig {
     pub udp_timeout: Duration,
     /// Life of a TCP flow after FIN/RST.
     pub tcp_closing_timeout: Duration,
+    /// Answer ICMP/ICMPv6 echo requests to VIPs in XDP (otherwise the stack sees them).
+    pub echo_reply: bool,
 }
 
 impl Default for NodeConfig {
@@ -116,6 +118,7 @@ impl Default for NodeConfig {
             tcp_timeout: Duration::from_secs(3600),
             udp_timeout: Duration::from_secs(60),
             tcp_closing_timeout: Duration::from_secs(10),
+            echo_reply: true,
         }
     }
 }
@@ -345,6 +348,17 @@ fn addr16(a: IpAddr) -> ([u8; 16], u8) {
     }
 }
 
+/// The (VIP, 0, 0) entry that marks an address as a VIP (echo replies).
+fn presence_key(vip: IpAddr) -> VipKey {
+    let (addr, fam) = addr16(vip);
+    VipKey {
+        addr,
+        port: 0,
+        proto: 0,
+        family: fam,
+    }
+}
+
 fn vip_key(k: &ServiceKey) -> VipKey {
     let (addr, fam) = addr16(k.vip);
     VipKey {
@@ -432,7 +446,11 @@ impl Balancer for XdpBalancer {
             snat_port_min: config.snat_ports.0,
             snat_port_max: config.snat_ports.1,
             hash_seed: config.hash_seed,
-            flags: 0,
+            flags: if config.echo_reply {
+                config_flags::ECHO_REPLY
+            } else {
+                0
+            },
             tcp_timeout_s: config.tcp_timeout.as_secs() as u32,
             udp_timeout_s: config.udp_timeout.as_secs() as u32,
             tcp_closing_timeout_s: config.tcp_closing_timeout.as_secs() as u32,
@@ -444,7 +462,6 @@ impl Balancer for XdpBalancer {
         if let Some(a) = config.snat_v6 {
             cfg.snat_v6 = a.octets();
         }
-        let _ = config_flags::ECHO_REPLY;
         let mut array: Array<&mut MapData, Config> = self.program.map_mut(map_name::CONFIG)?;
         array.set(0, cfg, 0).map_err(map_err(map_name::CONFIG))?;
         self.node = config.clone();
@@ -563,6 +580,9 @@ impl Balancer for XdpBalancer {
             services
                 .insert(vip_key(&spec.key), service, 0)
                 .map_err(map_err(map_name::SERVICES))?;
+            services
+                .insert(presence_key(spec.key.vip), Service::default(), 0)
+                .map_err(map_err(map_name::SERVICES))?;
         }
         for (k, bid) in gone {
             backend_ids.remove(&k);
@@ -590,6 +610,11 @@ impl Balancer for XdpBalancer {
             services
                 .remove(&vip_key(key))
                 .map_err(map_err(map_name::SERVICES))?;
+            if !self.services.keys().any(|k| k.vip == key.vip) {
+                services
+                    .remove(&presence_key(key.vip))
+                    .map_err(map_err(map_name::SERVICES))?;
+            }
         }
         for bid in installed.backend_ids.values() {
             self.release_backend(*bid)?;

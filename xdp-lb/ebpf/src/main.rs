@@ -10,6 +10,8 @@ mod csum;
 #[cfg(target_arch = "bpf")]
 mod fib;
 #[cfg(target_arch = "bpf")]
+mod icmp;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod nat;
@@ -19,9 +21,10 @@ mod parse;
 #[cfg(target_arch = "bpf")]
 mod program {
     use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-    use portico_xdp_common::{family, stat, VipKey};
+    use portico_xdp_common::{family, proto, stat, VipKey};
 
     use crate::{
+        icmp,
         maps::{self, stat_add},
         nat,
         parse::{self, Skip},
@@ -54,13 +57,20 @@ mod program {
     #[inline(always)]
     fn try_balance(ctx: &XdpContext, bytes: u64) -> Result<u32, Skip> {
         let p = parse::parse(ctx)?;
-        if !parse::has_ports(p.proto) {
-            stat_add(stat::PASS_NOT_VIP, 1);
-            return Ok(xdp_action::XDP_PASS);
-        }
         let Some(cfg) = maps::CONFIG.get(0) else {
             return Ok(xdp_action::XDP_PASS);
         };
+        if !parse::has_ports(p.proto) {
+            let icmp = (p.family == family::V4 && p.proto == proto::ICMP)
+                || (p.family == family::V6 && p.proto == proto::ICMPV6);
+            if icmp {
+                if let Some(verdict) = icmp::handle(ctx, &p, cfg)? {
+                    return Ok(verdict);
+                }
+            }
+            stat_add(stat::PASS_NOT_VIP, 1);
+            return Ok(xdp_action::XDP_PASS);
+        }
         let t = nat::read_tuple(ctx, &p)?;
         let vip = VipKey {
             addr: t.key.dst,
@@ -69,8 +79,8 @@ mod program {
             family: t.key.family,
         };
         // SAFETY: read-only copy of the value.
-        if let Some(svc) = unsafe { maps::SERVICES.get(&vip) }.copied() {
-            if p.proto == portico_xdp_common::proto::SCTP {
+        if let Some(svc) = unsafe { maps::SERVICES.get(vip) }.copied() {
+            if p.proto == proto::SCTP {
                 // SCTP's CRC32c covers the whole packet: not rewritten in XDP (yet).
                 stat_add(stat::PASS_UNSUPPORTED, 1);
                 return Ok(xdp_action::XDP_PASS);

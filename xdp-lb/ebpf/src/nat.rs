@@ -74,7 +74,7 @@ pub fn read_tuple(ctx: &XdpContext, p: &Parsed) -> Result<Tuple, Skip> {
 }
 
 #[inline(always)]
-fn words(a: &[u8; 16]) -> [u32; 4] {
+pub(crate) fn words(a: &[u8; 16]) -> [u32; 4] {
     // SAFETY: 16 bytes read as four u32 (unaligned read).
     unsafe { core::ptr::read_unaligned(a.as_ptr() as *const [u32; 4]) }
 }
@@ -134,7 +134,7 @@ fn expired(f: &Flow, cfg: &Config, proto_: u8, now: u64) -> bool {
 
 /// A live backend by id.
 #[inline(always)]
-fn backend(id: u32) -> Option<&'static Backend> {
+pub(crate) fn backend(id: u32) -> Option<&'static Backend> {
     if id == 0 {
         return None;
     }
@@ -201,14 +201,14 @@ fn claim_snat_port(
             ((min + (start.wrapping_add(i.wrapping_mul(2_654_435_761)) % range)) as u16).to_be();
         rkey.dport = port;
         if maps::REV_NAT
-            .insert(&rkey, &rev, u64::from(BPF_NOEXIST))
+            .insert(rkey, rev, u64::from(BPF_NOEXIST))
             .is_ok()
         {
             return Some(port);
         }
         // Taken: reclaim it when its owner no longer holds it.
         // SAFETY: read-only copy of the value.
-        let Some(old) = (unsafe { maps::REV_NAT.get(&rkey) }).copied() else {
+        let Some(old) = (unsafe { maps::REV_NAT.get(rkey) }).copied() else {
             continue;
         };
         let owner = FlowKey {
@@ -221,7 +221,7 @@ fn claim_snat_port(
             _pad: [0; 2],
         };
         // SAFETY: read-only copy of the value.
-        let live = match unsafe { maps::CONNTRACK.get(&owner) } {
+        let live = match unsafe { maps::CONNTRACK.get(owner) } {
             Some(f) => {
                 f.snat_port == port
                     && f.backend_id == backend_id
@@ -233,9 +233,9 @@ fn claim_snat_port(
         if live {
             continue;
         }
-        let _ = maps::REV_NAT.remove(&rkey);
+        let _ = maps::REV_NAT.remove(rkey);
         if maps::REV_NAT
-            .insert(&rkey, &rev, u64::from(BPF_NOEXIST))
+            .insert(rkey, rev, u64::from(BPF_NOEXIST))
             .is_ok()
         {
             return Some(port);
@@ -336,7 +336,9 @@ fn ip_tot_len(ctx: &XdpContext, p: &Parsed) -> Result<u16, Skip> {
     }
 }
 
-fn snat_addr(cfg: &Config, fam: u8) -> [u8; 16] {
+/// The node's SNAT address for a family, in 16-byte form.
+#[inline(always)]
+pub(crate) fn snat_addr(cfg: &Config, fam: u8) -> [u8; 16] {
     let mut a = [0u8; 16];
     if fam == family::V4 {
         a[..4].copy_from_slice(&cfg.snat_v4);
@@ -412,7 +414,7 @@ pub fn forward(
                 _pad: 0,
                 last_seen_ns: now,
             };
-            if maps::CONNTRACK.insert(key, &flow, 0).is_ok() {
+            if maps::CONNTRACK.insert(key, flow, 0).is_ok() {
                 stat_add(stat::CT_INSERT, 1);
             }
             (id, port, be)
@@ -465,7 +467,7 @@ pub fn forward(
 #[inline(always)]
 pub fn reply(ctx: &XdpContext, p: &Parsed, t: &Tuple, bytes: u64) -> Result<Option<u32>, Skip> {
     // SAFETY: read-only copy of the value.
-    let Some(rev) = (unsafe { maps::REV_NAT.get(&t.key) }).copied() else {
+    let Some(rev) = (unsafe { maps::REV_NAT.get(t.key) }).copied() else {
         return Ok(None);
     };
     if hop_limit(ctx, p)? <= 1 {
