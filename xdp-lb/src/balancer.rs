@@ -337,6 +337,22 @@ fn stable_key(addr: IpAddr, port: u16) -> u64 {
     h
 }
 
+/// The Maglev table of a spec's backends, keyed by their stable keys.
+fn maglev_table(spec: &ServiceSpec, m: u32) -> Result<maglev::Table, BalancerError> {
+    let backends: Vec<MaglevBackend> = spec
+        .backends
+        .iter()
+        .map(|b| MaglevBackend {
+            key: stable_key(b.addr, b.port),
+            weight: b.weight,
+        })
+        .collect();
+    maglev::table(&backends, m).map_err(|source| BalancerError::Maglev {
+        service: spec.key,
+        source,
+    })
+}
+
 fn addr16(a: IpAddr) -> ([u8; 16], u8) {
     let mut out = [0u8; 16];
     match a {
@@ -537,18 +553,7 @@ impl Balancer for XdpBalancer {
         }
 
         // Maglev over the wanted backends, written into the idle half of the ring.
-        let mb: Vec<MaglevBackend> = spec
-            .backends
-            .iter()
-            .map(|b| MaglevBackend {
-                key: stable_key(b.addr, b.port),
-                weight: b.weight,
-            })
-            .collect();
-        let table = maglev::table(&mb, m).map_err(|source| BalancerError::Maglev {
-            service: spec.key,
-            source,
-        })?;
+        let table = maglev_table(spec, m)?;
         let new_gen = old_gen ^ 1;
         let base = (id * 2 + new_gen) * m;
         {
@@ -664,18 +669,7 @@ impl Balancer for FakeBalancer {
 
     fn upsert_service(&mut self, spec: &ServiceSpec) -> Result<(), BalancerError> {
         validate(spec, &self.node)?;
-        let mb: Vec<MaglevBackend> = spec
-            .backends
-            .iter()
-            .map(|b| MaglevBackend {
-                key: stable_key(b.addr, b.port),
-                weight: b.weight,
-            })
-            .collect();
-        maglev::table(&mb, maglev::MIN_M).map_err(|source| BalancerError::Maglev {
-            service: spec.key,
-            source,
-        })?;
+        maglev_table(spec, maglev::MIN_M)?;
         self.services.insert(spec.key, spec.clone());
         Ok(())
     }

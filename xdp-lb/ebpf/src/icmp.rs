@@ -204,15 +204,7 @@ fn translate_error(ctx: &XdpContext, p: &Parsed, cfg: &Config) -> Result<Option<
     let k = &inner.key;
     let rw = if outer_dst == snat && k.src == snat {
         // From the backend side, about a packet the node sent to a backend.
-        let rkey = FlowKey {
-            src: k.dst,
-            dst: k.src,
-            sport: k.dport,
-            dport: k.sport,
-            proto: k.proto,
-            family: k.family,
-            _pad: [0; 2],
-        };
+        let rkey = k.reversed();
         // SAFETY: read-only copy.
         let Some(rev) = (unsafe { maps::REV_NAT.get(rkey) }).copied() else {
             return Ok(None);
@@ -232,15 +224,7 @@ fn translate_error(ctx: &XdpContext, p: &Parsed, cfg: &Config) -> Result<Option<
         }
     } else if outer_dst == k.src {
         // From the client side, about a reply the node sent from a VIP.
-        let fkey = FlowKey {
-            src: k.dst,
-            dst: k.src,
-            sport: k.dport,
-            dport: k.sport,
-            proto: k.proto,
-            family: k.family,
-            _pad: [0; 2],
-        };
+        let fkey = k.reversed();
         // SAFETY: read-only copy.
         let Some(flow) = (unsafe { maps::CONNTRACK.get(fkey) }).copied() else {
             return Ok(None);
