@@ -3,9 +3,9 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test demo bootstrap fmt-check clippy clippy-ebpf unit-and-kernel-tests
+.PHONY: test demo bootstrap fmt-check clippy clippy-ebpf unit-and-kernel-tests fuzz-smoke
 
-test: bootstrap fmt-check clippy clippy-ebpf unit-and-kernel-tests
+test: bootstrap fmt-check clippy clippy-ebpf unit-and-kernel-tests fuzz-smoke
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -24,6 +24,16 @@ clippy-ebpf:
 # Kernel tests need root; they fail (never skip) without it.
 unit-and-kernel-tests:
 	$(CARGO) test --workspace --locked
+
+# A bounded libFuzzer run of the BGP session target, seeded with the checked-in corpus.
+# New inputs go to a scratch directory, so the checked-in corpus stays as it is; a crash
+# fails the target and leaves its input under announcer/fuzz/artifacts/.
+FUZZ_TARGET ?= established_session
+FUZZ_SECONDS ?= 30
+fuzz-smoke:
+	cd announcer/fuzz && scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && \
+		$(CARGO) +nightly fuzz run $(FUZZ_TARGET) "$$scratch" corpus/$(FUZZ_TARGET) -- \
+		-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
 
 demo: bootstrap
 	$(CARGO) run --release --locked -- lab

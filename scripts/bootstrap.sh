@@ -45,6 +45,12 @@ if ! bpf-linker --version 2>/dev/null | grep -q '0\.10\.4'; then
   cargo install bpf-linker@0.10.4 --locked
 fi
 
+# cargo-fuzz, for the bounded fuzz run in `make test` (fuzz-smoke).
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  log "installing cargo-fuzz"
+  cargo install cargo-fuzz --locked
+fi
+
 # bpffs, for pinned maps.
 if ! mountpoint -q /sys/fs/bpf; then
   log "mounting bpffs on /sys/fs/bpf"
