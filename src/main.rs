@@ -17,9 +17,12 @@ enum Command {
     /// Build a throwaway topology in network namespaces, run traffic through the XDP
     /// program, print what it measured (last line JSON), and tear it down.
     Lab {
-        /// Echo requests to send through the node.
-        #[arg(long, default_value_t = 20)]
-        pings: u32,
+        /// TCP connections (and as many UDP exchanges) to send through the VIP.
+        #[arg(long, default_value_t = 300)]
+        connections: usize,
+        /// Use IPv6 (ULA) addressing instead of IPv4.
+        #[arg(long)]
+        ipv6: bool,
     },
     /// Print Portico's CustomResourceDefinitions as YAML, generated from the Rust types,
     /// or write one file per CRD into a directory (the checked-in copies live in
@@ -37,11 +40,11 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Lab { pings } => {
-            let report = portico_integration::lab::run(pings)?;
+        Command::Lab { connections, ipv6 } => {
+            let report = portico_integration::lab::run(connections, ipv6)?;
             println!(
-                "lab: client pinged the node {} times; XDP saw {} packets ({} bytes)",
-                report.pings_sent, report.xdp_packets, report.xdp_bytes
+                "lab: client → VIP through Portico's XDP balancer: TCP per backend {:?}, UDP per backend {:?}; XDP counted {} new TCP flows, {} packets",
+                report.tcp, report.udp, report.xdp_tcp_new_flows, report.xdp_tcp_packets
             );
             println!("{}", report.to_json());
         }

@@ -1,59 +1,323 @@
-//! `portico lab`: builds a small topology in network namespaces and runs real traffic
-//! through Portico's XDP program. Today: a client and one node joined by veth, the program
-//! attached natively on the node; later issues add the router, BGP and backends.
+//! `portico lab`: a client, an LB node running Portico's XDP balancer, and three backends in
+//! throwaway network namespaces, with real TCP and UDP through a VIP. The XDP traffic tests
+//! build the same topology.
+//!
+//! ```text
+//!  client ──veth── lb (eth0)   lb (eth1) ──veth── sw (bridge) ──veth── be1, be2, be3
+//! ```
+//! Later issues add the upstream router, BGP and the controller.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
-use portico_xdp::{AttachMode, XdpProgram};
+use portico_xdp::{
+    AttachMode, BackendSpec, Balancer, LoadOptions, NodeConfig, Protocol, ServiceKey, ServiceSpec,
+    XdpBalancer, XdpProgram,
+};
 
-use crate::TestNet;
+use crate::{
+    traffic::{self, Backend},
+    NetNs, TestNet,
+};
+
+/// Number of backends in the lab.
+pub const BACKENDS: u8 = 3;
+/// The service port on the VIP.
+pub const VIP_PORT: u16 = 80;
+/// The port the backends listen on.
+pub const BACKEND_PORT: u16 = 8080;
+
+/// Addressing of one IP family in the lab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Family {
+    /// IPv6 (ULA fd00::/8) rather than IPv4 (198.18.0.0/15).
+    pub v6: bool,
+}
+
+impl Family {
+    /// The client's address.
+    pub fn client(&self) -> &'static str {
+        if self.v6 {
+            "fd00:18::1"
+        } else {
+            "198.18.0.1"
+        }
+    }
+    /// The LB node's address toward the client (the client's gateway).
+    pub fn lb_client_side(&self) -> &'static str {
+        if self.v6 {
+            "fd00:18::fe"
+        } else {
+            "198.18.0.254"
+        }
+    }
+    /// The LB node's address toward the backends, used as SNAT source.
+    pub fn snat(&self) -> &'static str {
+        if self.v6 {
+            "fd00:18:1::fe"
+        } else {
+            "198.18.1.254"
+        }
+    }
+    /// Backend `i` (1-based).
+    pub fn backend(&self, i: u8) -> IpAddr {
+        let s = if self.v6 {
+            format!("fd00:18:1::{i}")
+        } else {
+            format!("198.18.1.{i}")
+        };
+        s.parse().expect("lab backend address")
+    }
+    /// The VIP.
+    pub fn vip(&self) -> IpAddr {
+        let s = if self.v6 {
+            "fd00:203::10"
+        } else {
+            "203.0.113.10"
+        };
+        s.parse().expect("lab VIP")
+    }
+    fn plen(&self) -> &'static str {
+        if self.v6 {
+            "64"
+        } else {
+            "24"
+        }
+    }
+    fn ip(&self) -> &'static str {
+        if self.v6 {
+            "-6"
+        } else {
+            "-4"
+        }
+    }
+}
+
+/// The lab's namespaces; all removed when dropped.
+pub struct Topology {
+    /// Owner of every namespace.
+    pub net: TestNet,
+    /// The client.
+    pub client: NetNs,
+    /// The LB node.
+    pub lb: NetNs,
+    /// The bridge joining the LB node and the backends.
+    pub sw: NetNs,
+    /// The backends, `be1`..`be3`.
+    pub backends: Vec<NetNs>,
+    /// Addressing.
+    pub family: Family,
+}
+
+fn add_addr(ns: &NetNs, f: Family, addr: &str, dev: &str) -> Result<()> {
+    let cidr = format!("{addr}/{}", f.plen());
+    ns.run(&["ip", f.ip(), "addr", "add", &cidr, "dev", dev, "nodad"])?;
+    Ok(())
+}
+
+/// Builds the topology for one family.
+///
+/// # Errors
+/// Not root, or a namespace, link, address or route cannot be set up.
+pub fn topology(f: Family) -> Result<Topology> {
+    let mut net = TestNet::new()?;
+    let client = net.add_ns("cl")?;
+    let lb = net.add_ns("lb")?;
+    let sw = net.add_ns("sw")?;
+    net.veth(&client, "eth0", &lb, "eth0")?;
+    net.veth(&lb, "eth1", &sw, "lb")?;
+    sw.run(&["ip", "link", "add", "br0", "type", "bridge"])?;
+    sw.run(&["ip", "link", "set", "br0", "up"])?;
+    sw.run(&["ip", "link", "set", "lb", "master", "br0"])?;
+    let mut backends = Vec::new();
+    for i in 1..=BACKENDS {
+        let be = net.add_ns(&format!("be{i}"))?;
+        let port = format!("be{i}");
+        net.veth(&be, "eth0", &sw, &port)?;
+        sw.run(&["ip", "link", "set", &port, "master", "br0"])?;
+        add_addr(&be, f, &f.backend(i).to_string(), "eth0")?;
+        // Native XDP on veth hands over frames without finished checksums otherwise.
+        be.run(&["ethtool", "-K", "eth0", "tx", "off"])?;
+        backends.push(be);
+    }
+    add_addr(&client, f, f.client(), "eth0")?;
+    client.run(&[
+        "ip",
+        f.ip(),
+        "route",
+        "add",
+        "default",
+        "via",
+        f.lb_client_side(),
+    ])?;
+    client.run(&["ethtool", "-K", "eth0", "tx", "off"])?;
+    add_addr(&lb, f, f.lb_client_side(), "eth0")?;
+    add_addr(&lb, f, f.snat(), "eth1")?;
+    lb.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    lb.run(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+    // Resolve neighbours both ways before the balancer relies on them.
+    for i in 1..=BACKENDS {
+        lb.run(&["ping", "-c", "1", "-W", "2", &f.backend(i).to_string()])?;
+    }
+    client.run(&["ping", "-c", "1", "-W", "2", f.lb_client_side()])?;
+    Ok(Topology {
+        net,
+        client,
+        lb,
+        sw,
+        backends,
+        family: f,
+    })
+}
+
+/// A service on the lab's VIP; `weights[i]` for backend `i + 1`, `None` leaves it out.
+pub fn service(f: Family, proto: Protocol, weights: &[Option<u32>]) -> ServiceSpec {
+    ServiceSpec {
+        key: ServiceKey {
+            vip: f.vip(),
+            port: VIP_PORT,
+            proto,
+        },
+        backends: weights
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| {
+                w.map(|weight| BackendSpec {
+                    addr: f.backend(i as u8 + 1),
+                    port: BACKEND_PORT,
+                    weight,
+                })
+            })
+            .collect(),
+        hash_source_only: false,
+    }
+}
+
+/// The running data path: the balancer on both LB interfaces, and pass-through copies of
+/// the program on the veth peers (native XDP redirect into a veth requires one there).
+pub struct DataPath {
+    /// The balancer.
+    pub balancer: XdpBalancer,
+    _peer_programs: Vec<XdpProgram>,
+}
+
+impl Topology {
+    /// Starts TCP and UDP servers on every backend; they stop when dropped.
+    ///
+    /// # Errors
+    /// A server cannot bind.
+    pub fn start_backends(&self) -> Result<Vec<Backend>> {
+        self.backends
+            .iter()
+            .enumerate()
+            .map(|(i, be)| {
+                let addr = SocketAddr::new(self.family.backend(i as u8 + 1), BACKEND_PORT);
+                Backend::start(be, &format!("be{}", i + 1), addr)
+            })
+            .collect()
+    }
+
+    /// Loads the XDP program, configures the node, adds TCP and UDP services on the VIP
+    /// with all backends at weight 1, and attaches everything in `mode`.
+    ///
+    /// # Errors
+    /// The program does not load or attach, or a map update fails.
+    pub fn start_data_path(&self, mode: AttachMode) -> Result<DataPath> {
+        let f = self.family;
+        let mut peer_programs = Vec::new();
+        for (ns, iface) in [(&self.client, "eth0"), (&self.sw, "lb")] {
+            let mut p = XdpProgram::load_with(LoadOptions {
+                max_services: 2,
+                max_backends: 2,
+                ring_size: 251,
+                conntrack_entries: 64,
+            })?;
+            let _in = ns.enter()?;
+            p.attach(iface, mode)?;
+            peer_programs.push(p);
+        }
+        let program = XdpProgram::load_with(LoadOptions {
+            max_services: 16,
+            max_backends: 64,
+            ring_size: 4093,
+            conntrack_entries: 65536,
+        })
+        .context("loading the XDP program (needs root)")?;
+        let mut balancer = XdpBalancer::new(program);
+        balancer.configure_node(&NodeConfig {
+            snat_v4: if f.v6 { None } else { Some(f.snat().parse()?) },
+            snat_v6: if f.v6 { Some(f.snat().parse()?) } else { None },
+            snat_ports: (20000, 29999),
+            ..NodeConfig::default()
+        })?;
+        let all = vec![Some(1); usize::from(BACKENDS)];
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            balancer.upsert_service(&service(f, proto, &all))?;
+        }
+        for iface in ["eth0", "eth1"] {
+            let _in = self.lb.enter()?;
+            balancer.program_mut().attach(iface, mode)?;
+        }
+        Ok(DataPath {
+            balancer,
+            _peer_programs: peer_programs,
+        })
+    }
+}
 
 /// What one lab run measured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LabReport {
-    /// Echo requests the client sent.
-    pub pings_sent: u32,
-    /// Packets the XDP program saw on the node.
-    pub xdp_packets: u64,
-    /// Bytes the XDP program saw on the node.
-    pub xdp_bytes: u64,
+    /// TCP connections answered, per backend.
+    pub tcp: BTreeMap<String, usize>,
+    /// UDP exchanges answered, per backend.
+    pub udp: BTreeMap<String, usize>,
+    /// New flows the XDP program counted on the TCP service.
+    pub xdp_tcp_new_flows: u64,
+    /// Packets the XDP program counted on the TCP service.
+    pub xdp_tcp_packets: u64,
 }
 
 impl LabReport {
     /// One-line JSON rendering.
     pub fn to_json(&self) -> String {
         serde_json::json!({
-            "pings_sent": self.pings_sent,
-            "xdp_packets": self.xdp_packets,
-            "xdp_bytes": self.xdp_bytes,
+            "tcp": self.tcp,
+            "udp": self.udp,
+            "xdp_tcp_new_flows": self.xdp_tcp_new_flows,
+            "xdp_tcp_packets": self.xdp_tcp_packets,
         })
         .to_string()
     }
 }
 
-/// Builds the lab, sends `pings` echo requests through it, tears it down, reports.
+/// Builds the lab, sends `connections` TCP connections and as many UDP exchanges through the
+/// VIP, tears it down, reports.
 ///
 /// # Errors
-/// Not root, a namespace or link cannot be made, the program does not load, or pings fail.
-pub fn run(pings: u32) -> Result<LabReport> {
-    let mut net = TestNet::new()?;
-    let client = net.add_ns("client")?;
-    let node = net.add_ns("node")?;
-    net.veth(&client, "eth0", &node, "eth0")?;
-    client.run(&["ip", "addr", "add", "198.18.0.1/24", "dev", "eth0"])?;
-    node.run(&["ip", "addr", "add", "198.18.0.2/24", "dev", "eth0"])?;
-
-    let mut prog = XdpProgram::load().context("loading the XDP program")?;
-    {
-        let _in_node = node.enter()?;
-        prog.attach("eth0", AttachMode::Native)
-            .context("attaching XDP on the node")?;
-    }
-    let count = pings.to_string();
-    client.run(&["ping", "-c", &count, "-i", "0.05", "-W", "2", "198.18.0.2"])?;
-    let stats = prog.stats()?;
+/// Not root, the topology or data path cannot be set up, or an exchange fails.
+pub fn run(connections: usize, v6: bool) -> Result<LabReport> {
+    let f = Family { v6 };
+    let t = topology(f)?;
+    let _servers = t.start_backends()?;
+    let dp = t.start_data_path(AttachMode::Native)?;
+    let vip = SocketAddr::new(f.vip(), VIP_PORT);
+    let deadline = Duration::from_secs(120);
+    let tcp = traffic::spread(&t.client, vip, connections, 4, deadline, traffic::tcp_once)?;
+    let udp = traffic::spread(&t.client, vip, connections, 4, deadline, traffic::udp_once)?;
+    let key = service(f, Protocol::Tcp, &[]).key;
+    let stats = dp
+        .balancer
+        .service_stats(&key)?
+        .context("TCP service vanished")?;
     Ok(LabReport {
-        pings_sent: pings,
-        xdp_packets: stats.packets,
-        xdp_bytes: stats.bytes,
+        tcp,
+        udp,
+        xdp_tcp_new_flows: stats.service.new_flows,
+        xdp_tcp_packets: stats.service.packets,
     })
 }
