@@ -90,6 +90,10 @@ pub struct PeerStatus {
     pub session: SessionStatus,
     /// When the snapshot was taken.
     pub taken_at: Instant,
+    /// The last transport failure (e.g. the TCP connect timing out), cleared once the
+    /// session is Established. A wrong TCP MD5 password shows up here: the peer's kernel
+    /// drops unsigned or badly signed SYNs silently, so no NOTIFICATION ever arrives.
+    pub last_error: Option<String>,
 }
 
 impl PeerStatus {
@@ -237,6 +241,7 @@ impl Speaker {
             address,
             session: session.status(now),
             taken_at: now,
+            last_error: None,
         });
         let driver = PeerDriver::new(peer, session, status_tx);
         let task = tokio::spawn(driver.run(ctl_rx));
@@ -431,6 +436,7 @@ struct PeerDriver {
     io_rx: mpsc::UnboundedReceiver<Io>,
     next_id: u64,
     connect_attempt: u64,
+    last_error: Option<String>,
     connecting: Option<JoinHandle<()>>,
     status: watch::Sender<PeerStatus>,
 }
@@ -448,6 +454,7 @@ impl PeerDriver {
             io_rx,
             next_id: 0,
             connect_attempt: 0,
+            last_error: None,
             connecting: None,
             status,
         }
@@ -521,10 +528,14 @@ impl PeerDriver {
         }
         let now = Instant::now();
         let s = &self.slots[0].session;
+        if s.state() == State::Established {
+            self.last_error = None;
+        }
         self.status.send_replace(PeerStatus {
             address: normalize(self.peer.address),
             session: s.status(now),
             taken_at: now,
+            last_error: self.last_error.clone(),
         });
     }
 
@@ -544,9 +555,7 @@ impl PeerDriver {
                         c.close();
                     }
                     if i == 0 {
-                        if let Some(c) = self.connecting.take() {
-                            c.abort();
-                        }
+                        self.abort_connect();
                     }
                 }
                 Event::Established(n) => tracing::info!(
@@ -635,6 +644,7 @@ impl PeerDriver {
                     Ok(_) => {}
                     Err(e) => {
                         tracing::debug!(peer = %self.peer.address, "connect failed: {e}");
+                        self.last_error = Some(connect_error(&self.peer, &e));
                         if self.slots[0].session.state() == State::Connect {
                             self.slots[0].session.handle_closed(now);
                         }
@@ -750,10 +760,21 @@ impl PeerDriver {
         }
     }
 
-    fn start_connect(&mut self) {
+    /// Abandons a pending connect; one that got no answer by then is recorded as timed out.
+    fn abort_connect(&mut self) {
         if let Some(c) = self.connecting.take() {
+            if !c.is_finished() {
+                self.last_error = Some(connect_error(
+                    &self.peer,
+                    &std::io::Error::from(std::io::ErrorKind::TimedOut),
+                ));
+            }
             c.abort();
         }
+    }
+
+    fn start_connect(&mut self) {
+        self.abort_connect();
         self.connect_attempt += 1;
         let attempt = self.connect_attempt;
         let io = self.io_tx.clone();
@@ -783,6 +804,16 @@ impl PeerDriver {
             let _ = io.send(Io::Connected(attempt, result));
         }));
     }
+}
+
+/// A connect failure as status text, with a hint when TCP MD5 may be the cause.
+fn connect_error(peer: &PeerConfig, e: &std::io::Error) -> String {
+    let hint = if peer.md5_password.is_some() && e.kind() == std::io::ErrorKind::TimedOut {
+        " (TCP MD5 is configured: a password mismatch makes the peer drop our SYNs silently)"
+    } else {
+        ""
+    };
+    format!("TCP connect to {}:{}: {e}{hint}", peer.address, peer.port)
 }
 
 fn apply_ttl(

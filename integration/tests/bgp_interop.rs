@@ -492,6 +492,11 @@ fn md5_wrong_password(kind: PeerKind) {
     assert_eq!(s.last_notification_sent, None, "{status:#?}");
     assert_eq!(s.last_notification_received, None, "{status:#?}");
     assert_eq!(s.updates_received, 0, "{status:#?}");
+    let error = status.last_error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("timed out") && error.contains("TCP MD5"),
+        "the status must say why there is no session: {status:#?}"
+    );
 }
 
 const BAD_PEER_AS: &str = "OPEN Message Error / Bad Peer AS";
