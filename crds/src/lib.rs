@@ -5,6 +5,7 @@
 
 mod bgp_advertisement;
 mod bgp_peer;
+mod service;
 mod validation;
 
 pub use bgp_advertisement::{
@@ -15,6 +16,7 @@ pub use bgp_peer::{
     validate_peer, BgpPeer, BgpPeerNodeStatus, BgpPeerSpec, BgpPeerStatus, GracefulRestart,
     PeerInputs, PrefixCounts, SecretKeyRef, ValidPeer, BGP_PORT,
 };
+pub use service::{ingress, service_consumer, ClassPolicy, LOAD_BALANCER_CLASS};
 pub use validation::{FieldError, InvalidObject};
 
 use std::collections::BTreeMap;
