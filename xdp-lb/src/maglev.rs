@@ -435,6 +435,36 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Any backend set: every slot filled by a weighted backend, or all empty when none
+        /// has weight; and the table matches classic Maglev slot for slot.
+        #[test]
+        fn any_backend_set_fills_the_table_like_classic_maglev(
+            weights in proptest::collection::vec(0u32..5, 0..40),
+            m in proptest::sample::select(vec![251u32, 257, 1021, 4093]),
+            salt in proptest::prelude::any::<u64>(),
+        ) {
+            let b: Vec<MaglevBackend> = weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| MaglevBackend { key: mix64(i as u64 ^ salt), weight: *w })
+                .collect();
+            let t = table(&b, m).unwrap();
+            let any_weight = b.iter().any(|x| x.weight > 0);
+            for e in t.iter() {
+                match e {
+                    Some(i) => proptest::prop_assert!(b[i as usize].weight > 0),
+                    None => proptest::prop_assert!(!any_weight),
+                }
+            }
+            if any_weight {
+                let fast: Vec<u64> = t.iter().map(|e| b[e.unwrap() as usize].key).collect();
+                proptest::prop_assert_eq!(fast, reference(&b, m));
+            }
+        }
+    }
+
     #[test]
     fn duplicate_keys_are_refused() {
         let b = vec![
