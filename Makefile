@@ -3,9 +3,9 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test demo bootstrap fmt-check clippy clippy-ebpf unit-and-kernel-tests fuzz-smoke
+.PHONY: test demo bootstrap fmt-check clippy clippy-ebpf unit-and-kernel-tests fuzz-smoke fuzz-smoke-maglev
 
-test: bootstrap fmt-check clippy clippy-ebpf unit-and-kernel-tests fuzz-smoke
+test: bootstrap fmt-check clippy clippy-ebpf unit-and-kernel-tests fuzz-smoke fuzz-smoke-maglev
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -34,6 +34,13 @@ fuzz-smoke:
 	cd announcer/fuzz && scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && \
 		$(CARGO) +nightly fuzz run $(FUZZ_TARGET) "$$scratch" corpus/$(FUZZ_TARGET) -- \
 		-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
+
+# The same for the Maglev table builder (xdp-lb/fuzz), shorter: each input builds tables of
+# up to 131071 slots.
+fuzz-smoke-maglev:
+	cd xdp-lb/fuzz && scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && \
+		$(CARGO) +nightly fuzz run maglev_table "$$scratch" corpus/maglev_table -- \
+		-max_total_time=15 -rss_limit_mb=2048
 
 demo: bootstrap
 	$(CARGO) run --release --locked -- lab
