@@ -306,7 +306,9 @@ impl SessionState {
         Ok(match name.to_ascii_lowercase().as_str() {
             "idle" | "close" | "clearing" | "deleted" | "down" => Self::Idle,
             "connect" => Self::Connect,
-            "active" => Self::Active,
+            // BIRD shows an idle passive neighbour as "Passive": waiting for the peer to
+            // connect, which RFC 4271 calls Active.
+            "active" | "passive" => Self::Active,
             "opensent" => Self::OpenSent,
             "openconfirm" => Self::OpenConfirm,
             "established" => Self::Established,
@@ -1043,6 +1045,15 @@ mod tests {
             (4_200_000_001, 1, 2)
         );
         assert!(parse_large_community("1:2").is_err());
+    }
+
+    #[test]
+    fn bird_s_passive_state_reads_as_active() {
+        assert_eq!(
+            SessionState::from_name("Passive").unwrap(),
+            SessionState::Active
+        );
+        assert!(SessionState::from_name("Sleeping").is_err());
     }
 
     #[test]
