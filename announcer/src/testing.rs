@@ -2,7 +2,7 @@
 //! sessions back to back in memory.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::session::{Command, Direction, Session, SessionConfig, State};
 use crate::update::RouteAttrs;
@@ -18,6 +18,20 @@ pub fn established_session(now: Instant, ibgp: bool) -> Session {
         "fd00::1/128".parse().unwrap(),
     ];
     established_session_with(now, ibgp, prefixes, RouteAttrs::default())
+}
+
+/// Feeds `stream` to `session` as the peer's bytes, `split` bytes per read, draining
+/// transmits and events after each read; then lets every timer fire. Used by the fuzz
+/// target and the property tests: whatever the bytes, nothing may panic.
+pub fn feed_peer_bytes(session: &mut Session, now: Instant, stream: &[u8], split: usize) {
+    for chunk in stream.chunks(split.max(1)) {
+        session.handle_bytes(now, chunk);
+        while session.poll_transmit().is_some() {}
+        while session.poll_event().is_some() {}
+    }
+    session.handle_timeout(now + Duration::from_secs(1000));
+    let _ = session.poll_transmit();
+    let _ = session.status(now);
 }
 
 /// Like [`established_session`], with `prefixes` in the Adj-RIB-Out before the session

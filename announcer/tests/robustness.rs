@@ -1,10 +1,10 @@
 //! Nothing a peer sends can panic an Established session (bounded-time twin of the
 //! cargo-fuzz target in `fuzz/`), and RFC 7606 errors keep the session up.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use portico_announcer::session::{Event, State};
-use portico_announcer::testing::established_session;
+use portico_announcer::testing::{established_session, feed_peer_bytes};
 use portico_announcer::update::ErrorAction;
 use proptest::prelude::*;
 
@@ -38,15 +38,7 @@ proptest! {
     fn arbitrary_peer_bytes_never_panic(msgs in proptest::collection::vec(message(), 1..6), split in 1usize..64, ibgp in any::<bool>()) {
         let now = Instant::now();
         let mut s = established_session(now, ibgp);
-        let stream: Vec<u8> = msgs.concat();
-        for chunk in stream.chunks(split) {
-            s.handle_bytes(now, chunk);
-            while s.poll_transmit().is_some() {}
-            while s.poll_event().is_some() {}
-        }
-        s.handle_timeout(now + Duration::from_secs(1000));
-        let _ = s.poll_transmit();
-        let _ = s.status(now);
+        feed_peer_bytes(&mut s, now, &msgs.concat(), split);
     }
 }
 

@@ -3,10 +3,10 @@
 #![no_main]
 
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use portico_announcer::testing::established_session;
+use portico_announcer::testing::{established_session, feed_peer_bytes};
 
 fuzz_target!(|data: &[u8]| {
     static NOW: OnceLock<Instant> = OnceLock::new();
@@ -14,13 +14,5 @@ fuzz_target!(|data: &[u8]| {
     // The first byte picks iBGP/eBGP and how the stream is split into reads.
     let (ctl, rest) = data.split_first().unwrap_or((&0, &[]));
     let mut s = established_session(now, ctl & 1 == 1);
-    let split = usize::from(ctl >> 1).max(1);
-    for chunk in rest.chunks(split) {
-        s.handle_bytes(now, chunk);
-        while s.poll_transmit().is_some() {}
-        while s.poll_event().is_some() {}
-    }
-    s.handle_timeout(now + Duration::from_secs(1000));
-    let _ = s.poll_transmit();
-    let _ = s.status(now);
+    feed_peer_bytes(&mut s, now, rest, usize::from(ctl >> 1));
 });
