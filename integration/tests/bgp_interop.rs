@@ -328,6 +328,22 @@ fn vips_of(families: &[Family]) -> Vec<(usize, IpNet)> {
         .collect()
 }
 
+/// The prefixes of the IPv4 VIPs that `announce_vips` announces.
+fn v4_vip_prefixes() -> Vec<IpNet> {
+    vips_of(&[Family::Ipv4Unicast])
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect()
+}
+
+/// Both ends see the IPv4 session Established and the daemon holds every IPv4 VIP.
+fn wait_up_with_v4_vips(portico: &Portico, peer: &RealPeer) {
+    portico.wait_established(ip(PEER_V4));
+    ok(peer.wait_established(ip(PORTICO_V4), TIMEOUT), peer);
+    let prefixes = v4_vip_prefixes();
+    ok(peer.wait_routes(|r| holds_all(r, &prefixes), TIMEOUT), peer);
+}
+
 fn holds_all(routes: &[Route], prefixes: &[IpNet]) -> bool {
     prefixes
         .iter()
@@ -456,13 +472,7 @@ fn md5_matching(kind: PeerKind) {
     p.md5_password = Some("portico-s3cret".into());
     portico.add_peer(p);
     announce_vips(&portico, false);
-    portico.wait_established(ip(PEER_V4));
-    ok(peer.wait_established(ip(PORTICO_V4), TIMEOUT), &peer);
-    let prefixes: Vec<IpNet> = vips_of(&[v4]).into_iter().map(|(_, p)| p).collect();
-    ok(
-        peer.wait_routes(|r| holds_all(r, &prefixes), TIMEOUT),
-        &peer,
-    );
+    wait_up_with_v4_vips(&portico, &peer);
 }
 
 /// A wrong MD5 password: the daemon's kernel drops Portico's SYNs, no session comes up, and
@@ -582,13 +592,7 @@ fn frozen_peer(kind: PeerKind) {
     );
 
     ok(peer.cont(), &peer);
-    portico.wait_established(ip(PEER_V4));
-    ok(peer.wait_established(ip(PORTICO_V4), TIMEOUT), &peer);
-    let prefixes: Vec<IpNet> = vips_of(&[v4]).into_iter().map(|(_, p)| p).collect();
-    ok(
-        peer.wait_routes(|r| holds_all(r, &prefixes), TIMEOUT),
-        &peer,
-    );
+    wait_up_with_v4_vips(&portico, &peer);
 }
 
 /// The daemon restarts: Portico reconnects and re-advertises its whole table.
@@ -648,7 +652,7 @@ fn graceful_restart(kind: PeerKind) {
         });
         p
     };
-    let prefixes: Vec<IpNet> = vips_of(&[v4]).into_iter().map(|(_, p)| p).collect();
+    let prefixes = v4_vip_prefixes();
     let all_fresh = |r: &[Route]| holds_all(r, &prefixes) && r.iter().all(|r| !r.stale);
 
     let first = Portico::start(&link.portico, None);
