@@ -1,6 +1,7 @@
 //! A namespace in which `bpf_fib_lookup` resolves for real, for `BPF_PROG_TEST_RUN` fixtures
-//! and benchmarks of the XDP balancer: clients behind `eth0`, backends behind `eth1`, and
-//! permanent neighbour entries with known MACs (no traffic is ever sent).
+//! and benchmarks of the XDP balancer: clients behind `eth0`, backends behind `eth1` (and a
+//! few on `eth0`, as a one-armed node reaches them), and permanent neighbour entries with
+//! known MACs (no traffic is ever sent).
 
 use anyhow::Result;
 
@@ -18,6 +19,9 @@ pub const BACKENDS: u8 = 16;
 pub fn backend_mac(i: u8) -> [u8; 6] {
     [0x02, 0xbe, 0, 0, 0, i]
 }
+/// Backends on the client side (`eth0`), one-armed: `198.18.0.<100+i>` and
+/// `fd00:18::<100+i>` for i in 1..=ONE_ARM_BACKENDS, MAC `02:be:00:00:01:<i>`.
+pub const ONE_ARM_BACKENDS: u8 = 16;
 /// A backend on the client side (`eth0`), for the XDP_TX case.
 pub const BACKEND_ON_ETH0: [u8; 4] = [198, 18, 0, 10];
 /// Its MAC.
@@ -72,6 +76,20 @@ pub fn lb_namespace(net: &mut TestNet) -> Result<NetNs> {
                 .iter()
                 .map(|s| (*s).to_owned())
                 .collect(),
+            );
+        }
+    }
+    for i in 1..=ONE_ARM_BACKENDS {
+        let mac = format!("02:be:00:00:01:{i:02x}");
+        for addr in [
+            format!("198.18.0.{}", 100 + i),
+            format!("fd00:18::{:x}", 100 + i),
+        ] {
+            cmds.push(
+                format!("ip neigh replace {addr} lladdr {mac} dev eth0 nud permanent")
+                    .split(' ')
+                    .map(str::to_owned)
+                    .collect(),
             );
         }
     }

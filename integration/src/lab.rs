@@ -235,6 +235,7 @@ impl Topology {
                 max_backends: 2,
                 ring_size: 251,
                 conntrack_entries: 64,
+                flow_cache_entries: 64,
             })?;
             let _in = ns.enter()?;
             p.attach(iface, mode)?;
@@ -245,6 +246,7 @@ impl Topology {
             max_backends: 64,
             ring_size: 4093,
             conntrack_entries: 65536,
+            ..LoadOptions::default()
         })
         .context("loading the XDP program (needs root)")?;
         let mut balancer = XdpBalancer::new(program);

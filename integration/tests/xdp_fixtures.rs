@@ -503,6 +503,7 @@ fn balancer() -> XdpBalancer {
         max_backends: 64,
         ring_size: 251,
         conntrack_entries: 4096,
+        ..LoadOptions::default()
     })
     .expect("loading the XDP program (needs root)");
     let mut b = XdpBalancer::new(program);

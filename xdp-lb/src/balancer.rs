@@ -10,8 +10,9 @@ use std::{
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use portico_xdp_common::{
-    backend_state, config_flags, family, map_name, proto, service_flags, Backend, Config, Counters,
-    NextHop, Service, VipKey,
+    addr_from_octets, addr_from_v4, backend_state, config_flags, family, map_name, proto,
+    service_flags, vip_filter_bit, Addr, Backend, Config, Counters, Flow, FlowCacheEntry, FlowKey,
+    NextHop, RevNat, Service, VipKey, VIP_FILTER_WORDS,
 };
 
 use crate::{
@@ -353,14 +354,11 @@ fn maglev_table(spec: &ServiceSpec, m: u32) -> Result<maglev::Table, BalancerErr
     })
 }
 
-fn addr16(a: IpAddr) -> ([u8; 16], u8) {
-    let mut out = [0u8; 16];
+/// The program's form of an address: words and family tag.
+fn addr16(a: IpAddr) -> (Addr, u8) {
     match a {
-        IpAddr::V4(v4) => {
-            out[..4].copy_from_slice(&v4.octets());
-            (out, family::V4)
-        }
-        IpAddr::V6(v6) => (v6.octets(), family::V6),
+        IpAddr::V4(v4) => (addr_from_v4(v4.octets()), family::V4),
+        IpAddr::V6(v6) => (addr_from_octets(v6.octets()), family::V6),
     }
 }
 
@@ -390,11 +388,33 @@ fn free_id(used: &BTreeSet<u32>, max: u32) -> Option<u32> {
     (1..max).find(|i| !used.contains(i))
 }
 
+/// The `VIP_FILTER` bitmap for a set of VIP addresses.
+fn vip_filter<'a>(vips: impl Iterator<Item = &'a IpAddr>) -> Vec<u64> {
+    let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
+    for vip in vips {
+        let (addr, fam) = addr16(*vip);
+        let bit = vip_filter_bit(fam, &addr);
+        words[(bit >> 6) as usize] |= 1 << (bit & 63);
+    }
+    words
+}
+
 struct Installed {
     id: u32,
     ring_gen: u32,
     spec: ServiceSpec,
     backend_ids: HashMap<(IpAddr, u16), u32>,
+    /// What backends removed from the service had counted (client → VIP direction is
+    /// counted per backend only, so the service's totals keep it).
+    retired: Counters,
+}
+
+fn add(a: Counters, b: Counters) -> Counters {
+    Counters {
+        packets: a.packets + b.packets,
+        bytes: a.bytes + b.bytes,
+        new_flows: a.new_flows + b.new_flows,
+    }
 }
 
 /// The real balancer: programs the XDP maps of a loaded [`XdpProgram`].
@@ -404,6 +424,10 @@ pub struct XdpBalancer {
     services: BTreeMap<ServiceKey, Installed>,
     service_ids: BTreeSet<u32>,
     backend_ids: BTreeSet<u32>,
+    /// What the `VIP_FILTER` map holds.
+    filter: Vec<u64>,
+    /// Generation of each backend id ever used (bumped when the id is handed out again).
+    generations: HashMap<u32, u16>,
 }
 
 impl XdpBalancer {
@@ -415,6 +439,8 @@ impl XdpBalancer {
             services: BTreeMap::new(),
             service_ids: BTreeSet::new(),
             backend_ids: BTreeSet::new(),
+            filter: vec![0; VIP_FILTER_WORDS as usize],
+            generations: HashMap::new(),
         }
     }
 
@@ -437,10 +463,84 @@ impl XdpBalancer {
     /// Frees a backend id: tracked flows to it are re-balanced from then on.
     fn release_backend(&mut self, id: u32) -> Result<(), XdpError> {
         self.write_backend(id, &Backend::default())?;
-        let mut hops: Array<&mut MapData, NextHop> = self.program.map_mut(map_name::NEXT_HOPS)?;
-        hops.set(id, NextHop::default(), 0)
-            .map_err(map_err(map_name::NEXT_HOPS))?;
         self.backend_ids.remove(&id);
+        Ok(())
+    }
+
+    /// Brings the `VIP_FILTER` map in line with the installed services (changed words only).
+    fn sync_vip_filter(&mut self) -> Result<(), XdpError> {
+        let wanted = vip_filter(self.services.keys().map(|k| &k.vip));
+        let mut map: Array<&mut MapData, u64> = self.program.map_mut(map_name::VIP_FILTER)?;
+        for (i, (&new, old)) in wanted.iter().zip(self.filter.iter_mut()).enumerate() {
+            if new != *old {
+                map.set(i as u32, new, 0)
+                    .map_err(map_err(map_name::VIP_FILTER))?;
+                *old = new;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets the tracked flows of a removed service and their SNAT port reservations, so
+    /// that its ids can be reused without old flows following them.
+    fn purge_flows(&mut self, service_id: u32) -> Result<(), XdpError> {
+        let sid = service_id as u16;
+        {
+            let mut ct: BpfHashMap<&mut MapData, FlowKey, Flow> =
+                self.program.map_mut(map_name::CONNTRACK)?;
+            let stale: Vec<FlowKey> = ct
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, f)| f.service_id == sid)
+                .map(|(k, _)| k)
+                .collect();
+            for k in stale {
+                // Already gone (evicted) is fine.
+                let _ = ct.remove(&k);
+            }
+        }
+        {
+            let mut rev: BpfHashMap<&mut MapData, FlowKey, RevNat> =
+                self.program.map_mut(map_name::REV_NAT)?;
+            let stale: Vec<FlowKey> = rev
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, r)| r.service_id == sid)
+                .map(|(k, _)| k)
+                .collect();
+            for k in stale {
+                let _ = rev.remove(&k);
+            }
+        }
+        // The per-CPU cached copies of those flows.
+        let n = self.program.options().flow_cache_entries;
+        let mut cache: PerCpuArray<&mut MapData, FlowCacheEntry> =
+            self.program.map_mut(map_name::FLOW_CACHE)?;
+        for i in 0..n {
+            let entries = cache.get(&i, 0).map_err(map_err(map_name::FLOW_CACHE))?;
+            if entries
+                .iter()
+                .any(|e| e.flow.service_id == sid && e.key != FlowKey::default())
+            {
+                let cleaned: Vec<FlowCacheEntry> = entries
+                    .iter()
+                    .map(|e| {
+                        if e.flow.service_id == sid {
+                            FlowCacheEntry::default()
+                        } else {
+                            *e
+                        }
+                    })
+                    .collect();
+                let values = PerCpuValues::try_from(cleaned).map_err(|source| XdpError::Os {
+                    what: "per-CPU values",
+                    source,
+                })?;
+                cache
+                    .set(i, values, 0)
+                    .map_err(map_err(map_name::FLOW_CACHE))?;
+            }
+        }
         Ok(())
     }
 
@@ -457,6 +557,9 @@ impl XdpBalancer {
 impl Balancer for XdpBalancer {
     fn configure_node(&mut self, config: &NodeConfig) -> Result<(), BalancerError> {
         validate_node(config)?;
+        let hz = self.program.hz();
+        let jiffies =
+            |d: Duration| u32::try_from(d.as_millis() * u128::from(hz) / 1000).unwrap_or(u32::MAX);
         let mut cfg = Config {
             ring_size: self.program.options().ring_size,
             snat_port_min: config.snat_ports.0,
@@ -467,16 +570,18 @@ impl Balancer for XdpBalancer {
             } else {
                 0
             },
-            tcp_timeout_s: config.tcp_timeout.as_secs() as u32,
-            udp_timeout_s: config.udp_timeout.as_secs() as u32,
-            tcp_closing_timeout_s: config.tcp_closing_timeout.as_secs() as u32,
+            hz,
+            tcp_timeout: jiffies(config.tcp_timeout),
+            udp_timeout: jiffies(config.udp_timeout),
+            tcp_closing_timeout: jiffies(config.tcp_closing_timeout),
+            flow_cache_mask: self.program.options().flow_cache_entries - 1,
             ..Config::default()
         };
         if let Some(a) = config.snat_v4 {
-            cfg.snat_v4 = a.octets();
+            cfg.snat_v4 = addr_from_v4(a.octets())[0];
         }
         if let Some(a) = config.snat_v6 {
-            cfg.snat_v6 = a.octets();
+            cfg.snat_v6 = addr_from_octets(a.octets());
         }
         let mut array: Array<&mut MapData, Config> = self.program.map_mut(map_name::CONFIG)?;
         array.set(0, cfg, 0).map_err(map_err(map_name::CONFIG))?;
@@ -503,8 +608,8 @@ impl Balancer for XdpBalancer {
                 max: options.max_backends,
             });
         }
-        let (id, old_gen, mut backend_ids) = match known {
-            Some(i) => (i.id, i.ring_gen, i.backend_ids.clone()),
+        let (id, old_gen, mut backend_ids, mut retired) = match known {
+            Some(i) => (i.id, i.ring_gen, i.backend_ids.clone(), i.retired),
             None => {
                 let id = free_id(&self.service_ids, options.max_services).ok_or(
                     BalancerError::Full {
@@ -514,7 +619,7 @@ impl Balancer for XdpBalancer {
                 )?;
                 self.service_ids.insert(id);
                 self.reset_counters(map_name::SERVICE_STATS, id)?;
-                (id, 1, HashMap::new())
+                (id, 1, HashMap::new(), Counters::default())
             }
         };
         let wanted: BTreeSet<(IpAddr, u16)> =
@@ -536,6 +641,8 @@ impl Balancer for XdpBalancer {
                 };
                 slot.insert(bid);
                 self.backend_ids.insert(bid);
+                let g = self.generations.entry(bid).or_insert(0);
+                *g = g.wrapping_add(1);
                 self.reset_counters(map_name::BACKEND_STATS, bid)?;
             }
             let (addr, fam) = addr16(b.addr);
@@ -548,6 +655,9 @@ impl Balancer for XdpBalancer {
                 } else {
                     backend_state::ACTIVE
                 },
+                service_id: id as u16,
+                generation: self.generations[&backend_ids[&(b.addr, b.port)]],
+                hop: NextHop::default(),
             };
             self.write_backend(backend_ids[&(b.addr, b.port)], &value)?;
         }
@@ -591,6 +701,10 @@ impl Balancer for XdpBalancer {
         }
         for (k, bid) in gone {
             backend_ids.remove(&k);
+            retired = add(
+                retired,
+                self.program.counters(map_name::BACKEND_STATS, bid)?,
+            );
             self.release_backend(bid)?;
         }
         self.services.insert(
@@ -600,8 +714,10 @@ impl Balancer for XdpBalancer {
                 ring_gen: new_gen,
                 spec: spec.clone(),
                 backend_ids,
+                retired,
             },
         );
+        self.sync_vip_filter()?;
         Ok(())
     }
 
@@ -621,9 +737,11 @@ impl Balancer for XdpBalancer {
                     .map_err(map_err(map_name::SERVICES))?;
             }
         }
+        self.sync_vip_filter()?;
         for bid in installed.backend_ids.values() {
             self.release_backend(*bid)?;
         }
+        self.purge_flows(installed.id)?;
         self.service_ids.remove(&installed.id);
         Ok(true)
     }
@@ -636,16 +754,18 @@ impl Balancer for XdpBalancer {
         let Some(installed) = self.services.get(key) else {
             return Ok(None);
         };
-        let service = self
-            .program
-            .counters(map_name::SERVICE_STATS, installed.id)?;
+        // The service's own map counts replies; client → VIP packets are counted per backend.
+        let mut service = add(
+            self.program
+                .counters(map_name::SERVICE_STATS, installed.id)?,
+            installed.retired,
+        );
         let mut backends = Vec::new();
         for b in &installed.spec.backends {
             let bid = installed.backend_ids[&(b.addr, b.port)];
-            backends.push((
-                (b.addr, b.port),
-                self.program.counters(map_name::BACKEND_STATS, bid)?,
-            ));
+            let c = self.program.counters(map_name::BACKEND_STATS, bid)?;
+            service = add(service, c);
+            backends.push(((b.addr, b.port), c));
         }
         Ok(Some(ServiceStats { service, backends }))
     }

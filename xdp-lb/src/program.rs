@@ -1,6 +1,9 @@
 //! Loading, attaching and test-running the XDP program, and raw access to its maps.
 
-use std::time::Duration;
+use std::{
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
 
 use aya::{
     maps::{MapData, MapError, PerCpuArray},
@@ -8,8 +11,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use portico_xdp_common::{
-    map_name, stat, Counters, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FLOOR_PROGRAM_NAME,
-    PROGRAM_NAME,
+    map_name, stat, Counters, StatBlock, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
+    FLOOR_PROGRAM_NAME, JIFFIES_PROGRAM_NAME, PROGRAM_NAME,
 };
 
 use crate::maglev;
@@ -69,6 +72,9 @@ pub struct LoadOptions {
     pub ring_size: u32,
     /// Connection-tracking entries (LRU); the reverse-NAT map has as many.
     pub conntrack_entries: u32,
+    /// Entries of the per-CPU flow cache in front of conntrack (a power of two; 64 bytes
+    /// each, per CPU).
+    pub flow_cache_entries: u32,
 }
 
 impl Default for LoadOptions {
@@ -78,6 +84,7 @@ impl Default for LoadOptions {
             max_backends: DEFAULT_MAX_BACKENDS,
             ring_size: maglev::DEFAULT_M,
             conntrack_entries: 65536,
+            flow_cache_entries: 4096,
         }
     }
 }
@@ -117,6 +124,13 @@ impl LoadOptions {
                 "max_services",
                 self.max_services,
                 "times 2·ring_size exceeds the array limit",
+            ));
+        }
+        if !self.flow_cache_entries.is_power_of_two() || self.flow_cache_entries > 1 << 20 {
+            return Err(bad(
+                "flow_cache_entries",
+                self.flow_cache_entries,
+                "must be a power of two up to 1048576",
             ));
         }
         if self.conntrack_entries < 64 {
@@ -198,6 +212,7 @@ pub mod verdict {
 pub struct XdpProgram {
     pub(crate) ebpf: Ebpf,
     pub(crate) options: LoadOptions,
+    hz: u32,
 }
 
 impl XdpProgram {
@@ -224,13 +239,19 @@ impl XdpProgram {
             .map_max_entries(map_name::SERVICE_STATS, options.max_services)
             .map_max_entries(map_name::BACKENDS, options.max_backends)
             .map_max_entries(map_name::BACKEND_STATS, options.max_backends)
-            .map_max_entries(map_name::NEXT_HOPS, options.max_backends)
             .map_max_entries(map_name::CONNTRACK, options.conntrack_entries)
             .map_max_entries(map_name::REV_NAT, options.conntrack_entries)
+            .map_max_entries(map_name::FLOW_CACHE, options.flow_cache_entries)
             .load(PROGRAM_OBJECT)?;
         let prog: &mut Xdp = program_mut(&mut ebpf)?;
         prog.load()?;
-        Ok(Self { ebpf, options })
+        let hz = kernel_hz(&mut ebpf)?;
+        Ok(Self { ebpf, options, hz })
+    }
+
+    /// The kernel's tick rate (HZ): the program's clock is jiffies.
+    pub fn hz(&self) -> u32 {
+        self.hz
     }
 
     /// The map sizes this program was loaded with.
@@ -291,9 +312,20 @@ impl XdpProgram {
         packet: &[u8],
         ingress_ifindex: Option<u32>,
     ) -> Result<TestRunOutput, XdpError> {
+        self.test_run_named(FLOOR_PROGRAM_NAME, packet, ingress_ifindex)
+    }
+
+    /// Runs another program of the object once (loading it first), e.g. an experiment.
+    #[doc(hidden)]
+    pub fn test_run_named(
+        &mut self,
+        name: &str,
+        packet: &[u8],
+        ingress_ifindex: Option<u32>,
+    ) -> Result<TestRunOutput, XdpError> {
         let prog: &mut Xdp = self
             .ebpf
-            .program_mut(FLOOR_PROGRAM_NAME)
+            .program_mut(name)
             .ok_or(ProgramError::NotLoaded)?
             .try_into()?;
         if prog.fd().is_err() {
@@ -301,7 +333,7 @@ impl XdpProgram {
         }
         let prog: &Xdp = self
             .ebpf
-            .program(FLOOR_PROGRAM_NAME)
+            .program(name)
             .ok_or(ProgramError::NotLoaded)?
             .try_into()?;
         run_once(prog, packet, ingress_ifindex)
@@ -312,9 +344,12 @@ impl XdpProgram {
     /// # Errors
     /// The stats map is missing or unreadable.
     pub fn stat(&self, idx: u32) -> Result<u64, XdpError> {
-        let array: PerCpuArray<&MapData, u64> = self.map(map_name::STATS)?;
-        let values = array.get(&idx, 0).map_err(map_err(map_name::STATS))?;
-        Ok(values.iter().sum())
+        let array: PerCpuArray<&MapData, StatBlock> = self.map(map_name::STATS)?;
+        let values = array.get(&0, 0).map_err(map_err(map_name::STATS))?;
+        Ok(values
+            .iter()
+            .map(|b| b.counts.get(idx as usize).copied().unwrap_or(0))
+            .sum())
     }
 
     /// Packets and bytes seen, summed over all CPUs.
@@ -362,6 +397,30 @@ impl XdpProgram {
         })?;
         M::try_from(map).map_err(map_err(name))
     }
+}
+
+/// HZ, measured once per process: the jiffies probe runs twice, 100 ms apart, and the rate
+/// snaps to the common kernel values (100, 250, 300, 1000) when within 10 %.
+fn kernel_hz(ebpf: &mut Ebpf) -> Result<u32, XdpError> {
+    static HZ: OnceLock<u32> = OnceLock::new();
+    if let Some(hz) = HZ.get() {
+        return Ok(*hz);
+    }
+    let prog: &mut Xdp = ebpf
+        .program_mut(JIFFIES_PROGRAM_NAME)
+        .ok_or(ProgramError::NotLoaded)?
+        .try_into()?;
+    prog.load()?;
+    let probe = [0u8; 64];
+    let (j0, t0) = (run_once(prog, &probe, None)?.verdict, Instant::now());
+    std::thread::sleep(Duration::from_millis(100));
+    let (j1, t1) = (run_once(prog, &probe, None)?.verdict, Instant::now());
+    let rate = f64::from(j1.wrapping_sub(j0)) / (t1 - t0).as_secs_f64();
+    let hz = [100u32, 250, 300, 1000]
+        .into_iter()
+        .find(|&h| (rate - f64::from(h)).abs() <= f64::from(h) / 10.0)
+        .unwrap_or(rate.round().max(1.0) as u32);
+    Ok(*HZ.get_or_init(|| hz))
 }
 
 /// Wraps a map error with the map's name.

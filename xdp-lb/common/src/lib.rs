@@ -1,9 +1,34 @@
 //! Types shared between the XDP program (`portico-xdp-ebpf`) and its userspace loader
 //! (`portico-xdp`). Everything here is `#[repr(C)]` plain data with explicit padding, so
 //! both sides agree on the layout byte for byte. Addresses and ports are kept in network
-//! byte order exactly as they sit in the packet; an IPv4 address fills the first 4 bytes of
-//! a 16-byte address and the rest is zero.
+//! byte order exactly as they sit in the packet. An address is an [`Addr`]: four 32-bit
+//! words, so keys are word-aligned and the program copies and compares them a word at a
+//! time; an IPv4 address is word 0 and the other words are zero.
 #![no_std]
+
+/// An IPv4 or IPv6 address as it sits in the packet, as four words: word `i` holds bytes
+/// `4i..4i+4` in memory order (read with `from_ne_bytes`). IPv4 uses word 0 only.
+pub type Addr = [u32; 4];
+
+/// The [`Addr`] of 16 bytes in network order.
+pub fn addr_from_octets(o: [u8; 16]) -> Addr {
+    let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+/// The [`Addr`] of an IPv4 address's 4 bytes.
+pub fn addr_from_v4(o: [u8; 4]) -> Addr {
+    [u32::from_ne_bytes(o), 0, 0, 0]
+}
+
+/// The 16 bytes, in network order, of an [`Addr`].
+pub fn addr_octets(a: &Addr) -> [u8; 16] {
+    let mut o = [0u8; 16];
+    for (i, w) in a.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    o
+}
 
 /// Address family tags used in keys (not the kernel's AF_* numbers).
 pub mod family {
@@ -27,53 +52,56 @@ pub mod proto {
     pub const ICMPV6: u8 = 58;
 }
 
-/// Indices into the per-CPU `STATS` array map: global counters and verdict reasons.
+/// Indices into [`StatBlock::counts`] (the per-CPU `STATS` map): global counters and verdict
+/// reasons.
 pub mod stat {
+    // The counters every forwarded packet bumps come first: one cache line.
     /// Every packet the program saw.
     pub const PACKETS: u32 = 0;
-    /// Bytes of every packet the program saw (the real buffer length, frags included).
+    /// Bytes of every packet the program saw: L2 header plus the IP length (fragments of
+    /// multi-buffer frames included, Ethernet padding not); the linear length when not IP.
     pub const BYTES: u32 = 1;
-    /// Passed: not IP, or not addressed to a VIP or a SNAT port.
-    pub const PASS_NOT_VIP: u32 = 2;
-    /// Passed: truncated or malformed header (the stack decides).
-    pub const PASS_MALFORMED: u32 = 3;
-    /// Passed: IP fragment (no L4 ports to balance on).
-    pub const PASS_FRAGMENT: u32 = 4;
-    /// Passed: TTL/hop limit would expire (the stack sends Time Exceeded).
-    pub const PASS_TTL: u32 = 5;
-    /// Passed after rewrite: the kernel has no neighbour entry for the next hop yet.
-    pub const PASS_NO_NEIGH: u32 = 6;
-    /// Dropped: the service has no backend with weight (all draining or none).
-    pub const DROP_NO_BACKEND: u32 = 7;
-    /// Dropped: no free SNAT port after bounded probing.
-    pub const DROP_NO_SNAT_PORT: u32 = 8;
-    /// Dropped: no route to the backend or client.
-    pub const DROP_NO_ROUTE: u32 = 9;
-    /// Conntrack: a new entry was inserted.
-    pub const CT_INSERT: u32 = 10;
-    /// Conntrack: lookup missed (new flow, or evicted/expired entry).
-    pub const CT_MISS: u32 = 11;
     /// Conntrack: lookup hit.
-    pub const CT_HIT: u32 = 12;
-    /// Replies reverse-translated.
-    pub const REPLY_NAT: u32 = 13;
+    pub const CT_HIT: u32 = 2;
     /// Sent back out the receiving interface.
-    pub const TX: u32 = 14;
+    pub const TX: u32 = 3;
     /// Redirected to another interface.
-    pub const REDIRECT: u32 = 15;
+    pub const REDIRECT: u32 = 4;
+    /// Replies reverse-translated.
+    pub const REPLY_NAT: u32 = 5;
+    /// Conntrack: lookup missed (new flow, or evicted/expired entry).
+    pub const CT_MISS: u32 = 6;
+    /// Conntrack: a new entry was inserted.
+    pub const CT_INSERT: u32 = 7;
+    /// Passed: not IP, or not addressed to a VIP or a SNAT port.
+    pub const PASS_NOT_VIP: u32 = 8;
+    /// Passed: truncated or malformed header (the stack decides).
+    pub const PASS_MALFORMED: u32 = 9;
+    /// Passed: IP fragment (no L4 ports to balance on).
+    pub const PASS_FRAGMENT: u32 = 10;
+    /// Passed: TTL/hop limit would expire (the stack sends Time Exceeded).
+    pub const PASS_TTL: u32 = 11;
+    /// Passed after rewrite: the kernel has no neighbour entry for the next hop yet.
+    pub const PASS_NO_NEIGH: u32 = 12;
+    /// Dropped: the service has no backend with weight (all draining or none).
+    pub const DROP_NO_BACKEND: u32 = 13;
+    /// Dropped: no free SNAT port after bounded probing.
+    pub const DROP_NO_SNAT_PORT: u32 = 14;
+    /// Dropped: no route to the backend or client.
+    pub const DROP_NO_ROUTE: u32 = 15;
     /// Passed: a VIP packet with an unsupported protocol or a fragment-less SCTP oddity.
     pub const PASS_UNSUPPORTED: u32 = 16;
     /// ICMP errors quoting a tracked flow, translated.
     pub const ICMP_ERROR_NAT: u32 = 17;
     /// Echo requests to a VIP answered.
     pub const ICMP_ECHO_REPLY: u32 = 18;
-    /// Number of slots in the `STATS` map.
+    /// Number of counters in a [`crate::StatBlock`].
     pub const COUNT: u32 = 19;
 }
 
 /// Names of the maps, as the loader looks them up in the object file.
 pub mod map_name {
-    /// Per-CPU global counters, indexed by [`crate::stat`].
+    /// Per-CPU global counters: one [`crate::StatBlock`] at index 0.
     pub const STATS: &str = "STATS";
     /// Node configuration, one [`crate::Config`] at index 0.
     pub const CONFIG: &str = "CONFIG";
@@ -91,30 +119,57 @@ pub mod map_name {
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     /// Per-backend per-CPU counters: [`crate::Counters`] by backend id.
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
-    /// Cached next hops per backend id: [`crate::NextHop`].
-    pub const NEXT_HOPS: &str = "NEXT_HOPS";
+    /// Per-CPU exact-match cache of tracked flows: [`crate::FlowCacheEntry`] by hash.
+    pub const FLOW_CACHE: &str = "FLOW_CACHE";
+    /// Bitmap of VIP addresses: [`crate::VIP_FILTER_WORDS`] words, see
+    /// [`crate::vip_filter_bit`].
+    pub const VIP_FILTER: &str = "VIP_FILTER";
 }
 
 /// Name of the XDP entry point in the object file.
 pub const PROGRAM_NAME: &str = "portico_xdp";
 /// Name of the benchmark floor program (swap MACs, XDP_TX) in the same object.
 pub const FLOOR_PROGRAM_NAME: &str = "xdp_floor";
+/// Name of the probe that returns the kernel's jiffies (the loader measures HZ with it).
+pub const JIFFIES_PROGRAM_NAME: &str = "xdp_jiffies";
 
 /// Default number of service slots (ids 1..MAX_SERVICES-1; id 0 means unset).
 pub const DEFAULT_MAX_SERVICES: u32 = 256;
 /// Default number of backend slots (ids 1..MAX_BACKENDS-1; id 0 means unset).
 pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
 
+/// Global counters of one CPU: the single entry of the per-CPU `STATS` map, so a packet
+/// looks its CPU's block up once and bumps counters by index.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatBlock {
+    /// Counters, indexed by [`stat`].
+    pub counts: [u64; stat::COUNT as usize],
+}
+
+/// Words (64 bits each) of the `VIP_FILTER` bitmap.
+pub const VIP_FILTER_WORDS: u32 = 1024;
+
+/// The bit of the `VIP_FILTER` bitmap that stands for a VIP address: packets to an address
+/// whose bit is clear pass without a hash-map lookup; a set bit means "maybe a VIP" (two
+/// addresses may share a bit). Identical in the program and the loader.
+#[inline(always)]
+pub fn vip_filter_bit(fam: u8, a: &Addr) -> u32 {
+    let x = (a[0] ^ a[1] ^ a[2] ^ a[3] ^ u32::from(fam)).wrapping_mul(0x9e37_79b1);
+    // Top 16 bits: 1024 words of 64 bits.
+    x >> 16
+}
+
 /// Node-wide configuration (map `CONFIG`, index 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
-    /// SNAT source for IPv4 backends (network order).
-    pub snat_v4: [u8; 4],
+    /// SNAT source for IPv4 backends (network order, as [`Addr`] word 0).
+    pub snat_v4: u32,
     /// Maglev table size M (prime); every ring has M slots.
     pub ring_size: u32,
     /// SNAT source for IPv6 backends.
-    pub snat_v6: [u8; 16],
+    pub snat_v6: Addr,
     /// Lowest SNAT source port (host order).
     pub snat_port_min: u16,
     /// Highest SNAT source port (host order).
@@ -123,12 +178,17 @@ pub struct Config {
     pub hash_seed: u32,
     /// [`config_flags`].
     pub flags: u32,
-    /// Idle timeout of tracked TCP flows, seconds.
-    pub tcp_timeout_s: u32,
-    /// Idle timeout of tracked UDP flows, seconds.
-    pub udp_timeout_s: u32,
-    /// Life of a TCP flow after FIN or RST, seconds.
-    pub tcp_closing_timeout_s: u32,
+    /// Kernel ticks per second (HZ), measured by the loader. The program keeps time in
+    /// jiffies: `bpf_jiffies64` is inlined into one load, the cheapest clock there is.
+    pub hz: u32,
+    /// Idle timeout of tracked TCP flows, in jiffies.
+    pub tcp_timeout: u32,
+    /// Idle timeout of tracked UDP flows, in jiffies.
+    pub udp_timeout: u32,
+    /// Life of a TCP flow after FIN or RST, in jiffies.
+    pub tcp_closing_timeout: u32,
+    /// Entries of the per-CPU flow cache minus one (a power of two minus one).
+    pub flow_cache_mask: u32,
 }
 
 /// Bits of [`Config::flags`].
@@ -142,7 +202,7 @@ pub mod config_flags {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct VipKey {
     /// VIP address.
-    pub addr: [u8; 16],
+    pub addr: Addr,
     /// Port, network order (0 for ICMP echo lookups).
     pub port: u16,
     /// IP protocol ([`proto`]).
@@ -176,13 +236,21 @@ pub mod service_flags {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
     /// Backend address.
-    pub addr: [u8; 16],
+    pub addr: Addr,
     /// Backend port, network order.
     pub port: u16,
     /// [`family`].
     pub family: u8,
     /// [`backend_state`].
     pub state: u8,
+    /// The service this backend id belongs to.
+    pub service_id: u16,
+    /// Bumped each time the id is given to a backend: a tracked flow follows its backend id
+    /// only while service and generation still match, never to a backend that reused the id.
+    pub generation: u16,
+    /// Next hop toward the backend, cached here by the program for a second (in the same
+    /// map value, so a forwarded packet reads one entry). The loader writes it empty.
+    pub hop: NextHop,
 }
 
 /// Values of [`Backend::state`].
@@ -200,9 +268,9 @@ pub mod backend_state {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     /// Source address.
-    pub src: [u8; 16],
+    pub src: Addr,
     /// Destination address.
-    pub dst: [u8; 16],
+    pub dst: Addr,
     /// Source port, network order.
     pub sport: u16,
     /// Destination port, network order.
@@ -237,12 +305,28 @@ pub struct Flow {
     pub backend_id: u32,
     /// SNAT source port, network order.
     pub snat_port: u16,
+    /// The service the flow was balanced for (its counters).
+    pub service_id: u16,
+    /// Last time a packet was seen (jiffies), refreshed at most once a second.
+    pub last_seen: u64,
+    /// [`Backend::generation`] of the backend when the flow was balanced.
+    pub backend_gen: u16,
     /// [`flow_state`].
     pub state: u8,
     /// Explicit padding.
-    pub _pad: u8,
-    /// Last time a packet was seen (coarse monotonic ns), refreshed at most once a second.
-    pub last_seen_ns: u64,
+    pub _pad: [u8; 5],
+}
+
+/// An entry of the per-CPU flow cache (map `FLOW_CACHE`): a copy of a tracked flow, so that
+/// most packets of an established flow skip the shared conntrack hash (an exact-match cache,
+/// as Open vSwitch keeps per datapath thread). One cache line.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCacheEntry {
+    /// The flow's 5-tuple; all zero = empty.
+    pub key: FlowKey,
+    /// The conntrack entry as of `flow.last_seen`.
+    pub flow: Flow,
 }
 
 /// Values of [`Flow::state`].
@@ -258,9 +342,9 @@ pub mod flow_state {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RevNat {
     /// The client's address (the reply's new destination).
-    pub client: [u8; 16],
+    pub client: Addr,
     /// The VIP (the reply's new source).
-    pub vip: [u8; 16],
+    pub vip: Addr,
     /// Client port, network order.
     pub client_port: u16,
     /// VIP port, network order.
@@ -283,18 +367,17 @@ pub struct Counters {
     pub new_flows: u64,
 }
 
-/// A cached next hop toward a backend (value of `NEXT_HOPS`).
+/// A cached next hop toward a backend ([`Backend::hop`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHop {
     /// Egress interface.
     pub ifindex: u32,
-    /// Source MAC.
-    pub smac: [u8; 6],
-    /// Destination MAC.
-    pub dmac: [u8; 6],
-    /// Valid until (coarse monotonic ns); 0 = empty.
-    pub expires_ns: u64,
+    /// The first 12 bytes of the Ethernet header to write, as words: destination MAC, then
+    /// source MAC.
+    pub macs: [u32; 3],
+    /// Valid until (jiffies); 0 = empty.
+    pub expires: u64,
 }
 
 #[cfg(feature = "user")]
@@ -309,6 +392,8 @@ mod pod {
     unsafe impl aya::Pod for super::RevNat {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::NextHop {}
+    unsafe impl aya::Pod for super::StatBlock {}
+    unsafe impl aya::Pod for super::FlowCacheEntry {}
 }
 
 #[cfg(test)]
@@ -318,15 +403,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn addresses_round_trip_through_words() {
+        let o: [u8; 16] = core::array::from_fn(|i| i as u8 * 7 + 1);
+        assert_eq!(addr_octets(&addr_from_octets(o)), o);
+        let v4 = addr_octets(&addr_from_v4([192, 0, 2, 1]));
+        assert_eq!(v4[..4], [192, 0, 2, 1]);
+        assert!(v4[4..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn vip_filter_bits_stay_in_range_and_separate_families() {
+        let a = addr_from_v4([203, 0, 113, 10]);
+        assert!(vip_filter_bit(family::V4, &a) < VIP_FILTER_WORDS * 64);
+        assert_ne!(
+            vip_filter_bit(family::V4, &a),
+            vip_filter_bit(family::V6, &a)
+        );
+    }
+
+    #[test]
     fn map_types_have_no_implicit_padding() {
-        assert_eq!(size_of::<Config>(), 48);
+        assert_eq!(size_of::<Config>(), 56);
         assert_eq!(size_of::<VipKey>(), 20);
         assert_eq!(size_of::<Service>(), 16);
-        assert_eq!(size_of::<Backend>(), 20);
+        assert_eq!(size_of::<Backend>(), 48);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<Flow>(), 16);
+        assert_eq!(size_of::<Flow>(), 24);
+        assert_eq!(size_of::<FlowCacheEntry>(), 64);
         assert_eq!(size_of::<RevNat>(), 40);
         assert_eq!(size_of::<Counters>(), 24);
         assert_eq!(size_of::<NextHop>(), 24);
+        assert_eq!(size_of::<StatBlock>(), 8 * stat::COUNT as usize);
     }
 }

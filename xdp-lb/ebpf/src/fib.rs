@@ -9,7 +9,10 @@ use aya_ebpf::{
 };
 use portico_xdp_common::{family, stat, NextHop};
 
-use crate::{maps::stat_add, parse::ptr_at};
+use crate::{
+    maps::Stats,
+    parse::{ptr_at, store32},
+};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -69,12 +72,17 @@ pub fn lookup(
         )
     };
     match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => Route::Via(NextHop {
-            ifindex: p.ifindex,
-            smac: p.smac,
-            dmac: p.dmac,
-            expires_ns: 0,
-        }),
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            let mut eth = [0u8; 12];
+            eth[..6].copy_from_slice(&p.dmac);
+            eth[6..].copy_from_slice(&p.smac);
+            let w = |i: usize| u32::from_ne_bytes([eth[i], eth[i + 1], eth[i + 2], eth[i + 3]]);
+            Route::Via(NextHop {
+                ifindex: p.ifindex,
+                macs: [w(0), w(4), w(8)],
+                expires: 0,
+            })
+        }
         BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeigh,
         _ => Route::None,
     }
@@ -83,19 +91,22 @@ pub fn lookup(
 /// Writes the next hop's MACs and sends the packet: XDP_TX when it leaves the interface it
 /// came in on, a redirect otherwise.
 #[inline(always)]
-pub fn send(ctx: &XdpContext, nh: &NextHop) -> u32 {
+pub fn send(ctx: &XdpContext, st: &Stats, nh: &NextHop) -> u32 {
     let Ok(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
         return xdp_action::XDP_ABORTED;
     };
+    let eth = eth.cast::<u8>();
     // SAFETY: 12 bytes checked above.
-    let eth = unsafe { &mut *eth };
-    eth[0..6].copy_from_slice(&nh.dmac);
-    eth[6..12].copy_from_slice(&nh.smac);
+    unsafe {
+        store32(eth, nh.macs[0]);
+        store32(eth.add(4), nh.macs[1]);
+        store32(eth.add(8), nh.macs[2]);
+    }
     if nh.ifindex == ctx.ingress_ifindex() as u32 {
-        stat_add(stat::TX, 1);
+        st.add(stat::TX, 1);
         xdp_action::XDP_TX
     } else {
-        stat_add(stat::REDIRECT, 1);
+        st.add(stat::REDIRECT, 1);
         // SAFETY: plain helper call.
         unsafe { bpf_redirect(nh.ifindex, 0) as u32 }
     }

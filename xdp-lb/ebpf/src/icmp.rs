@@ -3,14 +3,14 @@
 //! the NAT; echo requests to a VIP are answered in XDP when configured, else passed.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use portico_xdp_common::{config_flags, family, proto, stat, Config, FlowKey, VipKey};
+use portico_xdp_common::{config_flags, family, proto, stat, Addr, Config, FlowKey, VipKey};
 
 use crate::{
     csum,
     fib::{self, Route},
-    maps::{self, stat_add},
-    nat::{backend, snat_addr, words},
-    parse::{ptr_at, Parsed, Skip},
+    maps::{self, Stats},
+    nat::{backend, snat_addr},
+    parse::{load_addr, ptr_at, store_addr, Parsed, Skip},
 };
 
 const ICMP_ECHO_REPLY: u8 = 0;
@@ -25,7 +25,7 @@ const ICMPV6_ECHO_REPLY: u8 = 129;
 
 /// Handles an ICMP/ICMPv6 packet; `None` when it concerns no VIP or tracked flow.
 #[inline(always)]
-pub fn handle(ctx: &XdpContext, p: &Parsed, cfg: &Config) -> Result<Option<u32>, Skip> {
+pub fn handle(ctx: &XdpContext, st: &Stats, p: &Parsed, cfg: &Config) -> Result<Option<u32>, Skip> {
     let hdr: *const [u8; 8] = ptr_at(ctx, p.l4)?;
     // SAFETY: 8 bytes checked.
     let icmp_type = unsafe { (*hdr)[0] };
@@ -38,7 +38,7 @@ pub fn handle(ctx: &XdpContext, p: &Parsed, cfg: &Config) -> Result<Option<u32>,
             || icmp_type == ICMPV6_TIME_EXCEED
     };
     if is_error {
-        return translate_error(ctx, p, cfg);
+        return translate_error(ctx, st, p, cfg);
     }
     let is_echo = if v4 {
         icmp_type == ICMP_ECHO
@@ -46,34 +46,30 @@ pub fn handle(ctx: &XdpContext, p: &Parsed, cfg: &Config) -> Result<Option<u32>,
         icmp_type == ICMPV6_ECHO_REQUEST
     };
     if is_echo && cfg.flags & config_flags::ECHO_REPLY != 0 {
-        return echo_reply(ctx, p);
+        return echo_reply(ctx, st, p);
     }
     Ok(None)
 }
 
-/// Reads the outer source and destination (16-byte form).
+/// Reads the outer source and destination.
 #[inline(always)]
-fn outer_addrs(ctx: &XdpContext, p: &Parsed) -> Result<([u8; 16], [u8; 16]), Skip> {
-    let (mut s, mut d) = ([0u8; 16], [0u8; 16]);
+fn outer_addrs(ctx: &XdpContext, p: &Parsed) -> Result<(Addr, Addr), Skip> {
     if p.family == family::V4 {
         let a: *const [u8; 8] = ptr_at(ctx, p.l3 + 12)?;
+        let a = a.cast::<u8>();
         // SAFETY: 8 bytes checked.
-        let a = unsafe { &*a };
-        s[..4].copy_from_slice(&a[..4]);
-        d[..4].copy_from_slice(&a[4..]);
+        Ok(unsafe { (load_addr(a, true), load_addr(a.add(4), true)) })
     } else {
         let a: *const [u8; 32] = ptr_at(ctx, p.l3 + 8)?;
+        let a = a.cast::<u8>();
         // SAFETY: 32 bytes checked.
-        let a = unsafe { &*a };
-        s.copy_from_slice(&a[..16]);
-        d.copy_from_slice(&a[16..]);
+        Ok(unsafe { (load_addr(a, false), load_addr(a.add(16), false)) })
     }
-    Ok((s, d))
 }
 
 /// Echo request to a VIP address: answered in place and sent back (XDP_TX).
 #[inline(always)]
-fn echo_reply(ctx: &XdpContext, p: &Parsed) -> Result<Option<u32>, Skip> {
+fn echo_reply(ctx: &XdpContext, st: &Stats, p: &Parsed) -> Result<Option<u32>, Skip> {
     let (src, dst) = outer_addrs(ctx, p)?;
     let presence = VipKey {
         addr: dst,
@@ -116,24 +112,28 @@ fn echo_reply(ctx: &XdpContext, p: &Parsed) -> Result<Option<u32>, Skip> {
         .to_ne_bytes();
         ip[10] = c[0];
         ip[11] = c[1];
-        ip[12..16].copy_from_slice(&dst[..4]);
-        ip[16..20].copy_from_slice(&src[..4]);
+        let ip = ip.as_mut_ptr();
+        // SAFETY: 20 bytes checked.
+        unsafe {
+            store_addr(ip.add(12), &dst, true);
+            store_addr(ip.add(16), &src, true);
+        }
     } else {
         let ip: *mut [u8; 40] = ptr_at(ctx, p.l3)?;
+        let ip = ip.cast::<u8>();
         // SAFETY: 40 bytes checked.
-        let ip = unsafe { &mut *ip };
-        ip[7] = 64;
-        ip[8..24].copy_from_slice(&dst);
-        ip[24..40].copy_from_slice(&src);
+        unsafe {
+            *ip.add(7) = 64;
+            store_addr(ip.add(8), &dst, false);
+            store_addr(ip.add(24), &src, false);
+        }
     }
-    let eth: *mut [u8; 12] = ptr_at(ctx, 0)?;
-    // SAFETY: 12 bytes checked.
+    let eth: *mut [u16; 6] = ptr_at(ctx, 0)?;
+    // SAFETY: 12 bytes checked; the frame starts at an even address.
     let eth = unsafe { &mut *eth };
-    let mut mac = [0u8; 6];
-    mac.copy_from_slice(&eth[..6]);
-    eth.copy_within(6..12, 0);
-    eth[6..12].copy_from_slice(&mac);
-    stat_add(stat::ICMP_ECHO_REPLY, 1);
+    let [d0, d1, d2, s0, s1, s2] = *eth;
+    *eth = [s0, s1, s2, d0, d1, d2];
+    st.add(stat::ICMP_ECHO_REPLY, 1);
     Ok(Some(xdp_action::XDP_TX))
 }
 
@@ -160,16 +160,24 @@ fn parse_inner(ctx: &XdpContext, p: &Parsed) -> Result<Option<Inner>, Skip> {
             return Ok(None);
         }
         key.proto = ip[9];
-        key.src[..4].copy_from_slice(&ip[12..16]);
-        key.dst[..4].copy_from_slice(&ip[16..20]);
+        let ip = ip.as_ptr();
+        // SAFETY: 20 bytes checked.
+        unsafe {
+            key.src = load_addr(ip.add(12), true);
+            key.dst = load_addr(ip.add(16), true);
+        }
         l3 + ihl
     } else {
         let ip: *const [u8; 40] = ptr_at(ctx, l3)?;
         // SAFETY: 40 bytes checked.
         let ip = unsafe { &*ip };
         key.proto = ip[6];
-        key.src.copy_from_slice(&ip[8..24]);
-        key.dst.copy_from_slice(&ip[24..40]);
+        let ip = ip.as_ptr();
+        // SAFETY: 40 bytes checked.
+        unsafe {
+            key.src = load_addr(ip.add(8), false);
+            key.dst = load_addr(ip.add(24), false);
+        }
         l3 + 40
     };
     if key.proto != proto::TCP && key.proto != proto::UDP {
@@ -186,16 +194,21 @@ fn parse_inner(ctx: &XdpContext, p: &Parsed) -> Result<Option<Inner>, Skip> {
 
 /// Rewrites of one ICMP error.
 struct Rewrite {
-    outer_src: [u8; 16],
-    outer_dst: [u8; 16],
-    inner_src: [u8; 16],
+    outer_src: Addr,
+    outer_dst: Addr,
+    inner_src: Addr,
     inner_sport: u16,
-    inner_dst: [u8; 16],
+    inner_dst: Addr,
     inner_dport: u16,
 }
 
 #[inline(always)]
-fn translate_error(ctx: &XdpContext, p: &Parsed, cfg: &Config) -> Result<Option<u32>, Skip> {
+fn translate_error(
+    ctx: &XdpContext,
+    st: &Stats,
+    p: &Parsed,
+    cfg: &Config,
+) -> Result<Option<u32>, Skip> {
     let Some(inner) = parse_inner(ctx, p)? else {
         return Ok(None);
     };
@@ -251,11 +264,11 @@ fn translate_error(ctx: &XdpContext, p: &Parsed, cfg: &Config) -> Result<Option<
     };
     // SAFETY: checked by ptr_at.
     if unsafe { *ptr_at::<u8>(ctx, hop_off)? } <= 1 {
-        stat_add(stat::PASS_TTL, 1);
+        st.add(stat::PASS_TTL, 1);
         return Ok(Some(xdp_action::XDP_PASS));
     }
     apply(ctx, p, &inner, &outer_src, &outer_dst, &rw)?;
-    stat_add(stat::ICMP_ERROR_NAT, 1);
+    st.add(stat::ICMP_ERROR_NAT, 1);
     let tot_len = if p.family == family::V4 {
         // SAFETY: checked by ptr_at.
         u16::from_be(unsafe { *ptr_at::<u16>(ctx, p.l3 + 2)? })
@@ -273,19 +286,19 @@ fn translate_error(ctx: &XdpContext, p: &Parsed, cfg: &Config) -> Result<Option<
             ctx,
             p.family,
             proto_,
-            &words(&rw.outer_src),
-            &words(&rw.outer_dst),
+            &rw.outer_src,
+            &rw.outer_dst,
             0,
             0,
             tot_len,
         ) {
-            Route::Via(hop) => fib::send(ctx, &hop),
+            Route::Via(hop) => fib::send(ctx, st, &hop),
             Route::NoNeigh => {
-                stat_add(stat::PASS_NO_NEIGH, 1);
+                st.add(stat::PASS_NO_NEIGH, 1);
                 xdp_action::XDP_PASS
             }
             Route::None => {
-                stat_add(stat::DROP_NO_ROUTE, 1);
+                st.add(stat::DROP_NO_ROUTE, 1);
                 xdp_action::XDP_DROP
             }
         },
@@ -299,19 +312,17 @@ fn apply(
     ctx: &XdpContext,
     p: &Parsed,
     inner: &Inner,
-    outer_src: &[u8; 16],
-    outer_dst: &[u8; 16],
+    outer_src: &Addr,
+    outer_dst: &Addr,
     rw: &Rewrite,
 ) -> Result<(), Skip> {
     let k = &inner.key;
     let v4 = p.family == family::V4;
     // Changes inside the ICMP payload (the quoted packet), as one's complement deltas.
     let inner_addr_delta = if v4 {
-        csum::diff32(words(&k.src)[0], words(&rw.inner_src)[0])
-            + csum::diff32(words(&k.dst)[0], words(&rw.inner_dst)[0])
+        csum::diff32(k.src[0], rw.inner_src[0]) + csum::diff32(k.dst[0], rw.inner_dst[0])
     } else {
-        csum::diff128(&words(&k.src), &words(&rw.inner_src))
-            + csum::diff128(&words(&k.dst), &words(&rw.inner_dst))
+        csum::diff128(&k.src, &rw.inner_src) + csum::diff128(&k.dst, &rw.inner_dst)
     };
     let inner_port_delta =
         csum::diff16(k.sport, rw.inner_sport) + csum::diff16(k.dport, rw.inner_dport);
@@ -349,14 +360,20 @@ fn apply(
         let b = new.to_ne_bytes();
         ip[10] = b[0];
         ip[11] = b[1];
-        ip[12..16].copy_from_slice(&rw.inner_src[..4]);
-        ip[16..20].copy_from_slice(&rw.inner_dst[..4]);
+        let ip = ip.as_mut_ptr();
+        // SAFETY: 20 bytes checked.
+        unsafe {
+            store_addr(ip.add(12), &rw.inner_src, true);
+            store_addr(ip.add(16), &rw.inner_dst, true);
+        }
     } else {
         let ip: *mut [u8; 40] = ptr_at(ctx, inner.l3)?;
+        let ip = ip.cast::<u8>();
         // SAFETY: 40 bytes checked.
-        let ip = unsafe { &mut *ip };
-        ip[8..24].copy_from_slice(&rw.inner_src);
-        ip[24..40].copy_from_slice(&rw.inner_dst);
+        unsafe {
+            store_addr(ip.add(8), &rw.inner_src, false);
+            store_addr(ip.add(24), &rw.inner_dst, false);
+        }
     }
     let ports: *mut [u16; 2] = ptr_at(ctx, inner.l4)?;
     // SAFETY: 4 bytes checked.
@@ -372,23 +389,29 @@ fn apply(
         let old_tp = u16::from_ne_bytes([ip[8], ip[9]]);
         ip[8] -= 1;
         let new_tp = u16::from_ne_bytes([ip[8], ip[9]]);
-        let delta = csum::diff32(words(outer_src)[0], words(&rw.outer_src)[0])
-            + csum::diff32(words(outer_dst)[0], words(&rw.outer_dst)[0])
+        let delta = csum::diff32(outer_src[0], rw.outer_src[0])
+            + csum::diff32(outer_dst[0], rw.outer_dst[0])
             + csum::diff16(old_tp, new_tp);
         let c = csum::apply(u16::from_ne_bytes([ip[10], ip[11]]), delta).to_ne_bytes();
         ip[10] = c[0];
         ip[11] = c[1];
-        ip[12..16].copy_from_slice(&rw.outer_src[..4]);
-        ip[16..20].copy_from_slice(&rw.outer_dst[..4]);
+        let ip = ip.as_mut_ptr();
+        // SAFETY: 20 bytes checked.
+        unsafe {
+            store_addr(ip.add(12), &rw.outer_src, true);
+            store_addr(ip.add(16), &rw.outer_dst, true);
+        }
     } else {
         let ip: *mut [u8; 40] = ptr_at(ctx, p.l3)?;
+        let ip = ip.cast::<u8>();
         // SAFETY: 40 bytes checked.
-        let ip = unsafe { &mut *ip };
-        ip[7] -= 1;
-        icmp_delta += csum::diff128(&words(outer_src), &words(&rw.outer_src))
-            + csum::diff128(&words(outer_dst), &words(&rw.outer_dst));
-        ip[8..24].copy_from_slice(&rw.outer_src);
-        ip[24..40].copy_from_slice(&rw.outer_dst);
+        unsafe {
+            *ip.add(7) -= 1;
+            store_addr(ip.add(8), &rw.outer_src, false);
+            store_addr(ip.add(24), &rw.outer_dst, false);
+        }
+        icmp_delta +=
+            csum::diff128(outer_src, &rw.outer_src) + csum::diff128(outer_dst, &rw.outer_dst);
     }
     let c: *mut u16 = ptr_at(ctx, p.l4 + 2)?;
     // SAFETY: checked.

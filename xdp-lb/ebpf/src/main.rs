@@ -4,6 +4,7 @@
 //! `maps` (one doc comment per map).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(target_arch = "bpf")]
 mod csum;
@@ -25,7 +26,7 @@ mod program {
 
     use crate::{
         icmp,
-        maps::{self, stat_add},
+        maps::{self, Stats},
         nat,
         parse::{self, Skip},
     };
@@ -33,15 +34,16 @@ mod program {
     /// Entry point, frags-aware (`xdp.frags` section): lengths come from the real buffer.
     #[xdp(frags)]
     pub fn portico_xdp(ctx: XdpContext) -> u32 {
-        // SAFETY: ctx.ctx is the kernel's xdp_md for this invocation.
-        let bytes =
-            unsafe { aya_ebpf::helpers::generated::bpf_xdp_get_buff_len(ctx.ctx as *mut _) };
-        stat_add(stat::PACKETS, 1);
-        stat_add(stat::BYTES, bytes);
-        match try_balance(&ctx, bytes) {
+        let Some(st) = Stats::get() else {
+            return xdp_action::XDP_PASS;
+        };
+        st.add(stat::PACKETS, 1);
+        match try_balance(&ctx, &st) {
             Ok(verdict) => verdict,
             Err(skip) => {
-                stat_add(
+                // Not parsed: the linear part is what there is to count.
+                st.add(stat::BYTES, (ctx.data_end() - ctx.data()) as u64);
+                st.add(
                     match skip {
                         Skip::NotIp => stat::PASS_NOT_VIP,
                         Skip::Malformed => stat::PASS_MALFORMED,
@@ -54,9 +56,14 @@ mod program {
         }
     }
 
+    /// Replies to the node's SNAT address are translated back; traffic to an address outside
+    /// the VIP filter passes after one array read; VIP traffic goes to its tracked backend
+    /// (one conntrack lookup) or, for a new flow, through the service's Maglev ring.
     #[inline(always)]
-    fn try_balance(ctx: &XdpContext, bytes: u64) -> Result<u32, Skip> {
+    fn try_balance(ctx: &XdpContext, st: &Stats) -> Result<u32, Skip> {
         let p = parse::parse(ctx)?;
+        let bytes = p.len;
+        st.add(stat::BYTES, bytes);
         let Some(cfg) = maps::CONFIG.get(0) else {
             return Ok(xdp_action::XDP_PASS);
         };
@@ -64,41 +71,46 @@ mod program {
             let icmp = (p.family == family::V4 && p.proto == proto::ICMP)
                 || (p.family == family::V6 && p.proto == proto::ICMPV6);
             if icmp {
-                if let Some(verdict) = icmp::handle(ctx, &p, cfg)? {
+                if let Some(verdict) = icmp::handle(ctx, st, &p, cfg)? {
                     return Ok(verdict);
                 }
             }
-            stat_add(stat::PASS_NOT_VIP, 1);
+            st.add(stat::PASS_NOT_VIP, 1);
             return Ok(xdp_action::XDP_PASS);
         }
         let t = nat::read_tuple(ctx, &p)?;
-        let vip = VipKey {
-            addr: t.key.dst,
-            port: t.key.dport,
-            proto: t.key.proto,
-            family: t.key.family,
-        };
-        // SAFETY: read-only copy of the value.
-        if let Some(svc) = unsafe { maps::SERVICES.get(vip) }.copied() {
-            if p.proto == proto::SCTP {
-                // SCTP's CRC32c covers the whole packet: not rewritten in XDP (yet).
-                stat_add(stat::PASS_UNSUPPORTED, 1);
-                return Ok(xdp_action::XDP_PASS);
-            }
-            return nat::forward(ctx, &p, &t, &svc, cfg, bytes);
-        }
-        let to_snat = if t.key.family == family::V4 {
-            t.key.dst[..4] == cfg.snat_v4
-        } else {
-            t.key.dst == cfg.snat_v6
-        };
-        if to_snat {
-            if let Some(verdict) = nat::reply(ctx, &p, &t, bytes)? {
+        let key = &t.key;
+        if key.dst == nat::snat_addr(cfg, key.family) {
+            if let Some(verdict) = nat::reply(ctx, st, &p, &t, bytes)? {
                 return Ok(verdict);
             }
         }
-        stat_add(stat::PASS_NOT_VIP, 1);
-        Ok(xdp_action::XDP_PASS)
+        if !maps::maybe_vip(key.family, &key.dst) {
+            st.add(stat::PASS_NOT_VIP, 1);
+            return Ok(xdp_action::XDP_PASS);
+        }
+        if p.proto != proto::SCTP {
+            if let Some(verdict) = nat::tracked(ctx, st, &p, &t, cfg, bytes)? {
+                return Ok(verdict);
+            }
+        }
+        let vip = VipKey {
+            addr: key.dst,
+            port: key.dport,
+            proto: key.proto,
+            family: key.family,
+        };
+        // SAFETY: read-only copy of the value.
+        let Some(svc) = (unsafe { maps::SERVICES.get(vip) }).copied() else {
+            st.add(stat::PASS_NOT_VIP, 1);
+            return Ok(xdp_action::XDP_PASS);
+        };
+        if p.proto == proto::SCTP {
+            // SCTP's CRC32c covers the whole packet: not rewritten in XDP (yet).
+            st.add(stat::PASS_UNSUPPORTED, 1);
+            return Ok(xdp_action::XDP_PASS);
+        }
+        nat::new_flow(ctx, st, &p, &t, &svc, cfg, bytes)
     }
 
     /// Benchmark floor: swaps the MAC addresses and sends the frame back (XDP_TX). Loaded
@@ -106,16 +118,22 @@ mod program {
     /// that touches the packet.
     #[xdp]
     pub fn xdp_floor(ctx: XdpContext) -> u32 {
-        let Ok(eth) = parse::ptr_at::<[u8; 12]>(&ctx, 0) else {
+        let Ok(eth) = parse::ptr_at::<[u16; 6]>(&ctx, 0) else {
             return xdp_action::XDP_PASS;
         };
-        // SAFETY: 12 bytes checked.
+        // SAFETY: 12 bytes checked; the frame starts at an even address.
         let eth = unsafe { &mut *eth };
-        let mut dst = [0u8; 6];
-        dst.copy_from_slice(&eth[0..6]);
-        eth.copy_within(6..12, 0);
-        eth[6..12].copy_from_slice(&dst);
+        let [d0, d1, d2, s0, s1, s2] = *eth;
+        *eth = [s0, s1, s2, d0, d1, d2];
         xdp_action::XDP_TX
+    }
+
+    /// Returns the kernel's jiffies (low 32 bits) as its verdict: the loader runs it through
+    /// BPF_PROG_TEST_RUN twice, some time apart, to learn HZ.
+    #[xdp]
+    pub fn xdp_jiffies(_ctx: XdpContext) -> u32 {
+        // SAFETY: plain helper call.
+        unsafe { aya_ebpf::helpers::generated::bpf_jiffies64() as u32 }
     }
 
     #[panic_handler]

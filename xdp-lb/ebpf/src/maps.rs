@@ -5,13 +5,18 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use portico_xdp_common::{
-    stat, Backend, Config, Counters, Flow, FlowKey, NextHop, RevNat, Service, VipKey,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
+    vip_filter_bit, Addr, Backend, Config, Counters, Flow, FlowCacheEntry, FlowKey, RevNat,
+    Service, StatBlock, VipKey, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, VIP_FILTER_WORDS,
 };
 
-/// Global per-CPU counters and verdict reasons, indexed by `portico_xdp_common::stat`.
+/// Global counters and verdict reasons: one [`StatBlock`] per CPU, looked up once per packet.
 #[map(name = "STATS")]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+pub static STATS: PerCpuArray<StatBlock> = PerCpuArray::with_max_entries(1, 0);
+
+/// Bitmap of VIP addresses (`vip_filter_bit`): traffic to any other address passes after one
+/// array read, without a hash lookup.
+#[map(name = "VIP_FILTER")]
+pub static VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
 
 /// Node configuration: SNAT addresses and port range, ring size, hash seed, timeouts.
 #[map(name = "CONFIG")]
@@ -28,7 +33,8 @@ pub static SERVICES: HashMap<VipKey, Service> =
 #[map(name = "RINGS")]
 pub static RINGS: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES * 2 * 16381, 0);
 
-/// Backends by id (0 unused).
+/// Backends by id (0 unused), each with its cached next hop (egress interface and MACs from
+/// bpf_fib_lookup, kept a second so established flows skip the FIB).
 #[map(name = "BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
@@ -40,6 +46,12 @@ const BPF_F_NO_COMMON_LRU: u32 = 2;
 #[map(name = "CONNTRACK")]
 pub static CONNTRACK: LruHashMap<FlowKey, Flow> =
     LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
+
+/// Per-CPU exact-match cache in front of `CONNTRACK`, indexed by a hash of the 5-tuple.
+/// Entries are refreshed from `CONNTRACK` at least once a second (which also keeps its
+/// `last_seen` and LRU position current), and on every SYN, FIN or RST.
+#[map(name = "FLOW_CACHE")]
+pub static FLOW_CACHE: PerCpuArray<FlowCacheEntry> = PerCpuArray::with_max_entries(4096, 0);
 
 /// Reverse NAT: backend → SNAT address:port 5-tuple → client and VIP. Also the SNAT port
 /// reservation: a port is taken exactly when its entry exists (inserted with BPF_NOEXIST).
@@ -57,18 +69,36 @@ pub static SERVICE_STATS: PerCpuArray<Counters> =
 pub static BACKEND_STATS: PerCpuArray<Counters> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
-/// Next hop toward each backend (egress interface and MACs from bpf_fib_lookup), cached for
-/// a second so established flows skip the FIB.
-#[map(name = "NEXT_HOPS")]
-pub static NEXT_HOPS: Array<NextHop> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+/// This CPU's global counters.
+pub struct Stats(*mut StatBlock);
 
-/// Adds `n` to global counter `idx` on this CPU.
-#[inline(always)]
-pub fn stat_add(idx: u32, n: u64) {
-    if let Some(slot) = STATS.get_ptr_mut(idx) {
-        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-        unsafe { *slot += n };
+impl Stats {
+    /// This CPU's block; `None` only if the map is missing its entry (never, for an array).
+    #[inline(always)]
+    pub fn get() -> Option<Self> {
+        STATS.get_ptr_mut(0).map(Self)
     }
+
+    /// Adds `n` to counter `idx` (a `stat` constant).
+    #[inline(always)]
+    pub fn add(&self, idx: u32, n: u64) {
+        // SAFETY: per-CPU block; only this CPU writes it while the program runs. Indices are
+        // constants below stat::COUNT, so the bounds check folds away.
+        unsafe {
+            if let Some(c) = (*self.0).counts.get_mut(idx as usize) {
+                *c += n;
+            }
+        }
+    }
+}
+
+/// Whether `a` may be a VIP address (its `VIP_FILTER` bit is set).
+#[inline(always)]
+pub fn maybe_vip(fam: u8, a: &Addr) -> bool {
+    let bit = vip_filter_bit(fam, a);
+    VIP_FILTER
+        .get(bit >> 6)
+        .is_some_and(|w| w & (1u64 << (bit & 63)) != 0)
 }
 
 /// Counts a packet (and a new flow) against a service or backend.

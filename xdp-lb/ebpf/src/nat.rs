@@ -4,26 +4,25 @@
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_NOEXIST},
-    helpers::generated::bpf_ktime_get_coarse_ns,
+    helpers::generated::bpf_jiffies64,
     programs::XdpContext,
 };
 use portico_xdp_common::{
-    backend_state, family, flow_state, proto, service_flags, stat, Backend, Config, Flow, FlowKey,
-    RevNat, Service,
+    backend_state, family, flow_state, proto, service_flags, stat, Addr, Backend, Config, Flow,
+    FlowCacheEntry, FlowKey, RevNat, Service,
 };
 
 use crate::{
     csum,
     fib::{self, Route},
-    maps::{self, count, stat_add},
-    parse::{ptr_at, Parsed, Skip},
+    maps::{self, count, Stats},
+    parse::{load_addr, ptr_at, store32, store_addr, Parsed, Skip},
 };
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
-const NS_PER_S: u64 = 1_000_000_000;
 /// SNAT ports tried before the new flow is dropped.
 const SNAT_PROBES: u32 = 8;
 
@@ -38,24 +37,18 @@ pub struct Tuple {
 /// Reads addresses, ports and TCP flags.
 #[inline(always)]
 pub fn read_tuple(ctx: &XdpContext, p: &Parsed) -> Result<Tuple, Skip> {
-    let mut key = FlowKey {
-        proto: p.proto,
-        family: p.family,
-        ..FlowKey::default()
-    };
-    if p.family == family::V4 {
+    let v4 = p.family == family::V4;
+    let (src, dst) = if v4 {
         let a: *const [u8; 8] = ptr_at(ctx, p.l3 + 12)?;
+        let a = a.cast::<u8>();
         // SAFETY: 8 bytes checked.
-        let a = unsafe { &*a };
-        key.src[..4].copy_from_slice(&a[..4]);
-        key.dst[..4].copy_from_slice(&a[4..]);
+        unsafe { (load_addr(a, true), load_addr(a.add(4), true)) }
     } else {
         let a: *const [u8; 32] = ptr_at(ctx, p.l3 + 8)?;
+        let a = a.cast::<u8>();
         // SAFETY: 32 bytes checked.
-        let a = unsafe { &*a };
-        key.src.copy_from_slice(&a[..16]);
-        key.dst.copy_from_slice(&a[16..]);
-    }
+        unsafe { (load_addr(a, false), load_addr(a.add(16), false)) }
+    };
     let mut tcp_flags = 0;
     if p.proto == proto::TCP {
         let t: *const [u8; 20] = ptr_at(ctx, p.l4)?;
@@ -66,17 +59,19 @@ pub fn read_tuple(ctx: &XdpContext, p: &Parsed) -> Result<Tuple, Skip> {
     }
     let ports: *const [u16; 2] = ptr_at(ctx, p.l4)?;
     // SAFETY: checked above.
-    unsafe {
-        key.sport = (*ports)[0];
-        key.dport = (*ports)[1];
-    }
-    Ok(Tuple { key, tcp_flags })
-}
-
-#[inline(always)]
-pub(crate) fn words(a: &[u8; 16]) -> [u32; 4] {
-    // SAFETY: 16 bytes read as four u32 (unaligned read).
-    unsafe { core::ptr::read_unaligned(a.as_ptr() as *const [u32; 4]) }
+    let [sport, dport] = unsafe { *ports };
+    Ok(Tuple {
+        key: FlowKey {
+            src,
+            dst,
+            sport,
+            dport,
+            proto: p.proto,
+            family: p.family,
+            _pad: [0; 2],
+        },
+        tcp_flags,
+    })
 }
 
 #[inline(always)]
@@ -103,10 +98,10 @@ fn murmur_fin(mut h: u32) -> u32 {
 /// Flow hash, seeded so that every node picks the same backend for the same flow.
 #[inline(always)]
 fn flow_hash(k: &FlowKey, seed: u32, src_only: bool) -> u32 {
-    let s = words(&k.src);
+    let s = &k.src;
     let mut h = murmur_mix(seed, s[0] ^ s[1] ^ s[2] ^ s[3]);
     if !src_only {
-        let d = words(&k.dst);
+        let d = &k.dst;
         h = murmur_mix(h, d[0] ^ d[1] ^ d[2] ^ d[3]);
         h = murmur_mix(h, (u32::from(k.sport) << 16) | u32::from(k.dport));
         h = murmur_mix(h, u32::from(k.proto));
@@ -114,33 +109,41 @@ fn flow_hash(k: &FlowKey, seed: u32, src_only: bool) -> u32 {
     murmur_fin(h)
 }
 
+/// Now, in jiffies (the verifier inlines the helper into one load).
 #[inline(always)]
-fn now_ns() -> u64 {
+fn now() -> u64 {
     // SAFETY: plain helper call.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    unsafe { bpf_jiffies64() }
 }
 
 #[inline(always)]
 fn expired(f: &Flow, cfg: &Config, proto_: u8, now: u64) -> bool {
-    let timeout_s = if f.state == flow_state::CLOSING {
-        cfg.tcp_closing_timeout_s
+    let timeout = if f.state == flow_state::CLOSING {
+        cfg.tcp_closing_timeout
     } else if proto_ == proto::TCP {
-        cfg.tcp_timeout_s
+        cfg.tcp_timeout
     } else {
-        cfg.udp_timeout_s
+        cfg.udp_timeout
     };
-    now.saturating_sub(f.last_seen_ns) > u64::from(timeout_s) * NS_PER_S
+    now.saturating_sub(f.last_seen) > u64::from(timeout)
+}
+
+/// A live backend by id, as a pointer (the program caches its next hop in it).
+#[inline(always)]
+fn backend_ptr(id: u32) -> Option<*mut Backend> {
+    if id == 0 {
+        return None;
+    }
+    let be = maps::BACKENDS.get_ptr_mut(id)?;
+    // SAFETY: valid map value pointer.
+    (unsafe { (*be).state } != backend_state::UNUSED).then_some(be)
 }
 
 /// A live backend by id.
 #[inline(always)]
 pub(crate) fn backend(id: u32) -> Option<&'static Backend> {
-    if id == 0 {
-        return None;
-    }
-    maps::BACKENDS
-        .get(id)
-        .filter(|b| b.state != backend_state::UNUSED)
+    // SAFETY: valid map value pointer, read only.
+    backend_ptr(id).map(|b| unsafe { &*b })
 }
 
 /// Picks a backend for a new flow from the service's live Maglev ring.
@@ -167,7 +170,7 @@ fn claim_snat_port(
     key: &FlowKey,
     be: &Backend,
     backend_id: u32,
-    snat: &[u8; 16],
+    snat: &Addr,
     cfg: &Config,
     svc: &Service,
     now: u64,
@@ -225,6 +228,7 @@ fn claim_snat_port(
             Some(f) => {
                 f.snat_port == port
                     && f.backend_id == backend_id
+                    && still_assigned(be, f)
                     && !expired(f, cfg, key.proto, now)
                     && owner != *key
             }
@@ -245,57 +249,51 @@ fn claim_snat_port(
 }
 
 /// Rewrites addresses and ports in place and fixes the IP and L4 checksums; decrements the
-/// TTL / hop limit. `new_src`/`new_dst` are in 16-byte form.
+/// TTL / hop limit.
 #[inline(always)]
 fn rewrite(
     ctx: &XdpContext,
     p: &Parsed,
     old: &FlowKey,
-    new_src: &[u8; 16],
-    new_dst: &[u8; 16],
+    new_src: &Addr,
+    new_dst: &Addr,
     new_sport: u16,
     new_dport: u16,
 ) -> Result<(), Skip> {
-    let (os, od, ns, nd) = (
-        words(&old.src),
-        words(&old.dst),
-        words(new_src),
-        words(new_dst),
-    );
     let mut l4_delta = csum::diff16(old.sport, new_sport) + csum::diff16(old.dport, new_dport);
     if p.family == family::V4 {
         let ip: *mut [u8; 20] = ptr_at(ctx, p.l3)?;
-        let addr_delta = csum::diff32(os[0], ns[0]) + csum::diff32(od[0], nd[0]);
+        let ip = ip.cast::<u8>();
+        let addr_delta =
+            csum::diff32(old.src[0], new_src[0]) + csum::diff32(old.dst[0], new_dst[0]);
         l4_delta += addr_delta;
-        // SAFETY: 20 bytes checked.
+        // SAFETY: 20 bytes checked; the IP header starts at an even offset.
         unsafe {
-            let ttl_proto = ip.cast::<u8>().add(8) as *mut u16;
-            let old_tp = core::ptr::read_unaligned(ttl_proto);
+            let ttl_proto = ip.add(8) as *mut u16;
+            let old_tp = *ttl_proto;
             let mut bytes = old_tp.to_ne_bytes();
             bytes[0] -= 1;
             let new_tp = u16::from_ne_bytes(bytes);
-            core::ptr::write_unaligned(ttl_proto, new_tp);
-            let c = ip.cast::<u8>().add(10) as *mut u16;
-            let ip_delta = addr_delta + csum::diff16(old_tp, new_tp);
-            core::ptr::write_unaligned(c, csum::apply(core::ptr::read_unaligned(c), ip_delta));
-            core::ptr::write_unaligned(ip.cast::<u8>().add(12) as *mut u32, ns[0]);
-            core::ptr::write_unaligned(ip.cast::<u8>().add(16) as *mut u32, nd[0]);
+            *ttl_proto = new_tp;
+            let c = ip.add(10) as *mut u16;
+            *c = csum::apply(*c, addr_delta + csum::diff16(old_tp, new_tp));
+            store32(ip.add(12), new_src[0]);
+            store32(ip.add(16), new_dst[0]);
         }
     } else {
         let ip: *mut [u8; 40] = ptr_at(ctx, p.l3)?;
-        l4_delta += csum::diff128(&os, &ns) + csum::diff128(&od, &nd);
+        let ip = ip.cast::<u8>();
+        l4_delta += csum::diff128(&old.src, new_src) + csum::diff128(&old.dst, new_dst);
         // SAFETY: 40 bytes checked.
-        let ip = unsafe { &mut *ip };
-        ip[7] -= 1;
-        ip[8..24].copy_from_slice(new_src);
-        ip[24..40].copy_from_slice(new_dst);
+        unsafe {
+            *ip.add(7) -= 1;
+            store_addr(ip.add(8), new_src, false);
+            store_addr(ip.add(24), new_dst, false);
+        }
     }
     let ports: *mut [u16; 2] = ptr_at(ctx, p.l4)?;
     // SAFETY: 4 bytes checked.
-    unsafe {
-        (*ports)[0] = new_sport;
-        (*ports)[1] = new_dport;
-    }
+    unsafe { *ports = [new_sport, new_dport] };
     if p.proto == proto::TCP {
         let c: *mut u16 = ptr_at(ctx, p.l4 + 16)?;
         // SAFETY: checked.
@@ -336,22 +334,135 @@ fn ip_tot_len(ctx: &XdpContext, p: &Parsed) -> Result<u16, Skip> {
     }
 }
 
-/// The node's SNAT address for a family, in 16-byte form.
+/// The node's SNAT address for a family.
 #[inline(always)]
-pub(crate) fn snat_addr(cfg: &Config, fam: u8) -> [u8; 16] {
-    let mut a = [0u8; 16];
+pub(crate) fn snat_addr(cfg: &Config, fam: u8) -> Addr {
     if fam == family::V4 {
-        a[..4].copy_from_slice(&cfg.snat_v4);
+        [cfg.snat_v4, 0, 0, 0]
     } else {
-        a = cfg.snat_v6;
+        cfg.snat_v6
     }
-    a
 }
 
-/// Client → VIP: conntrack or Maglev, SNAT port, rewrite, send.
+/// Slot of the per-CPU flow cache for a 5-tuple.
 #[inline(always)]
-pub fn forward(
+fn cache_slot(key: &FlowKey, cfg: &Config) -> Option<*mut FlowCacheEntry> {
+    let (s, d) = (&key.src, &key.dst);
+    let h = (s[0] ^ s[1] ^ s[2] ^ s[3])
+        ^ (d[0] ^ d[1] ^ d[2] ^ d[3]).rotate_left(16)
+        ^ ((u32::from(key.sport) << 16) | u32::from(key.dport)).wrapping_mul(0x9e37_79b1)
+        ^ u32::from(key.proto);
+    maps::FLOW_CACHE.get_ptr_mut(murmur_fin(h) & cfg.flow_cache_mask)
+}
+
+/// Remembers a tracked flow in this CPU's cache.
+#[inline(always)]
+fn cache_store(key: &FlowKey, flow: &Flow, cfg: &Config) {
+    if let Some(c) = cache_slot(key, cfg) {
+        // SAFETY: per-CPU slot; only this CPU touches it while the program runs.
+        unsafe {
+            (*c).key = *key;
+            (*c).flow = *flow;
+        }
+    }
+}
+
+/// Whether a tracked flow still goes to `be`: the id is live and still the same backend of
+/// the same service (ids are reused after a backend is removed).
+#[inline(always)]
+fn still_assigned(be: &Backend, flow: &Flow) -> bool {
+    be.service_id == flow.service_id && be.generation == flow.backend_gen
+}
+
+/// Client → VIP packet of a tracked flow: sent to the flow's backend. `None` when the flow is
+/// not tracked, or its entry is stale (expired, backend gone, a new SYN after close): the
+/// caller then treats the packet as a new flow.
+///
+/// Packets without SYN, FIN or RST are served from this CPU's flow cache when its copy is
+/// under a second old; the others, and every flow once a second, go to `CONNTRACK`, which
+/// refreshes the entry's age and LRU position and the cached copy.
+#[inline(always)]
+pub fn tracked(
     ctx: &XdpContext,
+    st: &Stats,
+    p: &Parsed,
+    t: &Tuple,
+    cfg: &Config,
+    bytes: u64,
+) -> Result<Option<u32>, Skip> {
+    let key = &t.key;
+    let now = now();
+    let hz = u64::from(cfg.hz);
+    let slot = cache_slot(key, cfg);
+    let mut cached = None;
+    if t.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
+        if let Some(c) = slot {
+            // SAFETY: per-CPU slot.
+            let c = unsafe { &*c };
+            if c.key == *key && now.saturating_sub(c.flow.last_seen) <= hz {
+                cached = Some(c.flow);
+            }
+        }
+    }
+    let flow = match cached {
+        Some(f) => {
+            if expired(&f, cfg, key.proto, now) {
+                return Ok(None);
+            }
+            f
+        }
+        None => {
+            let Some(f) = maps::CONNTRACK.get_ptr_mut(key) else {
+                return Ok(None);
+            };
+            // SAFETY: valid map value pointer; racing writers only touch plain integers.
+            let f = unsafe { &mut *f };
+            let fresh_syn = t.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            if (fresh_syn && f.state == flow_state::CLOSING) || expired(f, cfg, key.proto, now) {
+                return Ok(None);
+            }
+            if t.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                f.state = flow_state::CLOSING;
+            }
+            f.last_seen = now;
+            let copy = *f;
+            if let Some(c) = slot {
+                // SAFETY: per-CPU slot.
+                unsafe {
+                    (*c).key = *key;
+                    (*c).flow = copy;
+                }
+            }
+            copy
+        }
+    };
+    let Some(be) = backend_ptr(flow.backend_id) else {
+        return Ok(None);
+    };
+    // SAFETY: valid map value pointer.
+    if !still_assigned(unsafe { &*be }, &flow) {
+        return Ok(None);
+    }
+    if hop_limit(ctx, p)? <= 1 {
+        st.add(stat::PASS_TTL, 1);
+        return Ok(Some(xdp_action::XDP_PASS));
+    }
+    st.add(stat::CT_HIT, 1);
+    let to = To {
+        be,
+        backend_id: flow.backend_id,
+        snat_port: flow.snat_port,
+        new_flow: false,
+    };
+    send_to_backend(ctx, st, p, key, cfg, &to, bytes, now).map(Some)
+}
+
+/// Client → VIP packet of a new flow (or one whose entry went stale): Maglev picks the
+/// backend, a SNAT port is reserved, the flow is tracked and the packet sent.
+#[inline(always)]
+pub fn new_flow(
+    ctx: &XdpContext,
+    st: &Stats,
     p: &Parsed,
     t: &Tuple,
     svc: &Service,
@@ -359,119 +470,134 @@ pub fn forward(
     bytes: u64,
 ) -> Result<u32, Skip> {
     if hop_limit(ctx, p)? <= 1 {
-        stat_add(stat::PASS_TTL, 1);
+        st.add(stat::PASS_TTL, 1);
         return Ok(xdp_action::XDP_PASS);
     }
-    let now = now_ns();
+    let now = now();
     let key = &t.key;
-    let closing = t.tcp_flags & (TCP_FIN | TCP_RST) != 0;
-    let fresh_syn = t.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-
-    let mut tracked: Option<(u32, u16, &'static Backend)> = None;
-    if let Some(f) = maps::CONNTRACK.get_ptr_mut(key) {
-        // SAFETY: valid map value pointer; racing writers only touch plain integers.
-        let flow = unsafe { &mut *f };
-        let reusable = !(fresh_syn && flow.state == flow_state::CLOSING);
-        if reusable && !expired(flow, cfg, key.proto, now) {
-            if let Some(be) = backend(flow.backend_id) {
-                if now.saturating_sub(flow.last_seen_ns) > NS_PER_S {
-                    flow.last_seen_ns = now;
-                }
-                if closing && flow.state != flow_state::CLOSING {
-                    flow.state = flow_state::CLOSING;
-                    flow.last_seen_ns = now;
-                }
-                tracked = Some((flow.backend_id, flow.snat_port, be));
-            }
-        }
-    }
-    let snat = snat_addr(cfg, key.family);
-    let new_flow = tracked.is_none();
-    let (backend_id, snat_port, be) = match tracked {
-        Some(hit) => {
-            stat_add(stat::CT_HIT, 1);
-            hit
-        }
-        None => {
-            stat_add(stat::CT_MISS, 1);
-            let id = maglev_pick(svc, cfg, key);
-            let Some(be) = backend(id) else {
-                stat_add(stat::DROP_NO_BACKEND, 1);
-                return Ok(xdp_action::XDP_DROP);
-            };
-            let Some(port) = claim_snat_port(key, be, id, &snat, cfg, svc, now) else {
-                stat_add(stat::DROP_NO_SNAT_PORT, 1);
-                return Ok(xdp_action::XDP_DROP);
-            };
-            let flow = Flow {
-                backend_id: id,
-                snat_port: port,
-                state: if closing {
-                    flow_state::CLOSING
-                } else {
-                    flow_state::OPEN
-                },
-                _pad: 0,
-                last_seen_ns: now,
-            };
-            if maps::CONNTRACK.insert(key, flow, 0).is_ok() {
-                stat_add(stat::CT_INSERT, 1);
-            }
-            (id, port, be)
-        }
+    st.add(stat::CT_MISS, 1);
+    let id = maglev_pick(svc, cfg, key);
+    let Some(be) = backend_ptr(id) else {
+        st.add(stat::DROP_NO_BACKEND, 1);
+        return Ok(xdp_action::XDP_DROP);
     };
-    if be.family != key.family {
-        stat_add(stat::PASS_UNSUPPORTED, 1);
-        return Ok(xdp_action::XDP_PASS);
-    }
-    let tot_len = ip_tot_len(ctx, p)?;
-    rewrite(ctx, p, key, &snat, &be.addr, snat_port, be.port)?;
-    count(&maps::SERVICE_STATS, svc.id, bytes, new_flow);
-    count(&maps::BACKEND_STATS, backend_id, bytes, new_flow);
-
-    // Cached next hop, else the FIB (and cache it for a second).
-    if let Some(nh) = maps::NEXT_HOPS.get_ptr_mut(backend_id) {
+    let snat = snat_addr(cfg, key.family);
+    // SAFETY: valid map value pointer, read only here.
+    let Some(port) = claim_snat_port(key, unsafe { &*be }, id, &snat, cfg, svc, now) else {
+        st.add(stat::DROP_NO_SNAT_PORT, 1);
+        return Ok(xdp_action::XDP_DROP);
+    };
+    let flow = Flow {
+        backend_id: id,
+        snat_port: port,
+        service_id: svc.id as u16,
+        last_seen: now,
         // SAFETY: valid map value pointer.
-        let cached = unsafe { *nh };
-        if cached.expires_ns > now {
-            return Ok(fib::send(ctx, &cached));
-        }
-        match fib::lookup(
-            ctx,
-            key.family,
-            key.proto,
-            &words(&snat),
-            &words(&be.addr),
-            snat_port,
-            be.port,
-            tot_len,
-        ) {
-            Route::Via(mut hop) => {
-                hop.expires_ns = now + NS_PER_S;
-                // SAFETY: valid map value pointer; a racing writer writes the same data.
-                unsafe { *nh = hop };
-                return Ok(fib::send(ctx, &hop));
-            }
-            Route::NoNeigh => {
-                stat_add(stat::PASS_NO_NEIGH, 1);
-                return Ok(xdp_action::XDP_PASS);
-            }
-            Route::None => {}
-        }
+        backend_gen: unsafe { (*be).generation },
+        state: if t.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            flow_state::CLOSING
+        } else {
+            flow_state::OPEN
+        },
+        _pad: [0; 5],
+    };
+    if maps::CONNTRACK.insert(key, flow, 0).is_ok() {
+        st.add(stat::CT_INSERT, 1);
     }
-    stat_add(stat::DROP_NO_ROUTE, 1);
-    Ok(xdp_action::XDP_DROP)
+    cache_store(key, &flow, cfg);
+    let to = To {
+        be,
+        backend_id: id,
+        snat_port: port,
+        new_flow: true,
+    };
+    send_to_backend(ctx, st, p, key, cfg, &to, bytes, now)
 }
 
-/// Backend → node SNAT port: translate back to VIP → client and send.
+/// Where a client → VIP packet goes.
+struct To {
+    be: *mut Backend,
+    backend_id: u32,
+    snat_port: u16,
+    new_flow: bool,
+}
+
+/// Rewrites a client → VIP packet toward its backend, counts it, and sends it to the cached
+/// next hop (else the FIB's, cached for a second).
 #[inline(always)]
-pub fn reply(ctx: &XdpContext, p: &Parsed, t: &Tuple, bytes: u64) -> Result<Option<u32>, Skip> {
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the packet's context, parsed once"
+)]
+fn send_to_backend(
+    ctx: &XdpContext,
+    st: &Stats,
+    p: &Parsed,
+    key: &FlowKey,
+    cfg: &Config,
+    to: &To,
+    bytes: u64,
+    now: u64,
+) -> Result<u32, Skip> {
+    // SAFETY: valid map value pointer; only the next-hop cache is written below.
+    let be = unsafe { &mut *to.be };
+    if be.family != key.family {
+        st.add(stat::PASS_UNSUPPORTED, 1);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let snat = snat_addr(cfg, key.family);
+    let tot_len = ip_tot_len(ctx, p)?;
+    rewrite(ctx, p, key, &snat, &be.addr, to.snat_port, be.port)?;
+    // Per backend only: the loader adds a service's backends up for its counters.
+    count(&maps::BACKEND_STATS, to.backend_id, bytes, to.new_flow);
+
+    // Cached next hop, else the FIB (and cache it for a second).
+    if be.hop.expires > now {
+        return Ok(fib::send(ctx, st, &be.hop));
+    }
+    match fib::lookup(
+        ctx,
+        key.family,
+        key.proto,
+        &snat,
+        &be.addr,
+        to.snat_port,
+        be.port,
+        tot_len,
+    ) {
+        Route::Via(mut hop) => {
+            hop.expires = now + u64::from(cfg.hz);
+            // A racing writer on another CPU writes the same data.
+            be.hop = hop;
+            Ok(fib::send(ctx, st, &hop))
+        }
+        Route::NoNeigh => {
+            st.add(stat::PASS_NO_NEIGH, 1);
+            Ok(xdp_action::XDP_PASS)
+        }
+        Route::None => {
+            st.add(stat::DROP_NO_ROUTE, 1);
+            Ok(xdp_action::XDP_DROP)
+        }
+    }
+}
+
+/// Backend → node SNAT port: translate back to VIP → client and send. `None` when the
+/// packet is not a reply to a translated flow.
+#[inline(always)]
+pub fn reply(
+    ctx: &XdpContext,
+    st: &Stats,
+    p: &Parsed,
+    t: &Tuple,
+    bytes: u64,
+) -> Result<Option<u32>, Skip> {
     // SAFETY: read-only copy of the value.
     let Some(rev) = (unsafe { maps::REV_NAT.get(t.key) }).copied() else {
         return Ok(None);
     };
     if hop_limit(ctx, p)? <= 1 {
-        stat_add(stat::PASS_TTL, 1);
+        st.add(stat::PASS_TTL, 1);
         return Ok(Some(xdp_action::XDP_PASS));
     }
     let tot_len = ip_tot_len(ctx, p)?;
@@ -484,7 +610,7 @@ pub fn reply(ctx: &XdpContext, p: &Parsed, t: &Tuple, bytes: u64) -> Result<Opti
         rev.vip_port,
         rev.client_port,
     )?;
-    stat_add(stat::REPLY_NAT, 1);
+    st.add(stat::REPLY_NAT, 1);
     count(
         &maps::SERVICE_STATS,
         u32::from(rev.service_id),
@@ -495,19 +621,19 @@ pub fn reply(ctx: &XdpContext, p: &Parsed, t: &Tuple, bytes: u64) -> Result<Opti
         ctx,
         t.key.family,
         t.key.proto,
-        &words(&rev.vip),
-        &words(&rev.client),
+        &rev.vip,
+        &rev.client,
         rev.vip_port,
         rev.client_port,
         tot_len,
     ) {
-        Route::Via(hop) => fib::send(ctx, &hop),
+        Route::Via(hop) => fib::send(ctx, st, &hop),
         Route::NoNeigh => {
-            stat_add(stat::PASS_NO_NEIGH, 1);
+            st.add(stat::PASS_NO_NEIGH, 1);
             xdp_action::XDP_PASS
         }
         Route::None => {
-            stat_add(stat::DROP_NO_ROUTE, 1);
+            st.add(stat::DROP_NO_ROUTE, 1);
             xdp_action::XDP_DROP
         }
     };

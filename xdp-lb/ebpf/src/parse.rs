@@ -5,7 +5,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
-use portico_xdp_common::{family, proto};
+use portico_xdp_common::{family, proto, Addr};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -45,6 +45,83 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Skip> {
     Ok((start + offset) as *mut T)
 }
 
+/// Loads the 4 bytes at `p` in one instruction, whatever their alignment. IP addresses
+/// sit at 2-byte offsets in the packet; Rust's unaligned reads would go byte by byte, while
+/// x86-64 and arm64 load them directly and the verifier allows it for packet and map-value
+/// pointers.
+///
+/// # Safety
+/// `p..p + 4` is in a checked packet range or a map value.
+#[inline(always)]
+pub unsafe fn load32(p: *const u8) -> u32 {
+    let v: u32;
+    // SAFETY: the caller guarantees the 4 bytes are readable.
+    unsafe {
+        core::arch::asm!(
+            "{0} = *(u32 *)({1} + 0)",
+            out(reg) v,
+            in(reg) p,
+            options(nostack, readonly, preserves_flags)
+        );
+    }
+    v
+}
+
+/// Stores 4 bytes at `p` in one instruction, whatever their alignment (see [`load32`]).
+///
+/// # Safety
+/// `p..p + 4` is in a checked packet range or a map value.
+#[inline(always)]
+pub unsafe fn store32(p: *mut u8, v: u32) {
+    // SAFETY: the caller guarantees the 4 bytes are writable.
+    unsafe {
+        core::arch::asm!(
+            "*(u32 *)({0} + 0) = {1}",
+            in(reg) p,
+            in(reg) v,
+            options(nostack, preserves_flags)
+        );
+    }
+}
+
+/// Reads an address at `p`: 4 bytes (IPv4, word 0) or 16.
+///
+/// # Safety
+/// As [`load32`], for 4 or 16 bytes.
+#[inline(always)]
+pub unsafe fn load_addr(p: *const u8, v4: bool) -> Addr {
+    // SAFETY: the caller guarantees the bytes are readable.
+    unsafe {
+        if v4 {
+            [load32(p), 0, 0, 0]
+        } else {
+            [
+                load32(p),
+                load32(p.add(4)),
+                load32(p.add(8)),
+                load32(p.add(12)),
+            ]
+        }
+    }
+}
+
+/// Writes an address at `p`: word 0 (IPv4) or all four words.
+///
+/// # Safety
+/// As [`store32`], for 4 or 16 bytes.
+#[inline(always)]
+pub unsafe fn store_addr(p: *mut u8, a: &Addr, v4: bool) {
+    // SAFETY: the caller guarantees the bytes are writable.
+    unsafe {
+        store32(p, a[0]);
+        if !v4 {
+            store32(p.add(4), a[1]);
+            store32(p.add(8), a[2]);
+            store32(p.add(12), a[3]);
+        }
+    }
+}
+
 /// What the parser found; offsets are from the start of the packet.
 pub struct Parsed {
     /// Offset of the IP header.
@@ -55,6 +132,9 @@ pub struct Parsed {
     pub family: u8,
     /// L4 protocol.
     pub proto: u8,
+    /// Frame length: L2 header plus the IP header's length field, so fragments (xdp.frags)
+    /// count without a helper call; the real buffer length for IPv6 jumbograms.
+    pub len: u64,
 }
 
 /// Parses L2 and L3 up to the L4 header.
@@ -95,11 +175,13 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Skip> {
         return Err(Skip::Fragment);
     }
     let proto = unsafe { *ptr_at::<u8>(ctx, l3 + 9)? };
+    let tot_len = u16::from_be(unsafe { *ptr_at::<u16>(ctx, l3 + 2)? });
     Ok(Parsed {
         l3,
         l4: l3 + ihl,
         family: family::V4,
         proto,
+        len: (l3 + tot_len as usize) as u64,
     })
 }
 
@@ -111,6 +193,14 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Skip> {
         return Err(Skip::Malformed);
     }
     let mut next = unsafe { *ptr_at::<u8>(ctx, l3 + 6)? };
+    let payload = u16::from_be(unsafe { *ptr_at::<u16>(ctx, l3 + 4)? });
+    let len = if payload == 0 {
+        // A jumbogram (RFC 2675): only the buffer knows.
+        // SAFETY: ctx.ctx is this invocation's xdp_md.
+        unsafe { aya_ebpf::helpers::generated::bpf_xdp_get_buff_len(ctx.ctx as *mut _) }
+    } else {
+        (l3 + 40 + payload as usize) as u64
+    };
     let mut off = l3 + 40;
     for _ in 0..IPV6_MAX_EXT {
         match next {
@@ -137,6 +227,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Skip> {
                     l4: off,
                     family: family::V6,
                     proto: next,
+                    len,
                 });
             }
         }
@@ -149,6 +240,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Skip> {
             l4: off,
             family: family::V6,
             proto: next,
+            len,
         }),
     }
 }
