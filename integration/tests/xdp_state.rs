@@ -1,0 +1,186 @@
+//! How tracked flows and counters live through service changes, run in the kernel with
+//! BPF_PROG_TEST_RUN (needs root): backend ids that get reused, removed services, the
+//! per-CPU flow cache, and service totals that keep what removed backends counted.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use etherparse::PacketBuilder;
+use portico_integration::{fibnet, TestNet};
+use portico_xdp::{
+    verdict, BackendSpec, Balancer, LoadOptions, NodeConfig, Protocol, ServiceKey, ServiceSpec,
+    XdpBalancer, XdpProgram,
+};
+use portico_xdp_common::stat;
+
+const CLIENT: [u8; 4] = [198, 18, 0, 1];
+const VIP_A: [u8; 4] = [203, 0, 113, 20];
+const VIP_B: [u8; 4] = [203, 0, 113, 21];
+const X: [u8; 4] = [198, 18, 1, 1];
+const Y: [u8; 4] = [198, 18, 1, 2];
+const Z: [u8; 4] = [198, 18, 1, 3];
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+fn tcp(dst: [u8; 4], sport: u16, flags: u8) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(fibnet::CLIENT_MAC, fibnet::LB0_MAC)
+        .ipv4(CLIENT, dst, 64)
+        .tcp(sport, 80, 1000, 64240);
+    let b = if flags & SYN != 0 { b.syn() } else { b.ack(1) };
+    let mut out = Vec::new();
+    b.write(&mut out, b"data").unwrap();
+    out
+}
+
+/// Destination address of a forwarded IPv4 frame.
+fn dst_of(frame: &[u8]) -> Ipv4Addr {
+    Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33])
+}
+
+fn key(vip: [u8; 4]) -> ServiceKey {
+    ServiceKey {
+        vip: IpAddr::V4(Ipv4Addr::from(vip)),
+        port: 80,
+        proto: Protocol::Tcp,
+    }
+}
+
+fn spec(vip: [u8; 4], backends: &[[u8; 4]]) -> ServiceSpec {
+    ServiceSpec {
+        key: key(vip),
+        backends: backends
+            .iter()
+            .map(|b| BackendSpec {
+                addr: IpAddr::V4(Ipv4Addr::from(*b)),
+                port: 8080,
+                weight: 1,
+            })
+            .collect(),
+        hash_source_only: false,
+    }
+}
+
+fn balancer() -> XdpBalancer {
+    let program = XdpProgram::load_with(LoadOptions {
+        max_services: 8,
+        max_backends: 16,
+        ring_size: 251,
+        conntrack_entries: 1024,
+        flow_cache_entries: 256,
+    })
+    .expect("loading the XDP program (needs root)");
+    let mut b = XdpBalancer::new(program);
+    b.configure_node(&NodeConfig {
+        snat_v4: Some(Ipv4Addr::from(fibnet::SNAT4)),
+        snat_ports: (20000, 20999),
+        ..NodeConfig::default()
+    })
+    .unwrap();
+    b
+}
+
+/// Runs `frame` as if it came in on eth0; returns (verdict, output).
+fn run(b: &XdpBalancer, frame: &[u8]) -> (u32, Vec<u8>) {
+    let eth0 = fibnet::ifindex("eth0").unwrap();
+    let out = b.program().test_run_on(frame, Some(eth0)).unwrap();
+    (out.verdict, out.packet)
+}
+
+#[test]
+fn a_flow_never_follows_its_backend_id_to_another_backend() {
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let mut b = balancer();
+    let _in = lb.enter().unwrap();
+
+    b.upsert_service(&spec(VIP_A, &[X])).unwrap();
+    let (v, out) = run(&b, &tcp(VIP_A, 40000, SYN));
+    assert_eq!(verdict::name(v), "XDP_REDIRECT");
+    assert_eq!(dst_of(&out), Ipv4Addr::from(X));
+    // The flow is tracked (and cached): its next packet goes to X too.
+    let hits = b.program().stat(stat::CT_HIT).unwrap();
+    let (_, out) = run(&b, &tcp(VIP_A, 40000, ACK));
+    assert_eq!(dst_of(&out), Ipv4Addr::from(X));
+    assert_eq!(b.program().stat(stat::CT_HIT).unwrap(), hits + 1);
+
+    // X leaves (Y takes a new id), then Z arrives and gets X's old id.
+    b.upsert_service(&spec(VIP_A, &[Y])).unwrap();
+    b.upsert_service(&spec(VIP_A, &[Y, Z])).unwrap();
+    let misses = b.program().stat(stat::CT_MISS).unwrap();
+    let (v, out) = run(&b, &tcp(VIP_A, 40000, ACK));
+    assert_eq!(verdict::name(v), "XDP_REDIRECT");
+    let to = dst_of(&out);
+    assert!(
+        to == Ipv4Addr::from(Y) || to == Ipv4Addr::from(Z),
+        "went to {to}"
+    );
+    assert_eq!(
+        b.program().stat(stat::CT_MISS).unwrap(),
+        misses + 1,
+        "the flow of a removed backend is balanced again, not sent down the reused id"
+    );
+}
+
+#[test]
+fn removing_a_service_forgets_its_flows() {
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let mut b = balancer();
+    let _in = lb.enter().unwrap();
+
+    b.upsert_service(&spec(VIP_A, &[X])).unwrap();
+    run(&b, &tcp(VIP_A, 41000, SYN));
+    let (_, out) = run(&b, &tcp(VIP_A, 41000, ACK));
+    assert_eq!(dst_of(&out), Ipv4Addr::from(X));
+
+    assert!(b.remove_service(&key(VIP_A)).unwrap());
+    // Another service now owns the ids the old one used.
+    b.upsert_service(&spec(VIP_B, &[Y])).unwrap();
+    let (v, out) = run(&b, &tcp(VIP_A, 41000, ACK));
+    assert_eq!(
+        verdict::name(v),
+        "XDP_PASS",
+        "a packet to a removed VIP goes to the stack"
+    );
+    assert_eq!(out, tcp(VIP_A, 41000, ACK), "and leaves untouched");
+
+    // The VIP comes back with another backend: the old flow starts afresh there.
+    b.upsert_service(&spec(VIP_A, &[Z])).unwrap();
+    let (v, out) = run(&b, &tcp(VIP_A, 41000, ACK));
+    assert_eq!(verdict::name(v), "XDP_REDIRECT");
+    assert_eq!(dst_of(&out), Ipv4Addr::from(Z));
+}
+
+#[test]
+fn service_totals_keep_what_removed_backends_counted() {
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let mut b = balancer();
+    let _in = lb.enter().unwrap();
+
+    b.upsert_service(&spec(VIP_A, &[X, Y, Z])).unwrap();
+    for port in 42000..42060 {
+        let (v, _) = run(&b, &tcp(VIP_A, port, SYN));
+        assert_eq!(verdict::name(v), "XDP_REDIRECT");
+    }
+    let before = b.service_stats(&key(VIP_A)).unwrap().unwrap();
+    assert_eq!(before.service.packets, 60);
+    assert_eq!(before.service.new_flows, 60);
+    let per_backend: u64 = before.backends.iter().map(|(_, c)| c.packets).sum();
+    assert_eq!(per_backend, 60);
+
+    b.upsert_service(&spec(VIP_A, &[X])).unwrap();
+    let after = b.service_stats(&key(VIP_A)).unwrap().unwrap();
+    assert_eq!(after.service, before.service, "totals never go backwards");
+    assert_eq!(after.backends.len(), 1);
+}
+
+#[test]
+fn the_loader_measures_the_kernel_tick_rate() {
+    let b = balancer();
+    let hz = b.program().hz();
+    assert!(
+        [100, 250, 300, 1000].contains(&hz) || (24..=2000).contains(&hz),
+        "HZ measured as {hz}"
+    );
+}
