@@ -2,7 +2,10 @@
 //! BPF_PROG_TEST_RUN (needs root): backend ids that get reused, removed services, the
 //! per-CPU flow cache, and service totals that keep what removed backends counted.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
 
 use etherparse::PacketBuilder;
 use portico_integration::{fibnet, TestNet};
@@ -183,4 +186,46 @@ fn the_loader_measures_the_kernel_tick_rate() {
         [100, 250, 300, 1000].contains(&hz) || (24..=2000).contains(&hz),
         "HZ measured as {hz}"
     );
+}
+
+#[test]
+fn a_snat_port_is_reclaimed_only_two_seconds_after_its_flow_was_last_seen() {
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let mut b = balancer();
+    // One SNAT port, and flows that expire after a second.
+    b.configure_node(&NodeConfig {
+        snat_v4: Some(Ipv4Addr::from(fibnet::SNAT4)),
+        snat_ports: (20000, 20000),
+        tcp_timeout: Duration::from_secs(1),
+        ..NodeConfig::default()
+    })
+    .unwrap();
+    b.upsert_service(&spec(VIP_A, &[X])).unwrap();
+    let _in = lb.enter().unwrap();
+    let second_flow = |b: &XdpBalancer| {
+        let drops = b.program().stat(stat::DROP_NO_SNAT_PORT).unwrap();
+        let (v, out) = run(b, &tcp(VIP_A, 43001, SYN));
+        let dropped = b.program().stat(stat::DROP_NO_SNAT_PORT).unwrap() == drops + 1;
+        (verdict::name(v), dropped, out)
+    };
+
+    let (v, out) = run(&b, &tcp(VIP_A, 43000, SYN));
+    assert_eq!(verdict::name(v), "XDP_REDIRECT");
+    assert_eq!(u16::from_be_bytes([out[34], out[35]]), 20000);
+
+    // The first flow holds the only port.
+    let (v, dropped, _) = second_flow(&b);
+    assert_eq!((v, dropped), ("XDP_DROP", true));
+
+    // It has expired, but per-CPU cached copies of it may live a second past its last
+    // lookup: the port stays reserved until two seconds after that.
+    std::thread::sleep(Duration::from_millis(1300));
+    let (v, dropped, _) = second_flow(&b);
+    assert_eq!((v, dropped), ("XDP_DROP", true));
+
+    std::thread::sleep(Duration::from_millis(1000));
+    let (v, _, out) = second_flow(&b);
+    assert_eq!(v, "XDP_REDIRECT", "the port is reclaimed");
+    assert_eq!(u16::from_be_bytes([out[34], out[35]]), 20000);
 }

@@ -163,13 +163,35 @@ fn main() -> Result<()> {
     let udp = udp6(50000);
     let not_vip = tcp4([198, 18, 0, 1], [198, 18, 0, 254], 40001, 80, true);
     // Warm: create the tracked flows and the next-hop cache.
-    for p in [
-        &tcp4([198, 18, 0, 1], VIP4, 40000, 80, true),
-        &tcp4([198, 18, 0, 1], VIP4, 40000, 81, true),
-        &udp,
-    ] {
+    for p in [&tcp4([198, 18, 0, 1], VIP4, 40000, 81, true), &udp] {
         balancer.program().test_run_on(p, Some(eth0))?;
     }
+    // The one-armed TCP flow: its SYN tells which backend and SNAT port replies come from.
+    let syn = balancer
+        .program()
+        .test_run_on(&tcp4([198, 18, 0, 1], VIP4, 40000, 80, true), Some(eth0))?;
+    ensure!(
+        syn.verdict == verdict::TX,
+        "the warm-up SYN was not forwarded"
+    );
+    let (backend, snat_port) = (
+        [
+            syn.packet[30],
+            syn.packet[31],
+            syn.packet[32],
+            syn.packet[33],
+        ],
+        u16::from_be_bytes([syn.packet[34], syn.packet[35]]),
+    );
+    let reply = {
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2(fibnet::CLIENT_MAC, fibnet::LB0_MAC)
+            .ipv4(backend, fibnet::SNAT4, 64)
+            .tcp(8080, snat_port, 1, 64240)
+            .ack(2)
+            .write(&mut out, &[])?;
+        out
+    };
     // Index 0 is the ratio's numerator, FLOOR its denominator.
     const FLOOR: usize = 4;
     let mut cases = [
@@ -179,6 +201,7 @@ fn main() -> Result<()> {
         Case::new("non_vip_pass"),
         Case::new("floor_xdp_tx"),
         Case::new("tcp4_ct_hit_redirect"),
+        Case::new("tcp4_reply"),
     ];
     let wanted: Vec<bool> = cases
         .iter()
@@ -224,11 +247,15 @@ fn main() -> Result<()> {
                             .test_run_floor(&established, Some(eth0))?,
                         verdict::TX,
                     ),
-                    _ => (
+                    5 => (
                         balancer
                             .program()
                             .test_run_on(&established_81, Some(eth0))?,
                         verdict::REDIRECT,
+                    ),
+                    _ => (
+                        balancer.program().test_run_on(&reply, Some(eth0))?,
+                        verdict::TX,
                     ),
                 };
                 record(case, &out, want)?;

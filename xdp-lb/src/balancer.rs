@@ -12,7 +12,7 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues
 use portico_xdp_common::{
     addr_from_octets, addr_from_v4, backend_state, config_flags, family, map_name, proto,
     service_flags, vip_filter_bit, Addr, Backend, Config, Counters, Flow, FlowCacheEntry, FlowKey,
-    NextHop, RevNat, Service, VipKey, VIP_FILTER_WORDS,
+    NextHop, ReplyCacheEntry, RevNat, Service, VipKey, VIP_FILTER_WORDS,
 };
 
 use crate::{
@@ -512,33 +512,36 @@ impl XdpBalancer {
                 let _ = rev.remove(&k);
             }
         }
-        // The per-CPU cached copies of those flows.
+        // The per-CPU cached copies of those flows, both directions.
+        self.purge_cache::<FlowCacheEntry>(map_name::FLOW_CACHE, |e| {
+            e.key != FlowKey::default() && e.flow.service_id == sid
+        })?;
+        self.purge_cache::<ReplyCacheEntry>(map_name::REPLY_CACHE, |e| {
+            e.key != FlowKey::default() && e.rev.service_id == sid
+        })?;
+        Ok(())
+    }
+
+    /// Empties the entries of a per-CPU cache map that `stale` picks, on every CPU.
+    fn purge_cache<T: aya::Pod + Default>(
+        &mut self,
+        map: &'static str,
+        stale: impl Fn(&T) -> bool,
+    ) -> Result<(), XdpError> {
         let n = self.program.options().flow_cache_entries;
-        let mut cache: PerCpuArray<&mut MapData, FlowCacheEntry> =
-            self.program.map_mut(map_name::FLOW_CACHE)?;
+        let mut cache: PerCpuArray<&mut MapData, T> = self.program.map_mut(map)?;
         for i in 0..n {
-            let entries = cache.get(&i, 0).map_err(map_err(map_name::FLOW_CACHE))?;
-            if entries
-                .iter()
-                .any(|e| e.flow.service_id == sid && e.key != FlowKey::default())
-            {
-                let cleaned: Vec<FlowCacheEntry> = entries
+            let entries = cache.get(&i, 0).map_err(map_err(map))?;
+            if entries.iter().any(&stale) {
+                let cleaned: Vec<T> = entries
                     .iter()
-                    .map(|e| {
-                        if e.flow.service_id == sid {
-                            FlowCacheEntry::default()
-                        } else {
-                            *e
-                        }
-                    })
+                    .map(|e| if stale(e) { T::default() } else { *e })
                     .collect();
                 let values = PerCpuValues::try_from(cleaned).map_err(|source| XdpError::Os {
                     what: "per-CPU values",
                     source,
                 })?;
-                cache
-                    .set(i, values, 0)
-                    .map_err(map_err(map_name::FLOW_CACHE))?;
+                cache.set(i, values, 0).map_err(map_err(map))?;
             }
         }
         Ok(())

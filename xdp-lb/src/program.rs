@@ -72,8 +72,8 @@ pub struct LoadOptions {
     pub ring_size: u32,
     /// Connection-tracking entries (LRU); the reverse-NAT map has as many.
     pub conntrack_entries: u32,
-    /// Entries of the per-CPU flow cache in front of conntrack (a power of two; 64 bytes
-    /// each, per CPU).
+    /// Entries of each per-CPU cache, in front of conntrack (64 bytes each) and of reverse
+    /// NAT (112 bytes each); a power of two.
     pub flow_cache_entries: u32,
 }
 
@@ -242,6 +242,7 @@ impl XdpProgram {
             .map_max_entries(map_name::CONNTRACK, options.conntrack_entries)
             .map_max_entries(map_name::REV_NAT, options.conntrack_entries)
             .map_max_entries(map_name::FLOW_CACHE, options.flow_cache_entries)
+            .map_max_entries(map_name::REPLY_CACHE, options.flow_cache_entries)
             .load(PROGRAM_OBJECT)?;
         let prog: &mut Xdp = program_mut(&mut ebpf)?;
         prog.load()?;

@@ -121,6 +121,8 @@ pub mod map_name {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     /// Per-CPU exact-match cache of tracked flows: [`crate::FlowCacheEntry`] by hash.
     pub const FLOW_CACHE: &str = "FLOW_CACHE";
+    /// Per-CPU exact-match cache of reverse NAT: [`crate::ReplyCacheEntry`] by hash.
+    pub const REPLY_CACHE: &str = "REPLY_CACHE";
     /// Bitmap of VIP addresses: [`crate::VIP_FILTER_WORDS`] words, see
     /// [`crate::vip_filter_bit`].
     pub const VIP_FILTER: &str = "VIP_FILTER";
@@ -353,6 +355,23 @@ pub struct RevNat {
     pub service_id: u16,
     /// Explicit padding.
     pub _pad: u16,
+    /// Last time either direction of the flow looked this entry up (jiffies, refreshed at
+    /// most once a second per CPU). The SNAT port is not reclaimed within two seconds of it,
+    /// so no per-CPU cached copy of the flow outlives its port.
+    pub last_seen: u64,
+}
+
+/// An entry of the per-CPU reply cache (map `REPLY_CACHE`): a copy of a reverse-NAT entry
+/// and the next hop toward the client, so most replies skip the shared hash and the FIB.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplyCacheEntry {
+    /// The reply's 5-tuple; all zero = empty.
+    pub key: FlowKey,
+    /// The reverse-NAT entry as of `rev.last_seen`.
+    pub rev: RevNat,
+    /// Next hop toward the client.
+    pub hop: NextHop,
 }
 
 /// Packet, byte and new-flow counters (per CPU) of a service or a backend.
@@ -394,6 +413,7 @@ mod pod {
     unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::StatBlock {}
     unsafe impl aya::Pod for super::FlowCacheEntry {}
+    unsafe impl aya::Pod for super::ReplyCacheEntry {}
 }
 
 #[cfg(test)]
@@ -430,7 +450,8 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Flow>(), 24);
         assert_eq!(size_of::<FlowCacheEntry>(), 64);
-        assert_eq!(size_of::<RevNat>(), 40);
+        assert_eq!(size_of::<RevNat>(), 48);
+        assert_eq!(size_of::<ReplyCacheEntry>(), 112);
         assert_eq!(size_of::<Counters>(), 24);
         assert_eq!(size_of::<NextHop>(), 24);
         assert_eq!(size_of::<StatBlock>(), 8 * stat::COUNT as usize);

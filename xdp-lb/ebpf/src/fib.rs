@@ -29,6 +29,17 @@ pub enum Route {
     None,
 }
 
+/// What to look up.
+struct Query {
+    src: [u32; 4],
+    dst: [u32; 4],
+    sport: u16,
+    dport: u16,
+    tot_len: u16,
+    fam: u8,
+    proto: u8,
+}
+
 /// Looks up the route for a packet from `src` to `dst` (network order, 16-byte form)
 /// arriving on the context's interface.
 #[inline(always)]
@@ -46,21 +57,43 @@ pub fn lookup(
     dport: u16,
     tot_len: u16,
 ) -> Route {
+    let q = Query {
+        src: *src,
+        dst: *dst,
+        sport,
+        dport,
+        tot_len,
+        fam,
+        proto,
+    };
+    let mut hop = NextHop::default();
+    match lookup_outlined(ctx, &q, &mut hop) {
+        BPF_FIB_LKUP_RET_SUCCESS => Route::Via(hop),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeigh,
+        _ => Route::None,
+    }
+}
+
+/// The FIB lookup proper, as a BPF function of its own: it runs once a second per backend
+/// (the result is cached) and for replies, and its 64-byte parameter block then lives in its
+/// own stack frame rather than in the packet path's.
+#[inline(never)]
+fn lookup_outlined(ctx: &XdpContext, q: &Query, hop: &mut NextHop) -> i64 {
     // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid starting value.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.l4_protocol = proto;
-    p.sport = sport;
-    p.dport = dport;
-    p.__bindgen_anon_1.tot_len = tot_len;
+    p.l4_protocol = q.proto;
+    p.sport = q.sport;
+    p.dport = q.dport;
+    p.__bindgen_anon_1.tot_len = q.tot_len;
     p.ifindex = ctx.ingress_ifindex() as u32;
-    if fam == family::V4 {
+    if q.fam == family::V4 {
         p.family = AF_INET;
-        p.__bindgen_anon_3.ipv4_src = src[0];
-        p.__bindgen_anon_4.ipv4_dst = dst[0];
+        p.__bindgen_anon_3.ipv4_src = q.src[0];
+        p.__bindgen_anon_4.ipv4_dst = q.dst[0];
     } else {
         p.family = AF_INET6;
-        p.__bindgen_anon_3.ipv6_src = *src;
-        p.__bindgen_anon_4.ipv6_dst = *dst;
+        p.__bindgen_anon_3.ipv6_src = q.src;
+        p.__bindgen_anon_4.ipv6_dst = q.dst;
     }
     // SAFETY: ctx.ctx is this invocation's xdp_md; p lives on the stack for the call.
     let rc = unsafe {
@@ -71,21 +104,18 @@ pub fn lookup(
             0,
         )
     };
-    match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => {
-            let mut eth = [0u8; 12];
-            eth[..6].copy_from_slice(&p.dmac);
-            eth[6..].copy_from_slice(&p.smac);
-            let w = |i: usize| u32::from_ne_bytes([eth[i], eth[i + 1], eth[i + 2], eth[i + 3]]);
-            Route::Via(NextHop {
-                ifindex: p.ifindex,
-                macs: [w(0), w(4), w(8)],
-                expires: 0,
-            })
-        }
-        BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeigh,
-        _ => Route::None,
+    if rc == BPF_FIB_LKUP_RET_SUCCESS {
+        let mut eth = [0u8; 12];
+        eth[..6].copy_from_slice(&p.dmac);
+        eth[6..].copy_from_slice(&p.smac);
+        let w = |i: usize| u32::from_ne_bytes([eth[i], eth[i + 1], eth[i + 2], eth[i + 3]]);
+        *hop = NextHop {
+            ifindex: p.ifindex,
+            macs: [w(0), w(4), w(8)],
+            expires: 0,
+        };
     }
+    rc
 }
 
 /// Writes the next hop's MACs and sends the packet: XDP_TX when it leaves the interface it

@@ -219,7 +219,7 @@ fn translate_error(
         // From the backend side, about a packet the node sent to a backend.
         let rkey = k.reversed();
         // SAFETY: read-only copy.
-        let Some(rev) = (unsafe { maps::REV_NAT.get(rkey) }).copied() else {
+        let Some(rev) = (unsafe { maps::REV_NAT.get(rkey) }) else {
             return Ok(None);
         };
         Rewrite {

@@ -43,14 +43,7 @@ mod program {
             Err(skip) => {
                 // Not parsed: the linear part is what there is to count.
                 st.add(stat::BYTES, (ctx.data_end() - ctx.data()) as u64);
-                st.add(
-                    match skip {
-                        Skip::NotIp => stat::PASS_NOT_VIP,
-                        Skip::Malformed => stat::PASS_MALFORMED,
-                        Skip::Fragment => stat::PASS_FRAGMENT,
-                    },
-                    1,
-                );
+                st.add(skip.stat(), 1);
                 xdp_action::XDP_PASS
             }
         }
@@ -81,7 +74,7 @@ mod program {
         let t = nat::read_tuple(ctx, &p)?;
         let key = &t.key;
         if key.dst == nat::snat_addr(cfg, key.family) {
-            if let Some(verdict) = nat::reply(ctx, st, &p, &t, bytes)? {
+            if let Some(verdict) = nat::reply(ctx, st, &p, &t, cfg, bytes)? {
                 return Ok(verdict);
             }
         }

@@ -5,8 +5,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use portico_xdp_common::{
-    vip_filter_bit, Addr, Backend, Config, Counters, Flow, FlowCacheEntry, FlowKey, RevNat,
-    Service, StatBlock, VipKey, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, VIP_FILTER_WORDS,
+    vip_filter_bit, Addr, Backend, Config, Counters, Flow, FlowCacheEntry, FlowKey,
+    ReplyCacheEntry, RevNat, Service, StatBlock, VipKey, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_SERVICES, VIP_FILTER_WORDS,
 };
 
 /// Global counters and verdict reasons: one [`StatBlock`] per CPU, looked up once per packet.
@@ -52,6 +53,27 @@ pub static CONNTRACK: LruHashMap<FlowKey, Flow> =
 /// `last_seen` and LRU position current), and on every SYN, FIN or RST.
 #[map(name = "FLOW_CACHE")]
 pub static FLOW_CACHE: PerCpuArray<FlowCacheEntry> = PerCpuArray::with_max_entries(4096, 0);
+
+/// Per-CPU exact-match cache in front of `REV_NAT` (with the next hop to the client),
+/// refreshed from it at least once a second and on every SYN, FIN or RST.
+#[map(name = "REPLY_CACHE")]
+pub static REPLY_CACHE: PerCpuArray<ReplyCacheEntry> = PerCpuArray::with_max_entries(4096, 0);
+
+/// Room for the keys and values a new flow's SNAT port reservation passes to map helpers,
+/// one per CPU: the program's stack is 512 bytes in all.
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// See [`SCRATCH`].
+#[repr(C)]
+pub struct Scratch {
+    /// Reverse-NAT key being tried.
+    pub rkey: FlowKey,
+    /// The flow that holds a taken port.
+    pub owner: FlowKey,
+    /// The reverse-NAT entry to insert.
+    pub rev: RevNat,
+}
 
 /// Reverse NAT: backend → SNAT address:port 5-tuple → client and VIP. Also the SNAT port
 /// reservation: a port is taken exactly when its entry exists (inserted with BPF_NOEXIST).

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use portico_xdp_common::{
     backend_state, family, flow_state, proto, service_flags, stat, Addr, Backend, Config, Flow,
-    FlowCacheEntry, FlowKey, RevNat, Service,
+    FlowCacheEntry, FlowKey, ReplyCacheEntry, RevNat, Service,
 };
 
 use crate::{
@@ -166,6 +166,10 @@ fn maglev_pick(svc: &Service, cfg: &Config, key: &FlowKey) -> u32 {
 /// reverse-NAT entry exists, inserted with BPF_NOEXIST, so two flows never share one.
 /// Entries whose flow is gone (evicted, expired or moved) are reclaimed.
 #[inline(always)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "keys and values are passed to the helpers where they are, in the scratch map"
+)]
 fn claim_snat_port(
     key: &FlowKey,
     be: &Backend,
@@ -182,15 +186,19 @@ fn claim_snat_port(
     }
     let range = max - min + 1;
     let start = flow_hash(key, cfg.hash_seed ^ 0x5bd1_e995, false);
-    let rev = RevNat {
+    let sc = maps::SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch entry; nothing else uses it while the program runs.
+    let sc = unsafe { &mut *sc };
+    sc.rev = RevNat {
         client: key.src,
         vip: key.dst,
         client_port: key.sport,
         vip_port: key.dport,
         service_id: svc.id as u16,
         _pad: 0,
+        last_seen: now,
     };
-    let mut rkey = FlowKey {
+    sc.rkey = FlowKey {
         src: be.addr,
         dst: *snat,
         sport: be.port,
@@ -202,19 +210,23 @@ fn claim_snat_port(
     for i in 0..SNAT_PROBES {
         let port =
             ((min + (start.wrapping_add(i.wrapping_mul(2_654_435_761)) % range)) as u16).to_be();
-        rkey.dport = port;
+        sc.rkey.dport = port;
         if maps::REV_NAT
-            .insert(rkey, rev, u64::from(BPF_NOEXIST))
+            .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
             .is_ok()
         {
             return Some(port);
         }
         // Taken: reclaim it when its owner no longer holds it.
-        // SAFETY: read-only copy of the value.
-        let Some(old) = (unsafe { maps::REV_NAT.get(rkey) }).copied() else {
+        // SAFETY: read-only use of the value.
+        let Some(old) = (unsafe { maps::REV_NAT.get(&sc.rkey) }) else {
             continue;
         };
-        let owner = FlowKey {
+        // Cached copies of a flow live a second past its last lookup: wait two.
+        if now.saturating_sub(old.last_seen) <= 2 * u64::from(cfg.hz) {
+            continue;
+        }
+        sc.owner = FlowKey {
             src: old.client,
             dst: old.vip,
             sport: old.client_port,
@@ -223,23 +235,23 @@ fn claim_snat_port(
             family: key.family,
             _pad: [0; 2],
         };
-        // SAFETY: read-only copy of the value.
-        let live = match unsafe { maps::CONNTRACK.get(owner) } {
+        // SAFETY: read-only use of the value.
+        let live = match unsafe { maps::CONNTRACK.get(&sc.owner) } {
             Some(f) => {
                 f.snat_port == port
                     && f.backend_id == backend_id
                     && still_assigned(be, f)
                     && !expired(f, cfg, key.proto, now)
-                    && owner != *key
+                    && sc.owner != *key
             }
             None => false,
         };
         if live {
             continue;
         }
-        let _ = maps::REV_NAT.remove(rkey);
+        let _ = maps::REV_NAT.remove(&sc.rkey);
         if maps::REV_NAT
-            .insert(rkey, rev, u64::from(BPF_NOEXIST))
+            .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
             .is_ok()
         {
             return Some(port);
@@ -344,15 +356,35 @@ pub(crate) fn snat_addr(cfg: &Config, fam: u8) -> Addr {
     }
 }
 
-/// Slot of the per-CPU flow cache for a 5-tuple.
+/// Index of a 5-tuple in the per-CPU caches.
 #[inline(always)]
-fn cache_slot(key: &FlowKey, cfg: &Config) -> Option<*mut FlowCacheEntry> {
+fn cache_index(key: &FlowKey, cfg: &Config) -> u32 {
     let (s, d) = (&key.src, &key.dst);
     let h = (s[0] ^ s[1] ^ s[2] ^ s[3])
         ^ (d[0] ^ d[1] ^ d[2] ^ d[3]).rotate_left(16)
         ^ ((u32::from(key.sport) << 16) | u32::from(key.dport)).wrapping_mul(0x9e37_79b1)
         ^ u32::from(key.proto);
-    maps::FLOW_CACHE.get_ptr_mut(murmur_fin(h) & cfg.flow_cache_mask)
+    murmur_fin(h) & cfg.flow_cache_mask
+}
+
+/// Slot of the per-CPU flow cache for a 5-tuple.
+#[inline(always)]
+fn cache_slot(key: &FlowKey, cfg: &Config) -> Option<*mut FlowCacheEntry> {
+    maps::FLOW_CACHE.get_ptr_mut(cache_index(key, cfg))
+}
+
+/// The key of a flow's reverse-NAT entry: backend → node SNAT address and port.
+#[inline(always)]
+fn reply_key(key: &FlowKey, be: &Backend, snat: &Addr, snat_port: u16) -> FlowKey {
+    FlowKey {
+        src: be.addr,
+        dst: *snat,
+        sport: be.port,
+        dport: snat_port,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    }
 }
 
 /// Remembers a tracked flow in this CPU's cache.
@@ -404,6 +436,7 @@ pub fn tracked(
             }
         }
     }
+    let slow = cached.is_none();
     let flow = match cached {
         Some(f) => {
             if expired(&f, cfg, key.proto, now) {
@@ -442,6 +475,20 @@ pub fn tracked(
     // SAFETY: valid map value pointer.
     if !still_assigned(unsafe { &*be }, &flow) {
         return Ok(None);
+    }
+    if slow {
+        // Keep the SNAT port's reservation fresh while the flow is cached anywhere.
+        // SAFETY: valid map value pointer.
+        let rkey = reply_key(
+            key,
+            unsafe { &*be },
+            &snat_addr(cfg, key.family),
+            flow.snat_port,
+        );
+        if let Some(r) = maps::REV_NAT.get_ptr_mut(rkey) {
+            // SAFETY: valid map value pointer; a plain integer.
+            unsafe { (*r).last_seen = now };
+        }
     }
     if hop_limit(ctx, p)? <= 1 {
         st.add(stat::PASS_TTL, 1);
@@ -584,27 +631,74 @@ fn send_to_backend(
 
 /// Backend → node SNAT port: translate back to VIP → client and send. `None` when the
 /// packet is not a reply to a translated flow.
+///
+/// Packets without SYN, FIN or RST are served from this CPU's reply cache (entry and next
+/// hop) while its copy is under a second old; the others go to `REV_NAT`, refresh its age
+/// and next hop, and re-cache it.
 #[inline(always)]
 pub fn reply(
     ctx: &XdpContext,
     st: &Stats,
     p: &Parsed,
     t: &Tuple,
+    cfg: &Config,
     bytes: u64,
 ) -> Result<Option<u32>, Skip> {
-    // SAFETY: read-only copy of the value.
-    let Some(rev) = (unsafe { maps::REV_NAT.get(t.key) }).copied() else {
-        return Ok(None);
+    let key = &t.key;
+    let now = now();
+    let hz = u64::from(cfg.hz);
+    let slot = maps::REPLY_CACHE.get_ptr_mut(cache_index(key, cfg));
+    let mut cached: Option<&ReplyCacheEntry> = None;
+    if t.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
+        if let Some(c) = slot {
+            // SAFETY: per-CPU slot.
+            let c = unsafe { &*c };
+            if c.key == *key && now.saturating_sub(c.rev.last_seen) <= hz {
+                cached = Some(c);
+            }
+        }
+    }
+    // Map values are used in place: the stack is 512 bytes for the whole program.
+    let (rev, route): (&RevNat, Route) = match cached {
+        Some(c) => (&c.rev, Route::Via(c.hop)),
+        None => {
+            let Some(r) = maps::REV_NAT.get_ptr_mut(key) else {
+                return Ok(None);
+            };
+            // SAFETY: valid map value pointer; racing writers write plain integers, or the
+            // same next hop.
+            let r = unsafe { &mut *r };
+            r.last_seen = now;
+            let tot_len = ip_tot_len(ctx, p)?;
+            let route = fib::lookup(
+                ctx,
+                key.family,
+                key.proto,
+                &r.vip,
+                &r.client,
+                r.vip_port,
+                r.client_port,
+                tot_len,
+            );
+            if let (Route::Via(hop), Some(c)) = (&route, slot) {
+                // SAFETY: per-CPU slot.
+                unsafe {
+                    (*c).key = *key;
+                    (*c).rev = *r;
+                    (*c).hop = *hop;
+                }
+            }
+            (&*r, route)
+        }
     };
     if hop_limit(ctx, p)? <= 1 {
         st.add(stat::PASS_TTL, 1);
         return Ok(Some(xdp_action::XDP_PASS));
     }
-    let tot_len = ip_tot_len(ctx, p)?;
     rewrite(
         ctx,
         p,
-        &t.key,
+        key,
         &rev.vip,
         &rev.client,
         rev.vip_port,
@@ -617,16 +711,7 @@ pub fn reply(
         bytes,
         false,
     );
-    let verdict = match fib::lookup(
-        ctx,
-        t.key.family,
-        t.key.proto,
-        &rev.vip,
-        &rev.client,
-        rev.vip_port,
-        rev.client_port,
-        tot_len,
-    ) {
+    let verdict = match route {
         Route::Via(hop) => fib::send(ctx, st, &hop),
         Route::NoNeigh => {
             st.add(stat::PASS_NO_NEIGH, 1);

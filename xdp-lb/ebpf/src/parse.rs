@@ -5,7 +5,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
-use portico_xdp_common::{family, proto, Addr};
+use portico_xdp_common::{family, proto, stat, Addr};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -32,6 +32,18 @@ pub enum Skip {
     Malformed,
     /// A fragment.
     Fragment,
+}
+
+impl Skip {
+    /// The counter the packet is passed under.
+    #[inline(always)]
+    pub fn stat(self) -> u32 {
+        match self {
+            Skip::NotIp => stat::PASS_NOT_VIP,
+            Skip::Malformed => stat::PASS_MALFORMED,
+            Skip::Fragment => stat::PASS_FRAGMENT,
+        }
+    }
 }
 
 /// Returns a pointer to a `T` at `offset`, or `Err` when it does not fit in the linear data.
