@@ -88,7 +88,7 @@ impl Family {
             "24"
         }
     }
-    fn ip(&self) -> &'static str {
+    pub fn ip(&self) -> &'static str {
         if self.v6 {
             "-6"
         } else {

@@ -166,3 +166,35 @@ fn generic_ipv4_traffic_through_the_vip() {
 fn generic_ipv6_traffic_through_the_vip() {
     run(AttachMode::Generic, true);
 }
+
+/// A new flow toward a backend whose neighbour entry the node does not have yet: the
+/// rewritten packet goes through the stack, which resolves the neighbour and sends it.
+/// Lost, the client would retransmit its SYN only after a second.
+fn first_packet_to_an_unresolved_backend(v6: bool) {
+    let f = Family { v6 };
+    let t = lab::topology(f).unwrap();
+    let _servers = t.start_backends().unwrap();
+    let _data_path = t.start_data_path(AttachMode::Generic).unwrap();
+    let vip = SocketAddr::new(f.vip(), lab::VIP_PORT);
+    for attempt in 0..6 {
+        t.lb.run(&["ip", f.ip(), "neigh", "flush", "dev", "eth1"])
+            .unwrap();
+        let start = std::time::Instant::now();
+        let who = traffic::in_ns(&t.client, move || traffic::tcp_once(vip)).unwrap();
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_millis(700),
+            "v6={v6}, attempt {attempt}: the connection to {who} took {took:?}: the first SYN was lost"
+        );
+    }
+}
+
+#[test]
+fn ipv4_first_packet_to_an_unresolved_backend_is_not_lost() {
+    first_packet_to_an_unresolved_backend(false);
+}
+
+#[test]
+fn ipv6_first_packet_to_an_unresolved_backend_is_not_lost() {
+    first_packet_to_an_unresolved_backend(true);
+}

@@ -268,18 +268,31 @@ impl XdpProgram {
         Ok(prog.try_into()?)
     }
 
-    /// Attaches to `iface` (in the calling thread's network namespace) in `mode`. Detached
-    /// when `self` is dropped.
+    /// Attaches to `iface` (in the calling thread's network namespace) in `mode`, and sets
+    /// `net.ipv4.conf.<iface>.accept_local=1` (see the body). Detached when `self` is
+    /// dropped.
     ///
     /// # Errors
-    /// Unknown interface, or the driver refuses the mode.
+    /// Unknown interface, the driver refuses the mode, or the sysctl cannot be written.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), XdpError> {
         let prog = program_mut(&mut self.ebpf)?;
         match prog.attach(iface, mode.xdp_mode()) {
-            Ok(_link) => Ok(()),
-            Err(ProgramError::UnknownInterface { name }) => Err(XdpError::NoSuchInterface(name)),
-            Err(e) => Err(e.into()),
+            Ok(_link) => {}
+            Err(ProgramError::UnknownInterface { name }) => {
+                return Err(XdpError::NoSuchInterface(name))
+            }
+            Err(e) => return Err(e.into()),
         }
+        // When the next hop has no neighbour entry yet, the rewritten packet is passed to the
+        // stack to resolve it. Its IPv4 source is then the node's own SNAT address, which
+        // the stack drops as a martian unless the interface accepts local sources.
+        std::fs::write(format!("/proc/sys/net/ipv4/conf/{iface}/accept_local"), "1").map_err(
+            |source| XdpError::Os {
+                what: "setting net.ipv4.conf.<interface>.accept_local (first packets toward \
+                   unresolved neighbours)",
+                source,
+            },
+        )
     }
 
     /// Runs the program once on `packet` with `BPF_PROG_TEST_RUN` (repeat = 1).
