@@ -134,38 +134,51 @@ impl Taken {
     }
 }
 
+/// Probes a walk tests in one step.
+const GROUP: usize = 8;
+
 /// One backend's walk through its permutation `offset + j·skip mod M`, j = 0, 1, …
 struct Walker {
     /// The next slot of the permutation to try; every earlier one is taken.
     next: u32,
-    /// skip, 2·skip, 3·skip and 4·skip, each mod M: four probes at a time are independent
-    /// additions, and only the walk from one group of four to the next is a dependent step.
-    skips: [u32; 4],
+    /// j·skip mod M for j = 1 ..= GROUP. The probes of a step are independent additions to
+    /// its first slot, and only the move from one step to the next is a dependent one.
+    skips: [u32; GROUP],
     /// The backend's index in the caller's slice: what its slots hold.
     index: u32,
 }
 
 impl Walker {
+    fn new(offset: u32, skip: u32, index: u32, m: u32) -> Self {
+        let mut skips = [skip; GROUP];
+        for j in 1..GROUP {
+            skips[j] = wrap(skips[j - 1] + skip, m);
+        }
+        Self {
+            next: offset,
+            skips,
+            index,
+        }
+    }
+
     /// Takes the first slot of the permutation, from `next` on, that is still empty (the
     /// classic Maglev step), and moves `next` past it. Inlined into the claim loops: a
     /// call per claim costs more than most claims.
     #[inline(always)]
     fn claim(&mut self, taken: &mut Taken, slots: &mut [u32], m: u32) {
-        let mut base = self.next;
-        let slot = 'found: {
-            if !taken.has(base) {
-                break 'found base;
+        let mut first = self.next;
+        let slot = 'found: loop {
+            // first < M and each skip < M: every probe is below 2M (see [`Taken`]).
+            let mut probes = [first; GROUP];
+            for (probe, skip) in probes[1..].iter_mut().zip(self.skips) {
+                *probe += skip;
             }
-            loop {
-                // base < M and each skip < M: every probe is below 2M (see [`Taken`]).
-                let probes = self.skips.map(|s| base + s);
-                for probe in probes {
-                    if !taken.has(probe) {
-                        break 'found wrap(probe, m);
-                    }
+            for probe in probes {
+                if !taken.has(probe) {
+                    break 'found wrap(probe, m);
                 }
-                base = wrap(probes[3], m);
             }
+            first = wrap(first + self.skips[GROUP - 1], m);
         };
         taken.take(slot, m);
         slots[slot as usize] = self.index;
@@ -307,13 +320,7 @@ pub fn table(backends: &[MaglevBackend], m: u32) -> Result<Table, MaglevError> {
     for &(key, i) in &sorted {
         let offset = (mix64(key) % m64) as u32;
         let skip = (mix64(key ^ 0x9e37_79b9_7f4a_7c15) % (m64 - 1) + 1) as u32;
-        let skip2 = wrap(skip + skip, m);
-        let skips = [skip, skip2, wrap(skip2 + skip, m), wrap(skip2 + skip2, m)];
-        walkers.push(Walker {
-            next: offset,
-            skips,
-            index: i,
-        });
+        walkers.push(Walker::new(offset, skip, i, m));
         offsets.push(offset);
         weights.push(u64::from(backends[i as usize].weight));
     }
