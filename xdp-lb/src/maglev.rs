@@ -69,47 +69,192 @@ fn mix64(mut x: u64) -> u64 {
 /// permutations (same result, far fewer probes in the tail).
 const TAIL_SLOTS: u32 = 256;
 
-/// Words of the taken-slot bitmap: enough for [`MAX_M`], a power of two so that masked
-/// indices need no bounds check.
-const TAKEN_WORDS: usize = 2048;
-
-/// Fast `x mod m` for a fixed `m` (Barrett reduction with a 64-bit reciprocal).
-struct Barrett {
-    m: u64,
-    r: u128,
+/// `x mod m` for `x < 2m`, without a branch: when `x < m`, `x - m` wraps to a larger value.
+fn wrap(x: u32, m: u32) -> u32 {
+    x.min(x.wrapping_sub(m))
 }
 
-impl Barrett {
-    fn new(m: u32) -> Self {
-        Self {
-            m: u64::from(m),
-            r: u128::from(u64::MAX) / u128::from(m),
-        }
-    }
-
-    fn reduce(&self, x: u64) -> u32 {
-        let q = ((u128::from(x) * self.r) >> 64) as u64;
-        let mut r = x - q * self.m;
-        while r >= self.m {
-            r -= self.m;
-        }
-        r as u32
-    }
-}
-
-/// Inverse of `a` modulo the prime `m` (extended Euclid).
+/// Inverse of `a` modulo the prime `m`, for `0 < a < m` (extended Euclid).
 fn mod_inverse(a: u32, m: u32) -> u32 {
     let (mut t, mut new_t) = (0i64, 1i64);
-    let (mut r, mut new_r) = (i64::from(m), i64::from(a));
+    let (mut r, mut new_r) = (m, a);
     while new_r != 0 {
         let q = r / new_r;
-        (t, new_t) = (new_t, t - q * new_t);
+        (t, new_t) = (new_t, t - i64::from(q) * new_t);
         (r, new_r) = (new_r, r - q * new_r);
     }
     if t < 0 {
         t += i64::from(m);
     }
     t as u32
+}
+
+/// Words of the [`Taken`] bitmap: 2·[`MAX_M`] bits, a power of two so that masked indices
+/// need no bounds check (32 KiB at most; 16 KiB touched for M = 65537, so it stays in L1).
+const TAKEN_WORDS: usize = 4096;
+
+/// Which slots are taken, as a bitmap holding every slot twice: bits `s` and `s + M` are
+/// both set when slot `s` is taken. A probe `slot + j·skip` with both terms below M is then
+/// tested as is, below 2M, without reducing it modulo M first.
+struct Taken(Box<[u64; TAKEN_WORDS]>);
+
+impl Taken {
+    fn new() -> Self {
+        let words: Box<[u64]> = vec![0; TAKEN_WORDS].into_boxed_slice();
+        Self(words.try_into().expect("TAKEN_WORDS words"))
+    }
+
+    /// Whether bit `i` (< 2M) is set.
+    fn has(&self, i: u32) -> bool {
+        self.0[(i >> 6) as usize & (TAKEN_WORDS - 1)] >> (i & 63) & 1 != 0
+    }
+
+    /// Marks `slot` (< M) taken, in both of its places.
+    fn take(&mut self, slot: u32, m: u32) {
+        for i in [slot, slot + m] {
+            self.0[(i >> 6) as usize & (TAKEN_WORDS - 1)] |= 1 << (i & 63);
+        }
+    }
+
+    /// The slots still empty, in increasing order (a word at a time).
+    fn empties(&self, m: u32) -> Vec<u32> {
+        let mut empties = Vec::new();
+        for (w, &word) in self.0[..(m as usize).div_ceil(64)].iter().enumerate() {
+            let mut free = !word;
+            while free != 0 {
+                let slot = w as u32 * 64 + free.trailing_zeros();
+                if slot >= m {
+                    break;
+                }
+                empties.push(slot);
+                free &= free - 1;
+            }
+        }
+        empties
+    }
+}
+
+/// Probes a walk tests in one step.
+const GROUP: usize = 8;
+
+/// One backend's walk through its permutation `offset + j·skip mod M`, j = 0, 1, …
+struct Walker {
+    /// The next slot of the permutation to try; every earlier one is taken.
+    next: u32,
+    /// j·skip mod M for j = 1 ..= GROUP. The probes of a step are independent additions to
+    /// its first slot, and only the move from one step to the next is a dependent one.
+    skips: [u32; GROUP],
+    /// The backend's index in the caller's slice: what its slots hold.
+    index: u32,
+}
+
+impl Walker {
+    fn new(offset: u32, skip: u32, index: u32, m: u32) -> Self {
+        let mut skips = [skip; GROUP];
+        for j in 1..GROUP {
+            skips[j] = wrap(skips[j - 1] + skip, m);
+        }
+        Self {
+            next: offset,
+            skips,
+            index,
+        }
+    }
+
+    /// Takes the first slot of the permutation, from `next` on, that is still empty (the
+    /// classic Maglev step), and moves `next` past it. Inlined into the claim loops: a
+    /// call per claim costs more than most claims.
+    #[inline(always)]
+    fn claim(&mut self, taken: &mut Taken, slots: &mut [u32], m: u32) {
+        let mut first = self.next;
+        let slot = 'found: loop {
+            // first < M and each skip < M: every probe is below 2M (see [`Taken`]).
+            let mut probes = [first; GROUP];
+            for (probe, skip) in probes[1..].iter_mut().zip(self.skips) {
+                *probe += skip;
+            }
+            for probe in probes {
+                if !taken.has(probe) {
+                    break 'found wrap(probe, m);
+                }
+            }
+            first = wrap(first + self.skips[GROUP - 1], m);
+        };
+        taken.take(slot, m);
+        slots[slot as usize] = self.index;
+        self.next = wrap(slot + self.skips[0], m);
+    }
+}
+
+/// The order of claims: round after round, each round the backends whose cumulative share
+/// steps up, floor((round+1)·w/w_max) > floor(round·w/w_max), in key order. A backend of
+/// weight w_max claims in every round, so no round is empty.
+struct Rounds {
+    weights: Vec<u64>,
+    w_max: u64,
+    /// All weights equal (the common case): every backend claims in every round.
+    uniform: bool,
+    round: u64,
+    /// This round's backends, when not uniform.
+    claimants: Vec<u32>,
+    /// Claims of this round already made.
+    pos: usize,
+}
+
+impl Rounds {
+    fn new(weights: Vec<u64>) -> Self {
+        let w_max = weights.iter().copied().max().unwrap_or(1);
+        let uniform = weights.iter().all(|&w| w == w_max);
+        let mut rounds = Self {
+            weights,
+            w_max,
+            uniform,
+            round: 0,
+            claimants: Vec::new(),
+            pos: 0,
+        };
+        rounds.fill();
+        rounds
+    }
+
+    fn fill(&mut self) {
+        if self.uniform {
+            return;
+        }
+        let (round, w_max) = (self.round, self.w_max);
+        self.claimants.clear();
+        for (k, &w) in self.weights.iter().enumerate() {
+            if w == w_max || (round + 1) * w / w_max != round * w / w_max {
+                self.claimants.push(k as u32);
+            }
+        }
+    }
+
+    /// Claims in this round: made and in all. Starts the next round when this one is over.
+    fn current(&mut self) -> (usize, usize) {
+        let len = |r: &Self| {
+            if r.uniform {
+                r.weights.len()
+            } else {
+                r.claimants.len()
+            }
+        };
+        if self.pos == len(self) {
+            self.round += 1;
+            self.pos = 0;
+            self.fill();
+        }
+        (self.pos, len(self))
+    }
+
+    /// The backend that makes claim `pos` of this round.
+    fn backend(&self, pos: usize) -> usize {
+        if self.uniform {
+            pos
+        } else {
+            self.claimants[pos] as usize
+        }
+    }
 }
 
 /// A Maglev lookup table: `M` slots, each an index into the backends given to [`table`].
@@ -151,98 +296,82 @@ pub fn table(backends: &[MaglevBackend], m: u32) -> Result<Table, MaglevError> {
     if !(MIN_M..=MAX_M).contains(&m) || !is_prime(m) {
         return Err(MaglevError::BadTableSize(m));
     }
-    let mut order: Vec<u32> = (0..backends.len() as u32).collect();
-    order.sort_unstable_by_key(|&i| backends[i as usize].key);
-    for pair in order.windows(2) {
-        if backends[pair[0] as usize].key == backends[pair[1] as usize].key {
-            return Err(MaglevError::DuplicateKey(backends[pair[0] as usize].key));
-        }
+    let mut sorted: Vec<(u64, u32)> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (b.key, i as u32))
+        .collect();
+    sorted.sort_unstable();
+    if let Some(pair) = sorted.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+        return Err(MaglevError::DuplicateKey(pair[0].0));
     }
-    order.retain(|&i| backends[i as usize].weight > 0);
+    sorted.retain(|&(_, i)| backends[i as usize].weight > 0);
     let mut entries: Vec<u32> = vec![Table::EMPTY; m as usize];
-    if order.is_empty() {
+    if sorted.is_empty() {
         return Ok(Table { slots: entries });
     }
 
-    // Per backend: next slot of its permutation, its skip, its weight. Slots are u32
-    // (M < 2^17) and advance by add-and-subtract, never by division.
+    // Per backend, in key order: its walker, its permutation's offset, its weight. Slots are
+    // u32 (M < 2^17) and advance by addition and a branch-free wrap, never by division.
     let m64 = u64::from(m);
-    let mut next: Vec<u32> = Vec::with_capacity(order.len());
-    let mut skip: Vec<u32> = Vec::with_capacity(order.len());
-    let mut offset: Vec<u32> = Vec::with_capacity(order.len());
-    let mut weight: Vec<u64> = Vec::with_capacity(order.len());
-    for &i in &order {
-        let b = backends[i as usize];
-        let o = (mix64(b.key) % m64) as u32;
-        next.push(o);
-        offset.push(o);
-        skip.push((mix64(b.key ^ 0x9e37_79b9_7f4a_7c15) % (m64 - 1) + 1) as u32);
-        weight.push(u64::from(b.weight));
+    let mut walkers: Vec<Walker> = Vec::with_capacity(sorted.len());
+    let mut offsets: Vec<u32> = Vec::with_capacity(sorted.len());
+    let mut weights: Vec<u64> = Vec::with_capacity(sorted.len());
+    for &(key, i) in &sorted {
+        let offset = (mix64(key) % m64) as u32;
+        let skip = (mix64(key ^ 0x9e37_79b9_7f4a_7c15) % (m64 - 1) + 1) as u32;
+        walkers.push(Walker::new(offset, skip, i, m));
+        offsets.push(offset);
+        weights.push(u64::from(backends[i as usize].weight));
     }
-    let modm = Barrett::new(m);
-    let w_max = weight.iter().copied().max().unwrap_or(1);
-    // Which slots are taken, as a bitmap: 8 KiB for M = 65537, so the probing (most of
-    // the work) stays in L1 and the table itself is written once per slot.
-    let mut taken = Box::new([0u64; TAKEN_WORDS]);
+    let mut rounds = Rounds::new(weights);
+    let mut taken = Taken::new();
 
-    let mut empties: Vec<u32> = Vec::new();
-    let mut inverses: Vec<Option<u32>> = vec![None; order.len()];
+    // Walk the permutations until TAIL_SLOTS slots are left, a run of claims at a time.
+    let walk_until = m.saturating_sub(TAIL_SLOTS);
     let mut filled = 0u32;
-    let mut round: u64 = 0;
-    'fill: loop {
-        for (k, &idx) in order.iter().enumerate() {
-            // Backend k claims a slot this round when its cumulative share steps up:
-            // floor((round+1)·w/w_max) > floor(round·w/w_max).
-            let w = weight[k];
-            if w != w_max && (round + 1) * w / w_max == round * w / w_max {
-                continue;
+    while filled < walk_until {
+        let (pos, len) = rounds.current();
+        let run = ((walk_until - filled) as usize).min(len - pos);
+        if rounds.uniform {
+            for w in &mut walkers[pos..pos + run] {
+                w.claim(&mut taken, &mut entries, m);
             }
-            let step = skip[k];
-            let remaining = m - filled;
-            let mut slot = next[k];
-            if remaining <= TAIL_SLOTS {
-                // Few slots left: walking the permutation would take about M/remaining
-                // probes. Instead take the empty slot that comes first in this backend's
-                // permutation (all earlier ones are taken): position j(s) = (s − offset)·skip⁻¹.
-                if empties.is_empty() {
-                    empties = (0..m)
-                        .filter(|&s| {
-                            taken[(s >> 6) as usize & (TAKEN_WORDS - 1)] & (1 << (s & 63)) == 0
-                        })
-                        .collect();
-                }
-                let inv = inverses[k].get_or_insert_with(|| mod_inverse(step, m));
-                let o = offset[k];
-                let (mut best, mut best_j) = (0usize, u32::MAX);
-                for (e, &s) in empties.iter().enumerate() {
-                    let j = modm.reduce(u64::from(s + m - o) * u64::from(*inv));
-                    if j < best_j {
-                        best_j = j;
-                        best = e;
-                    }
-                }
-                slot = empties.swap_remove(best);
-            } else {
-                while taken[(slot >> 6) as usize & (TAKEN_WORDS - 1)] & (1 << (slot & 63)) != 0 {
-                    slot += step;
-                    if slot >= m {
-                        slot -= m;
-                    }
-                }
-            }
-            taken[(slot >> 6) as usize & (TAKEN_WORDS - 1)] |= 1 << (slot & 63);
-            entries[slot as usize] = idx;
-            slot += step;
-            if slot >= m {
-                slot -= m;
-            }
-            next[k] = slot;
-            filled += 1;
-            if filled == m {
-                break 'fill;
+        } else {
+            for &k in &rounds.claimants[pos..pos + run] {
+                walkers[k as usize].claim(&mut taken, &mut entries, m);
             }
         }
-        round += 1;
+        rounds.pos += run;
+        filled += run as u32;
+    }
+
+    // Tail: walking would take about M/remaining probes per claim. Instead each claim takes
+    // the empty slot that comes first in its backend's permutation (every earlier slot is
+    // taken, so that is the slot the walk would reach): the one whose position
+    // j(e) = (e − offset)·skip⁻¹ mod M is smallest. No need to reduce mod M to compare: with
+    // c = ⌈2^64/M⌉ and x < 2^47, (c·x mod 2^64)·M / 2^64 rounds down to x mod M (Lemire,
+    // Kaser & Kurz, "Faster remainder by direct computation", 2019), so the low 64 bits of
+    // c·x rank the positions in the same order. Here x = (e + M − offset)·skip⁻¹ < 2M·M <
+    // 2^35, and c·x = (c·skip⁻¹)·(e + M − offset) mod 2^64: one multiplication per slot.
+    let mut empties = taken.empties(m);
+    let c = u64::MAX / m64 + 1;
+    while !empties.is_empty() {
+        let (pos, _) = rounds.current();
+        let k = rounds.backend(pos);
+        rounds.pos += 1;
+        let scale = c.wrapping_mul(u64::from(mod_inverse(walkers[k].skips[0], m)));
+        let shift = m - offsets[k];
+        let (mut best, mut best_rank) = (0usize, u64::MAX);
+        for (e, &slot) in empties.iter().enumerate() {
+            let rank = scale.wrapping_mul(u64::from(slot + shift));
+            if rank < best_rank {
+                best_rank = rank;
+                best = e;
+            }
+        }
+        let slot = empties.swap_remove(best);
+        entries[slot as usize] = walkers[k].index;
     }
     Ok(Table { slots: entries })
 }
