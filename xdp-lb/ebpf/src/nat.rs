@@ -593,7 +593,6 @@ fn send_to_backend(
         return Ok(xdp_action::XDP_PASS);
     }
     let snat = snat_addr(cfg, key.family);
-    let tot_len = ip_tot_len(ctx, p)?;
     rewrite(ctx, p, key, &snat, &be.addr, to.snat_port, be.port)?;
     // Per backend only: the loader adds a service's backends up for its counters.
     count(&maps::BACKEND_STATS, to.backend_id, bytes, to.new_flow);
@@ -602,6 +601,8 @@ fn send_to_backend(
     if be.hop.expires > now {
         return Ok(fib::send(ctx, st, &be.hop));
     }
+    // The rewrite left the length alone.
+    let tot_len = ip_tot_len(ctx, p)?;
     match fib::lookup(
         ctx,
         key.family,
