@@ -87,3 +87,28 @@ fn test_net_cleans_up_after_a_panic() {
     .unwrap();
     assert!(!list.contains(&name), "{name} survived a panic");
 }
+
+#[test]
+fn attaching_to_a_missing_interface_names_it() {
+    let mut net = TestNet::new().unwrap();
+    let node = net.add_ns("n").unwrap();
+    let mut prog = XdpProgram::load().unwrap();
+    let _in_node = node.enter().unwrap();
+    let err = prog
+        .attach("nosuch0", AttachMode::Generic)
+        .expect_err("attached to an interface that does not exist");
+    assert!(err.to_string().contains("nosuch0"), "{err}");
+}
+
+#[test]
+fn attaching_lets_the_stack_forward_packets_from_the_node_s_own_address() {
+    let mut net = TestNet::new().unwrap();
+    let node = net.add_ns("n").unwrap();
+    let peer = net.add_ns("p").unwrap();
+    net.veth(&node, "eth0", &peer, "eth0").unwrap();
+    let mut prog = XdpProgram::load().unwrap();
+    let _in_node = node.enter().unwrap();
+    prog.attach("eth0", AttachMode::Generic).unwrap();
+    let v = std::fs::read_to_string("/proc/sys/net/ipv4/conf/eth0/accept_local").unwrap();
+    assert_eq!(v.trim(), "1");
+}

@@ -275,24 +275,25 @@ impl XdpProgram {
     /// # Errors
     /// Unknown interface, the driver refuses the mode, or the sysctl cannot be written.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), XdpError> {
-        let prog = program_mut(&mut self.ebpf)?;
-        match prog.attach(iface, mode.xdp_mode()) {
-            Ok(_link) => {}
-            Err(ProgramError::UnknownInterface { name }) => {
-                return Err(XdpError::NoSuchInterface(name))
-            }
-            Err(e) => return Err(e.into()),
-        }
         // When the next hop has no neighbour entry yet, the rewritten packet is passed to the
         // stack to resolve it. Its IPv4 source is then the node's own SNAT address, which
-        // the stack drops as a martian unless the interface accepts local sources.
-        std::fs::write(format!("/proc/sys/net/ipv4/conf/{iface}/accept_local"), "1").map_err(
-            |source| XdpError::Os {
-                what: "setting net.ipv4.conf.<interface>.accept_local (first packets toward \
+        // the stack drops as a martian unless the interface accepts local sources. Set
+        // first, so that a failure leaves nothing attached.
+        let conf = format!("/proc/sys/net/ipv4/conf/{iface}");
+        if !std::path::Path::new(&conf).is_dir() {
+            return Err(XdpError::NoSuchInterface(iface.to_owned()));
+        }
+        std::fs::write(format!("{conf}/accept_local"), "1").map_err(|source| XdpError::Os {
+            what: "setting net.ipv4.conf.<interface>.accept_local=1 (first packets toward \
                    unresolved neighbours)",
-                source,
-            },
-        )
+            source,
+        })?;
+        let prog = program_mut(&mut self.ebpf)?;
+        match prog.attach(iface, mode.xdp_mode()) {
+            Ok(_link) => Ok(()),
+            Err(ProgramError::UnknownInterface { name }) => Err(XdpError::NoSuchInterface(name)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Runs the program once on `packet` with `BPF_PROG_TEST_RUN` (repeat = 1).
