@@ -229,3 +229,29 @@ fn a_snat_port_is_reclaimed_only_two_seconds_after_its_flow_was_last_seen() {
     assert_eq!(v, "XDP_REDIRECT", "the port is reclaimed");
     assert_eq!(u16::from_be_bytes([out[34], out[35]]), 20000);
 }
+
+#[test]
+fn the_program_reads_the_maglev_table_userspace_built() {
+    use portico_xdp::maglev::{self, MaglevBackend};
+    let mut b = balancer();
+    // Twice: each upsert writes the idle half of the double-buffered ring, then flips.
+    for backends in [&[X, Y, Z][..], &[X, Z][..]] {
+        let s = spec(VIP_A, backends);
+        b.upsert_service(&s).unwrap();
+        let live = b.live_ring(&s.key).unwrap().unwrap();
+        assert_eq!(live.len(), 251);
+        let keys: Vec<MaglevBackend> = s
+            .backends
+            .iter()
+            .map(|be| MaglevBackend {
+                key: portico_xdp::stable_key(be.addr, be.port),
+                weight: be.weight,
+            })
+            .collect();
+        let table = maglev::table(&keys, 251).unwrap();
+        for (slot, (got, want)) in live.iter().zip(table.iter()).enumerate() {
+            let want = want.map(|i| (s.backends[i as usize].addr, s.backends[i as usize].port));
+            assert_eq!(*got, want, "slot {slot}");
+        }
+    }
+}

@@ -325,7 +325,7 @@ fn validate_node(c: &NodeConfig) -> Result<(), BalancerError> {
 }
 
 /// The stable Maglev key of a backend: FNV-1a over address and port, the same on every node.
-fn stable_key(addr: IpAddr, port: u16) -> u64 {
+pub fn stable_key(addr: IpAddr, port: u16) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let bytes: Vec<u8> = match addr {
         IpAddr::V4(a) => a.octets().to_vec(),
@@ -388,6 +388,9 @@ fn free_id(used: &BTreeSet<u32>, max: u32) -> Option<u32> {
     (1..max).find(|i| !used.contains(i))
 }
 
+/// A backend's address and port.
+pub type BackendAddr = (IpAddr, u16);
+
 /// The `VIP_FILTER` bitmap for a set of VIP addresses.
 fn vip_filter<'a>(vips: impl Iterator<Item = &'a IpAddr>) -> Vec<u64> {
     let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
@@ -442,6 +445,36 @@ impl XdpBalancer {
             filter: vec![0; VIP_FILTER_WORDS as usize],
             generations: HashMap::new(),
         }
+    }
+
+    /// The live Maglev ring of a service as the program reads it: for each slot, the
+    /// backend (address, port) it sends new flows to, `None` where no backend has weight.
+    /// For inspection (one map read per slot).
+    ///
+    /// # Errors
+    /// The rings map cannot be read.
+    pub fn live_ring(
+        &self,
+        key: &ServiceKey,
+    ) -> Result<Option<Vec<Option<BackendAddr>>>, XdpError> {
+        let Some(installed) = self.services.get(key) else {
+            return Ok(None);
+        };
+        let by_id: HashMap<u32, (IpAddr, u16)> = installed
+            .backend_ids
+            .iter()
+            .map(|(b, id)| (*id, *b))
+            .collect();
+        let m = self.program.options().ring_size;
+        let base = (installed.id * 2 + installed.ring_gen) * m;
+        let rings: Array<&MapData, u32> = self.program.map(map_name::RINGS)?;
+        (base..base + m)
+            .map(|slot| {
+                let id = rings.get(&slot, 0).map_err(map_err(map_name::RINGS))?;
+                Ok(by_id.get(&id).copied())
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 
     /// The underlying program (attach, test-run, raw counters).
@@ -669,18 +702,16 @@ impl Balancer for XdpBalancer {
         let table = maglev_table(spec, m)?;
         let new_gen = old_gen ^ 1;
         let base = (id * 2 + new_gen) * m;
-        {
-            let mut rings: Array<&mut MapData, u32> = self.program.map_mut(map_name::RINGS)?;
-            for (slot, entry) in table.iter().enumerate() {
-                let bid = entry.map_or(0, |i| {
+        let ring: Vec<u32> = table
+            .iter()
+            .map(|entry| {
+                entry.map_or(0, |i| {
                     let b = &spec.backends[i as usize];
                     backend_ids[&(b.addr, b.port)]
-                });
-                rings
-                    .set(base + slot as u32, bid, 0)
-                    .map_err(map_err(map_name::RINGS))?;
-            }
-        }
+                })
+            })
+            .collect();
+        self.program.write_ring(base as usize, &ring)?;
         // Flip: packets see the old table or the new one, never a mix.
         let service = Service {
             id,

@@ -7,7 +7,7 @@ pub mod maglev;
 pub mod program;
 
 pub use balancer::{
-    BackendSpec, Balancer, BalancerError, FakeBalancer, NodeConfig, Protocol, ServiceKey,
-    ServiceSpec, XdpBalancer,
+    stable_key, BackendSpec, Balancer, BalancerError, FakeBalancer, NodeConfig, Protocol,
+    ServiceKey, ServiceSpec, XdpBalancer,
 };
 pub use program::{verdict, AttachMode, LoadOptions, Stats, TestRunOutput, XdpError, XdpProgram};

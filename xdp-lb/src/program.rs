@@ -1,6 +1,7 @@
 //! Loading, attaching and test-running the XDP program, and raw access to its maps.
 
 use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
     sync::OnceLock,
     time::{Duration, Instant},
 };
@@ -213,6 +214,74 @@ pub struct XdpProgram {
     pub(crate) ebpf: Ebpf,
     pub(crate) options: LoadOptions,
     hz: u32,
+    rings: RingsMap,
+}
+
+/// Bytes of one element of a BPF array of `u32` (the kernel rounds values up to 8).
+const ELEM_BYTES: usize = 8;
+
+/// The `RINGS` array, mapped into this process (`BPF_F_MMAPABLE`): Maglev tables are written
+/// with one copy rather than a syscall per slot (16,381 of them at the default size).
+struct RingsMap {
+    ptr: *mut u32,
+    slots: usize,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by the RingsMap and only written through `&mut XdpProgram`.
+unsafe impl Send for RingsMap {}
+// SAFETY: as above; shared references never write.
+unsafe impl Sync for RingsMap {}
+
+impl RingsMap {
+    fn new(ebpf: &Ebpf, slots: usize) -> Result<Self, XdpError> {
+        let map = ebpf.map(map_name::RINGS).ok_or(XdpError::Map {
+            name: map_name::RINGS,
+            source: MapError::InvalidName {
+                name: map_name::RINGS.into(),
+            },
+        })?;
+        let aya::maps::Map::Array(data) = map else {
+            return Err(XdpError::Map {
+                name: map_name::RINGS,
+                source: MapError::InvalidMapType { map_type: 0 },
+            });
+        };
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        // Array elements are 8-byte aligned: a u32 slot takes 8 bytes.
+        let len = (slots * ELEM_BYTES).div_ceil(page) * page;
+        // SAFETY: maps `len` bytes of an mmapable array map of at least `slots` u32 values,
+        // shared, at an address the kernel picks; checked for MAP_FAILED below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(XdpError::Os {
+                what: "mapping the RINGS array into memory",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(Self {
+            ptr: ptr.cast(),
+            slots,
+            len,
+        })
+    }
+}
+
+impl Drop for RingsMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
 }
 
 impl XdpProgram {
@@ -247,7 +316,41 @@ impl XdpProgram {
         let prog: &mut Xdp = program_mut(&mut ebpf)?;
         prog.load()?;
         let hz = kernel_hz(&mut ebpf)?;
-        Ok(Self { ebpf, options, hz })
+        let rings = RingsMap::new(
+            &ebpf,
+            options.max_services as usize * 2 * options.ring_size as usize,
+        )?;
+        Ok(Self {
+            ebpf,
+            options,
+            hz,
+            rings,
+        })
+    }
+
+    /// Writes `values` into the `RINGS` array from slot `first` on: one copy into the
+    /// mapped array. The caller writes only a ring half no packet reads (see `Balancer`).
+    ///
+    /// # Errors
+    /// The range is outside the array.
+    pub(crate) fn write_ring(&mut self, first: usize, values: &[u32]) -> Result<(), XdpError> {
+        if first + values.len() > self.rings.slots {
+            return Err(XdpError::BadOption {
+                field: "ring slot",
+                value: (first + values.len()) as u64,
+                why: "beyond the RINGS array",
+            });
+        }
+        let stride = ELEM_BYTES / 4;
+        for (i, v) in values.iter().enumerate() {
+            // SAFETY: element `first + i` is in bounds (checked above) of a live, writable
+            // shared mapping; its value is the first 4 of its 8 bytes.
+            unsafe { self.rings.ptr.add((first + i) * stride).write(*v) };
+        }
+        // The flip that publishes the table is a map update (a syscall) after this: the
+        // stores are visible to the program before the new generation is.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     /// The kernel's tick rate (HZ): the program's clock is jiffies.

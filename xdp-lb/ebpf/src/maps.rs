@@ -31,8 +31,14 @@ pub static SERVICES: HashMap<VipKey, Service> =
 
 /// Maglev rings: service `s`, generation `g` occupies `[(2s+g)·M, (2s+g+1)·M)`; each slot is
 /// a backend id (0 = empty). Userspace fills the idle half, then flips `Service::ring_gen`.
+/// Memory-mapped by the loader (`BPF_F_MMAPABLE`), which writes a new table with one copy
+/// instead of a syscall per slot.
 #[map(name = "RINGS")]
-pub static RINGS: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES * 2 * 16381, 0);
+pub static RINGS: Array<u32> =
+    Array::with_max_entries(DEFAULT_MAX_SERVICES * 2 * 16381, BPF_F_MMAPABLE);
+
+/// `BPF_F_MMAPABLE`: the array can be mapped into the loader's memory.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Backends by id (0 unused), each with its cached next hop (egress interface and MACs from
 /// bpf_fib_lookup, kept a second so established flows skip the FIB).
