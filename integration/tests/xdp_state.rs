@@ -255,3 +255,35 @@ fn the_program_reads_the_maglev_table_userspace_built() {
         }
     }
 }
+
+#[test]
+fn an_idle_flow_keeps_its_snat_port_against_another_service_of_the_same_backend() {
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let mut b = balancer();
+    b.configure_node(&NodeConfig {
+        snat_v4: Some(Ipv4Addr::from(fibnet::SNAT4)),
+        snat_ports: (20000, 20000),
+        ..NodeConfig::default()
+    })
+    .unwrap();
+    // Two services, one backend (another backend id each): one SNAT port space.
+    b.upsert_service(&spec(VIP_A, &[X])).unwrap();
+    b.upsert_service(&spec(VIP_B, &[X])).unwrap();
+    let _in = lb.enter().unwrap();
+
+    let (v, out) = run(&b, &tcp(VIP_A, 44000, SYN));
+    assert_eq!(verdict::name(v), "XDP_REDIRECT");
+    assert_eq!(u16::from_be_bytes([out[34], out[35]]), 20000);
+    // Idle past the two seconds, but tracked and unexpired: the port is still its own.
+    std::thread::sleep(Duration::from_millis(2300));
+    let (v, _) = run(&b, &tcp(VIP_B, 44001, SYN));
+    assert_eq!(
+        verdict::name(v),
+        "XDP_DROP",
+        "a new flow of the other service took the idle flow's only port"
+    );
+    let (v, out) = run(&b, &tcp(VIP_A, 44000, ACK));
+    assert_eq!(verdict::name(v), "XDP_REDIRECT");
+    assert_eq!(u16::from_be_bytes([out[34], out[35]]), 20000);
+}

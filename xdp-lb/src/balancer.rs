@@ -11,8 +11,8 @@ use std::{
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use portico_xdp_common::{
     addr_from_octets, addr_from_v4, backend_state, config_flags, family, map_name, proto,
-    service_flags, vip_filter_bit, Addr, Backend, Config, Counters, Flow, FlowCacheEntry, FlowKey,
-    NextHop, ReplyCacheEntry, RevNat, Service, VipKey, VIP_FILTER_WORDS,
+    service_flags, vip_filter_bit, Addr, Backend, Config, Counters, NextHop, Service, VipKey,
+    VIP_FILTER_WORDS,
 };
 
 use crate::{
@@ -431,6 +431,8 @@ pub struct XdpBalancer {
     filter: Vec<u64>,
     /// Generation of each backend id ever used (bumped when the id is handed out again).
     generations: HashMap<u32, u16>,
+    /// What the `CONFIG` map holds.
+    config: Config,
 }
 
 impl XdpBalancer {
@@ -444,6 +446,7 @@ impl XdpBalancer {
             backend_ids: BTreeSet::new(),
             filter: vec![0; VIP_FILTER_WORDS as usize],
             generations: HashMap::new(),
+            config: Config::default(),
         }
     }
 
@@ -514,70 +517,14 @@ impl XdpBalancer {
         Ok(())
     }
 
-    /// Forgets the tracked flows of a removed service and their SNAT port reservations, so
-    /// that its ids can be reused without old flows following them.
-    fn purge_flows(&mut self, service_id: u32) -> Result<(), XdpError> {
-        let sid = service_id as u16;
-        {
-            let mut ct: BpfHashMap<&mut MapData, FlowKey, Flow> =
-                self.program.map_mut(map_name::CONNTRACK)?;
-            let stale: Vec<FlowKey> = ct
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(_, f)| f.service_id == sid)
-                .map(|(k, _)| k)
-                .collect();
-            for k in stale {
-                // Already gone (evicted) is fine.
-                let _ = ct.remove(&k);
-            }
-        }
-        {
-            let mut rev: BpfHashMap<&mut MapData, FlowKey, RevNat> =
-                self.program.map_mut(map_name::REV_NAT)?;
-            let stale: Vec<FlowKey> = rev
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(_, r)| r.service_id == sid)
-                .map(|(k, _)| k)
-                .collect();
-            for k in stale {
-                let _ = rev.remove(&k);
-            }
-        }
-        // The per-CPU cached copies of those flows, both directions.
-        self.purge_cache::<FlowCacheEntry>(map_name::FLOW_CACHE, |e| {
-            e.key != FlowKey::default() && e.flow.service_id == sid
-        })?;
-        self.purge_cache::<ReplyCacheEntry>(map_name::REPLY_CACHE, |e| {
-            e.key != FlowKey::default() && e.rev.service_id == sid
-        })?;
-        Ok(())
-    }
-
-    /// Empties the entries of a per-CPU cache map that `stale` picks, on every CPU.
-    fn purge_cache<T: aya::Pod + Default>(
-        &mut self,
-        map: &'static str,
-        stale: impl Fn(&T) -> bool,
-    ) -> Result<(), XdpError> {
-        let n = self.program.options().flow_cache_entries;
-        let mut cache: PerCpuArray<&mut MapData, T> = self.program.map_mut(map)?;
-        for i in 0..n {
-            let entries = cache.get(&i, 0).map_err(map_err(map))?;
-            if entries.iter().any(&stale) {
-                let cleaned: Vec<T> = entries
-                    .iter()
-                    .map(|e| if stale(e) { T::default() } else { *e })
-                    .collect();
-                let values = PerCpuValues::try_from(cleaned).map_err(|source| XdpError::Os {
-                    what: "per-CPU values",
-                    source,
-                })?;
-                cache.set(i, values, 0).map_err(map_err(map))?;
-            }
-        }
-        Ok(())
+    /// Invalidates every per-CPU cached flow and reply at once: the program refills them
+    /// from the shared maps, whose entries it checks against the live backends.
+    fn bump_cache_epoch(&mut self) -> Result<(), XdpError> {
+        self.config.cache_epoch = self.config.cache_epoch.wrapping_add(1);
+        let mut array: Array<&mut MapData, Config> = self.program.map_mut(map_name::CONFIG)?;
+        array
+            .set(0, self.config, 0)
+            .map_err(map_err(map_name::CONFIG))
     }
 
     fn reset_counters(&mut self, map: &'static str, id: u32) -> Result<(), XdpError> {
@@ -619,8 +566,10 @@ impl Balancer for XdpBalancer {
         if let Some(a) = config.snat_v6 {
             cfg.snat_v6 = addr_from_octets(a.octets());
         }
+        cfg.cache_epoch = self.config.cache_epoch;
         let mut array: Array<&mut MapData, Config> = self.program.map_mut(map_name::CONFIG)?;
         array.set(0, cfg, 0).map_err(map_err(map_name::CONFIG))?;
+        self.config = cfg;
         self.node = config.clone();
         Ok(())
     }
@@ -644,7 +593,7 @@ impl Balancer for XdpBalancer {
                 max: options.max_backends,
             });
         }
-        let (id, old_gen, mut backend_ids, mut retired) = match known {
+        let (id, old_gen, mut backend_ids, retired) = match known {
             Some(i) => (i.id, i.ring_gen, i.backend_ids.clone(), i.retired),
             None => {
                 let id = free_id(&self.service_ids, options.max_services).ok_or(
@@ -729,18 +678,9 @@ impl Balancer for XdpBalancer {
             services
                 .insert(vip_key(&spec.key), service, 0)
                 .map_err(map_err(map_name::SERVICES))?;
-            services
-                .insert(presence_key(spec.key.vip), Service::default(), 0)
-                .map_err(map_err(map_name::SERVICES))?;
         }
-        for (k, bid) in gone {
-            backend_ids.remove(&k);
-            retired = add(
-                retired,
-                self.program.counters(map_name::BACKEND_STATS, bid)?,
-            );
-            self.release_backend(bid)?;
-        }
+        // Flipped: record it before anything else can fail, so the next update writes the
+        // idle half, never the live one. Backends that left stay listed until released.
         self.services.insert(
             spec.key,
             Installed {
@@ -751,6 +691,21 @@ impl Balancer for XdpBalancer {
                 retired,
             },
         );
+        {
+            let mut services: BpfHashMap<&mut MapData, VipKey, Service> =
+                self.program.map_mut(map_name::SERVICES)?;
+            services
+                .insert(presence_key(spec.key.vip), Service::default(), 0)
+                .map_err(map_err(map_name::SERVICES))?;
+        }
+        for (k, bid) in gone {
+            let counted = self.program.counters(map_name::BACKEND_STATS, bid)?;
+            self.release_backend(bid)?;
+            if let Some(installed) = self.services.get_mut(&spec.key) {
+                installed.backend_ids.remove(&k);
+                installed.retired = add(installed.retired, counted);
+            }
+        }
         self.sync_vip_filter()?;
         Ok(())
     }
@@ -775,7 +730,10 @@ impl Balancer for XdpBalancer {
         for bid in installed.backend_ids.values() {
             self.release_backend(*bid)?;
         }
-        self.purge_flows(installed.id)?;
+        // Tracked flows of the service need no purge: its backend ids are released, and a
+        // flow never follows an id to another service or backend. Their SNAT ports are
+        // reclaimed as their flows are found gone. Cached copies go now.
+        self.bump_cache_epoch()?;
         self.service_ids.remove(&installed.id);
         Ok(true)
     }

@@ -383,7 +383,8 @@ impl XdpProgram {
         // the stack drops as a martian unless the interface accepts local sources. Set
         // first, so that a failure leaves nothing attached.
         let conf = format!("/proc/sys/net/ipv4/conf/{iface}");
-        if !std::path::Path::new(&conf).is_dir() {
+        let special = matches!(iface, "all" | "default") || iface.contains('/');
+        if special || !std::path::Path::new(&conf).is_dir() {
             return Err(XdpError::NoSuchInterface(iface.to_owned()));
         }
         std::fs::write(format!("{conf}/accept_local"), "1").map_err(|source| XdpError::Os {

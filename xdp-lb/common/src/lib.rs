@@ -191,6 +191,9 @@ pub struct Config {
     pub tcp_closing_timeout: u32,
     /// Entries of the per-CPU flow cache minus one (a power of two minus one).
     pub flow_cache_mask: u32,
+    /// Bumped by the loader to invalidate every per-CPU cached copy at once (a service was
+    /// removed).
+    pub cache_epoch: u32,
 }
 
 /// Bits of [`Config::flags`].
@@ -316,7 +319,10 @@ pub struct Flow {
     /// [`flow_state`].
     pub state: u8,
     /// Explicit padding.
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// In a per-CPU cached copy: [`Config::cache_epoch`] when it was made (a copy from
+    /// another epoch is not used).
+    pub epoch: u32,
 }
 
 /// An entry of the per-CPU flow cache (map `FLOW_CACHE`): a copy of a tracked flow, so that
@@ -372,6 +378,10 @@ pub struct ReplyCacheEntry {
     pub rev: RevNat,
     /// Next hop toward the client.
     pub hop: NextHop,
+    /// [`Config::cache_epoch`] when the copy was made.
+    pub epoch: u32,
+    /// Explicit padding.
+    pub _pad: u32,
 }
 
 /// Packet, byte and new-flow counters (per CPU) of a service or a backend.
@@ -443,7 +453,7 @@ mod tests {
 
     #[test]
     fn map_types_have_no_implicit_padding() {
-        assert_eq!(size_of::<Config>(), 56);
+        assert_eq!(size_of::<Config>(), 60);
         assert_eq!(size_of::<VipKey>(), 20);
         assert_eq!(size_of::<Service>(), 16);
         assert_eq!(size_of::<Backend>(), 48);
@@ -451,7 +461,7 @@ mod tests {
         assert_eq!(size_of::<Flow>(), 24);
         assert_eq!(size_of::<FlowCacheEntry>(), 64);
         assert_eq!(size_of::<RevNat>(), 48);
-        assert_eq!(size_of::<ReplyCacheEntry>(), 112);
+        assert_eq!(size_of::<ReplyCacheEntry>(), 120);
         assert_eq!(size_of::<Counters>(), 24);
         assert_eq!(size_of::<NextHop>(), 24);
         assert_eq!(size_of::<StatBlock>(), 8 * stat::COUNT as usize);

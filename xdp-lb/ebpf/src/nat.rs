@@ -173,7 +173,6 @@ fn maglev_pick(svc: &Service, cfg: &Config, key: &FlowKey) -> u32 {
 fn claim_snat_port(
     key: &FlowKey,
     be: &Backend,
-    backend_id: u32,
     snat: &Addr,
     cfg: &Config,
     svc: &Service,
@@ -235,14 +234,20 @@ fn claim_snat_port(
             family: key.family,
             _pad: [0; 2],
         };
+        // The owner holds the port while its flow is tracked, unexpired, on this port, and
+        // still on a backend with this address and port: of any service, since services
+        // that share a backend share its SNAT port space.
         // SAFETY: read-only use of the value.
         let live = match unsafe { maps::CONNTRACK.get(&sc.owner) } {
             Some(f) => {
                 f.snat_port == port
-                    && f.backend_id == backend_id
-                    && still_assigned(be, f)
                     && !expired(f, cfg, key.proto, now)
                     && sc.owner != *key
+                    && backend(f.backend_id).is_some_and(|owner_be| {
+                        owner_be.addr == be.addr
+                            && owner_be.port == be.port
+                            && still_assigned(owner_be, f)
+                    })
             }
             None => false,
         };
@@ -399,6 +404,47 @@ fn cache_store(key: &FlowKey, flow: &Flow, cfg: &Config) {
     }
 }
 
+/// Keeps a tracked flow's SNAT port reserved (its `REV_NAT` entry fresh, so the port is
+/// not reclaimed while copies of the flow are cached), putting the entry back if the LRU
+/// evicted it. `false` when the port now belongs to another flow.
+#[inline(always)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "keys and values are passed to the helpers where they are, in the scratch map"
+)]
+fn hold_snat_port(key: &FlowKey, be: &Backend, flow: &Flow, cfg: &Config, now: u64) -> bool {
+    let Some(sc) = maps::SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's scratch entry; nothing else uses it while the program runs.
+    let sc = unsafe { &mut *sc };
+    sc.rkey = reply_key(key, be, &snat_addr(cfg, key.family), flow.snat_port);
+    if let Some(r) = maps::REV_NAT.get_ptr_mut(&sc.rkey) {
+        // SAFETY: valid map value pointer; plain integers.
+        let r = unsafe { &mut *r };
+        let ours = r.client == key.src
+            && r.vip == key.dst
+            && r.client_port == key.sport
+            && r.vip_port == key.dport;
+        if ours {
+            r.last_seen = now;
+        }
+        return ours;
+    }
+    sc.rev = RevNat {
+        client: key.src,
+        vip: key.dst,
+        client_port: key.sport,
+        vip_port: key.dport,
+        service_id: flow.service_id,
+        _pad: 0,
+        last_seen: now,
+    };
+    maps::REV_NAT
+        .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
+        .is_ok()
+}
+
 /// Whether a tracked flow still goes to `be`: the id is live and still the same backend of
 /// the same service (ids are reused after a backend is removed).
 #[inline(always)]
@@ -431,7 +477,10 @@ pub fn tracked(
         if let Some(c) = slot {
             // SAFETY: per-CPU slot.
             let c = unsafe { &*c };
-            if c.key == *key && now.saturating_sub(c.flow.last_seen) <= hz {
+            if c.key == *key
+                && c.flow.epoch == cfg.cache_epoch
+                && now.saturating_sub(c.flow.last_seen) <= hz
+            {
                 cached = Some(c.flow);
             }
         }
@@ -458,14 +507,8 @@ pub fn tracked(
                 f.state = flow_state::CLOSING;
             }
             f.last_seen = now;
-            let copy = *f;
-            if let Some(c) = slot {
-                // SAFETY: per-CPU slot.
-                unsafe {
-                    (*c).key = *key;
-                    (*c).flow = copy;
-                }
-            }
+            let mut copy = *f;
+            copy.epoch = cfg.cache_epoch;
             copy
         }
     };
@@ -477,17 +520,17 @@ pub fn tracked(
         return Ok(None);
     }
     if slow {
-        // Keep the SNAT port's reservation fresh while the flow is cached anywhere.
         // SAFETY: valid map value pointer.
-        let rkey = reply_key(
-            key,
-            unsafe { &*be },
-            &snat_addr(cfg, key.family),
-            flow.snat_port,
-        );
-        if let Some(r) = maps::REV_NAT.get_ptr_mut(rkey) {
-            // SAFETY: valid map value pointer; a plain integer.
-            unsafe { (*r).last_seen = now };
+        if !hold_snat_port(key, unsafe { &*be }, &flow, cfg, now) {
+            // The port went to another flow: balance this one again.
+            return Ok(None);
+        }
+        if let Some(c) = slot {
+            // SAFETY: per-CPU slot.
+            unsafe {
+                (*c).key = *key;
+                (*c).flow = flow;
+            }
         }
     }
     if hop_limit(ctx, p)? <= 1 {
@@ -524,13 +567,14 @@ pub fn new_flow(
     let key = &t.key;
     st.add(stat::CT_MISS, 1);
     let id = maglev_pick(svc, cfg, key);
-    let Some(be) = backend_ptr(id) else {
+    // SAFETY: valid map value pointer.
+    let Some(be) = backend_ptr(id).filter(|b| unsafe { (**b).service_id } == svc.id as u16) else {
         st.add(stat::DROP_NO_BACKEND, 1);
         return Ok(xdp_action::XDP_DROP);
     };
     let snat = snat_addr(cfg, key.family);
     // SAFETY: valid map value pointer, read only here.
-    let Some(port) = claim_snat_port(key, unsafe { &*be }, id, &snat, cfg, svc, now) else {
+    let Some(port) = claim_snat_port(key, unsafe { &*be }, &snat, cfg, svc, now) else {
         st.add(stat::DROP_NO_SNAT_PORT, 1);
         return Ok(xdp_action::XDP_DROP);
     };
@@ -546,7 +590,8 @@ pub fn new_flow(
         } else {
             flow_state::OPEN
         },
-        _pad: [0; 5],
+        _pad: 0,
+        epoch: cfg.cache_epoch,
     };
     if maps::CONNTRACK.insert(key, flow, 0).is_ok() {
         st.add(stat::CT_INSERT, 1);
@@ -654,7 +699,10 @@ pub fn reply(
         if let Some(c) = slot {
             // SAFETY: per-CPU slot.
             let c = unsafe { &*c };
-            if c.key == *key && now.saturating_sub(c.rev.last_seen) <= hz {
+            if c.key == *key
+                && c.epoch == cfg.cache_epoch
+                && now.saturating_sub(c.rev.last_seen) <= hz
+            {
                 cached = Some(c);
             }
         }
@@ -681,15 +729,23 @@ pub fn reply(
                 r.client_port,
                 tot_len,
             );
-            if let (Route::Via(hop), Some(c)) = (&route, slot) {
-                // SAFETY: per-CPU slot.
-                unsafe {
-                    (*c).key = *key;
-                    (*c).rev = *r;
-                    (*c).hop = *hop;
-                }
+            // Work from a copy in this CPU's slot: LRU entries are recycled at once when
+            // evicted, so the shared one may change under us. Valid for the fast path only
+            // with a resolved next hop.
+            let Some(c) = slot else {
+                return Ok(None);
+            };
+            // SAFETY: per-CPU slot.
+            let c = unsafe { &mut *c };
+            c.rev = *r;
+            if let Route::Via(hop) = &route {
+                c.key = *key;
+                c.hop = *hop;
+                c.epoch = cfg.cache_epoch;
+            } else {
+                c.key = FlowKey::default();
             }
-            (&*r, route)
+            (&c.rev, route)
         }
     };
     if hop_limit(ctx, p)? <= 1 {
