@@ -643,6 +643,7 @@ impl Balancer for XdpBalancer {
                 service_id: id as u16,
                 generation: self.generations[&backend_ids[&(b.addr, b.port)]],
                 hop: NextHop::default(),
+                _pad2: [0; 4],
             };
             self.write_backend(backend_ids[&(b.addr, b.port)], &value)?;
         }

@@ -256,6 +256,8 @@ pub struct Backend {
     /// Next hop toward the backend, cached here by the program for a second (in the same
     /// map value, so a forwarded packet reads one entry). The loader writes it empty.
     pub hop: NextHop,
+    /// Padding to a cache line (the array's values start page-aligned).
+    pub _pad2: [u32; 4],
 }
 
 /// Values of [`Backend::state`].
@@ -456,7 +458,7 @@ mod tests {
         assert_eq!(size_of::<Config>(), 60);
         assert_eq!(size_of::<VipKey>(), 20);
         assert_eq!(size_of::<Service>(), 16);
-        assert_eq!(size_of::<Backend>(), 48);
+        assert_eq!(size_of::<Backend>(), 64);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Flow>(), 24);
         assert_eq!(size_of::<FlowCacheEntry>(), 64);

@@ -21,7 +21,7 @@ pub static VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0)
 
 /// Node configuration: SNAT addresses and port range, ring size, hash seed, timeouts.
 #[map(name = "CONFIG")]
-pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// VIP listeners: (VIP, port, protocol) → service. Also holds one (VIP, 0, 0) entry per
 /// VIP address, used to answer echo requests.
@@ -43,7 +43,8 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Backends by id (0 unused), each with its cached next hop (egress interface and MACs from
 /// bpf_fib_lookup, kept a second so established flows skip the FIB).
 #[map(name = "BACKENDS")]
-pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+pub static BACKENDS: Array<Backend> =
+    Array::with_max_entries(DEFAULT_MAX_BACKENDS, BPF_F_MMAPABLE);
 
 /// Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): inserts do not contend on one global list;
 /// lookups still see every CPU's entries.
