@@ -74,7 +74,7 @@ pub struct LoadOptions {
     /// Connection-tracking entries (LRU); the reverse-NAT map has as many.
     pub conntrack_entries: u32,
     /// Entries of each per-CPU cache, in front of conntrack (64 bytes each) and of reverse
-    /// NAT (112 bytes each); a power of two.
+    /// NAT (128 bytes each), per possible CPU; a power of two.
     pub flow_cache_entries: u32,
 }
 
@@ -299,6 +299,19 @@ impl XdpProgram {
     /// Bad options; without `CAP_BPF`/root; the verifier rejects the program; no BTF.
     pub fn load_with(options: LoadOptions) -> Result<Self, XdpError> {
         options.validate()?;
+        // The caches hold a block of `flow_cache_entries` per possible CPU.
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| XdpError::Os {
+            what: "reading the possible CPUs",
+            source,
+        })?;
+        let cache_entries = u32::try_from(cpus)
+            .ok()
+            .and_then(|c| c.checked_mul(options.flow_cache_entries))
+            .ok_or(XdpError::BadOption {
+                field: "flow_cache_entries",
+                value: options.flow_cache_entries.into(),
+                why: "times the possible CPUs exceeds the array limit",
+            })?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(
                 map_name::RINGS,
@@ -310,8 +323,8 @@ impl XdpProgram {
             .map_max_entries(map_name::BACKEND_STATS, options.max_backends)
             .map_max_entries(map_name::CONNTRACK, options.conntrack_entries)
             .map_max_entries(map_name::REV_NAT, options.conntrack_entries)
-            .map_max_entries(map_name::FLOW_CACHE, options.flow_cache_entries)
-            .map_max_entries(map_name::REPLY_CACHE, options.flow_cache_entries)
+            .map_max_entries(map_name::FLOW_CACHE, cache_entries)
+            .map_max_entries(map_name::REPLY_CACHE, cache_entries)
             .load(PROGRAM_OBJECT)?;
         let prog: &mut Xdp = program_mut(&mut ebpf)?;
         prog.load()?;

@@ -382,8 +382,8 @@ pub struct ReplyCacheEntry {
     pub hop: NextHop,
     /// [`Config::cache_epoch`] when the copy was made.
     pub epoch: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// Padding to two cache lines.
+    pub _pad: [u32; 3],
 }
 
 /// Packet, byte and new-flow counters (per CPU) of a service or a backend.
@@ -463,7 +463,7 @@ mod tests {
         assert_eq!(size_of::<Flow>(), 24);
         assert_eq!(size_of::<FlowCacheEntry>(), 64);
         assert_eq!(size_of::<RevNat>(), 48);
-        assert_eq!(size_of::<ReplyCacheEntry>(), 120);
+        assert_eq!(size_of::<ReplyCacheEntry>(), 128);
         assert_eq!(size_of::<Counters>(), 24);
         assert_eq!(size_of::<NextHop>(), 24);
         assert_eq!(size_of::<StatBlock>(), 8 * stat::COUNT as usize);

@@ -43,8 +43,7 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Backends by id (0 unused), each with its cached next hop (egress interface and MACs from
 /// bpf_fib_lookup, kept a second so established flows skip the FIB).
 #[map(name = "BACKENDS")]
-pub static BACKENDS: Array<Backend> =
-    Array::with_max_entries(DEFAULT_MAX_BACKENDS, BPF_F_MMAPABLE);
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, BPF_F_MMAPABLE);
 
 /// Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): inserts do not contend on one global list;
 /// lookups still see every CPU's entries.
@@ -55,16 +54,18 @@ const BPF_F_NO_COMMON_LRU: u32 = 2;
 pub static CONNTRACK: LruHashMap<FlowKey, Flow> =
     LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
 
-/// Per-CPU exact-match cache in front of `CONNTRACK`, indexed by a hash of the 5-tuple.
+/// Per-CPU exact-match cache in front of `CONNTRACK`: CPU `c` owns entries
+/// `[c·N, (c+1)·N)`, indexed by a hash of the 5-tuple. A plain array in page-aligned
+/// (mmapable) memory rather than a per-CPU array, so each 64-byte entry is one cache line.
 /// Entries are refreshed from `CONNTRACK` at least once a second (which also keeps its
 /// `last_seen` and LRU position current), and on every SYN, FIN or RST.
 #[map(name = "FLOW_CACHE")]
-pub static FLOW_CACHE: PerCpuArray<FlowCacheEntry> = PerCpuArray::with_max_entries(4096, 0);
+pub static FLOW_CACHE: Array<FlowCacheEntry> = Array::with_max_entries(4096, BPF_F_MMAPABLE);
 
 /// Per-CPU exact-match cache in front of `REV_NAT` (with the next hop to the client),
 /// refreshed from it at least once a second and on every SYN, FIN or RST.
 #[map(name = "REPLY_CACHE")]
-pub static REPLY_CACHE: PerCpuArray<ReplyCacheEntry> = PerCpuArray::with_max_entries(4096, 0);
+pub static REPLY_CACHE: Array<ReplyCacheEntry> = Array::with_max_entries(4096, BPF_F_MMAPABLE);
 
 /// Room for the keys and values a new flow's SNAT port reservation passes to map helpers,
 /// one per CPU: the program's stack is 512 bytes in all.

@@ -361,7 +361,7 @@ pub(crate) fn snat_addr(cfg: &Config, fam: u8) -> Addr {
     }
 }
 
-/// Index of a 5-tuple in the per-CPU caches.
+/// Index of a 5-tuple in this CPU's block of the caches.
 #[inline(always)]
 fn cache_index(key: &FlowKey, cfg: &Config) -> u32 {
     let (s, d) = (&key.src, &key.dst);
@@ -369,13 +369,21 @@ fn cache_index(key: &FlowKey, cfg: &Config) -> u32 {
         ^ (d[0] ^ d[1] ^ d[2] ^ d[3]).rotate_left(16)
         ^ ((u32::from(key.sport) << 16) | u32::from(key.dport)).wrapping_mul(0x9e37_79b1)
         ^ u32::from(key.proto);
-    murmur_fin(h) & cfg.flow_cache_mask
+    cpu_base(cfg) + (murmur_fin(h) & cfg.flow_cache_mask)
 }
 
 /// Slot of the per-CPU flow cache for a 5-tuple.
 #[inline(always)]
 fn cache_slot(key: &FlowKey, cfg: &Config) -> Option<*mut FlowCacheEntry> {
     maps::FLOW_CACHE.get_ptr_mut(cache_index(key, cfg))
+}
+
+/// This CPU's block of the cache arrays starts here (the verifier inlines the helper).
+#[inline(always)]
+fn cpu_base(cfg: &Config) -> u32 {
+    // SAFETY: plain helper call.
+    let cpu = unsafe { aya_ebpf::helpers::generated::bpf_get_smp_processor_id() };
+    cpu.wrapping_mul(cfg.flow_cache_mask + 1)
 }
 
 /// The key of a flow's reverse-NAT entry: backend → node SNAT address and port.
