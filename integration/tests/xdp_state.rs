@@ -182,10 +182,7 @@ fn service_totals_keep_what_removed_backends_counted() {
 fn the_loader_measures_the_kernel_tick_rate() {
     let b = balancer();
     let hz = b.program().hz();
-    assert!(
-        [100, 250, 300, 1000].contains(&hz) || (24..=2000).contains(&hz),
-        "HZ measured as {hz}"
-    );
+    assert!((24..=2000).contains(&hz), "HZ measured as {hz}");
 }
 
 #[test]

@@ -17,7 +17,7 @@ use portico_xdp_common::{
 
 use crate::{
     maglev::{self, MaglevBackend, MaglevError},
-    program::{map_err, XdpError, XdpProgram},
+    program::{add_counters, map_err, XdpError, XdpProgram},
 };
 
 /// L4 protocol of a listener.
@@ -412,14 +412,6 @@ struct Installed {
     retired: Counters,
 }
 
-fn add(a: Counters, b: Counters) -> Counters {
-    Counters {
-        packets: a.packets + b.packets,
-        bytes: a.bytes + b.bytes,
-        new_flows: a.new_flows + b.new_flows,
-    }
-}
-
 /// The real balancer: programs the XDP maps of a loaded [`XdpProgram`].
 pub struct XdpBalancer {
     program: XdpProgram,
@@ -704,7 +696,7 @@ impl Balancer for XdpBalancer {
             self.release_backend(bid)?;
             if let Some(installed) = self.services.get_mut(&spec.key) {
                 installed.backend_ids.remove(&k);
-                installed.retired = add(installed.retired, counted);
+                installed.retired = add_counters(installed.retired, counted);
             }
         }
         self.sync_vip_filter()?;
@@ -748,7 +740,7 @@ impl Balancer for XdpBalancer {
             return Ok(None);
         };
         // The service's own map counts replies; client → VIP packets are counted per backend.
-        let mut service = add(
+        let mut service = add_counters(
             self.program
                 .counters(map_name::SERVICE_STATS, installed.id)?,
             installed.retired,
@@ -757,7 +749,7 @@ impl Balancer for XdpBalancer {
         for b in &installed.spec.backends {
             let bid = installed.backend_ids[&(b.addr, b.port)];
             let c = self.program.counters(map_name::BACKEND_STATS, bid)?;
-            service = add(service, c);
+            service = add_counters(service, c);
             backends.push(((b.addr, b.port), c));
         }
         Ok(Some(ServiceStats { service, backends }))

@@ -444,20 +444,9 @@ impl XdpProgram {
         packet: &[u8],
         ingress_ifindex: Option<u32>,
     ) -> Result<TestRunOutput, XdpError> {
-        self.test_run_named(FLOOR_PROGRAM_NAME, packet, ingress_ifindex)
-    }
-
-    /// Runs another program of the object once (loading it first), e.g. an experiment.
-    #[doc(hidden)]
-    pub fn test_run_named(
-        &mut self,
-        name: &str,
-        packet: &[u8],
-        ingress_ifindex: Option<u32>,
-    ) -> Result<TestRunOutput, XdpError> {
         let prog: &mut Xdp = self
             .ebpf
-            .program_mut(name)
+            .program_mut(FLOOR_PROGRAM_NAME)
             .ok_or(ProgramError::NotLoaded)?
             .try_into()?;
         if prog.fd().is_err() {
@@ -465,7 +454,7 @@ impl XdpProgram {
         }
         let prog: &Xdp = self
             .ebpf
-            .program(name)
+            .program(FLOOR_PROGRAM_NAME)
             .ok_or(ProgramError::NotLoaded)?
             .try_into()?;
         run_once(prog, packet, ingress_ifindex)
@@ -499,11 +488,10 @@ impl XdpProgram {
     pub(crate) fn counters(&self, map: &'static str, id: u32) -> Result<Counters, XdpError> {
         let array: PerCpuArray<&MapData, Counters> = self.map(map)?;
         let values = array.get(&id, 0).map_err(map_err(map))?;
-        Ok(values.iter().fold(Counters::default(), |acc, c| Counters {
-            packets: acc.packets + c.packets,
-            bytes: acc.bytes + c.bytes,
-            new_flows: acc.new_flows + c.new_flows,
-        }))
+        Ok(values
+            .iter()
+            .copied()
+            .fold(Counters::default(), add_counters))
     }
 
     /// A typed view of map `name`.
@@ -553,6 +541,15 @@ fn kernel_hz(ebpf: &mut Ebpf) -> Result<u32, XdpError> {
         .find(|&h| (rate - f64::from(h)).abs() <= f64::from(h) / 10.0)
         .unwrap_or(rate.round().max(1.0) as u32);
     Ok(*HZ.get_or_init(|| hz))
+}
+
+/// The sum of two sets of counters.
+pub(crate) fn add_counters(a: Counters, b: Counters) -> Counters {
+    Counters {
+        packets: a.packets + b.packets,
+        bytes: a.bytes + b.bytes,
+        new_flows: a.new_flows + b.new_flows,
+    }
 }
 
 /// Wraps a map error with the map's name.

@@ -188,24 +188,8 @@ fn claim_snat_port(
     let sc = maps::SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's scratch entry; nothing else uses it while the program runs.
     let sc = unsafe { &mut *sc };
-    sc.rev = RevNat {
-        client: key.src,
-        vip: key.dst,
-        client_port: key.sport,
-        vip_port: key.dport,
-        service_id: svc.id as u16,
-        _pad: 0,
-        last_seen: now,
-    };
-    sc.rkey = FlowKey {
-        src: be.addr,
-        dst: *snat,
-        sport: be.port,
-        dport: 0,
-        proto: key.proto,
-        family: key.family,
-        _pad: [0; 2],
-    };
+    sc.rev = rev_nat(key, svc.id as u16, now);
+    sc.rkey = reply_key(key, be, snat, 0);
     for i in 0..SNAT_PROBES {
         let port =
             ((min + (start.wrapping_add(i.wrapping_mul(2_654_435_761)) % range)) as u16).to_be();
@@ -400,10 +384,24 @@ fn reply_key(key: &FlowKey, be: &Backend, snat: &Addr, snat_port: u16) -> FlowKe
     }
 }
 
-/// Remembers a tracked flow in this CPU's cache.
+/// The reverse-NAT entry of the flow `key` (client → VIP), seen at `now`.
 #[inline(always)]
-fn cache_store(key: &FlowKey, flow: &Flow, cfg: &Config) {
-    if let Some(c) = cache_slot(key, cfg) {
+fn rev_nat(key: &FlowKey, service_id: u16, now: u64) -> RevNat {
+    RevNat {
+        client: key.src,
+        vip: key.dst,
+        client_port: key.sport,
+        vip_port: key.dport,
+        service_id,
+        _pad: 0,
+        last_seen: now,
+    }
+}
+
+/// Remembers a tracked flow in this CPU's cache slot for it.
+#[inline(always)]
+fn cache_store(slot: Option<*mut FlowCacheEntry>, key: &FlowKey, flow: &Flow) {
+    if let Some(c) = slot {
         // SAFETY: per-CPU slot; only this CPU touches it while the program runs.
         unsafe {
             (*c).key = *key;
@@ -439,15 +437,7 @@ fn hold_snat_port(key: &FlowKey, be: &Backend, flow: &Flow, cfg: &Config, now: u
         }
         return ours;
     }
-    sc.rev = RevNat {
-        client: key.src,
-        vip: key.dst,
-        client_port: key.sport,
-        vip_port: key.dport,
-        service_id: flow.service_id,
-        _pad: 0,
-        last_seen: now,
-    };
+    sc.rev = rev_nat(key, flow.service_id, now);
     maps::REV_NAT
         .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
         .is_ok()
@@ -533,13 +523,7 @@ pub fn tracked(
             // The port went to another flow: balance this one again.
             return Ok(None);
         }
-        if let Some(c) = slot {
-            // SAFETY: per-CPU slot.
-            unsafe {
-                (*c).key = *key;
-                (*c).flow = flow;
-            }
-        }
+        cache_store(slot, key, &flow);
     }
     if hop_limit(ctx, p)? <= 1 {
         st.add(stat::PASS_TTL, 1);
@@ -604,7 +588,7 @@ pub fn new_flow(
     if maps::CONNTRACK.insert(key, flow, 0).is_ok() {
         st.add(stat::CT_INSERT, 1);
     }
-    cache_store(key, &flow, cfg);
+    cache_store(cache_slot(key, cfg), key, &flow);
     let to = To {
         be,
         backend_id: id,
