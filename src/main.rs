@@ -1,19 +1,109 @@
 //! The `portico` binary.
 
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use portico::standalone::{self, Datapath, Options, ShutdownMode};
+use portico_xdp::AttachMode;
 
 /// Portico: LoadBalancer addresses, BGP announcements and an XDP Maglev fast path for
 /// bare-metal Kubernetes.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum XdpMode {
+    Native,
+    Generic,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Shutdown {
+    /// Keep the routes at peers with graceful restart.
+    Keep,
+    /// Withdraw routes, addresses and XDP services.
+    Withdraw,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+/// Default admin socket.
+const ADMIN_SOCKET: &str = "/run/portico/admin.sock";
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run Portico without Kubernetes: read a folder of manifests (AddressPool, BGPPeer,
+    /// BGPAdvertisement, Service, EndpointSlice, Secret, Node), allocate, announce and
+    /// balance; follow edits while running.
+    Standalone {
+        /// Folder of multi-document YAML files (read recursively).
+        #[arg(long, value_name = "DIR")]
+        manifests: PathBuf,
+        /// This node's name (node selectors, externalTrafficPolicy: Local).
+        #[arg(long)]
+        node: String,
+        /// Where allocations persist across restarts.
+        #[arg(long, value_name = "FILE")]
+        state: Option<PathBuf>,
+        /// Attach the XDP balancer to these interfaces (repeat); none: no datapath.
+        #[arg(long, value_name = "IFACE")]
+        xdp: Vec<String>,
+        /// XDP attach mode.
+        #[arg(long, value_enum, default_value_t = XdpMode::Native)]
+        xdp_mode: XdpMode,
+        /// Admin socket for `portico status`.
+        #[arg(long, value_name = "PATH", default_value = ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+        /// BGP Identifier for peers without routerID (default: the node's IPv4 address).
+        #[arg(long)]
+        router_id: Option<Ipv4Addr>,
+        /// IPv4 source of NAT toward backends (default: the first XDP interface's).
+        #[arg(long)]
+        snat_v4: Option<Ipv4Addr>,
+        /// IPv6 source of NAT toward backends (default: the first XDP interface's).
+        #[arg(long)]
+        snat_v6: Option<Ipv6Addr>,
+        /// Also accept BGP connections here (e.g. 0.0.0.0:179).
+        #[arg(long)]
+        bgp_listen: Option<SocketAddr>,
+        /// Local link that holds announced addresses; "none" holds none.
+        #[arg(long, default_value = "portico0")]
+        hold_link: String,
+        /// Serve LoadBalancer Services without a loadBalancerClass.
+        #[arg(long)]
+        default_class: bool,
+        /// What SIGTERM does.
+        #[arg(long, value_enum, default_value_t = Shutdown::Keep)]
+        shutdown: Shutdown,
+    },
+    /// Show what a running `portico standalone` is doing.
+    Status {
+        /// Its admin socket.
+        #[arg(long, value_name = "PATH", default_value = ADMIN_SOCKET)]
+        socket: PathBuf,
+        /// Tables or JSON.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Build a throwaway topology in network namespaces, run traffic through the XDP
     /// program, print what it measured (last line JSON), and tear it down.
     Lab {
@@ -35,11 +125,69 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Human => fmt.init(),
+        LogFormat::Json => fmt.json().init(),
+    }
+    match cli.command {
+        Command::Standalone {
+            manifests,
+            node,
+            state,
+            xdp,
+            xdp_mode,
+            admin_socket,
+            router_id,
+            snat_v4,
+            snat_v6,
+            bgp_listen,
+            hold_link,
+            default_class,
+            shutdown,
+        } => {
+            let mut opts = Options::new(manifests, node);
+            opts.state_file = state;
+            opts.admin_socket = Some(admin_socket);
+            opts.datapath = if xdp.is_empty() {
+                Datapath::Fake
+            } else {
+                Datapath::Xdp {
+                    interfaces: xdp,
+                    mode: match xdp_mode {
+                        XdpMode::Native => AttachMode::Native,
+                        XdpMode::Generic => AttachMode::Generic,
+                    },
+                }
+            };
+            opts.router_id = router_id;
+            opts.snat_v4 = snat_v4;
+            opts.snat_v6 = snat_v6;
+            opts.bgp_listen = bgp_listen;
+            opts.hold_link = (hold_link != "none").then_some(hold_link);
+            opts.default_class = default_class;
+            opts.shutdown = match shutdown {
+                Shutdown::Keep => ShutdownMode::Keep,
+                Shutdown::Withdraw => ShutdownMode::Withdraw,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(standalone::run(opts))?;
+        }
+        Command::Status { socket, output } => {
+            let report = portico::status::query(&socket)?;
+            match output {
+                Output::Table => print!("{}", report.render()),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+        }
         Command::Lab { connections, ipv6 } => {
             let report = portico_integration::lab::run(connections, ipv6)?;
             println!(

@@ -208,6 +208,15 @@ pub trait Balancer {
     /// The counters cannot be read.
     fn service_stats(&self, key: &ServiceKey) -> Result<Option<ServiceStats>, BalancerError>;
 
+    /// The datapath's global counters by name (packets, drops by reason, …); none for a
+    /// balancer without a datapath.
+    ///
+    /// # Errors
+    /// The counters cannot be read.
+    fn datapath_counters(&self) -> Result<Vec<(&'static str, u64)>, BalancerError> {
+        Ok(Vec::new())
+    }
+
     /// Changes one backend's weight (0 drains it).
     ///
     /// # Errors
@@ -733,6 +742,14 @@ impl Balancer for XdpBalancer {
 
     fn service(&self, key: &ServiceKey) -> Option<&ServiceSpec> {
         self.services.get(key).map(|i| &i.spec)
+    }
+
+    fn datapath_counters(&self) -> Result<Vec<(&'static str, u64)>, BalancerError> {
+        let mut out = Vec::with_capacity(portico_xdp_common::stat::NAMES.len());
+        for (i, name) in portico_xdp_common::stat::NAMES.iter().enumerate() {
+            out.push((*name, self.program.stat(i as u32)?));
+        }
+        Ok(out)
     }
 
     fn service_stats(&self, key: &ServiceKey) -> Result<Option<ServiceStats>, BalancerError> {

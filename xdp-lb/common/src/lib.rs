@@ -97,6 +97,29 @@ pub mod stat {
     pub const ICMP_ECHO_REPLY: u32 = 18;
     /// Number of counters in a [`crate::StatBlock`].
     pub const COUNT: u32 = 19;
+
+    /// Each counter's name, by index, as status and metrics show it.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "packets",
+        "bytes",
+        "ct_hit",
+        "tx",
+        "redirect",
+        "reply_nat",
+        "ct_miss",
+        "ct_insert",
+        "pass_not_vip",
+        "pass_malformed",
+        "pass_fragment",
+        "pass_ttl",
+        "pass_no_neigh",
+        "drop_no_backend",
+        "drop_no_snat_port",
+        "drop_no_route",
+        "pass_unsupported",
+        "icmp_error_nat",
+        "icmp_echo_reply",
+    ];
 }
 
 /// Names of the maps, as the loader looks them up in the object file.

@@ -1,0 +1,296 @@
+//! What `portico status` shows: the report the running process serves on its admin socket,
+//! and its rendering as tables.
+
+use std::fmt::Write as _;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::IpAddr;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::apply::ApplierHealth;
+
+/// One pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolRow {
+    /// Name.
+    pub name: String,
+    /// `Ready`, `Conflict with …` or `InvalidSpec`.
+    pub state: String,
+    /// IPv4 addresses in use.
+    pub v4_used: String,
+    /// IPv4 addresses usable.
+    pub v4_total: String,
+    /// IPv6 addresses in use.
+    pub v6_used: String,
+    /// IPv6 addresses usable.
+    pub v6_total: String,
+}
+
+/// One Portico Service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRow {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Its addresses.
+    pub addresses: Vec<IpAddr>,
+    /// The pool of each address.
+    pub pools: Vec<String>,
+    /// Ready backends (this node's, for `Local`).
+    pub backends_ready: usize,
+    /// Backends carrying or draining flows.
+    pub backends_total: usize,
+    /// Announced from this node.
+    pub announced: bool,
+    /// `externalTrafficPolicy: Local`.
+    pub local: bool,
+    /// Why it lacks an address.
+    pub unsatisfied: Option<String>,
+    /// Packets the datapath balanced for it.
+    pub packets: u64,
+    /// New flows the datapath balanced for it.
+    pub new_flows: u64,
+}
+
+/// One BGP peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRow {
+    /// The BGPPeer's name.
+    pub name: String,
+    /// The peer's address.
+    pub address: IpAddr,
+    /// FSM state.
+    pub state: String,
+    /// Seconds since Established.
+    pub uptime_secs: Option<u64>,
+    /// Prefixes advertised (IPv4, IPv6).
+    pub prefixes_sent: [usize; 2],
+    /// Last transport failure or NOTIFICATION.
+    pub last_error: Option<String>,
+}
+
+/// Everything `portico status` shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The node.
+    pub node: String,
+    /// Pools.
+    pub pools: Vec<PoolRow>,
+    /// Services.
+    pub services: Vec<ServiceRow>,
+    /// BGP peers.
+    pub peers: Vec<PeerRow>,
+    /// Global datapath counters by name (empty without XDP).
+    pub datapath: Vec<(String, u64)>,
+    /// Appliers' health.
+    pub appliers: Vec<ApplierHealthRow>,
+    /// Problems with files and objects.
+    pub problems: Vec<String>,
+    /// Reconcile passes so far.
+    pub passes: u64,
+    /// Duration of the last pass, in microseconds.
+    pub last_pass_us: u64,
+}
+
+/// An applier's health, as reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplierHealthRow {
+    /// The applier.
+    pub name: String,
+    /// Last pass fully applied.
+    pub ok: bool,
+    /// Last failure.
+    pub last_error: Option<String>,
+    /// Failed passes.
+    pub failures: u64,
+}
+
+impl From<&ApplierHealth> for ApplierHealthRow {
+    fn from(h: &ApplierHealth) -> Self {
+        ApplierHealthRow {
+            name: h.name.to_owned(),
+            ok: h.ok,
+            last_error: h.last_error.clone(),
+            failures: h.failures,
+        }
+    }
+}
+
+/// Asks the process behind `socket` for its report.
+///
+/// # Errors
+/// The socket cannot be reached or the answer is not a report.
+pub fn query(socket: &Path) -> anyhow::Result<StatusReport> {
+    use anyhow::Context as _;
+    let mut s = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connecting to {} (is `portico standalone` running with this --admin-socket?)",
+            socket.display()
+        )
+    })?;
+    s.write_all(b"status\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    serde_json::from_str(&line).context("reading the status answer")
+}
+
+fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut line = |cells: &[String]| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                let _ = write!(l, "{c:<w$}  ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn uptime(secs: Option<u64>) -> String {
+    match secs {
+        None => "-".into(),
+        Some(s) if s < 60 => format!("{s}s"),
+        Some(s) if s < 3600 => format!("{}m{}s", s / 60, s % 60),
+        Some(s) => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+impl StatusReport {
+    /// Human tables, like `cilium bgp peers`.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "Node: {}\n", self.node);
+        let pools: Vec<Vec<String>> = self
+            .pools
+            .iter()
+            .map(|p| {
+                vec![
+                    p.name.clone(),
+                    p.state.clone(),
+                    format!("{}/{}", p.v4_used, p.v4_total),
+                    format!("{}/{}", p.v6_used, p.v6_total),
+                ]
+            })
+            .collect();
+        table(
+            &mut out,
+            &["POOL", "STATE", "IPV4 USED", "IPV6 USED"],
+            &pools,
+        );
+        out.push('\n');
+        let services: Vec<Vec<String>> = self
+            .services
+            .iter()
+            .map(|s| {
+                let addrs = if s.addresses.is_empty() {
+                    s.unsatisfied.clone().unwrap_or_else(|| "<pending>".into())
+                } else {
+                    s.addresses
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
+                vec![
+                    format!("{}/{}", s.namespace, s.name),
+                    addrs,
+                    s.pools.join(","),
+                    format!("{}/{}", s.backends_ready, s.backends_total),
+                    if s.announced { "yes" } else { "no" }.into(),
+                    s.packets.to_string(),
+                ]
+            })
+            .collect();
+        table(
+            &mut out,
+            &[
+                "SERVICE",
+                "ADDRESSES",
+                "POOL",
+                "BACKENDS",
+                "ANNOUNCED",
+                "PACKETS",
+            ],
+            &services,
+        );
+        out.push('\n');
+        let peers: Vec<Vec<String>> = self
+            .peers
+            .iter()
+            .map(|p| {
+                vec![
+                    p.name.clone(),
+                    p.address.to_string(),
+                    p.state.clone(),
+                    uptime(p.uptime_secs),
+                    format!("{}/{}", p.prefixes_sent[0], p.prefixes_sent[1]),
+                    p.last_error.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        table(
+            &mut out,
+            &[
+                "PEER",
+                "ADDRESS",
+                "STATE",
+                "UPTIME",
+                "SENT V4/V6",
+                "LAST ERROR",
+            ],
+            &peers,
+        );
+        if !self.datapath.is_empty() {
+            out.push('\n');
+            let rows: Vec<Vec<String>> = self
+                .datapath
+                .iter()
+                .filter(|(_, v)| *v > 0)
+                .map(|(n, v)| vec![n.clone(), v.to_string()])
+                .collect();
+            table(&mut out, &["DATAPATH COUNTER", "VALUE"], &rows);
+        }
+        out.push('\n');
+        let appliers: Vec<Vec<String>> = self
+            .appliers
+            .iter()
+            .map(|a| {
+                vec![
+                    a.name.clone(),
+                    if a.ok { "ok" } else { "failing" }.into(),
+                    a.failures.to_string(),
+                    a.last_error.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        table(
+            &mut out,
+            &["APPLIER", "STATE", "FAILURES", "LAST ERROR"],
+            &appliers,
+        );
+        if !self.problems.is_empty() {
+            let _ = writeln!(out, "\nProblems:");
+            for p in &self.problems {
+                let _ = writeln!(out, "  {p}");
+            }
+        }
+        out
+    }
+}
