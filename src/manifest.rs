@@ -199,6 +199,18 @@ impl ManifestFolder {
     }
 }
 
+/// Parses the documents of one manifest text (as if read from `name`) into events that
+/// create its objects, with the problems found. For tests and tools.
+#[must_use]
+pub fn parse_text(name: &str, text: &str) -> (Vec<Event>, Vec<SourceError>) {
+    let (objects, errors) = parse_file(Path::new(name), text, &[]);
+    let events = objects
+        .into_iter()
+        .map(|(k, _, o)| Event::Apply(k, o))
+        .collect();
+    (events, errors)
+}
+
 fn list_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.filter_map(Result::ok).collect();
     entries.sort_by_key(std::fs::DirEntry::file_name);
