@@ -58,6 +58,14 @@ fn render_config(cfg: &super::PeerConfig, announcements: &[Announcement]) -> Str
     let _ = writeln!(c, "router id {};", cfg.router_id);
     let _ = writeln!(c, "log stderr all;");
     let _ = writeln!(c, "protocol device {{ scan time 1; }}");
+    if cfg.kernel_export {
+        for channel in ["ipv4", "ipv6"] {
+            let _ = writeln!(
+                c,
+                "protocol kernel kernel_{channel} {{ {channel} {{ export where source = RTS_BGP; }}; merge paths on; }}"
+            );
+        }
+    }
     for (family, channel) in [(Family::Ipv4, "ipv4"), (Family::Ipv6, "ipv6")] {
         let _ = writeln!(c, "protocol static static_{channel} {{");
         let _ = writeln!(c, "  {channel};");

@@ -218,6 +218,7 @@ impl PeerConfig {
             neighbors: Vec::new(),
             connect_retry_secs: 1,
             hold_time: 9,
+            kernel_export: false,
         }
     }
 
@@ -236,6 +237,13 @@ impl PeerConfig {
     }
 
     /// Sets the proposed hold time (seconds, at least 3).
+    /// Installs received BGP routes into the kernel (BIRD only), multipath merged.
+    #[must_use]
+    pub fn kernel_export(mut self) -> Self {
+        self.kernel_export = true;
+        self
+    }
+
     #[must_use]
     pub fn hold_time(mut self, secs: u16) -> Self {
         self.hold_time = secs;
