@@ -23,56 +23,12 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::session::{
-    collision_winner, Command, Direction, Event, Session, SessionConfig, SessionStatus, State,
-};
+pub use crate::config::{PeerConfig, TtlMode};
+use crate::session::{collision_winner, Command, Direction, Event, Session, SessionStatus, State};
 use crate::sockopt;
 use crate::update::RouteAttrs;
 use crate::wire::{subcode, ErrorCode, Notification};
 use crate::Error;
-
-/// How outgoing TTL and incoming TTL checks are set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum TtlMode {
-    /// eBGP: TTL 1 (directly connected); iBGP: the system default.
-    #[default]
-    Default,
-    /// GTSM (RFC 5082): send with TTL 255, accept only TTL 255 (single-hop eBGP).
-    Gtsm,
-    /// eBGP multihop: send with this TTL.
-    Multihop(u8),
-}
-
-/// One peer of a [`Speaker`].
-#[derive(Clone, Debug)]
-pub struct PeerConfig {
-    /// The peer's address (connections from elsewhere are not accepted for it).
-    pub address: IpAddr,
-    /// The peer's TCP port for active connections.
-    pub port: u16,
-    /// Local address to connect from.
-    pub source_address: Option<IpAddr>,
-    /// TCP MD5 signature password (RFC 2385).
-    pub md5_password: Option<String>,
-    /// TTL handling.
-    pub ttl: TtlMode,
-    /// Session parameters.
-    pub session: SessionConfig,
-}
-
-impl PeerConfig {
-    /// A peer on port 179 with default TTL handling and no password.
-    pub fn new(address: IpAddr, session: SessionConfig) -> Self {
-        PeerConfig {
-            address,
-            port: 179,
-            source_address: None,
-            md5_password: None,
-            ttl: TtlMode::Default,
-            session,
-        }
-    }
-}
 
 /// Speaker-wide settings.
 #[derive(Clone, Debug, Default)]
