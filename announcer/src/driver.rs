@@ -27,7 +27,7 @@ pub use crate::config::{PeerConfig, TtlMode};
 use crate::session::{collision_winner, Command, Direction, Event, Session, SessionStatus, State};
 use crate::sockopt;
 use crate::update::RouteAttrs;
-use crate::wire::{subcode, ErrorCode, Notification};
+use crate::wire::{CeaseSubcode, Notification};
 use crate::Error;
 
 /// Speaker-wide settings.
@@ -648,12 +648,12 @@ impl PeerDriver {
             self.attach(1, stream, Direction::Inbound);
         } else {
             let sub = if primary.state() == State::Established {
-                subcode::CEASE_COLLISION
+                CeaseSubcode::CONNECTION_COLLISION_RESOLUTION
             } else {
-                subcode::CEASE_CONNECTION_REJECTED
+                CeaseSubcode::CONNECTION_REJECTED
             };
             let mut bytes = Vec::new();
-            Notification::new(ErrorCode::CEASE, sub, Vec::new()).encode(&mut bytes);
+            Notification::cease(sub).encode(&mut bytes);
             tokio::spawn(async move {
                 let mut stream = stream;
                 let _ = stream.write_all(&bytes).await;

@@ -23,8 +23,9 @@ use ipnet::IpNet;
 use crate::timer::{Jitter, Timer, TimerTable};
 use crate::update::{self, EncodeContext, InspectContext, RouteAttrs, UpdateSummary};
 use crate::wire::{
-    self, subcode, Capabilities, ErrorCode, Family, GracefulRestartCap, Message, Notification,
-    Open, AS_TRANS, HEADER_LEN, MAX_EXTENDED_MESSAGE_LEN, MAX_MESSAGE_LEN,
+    self, Capabilities, CeaseSubcode, ErrorCode, Family, FsmSubcode, GracefulRestartCap,
+    HeaderSubcode, Message, Notification, Open, OpenSubcode, AS_TRANS, HEADER_LEN,
+    MAX_EXTENDED_MESSAGE_LEN, MAX_MESSAGE_LEN,
 };
 
 /// Hold time used while waiting for the peer's OPEN (RFC 4271 §8.2.2 suggests 4 minutes).
@@ -562,11 +563,7 @@ impl Session {
                 break;
             };
             if rest[..16].iter().any(|&b| b != 0xff) {
-                let n = Notification::new(
-                    ErrorCode::MESSAGE_HEADER,
-                    subcode::CONNECTION_NOT_SYNCHRONIZED,
-                    Vec::new(),
-                );
+                let n = Notification::of(HeaderSubcode::CONNECTION_NOT_SYNCHRONIZED, Vec::new());
                 self.fail(now, Some(n));
                 break;
             }
@@ -639,7 +636,7 @@ impl Session {
     /// Close this connection because the other one won the collision (§6.8): send
     /// Cease / Connection Collision Resolution and go Idle without automatic restart.
     pub fn close_for_collision(&mut self, now: Instant) {
-        let n = Notification::new(ErrorCode::CEASE, subcode::CEASE_COLLISION, Vec::new());
+        let n = Notification::cease(CeaseSubcode::CONNECTION_COLLISION_RESOLUTION);
         self.admin_up = false;
         self.fail(now, Some(n));
     }
@@ -670,7 +667,7 @@ impl Session {
                 State::OpenSent | State::OpenConfirm | State::Established
             )
         {
-            let n = Notification::new(ErrorCode::CEASE, subcode::CEASE_ADMIN_SHUTDOWN, Vec::new());
+            let n = Notification::cease(CeaseSubcode::ADMINISTRATIVE_SHUTDOWN);
             self.fail(now, Some(n));
         } else {
             if self.conn.is_some() || self.state == State::Connect {
@@ -798,15 +795,12 @@ impl Session {
 
     fn fsm_error(&mut self, now: Instant) {
         let sub = match self.state {
-            State::OpenSent => subcode::FSM_UNEXPECTED_IN_OPENSENT,
-            State::OpenConfirm => subcode::FSM_UNEXPECTED_IN_OPENCONFIRM,
-            State::Established => subcode::FSM_UNEXPECTED_IN_ESTABLISHED,
-            _ => 0,
+            State::OpenSent => FsmSubcode::UNEXPECTED_IN_OPENSENT,
+            State::OpenConfirm => FsmSubcode::UNEXPECTED_IN_OPENCONFIRM,
+            State::Established => FsmSubcode::UNEXPECTED_IN_ESTABLISHED,
+            _ => FsmSubcode::UNSPECIFIED,
         };
-        self.fail(
-            now,
-            Some(Notification::new(ErrorCode::FSM, sub, Vec::new())),
-        );
+        self.fail(now, Some(Notification::of(sub, Vec::new())));
     }
 
     fn handle_message(&mut self, now: Instant, msg: &[u8]) {
@@ -928,8 +922,7 @@ impl Session {
 
     fn negotiate(&self, open: &Open) -> Result<Negotiated, Notification> {
         let c = &self.config;
-        let open_err =
-            |sub: u8, data: Vec<u8>| Notification::new(ErrorCode::OPEN_MESSAGE, sub, data);
+        let open_err = |sub: OpenSubcode, data: Vec<u8>| Notification::of(sub, data);
         // A speaker without RFC 6793 ignores the capability and sees AS_TRANS.
         let peer_as = if c.four_octet_as {
             open.peer_as()
@@ -938,19 +931,19 @@ impl Session {
         };
         if peer_as != c.peer_as {
             return Err(open_err(
-                subcode::BAD_PEER_AS,
+                OpenSubcode::BAD_PEER_AS,
                 open.my_as.to_be_bytes().to_vec(),
             ));
         }
         if open.router_id.is_unspecified() || (c.is_ibgp() && open.router_id == c.router_id) {
             return Err(open_err(
-                subcode::BAD_BGP_IDENTIFIER,
+                OpenSubcode::BAD_BGP_IDENTIFIER,
                 open.router_id.octets().to_vec(),
             ));
         }
         if open.hold_time == 1 || open.hold_time == 2 {
             return Err(open_err(
-                subcode::UNACCEPTABLE_HOLD_TIME,
+                OpenSubcode::UNACCEPTABLE_HOLD_TIME,
                 open.hold_time.to_be_bytes().to_vec(),
             ));
         }
