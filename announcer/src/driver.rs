@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use crate::config::{PeerConfig, TtlMode};
-use crate::session::{collision_winner, Command, Direction, Event, Session, SessionStatus, State};
+use crate::session::{CollisionLoser, Command, Direction, Event, Session, SessionStatus, State};
 use crate::sockopt;
 use crate::update::RouteAttrs;
 use crate::wire::{CeaseSubcode, Notification};
@@ -188,9 +188,8 @@ impl Speaker {
         let now = Instant::now();
         let seed = u64::from(now.elapsed().subsec_nanos()) ^ address_seed(address);
         let mut session = Session::new(peer.session.clone(), now, seed);
-        for (attrs, prefixes) in group_routes(&lock(&self.shared.routes)) {
-            session.handle_command(now, Command::Announce { prefixes, attrs });
-        }
+        let routes = lock(&self.shared.routes).clone();
+        session.handle_command(now, Command::Replace { routes });
         session.handle_command(now, Command::Start);
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let (status_tx, status_rx) = watch::channel(PeerStatus {
@@ -350,14 +349,6 @@ fn address_seed(a: IpAddr) -> u64 {
         IpAddr::V4(v4) => u64::from(u32::from(v4)),
         IpAddr::V6(v6) => u128::from(v6) as u64,
     }
-}
-
-fn group_routes(routes: &BTreeMap<IpNet, RouteAttrs>) -> Vec<(RouteAttrs, Vec<IpNet>)> {
-    let mut groups: HashMap<&RouteAttrs, Vec<IpNet>> = HashMap::new();
-    for (p, a) in routes {
-        groups.entry(a).or_default().push(*p);
-    }
-    groups.into_iter().map(|(a, p)| (a.clone(), p)).collect()
 }
 
 enum Io {
@@ -540,23 +531,20 @@ impl PeerDriver {
 
     fn resolve_collision(&mut self) -> bool {
         if self.slots.len() == 2 {
-            let both_open = self.slots.iter().all(|s| s.session.negotiated().is_some());
-            if both_open {
-                let local_id = self.peer.session.router_id;
-                let remote_id = self.slots[1]
-                    .session
-                    .negotiated()
-                    .map(|n| n.peer_router_id)
-                    .unwrap_or(local_id);
-                let winner = collision_winner(local_id, remote_id);
-                let loser = if self.slots[0].session.direction() == Some(winner) {
-                    1
-                } else {
-                    0
-                };
-                let now = Instant::now();
-                self.slots[loser].session.close_for_collision(now);
-                self.pump_slot(loser);
+            let (first, second) = self.slots.split_at_mut(1);
+            let loser = crate::session::resolve_collision(
+                Instant::now(),
+                &mut first[0].session,
+                &mut second[0].session,
+            );
+            match loser {
+                Some(CollisionLoser::First) => {
+                    self.pump_slot(0);
+                }
+                Some(CollisionLoser::Second) => {
+                    self.pump_slot(1);
+                }
+                None => {}
             }
             // Promote the second session once the first is gone; drop a failed second.
             if !self.slots[0].session.is_connected() && self.slots[1].session.is_connected() {
@@ -632,14 +620,8 @@ impl PeerDriver {
             && matches!(primary.state(), State::OpenSent | State::OpenConfirm)
         {
             let mut second = Session::new(self.peer.session.clone(), now, self.next_id ^ 0x5eed);
-            let groups: HashMap<RouteAttrs, Vec<IpNet>> =
-                primary.routes().fold(HashMap::new(), |mut m, (p, a)| {
-                    m.entry(a.clone()).or_default().push(*p);
-                    m
-                });
-            for (attrs, prefixes) in groups {
-                second.handle_command(now, Command::Announce { prefixes, attrs });
-            }
+            let routes = primary.routes().map(|(p, a)| (*p, a.clone())).collect();
+            second.handle_command(now, Command::Replace { routes });
             second.handle_command(now, Command::Start);
             self.slots.push(Slot {
                 session: second,

@@ -7,10 +7,16 @@
 //! [`Event::Close`], so a NOTIFICATION reaches the wire before the socket closes.
 //!
 //! A session owns at most one TCP connection. Connection collision detection (§6.8) needs
-//! two connections and lives one level up: the driver runs a second `Session` for an
-//! inbound connection that arrives while the first is connected, and once both have seen
-//! the peer's OPEN it keeps the one [`collision_winner`] picks and closes the other with
-//! [`Session::close_for_collision`] (see `driver.rs`; tested in `tests/session.rs`).
+//! two: the driver runs a second `Session` for an inbound connection that arrives while
+//! the first is connected, and calls [`resolve_collision`] with both after every input;
+//! once both have the peer's OPEN it closes the loser with Cease / Connection Collision
+//! Resolution (tested in `tests/session.rs`).
+//!
+//! The Adj-RIB-Out is desired state: [`Command::Replace`] sets it whole and the session
+//! sends only the difference from what the peer already has; [`Command::Announce`] and
+//! [`Command::Withdraw`] edit it. UPDATEs go out in prefix order (withdrawals first, then
+//! one group per attribute set, groups ordered by their first prefix), so the same inputs
+//! always give the same bytes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -182,6 +188,9 @@ pub enum Command {
     Start,
     /// ManualStop: Cease / Administrative Shutdown, then Idle with no automatic restart.
     Stop,
+    /// ManualStop with another Cease subcode (e.g. Administrative Reset before the driver
+    /// restarts the peer with new configuration).
+    StopWith(CeaseSubcode),
     /// Add or replace prefixes in the Adj-RIB-Out with these attributes.
     Announce {
         /// Prefixes.
@@ -193,6 +202,12 @@ pub enum Command {
     Withdraw {
         /// Prefixes.
         prefixes: Vec<IpNet>,
+    },
+    /// Make the Adj-RIB-Out exactly `routes`: prefixes not in it are withdrawn, new or
+    /// changed ones announced, unchanged ones not sent again.
+    Replace {
+        /// The complete set of routes the peer should carry.
+        routes: BTreeMap<IpNet, RouteAttrs>,
     },
     /// Re-send the whole Adj-RIB-Out for a family (what a received ROUTE-REFRESH does).
     Resend(Family),
@@ -302,6 +317,52 @@ pub fn collision_winner(local_id: Ipv4Addr, remote_id: Ipv4Addr) -> Direction {
         Direction::Outbound
     } else {
         Direction::Inbound
+    }
+}
+
+/// Which of two sessions with the same peer gave way in a collision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CollisionLoser {
+    /// The first session passed to [`resolve_collision`] was closed.
+    First,
+    /// The second one was closed.
+    Second,
+}
+
+/// Resolve a connection collision (RFC 4271 §6.8) between two sessions with the same
+/// peer, each on its own connection. Nothing happens until both have the peer's OPEN;
+/// then the connection opened by the speaker with the higher BGP Identifier survives
+/// (equal identifiers, possible over eBGP: the higher AS wins, RFC 6286 §2.3) and the
+/// other session is closed with Cease / Connection Collision Resolution.
+///
+/// Returns which session was closed, or `None` while there is nothing to decide.
+pub fn resolve_collision(
+    now: Instant,
+    first: &mut Session,
+    second: &mut Session,
+) -> Option<CollisionLoser> {
+    let (Some(n1), Some(n2)) = (first.negotiated(), second.negotiated()) else {
+        return None;
+    };
+    let first_dir = first.direction()?;
+    second.direction()?;
+    let local = first.config.router_id;
+    let remote = n2.peer_router_id;
+    let winner = if local == remote {
+        if first.config.local_as > n1.peer_as {
+            Direction::Outbound
+        } else {
+            Direction::Inbound
+        }
+    } else {
+        collision_winner(local, remote)
+    };
+    if first_dir == winner {
+        second.close_for_collision(now);
+        Some(CollisionLoser::Second)
+    } else {
+        first.close_for_collision(now);
+        Some(CollisionLoser::First)
     }
 }
 
@@ -438,43 +499,39 @@ impl Session {
         match command {
             Command::Start => self.start(now),
             Command::Stop => self.stop(now),
+            Command::StopWith(reason) => self.stop_with(now, reason),
             Command::Announce { prefixes, attrs } => {
-                let attrs = match self.interned.get(&attrs) {
-                    Some(a) => a.clone(),
-                    None => {
-                        let a = Arc::new(attrs.clone());
-                        self.interned.insert(attrs, a.clone());
-                        a
-                    }
-                };
-                let established = self.state == State::Established;
+                let attrs = self.intern(attrs);
                 for p in prefixes {
-                    let p = p.trunc();
-                    let old = self.rib.insert(p, attrs.clone());
-                    match old {
-                        None => self.rib_count[Family::of(&p).index()] += 1,
-                        Some(old) if Arc::ptr_eq(&old, &attrs) => continue,
-                        Some(_) => {}
-                    }
-                    if established {
-                        self.dirty.insert(p);
-                    }
+                    self.set_route(p.trunc(), &attrs);
                 }
             }
             Command::Withdraw { prefixes } => {
-                let established = self.state == State::Established;
                 for p in prefixes {
-                    let p = p.trunc();
-                    if self.rib.remove(&p).is_some() {
-                        self.rib_count[Family::of(&p).index()] -= 1;
-                        if established {
-                            self.dirty.insert(p);
-                        }
+                    self.remove_route(p.trunc());
+                }
+                self.forget_unused_attrs();
+            }
+            Command::Replace { routes } => {
+                let desired: BTreeMap<IpNet, RouteAttrs> =
+                    routes.into_iter().map(|(p, a)| (p.trunc(), a)).collect();
+                let gone: Vec<IpNet> = self
+                    .rib
+                    .keys()
+                    .filter(|p| !desired.contains_key(p))
+                    .copied()
+                    .collect();
+                for p in gone {
+                    self.remove_route(p);
+                }
+                for (p, a) in desired {
+                    if self.rib.get(&p).is_some_and(|old| **old == a) {
+                        continue;
                     }
+                    let a = self.intern(a);
+                    self.set_route(p, &a);
                 }
-                if self.rib.is_empty() {
-                    self.interned.clear();
-                }
+                self.forget_unused_attrs();
             }
             Command::Resend(f) => self.resend_pending[f.index()] = true,
             Command::RequestRefresh(f) => {
@@ -641,6 +698,46 @@ impl Session {
         self.fail(now, Some(n));
     }
 
+    /// The shared copy of `attrs`, so prefixes with equal attributes share one `Arc` and
+    /// group into one UPDATE.
+    fn intern(&mut self, attrs: RouteAttrs) -> Arc<RouteAttrs> {
+        match self.interned.get(&attrs) {
+            Some(a) => a.clone(),
+            None => {
+                let a = Arc::new(attrs.clone());
+                self.interned.insert(attrs, a.clone());
+                a
+            }
+        }
+    }
+
+    /// Drops interned attributes no route uses any more.
+    fn forget_unused_attrs(&mut self) {
+        self.interned.retain(|_, a| Arc::strong_count(a) > 1);
+    }
+
+    /// Puts a (truncated) prefix into the Adj-RIB-Out, marking it for sending if changed.
+    fn set_route(&mut self, p: IpNet, attrs: &Arc<RouteAttrs>) {
+        match self.rib.insert(p, attrs.clone()) {
+            None => self.rib_count[Family::of(&p).index()] += 1,
+            Some(old) if Arc::ptr_eq(&old, attrs) => return,
+            Some(_) => {}
+        }
+        if self.state == State::Established {
+            self.dirty.insert(p);
+        }
+    }
+
+    /// Takes a (truncated) prefix out of the Adj-RIB-Out, marking it for withdrawal.
+    fn remove_route(&mut self, p: IpNet) {
+        if self.rib.remove(&p).is_some() {
+            self.rib_count[Family::of(&p).index()] -= 1;
+            if self.state == State::Established {
+                self.dirty.insert(p);
+            }
+        }
+    }
+
     fn start(&mut self, now: Instant) {
         if self.admin_up && self.state != State::Idle {
             return;
@@ -660,6 +757,10 @@ impl Session {
     }
 
     fn stop(&mut self, now: Instant) {
+        self.stop_with(now, CeaseSubcode::ADMINISTRATIVE_SHUTDOWN);
+    }
+
+    fn stop_with(&mut self, now: Instant, reason: CeaseSubcode) {
         self.admin_up = false;
         if self.conn.is_some()
             && matches!(
@@ -667,8 +768,7 @@ impl Session {
                 State::OpenSent | State::OpenConfirm | State::Established
             )
         {
-            let n = Notification::cease(CeaseSubcode::ADMINISTRATIVE_SHUTDOWN);
-            self.fail(now, Some(n));
+            self.fail(now, Some(Notification::cease(reason)));
         } else {
             if self.conn.is_some() || self.state == State::Connect {
                 self.events.push_back(Event::Close);
@@ -1049,8 +1149,9 @@ impl Session {
         if !self.dirty.is_empty() {
             let dirty = std::mem::take(&mut self.dirty);
             let mut withdrawn: [Vec<IpNet>; 2] = [Vec::new(), Vec::new()];
-            let mut groups: HashMap<*const RouteAttrs, (Arc<RouteAttrs>, [Vec<IpNet>; 2])> =
-                HashMap::new();
+            // Groups in the order of their first prefix; the map only finds a group.
+            let mut groups: Vec<(Arc<RouteAttrs>, [Vec<IpNet>; 2])> = Vec::new();
+            let mut group_of: HashMap<*const RouteAttrs, usize> = HashMap::new();
             for p in dirty {
                 let f = Family::of(&p);
                 if !n.families.contains(&f) {
@@ -1058,11 +1159,11 @@ impl Session {
                 }
                 match self.rib.get(&p) {
                     Some(a) => {
-                        groups
-                            .entry(Arc::as_ptr(a))
-                            .or_insert_with(|| (a.clone(), [Vec::new(), Vec::new()]))
-                            .1[f.index()]
-                        .push(p);
+                        let i = *group_of.entry(Arc::as_ptr(a)).or_insert_with(|| {
+                            groups.push((a.clone(), [Vec::new(), Vec::new()]));
+                            groups.len() - 1
+                        });
+                        groups[i].1[f.index()].push(p);
                     }
                     None => withdrawn[f.index()].push(p),
                 }
@@ -1074,7 +1175,7 @@ impl Session {
                         update::encode_withdrawals(&ctx, f, w, &mut self.tx) as u64;
                 }
             }
-            for (attrs, by_family) in groups.values() {
+            for (attrs, by_family) in &groups {
                 for f in Family::ALL {
                     let ps = &by_family[f.index()];
                     if !ps.is_empty() {
@@ -1098,7 +1199,6 @@ impl Session {
     }
 
     fn send_table(&mut self, ctx: &EncodeContext, f: Family) {
-        let mut groups: HashMap<*const RouteAttrs, (Arc<RouteAttrs>, Vec<IpNet>)> = HashMap::new();
         let range: (std::ops::Bound<IpNet>, std::ops::Bound<IpNet>) = match f {
             Family::Ipv4Unicast => (
                 std::ops::Bound::Unbounded,
@@ -1109,32 +1209,21 @@ impl Session {
                 std::ops::Bound::Unbounded,
             ),
         };
-        let mut last: Option<(*const RouteAttrs, usize)> = None;
-        let mut order: Vec<*const RouteAttrs> = Vec::new();
+        // Groups in the order of their first prefix; the map only finds a group.
+        let mut groups: Vec<(Arc<RouteAttrs>, Vec<IpNet>)> = Vec::new();
+        let mut group_of: HashMap<*const RouteAttrs, usize> = HashMap::new();
         for (p, a) in self.rib.range(range) {
             if Family::of(p) != f {
                 continue;
             }
-            let key = Arc::as_ptr(a);
-            match last {
-                Some((k, _)) if k == key => {}
-                _ => {
-                    if !groups.contains_key(&key) {
-                        order.push(key);
-                    }
-                    last = Some((key, 0));
-                }
-            }
-            groups
-                .entry(key)
-                .or_insert_with(|| (a.clone(), Vec::new()))
-                .1
-                .push(*p);
+            let i = *group_of.entry(Arc::as_ptr(a)).or_insert_with(|| {
+                groups.push((a.clone(), Vec::new()));
+                groups.len() - 1
+            });
+            groups[i].1.push(*p);
         }
-        for key in order {
-            if let Some((attrs, ps)) = groups.remove(&key) {
-                self.announce(ctx, f, &attrs, &ps);
-            }
+        for (attrs, ps) in groups {
+            self.announce(ctx, f, &attrs, &ps);
         }
     }
 }
