@@ -425,9 +425,17 @@ impl Session {
         self.negotiated.as_ref()
     }
 
-    /// Whether a new TCP connection would be accepted by [`Session::handle_connected`].
+    /// Whether a new TCP connection would be accepted by [`Session::handle_connected`]:
+    /// in Connect or Active, and in Idle while an automatic restart is pending (after an
+    /// error; not after [`Command::Stop`]). Accepting the peer's connection then, rather
+    /// than refusing it, keeps two speakers that both back off from missing each other.
     pub fn accepts_connection(&self) -> bool {
-        self.conn.is_none() && matches!(self.state, State::Connect | State::Active)
+        self.conn.is_none()
+            && (matches!(self.state, State::Connect | State::Active) || self.restart_pending())
+    }
+
+    fn restart_pending(&self) -> bool {
+        self.state == State::Idle && self.admin_up && self.timers.is_running(Timer::IdleHold)
     }
 
     /// The Adj-RIB-Out contents.
@@ -562,6 +570,11 @@ impl Session {
         if direction == Direction::Outbound && self.state != State::Connect {
             // A late outbound connect that we already gave up on.
             return false;
+        }
+        if self.state == State::Idle {
+            // An inbound connection ends the automatic-restart hold early.
+            self.timers.stop(Timer::IdleHold);
+            self.set_state(State::Active);
         }
         self.conn = Some(Conn {
             local,

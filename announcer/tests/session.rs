@@ -826,3 +826,26 @@ fn collision_waits_for_both_opens() {
     assert_eq!(a_out.state(), State::OpenConfirm);
     assert_eq!(fresh.state(), State::OpenSent);
 }
+
+#[test]
+fn inbound_connection_during_the_restart_hold_is_accepted_but_not_after_stop() {
+    let mut p = Pair::default_pair();
+    p.established();
+    let now = p.now;
+    // The connection drops: A waits in Idle for its automatic restart.
+    p.a.handle_closed(now);
+    assert_eq!(p.a.state(), State::Idle);
+    assert!(p.a.accepts_connection());
+    let (la, lb) = (
+        "192.0.2.1:179".parse().unwrap(),
+        "192.0.2.2:40001".parse().unwrap(),
+    );
+    assert!(p.a.handle_connected(now, la, lb, Direction::Inbound));
+    assert_eq!(p.a.state(), State::OpenSent);
+    // An outbound connect is never taken in Idle, and a stopped session refuses all.
+    let mut s = Session::new(config_a(), now, 5);
+    s.handle_command(now, Command::Start);
+    s.handle_command(now, Command::Stop);
+    assert!(!s.accepts_connection());
+    assert!(!s.handle_connected(now, la, lb, Direction::Inbound));
+}

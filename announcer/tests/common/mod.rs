@@ -76,6 +76,9 @@ impl Pair {
     }
 
     fn connect(&mut self) {
+        // Like a driver, B acts on what it already said (a Close of the old connection)
+        // before it sees a new one.
+        self.drain_b_events();
         if self.connected || self.b_frozen || !self.b.accepts_connection() {
             // Connection refused: the attempt fails.
             self.a.handle_closed(self.now);
@@ -122,23 +125,31 @@ impl Pair {
                 }
                 self.a_events.push(e);
             }
-            if !self.b_frozen {
-                while let Some(e) = self.b.poll_event() {
-                    progress = true;
-                    if let Event::Close = e {
-                        if self.connected {
-                            self.connected = false;
-                            self.a.handle_closed(self.now);
-                        }
-                    }
-                    self.b_events.push(e);
-                }
-            }
+            progress |= self.drain_b_events();
             if !progress {
                 return;
             }
         }
         panic!("pair did not settle");
+    }
+
+    /// Handle B's pending events; returns whether there were any.
+    fn drain_b_events(&mut self) -> bool {
+        let mut any = false;
+        if self.b_frozen {
+            return false;
+        }
+        while let Some(e) = self.b.poll_event() {
+            any = true;
+            if let Event::Close = e {
+                if self.connected {
+                    self.connected = false;
+                    self.a.handle_closed(self.now);
+                }
+            }
+            self.b_events.push(e);
+        }
+        any
     }
 
     /// Advance the clock by `d`, firing timers in order.
