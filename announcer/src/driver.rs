@@ -45,6 +45,8 @@ use crate::Error;
 pub const WRITE_QUEUE_CHUNKS: usize = 16;
 /// Reads (up to 64 KiB each) a peer task may have pending before readers wait.
 const READ_QUEUE_CHUNKS: usize = 16;
+/// How long a closed connection's writer may keep flushing.
+const WRITER_LINGER: Duration = Duration::from_secs(5);
 /// How long a stopping peer task gets to flush its NOTIFICATION.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
@@ -633,12 +635,19 @@ struct ConnIo {
     /// Set when the write queue was full; the writer then reports [`Io::Writable`].
     stalled: Arc<AtomicBool>,
     reader: JoinHandle<()>,
+    writer_task: JoinHandle<()>,
 }
 
 impl ConnIo {
-    /// Stop reading; the writer task flushes what it has, then shuts the socket down.
+    /// Stop reading; the writer task flushes what it has, then shuts the socket down. A
+    /// writer still stuck on a peer that does not read is aborted after [`WRITER_LINGER`].
     fn close(self) {
         self.reader.abort();
+        let writer = self.writer_task;
+        tokio::spawn(async move {
+            tokio::time::sleep(WRITER_LINGER).await;
+            writer.abort();
+        });
     }
 }
 
@@ -970,7 +979,7 @@ impl PeerDriver {
         let (wtx, mut wrx) = mpsc::channel::<Bytes>(WRITE_QUEUE_CHUNKS);
         let stalled = Arc::new(AtomicBool::new(false));
         let (writer_stalled, writer_io) = (stalled.clone(), self.io_tx.clone());
-        tokio::spawn(async move {
+        let writer_task = tokio::spawn(async move {
             while let Some(b) = wrx.recv().await {
                 if writer_stalled.swap(false, Ordering::AcqRel) {
                     let _ = writer_io.send(Io::Writable).await;
@@ -1007,6 +1016,7 @@ impl PeerDriver {
             writer: wtx,
             stalled,
             reader,
+            writer_task,
         };
         let now = Instant::now();
         if self.slots[i]

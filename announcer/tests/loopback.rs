@@ -337,3 +337,84 @@ fn accept_back_off_doubles_to_a_second_and_resets_on_success() {
     assert!(!b.succeeded());
     assert_eq!(b.failed(), (AcceptBackoff::MIN, true));
 }
+
+/// The far end is a sans-IO session on a socket with a tiny receive buffer: it completes
+/// the handshake, then neither reads nor writes. The speaker's writes back up into its
+/// bounded queue, its timers keep running, and the hold timer ends the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_is_dropped_by_the_hold_timer() {
+    use portico_announcer::session::{Direction, Session};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind(SocketAddr::new(LOCALHOST, 0)).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let port = listener.local_addr().unwrap().port();
+
+    let a = Speaker::bind(SpeakerConfig {
+        listen: None,
+        node_seed: 1,
+    })
+    .await
+    .unwrap();
+    // About 1 MB of UPDATEs: far more than the socket buffers hold.
+    let many: Vec<IpNet> = (0..200_000u32)
+        .map(|i| IpNet::new(Ipv4Addr::from(0x0a00_0000 + i).into(), 32).unwrap())
+        .collect();
+    a.announce(many, RouteAttrs::default());
+    let mut pa = peer(65001, 65002, 1, port, None);
+    pa.session.hold_time = 3;
+    // One connect attempt only, however slow this machine is.
+    pa.session.connect_retry_time = Duration::from_secs(60);
+    a.add_peer(pa).unwrap();
+
+    let (mut stream, remote) = listener.accept().await.unwrap();
+    let now = std::time::Instant::now();
+    let mut cfg = SessionConfig::new(65002, 65001, Ipv4Addr::new(10, 0, 0, 2));
+    cfg.passive = true;
+    cfg.hold_time = 3;
+    let mut far = Session::new(cfg, now, 3);
+    far.handle_command(now, portico_announcer::Command::Start);
+    assert!(far.handle_connected(
+        now,
+        stream.local_addr().unwrap(),
+        remote,
+        Direction::Inbound
+    ));
+    let mut buf = vec![0u8; 4096];
+    while far.state() != State::Established {
+        while let Some(t) = far.poll_transmit() {
+            stream.write_all(&t).await.unwrap();
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("handshake bytes")
+            .unwrap();
+        assert!(
+            n > 0,
+            "speaker closed during the handshake: {:?}",
+            a.peer_status(LOCALHOST)
+        );
+        far.handle_bytes(now, &buf[..n]);
+    }
+    while let Some(t) = far.poll_transmit() {
+        stream.write_all(&t).await.unwrap();
+    }
+    // Now silent: no reads, no keepalives.
+    let s = a
+        .wait_for(LOCALHOST, Duration::from_secs(10), |s| {
+            s.session.last_notification_sent.is_some()
+        })
+        .await
+        .expect("hold timer fired while writes were blocked");
+    assert_eq!(
+        s.session.last_notification_sent.as_deref(),
+        Some("Hold Timer Expired")
+    );
+    assert!(
+        s.session.advertised.iter().sum::<usize>() < 200_000 || s.state() != State::Established
+    );
+    drop(stream);
+    a.shutdown().await;
+}
