@@ -1,18 +1,29 @@
 //! The tokio driver: moves bytes between TCP sockets and [`Session`]s and wakes them at
-//! their deadlines. It holds no protocol logic beyond connection collision handling.
+//! their deadlines. Protocol decisions, connection collisions included, stay in the
+//! sans-IO session core.
 //!
 //! One task per peer owns that peer's session(s); a listener task hands inbound
 //! connections to the peer task by remote address. Each TCP connection has a reader task
 //! and a writer task, so a peer that stops reading never blocks the session's timers.
+//! Both directions are bounded: the reader waits while the peer task is behind, and the
+//! writer's queue holds at most [`WRITE_QUEUE_CHUNKS`] chunks; while it is full the
+//! session is not drained (its routes stay pending in the Adj-RIB-Out) and the hold
+//! timer decides whether the peer is gone.
 //!
-//! Connection collision (RFC 4271 §6.8) is resolved here: an inbound connection that
-//! arrives while the peer's session is in OpenSent/OpenConfirm gets a second `Session`;
-//! once both have the peer's OPEN, [`collision_winner`] picks the survivor and the other
-//! is closed with Cease / Connection Collision Resolution. An inbound connection while
-//! Established is refused the same way.
+//! Connection collision (RFC 4271 §6.8): an inbound connection that arrives while the
+//! peer's session is in OpenSent/OpenConfirm gets a second `Session`; once both have the
+//! peer's OPEN, [`resolve_collision`](crate::session::resolve_collision) closes the loser
+//! with Cease / Connection Collision Resolution. An inbound connection while Established
+//! is refused the same way.
+//!
+//! Desired state: [`Speaker::set_peers`] makes the peer set exactly a list of
+//! [`PeerConfig`]s, and [`Speaker::set_peer_routes`] makes one peer's routes exactly a
+//! table; both change only the difference and are safe to repeat.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,62 +34,31 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::session::{
-    collision_winner, Command, Direction, Event, Session, SessionConfig, SessionStatus, State,
-};
+pub use crate::config::{PeerConfig, TtlMode};
+use crate::session::{CollisionLoser, Command, Direction, Event, Session, SessionStatus, State};
 use crate::sockopt;
 use crate::update::RouteAttrs;
-use crate::wire::{subcode, ErrorCode, Notification};
+use crate::wire::{CeaseSubcode, Notification};
 use crate::Error;
 
-/// How outgoing TTL and incoming TTL checks are set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum TtlMode {
-    /// eBGP: TTL 1 (directly connected); iBGP: the system default.
-    #[default]
-    Default,
-    /// GTSM (RFC 5082): send with TTL 255, accept only TTL 255 (single-hop eBGP).
-    Gtsm,
-    /// eBGP multihop: send with this TTL.
-    Multihop(u8),
-}
-
-/// One peer of a [`Speaker`].
-#[derive(Clone, Debug)]
-pub struct PeerConfig {
-    /// The peer's address (connections from elsewhere are not accepted for it).
-    pub address: IpAddr,
-    /// The peer's TCP port for active connections.
-    pub port: u16,
-    /// Local address to connect from.
-    pub source_address: Option<IpAddr>,
-    /// TCP MD5 signature password (RFC 2385).
-    pub md5_password: Option<String>,
-    /// TTL handling.
-    pub ttl: TtlMode,
-    /// Session parameters.
-    pub session: SessionConfig,
-}
-
-impl PeerConfig {
-    /// A peer on port 179 with default TTL handling and no password.
-    pub fn new(address: IpAddr, session: SessionConfig) -> Self {
-        PeerConfig {
-            address,
-            port: 179,
-            source_address: None,
-            md5_password: None,
-            ttl: TtlMode::Default,
-            session,
-        }
-    }
-}
+/// Chunks (each one [`Session::poll_transmit`] result) a connection's write queue holds.
+pub const WRITE_QUEUE_CHUNKS: usize = 16;
+/// Reads (up to 64 KiB each) a peer task may have pending before readers wait.
+const READ_QUEUE_CHUNKS: usize = 16;
+/// How long a closed connection's writer may keep flushing.
+const WRITER_LINGER: Duration = Duration::from_secs(5);
+/// How long a stopping peer task gets to flush its NOTIFICATION.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Speaker-wide settings.
 #[derive(Clone, Debug, Default)]
 pub struct SpeakerConfig {
     /// Where to accept connections (e.g. `0.0.0.0:179`); `None` for active-only peers.
     pub listen: Option<SocketAddr>,
+    /// Identity of this node (e.g. a hash of its name). Mixed with fresh randomness into
+    /// every session's timer jitter, so nodes that peer with the same router do not retry
+    /// in lockstep.
+    pub node_seed: u64,
 }
 
 /// A per-peer status snapshot.
@@ -108,13 +88,35 @@ impl PeerStatus {
     }
 }
 
+/// What [`Speaker::set_peers`] changed, each list sorted by address.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PeersChanged {
+    /// Peers that were not there before.
+    pub added: Vec<IpAddr>,
+    /// Peers stopped with Cease / Administrative Shutdown and forgotten.
+    pub removed: Vec<IpAddr>,
+    /// Peers whose [`PeerConfig`] changed: stopped with Cease / Administrative Reset and
+    /// started again with the new configuration and the same routes.
+    pub restarted: Vec<IpAddr>,
+}
+
+impl PeersChanged {
+    /// Nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.restarted.is_empty()
+    }
+}
+
 enum PeerCtl {
     Command(Command),
     Inbound(TcpStream),
-    Shutdown,
+    Shutdown(CeaseSubcode),
 }
 
 struct PeerHandle {
+    config: PeerConfig,
+    /// Set by [`Speaker::set_peer_routes`]; `None`: the speaker-wide table.
+    routes: Option<BTreeMap<IpNet, RouteAttrs>>,
     ctl: mpsc::UnboundedSender<PeerCtl>,
     status: watch::Receiver<PeerStatus>,
     task: JoinHandle<()>,
@@ -124,9 +126,12 @@ struct Shared {
     peers: Mutex<HashMap<IpAddr, PeerHandle>>,
     routes: Mutex<BTreeMap<IpNet, RouteAttrs>>,
     listener: Option<Arc<TcpListener>>,
+    node_seed: u64,
 }
 
-/// A BGP speaker: a listener and a set of peers sharing one announced table.
+/// A BGP speaker: a listener and a set of peers. Each peer carries either its own routes
+/// ([`Speaker::set_peer_routes`]) or, until those are set, the speaker-wide table of
+/// [`Speaker::announce`] / [`Speaker::withdraw`].
 pub struct Speaker {
     shared: Arc<Shared>,
     accept_task: Option<JoinHandle<()>>,
@@ -142,6 +147,48 @@ fn normalize(ip: IpAddr) -> IpAddr {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A jitter seed for a session with `peer`: the node's identity, the peer, and fresh
+/// randomness (std's per-process random hash keys, advanced per call), so two nodes
+/// peering with the same router, or one node restarting, draw different retry delays.
+fn session_seed(node_seed: u64, peer: IpAddr) -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    node_seed.hash(&mut h);
+    peer.hash(&mut h);
+    Instant::now().hash(&mut h);
+    h.finish()
+}
+
+/// Back-off of the accept loop after errors such as EMFILE, which would otherwise repeat
+/// at once and spin: starts at [`AcceptBackoff::MIN`] and doubles up to
+/// [`AcceptBackoff::MAX`]; a successful accept resets it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AcceptBackoff {
+    current: Option<Duration>,
+}
+
+impl AcceptBackoff {
+    /// The first pause.
+    pub const MIN: Duration = Duration::from_millis(10);
+    /// The longest pause.
+    pub const MAX: Duration = Duration::from_secs(1);
+
+    /// An accept failed: how long to pause, and whether this is the first failure of a
+    /// streak (the one worth logging).
+    pub fn failed(&mut self) -> (Duration, bool) {
+        let first = self.current.is_none();
+        let next = self
+            .current
+            .map_or(Self::MIN, |d| d.saturating_mul(2).min(Self::MAX));
+        self.current = Some(next);
+        (next, first)
+    }
+
+    /// An accept succeeded. Returns whether a failure streak just ended.
+    pub fn succeeded(&mut self) -> bool {
+        self.current.take().is_some()
+    }
 }
 
 impl Speaker {
@@ -180,27 +227,9 @@ impl Speaker {
             peers: Mutex::new(HashMap::new()),
             routes: Mutex::new(BTreeMap::new()),
             listener: listener.clone(),
+            node_seed: config.node_seed,
         });
-        let accept_task = listener.map(|l| {
-            let shared = Arc::downgrade(&shared);
-            tokio::spawn(async move {
-                loop {
-                    let Ok((stream, remote)) = l.accept().await else {
-                        continue;
-                    };
-                    let Some(shared) = shared.upgrade() else {
-                        return;
-                    };
-                    let peers = lock(&shared.peers);
-                    match peers.get(&normalize(remote.ip())) {
-                        Some(p) => {
-                            let _ = p.ctl.send(PeerCtl::Inbound(stream));
-                        }
-                        None => tracing::debug!(%remote, "connection from unknown peer dropped"),
-                    }
-                }
-            })
-        });
+        let accept_task = listener.map(|l| tokio::spawn(accept_loop(l, Arc::downgrade(&shared))));
         Ok(Speaker {
             shared,
             accept_task,
@@ -213,7 +242,8 @@ impl Speaker {
         self.local_addr
     }
 
-    /// Add a peer and start its session; it receives the current table.
+    /// Add a peer and start its session; it carries the speaker-wide table until
+    /// [`Speaker::set_peer_routes`] gives it its own.
     ///
     /// # Errors
     /// The peer already exists, or the MD5 key could not be installed on the listener.
@@ -223,37 +253,128 @@ impl Speaker {
         if peers.contains_key(&address) {
             return Err(Error::Config(format!("peer {address} already exists")));
         }
-        if let (Some(l), Some(pw)) = (&self.shared.listener, &peer.md5_password) {
-            sockopt::set_md5(&**l, address, pw.as_bytes()).map_err(|source| Error::Io {
-                op: "TCP_MD5SIG on listener",
-                source,
-            })?;
-        }
-        let now = Instant::now();
-        let seed = u64::from(now.elapsed().subsec_nanos()) ^ address_seed(address);
-        let mut session = Session::new(peer.session.clone(), now, seed);
-        for (attrs, prefixes) in group_routes(&lock(&self.shared.routes)) {
-            session.handle_command(now, Command::Announce { prefixes, attrs });
-        }
-        session.handle_command(now, Command::Start);
-        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
-        let (status_tx, status_rx) = watch::channel(PeerStatus {
-            address,
-            session: session.status(now),
-            taken_at: now,
-            last_error: None,
-        });
-        let driver = PeerDriver::new(peer, session, status_tx);
-        let task = tokio::spawn(driver.run(ctl_rx));
-        peers.insert(
-            address,
-            PeerHandle {
-                ctl: ctl_tx,
-                status: status_rx,
-                task,
-            },
-        );
+        self.install_md5(address, peer.md5_password.as_deref(), false)?;
+        let routes = lock(&self.shared.routes).clone();
+        let handle = self.spawn_peer(peer, None, routes, None);
+        peers.insert(address, handle);
         Ok(())
+    }
+
+    /// Make the speaker's peers exactly `peers` (keyed by address): new ones are added,
+    /// missing ones removed (Cease / Administrative Shutdown), ones whose [`PeerConfig`]
+    /// changed are restarted with the new config (Cease / Administrative Reset) and keep
+    /// their routes, and unchanged ones are left alone (no flap). A restarted peer's new
+    /// session starts once the old one has closed (at most 2 s later). Waits up to 2 s for
+    /// removed peers to send their NOTIFICATION.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when two entries have the same address (nothing is changed);
+    /// [`Error::Io`] when a TCP MD5 key could not be installed on the listener: that peer
+    /// is left as it was (or out, when new), every other change is made, and a later
+    /// call tries again.
+    pub async fn set_peers(&self, peers: Vec<PeerConfig>) -> Result<PeersChanged, Error> {
+        let mut wanted: BTreeMap<IpAddr, PeerConfig> = BTreeMap::new();
+        for p in peers {
+            let address = normalize(p.address);
+            if wanted.insert(address, p).is_some() {
+                return Err(Error::Config(format!("peer {address} is listed twice")));
+            }
+        }
+        let mut changed = PeersChanged::default();
+        let mut stopping = Vec::new();
+        let mut first_error = None;
+        {
+            let mut current = lock(&self.shared.peers);
+            let gone: Vec<IpAddr> = current
+                .keys()
+                .filter(|a| !wanted.contains_key(a))
+                .copied()
+                .collect();
+            for address in gone {
+                if let Some(h) = current.remove(&address) {
+                    self.forget_md5(address, &h.config);
+                    let _ = h
+                        .ctl
+                        .send(PeerCtl::Shutdown(CeaseSubcode::ADMINISTRATIVE_SHUTDOWN));
+                    stopping.push(h.task);
+                    changed.removed.push(address);
+                }
+            }
+            for (address, config) in wanted {
+                let existing = current.get(&address);
+                if existing.is_some_and(|h| h.config == config) {
+                    continue;
+                }
+                if let Err(e) = self.install_md5(address, config.md5_password.as_deref(), true) {
+                    first_error.get_or_insert(e);
+                    continue;
+                }
+                match current.remove(&address) {
+                    Some(old) => {
+                        let _ = old
+                            .ctl
+                            .send(PeerCtl::Shutdown(CeaseSubcode::ADMINISTRATIVE_RESET));
+                        let routes = old
+                            .routes
+                            .clone()
+                            .unwrap_or_else(|| lock(&self.shared.routes).clone());
+                        let handle = self.spawn_peer(config, old.routes, routes, Some(old.task));
+                        current.insert(address, handle);
+                        changed.restarted.push(address);
+                    }
+                    None => {
+                        let routes = lock(&self.shared.routes).clone();
+                        current.insert(address, self.spawn_peer(config, None, routes, None));
+                        changed.added.push(address);
+                    }
+                }
+            }
+        }
+        let grace = stopping
+            .into_iter()
+            .map(|task| tokio::time::timeout(STOP_GRACE, task));
+        futures_util::future::join_all(grace).await;
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(changed),
+        }
+    }
+
+    /// Set the complete set of routes `peer` should carry; its session announces and
+    /// withdraws only the difference from what it carries now. Kept by the speaker, so a
+    /// peer restarted by [`Speaker::set_peers`] (or a session that re-establishes)
+    /// re-announces from it. From then on the peer no longer follows the speaker-wide
+    /// table of [`Speaker::announce`] / [`Speaker::withdraw`]. Prefixes are truncated to
+    /// their length (`10.0.0.1/24` is `10.0.0.0/24`).
+    ///
+    /// # Errors
+    /// [`Error::UnknownPeer`]; [`Error::Shutdown`] when the peer task has ended.
+    pub fn set_peer_routes(
+        &self,
+        peer: IpAddr,
+        routes: BTreeMap<IpNet, RouteAttrs>,
+    ) -> Result<(), Error> {
+        let peer = normalize(peer);
+        let routes: BTreeMap<IpNet, RouteAttrs> =
+            routes.into_iter().map(|(p, a)| (p.trunc(), a)).collect();
+        let mut peers = lock(&self.shared.peers);
+        let handle = peers.get_mut(&peer).ok_or(Error::UnknownPeer(peer))?;
+        if handle.routes.as_ref() == Some(&routes) {
+            return Ok(());
+        }
+        handle.routes = Some(routes.clone());
+        handle
+            .ctl
+            .send(PeerCtl::Command(Command::Replace { routes }))
+            .map_err(|_| Error::Shutdown)
+    }
+
+    /// The desired routes of one peer as last set with [`Speaker::set_peer_routes`]
+    /// (truncated); `None` for an unknown peer or one that follows the speaker-wide table.
+    pub fn peer_routes(&self, peer: IpAddr) -> Option<BTreeMap<IpNet, RouteAttrs>> {
+        lock(&self.shared.peers)
+            .get(&normalize(peer))
+            .and_then(|h| h.routes.clone())
     }
 
     /// Stop a peer (Cease / Administrative Shutdown) and forget it.
@@ -265,15 +386,16 @@ impl Speaker {
         let handle = lock(&self.shared.peers)
             .remove(&address)
             .ok_or(Error::UnknownPeer(address))?;
-        if let Some(l) = &self.shared.listener {
-            let _ = sockopt::set_md5(&**l, address, &[]);
-        }
-        let _ = handle.ctl.send(PeerCtl::Shutdown);
-        let _ = tokio::time::timeout(Duration::from_secs(2), handle.task).await;
+        self.forget_md5(address, &handle.config);
+        let _ = handle
+            .ctl
+            .send(PeerCtl::Shutdown(CeaseSubcode::ADMINISTRATIVE_SHUTDOWN));
+        let _ = tokio::time::timeout(STOP_GRACE, handle.task).await;
         Ok(())
     }
 
-    /// Announce prefixes to every peer (and to peers added later).
+    /// Announce prefixes in the speaker-wide table: to every peer without routes of its
+    /// own, and to such peers added later.
     pub fn announce(&self, prefixes: Vec<IpNet>, attrs: RouteAttrs) {
         {
             let mut routes = lock(&self.shared.routes);
@@ -284,7 +406,8 @@ impl Speaker {
         self.broadcast(Command::Announce { prefixes, attrs });
     }
 
-    /// Withdraw prefixes from every peer.
+    /// Withdraw prefixes from the speaker-wide table (from every peer without routes of
+    /// its own).
     pub fn withdraw(&self, prefixes: Vec<IpNet>) {
         {
             let mut routes = lock(&self.shared.routes);
@@ -295,7 +418,9 @@ impl Speaker {
         self.broadcast(Command::Withdraw { prefixes });
     }
 
-    /// Send a command to one peer's session (e.g. per-peer announcements or Stop/Start).
+    /// Send a command to one peer's session (e.g. Stop/Start or a route refresh). Route
+    /// commands sent this way are not remembered by the speaker: prefer
+    /// [`Speaker::set_peer_routes`].
     ///
     /// # Errors
     /// [`Error::UnknownPeer`].
@@ -309,9 +434,83 @@ impl Speaker {
             .map_err(|_| Error::Shutdown)
     }
 
+    /// Sends a route command to the peers that follow the speaker-wide table.
     fn broadcast(&self, command: Command) {
         for handle in lock(&self.shared.peers).values() {
-            let _ = handle.ctl.send(PeerCtl::Command(command.clone()));
+            if handle.routes.is_none() {
+                let _ = handle.ctl.send(PeerCtl::Command(command.clone()));
+            }
+        }
+    }
+
+    /// Starts a peer task carrying `routes`; with `after`, its session starts once that
+    /// (the previous task for the same peer) has ended.
+    fn spawn_peer(
+        &self,
+        peer: PeerConfig,
+        own_routes: Option<BTreeMap<IpNet, RouteAttrs>>,
+        routes: BTreeMap<IpNet, RouteAttrs>,
+        after: Option<JoinHandle<()>>,
+    ) -> PeerHandle {
+        let address = normalize(peer.address);
+        let now = Instant::now();
+        let seed = session_seed(self.shared.node_seed, address);
+        let mut session = Session::new(peer.session.clone(), now, seed);
+        session.handle_command(now, Command::Replace { routes });
+        session.handle_command(now, Command::Start);
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let (status_tx, status_rx) = watch::channel(PeerStatus {
+            address,
+            session: session.status(now),
+            taken_at: now,
+            last_error: None,
+        });
+        let driver = PeerDriver::new(peer.clone(), session, status_tx, self.shared.node_seed);
+        let task = tokio::spawn(async move {
+            if let Some(previous) = after {
+                let _ = tokio::time::timeout(STOP_GRACE, previous).await;
+            }
+            driver.run(ctl_rx).await;
+        });
+        PeerHandle {
+            config: peer,
+            routes: own_routes,
+            ctl: ctl_tx,
+            status: status_rx,
+            task,
+        }
+    }
+
+    /// Installs the peer's TCP MD5 key on the listener; with `replace`, a peer without
+    /// a password has any old key removed.
+    fn install_md5(
+        &self,
+        address: IpAddr,
+        password: Option<&str>,
+        replace: bool,
+    ) -> Result<(), Error> {
+        let Some(l) = &self.shared.listener else {
+            return Ok(());
+        };
+        match password {
+            Some(pw) => {
+                sockopt::set_md5(&**l, address, pw.as_bytes()).map_err(|source| Error::Io {
+                    op: "TCP_MD5SIG on listener",
+                    source,
+                })
+            }
+            None => {
+                if replace {
+                    let _ = sockopt::set_md5(&**l, address, &[]);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn forget_md5(&self, address: IpAddr, config: &PeerConfig) {
+        if let (Some(l), Some(_)) = (&self.shared.listener, &config.md5_password) {
+            let _ = sockopt::set_md5(&**l, address, &[]);
         }
     }
 
@@ -367,10 +566,12 @@ impl Speaker {
     pub async fn shutdown(mut self) {
         let handles: Vec<PeerHandle> = lock(&self.shared.peers).drain().map(|(_, h)| h).collect();
         for h in &handles {
-            let _ = h.ctl.send(PeerCtl::Shutdown);
+            let _ = h
+                .ctl
+                .send(PeerCtl::Shutdown(CeaseSubcode::ADMINISTRATIVE_SHUTDOWN));
         }
         for h in handles {
-            let _ = tokio::time::timeout(Duration::from_secs(2), h.task).await;
+            let _ = tokio::time::timeout(STOP_GRACE, h.task).await;
         }
         if let Some(t) = self.accept_task.take() {
             t.abort();
@@ -389,37 +590,64 @@ impl Drop for Speaker {
     }
 }
 
-fn address_seed(a: IpAddr) -> u64 {
-    match a {
-        IpAddr::V4(v4) => u64::from(u32::from(v4)),
-        IpAddr::V6(v6) => u128::from(v6) as u64,
+/// Hands inbound connections to their peer tasks until the speaker is dropped.
+async fn accept_loop(listener: Arc<TcpListener>, shared: std::sync::Weak<Shared>) {
+    let mut backoff = AcceptBackoff::default();
+    loop {
+        let (stream, remote) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                let (pause, first) = backoff.failed();
+                if first {
+                    tracing::warn!("accept failed: {e}; retrying with back-off up to 1 s");
+                }
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+        };
+        if backoff.succeeded() {
+            tracing::info!("accepting connections again");
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let peers = lock(&shared.peers);
+        match peers.get(&normalize(remote.ip())) {
+            Some(p) => {
+                let _ = p.ctl.send(PeerCtl::Inbound(stream));
+            }
+            None => tracing::debug!(%remote, "connection from unknown peer dropped"),
+        }
     }
-}
-
-fn group_routes(routes: &BTreeMap<IpNet, RouteAttrs>) -> Vec<(RouteAttrs, Vec<IpNet>)> {
-    let mut groups: HashMap<&RouteAttrs, Vec<IpNet>> = HashMap::new();
-    for (p, a) in routes {
-        groups.entry(a).or_default().push(*p);
-    }
-    groups.into_iter().map(|(a, p)| (a.clone(), p)).collect()
 }
 
 enum Io {
     Data(u64, Bytes),
     Closed(u64),
     Connected(u64, std::io::Result<TcpStream>),
+    /// The writer of a stalled connection made room in its queue.
+    Writable,
 }
 
 struct ConnIo {
     id: u64,
-    writer: mpsc::UnboundedSender<Bytes>,
+    writer: mpsc::Sender<Bytes>,
+    /// Set when the write queue was full; the writer then reports [`Io::Writable`].
+    stalled: Arc<AtomicBool>,
     reader: JoinHandle<()>,
+    writer_task: JoinHandle<()>,
 }
 
 impl ConnIo {
-    /// Stop reading; the writer task flushes what it has, then shuts the socket down.
+    /// Stop reading; the writer task flushes what it has, then shuts the socket down. A
+    /// writer still stuck on a peer that does not read is aborted after [`WRITER_LINGER`].
     fn close(self) {
         self.reader.abort();
+        let writer = self.writer_task;
+        tokio::spawn(async move {
+            tokio::time::sleep(WRITER_LINGER).await;
+            writer.abort();
+        });
     }
 }
 
@@ -432,18 +660,24 @@ struct Slot {
 struct PeerDriver {
     peer: PeerConfig,
     slots: Vec<Slot>,
-    io_tx: mpsc::UnboundedSender<Io>,
-    io_rx: mpsc::UnboundedReceiver<Io>,
+    io_tx: mpsc::Sender<Io>,
+    io_rx: mpsc::Receiver<Io>,
     next_id: u64,
     connect_attempt: u64,
     last_error: Option<String>,
     connecting: Option<JoinHandle<()>>,
     status: watch::Sender<PeerStatus>,
+    node_seed: u64,
 }
 
 impl PeerDriver {
-    fn new(peer: PeerConfig, session: Session, status: watch::Sender<PeerStatus>) -> Self {
-        let (io_tx, io_rx) = mpsc::unbounded_channel();
+    fn new(
+        peer: PeerConfig,
+        session: Session,
+        status: watch::Sender<PeerStatus>,
+        node_seed: u64,
+    ) -> Self {
+        let (io_tx, io_rx) = mpsc::channel(READ_QUEUE_CHUNKS);
         PeerDriver {
             peer,
             slots: vec![Slot {
@@ -457,6 +691,7 @@ impl PeerDriver {
             last_error: None,
             connecting: None,
             status,
+            node_seed,
         }
     }
 
@@ -489,17 +724,12 @@ impl PeerDriver {
                             }
                         }
                         Some(PeerCtl::Inbound(stream)) => self.inbound(stream),
-                        Some(PeerCtl::Shutdown) | None => {
-                            let now = Instant::now();
-                            for s in &mut self.slots {
-                                s.session.handle_command(now, Command::Stop);
-                            }
-                            self.pump();
-                            if let Some(c) = self.connecting.take() {
-                                c.abort();
-                            }
-                            // Give the writer tasks a moment to flush the NOTIFICATION.
-                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        Some(PeerCtl::Shutdown(reason)) => {
+                            self.stop(reason).await;
+                            return;
+                        }
+                        None => {
+                            self.stop(CeaseSubcode::ADMINISTRATIVE_SHUTDOWN).await;
                             return;
                         }
                     }
@@ -512,6 +742,20 @@ impl PeerDriver {
                 }
             }
         }
+    }
+
+    /// Stops every session with Cease / `reason` and lets the writers flush.
+    async fn stop(&mut self, reason: CeaseSubcode) {
+        let now = Instant::now();
+        for s in &mut self.slots {
+            s.session.handle_command(now, Command::StopWith(reason));
+        }
+        self.pump();
+        if let Some(c) = self.connecting.take() {
+            c.abort();
+        }
+        // Give the writer tasks a moment to flush the NOTIFICATION.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     /// Drain transmits and events of every slot, resolve collisions, publish status.
@@ -541,9 +785,30 @@ impl PeerDriver {
 
     fn pump_slot(&mut self, i: usize) -> bool {
         let mut did = false;
-        while let Some(bytes) = self.slots[i].session.poll_transmit() {
-            if let Some(c) = &self.slots[i].conn {
-                let _ = c.writer.send(bytes);
+        loop {
+            let slot = &mut self.slots[i];
+            let permit = match &slot.conn {
+                Some(c) => {
+                    // Set before trying, so a writer that frees room meanwhile reports it.
+                    c.stalled.store(true, Ordering::Release);
+                    match c.writer.try_reserve() {
+                        Ok(permit) => {
+                            c.stalled.store(false, Ordering::Release);
+                            Some(permit)
+                        }
+                        // Flow control: leave the rest in the session until the writer
+                        // reports room (or the hold timer ends the session).
+                        Err(mpsc::error::TrySendError::Full(())) => break,
+                        Err(mpsc::error::TrySendError::Closed(())) => None,
+                    }
+                }
+                None => None,
+            };
+            let Some(bytes) = slot.session.poll_transmit() else {
+                break;
+            };
+            if let Some(permit) = permit {
+                permit.send(bytes);
             }
         }
         while let Some(event) = self.slots[i].session.poll_event() {
@@ -584,23 +849,20 @@ impl PeerDriver {
 
     fn resolve_collision(&mut self) -> bool {
         if self.slots.len() == 2 {
-            let both_open = self.slots.iter().all(|s| s.session.negotiated().is_some());
-            if both_open {
-                let local_id = self.peer.session.router_id;
-                let remote_id = self.slots[1]
-                    .session
-                    .negotiated()
-                    .map(|n| n.peer_router_id)
-                    .unwrap_or(local_id);
-                let winner = collision_winner(local_id, remote_id);
-                let loser = if self.slots[0].session.direction() == Some(winner) {
-                    1
-                } else {
-                    0
-                };
-                let now = Instant::now();
-                self.slots[loser].session.close_for_collision(now);
-                self.pump_slot(loser);
+            let (first, second) = self.slots.split_at_mut(1);
+            let loser = crate::session::resolve_collision(
+                Instant::now(),
+                &mut first[0].session,
+                &mut second[0].session,
+            );
+            match loser {
+                Some(CollisionLoser::First) => {
+                    self.pump_slot(0);
+                }
+                Some(CollisionLoser::Second) => {
+                    self.pump_slot(1);
+                }
+                None => {}
             }
             // Promote the second session once the first is gone; drop a failed second.
             if !self.slots[0].session.is_connected() && self.slots[1].session.is_connected() {
@@ -632,6 +894,7 @@ impl PeerDriver {
                     s.session.handle_closed(now);
                 }
             }
+            Io::Writable => {}
             Io::Connected(attempt, result) => {
                 if attempt != self.connect_attempt {
                     return;
@@ -675,15 +938,13 @@ impl PeerDriver {
         } else if self.slots.len() == 1
             && matches!(primary.state(), State::OpenSent | State::OpenConfirm)
         {
-            let mut second = Session::new(self.peer.session.clone(), now, self.next_id ^ 0x5eed);
-            let groups: HashMap<RouteAttrs, Vec<IpNet>> =
-                primary.routes().fold(HashMap::new(), |mut m, (p, a)| {
-                    m.entry(a.clone()).or_default().push(*p);
-                    m
-                });
-            for (attrs, prefixes) in groups {
-                second.handle_command(now, Command::Announce { prefixes, attrs });
-            }
+            let mut second = Session::new(
+                self.peer.session.clone(),
+                now,
+                session_seed(self.node_seed, self.peer.address),
+            );
+            let routes = primary.routes().map(|(p, a)| (*p, a.clone())).collect();
+            second.handle_command(now, Command::Replace { routes });
             second.handle_command(now, Command::Start);
             self.slots.push(Slot {
                 session: second,
@@ -692,12 +953,12 @@ impl PeerDriver {
             self.attach(1, stream, Direction::Inbound);
         } else {
             let sub = if primary.state() == State::Established {
-                subcode::CEASE_COLLISION
+                CeaseSubcode::CONNECTION_COLLISION_RESOLUTION
             } else {
-                subcode::CEASE_CONNECTION_REJECTED
+                CeaseSubcode::CONNECTION_REJECTED
             };
             let mut bytes = Vec::new();
-            Notification::new(ErrorCode::CEASE, sub, Vec::new()).encode(&mut bytes);
+            Notification::cease(sub).encode(&mut bytes);
             tokio::spawn(async move {
                 let mut stream = stream;
                 let _ = stream.write_all(&bytes).await;
@@ -715,9 +976,14 @@ impl PeerDriver {
         self.next_id += 1;
         let id = self.next_id;
         let (mut rd, mut wr) = stream.into_split();
-        let (wtx, mut wrx) = mpsc::unbounded_channel::<Bytes>();
-        tokio::spawn(async move {
+        let (wtx, mut wrx) = mpsc::channel::<Bytes>(WRITE_QUEUE_CHUNKS);
+        let stalled = Arc::new(AtomicBool::new(false));
+        let (writer_stalled, writer_io) = (stalled.clone(), self.io_tx.clone());
+        let writer_task = tokio::spawn(async move {
             while let Some(b) = wrx.recv().await {
+                if writer_stalled.swap(false, Ordering::AcqRel) {
+                    let _ = writer_io.send(Io::Writable).await;
+                }
                 if wr.write_all(&b).await.is_err() {
                     break;
                 }
@@ -730,12 +996,13 @@ impl PeerDriver {
             loop {
                 match rd.read(&mut buf).await {
                     Ok(0) | Err(_) => {
-                        let _ = io.send(Io::Closed(id));
+                        let _ = io.send(Io::Closed(id)).await;
                         return;
                     }
                     Ok(n) => {
                         if io
                             .send(Io::Data(id, Bytes::copy_from_slice(&buf[..n])))
+                            .await
                             .is_err()
                         {
                             return;
@@ -747,7 +1014,9 @@ impl PeerDriver {
         let conn = ConnIo {
             id,
             writer: wtx,
+            stalled,
             reader,
+            writer_task,
         };
         let now = Instant::now();
         if self.slots[i]
@@ -801,7 +1070,7 @@ impl PeerDriver {
                 }
             }
             .await;
-            let _ = io.send(Io::Connected(attempt, result));
+            let _ = io.send(Io::Connected(attempt, result)).await;
         }));
     }
 }

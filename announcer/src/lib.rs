@@ -3,14 +3,29 @@
 //! - [`session`]: the sans-IO RFC 4271 session (FSM, timers, capabilities, Adj-RIB-Out).
 //! - [`wire`] and [`update`]: the message codec (OPEN through netgauze-bgp-pkt; UPDATE
 //!   packing and RFC 7606 inspection by hand).
-//! - [`driver`]: the thin tokio driver ([`driver::Speaker`]) with TCP MD5, GTSM and TTL.
-//! - [`decision`]: which addresses a node announces, and aggregation.
+//! - [`config`]: plain peer configuration ([`config::PeerConfig`]), free of tokio.
+//! - [`driver`]: the thin tokio driver (`driver::Speaker`) with TCP MD5, GTSM and TTL.
+//! - [`decision`]: aggregation of announced addresses into prefixes.
 //! - [`netlink`]: holding announced addresses on a local link (dummy, else bridge).
+//!
+//! The driver and netlink need the default-on cargo feature `driver` (tokio, rtnetlink,
+//! libc). Without it the crate is the sans-IO core and plain types, for API crates such
+//! as `portico-crds`; [`driver`] then only re-exports the configuration types.
 
+pub mod config;
 pub mod decision;
+#[cfg(feature = "driver")]
 pub mod driver;
+/// Without the `driver` feature: only the configuration types, so paths such as
+/// `driver::TtlMode` keep resolving.
+#[cfg(not(feature = "driver"))]
+pub mod driver {
+    pub use crate::config::{PeerConfig, TtlMode};
+}
+#[cfg(feature = "driver")]
 pub mod netlink;
 pub mod session;
+#[cfg(feature = "driver")]
 mod sockopt;
 #[doc(hidden)]
 pub mod testing;

@@ -7,10 +7,16 @@
 //! [`Event::Close`], so a NOTIFICATION reaches the wire before the socket closes.
 //!
 //! A session owns at most one TCP connection. Connection collision detection (§6.8) needs
-//! two connections and lives one level up: the driver runs a second `Session` for an
-//! inbound connection that arrives while the first is connected, and once both have seen
-//! the peer's OPEN it keeps the one [`collision_winner`] picks and closes the other with
-//! [`Session::close_for_collision`] (see `driver.rs`; tested in `tests/session.rs`).
+//! two: the driver runs a second `Session` for an inbound connection that arrives while
+//! the first is connected, and calls [`resolve_collision`] with both after every input;
+//! once both have the peer's OPEN it closes the loser with Cease / Connection Collision
+//! Resolution (tested in `tests/session.rs`).
+//!
+//! The Adj-RIB-Out is desired state: [`Command::Replace`] sets it whole and the session
+//! sends only the difference from what the peer already has; [`Command::Announce`] and
+//! [`Command::Withdraw`] edit it. UPDATEs go out in prefix order (withdrawals first, then
+//! one group per attribute set, groups ordered by their first prefix), so the same inputs
+//! always give the same bytes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -23,8 +29,9 @@ use ipnet::IpNet;
 use crate::timer::{Jitter, Timer, TimerTable};
 use crate::update::{self, EncodeContext, InspectContext, RouteAttrs, UpdateSummary};
 use crate::wire::{
-    self, subcode, Capabilities, ErrorCode, Family, GracefulRestartCap, Message, Notification,
-    Open, AS_TRANS, HEADER_LEN, MAX_EXTENDED_MESSAGE_LEN, MAX_MESSAGE_LEN,
+    self, Capabilities, CeaseSubcode, ErrorCode, Family, FsmSubcode, GracefulRestartCap,
+    HeaderSubcode, Message, Notification, Open, OpenSubcode, AS_TRANS, HEADER_LEN,
+    MAX_EXTENDED_MESSAGE_LEN, MAX_MESSAGE_LEN,
 };
 
 /// Hold time used while waiting for the peer's OPEN (RFC 4271 §8.2.2 suggests 4 minutes).
@@ -181,6 +188,9 @@ pub enum Command {
     Start,
     /// ManualStop: Cease / Administrative Shutdown, then Idle with no automatic restart.
     Stop,
+    /// ManualStop with another Cease subcode (e.g. Administrative Reset before the driver
+    /// restarts the peer with new configuration).
+    StopWith(CeaseSubcode),
     /// Add or replace prefixes in the Adj-RIB-Out with these attributes.
     Announce {
         /// Prefixes.
@@ -192,6 +202,12 @@ pub enum Command {
     Withdraw {
         /// Prefixes.
         prefixes: Vec<IpNet>,
+    },
+    /// Make the Adj-RIB-Out exactly `routes`: prefixes not in it are withdrawn, new or
+    /// changed ones announced, unchanged ones not sent again.
+    Replace {
+        /// The complete set of routes the peer should carry.
+        routes: BTreeMap<IpNet, RouteAttrs>,
     },
     /// Re-send the whole Adj-RIB-Out for a family (what a received ROUTE-REFRESH does).
     Resend(Family),
@@ -304,6 +320,52 @@ pub fn collision_winner(local_id: Ipv4Addr, remote_id: Ipv4Addr) -> Direction {
     }
 }
 
+/// Which of two sessions with the same peer gave way in a collision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CollisionLoser {
+    /// The first session passed to [`resolve_collision`] was closed.
+    First,
+    /// The second one was closed.
+    Second,
+}
+
+/// Resolve a connection collision (RFC 4271 §6.8) between two sessions with the same
+/// peer, each on its own connection. Nothing happens until both have the peer's OPEN;
+/// then the connection opened by the speaker with the higher BGP Identifier survives
+/// (equal identifiers, possible over eBGP: the higher AS wins, RFC 6286 §2.3) and the
+/// other session is closed with Cease / Connection Collision Resolution.
+///
+/// Returns which session was closed, or `None` while there is nothing to decide.
+pub fn resolve_collision(
+    now: Instant,
+    first: &mut Session,
+    second: &mut Session,
+) -> Option<CollisionLoser> {
+    let (Some(n1), Some(n2)) = (first.negotiated(), second.negotiated()) else {
+        return None;
+    };
+    let first_dir = first.direction()?;
+    second.direction()?;
+    let local = first.config.router_id;
+    let remote = n2.peer_router_id;
+    let winner = if local == remote {
+        if first.config.local_as > n1.peer_as {
+            Direction::Outbound
+        } else {
+            Direction::Inbound
+        }
+    } else {
+        collision_winner(local, remote)
+    };
+    if first_dir == winner {
+        second.close_for_collision(now);
+        Some(CollisionLoser::Second)
+    } else {
+        first.close_for_collision(now);
+        Some(CollisionLoser::First)
+    }
+}
+
 impl Session {
     /// A session in Idle. `rng_seed` drives timer jitter.
     pub fn new(config: SessionConfig, _now: Instant, rng_seed: u64) -> Self {
@@ -363,9 +425,17 @@ impl Session {
         self.negotiated.as_ref()
     }
 
-    /// Whether a new TCP connection would be accepted by [`Session::handle_connected`].
+    /// Whether a new TCP connection would be accepted by [`Session::handle_connected`]:
+    /// in Connect or Active, and in Idle while an automatic restart is pending (after an
+    /// error; not after [`Command::Stop`]). Accepting the peer's connection then, rather
+    /// than refusing it, keeps two speakers that both back off from missing each other.
     pub fn accepts_connection(&self) -> bool {
-        self.conn.is_none() && matches!(self.state, State::Connect | State::Active)
+        self.conn.is_none()
+            && (matches!(self.state, State::Connect | State::Active) || self.restart_pending())
+    }
+
+    fn restart_pending(&self) -> bool {
+        self.state == State::Idle && self.admin_up && self.timers.is_running(Timer::IdleHold)
     }
 
     /// The Adj-RIB-Out contents.
@@ -437,43 +507,39 @@ impl Session {
         match command {
             Command::Start => self.start(now),
             Command::Stop => self.stop(now),
+            Command::StopWith(reason) => self.stop_with(now, reason),
             Command::Announce { prefixes, attrs } => {
-                let attrs = match self.interned.get(&attrs) {
-                    Some(a) => a.clone(),
-                    None => {
-                        let a = Arc::new(attrs.clone());
-                        self.interned.insert(attrs, a.clone());
-                        a
-                    }
-                };
-                let established = self.state == State::Established;
+                let attrs = self.intern(attrs);
                 for p in prefixes {
-                    let p = p.trunc();
-                    let old = self.rib.insert(p, attrs.clone());
-                    match old {
-                        None => self.rib_count[Family::of(&p).index()] += 1,
-                        Some(old) if Arc::ptr_eq(&old, &attrs) => continue,
-                        Some(_) => {}
-                    }
-                    if established {
-                        self.dirty.insert(p);
-                    }
+                    self.set_route(p.trunc(), &attrs);
                 }
             }
             Command::Withdraw { prefixes } => {
-                let established = self.state == State::Established;
                 for p in prefixes {
-                    let p = p.trunc();
-                    if self.rib.remove(&p).is_some() {
-                        self.rib_count[Family::of(&p).index()] -= 1;
-                        if established {
-                            self.dirty.insert(p);
-                        }
+                    self.remove_route(p.trunc());
+                }
+                self.forget_unused_attrs();
+            }
+            Command::Replace { routes } => {
+                let desired: BTreeMap<IpNet, RouteAttrs> =
+                    routes.into_iter().map(|(p, a)| (p.trunc(), a)).collect();
+                let gone: Vec<IpNet> = self
+                    .rib
+                    .keys()
+                    .filter(|p| !desired.contains_key(p))
+                    .copied()
+                    .collect();
+                for p in gone {
+                    self.remove_route(p);
+                }
+                for (p, a) in desired {
+                    if self.rib.get(&p).is_some_and(|old| **old == a) {
+                        continue;
                     }
+                    let a = self.intern(a);
+                    self.set_route(p, &a);
                 }
-                if self.rib.is_empty() {
-                    self.interned.clear();
-                }
+                self.forget_unused_attrs();
             }
             Command::Resend(f) => self.resend_pending[f.index()] = true,
             Command::RequestRefresh(f) => {
@@ -504,6 +570,11 @@ impl Session {
         if direction == Direction::Outbound && self.state != State::Connect {
             // A late outbound connect that we already gave up on.
             return false;
+        }
+        if self.state == State::Idle {
+            // An inbound connection ends the automatic-restart hold early.
+            self.timers.stop(Timer::IdleHold);
+            self.set_state(State::Active);
         }
         self.conn = Some(Conn {
             local,
@@ -562,11 +633,7 @@ impl Session {
                 break;
             };
             if rest[..16].iter().any(|&b| b != 0xff) {
-                let n = Notification::new(
-                    ErrorCode::MESSAGE_HEADER,
-                    subcode::CONNECTION_NOT_SYNCHRONIZED,
-                    Vec::new(),
-                );
+                let n = Notification::of(HeaderSubcode::CONNECTION_NOT_SYNCHRONIZED, Vec::new());
                 self.fail(now, Some(n));
                 break;
             }
@@ -639,9 +706,49 @@ impl Session {
     /// Close this connection because the other one won the collision (§6.8): send
     /// Cease / Connection Collision Resolution and go Idle without automatic restart.
     pub fn close_for_collision(&mut self, now: Instant) {
-        let n = Notification::new(ErrorCode::CEASE, subcode::CEASE_COLLISION, Vec::new());
+        let n = Notification::cease(CeaseSubcode::CONNECTION_COLLISION_RESOLUTION);
         self.admin_up = false;
         self.fail(now, Some(n));
+    }
+
+    /// The shared copy of `attrs`, so prefixes with equal attributes share one `Arc` and
+    /// group into one UPDATE.
+    fn intern(&mut self, attrs: RouteAttrs) -> Arc<RouteAttrs> {
+        match self.interned.get(&attrs) {
+            Some(a) => a.clone(),
+            None => {
+                let a = Arc::new(attrs.clone());
+                self.interned.insert(attrs, a.clone());
+                a
+            }
+        }
+    }
+
+    /// Drops interned attributes no route uses any more.
+    fn forget_unused_attrs(&mut self) {
+        self.interned.retain(|_, a| Arc::strong_count(a) > 1);
+    }
+
+    /// Puts a (truncated) prefix into the Adj-RIB-Out, marking it for sending if changed.
+    fn set_route(&mut self, p: IpNet, attrs: &Arc<RouteAttrs>) {
+        match self.rib.insert(p, attrs.clone()) {
+            None => self.rib_count[Family::of(&p).index()] += 1,
+            Some(old) if Arc::ptr_eq(&old, attrs) => return,
+            Some(_) => {}
+        }
+        if self.state == State::Established {
+            self.dirty.insert(p);
+        }
+    }
+
+    /// Takes a (truncated) prefix out of the Adj-RIB-Out, marking it for withdrawal.
+    fn remove_route(&mut self, p: IpNet) {
+        if self.rib.remove(&p).is_some() {
+            self.rib_count[Family::of(&p).index()] -= 1;
+            if self.state == State::Established {
+                self.dirty.insert(p);
+            }
+        }
     }
 
     fn start(&mut self, now: Instant) {
@@ -663,6 +770,10 @@ impl Session {
     }
 
     fn stop(&mut self, now: Instant) {
+        self.stop_with(now, CeaseSubcode::ADMINISTRATIVE_SHUTDOWN);
+    }
+
+    fn stop_with(&mut self, now: Instant, reason: CeaseSubcode) {
         self.admin_up = false;
         if self.conn.is_some()
             && matches!(
@@ -670,8 +781,7 @@ impl Session {
                 State::OpenSent | State::OpenConfirm | State::Established
             )
         {
-            let n = Notification::new(ErrorCode::CEASE, subcode::CEASE_ADMIN_SHUTDOWN, Vec::new());
-            self.fail(now, Some(n));
+            self.fail(now, Some(Notification::cease(reason)));
         } else {
             if self.conn.is_some() || self.state == State::Connect {
                 self.events.push_back(Event::Close);
@@ -798,15 +908,12 @@ impl Session {
 
     fn fsm_error(&mut self, now: Instant) {
         let sub = match self.state {
-            State::OpenSent => subcode::FSM_UNEXPECTED_IN_OPENSENT,
-            State::OpenConfirm => subcode::FSM_UNEXPECTED_IN_OPENCONFIRM,
-            State::Established => subcode::FSM_UNEXPECTED_IN_ESTABLISHED,
-            _ => 0,
+            State::OpenSent => FsmSubcode::UNEXPECTED_IN_OPENSENT,
+            State::OpenConfirm => FsmSubcode::UNEXPECTED_IN_OPENCONFIRM,
+            State::Established => FsmSubcode::UNEXPECTED_IN_ESTABLISHED,
+            _ => FsmSubcode::UNSPECIFIED,
         };
-        self.fail(
-            now,
-            Some(Notification::new(ErrorCode::FSM, sub, Vec::new())),
-        );
+        self.fail(now, Some(Notification::of(sub, Vec::new())));
     }
 
     fn handle_message(&mut self, now: Instant, msg: &[u8]) {
@@ -928,8 +1035,7 @@ impl Session {
 
     fn negotiate(&self, open: &Open) -> Result<Negotiated, Notification> {
         let c = &self.config;
-        let open_err =
-            |sub: u8, data: Vec<u8>| Notification::new(ErrorCode::OPEN_MESSAGE, sub, data);
+        let open_err = |sub: OpenSubcode, data: Vec<u8>| Notification::of(sub, data);
         // A speaker without RFC 6793 ignores the capability and sees AS_TRANS.
         let peer_as = if c.four_octet_as {
             open.peer_as()
@@ -938,19 +1044,19 @@ impl Session {
         };
         if peer_as != c.peer_as {
             return Err(open_err(
-                subcode::BAD_PEER_AS,
+                OpenSubcode::BAD_PEER_AS,
                 open.my_as.to_be_bytes().to_vec(),
             ));
         }
         if open.router_id.is_unspecified() || (c.is_ibgp() && open.router_id == c.router_id) {
             return Err(open_err(
-                subcode::BAD_BGP_IDENTIFIER,
+                OpenSubcode::BAD_BGP_IDENTIFIER,
                 open.router_id.octets().to_vec(),
             ));
         }
         if open.hold_time == 1 || open.hold_time == 2 {
             return Err(open_err(
-                subcode::UNACCEPTABLE_HOLD_TIME,
+                OpenSubcode::UNACCEPTABLE_HOLD_TIME,
                 open.hold_time.to_be_bytes().to_vec(),
             ));
         }
@@ -1056,8 +1162,9 @@ impl Session {
         if !self.dirty.is_empty() {
             let dirty = std::mem::take(&mut self.dirty);
             let mut withdrawn: [Vec<IpNet>; 2] = [Vec::new(), Vec::new()];
-            let mut groups: HashMap<*const RouteAttrs, (Arc<RouteAttrs>, [Vec<IpNet>; 2])> =
-                HashMap::new();
+            // Groups in the order of their first prefix; the map only finds a group.
+            let mut groups: Vec<(Arc<RouteAttrs>, [Vec<IpNet>; 2])> = Vec::new();
+            let mut group_of: HashMap<*const RouteAttrs, usize> = HashMap::new();
             for p in dirty {
                 let f = Family::of(&p);
                 if !n.families.contains(&f) {
@@ -1065,11 +1172,11 @@ impl Session {
                 }
                 match self.rib.get(&p) {
                     Some(a) => {
-                        groups
-                            .entry(Arc::as_ptr(a))
-                            .or_insert_with(|| (a.clone(), [Vec::new(), Vec::new()]))
-                            .1[f.index()]
-                        .push(p);
+                        let i = *group_of.entry(Arc::as_ptr(a)).or_insert_with(|| {
+                            groups.push((a.clone(), [Vec::new(), Vec::new()]));
+                            groups.len() - 1
+                        });
+                        groups[i].1[f.index()].push(p);
                     }
                     None => withdrawn[f.index()].push(p),
                 }
@@ -1081,7 +1188,7 @@ impl Session {
                         update::encode_withdrawals(&ctx, f, w, &mut self.tx) as u64;
                 }
             }
-            for (attrs, by_family) in groups.values() {
+            for (attrs, by_family) in &groups {
                 for f in Family::ALL {
                     let ps = &by_family[f.index()];
                     if !ps.is_empty() {
@@ -1105,7 +1212,6 @@ impl Session {
     }
 
     fn send_table(&mut self, ctx: &EncodeContext, f: Family) {
-        let mut groups: HashMap<*const RouteAttrs, (Arc<RouteAttrs>, Vec<IpNet>)> = HashMap::new();
         let range: (std::ops::Bound<IpNet>, std::ops::Bound<IpNet>) = match f {
             Family::Ipv4Unicast => (
                 std::ops::Bound::Unbounded,
@@ -1116,32 +1222,21 @@ impl Session {
                 std::ops::Bound::Unbounded,
             ),
         };
-        let mut last: Option<(*const RouteAttrs, usize)> = None;
-        let mut order: Vec<*const RouteAttrs> = Vec::new();
+        // Groups in the order of their first prefix; the map only finds a group.
+        let mut groups: Vec<(Arc<RouteAttrs>, Vec<IpNet>)> = Vec::new();
+        let mut group_of: HashMap<*const RouteAttrs, usize> = HashMap::new();
         for (p, a) in self.rib.range(range) {
             if Family::of(p) != f {
                 continue;
             }
-            let key = Arc::as_ptr(a);
-            match last {
-                Some((k, _)) if k == key => {}
-                _ => {
-                    if !groups.contains_key(&key) {
-                        order.push(key);
-                    }
-                    last = Some((key, 0));
-                }
-            }
-            groups
-                .entry(key)
-                .or_insert_with(|| (a.clone(), Vec::new()))
-                .1
-                .push(*p);
+            let i = *group_of.entry(Arc::as_ptr(a)).or_insert_with(|| {
+                groups.push((a.clone(), Vec::new()));
+                groups.len() - 1
+            });
+            groups[i].1.push(*p);
         }
-        for key in order {
-            if let Some((attrs, ps)) = groups.remove(&key) {
-                self.announce(ctx, f, &attrs, &ps);
-            }
+        for (attrs, ps) in groups {
+            self.announce(ctx, f, &attrs, &ps);
         }
     }
 }

@@ -11,8 +11,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 
 use crate::wire::{
-    attr_flags, begin_message, finish_message, subcode, AttrType, ErrorCode, Family, MessageType,
-    Notification, Reader, AS_TRANS, HEADER_LEN,
+    attr_flags, begin_message, finish_message, AttrType, Family, MessageType, Notification, Reader,
+    UpdateSubcode, AS_TRANS, HEADER_LEN,
 };
 
 /// A large community (RFC 8092).
@@ -346,7 +346,7 @@ pub struct InspectContext {
     pub ibgp: bool,
 }
 
-fn reset(sub: u8) -> Notification {
+fn reset(sub: UpdateSubcode) -> Notification {
     Notification::update(sub)
 }
 
@@ -392,14 +392,15 @@ fn valid_as_path(mut r: Reader<'_>, asn_len: usize) -> bool {
 pub fn inspect(body: &[u8], ctx: InspectContext) -> Result<UpdateSummary, Notification> {
     let mut s = UpdateSummary::default();
     let mut r = Reader::new(body);
-    let malformed_list = || reset(subcode::MALFORMED_ATTRIBUTE_LIST);
+    let malformed_list = || reset(UpdateSubcode::MALFORMED_ATTRIBUTE_LIST);
     let wlen = r.u16().map_err(|_| malformed_list())? as usize;
     let withdrawn = r.sub(wlen).map_err(|_| malformed_list())?;
     let alen = r.u16().map_err(|_| malformed_list())? as usize;
     let mut attrs = r.sub(alen).map_err(|_| malformed_list())?;
     let nlri = r;
-    s.withdrawn = count_nlri(withdrawn, 32).map_err(|()| reset(subcode::INVALID_NETWORK_FIELD))?;
-    s.announced = count_nlri(nlri, 32).map_err(|()| reset(subcode::INVALID_NETWORK_FIELD))?;
+    s.withdrawn =
+        count_nlri(withdrawn, 32).map_err(|()| reset(UpdateSubcode::INVALID_NETWORK_FIELD))?;
+    s.announced = count_nlri(nlri, 32).map_err(|()| reset(UpdateSubcode::INVALID_NETWORK_FIELD))?;
 
     let escalate = |s: &mut UpdateSummary, a: ErrorAction, t: AttrType| {
         if a > s.action {
@@ -513,7 +514,7 @@ pub fn inspect(body: &[u8], ctx: InspectContext) -> Result<UpdateSummary, Notifi
             AttrType::MP_REACH_NLRI => {
                 // RFC 7606 §5.3/§7.11: malformed MP_REACH_NLRI resets the session.
                 let mut v = value;
-                let bad = || reset(subcode::OPTIONAL_ATTRIBUTE_ERROR);
+                let bad = || reset(UpdateSubcode::OPTIONAL_ATTRIBUTE_ERROR);
                 let afi = v.u16().map_err(|_| bad())?;
                 let safi = v.u8().map_err(|_| bad())?;
                 let nh_len = v.u8().map_err(|_| bad())? as usize;
@@ -533,7 +534,7 @@ pub fn inspect(body: &[u8], ctx: InspectContext) -> Result<UpdateSummary, Notifi
             }
             AttrType::MP_UNREACH_NLRI => {
                 let mut v = value;
-                let bad = || reset(subcode::OPTIONAL_ATTRIBUTE_ERROR);
+                let bad = || reset(UpdateSubcode::OPTIONAL_ATTRIBUTE_ERROR);
                 let afi = v.u16().map_err(|_| bad())?;
                 let safi = v.u8().map_err(|_| bad())?;
                 let mut n = 0;
@@ -548,9 +549,8 @@ pub fn inspect(body: &[u8], ctx: InspectContext) -> Result<UpdateSummary, Notifi
                     // RFC 4271 §6.3: unrecognized well-known attribute.
                     let mut data = vec![flags, ty.0];
                     data.extend_from_slice(value.rest());
-                    return Err(Notification::new(
-                        ErrorCode::UPDATE_MESSAGE,
-                        subcode::UNRECOGNIZED_WELL_KNOWN_ATTRIBUTE,
+                    return Err(Notification::of(
+                        UpdateSubcode::UNRECOGNIZED_WELL_KNOWN_ATTRIBUTE,
                         data,
                     ));
                 }

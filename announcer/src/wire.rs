@@ -54,6 +54,12 @@ macro_rules! code_points {
                 }
             }
         }
+        /// The registered (RFC) name, else the type and value in hex.
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(self, f)
+            }
+        }
     };
 }
 
@@ -115,46 +121,145 @@ pub mod attr_flags {
     pub const EXTENDED_LENGTH: u8 = 0x10;
 }
 
-/// NOTIFICATION subcodes used by this crate.
-pub mod subcode {
-    /// Message Header Error / Connection Not Synchronized.
-    pub const CONNECTION_NOT_SYNCHRONIZED: u8 = 1;
-    /// Message Header Error / Bad Message Length.
-    pub const BAD_MESSAGE_LENGTH: u8 = 2;
-    /// Message Header Error / Bad Message Type.
-    pub const BAD_MESSAGE_TYPE: u8 = 3;
-    /// OPEN Message Error / Unsupported Version Number.
-    pub const UNSUPPORTED_VERSION: u8 = 1;
-    /// OPEN Message Error / Bad Peer AS.
-    pub const BAD_PEER_AS: u8 = 2;
-    /// OPEN Message Error / Bad BGP Identifier.
-    pub const BAD_BGP_IDENTIFIER: u8 = 3;
-    /// OPEN Message Error / Unsupported Optional Parameter.
-    pub const UNSUPPORTED_OPTIONAL_PARAMETER: u8 = 4;
-    /// OPEN Message Error / Unacceptable Hold Time.
-    pub const UNACCEPTABLE_HOLD_TIME: u8 = 6;
-    /// UPDATE Message Error / Malformed Attribute List.
-    pub const MALFORMED_ATTRIBUTE_LIST: u8 = 1;
-    /// UPDATE Message Error / Unrecognized Well-known Attribute.
-    pub const UNRECOGNIZED_WELL_KNOWN_ATTRIBUTE: u8 = 2;
-    /// UPDATE Message Error / Optional Attribute Error.
-    pub const OPTIONAL_ATTRIBUTE_ERROR: u8 = 9;
-    /// UPDATE Message Error / Invalid Network Field.
-    pub const INVALID_NETWORK_FIELD: u8 = 10;
-    /// FSM Error / Receive Unexpected Message in OpenSent State (RFC 6608).
-    pub const FSM_UNEXPECTED_IN_OPENSENT: u8 = 1;
-    /// FSM Error / Receive Unexpected Message in OpenConfirm State.
-    pub const FSM_UNEXPECTED_IN_OPENCONFIRM: u8 = 2;
-    /// FSM Error / Receive Unexpected Message in Established State.
-    pub const FSM_UNEXPECTED_IN_ESTABLISHED: u8 = 3;
-    /// Cease / Administrative Shutdown (RFC 4486).
-    pub const CEASE_ADMIN_SHUTDOWN: u8 = 2;
-    /// Cease / Connection Rejected.
-    pub const CEASE_CONNECTION_REJECTED: u8 = 5;
-    /// Cease / Connection Collision Resolution.
-    pub const CEASE_COLLISION: u8 = 7;
-    /// ROUTE-REFRESH Message Error / Invalid Message Length (RFC 7313).
-    pub const ROUTE_REFRESH_INVALID_LENGTH: u8 = 1;
+code_points! {
+    /// Message Header Error subcodes (RFC 4271 §6.1).
+    HeaderSubcode(u8) {
+        /// The marker is not all ones.
+        CONNECTION_NOT_SYNCHRONIZED = 1 => "Connection Not Synchronized",
+        /// The length field is out of range for the message type.
+        BAD_MESSAGE_LENGTH = 2 => "Bad Message Length",
+        /// Unknown message type.
+        BAD_MESSAGE_TYPE = 3 => "Bad Message Type",
+    }
+}
+
+code_points! {
+    /// OPEN Message Error subcodes (RFC 4271 §6.2, RFC 5492, RFC 9234).
+    OpenSubcode(u8) {
+        /// No specific reason.
+        UNSPECIFIC = 0 => "Unspecific",
+        /// Not BGP-4.
+        UNSUPPORTED_VERSION_NUMBER = 1 => "Unsupported Version Number",
+        /// The peer's AS is not the configured one.
+        BAD_PEER_AS = 2 => "Bad Peer AS",
+        /// Zero, or our own identifier over iBGP.
+        BAD_BGP_IDENTIFIER = 3 => "Bad BGP Identifier",
+        /// An optional parameter we do not know.
+        UNSUPPORTED_OPTIONAL_PARAMETER = 4 => "Unsupported Optional Parameter",
+        /// Hold time 1 or 2.
+        UNACCEPTABLE_HOLD_TIME = 6 => "Unacceptable Hold Time",
+        /// A required capability is missing (RFC 5492).
+        UNSUPPORTED_CAPABILITY = 7 => "Unsupported Capability",
+        /// BGP roles do not fit (RFC 9234).
+        ROLE_MISMATCH = 11 => "Role Mismatch",
+    }
+}
+
+code_points! {
+    /// UPDATE Message Error subcodes (RFC 4271 §6.3).
+    UpdateSubcode(u8) {
+        /// The attribute list cannot be parsed.
+        MALFORMED_ATTRIBUTE_LIST = 1 => "Malformed Attribute List",
+        /// A well-known attribute we do not know.
+        UNRECOGNIZED_WELL_KNOWN_ATTRIBUTE = 2 => "Unrecognized Well-known Attribute",
+        /// ORIGIN, AS_PATH or NEXT_HOP is missing.
+        MISSING_WELL_KNOWN_ATTRIBUTE = 3 => "Missing Well-known Attribute",
+        /// Flags contradict the attribute type.
+        ATTRIBUTE_FLAGS_ERROR = 4 => "Attribute Flags Error",
+        /// Length contradicts the attribute type.
+        ATTRIBUTE_LENGTH_ERROR = 5 => "Attribute Length Error",
+        /// ORIGIN value out of range.
+        INVALID_ORIGIN_ATTRIBUTE = 6 => "Invalid ORIGIN Attribute",
+        /// NEXT_HOP is not a usable address.
+        INVALID_NEXT_HOP_ATTRIBUTE = 8 => "Invalid NEXT_HOP Attribute",
+        /// An optional attribute is malformed.
+        OPTIONAL_ATTRIBUTE_ERROR = 9 => "Optional Attribute Error",
+        /// NLRI that cannot be parsed.
+        INVALID_NETWORK_FIELD = 10 => "Invalid Network Field",
+        /// AS_PATH cannot be parsed.
+        MALFORMED_AS_PATH = 11 => "Malformed AS_PATH",
+    }
+}
+
+code_points! {
+    /// Finite State Machine Error subcodes (RFC 6608).
+    FsmSubcode(u8) {
+        /// No specific state.
+        UNSPECIFIED = 0 => "Unspecified Error",
+        /// A message other than OPEN/NOTIFICATION in OpenSent.
+        UNEXPECTED_IN_OPENSENT = 1 => "Receive Unexpected Message in OpenSent State",
+        /// A message other than KEEPALIVE/NOTIFICATION in OpenConfirm.
+        UNEXPECTED_IN_OPENCONFIRM = 2 => "Receive Unexpected Message in OpenConfirm State",
+        /// An OPEN in Established.
+        UNEXPECTED_IN_ESTABLISHED = 3 => "Receive Unexpected Message in Established State",
+    }
+}
+
+code_points! {
+    /// Cease subcodes (RFC 4486, RFC 8538, RFC 9384).
+    CeaseSubcode(u8) {
+        /// A prefix limit was exceeded.
+        MAXIMUM_NUMBER_OF_PREFIXES_REACHED = 1 => "Maximum Number of Prefixes Reached",
+        /// The session was turned off (may carry a shutdown communication, RFC 9003).
+        ADMINISTRATIVE_SHUTDOWN = 2 => "Administrative Shutdown",
+        /// The peer was removed from the configuration.
+        PEER_DE_CONFIGURED = 3 => "Peer De-configured",
+        /// The session restarts, e.g. with new configuration (may carry a communication).
+        ADMINISTRATIVE_RESET = 4 => "Administrative Reset",
+        /// The connection is not wanted now.
+        CONNECTION_REJECTED = 5 => "Connection Rejected",
+        /// Some other configuration changed.
+        OTHER_CONFIGURATION_CHANGE = 6 => "Other Configuration Change",
+        /// The other connection of a collision won (RFC 4271 §6.8).
+        CONNECTION_COLLISION_RESOLUTION = 7 => "Connection Collision Resolution",
+        /// Out of memory or similar.
+        OUT_OF_RESOURCES = 8 => "Out of Resources",
+        /// Graceful restart state must be flushed (RFC 8538).
+        HARD_RESET = 9 => "Hard Reset",
+        /// BFD declared the peer down (RFC 9384).
+        BFD_DOWN = 10 => "BFD Down",
+    }
+}
+
+code_points! {
+    /// ROUTE-REFRESH Message Error subcodes (RFC 7313).
+    RouteRefreshSubcode(u8) {
+        /// The message length is wrong.
+        INVALID_MESSAGE_LENGTH = 1 => "Invalid Message Length",
+    }
+}
+
+/// A subcode type that belongs to one NOTIFICATION error code.
+pub trait Subcode: Copy + fmt::Display {
+    /// The error code these subcodes qualify.
+    const CODE: ErrorCode;
+    /// The subcode's value on the wire.
+    fn value(self) -> u8;
+    /// The subcode with this wire value.
+    fn from_value(value: u8) -> Self;
+}
+
+macro_rules! subcode_of {
+    ($($ty:ident => $code:ident,)*) => {$(
+        impl Subcode for $ty {
+            const CODE: ErrorCode = ErrorCode::$code;
+            fn value(self) -> u8 {
+                self.0
+            }
+            fn from_value(value: u8) -> Self {
+                $ty(value)
+            }
+        }
+    )*};
+}
+
+subcode_of! {
+    HeaderSubcode => MESSAGE_HEADER,
+    OpenSubcode => OPEN_MESSAGE,
+    UpdateSubcode => UPDATE_MESSAGE,
+    FsmSubcode => FSM,
+    CeaseSubcode => CEASE,
+    RouteRefreshSubcode => ROUTE_REFRESH,
 }
 
 /// An address family this speaker can carry.
@@ -246,51 +351,39 @@ impl Notification {
         }
     }
 
-    /// UPDATE Message Error with a subcode.
-    pub fn update(subcode: u8) -> Self {
-        Self::new(ErrorCode::UPDATE_MESSAGE, subcode, Vec::new())
+    /// A NOTIFICATION with a typed subcode (the error code follows from its type).
+    pub fn of<S: Subcode>(subcode: S, data: impl Into<Vec<u8>>) -> Self {
+        Self::new(S::CODE, subcode.value(), data)
+    }
+
+    /// UPDATE Message Error with a subcode and no data.
+    pub fn update(subcode: UpdateSubcode) -> Self {
+        Self::of(subcode, Vec::new())
+    }
+
+    /// Cease with a subcode and no data.
+    pub fn cease(subcode: CeaseSubcode) -> Self {
+        Self::of(subcode, Vec::new())
+    }
+
+    /// The subcode as `S`, when this NOTIFICATION has `S`'s error code.
+    pub fn subcode_as<S: Subcode>(&self) -> Option<S> {
+        (self.code == S::CODE).then(|| S::from_value(self.subcode))
     }
 
     /// Registered name of the subcode, if known.
     pub fn subcode_name(&self) -> Option<&'static str> {
-        let name = match (self.code, self.subcode) {
-            (ErrorCode::MESSAGE_HEADER, 1) => "Connection Not Synchronized",
-            (ErrorCode::MESSAGE_HEADER, 2) => "Bad Message Length",
-            (ErrorCode::MESSAGE_HEADER, 3) => "Bad Message Type",
-            (ErrorCode::OPEN_MESSAGE, 1) => "Unsupported Version Number",
-            (ErrorCode::OPEN_MESSAGE, 2) => "Bad Peer AS",
-            (ErrorCode::OPEN_MESSAGE, 3) => "Bad BGP Identifier",
-            (ErrorCode::OPEN_MESSAGE, 4) => "Unsupported Optional Parameter",
-            (ErrorCode::OPEN_MESSAGE, 6) => "Unacceptable Hold Time",
-            (ErrorCode::OPEN_MESSAGE, 7) => "Unsupported Capability",
-            (ErrorCode::OPEN_MESSAGE, 11) => "Role Mismatch",
-            (ErrorCode::UPDATE_MESSAGE, 1) => "Malformed Attribute List",
-            (ErrorCode::UPDATE_MESSAGE, 2) => "Unrecognized Well-known Attribute",
-            (ErrorCode::UPDATE_MESSAGE, 3) => "Missing Well-known Attribute",
-            (ErrorCode::UPDATE_MESSAGE, 4) => "Attribute Flags Error",
-            (ErrorCode::UPDATE_MESSAGE, 5) => "Attribute Length Error",
-            (ErrorCode::UPDATE_MESSAGE, 6) => "Invalid ORIGIN Attribute",
-            (ErrorCode::UPDATE_MESSAGE, 8) => "Invalid NEXT_HOP Attribute",
-            (ErrorCode::UPDATE_MESSAGE, 9) => "Optional Attribute Error",
-            (ErrorCode::UPDATE_MESSAGE, 10) => "Invalid Network Field",
-            (ErrorCode::UPDATE_MESSAGE, 11) => "Malformed AS_PATH",
-            (ErrorCode::FSM, 1) => "Receive Unexpected Message in OpenSent State",
-            (ErrorCode::FSM, 2) => "Receive Unexpected Message in OpenConfirm State",
-            (ErrorCode::FSM, 3) => "Receive Unexpected Message in Established State",
-            (ErrorCode::CEASE, 1) => "Maximum Number of Prefixes Reached",
-            (ErrorCode::CEASE, 2) => "Administrative Shutdown",
-            (ErrorCode::CEASE, 3) => "Peer De-configured",
-            (ErrorCode::CEASE, 4) => "Administrative Reset",
-            (ErrorCode::CEASE, 5) => "Connection Rejected",
-            (ErrorCode::CEASE, 6) => "Other Configuration Change",
-            (ErrorCode::CEASE, 7) => "Connection Collision Resolution",
-            (ErrorCode::CEASE, 8) => "Out of Resources",
-            (ErrorCode::CEASE, 9) => "Hard Reset",
-            (ErrorCode::CEASE, 10) => "BFD Down",
-            (ErrorCode::ROUTE_REFRESH, 1) => "Invalid Message Length",
-            _ => return None,
-        };
-        Some(name)
+        let v = self.subcode;
+        match self.code {
+            ErrorCode::MESSAGE_HEADER => HeaderSubcode(v).name(),
+            // Subcode 0 is "unspecific" for every code but FSM (RFC 6608 names it).
+            ErrorCode::OPEN_MESSAGE if v != 0 => OpenSubcode(v).name(),
+            ErrorCode::UPDATE_MESSAGE => UpdateSubcode(v).name(),
+            ErrorCode::FSM if v != 0 => FsmSubcode(v).name(),
+            ErrorCode::CEASE => CeaseSubcode(v).name(),
+            ErrorCode::ROUTE_REFRESH => RouteRefreshSubcode(v).name(),
+            _ => None,
+        }
     }
 
     /// Encode as a full message.
@@ -328,7 +421,11 @@ impl fmt::Display for Notification {
             None => {}
         }
         // RFC 8203/9003 shutdown communication: a length byte then UTF-8 text.
-        if self.code == ErrorCode::CEASE && (self.subcode == 2 || self.subcode == 4) {
+        let reason = self.subcode_as::<CeaseSubcode>();
+        if matches!(
+            reason,
+            Some(CeaseSubcode::ADMINISTRATIVE_SHUTDOWN | CeaseSubcode::ADMINISTRATIVE_RESET)
+        ) {
             if let Some((&len, rest)) = self.data.split_first() {
                 if let Some(text) = rest.get(..len as usize) {
                     if let Ok(text) = std::str::from_utf8(text) {
@@ -364,9 +461,8 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 pub(crate) fn bad_length(len: usize) -> Notification {
-    Notification::new(
-        ErrorCode::MESSAGE_HEADER,
-        subcode::BAD_MESSAGE_LENGTH,
+    Notification::of(
+        HeaderSubcode::BAD_MESSAGE_LENGTH,
         (len.min(u16::MAX as usize) as u16).to_be_bytes(),
     )
 }
@@ -604,7 +700,7 @@ impl Open {
         let mut cur = SliceReader::new(body);
         let open = BgpOpenMessage::parse(&mut cur, &mut ctx).map_err(open_error)?;
         if !cur.is_empty() {
-            return Err(Notification::new(ErrorCode::OPEN_MESSAGE, 0, Vec::new()));
+            return Err(Notification::of(OpenSubcode::UNSPECIFIC, Vec::new()));
         }
         let mut c = Capabilities::default();
         for cap in open.capabilities() {
@@ -667,16 +763,24 @@ impl Open {
 
 fn open_error(e: BgpOpenMessageParsingError) -> Notification {
     let (subcode, data) = match OpenMessageError::from(e) {
-        OpenMessageError::Unspecific { value } => (0, value),
-        OpenMessageError::UnsupportedVersionNumber { value } => (1, value),
-        OpenMessageError::BadPeerAs { value } => (2, value),
-        OpenMessageError::BadBgpIdentifier { value } => (3, value),
-        OpenMessageError::UnsupportedOptionalParameter { value } => (4, value),
-        OpenMessageError::UnacceptableHoldTime { value } => (6, value),
-        OpenMessageError::UnsupportedCapability { value } => (7, value),
-        OpenMessageError::RoleMismatch { value } => (11, value),
+        OpenMessageError::Unspecific { value } => (OpenSubcode::UNSPECIFIC, value),
+        OpenMessageError::UnsupportedVersionNumber { value } => {
+            (OpenSubcode::UNSUPPORTED_VERSION_NUMBER, value)
+        }
+        OpenMessageError::BadPeerAs { value } => (OpenSubcode::BAD_PEER_AS, value),
+        OpenMessageError::BadBgpIdentifier { value } => (OpenSubcode::BAD_BGP_IDENTIFIER, value),
+        OpenMessageError::UnsupportedOptionalParameter { value } => {
+            (OpenSubcode::UNSUPPORTED_OPTIONAL_PARAMETER, value)
+        }
+        OpenMessageError::UnacceptableHoldTime { value } => {
+            (OpenSubcode::UNACCEPTABLE_HOLD_TIME, value)
+        }
+        OpenMessageError::UnsupportedCapability { value } => {
+            (OpenSubcode::UNSUPPORTED_CAPABILITY, value)
+        }
+        OpenMessageError::RoleMismatch { value } => (OpenSubcode::ROLE_MISMATCH, value),
     };
-    Notification::new(ErrorCode::OPEN_MESSAGE, subcode, data.into_vec())
+    Notification::of(subcode, data.into_vec())
 }
 
 /// A framed, header-checked message; UPDATE bodies are left for [`crate::update::inspect`].
@@ -711,9 +815,8 @@ pub fn decode(msg: &[u8], max_len: usize) -> Result<Message<'_>, Notification> {
     let mut r = Reader::new(msg);
     let marker = r.take(16).map_err(|_| bad_length(msg.len()))?;
     if marker.iter().any(|&b| b != 0xff) {
-        return Err(Notification::new(
-            ErrorCode::MESSAGE_HEADER,
-            subcode::CONNECTION_NOT_SYNCHRONIZED,
+        return Err(Notification::of(
+            HeaderSubcode::CONNECTION_NOT_SYNCHRONIZED,
             Vec::new(),
         ));
     }
@@ -747,9 +850,8 @@ pub fn decode(msg: &[u8], max_len: usize) -> Result<Message<'_>, Notification> {
         MessageType::KEEPALIVE => exact(0).map(|()| Message::Keepalive),
         MessageType::ROUTE_REFRESH => {
             if body.len() != 4 {
-                return Err(Notification::new(
-                    ErrorCode::ROUTE_REFRESH,
-                    subcode::ROUTE_REFRESH_INVALID_LENGTH,
+                return Err(Notification::of(
+                    RouteRefreshSubcode::INVALID_MESSAGE_LENGTH,
                     msg.to_vec(),
                 ));
             }
@@ -759,9 +861,8 @@ pub fn decode(msg: &[u8], max_len: usize) -> Result<Message<'_>, Notification> {
                 safi: body[3],
             })
         }
-        other => Err(Notification::new(
-            ErrorCode::MESSAGE_HEADER,
-            subcode::BAD_MESSAGE_TYPE,
+        other => Err(Notification::of(
+            HeaderSubcode::BAD_MESSAGE_TYPE,
             vec![other.0],
         )),
     }

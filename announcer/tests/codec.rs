@@ -12,8 +12,9 @@ use portico_announcer::update::{
     self, EncodeContext, ErrorAction, InspectContext, LargeCommunity, RouteAttrs,
 };
 use portico_announcer::wire::{
-    self, hex, AttrType, Capabilities, ErrorCode, Family, GracefulRestartCap, Message,
-    Notification, Open,
+    self, hex, AttrType, Capabilities, CeaseSubcode, ErrorCode, Family, FsmSubcode,
+    GracefulRestartCap, HeaderSubcode, Message, Notification, Open, OpenSubcode,
+    RouteRefreshSubcode, UpdateSubcode,
 };
 
 /// Assert equal bytes with a hex diff.
@@ -87,6 +88,57 @@ fn notification_golden_and_text() {
     assert_eq!(
         Notification::new(ErrorCode(9), 4, vec![]).to_string(),
         "Error code 9 / subcode 4"
+    );
+}
+
+#[test]
+fn typed_subcodes_carry_their_error_code_and_print_rfc_names() {
+    let collision = Notification::cease(CeaseSubcode::CONNECTION_COLLISION_RESOLUTION);
+    assert_eq!((collision.code, collision.subcode), (ErrorCode::CEASE, 7));
+    assert_eq!(
+        collision.to_string(),
+        "Cease / Connection Collision Resolution"
+    );
+    assert_eq!(
+        collision.subcode_as::<CeaseSubcode>(),
+        Some(CeaseSubcode::CONNECTION_COLLISION_RESOLUTION)
+    );
+    assert_eq!(collision.subcode_as::<OpenSubcode>(), None);
+
+    let cases: [(Notification, &str); 6] = [
+        (
+            Notification::of(HeaderSubcode::BAD_MESSAGE_TYPE, vec![9]),
+            "Message Header Error / Bad Message Type",
+        ),
+        (
+            Notification::of(OpenSubcode::BAD_BGP_IDENTIFIER, vec![]),
+            "OPEN Message Error / Bad BGP Identifier",
+        ),
+        (
+            Notification::update(UpdateSubcode::MALFORMED_AS_PATH),
+            "UPDATE Message Error / Malformed AS_PATH",
+        ),
+        (
+            Notification::of(FsmSubcode::UNEXPECTED_IN_OPENCONFIRM, vec![]),
+            "Finite State Machine Error / Receive Unexpected Message in OpenConfirm State",
+        ),
+        (
+            Notification::cease(CeaseSubcode::ADMINISTRATIVE_RESET),
+            "Cease / Administrative Reset",
+        ),
+        (
+            Notification::of(RouteRefreshSubcode::INVALID_MESSAGE_LENGTH, vec![]),
+            "ROUTE-REFRESH Message Error / Invalid Message Length",
+        ),
+    ];
+    for (n, text) in cases {
+        assert_eq!(n.to_string(), text);
+    }
+    assert_eq!(CeaseSubcode::HARD_RESET.to_string(), "Hard Reset");
+    assert_eq!(CeaseSubcode(42).to_string(), "CeaseSubcode(0x2a)");
+    assert_eq!(
+        Notification::cease(CeaseSubcode(42)).to_string(),
+        "Cease / subcode 42"
     );
 }
 

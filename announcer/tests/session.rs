@@ -2,12 +2,17 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{config_a, config_b, split_messages, Pair};
 use ipnet::IpNet;
-use portico_announcer::session::{Event, GracefulRestartConfig, State};
+use portico_announcer::session::{
+    resolve_collision, CollisionLoser, Direction, Event, GracefulRestartConfig, Session,
+    SessionConfig, State,
+};
+use portico_announcer::wire::CeaseSubcode;
 use portico_announcer::{Command, Family, RouteAttrs};
 
 fn v4_prefixes(n: u32) -> Vec<IpNet> {
@@ -496,57 +501,351 @@ fn ipv6_session_announces_ipv4_with_configured_next_hop_only() {
     assert_eq!(p.a.status(p.now).advertised, [0, 2]);
 }
 
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn med(m: u32) -> RouteAttrs {
+    RouteAttrs {
+        med: Some(m),
+        ..Default::default()
+    }
+}
+
+/// The IPv4 UPDATEs A sent from byte `from` on: (withdrawn, attributes, announced).
+fn updates_since(p: &Pair, from: usize) -> Vec<(Vec<IpNet>, Vec<u8>, Vec<IpNet>)> {
+    let bytes = p.a_bytes();
+    split_messages(&bytes[from..])
+        .into_iter()
+        .filter_map(common::ipv4_update)
+        .collect()
+}
+
 #[test]
-fn collision_keeps_the_connection_opened_by_the_higher_identifier() {
-    use portico_announcer::session::{collision_winner, Direction, Session};
-    // Both speakers connect at once: A->B (A outbound, B inbound) and B->A.
-    let now = std::time::Instant::now();
-    let mut b_cfg = config_b();
-    b_cfg.passive = false;
-    let mk = |c: &portico_announcer::SessionConfig, seed| {
+fn replacing_routes_sends_only_the_difference() {
+    let mut p = Pair::default_pair();
+    let now = p.now;
+    let before: BTreeMap<IpNet, RouteAttrs> = [
+        (net("10.0.0.1/32"), med(1)),
+        (net("10.0.0.2/32"), med(1)),
+        (net("10.0.0.3/32"), med(2)),
+    ]
+    .into();
+    p.a.handle_command(now, Command::Replace { routes: before });
+    p.established();
+    let from = p.a_bytes().len();
+    let now = p.now;
+    // .1 unchanged, .2 gone, .3 changes attributes, .4 is new (with .1's attributes).
+    let after: BTreeMap<IpNet, RouteAttrs> = [
+        (net("10.0.0.1/32"), med(1)),
+        (net("10.0.0.3/32"), med(3)),
+        (net("10.0.0.4/32"), med(1)),
+    ]
+    .into();
+    p.a.handle_command(
+        now,
+        Command::Replace {
+            routes: after.clone(),
+        },
+    );
+    p.drive();
+    let ups = updates_since(&p, from);
+    assert_eq!(ups.len(), 3, "{ups:?}");
+    assert_eq!(ups[0].0, vec![net("10.0.0.2/32")]);
+    assert!(ups[0].2.is_empty());
+    // Announcement groups in the order of their first prefix: .3 (MED 3), then .4.
+    assert_eq!(ups[1].2, vec![net("10.0.0.3/32")]);
+    assert_eq!(ups[2].2, vec![net("10.0.0.4/32")]);
+    assert!(ups[1..].iter().all(|u| u.0.is_empty()));
+    let rib: BTreeMap<IpNet, RouteAttrs> = p.a.routes().map(|(p, a)| (*p, a.clone())).collect();
+    assert_eq!(rib, after);
+    assert_eq!(p.a.status(p.now).advertised, [3, 0]);
+}
+
+#[test]
+fn replacing_with_the_same_routes_sends_nothing() {
+    let mut p = Pair::default_pair();
+    let now = p.now;
+    let routes: BTreeMap<IpNet, RouteAttrs> = v4_prefixes(50)
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| (n, med(i as u32 % 3)))
+        .collect();
+    p.a.handle_command(
+        now,
+        Command::Replace {
+            routes: routes.clone(),
+        },
+    );
+    p.established();
+    let from = p.a_bytes().len();
+    let now = p.now;
+    // Host bits are truncated away, as with Announce.
+    let mut again = routes.clone();
+    let first = *again.keys().next().unwrap();
+    let a = again.remove(&first).unwrap();
+    again.insert(net("10.0.0.0/32"), a);
+    p.a.handle_command(now, Command::Replace { routes: again });
+    p.drive();
+    assert!(updates_since(&p, from).is_empty());
+}
+
+#[test]
+fn replacing_with_nothing_withdraws_everything() {
+    let mut p = Pair::default_pair();
+    let now = p.now;
+    p.a.handle_command(
+        now,
+        Command::Announce {
+            prefixes: v4_prefixes(20),
+            attrs: med(7),
+        },
+    );
+    p.established();
+    let from = p.a_bytes().len();
+    let now = p.now;
+    p.a.handle_command(
+        now,
+        Command::Replace {
+            routes: BTreeMap::new(),
+        },
+    );
+    p.drive();
+    let ups = updates_since(&p, from);
+    assert_eq!(ups.len(), 1);
+    assert_eq!(ups[0].0, v4_prefixes(20));
+    assert_eq!(p.a.routes().count(), 0);
+}
+
+/// Eight attribute sets over interleaved prefixes: the full table at Established, then
+/// changes, withdrawals and a replacement. Returns every byte A sent.
+fn update_stream() -> Vec<u8> {
+    let mut p = Pair::default_pair();
+    let now = p.now;
+    for i in 0..8u32 {
+        let prefixes = v4_prefixes(64)
+            .into_iter()
+            .chain(v6_prefixes(64))
+            .skip(i as usize)
+            .step_by(8)
+            .collect();
+        p.a.handle_command(
+            now,
+            Command::Announce {
+                prefixes,
+                attrs: med(i),
+            },
+        );
+    }
+    p.established();
+    let now = p.now;
+    for i in 0..8u32 {
+        let prefixes = v4_prefixes(128)
+            .into_iter()
+            .skip(i as usize)
+            .step_by(5)
+            .collect();
+        p.a.handle_command(
+            now,
+            Command::Announce {
+                prefixes,
+                attrs: med(100 + i),
+            },
+        );
+    }
+    p.a.handle_command(
+        now,
+        Command::Withdraw {
+            prefixes: v6_prefixes(64).into_iter().step_by(3).collect(),
+        },
+    );
+    p.drive();
+    let routes = v4_prefixes(40)
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| (n, med(200 + (i as u32 * 7) % 8)))
+        .collect();
+    let now = p.now;
+    p.a.handle_command(now, Command::Replace { routes });
+    p.drive();
+    p.a_bytes()
+}
+
+#[test]
+fn same_inputs_give_byte_identical_update_streams() {
+    let first = update_stream();
+    assert!(split_messages(&first).len() > 20);
+    for _ in 0..5 {
+        let again = update_stream();
+        assert!(
+            first == again,
+            "UPDATE streams differ between identical runs"
+        );
+    }
+}
+
+#[test]
+fn stop_with_administrative_reset_sends_that_reason() {
+    let mut p = Pair::default_pair();
+    p.established();
+    let now = p.now;
+    p.a.handle_command(now, Command::StopWith(CeaseSubcode::ADMINISTRATIVE_RESET));
+    p.drive();
+    assert_eq!(p.a.state(), State::Idle);
+    assert_eq!(
+        p.b.status(p.now).last_notification_received.as_deref(),
+        Some("Cease / Administrative Reset")
+    );
+}
+
+/// Both speakers connect at once. Returns the four sessions, each with the peer's OPEN
+/// (OpenConfirm): (A's outbound, B's inbound) on A's connection and (A's inbound, B's
+/// outbound) on B's.
+fn simultaneous_opens(a_cfg: &SessionConfig, b_cfg: &SessionConfig, now: Instant) -> [Session; 4] {
+    let mk = |c: &SessionConfig, seed| {
         let mut s = Session::new(c.clone(), now, seed);
         s.handle_command(now, Command::Start);
         while s.poll_event().is_some() {}
         s
     };
-    let (mut a1, mut b1) = (mk(&config_a(), 1), mk(&b_cfg, 2)); // a1 -> b1 (A initiated)
-    let (mut a2, mut b2) = (mk(&config_a(), 3), mk(&b_cfg, 4)); // b2 -> a2 (B initiated)
+    let (mut a_out, mut b_in) = (mk(a_cfg, 1), mk(b_cfg, 2));
+    let (mut a_in, mut b_out) = (mk(a_cfg, 3), mk(b_cfg, 4));
     let (la, lb) = (
         common::A_ADDR.parse().unwrap(),
         common::B_ADDR.parse().unwrap(),
     );
-    assert!(a1.handle_connected(now, la, lb, Direction::Outbound));
-    assert!(b1.handle_connected(now, lb, la, Direction::Inbound));
-    assert!(b2.handle_connected(now, lb, la, Direction::Outbound));
-    assert!(a2.handle_connected(now, la, lb, Direction::Inbound));
-    let shuttle = |x: &mut Session, y: &mut Session| {
-        for _ in 0..4 {
-            while let Some(t) = x.poll_transmit() {
-                y.handle_bytes(now, &t);
-            }
-            while let Some(t) = y.poll_transmit() {
-                x.handle_bytes(now, &t);
-            }
-        }
+    let (la2, lb2) = (
+        "192.0.2.1:179".parse().unwrap(),
+        "192.0.2.2:40001".parse().unwrap(),
+    );
+    assert!(a_out.handle_connected(now, la, lb, Direction::Outbound));
+    assert!(b_in.handle_connected(now, lb, la, Direction::Inbound));
+    assert!(b_out.handle_connected(now, lb2, la2, Direction::Outbound));
+    assert!(a_in.handle_connected(now, la2, lb2, Direction::Inbound));
+    // Exchange only the OPENs, so every session waits in OpenConfirm.
+    for (x, y) in [(&mut a_out, &mut b_in), (&mut a_in, &mut b_out)] {
+        let (tx, ty) = (x.poll_transmit().unwrap(), y.poll_transmit().unwrap());
+        y.handle_bytes(now, &tx);
+        x.handle_bytes(now, &ty);
+    }
+    for s in [&a_out, &b_in, &a_in, &b_out] {
+        assert_eq!(s.state(), State::OpenConfirm);
+    }
+    [a_out, b_in, a_in, b_out]
+}
+
+/// Runs a collision and resolves it on `side` ("a" or "b"), the way the driver does with
+/// its primary (outbound) and second (inbound) session. Returns whether A's connection
+/// survived, after checking the loser's peer got Cease / Connection Collision Resolution
+/// and the survivor reaches Established.
+fn collide(a_cfg: &SessionConfig, b_cfg: &SessionConfig, side: &str) -> bool {
+    let now = Instant::now();
+    let [mut a_out, mut b_in, mut a_in, mut b_out] = simultaneous_opens(a_cfg, b_cfg, now);
+    let (first, second) = match side {
+        "a" => (&mut a_out, &mut a_in),
+        _ => (&mut b_out, &mut b_in),
     };
-    // The driver resolves as soon as both sessions have the peer's OPEN (OpenConfirm);
-    // here both connections run to the end and the loser is closed afterwards, which
-    // exercises the same close path.
-    shuttle(&mut a1, &mut b1);
-    shuttle(&mut a2, &mut b2);
-    let a_id = config_a().router_id;
-    let b_id = config_b().router_id;
-    // B has the higher identifier: the connection B opened survives.
-    assert_eq!(collision_winner(a_id, b_id), Direction::Inbound);
-    assert_eq!(collision_winner(b_id, a_id), Direction::Outbound);
-    a1.close_for_collision(now);
-    let bytes = a1.poll_transmit().unwrap();
-    b1.handle_bytes(now, &bytes);
-    assert_eq!(b1.state(), State::Idle);
+    let loser = resolve_collision(now, first, second).expect("both have the OPEN");
+    // Deciding again finds nothing left to decide.
+    assert_eq!(resolve_collision(now, first, second), None);
+    // A's primary is its outbound session, B's is its outbound one too.
+    let a_conn_survives = match side {
+        "a" => loser == CollisionLoser::Second,
+        _ => loser == CollisionLoser::First,
+    };
+    let (mut lx, mut ly, mut wx, mut wy) = if a_conn_survives {
+        (a_in, b_out, a_out, b_in)
+    } else {
+        (a_out, b_in, a_in, b_out)
+    };
+    // The closed session's NOTIFICATION reaches its peer.
+    let (closed, open) = if side == "a" {
+        (&mut lx, &mut ly)
+    } else {
+        (&mut ly, &mut lx)
+    };
+    let notification = closed.poll_transmit().expect("a NOTIFICATION");
+    assert!(!closed.is_connected());
+    open.handle_bytes(now, &notification);
+    assert_eq!(open.state(), State::Idle);
     assert_eq!(
-        b1.status(now).last_notification_received.as_deref(),
+        open.status(now).last_notification_received.as_deref(),
         Some("Cease / Connection Collision Resolution")
     );
-    assert_eq!(a2.state(), State::Established);
-    assert_eq!(b2.state(), State::Established);
+    for _ in 0..2 {
+        while let Some(t) = wx.poll_transmit() {
+            wy.handle_bytes(now, &t);
+        }
+        while let Some(t) = wy.poll_transmit() {
+            wx.handle_bytes(now, &t);
+        }
+    }
+    assert_eq!(wx.state(), State::Established);
+    assert_eq!(wy.state(), State::Established);
+    a_conn_survives
+}
+
+#[test]
+fn collision_keeps_the_connection_of_the_higher_identifier_whichever_side_decides() {
+    let mut a = config_a();
+    let mut b = config_b();
+    b.passive = false;
+    // B (192.0.2.2) is higher: B's connection survives, decided on either side.
+    assert!(!collide(&a, &b, "a"));
+    assert!(!collide(&a, &b, "b"));
+    // Swap the identifiers: A's connection survives.
+    a.router_id = Ipv4Addr::new(192, 0, 2, 200);
+    assert!(collide(&a, &b, "a"));
+    assert!(collide(&a, &b, "b"));
+}
+
+#[test]
+fn collision_between_equal_identifiers_keeps_the_connection_of_the_higher_as() {
+    let a = config_a(); // AS 65001
+    let mut b = config_b(); // AS 65002
+    b.passive = false;
+    b.router_id = a.router_id;
+    assert!(!collide(&a, &b, "a"));
+    assert!(!collide(&a, &b, "b"));
+}
+
+#[test]
+fn collision_waits_for_both_opens() {
+    let now = Instant::now();
+    let mut b_cfg = config_b();
+    b_cfg.passive = false;
+    let [mut a_out, _, _, _] = simultaneous_opens(&config_a(), &b_cfg, now);
+    let mut fresh = Session::new(config_a(), now, 9);
+    fresh.handle_command(now, Command::Start);
+    let (la, lb) = (
+        "192.0.2.1:179".parse().unwrap(),
+        "192.0.2.2:40001".parse().unwrap(),
+    );
+    assert!(fresh.handle_connected(now, la, lb, Direction::Inbound));
+    assert_eq!(resolve_collision(now, &mut a_out, &mut fresh), None);
+    assert_eq!(a_out.state(), State::OpenConfirm);
+    assert_eq!(fresh.state(), State::OpenSent);
+}
+
+#[test]
+fn inbound_connection_during_the_restart_hold_is_accepted_but_not_after_stop() {
+    let mut p = Pair::default_pair();
+    p.established();
+    let now = p.now;
+    // The connection drops: A waits in Idle for its automatic restart.
+    p.a.handle_closed(now);
+    assert_eq!(p.a.state(), State::Idle);
+    assert!(p.a.accepts_connection());
+    let (la, lb) = (
+        "192.0.2.1:179".parse().unwrap(),
+        "192.0.2.2:40001".parse().unwrap(),
+    );
+    assert!(p.a.handle_connected(now, la, lb, Direction::Inbound));
+    assert_eq!(p.a.state(), State::OpenSent);
+    // An outbound connect is never taken in Idle, and a stopped session refuses all.
+    let mut s = Session::new(config_a(), now, 5);
+    s.handle_command(now, Command::Start);
+    s.handle_command(now, Command::Stop);
+    assert!(!s.accepts_connection());
+    assert!(!s.handle_connected(now, la, lb, Direction::Inbound));
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector as KubeLabelSelector, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::{CustomResource, Resource};
-use portico_announcer::driver::{PeerConfig, TtlMode};
+use portico_announcer::config::{PeerConfig, TtlMode};
 use portico_announcer::session::{GracefulRestartConfig, SessionStatus};
 use portico_announcer::{Family, SessionConfig};
 use portico_ipam::LabelSelector;

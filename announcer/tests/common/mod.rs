@@ -76,6 +76,9 @@ impl Pair {
     }
 
     fn connect(&mut self) {
+        // Like a driver, B acts on what it already said (a Close of the old connection)
+        // before it sees a new one.
+        self.drain_b_events();
         if self.connected || self.b_frozen || !self.b.accepts_connection() {
             // Connection refused: the attempt fails.
             self.a.handle_closed(self.now);
@@ -122,23 +125,31 @@ impl Pair {
                 }
                 self.a_events.push(e);
             }
-            if !self.b_frozen {
-                while let Some(e) = self.b.poll_event() {
-                    progress = true;
-                    if let Event::Close = e {
-                        if self.connected {
-                            self.connected = false;
-                            self.a.handle_closed(self.now);
-                        }
-                    }
-                    self.b_events.push(e);
-                }
-            }
+            progress |= self.drain_b_events();
             if !progress {
                 return;
             }
         }
         panic!("pair did not settle");
+    }
+
+    /// Handle B's pending events; returns whether there were any.
+    fn drain_b_events(&mut self) -> bool {
+        let mut any = false;
+        if self.b_frozen {
+            return false;
+        }
+        while let Some(e) = self.b.poll_event() {
+            any = true;
+            if let Event::Close = e {
+                if self.connected {
+                    self.connected = false;
+                    self.a.handle_closed(self.now);
+                }
+            }
+            self.b_events.push(e);
+        }
+        any
     }
 
     /// Advance the clock by `d`, firing timers in order.
@@ -191,5 +202,33 @@ pub fn split_messages(mut buf: &[u8]) -> Vec<&[u8]> {
         buf = &buf[len..];
     }
     assert!(buf.is_empty());
+    out
+}
+
+/// The parts of an IPv4 UPDATE (no MP attributes): withdrawn prefixes, the raw path
+/// attributes, and announced prefixes. `None` for other message types.
+pub fn ipv4_update(msg: &[u8]) -> Option<(Vec<ipnet::IpNet>, Vec<u8>, Vec<ipnet::IpNet>)> {
+    if msg[18] != 2 {
+        return None;
+    }
+    let body = &msg[19..];
+    let wlen = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    let withdrawn = ipv4_prefixes(&body[2..2 + wlen]);
+    let rest = &body[2 + wlen..];
+    let alen = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+    let attrs = rest[2..2 + alen].to_vec();
+    let nlri = ipv4_prefixes(&rest[2 + alen..]);
+    Some((withdrawn, attrs, nlri))
+}
+
+fn ipv4_prefixes(mut buf: &[u8]) -> Vec<ipnet::IpNet> {
+    let mut out = Vec::new();
+    while let Some((&len, rest)) = buf.split_first() {
+        let n = usize::from(len).div_ceil(8);
+        let mut octets = [0u8; 4];
+        octets[..n].copy_from_slice(&rest[..n]);
+        out.push(ipnet::IpNet::new(Ipv4Addr::from(octets).into(), len).unwrap());
+        buf = &rest[n..];
+    }
     out
 }
