@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use portico_announcer::driver::{PeerConfig, Speaker};
 use portico_announcer::netlink::AddressHolder;
-use portico_announcer::{Command, RouteAttrs};
+use portico_announcer::RouteAttrs;
 use portico_xdp::{Balancer, NodeConfig, ServiceKey, ServiceSpec};
 use serde::Serialize;
 
@@ -48,10 +48,12 @@ impl ApplierHealth {
     }
 }
 
-/// Keeps the BGP speaker's peers and each peer's routes equal to the plan.
+/// Keeps the BGP speaker's peers and each peer's routes equal to the plan, through the
+/// speaker's desired-state API: peers whose settings did not change keep their sessions, and
+/// each session sends only the routes that changed.
 pub struct SpeakerApplier {
     speaker: Speaker,
-    applied: BTreeMap<IpAddr, (String, BTreeMap<IpNet, RouteAttrs>)>,
+    applied: BTreeMap<IpAddr, (PeerConfig, BTreeMap<IpNet, RouteAttrs>)>,
     /// How it is doing.
     pub health: ApplierHealth,
 }
@@ -79,71 +81,52 @@ impl SpeakerApplier {
         self.speaker
     }
 
-    /// Adds, restarts (changed settings) and removes peers, then sends each peer only the
-    /// routes that changed. Peers whose settings did not change keep their sessions.
+    /// Sets the peers (added, restarted when their settings changed, removed), then each
+    /// peer's complete route table where it changed.
     pub async fn apply(&mut self, peers: &BTreeMap<IpAddr, PeerPlan>) {
         let mut errors = Vec::new();
-        let fingerprint = |c: &PeerConfig| format!("{c:?}");
-        let stale: Vec<IpAddr> = self
-            .applied
-            .iter()
-            .filter(|(a, (fp, _))| peers.get(a).is_none_or(|p| fingerprint(&p.config) != *fp))
-            .map(|(a, _)| *a)
-            .collect();
-        for addr in stale {
-            if let Err(e) = self.speaker.remove_peer(addr).await {
-                tracing::debug!(peer = %addr, "remove: {e}");
+        let configs_changed = self.applied.len() != peers.len()
+            || peers
+                .iter()
+                .any(|(a, p)| self.applied.get(a).is_none_or(|(c, _)| *c != p.config));
+        if configs_changed {
+            let configs = peers.values().map(|p| p.config.clone()).collect();
+            match self.speaker.set_peers(configs).await {
+                Ok(changed) => {
+                    if !changed.is_empty() {
+                        tracing::info!(
+                            added = ?changed.added,
+                            removed = ?changed.removed,
+                            restarted = ?changed.restarted,
+                            "BGP peers changed"
+                        );
+                    }
+                }
+                Err(e) => errors.push(format!("BGP peers: {e}")),
             }
-            self.applied.remove(&addr);
+            self.applied.retain(|a, _| peers.contains_key(a));
         }
         for (addr, plan) in peers {
-            if !self.applied.contains_key(addr) {
-                match self.speaker.add_peer(plan.config.clone()) {
-                    Ok(()) => {
-                        tracing::info!(peer = %addr, name = %plan.name, "BGP peer added");
-                        self.applied
-                            .insert(*addr, (fingerprint(&plan.config), BTreeMap::new()));
-                    }
-                    Err(e) => {
-                        errors.push(format!("BGPPeer {} ({addr}): {e}", plan.name));
-                        continue;
-                    }
-                }
-            }
-            let Some((_, sent)) = self.applied.get_mut(addr) else {
+            let same_config = self
+                .applied
+                .get(addr)
+                .is_some_and(|(c, _)| *c == plan.config);
+            let same_routes = self
+                .applied
+                .get(addr)
+                .is_some_and(|(_, r)| *r == plan.routes);
+            if same_config && same_routes {
                 continue;
-            };
-            let withdrawn: Vec<IpNet> = sent
-                .keys()
-                .filter(|p| !plan.routes.contains_key(*p))
-                .copied()
-                .collect();
-            // Announcements grouped by attributes, in prefix order (deterministic UPDATEs).
-            let mut groups: Vec<(RouteAttrs, Vec<IpNet>)> = Vec::new();
-            for (prefix, attrs) in &plan.routes {
-                if sent.get(prefix) == Some(attrs) {
-                    continue;
-                }
-                match groups.iter_mut().find(|(a, _)| a == attrs) {
-                    Some((_, v)) => v.push(*prefix),
-                    None => groups.push((attrs.clone(), vec![*prefix])),
-                }
             }
-            let send = |cmd| self.speaker.command(*addr, cmd);
-            let mut result = Ok(());
-            if !withdrawn.is_empty() {
-                result = send(Command::Withdraw {
-                    prefixes: withdrawn,
-                });
-            }
-            for (attrs, prefixes) in groups {
-                if result.is_ok() {
-                    result = send(Command::Announce { prefixes, attrs });
+            match self.speaker.set_peer_routes(*addr, plan.routes.clone()) {
+                Ok(()) => {
+                    self.applied
+                        .insert(*addr, (plan.config.clone(), plan.routes.clone()));
                 }
-            }
-            match result {
-                Ok(()) => sent.clone_from(&plan.routes),
-                Err(e) => errors.push(format!("BGPPeer {} ({addr}): {e}", plan.name)),
+                Err(e) => {
+                    self.applied.remove(addr);
+                    errors.push(format!("BGPPeer {} ({addr}): {e}", plan.name));
+                }
             }
         }
         self.health.record(errors);

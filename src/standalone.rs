@@ -168,6 +168,7 @@ pub async fn run(opts: Options) -> Result<()> {
     };
     let speaker = Speaker::bind(SpeakerConfig {
         listen: opts.bgp_listen,
+        node_seed: node_seed(&opts.node),
     })
     .await
     .context("starting the BGP speaker")?;
@@ -447,6 +448,14 @@ impl Runtime {
         }
         Ok(())
     }
+}
+
+/// A stable number from the node's name, so that nodes peering with one router jitter
+/// their connect retries differently.
+fn node_seed(node: &str) -> u64 {
+    node.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 fn serve_admin(path: PathBuf, tx: mpsc::Sender<AdminRequest>) -> Result<()> {

@@ -63,14 +63,42 @@ impl Lab {
             let port = format!("be{i}");
             net.veth(&be, "eth0", &sw, &port)?;
             sw.run(&["ip", "link", "set", &port, "master", "br0"])?;
-            be.run(&["ip", "addr", "add", &format!("{}/24", backend_ip(i)), "dev", "eth0"])?;
+            be.run(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", backend_ip(i)),
+                "dev",
+                "eth0",
+            ])?;
             be.run(&["ip", "route", "add", "default", "via", ROUTER_LAN])?;
             backends.push(be);
         }
-        client.run(&["ip", "addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"])?;
+        client.run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{CLIENT_IP}/24"),
+            "dev",
+            "eth0",
+        ])?;
         client.run(&["ip", "route", "add", "default", "via", ROUTER_CLIENT_SIDE])?;
-        rt.run(&["ip", "addr", "add", &format!("{ROUTER_CLIENT_SIDE}/24"), "dev", "eth0"])?;
-        rt.run(&["ip", "addr", "add", &format!("{ROUTER_LAN}/24"), "dev", "lan"])?;
+        rt.run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{ROUTER_CLIENT_SIDE}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        rt.run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{ROUTER_LAN}/24"),
+            "dev",
+            "lan",
+        ])?;
         rt.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         node.run(&["ip", "addr", "add", &format!("{NODE_IP}/24"), "dev", "eth0"])?;
         node.run(&["ip", "route", "add", "default", "via", ROUTER_LAN])?;
@@ -292,7 +320,9 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
 
     // Address → state file and status; route at the router; TCP and UDP reach be1.
     let state = lab.state_file();
-    let vip = wait_for("web's address in the state file", || saved_address(&state, "web"))?;
+    let vip = wait_for("web's address in the state file", || {
+        saved_address(&state, "web")
+    })?;
     assert!("203.0.113.0/28".parse::<IpNet>()?.contains(&vip));
     let report = wait_for("status over the admin socket", || lab.status().map(Some))?;
     let web = report
@@ -301,8 +331,10 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
         .find(|s| s.name == "web")
         .context("web in status")?;
     assert_eq!(web.addresses, [vip]);
-    lab.router
-        .wait_routes(|r| r.iter().any(|r| r.prefix == host_route(vip)), Duration::from_secs(60))?;
+    lab.router.wait_routes(
+        |r| r.iter().any(|r| r.prefix == host_route(vip)),
+        Duration::from_secs(60),
+    )?;
     wait_for("a TCP answer through the VIP", || Ok(lab.tcp(vip).ok()))?;
     assert_eq!(lab.tcp(vip)?, "be1");
     assert_eq!(lab.udp(vip)?, "be1");
@@ -311,15 +343,24 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
     lab.write("20-web.yaml", &service("web", &[1, 2]))?;
     let vip_addr = SocketAddr::new(vip, 80);
     wait_for("both backends answering", || {
-        let seen =
-            traffic::spread(&lab.client, vip_addr, 40, 2, Duration::from_secs(30), traffic::tcp_once)?;
+        let seen = traffic::spread(
+            &lab.client,
+            vip_addr,
+            40,
+            2,
+            Duration::from_secs(30),
+            traffic::tcp_once,
+        )?;
         Ok((seen.len() == 2).then_some(()))
     })?;
 
     // Shrinking the pool around the address keeps it.
     lab.write(
         "00-pool.yaml",
-        &POOL.replace("[{cidr: 203.0.113.0/28}]", &format!("[{{start: \"{vip}\", stop: 203.0.113.3}}]")),
+        &POOL.replace(
+            "[{cidr: 203.0.113.0/28}]",
+            &format!("[{{start: \"{vip}\", stop: 203.0.113.3}}]"),
+        ),
     )?;
     wait_for("the shrunk pool in status", || {
         let r = lab.status()?;
@@ -335,28 +376,45 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
     )?;
     let problem = wait_for("the broken file reported", || {
         let r = lab.status()?;
-        Ok(r.problems.into_iter().find(|p| p.contains("30-broken.yaml")))
+        Ok(r.problems
+            .into_iter()
+            .find(|p| p.contains("30-broken.yaml")))
     })?;
-    assert!(problem.contains("spec.ports[0].port = \"eighty\""), "{problem}");
+    assert!(
+        problem.contains("spec.ports[0].port = \"eighty\""),
+        "{problem}"
+    );
     assert!(lab.tcp(vip).is_ok());
 
     // Restart: the same address, announced again, traffic flows again.
     lab.stop_portico()?;
     lab.start_portico()?;
     let report = wait_for("status after the restart", || lab.status().map(Some))?;
-    let web = report.services.iter().find(|s| s.name == "web").context("web")?;
+    let web = report
+        .services
+        .iter()
+        .find(|s| s.name == "web")
+        .context("web")?;
     assert_eq!(web.addresses, [vip]);
-    wait_for("TCP through the VIP after the restart", || Ok(lab.tcp(vip).ok()))?;
+    wait_for("TCP through the VIP after the restart", || {
+        Ok(lab.tcp(vip).ok())
+    })?;
 
     // Delete the Service: route withdrawn, XDP service gone.
     std::fs::remove_file(lab.manifests().join("20-web.yaml"))?;
-    lab.router
-        .wait_routes(|r| !r.iter().any(|r| r.prefix == host_route(vip)), Duration::from_secs(60))?;
+    lab.router.wait_routes(
+        |r| !r.iter().any(|r| r.prefix == host_route(vip)),
+        Duration::from_secs(60),
+    )?;
     let report = wait_for("web gone from status", || {
         let r = lab.status()?;
         Ok(r.services.iter().all(|s| s.name != "web").then_some(r))
     })?;
-    assert!(report.appliers.iter().all(|a| a.ok), "{:?}", report.appliers);
+    assert!(
+        report.appliers.iter().all(|a| a.ok),
+        "{:?}",
+        report.appliers
+    );
     assert_eq!(saved_address(&state, "web")?, None);
     lab.stop_portico()?;
     Ok(())

@@ -260,7 +260,7 @@ fn main() -> Result<()> {
     )?;
 
     let rt = runtime_in(&portico_ns)?;
-    let speaker = rt.block_on(rt.spawn(Speaker::bind(SpeakerConfig { listen: None })))??;
+    let speaker = rt.block_on(rt.spawn(Speaker::bind(SpeakerConfig::default())))??;
     let prefixes = host_routes(n);
     let last = *prefixes.last().expect("at least one prefix");
     let mut probe = Probe::new(&peer, last)?;

@@ -160,7 +160,10 @@ impl Portico {
             .ino();
         assert_eq!(worker_ns, wanted, "tokio workers are not in {}", ns.name());
         let speaker = rt
-            .block_on(rt.spawn(Speaker::bind(SpeakerConfig { listen })))
+            .block_on(rt.spawn(Speaker::bind(SpeakerConfig {
+                listen,
+                ..SpeakerConfig::default()
+            })))
             .unwrap()
             .unwrap();
         Self {

@@ -205,6 +205,9 @@ pub struct PeerConfig {
     pub connect_retry_secs: u16,
     /// Proposed hold time in seconds (at least 3); keepalive is a third of it. 9 by default.
     pub hold_time: u16,
+    /// BIRD only: install BGP routes into the namespace's kernel tables (ECMP merged), as
+    /// a router in front of Portico nodes does.
+    pub kernel_export: bool,
 }
 
 impl PeerConfig {
