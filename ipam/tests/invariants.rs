@@ -12,7 +12,7 @@ use proptest::prelude::*;
 
 use portico_ipam::{
     Allocation, Allocator, Consumer, ConsumerId, CrossNamespace, Family, FamilyPolicy,
-    LabelSelector, Notice, Pool, PoolState, Protocol, TrafficPolicy,
+    LabelSelector, Notice, Pool, PoolState, Protocol, TrafficPolicy, DEFAULT_GRACE_PERIOD,
 };
 
 const POOLS: [&str; 3] = ["p0", "p1", "p2"];
@@ -477,6 +477,159 @@ proptest! {
                 }
             }
             check_invariants(&world)?;
+        }
+    }
+}
+
+/// A multi-object edit people make to pools, whose steps reach the allocator in any order.
+#[derive(Debug, Clone, Copy)]
+enum Edit {
+    /// Pool `old` becomes pool `new` with the same blocks: apply `new`, remove `old`.
+    Rename,
+    /// Pool `old` (a /27) becomes `old` (the lower /28) plus `new` (the upper /28).
+    Split,
+    /// Pool `old` shrinks to its lower /28, then grows back to the /27.
+    ShrinkThenGrow,
+}
+
+/// One step of an edit as the allocator sees it.
+#[derive(Debug, Clone)]
+enum Step {
+    Apply(Pool),
+    Remove(&'static str),
+}
+
+fn edit_pool(name: &str, blocks: &[&str], created_at: i64) -> Pool {
+    Pool::from_blocks(name, blocks).unwrap().created(created_at)
+}
+
+/// The steps of `edit`, in the order they are written; `narrower` makes the final pools
+/// cover only part of the original one, so that some addresses really leave.
+fn edit_steps(edit: Edit, narrower: bool) -> Vec<Step> {
+    let upper = if narrower {
+        "10.0.0.16/29"
+    } else {
+        "10.0.0.16/28"
+    };
+    match edit {
+        Edit::Rename => vec![
+            Step::Apply(edit_pool(
+                "new",
+                &[if narrower {
+                    "10.0.0.0/28"
+                } else {
+                    "10.0.0.0/27"
+                }],
+                2,
+            )),
+            Step::Remove("old"),
+        ],
+        Edit::Split => vec![
+            Step::Apply(edit_pool("old", &["10.0.0.0/28"], 1)),
+            Step::Apply(edit_pool("new", &[upper], 2)),
+        ],
+        Edit::ShrinkThenGrow => vec![
+            Step::Apply(edit_pool("old", &["10.0.0.0/28"], 1)),
+            Step::Apply(edit_pool(
+                "old",
+                &[if narrower {
+                    "10.0.0.0/28"
+                } else {
+                    "10.0.0.0/27"
+                }],
+                1,
+            )),
+        ],
+    }
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    prop_oneof![
+        Just(Edit::Rename),
+        Just(Edit::Split),
+        Just(Edit::ShrinkThenGrow)
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases() / 4, ..ProptestConfig::default() })]
+
+    /// Renames, splits and shrink-then-grow edits, their steps applied in a random order
+    /// (a folder being edited, `kubectl apply -f dir/`), with random reconciles and clock
+    /// ticks shorter than the grace period between them: no consumer ever loses an address
+    /// during the edit, and afterwards exactly the addresses the final pools no longer
+    /// cover are released, once the grace period ends.
+    #[test]
+    fn pool_edits_in_any_order_never_take_a_still_valid_address(
+        edit in edit(),
+        narrower in any::<bool>(),
+        consumers in prop::collection::vec((any::<bool>(), prop::option::of(0u8..32)), 1..24),
+        reversed in any::<bool>(),
+        pauses in prop::collection::vec((0u64..25, any::<bool>()), 2),
+    ) {
+        let grace = DEFAULT_GRACE_PERIOD;
+        let mut a = Allocator::new();
+        let mut now = 1_000u64;
+        a.apply_pool(edit_pool("old", &["10.0.0.0/27"], 1), now);
+        let mut services = Vec::new();
+        for (i, (share, requested)) in consumers.iter().enumerate() {
+            let mut c = Consumer::service("n", &format!("s{i}"))
+                .with_port(80 + i as u16, Protocol::Tcp);
+            if *share {
+                c = c.sharing("k");
+            }
+            if let Some(last) = requested {
+                c = c.requesting(&[IpAddr::from([10, 0, 0, *last])]);
+            }
+            if a.allocate(&c).is_ok() {
+                services.push(c);
+            }
+        }
+        let start: BTreeMap<ConsumerId, Allocation> = a.allocations().collect();
+        let mut steps = edit_steps(edit, narrower);
+        // Rename and split have two independent steps; shrink-then-grow keeps its order.
+        if !matches!(edit, Edit::ShrinkThenGrow) && reversed {
+            steps.reverse();
+        }
+        let mut final_pools: BTreeMap<String, Pool> =
+            [("old".to_owned(), edit_pool("old", &["10.0.0.0/27"], 1))].into();
+        for (step, (pause, reconcile)) in steps.into_iter().zip(pauses) {
+            now += pause;
+            prop_assert!(a.handle_timeout(now).is_empty(), "released within the grace period");
+            match step {
+                Step::Apply(pool) => {
+                    final_pools.insert(pool.name.clone(), pool.clone());
+                    prop_assert!(a.apply_pool(pool, now).is_empty());
+                }
+                Step::Remove(name) => {
+                    final_pools.remove(name);
+                    prop_assert!(a.remove_pool(name, now).is_empty());
+                }
+            }
+            if reconcile {
+                for c in &services {
+                    let _ = a.allocate(c);
+                }
+            }
+            let during: BTreeMap<ConsumerId, Allocation> = a.allocations().collect();
+            prop_assert_eq!(&during, &start, "someone lost an address during the edit");
+        }
+        for c in &services {
+            let _ = a.allocate(c);
+        }
+        prop_assert_eq!(&a.allocations().collect::<BTreeMap<_, _>>(), &start);
+        // After the grace period, exactly the addresses outside the final pools go.
+        now += grace;
+        a.handle_timeout(now);
+        prop_assert_eq!(a.next_deadline(), None);
+        for c in &services {
+            let _ = a.allocate(c);
+        }
+        for (id, alloc) in &start {
+            let ip = alloc.ips()[0];
+            let covered = final_pools.values().any(|p| p.contains(ip));
+            let held = a.allocation(id).is_some_and(|now| now.ips().contains(&ip));
+            prop_assert_eq!(held, covered, "{} and {} after the edit", id, ip);
         }
     }
 }
