@@ -67,8 +67,9 @@ fn rename_applying_the_new_pool_first_keeps_every_address() {
     assert!(a.notices(&svc("x").id).is_empty());
 }
 
-// Cilium releases the addresses of a pool's removed block at once and hands them out
-// again; Portico keeps them for the grace period so a split applied block-first works.
+// MetalLB's configuration check keeps an address whose block is about to move to another
+// pool (it refuses the intermediate configuration); Portico keeps it for the grace period,
+// so a split whose shrunk pool arrives first works too.
 #[test]
 fn split_shrinking_the_old_pool_first_keeps_every_address() {
     let mut a = Allocator::new();
@@ -146,7 +147,7 @@ fn an_address_in_its_grace_period_survives_a_restart() {
 }
 
 // MetalLB keeps a Service's address when its new loadBalancerIP cannot be assigned;
-// Cilium drops it. Portico keeps it and says why.
+// Portico keeps it too, and says why.
 #[test]
 fn changing_the_requested_address_to_a_taken_one_keeps_the_current_address() {
     let mut a = Allocator::new();
