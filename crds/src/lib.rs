@@ -16,7 +16,10 @@ pub use bgp_peer::{
     validate_peer, BgpPeer, BgpPeerNodeStatus, BgpPeerSpec, BgpPeerStatus, GracefulRestart,
     PeerInputs, PrefixCounts, SecretKeyRef, ValidPeer, BGP_PORT,
 };
-pub use service::{ingress, service_consumer, ClassPolicy, LOAD_BALANCER_CLASS};
+pub use service::{
+    ingress, service_conditions, service_consumer, ClassPolicy, ALLOCATED_CONDITION,
+    LOAD_BALANCER_CLASS,
+};
 pub use validation::{FieldError, InvalidObject};
 
 use std::collections::BTreeMap;
@@ -87,9 +90,10 @@ pub struct AddressPoolSpec {
     /// Only consumers in these namespaces may use the pool (empty: all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<String>,
-    /// Pools with a lower number are tried first; ties go by name.
-    #[serde(default)]
-    pub priority: i32,
+    /// Pools with a lower number are tried first; pools without a priority are tried
+    /// after every pool with one (as in MetalLB); ties go by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
     /// Whether consumers that ask for no pool and no address get addresses from here.
     #[serde(default = "yes")]
     pub auto_assign: bool,
@@ -187,7 +191,7 @@ impl AddressPoolSpec {
             service_selector: self.service_selector.as_ref().map(raw_selector),
             namespace_selector: self.namespace_selector.as_ref().map(raw_selector),
             namespaces: self.namespaces.clone(),
-            priority: Some(self.priority),
+            priority: self.priority,
             auto_assign: Some(self.auto_assign),
             disabled: Some(self.disabled),
         }

@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{LoadBalancerIngress, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use portico_ipam::{
-    parse_requests, Allocation, Consumer, ConsumerKind, Family, FamilyPolicy, Labels, Protocol,
-    TrafficPolicy,
+    parse_requests, Allocation, Consumer, ConsumerKind, Family, FamilyPolicy, Labels, Notice,
+    Protocol, TrafficPolicy, Unsatisfied,
 };
 
 use crate::validation::{FieldError, InvalidObject};
@@ -74,6 +75,7 @@ pub fn service_consumer(
     let mut consumer = Consumer::new(ConsumerKind::Service, &namespace, &name);
     consumer.labels = svc.metadata.labels.clone().unwrap_or_default();
     consumer.namespace_labels = namespace_labels.clone();
+    consumer.endpoint_selector = spec.selector.clone().unwrap_or_default();
 
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let port = match u16::try_from(p.port) {
@@ -184,6 +186,70 @@ pub fn ingress(allocation: &Allocation) -> Vec<LoadBalancerIngress> {
             ..LoadBalancerIngress::default()
         })
         .collect()
+}
+
+/// The condition type saying whether a Service has its addresses.
+pub const ALLOCATED_CONDITION: &str = "portico.io/AddressAllocated";
+
+/// The condition type of each kind of [`Notice`].
+fn notice_condition_type(notice: &Notice) -> &'static str {
+    match notice {
+        Notice::GracePeriod { .. } => "portico.io/AddressInGracePeriod",
+        Notice::RequestPending { .. } => "portico.io/RequestPending",
+        Notice::NotShared { .. } => "portico.io/NotShared",
+    }
+}
+
+/// The `status.conditions` Portico owns on a Service, from what the allocator answered
+/// (`allocated`) and its [`Notice`]s: [`ALLOCATED_CONDITION`] (`True`, or `False` with the
+/// [`Unsatisfied`] reason), then one `True` condition per kind of notice, messages of one
+/// kind joined. Transition times of conditions whose status did not change are kept from
+/// `previous`; conditions of other owners are not included.
+#[must_use]
+pub fn service_conditions(
+    allocated: Result<&Allocation, &Unsatisfied>,
+    notices: &[Notice],
+    previous: &[Condition],
+    now: &Time,
+) -> Vec<Condition> {
+    let condition = |type_: &str, ok: bool, reason: &str, message: String| {
+        let last_transition_time = previous
+            .iter()
+            .find(|c| c.type_ == type_ && (c.status == "True") == ok)
+            .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+        Condition {
+            type_: type_.to_owned(),
+            status: if ok { "True" } else { "False" }.to_owned(),
+            reason: reason.to_owned(),
+            message,
+            last_transition_time,
+            observed_generation: None,
+        }
+    };
+    let mut out = vec![match allocated {
+        Ok(a) => condition(
+            ALLOCATED_CONDITION,
+            true,
+            "Allocated",
+            a.ips()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        Err(why) => condition(ALLOCATED_CONDITION, false, why.reason(), why.to_string()),
+    }];
+    for notice in notices {
+        let type_ = notice_condition_type(notice);
+        match out.iter_mut().find(|c| c.type_ == type_) {
+            Some(c) => {
+                c.message.push_str("; ");
+                c.message.push_str(&notice.to_string());
+            }
+            None => out.push(condition(type_, true, notice.reason(), notice.to_string())),
+        }
+    }
+    out
 }
 
 #[cfg(test)]

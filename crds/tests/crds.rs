@@ -23,7 +23,7 @@ fn spec(blocks: Vec<Block>) -> AddressPoolSpec {
         service_selector: None,
         namespace_selector: None,
         namespaces: vec![],
-        priority: 0,
+        priority: None,
         auto_assign: true,
         disabled: false,
     }
@@ -113,7 +113,7 @@ fn kubernetes_label_selectors_are_converted_and_checked() {
     });
     let pool = AddressPool::new("p", s.clone()).to_pool().unwrap();
     let mut a = Allocator::new();
-    a.apply_pool(pool);
+    a.apply_pool(pool, 0);
     assert!(a.allocate(&Consumer::service("d", "x")).is_err());
     assert!(a
         .allocate(&Consumer::service("d", "y").with_label("tier", "web"))
@@ -137,10 +137,10 @@ fn kubernetes_label_selectors_are_converted_and_checked() {
 #[test]
 fn status_reports_per_family_counts_as_strings_and_ready() {
     let mut s = spec(vec![cidr("10.0.0.0/30"), cidr("fd00::/64")]);
-    s.priority = 1;
+    s.priority = Some(1);
     let pool = AddressPool::new("p", s).to_pool().unwrap();
     let mut a = Allocator::new();
-    a.apply_pool(pool.clone());
+    a.apply_pool(pool.clone(), 0);
     a.allocate(&Consumer::service("d", "x")).unwrap();
     let status = status_of(
         &a.pool_status("p").unwrap(),
@@ -169,11 +169,13 @@ fn conflicting_pool_status_names_the_older_pool() {
         portico_ipam::Pool::from_blocks("old", &["10.0.0.0/24"])
             .unwrap()
             .created(1),
+        0,
     );
     a.apply_pool(
         portico_ipam::Pool::from_blocks("new", &["10.0.0.0/25"])
             .unwrap()
             .created(2),
+        0,
     );
     let status = status_of(&a.pool_status("new").unwrap(), true, false, None, &now());
     assert_eq!(status.conditions[0].status, "False");
@@ -186,12 +188,18 @@ fn conflicting_pool_status_names_the_older_pool() {
 fn unchanged_conditions_keep_their_transition_time() {
     let a_status = |t: &Time| {
         let mut a = Allocator::new();
-        a.apply_pool(portico_ipam::Pool::from_blocks("p", &["10.0.0.0/24"]).unwrap());
+        a.apply_pool(
+            portico_ipam::Pool::from_blocks("p", &["10.0.0.0/24"]).unwrap(),
+            0,
+        );
         status_of(&a.pool_status("p").unwrap(), true, false, None, t)
     };
     let earlier = a_status(&Time(Timestamp::from_second(1).unwrap()));
     let mut a = Allocator::new();
-    a.apply_pool(portico_ipam::Pool::from_blocks("p", &["10.0.0.0/24"]).unwrap());
+    a.apply_pool(
+        portico_ipam::Pool::from_blocks("p", &["10.0.0.0/24"]).unwrap(),
+        0,
+    );
     let later = status_of(
         &a.pool_status("p").unwrap(),
         true,
@@ -202,5 +210,34 @@ fn unchanged_conditions_keep_their_transition_time() {
     assert_eq!(
         later.conditions[0].last_transition_time,
         earlier.conditions[0].last_transition_time
+    );
+}
+
+// MetalLB tries pools without a priority last; an absent `priority` must stay
+// distinguishable from an explicit 0 for that (docs/migration.md).
+#[test]
+fn absent_priority_stays_unset_and_is_tried_after_set_priorities() {
+    let absent: AddressPoolSpec =
+        serde_json::from_str(r#"{"blocks":[{"cidr":"10.0.1.0/24"}]}"#).unwrap();
+    assert_eq!(absent.priority, None);
+    assert!(!serde_json::to_string(&absent).unwrap().contains("priority"));
+    let five: AddressPoolSpec =
+        serde_json::from_str(r#"{"blocks":[{"cidr":"10.0.5.0/24"}],"priority":5}"#).unwrap();
+    assert_eq!(five.priority, Some(5));
+    let mut a = Allocator::new();
+    a.apply_pool(AddressPool::new("a", absent).to_pool().unwrap(), 0);
+    a.apply_pool(AddressPool::new("b", five).to_pool().unwrap(), 0);
+    assert_eq!(a.pool_names().collect::<Vec<_>>(), vec!["b", "a"]);
+}
+
+#[test]
+fn crd_schema_leaves_priority_without_a_default() {
+    let (_, yaml) = &crd_files().unwrap()[0];
+    let at = yaml.find("priority:").unwrap();
+    let end = yaml[at..].find("serviceSelector:").unwrap();
+    assert!(
+        !yaml[at..at + end].contains("default:"),
+        "{}",
+        &yaml[at..at + end]
     );
 }

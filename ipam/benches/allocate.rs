@@ -9,7 +9,7 @@ fn filled(v6: bool) -> Allocator {
     let mut a = Allocator::new();
     let pool = Pool::from_blocks("p", &["198.18.0.0/15", "fd00:18::/64"])
         .unwrap_or_else(|e| panic!("bench pool: {e}"));
-    a.apply_pool(pool);
+    a.apply_pool(pool, 0);
     for i in 0..10_000 {
         let _ = a.allocate(&consumer(i, v6));
     }

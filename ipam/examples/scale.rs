@@ -108,7 +108,7 @@ fn main() -> ExitCode {
     let start = Instant::now();
     let mut allocator = Allocator::new();
     for p in pools() {
-        allocator.apply_pool(p);
+        allocator.apply_pool(p, 0);
     }
     let mut failed = 0usize;
     for c in &consumers {
@@ -134,10 +134,10 @@ fn main() -> ExitCode {
     let start = Instant::now();
     let mut rebuilt = Allocator::new();
     for p in pools() {
-        rebuilt.apply_pool(p);
+        rebuilt.apply_pool(p, 0);
     }
     for (c, ips) in consumers.iter().zip(&status) {
-        rebuilt.restore(c, ips);
+        rebuilt.restore(c, ips, 0);
     }
     let mut moved = 0usize;
     for (c, ips) in consumers.iter().zip(&status) {

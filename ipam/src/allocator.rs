@@ -17,6 +17,12 @@ use crate::consumer::{
 };
 use crate::family::{from_number, to_number, Family};
 use crate::pool::{is_buggy, Pool};
+use crate::requests::SHARING_CROSS_NAMESPACE;
+use crate::selector::Labels;
+
+/// How long, by default, an address whose pool disappeared stays with its consumer
+/// ([`Allocator::with_grace_period`]), in seconds.
+pub const DEFAULT_GRACE_PERIOD: u64 = 60;
 
 /// The addresses a consumer holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -118,6 +124,57 @@ pub enum Unsatisfied {
         /// The other consumer.
         with: ConsumerId,
     },
+    /// Same sharing key, both `externalTrafficPolicy: Local`, but they select different
+    /// endpoints: the nodes that may announce the address differ, so no announcement
+    /// would be right for both (MetalLB refuses this too, through its "backend key").
+    #[error(
+        "{ip} is shared with {with}; both are externalTrafficPolicy Local but select \
+         different endpoints, so the address could not be announced from the right nodes"
+    )]
+    LocalEndpointsDiffer {
+        /// The address.
+        ip: IpAddr,
+        /// The other consumer.
+        with: ConsumerId,
+    },
+    /// Same sharing key, but the holder is in another namespace and the two have not both
+    /// opted in to sharing across namespaces.
+    #[error(
+        "{ip} has the same sharing key in namespace {}, held by {with}; to share it, {}",
+        with.namespace,
+        cross_namespace_hint(with, namespace, *accepted_here, *accepted_there)
+    )]
+    CrossNamespaceNotAllowed {
+        /// The address.
+        ip: IpAddr,
+        /// The other consumer.
+        with: ConsumerId,
+        /// The namespace of the consumer that asked.
+        namespace: String,
+        /// Whether the consumer that asked accepts `with`'s namespace.
+        accepted_here: bool,
+        /// Whether `with` accepts the namespace of the consumer that asked.
+        accepted_there: bool,
+    },
+}
+
+/// What to add so that two consumers of different namespaces may share.
+fn cross_namespace_hint(
+    with: &ConsumerId,
+    namespace: &str,
+    accepted_here: bool,
+    accepted_there: bool,
+) -> String {
+    let here = format!(
+        "add {:?} to the {SHARING_CROSS_NAMESPACE} annotation of this {:?}",
+        with.namespace, with.kind
+    );
+    let there = format!("add {namespace:?} to the {SHARING_CROSS_NAMESPACE} annotation of {with}");
+    match (accepted_here, accepted_there) {
+        (false, false) => format!("{here}, and {there}"),
+        (false, true) => here,
+        _ => there,
+    }
 }
 
 impl Unsatisfied {
@@ -133,6 +190,78 @@ impl Unsatisfied {
             Unsatisfied::RequestedIpTaken { .. } => "RequestedIPTaken",
             Unsatisfied::PortConflict { .. } => "PortConflict",
             Unsatisfied::TrafficPolicyMismatch { .. } => "TrafficPolicyMismatch",
+            Unsatisfied::LocalEndpointsDiffer { .. } => "LocalEndpointsDiffer",
+            Unsatisfied::CrossNamespaceNotAllowed { .. } => "CrossNamespaceSharingNotAllowed",
+        }
+    }
+}
+
+/// Something to tell the owner of a consumer that holds addresses: plain data, so that
+/// every runtime (the manifest folder, the Kubernetes controller) can show it as a
+/// condition and an event. Read them with [`Allocator::notices`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// `ip` is in no usable pool any more (its pool was removed or shrunk, or is now in
+    /// conflict). The consumer keeps it until `release_at`, and for good if a pool that
+    /// contains it appears before then (a rename or split applied in either order).
+    GracePeriod {
+        /// The address.
+        ip: IpAddr,
+        /// When it is released, in the caller's seconds (see [`Allocator::handle_timeout`]).
+        release_at: u64,
+    },
+    /// The consumer asks for addresses it does not hold, and they cannot be given yet; it
+    /// keeps the addresses it holds meanwhile (as MetalLB does) and moves once they can.
+    RequestPending {
+        /// The addresses asked for.
+        requested: Vec<IpAddr>,
+        /// Why they cannot be given.
+        why: Unsatisfied,
+    },
+    /// The consumer has a sharing key, but an address held under that key did not accept
+    /// it, so it holds an address of its own.
+    NotShared {
+        /// The sharing key.
+        key: String,
+        /// Why it could not join (names the other consumer, and for another namespace
+        /// the opt-in to add).
+        why: Unsatisfied,
+    },
+}
+
+impl Notice {
+    /// A CamelCase reason for a condition or an event.
+    #[must_use]
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Notice::GracePeriod { .. } => "AddressInGracePeriod",
+            Notice::RequestPending { .. } => "RequestPending",
+            Notice::NotShared { .. } => "NotShared",
+        }
+    }
+}
+
+impl std::fmt::Display for Notice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Notice::GracePeriod { ip, release_at } => write!(
+                f,
+                "{ip} is in no usable address pool; it is kept until {release_at} and for \
+                 good if a pool containing it appears by then"
+            ),
+            Notice::RequestPending { requested, why } => {
+                f.write_str("keeps its current address: requested ")?;
+                for (i, ip) in requested.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    write!(f, "{ip}")?;
+                }
+                write!(f, " cannot be given yet: {why}")
+            }
+            Notice::NotShared { key, why } => {
+                write!(f, "sharing key {key:?}: has an address of its own: {why}")
+            }
         }
     }
 }
@@ -212,6 +341,7 @@ struct ShareState {
     cross: CrossNamespace,
     ports: Box<[PortProtocol]>,
     policy: TrafficPolicy,
+    endpoints: Labels,
     next: [u32; 2],
 }
 
@@ -223,6 +353,7 @@ impl ShareState {
                 cross: s.cross_namespace.clone(),
                 ports: consumer.ports.iter().copied().collect(),
                 policy: consumer.traffic_policy,
+                endpoints: consumer.endpoint_selector.clone(),
                 next: [NONE; 2],
             })
         })
@@ -233,6 +364,7 @@ impl ShareState {
             && self.cross == other.cross
             && self.ports == other.ports
             && self.policy == other.policy
+            && self.endpoints == other.endpoints
     }
 }
 
@@ -285,7 +417,11 @@ struct PoolEntry {
 /// answers. Feed it pools with [`Allocator::apply_pool`], consumers with
 /// [`Allocator::allocate`] (idempotent: call it on every reconcile), and after a restart
 /// the addresses already in consumers' status with [`Allocator::restore`].
-#[derive(Debug, Default)]
+///
+/// It reads no clock: calls that may start a grace period take `now`, in seconds of the
+/// caller's choosing (Unix time, say); [`Allocator::next_deadline`] says when
+/// [`Allocator::handle_timeout`] must be called next.
+#[derive(Debug)]
 pub struct Allocator {
     /// Sorted by (priority, name): the order pools are tried in.
     pools: Vec<PoolEntry>,
@@ -301,6 +437,31 @@ pub struct Allocator {
     /// Addresses held under each sharing key.
     shared: HashMap<Box<str>, BTreeSet<IpAddr>>,
     hasher: DefaultHashBuilder,
+    /// Seconds an address in no usable pool stays with its holders.
+    grace_period: u64,
+    /// Held addresses in no usable pool, with the time they are released.
+    orphans: BTreeMap<IpAddr, u64>,
+    /// What the last [`Allocator::allocate`] of each consumer had to say, where anything.
+    notices: BTreeMap<ConsumerId, Vec<Notice>>,
+}
+
+impl Default for Allocator {
+    fn default() -> Self {
+        Allocator {
+            pools: Vec::new(),
+            ranges: Default::default(),
+            occupied: Default::default(),
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            by_id: HashTable::new(),
+            by_addr: HashTable::new(),
+            shared: HashMap::new(),
+            hasher: DefaultHashBuilder::default(),
+            grace_period: DEFAULT_GRACE_PERIOD,
+            orphans: BTreeMap::new(),
+            notices: BTreeMap::new(),
+        }
+    }
 }
 
 fn id_hash(hasher: &DefaultHashBuilder, kind: ConsumerKind, namespace: &str, name: &str) -> u64 {
@@ -316,37 +477,116 @@ fn addr_ref_parts(r: u32) -> (u32, Family) {
 }
 
 impl Allocator {
-    /// An allocator with no pools and no consumers.
+    /// An allocator with no pools and no consumers, and a grace period of
+    /// [`DEFAULT_GRACE_PERIOD`].
     #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Sets how many seconds an address whose pool disappeared stays with its consumers
+    /// (0: it is released at once). Applies to grace periods that start afterwards.
+    #[must_use]
+    pub fn with_grace_period(mut self, seconds: u64) -> Self {
+        self.grace_period = seconds;
+        self
+    }
+
+    /// The grace period in seconds.
+    #[must_use]
+    pub fn grace_period(&self) -> u64 {
+        self.grace_period
+    }
+
     // ---- pools -------------------------------------------------------------------------
 
-    /// Adds a pool or replaces the pool of the same name. Addresses that are no longer in
-    /// any usable pool are released and returned; every other consumer keeps its address.
+    /// Adds a pool or replaces the pool of the same name, at time `now` (seconds).
+    ///
+    /// No consumer loses an address here: an address no usable pool covers any more
+    /// stays with its holders for the grace period ([`Notice::GracePeriod`]), and keeps
+    /// them for good if a pool containing it is applied before the period ends, so a
+    /// rename or split works in either order. Returns what was released at once, which is
+    /// only ever something when the grace period is 0.
+    ///
     /// Consumers whose labels a changed selector no longer matches lose their address on
     /// their next [`Allocator::allocate`], so reconcile every consumer after a pool change.
-    pub fn apply_pool(&mut self, pool: Pool) -> Vec<Released> {
+    pub fn apply_pool(&mut self, pool: Pool, now: u64) -> Vec<Released> {
         self.pools.retain(|p| p.pool.name != pool.name);
         self.pools.push(PoolEntry {
             pool,
             conflict: None,
             used: [0; 2],
         });
-        self.reindex_pools()
+        self.reindex_pools(now)
     }
 
-    /// Removes a pool; its consumers lose their addresses (returned) unless another usable
-    /// pool, such as one that was in conflict with it, covers them.
-    pub fn remove_pool(&mut self, name: &str) -> Vec<Released> {
+    /// Removes a pool at time `now` (seconds). Its addresses stay with their holders while
+    /// another usable pool (such as one that was in conflict with it) covers them, and
+    /// otherwise for the grace period, as in [`Allocator::apply_pool`].
+    pub fn remove_pool(&mut self, name: &str, now: u64) -> Vec<Released> {
         let before = self.pools.len();
         self.pools.retain(|p| p.pool.name != name);
         if self.pools.len() == before {
             return Vec::new();
         }
-        self.reindex_pools()
+        self.reindex_pools(now)
+    }
+
+    /// Releases the addresses whose grace period has ended by `now`, and returns them;
+    /// their consumers should be reconciled (they get a new address if a pool admits them).
+    pub fn handle_timeout(&mut self, now: u64) -> Vec<Released> {
+        let expired: Vec<IpAddr> = self
+            .orphans
+            .iter()
+            .filter(|(_, &at)| at <= now)
+            .map(|(&ip, _)| ip)
+            .collect();
+        let mut released = Vec::new();
+        for ip in expired {
+            self.orphans.remove(&ip);
+            self.release_address(ip, &mut released);
+        }
+        released.sort();
+        released
+    }
+
+    /// When [`Allocator::handle_timeout`] must next be called (the earliest end of a grace
+    /// period), if ever.
+    #[must_use]
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.orphans.values().min().copied()
+    }
+
+    /// Held addresses that are in no usable pool, with the end of their grace period.
+    pub fn in_grace_period(&self) -> impl Iterator<Item = (IpAddr, u64)> + '_ {
+        self.orphans.iter().map(|(&ip, &at)| (ip, at))
+    }
+
+    /// Takes `ip` from every holder, recording each in `released`.
+    fn release_address(&mut self, ip: IpAddr, released: &mut Vec<Released>) {
+        let family = Family::of(ip);
+        for slot in self.holder_slots(ip) {
+            released.push(Released {
+                consumer: self.slot(slot).id.to_id(),
+                ip,
+            });
+            self.unhold(slot, family);
+            if self.slot(slot).allocation().is_empty() {
+                self.drop_slot(slot);
+            }
+        }
+    }
+
+    /// The slots holding `ip`, first holder first.
+    fn holder_slots(&self, ip: IpAddr) -> Vec<u32> {
+        let family = Family::of(ip);
+        let mut out = Vec::new();
+        let mut next = self.head(ip).map_or(NONE, |r| addr_ref_parts(r).0);
+        while next != NONE {
+            out.push(next);
+            next = self.slot(next).next(family);
+        }
+        out
     }
 
     /// The status of a pool, or `None` if there is no such pool.
@@ -381,9 +621,9 @@ impl Allocator {
         self.pools.iter().map(|p| p.pool.name.as_str())
     }
 
-    fn reindex_pools(&mut self) -> Vec<Released> {
+    fn reindex_pools(&mut self, now: u64) -> Vec<Released> {
         self.pools
-            .sort_by(|a, b| (a.pool.priority, &a.pool.name).cmp(&(b.pool.priority, &b.pool.name)));
+            .sort_by(|a, b| a.pool.order_key().cmp(&b.pool.order_key()));
         // Overlaps: walk pools oldest first; a pool overlapping an older usable one loses.
         let mut by_age: Vec<usize> = (0..self.pools.len()).collect();
         by_age.sort_by(|&a, &b| {
@@ -413,29 +653,36 @@ impl Allocator {
                 self.ranges[r.family.index()].insert(r.first, (r.last, i as u32));
             }
         }
-        // Release what no usable pool covers any more.
-        let mut released = Vec::new();
+        // Addresses no usable pool covers any more start their grace period (or are
+        // released at once without one); addresses a pool covers again leave it.
+        let mut uncovered = Vec::new();
         for slot in 0..self.slots.len() as u32 {
-            let Some(s) = &self.slots[slot as usize] else {
-                continue;
-            };
-            let mut lost = Vec::new();
             for family in Family::ALL {
-                if let Some(ip) = s.addr(family) {
-                    if self.pool_of(ip).is_none() {
-                        lost.push((family, ip));
-                    }
+                let Some(ip) = self.slots[slot as usize]
+                    .as_ref()
+                    .and_then(|s| s.addr(family))
+                else {
+                    continue;
+                };
+                if self.head(ip) != Some(addr_ref(slot, family)) {
+                    continue;
+                }
+                if self.pool_of(ip).is_some() {
+                    self.orphans.remove(&ip);
+                } else {
+                    uncovered.push(ip);
                 }
             }
-            for (family, ip) in lost {
-                released.push(Released {
-                    consumer: self.slot(slot).id.to_id(),
-                    ip,
-                });
-                self.unhold(slot, family);
-            }
-            if self.slot(slot).allocation().is_empty() {
-                self.drop_slot(slot);
+        }
+        let mut released = Vec::new();
+        for ip in uncovered {
+            if self.grace_period == 0 {
+                self.orphans.remove(&ip);
+                self.release_address(ip, &mut released);
+            } else {
+                self.orphans
+                    .entry(ip)
+                    .or_insert(now.saturating_add(self.grace_period));
             }
         }
         self.rebuild_occupancy();
@@ -502,11 +749,7 @@ impl Allocator {
                 .pool
                 .as_ref()
                 .is_none_or(|name| *name == entry.pool.name)
-            && entry.pool.admits(
-                &consumer.id.namespace,
-                &consumer.labels,
-                &consumer.namespace_labels,
-            )
+            && entry.pool.admits(consumer)
     }
 
     fn offers_new(&self, entry: &PoolEntry, consumer: &Consumer) -> bool {
@@ -519,21 +762,54 @@ impl Allocator {
 
     // ---- consumers ---------------------------------------------------------------------
 
-    /// Gives `consumer` its addresses, keeping those it already holds while they are still
-    /// valid (in a usable pool that admits it, matching its requests). Idempotent.
+    /// Gives `consumer` its addresses, keeping those it already holds while it may (they
+    /// are in a usable pool that admits it, or in their grace period). Idempotent.
+    ///
+    /// A consumer that asks for other addresses than it holds moves only once all of them
+    /// can be given; until then it keeps what it holds, with [`Notice::RequestPending`].
+    /// What else there is to tell its owner is in [`Allocator::notices`].
     ///
     /// # Errors
     /// Why it cannot be satisfied; it then holds no address.
     pub fn allocate(&mut self, consumer: &Consumer) -> Result<Allocation, Unsatisfied> {
+        let mut notices = Vec::new();
+        let result = self.allocate_inner(consumer, &mut notices);
+        if result.is_ok() {
+            if let Some(slot) = self.find_slot(&consumer.id) {
+                self.sharing_notices(consumer, slot, &mut notices);
+            }
+        }
+        if notices.is_empty() || result.is_err() {
+            self.notices.remove(&consumer.id);
+        } else {
+            self.notices.insert(consumer.id.clone(), notices);
+        }
+        result
+    }
+
+    fn allocate_inner(
+        &mut self,
+        consumer: &Consumer,
+        notices: &mut Vec<Notice>,
+    ) -> Result<Allocation, Unsatisfied> {
         let wanted = consumer.wanted();
         let slot = self.slot_for(consumer);
         self.refresh_share(slot, consumer);
+        let asks_for_ips = !consumer.requests.ips.is_empty();
+        let mut moving = false;
         for family in Family::ALL {
             if let Some(ip) = self.slot(slot).addr(family) {
-                if !wanted.families.contains(&family) || !self.still_valid(consumer, ip) {
+                if !self.may_keep(consumer, ip) {
+                    self.unhold(slot, family);
+                } else if asks_for_ips && consumer.requested_ip(family) != Some(ip) {
+                    moving = true;
+                } else if !wanted.families.contains(&family) {
                     self.unhold(slot, family);
                 }
             }
+        }
+        if moving {
+            return Ok(self.move_to_requested(consumer, slot, notices));
         }
         let kept_some = !self.slot(slot).allocation().is_empty();
         let mut first_error = None;
@@ -548,7 +824,8 @@ impl Allocator {
                     if kept_some {
                         // Answer as a first allocation would, so that repeated calls give
                         // the same reason.
-                        return self.allocate(consumer);
+                        notices.clear();
+                        return self.allocate_inner(consumer, notices);
                     }
                     return Err(e);
                 }
@@ -567,25 +844,137 @@ impl Allocator {
         Ok(allocation)
     }
 
-    /// Re-takes addresses a consumer held before a restart (from its status), where they
-    /// are still valid and not taken by someone it cannot share with. Returns the kept
-    /// addresses. Restore every consumer first, then [`Allocator::allocate`] each, so
-    /// that no consumer's new allocation takes another's old address.
-    pub fn restore(&mut self, consumer: &Consumer, addresses: &[IpAddr]) -> Vec<IpAddr> {
+    /// Moves a consumer that holds addresses other than those it asks for onto the
+    /// requested ones, all or nothing: if any cannot be given it keeps what it holds.
+    fn move_to_requested(
+        &mut self,
+        consumer: &Consumer,
+        slot: u32,
+        notices: &mut Vec<Notice>,
+    ) -> Allocation {
+        let mut picks = Vec::new();
+        for &ip in &consumer.requests.ips {
+            if self.slot(slot).addr(Family::of(ip)) == Some(ip) {
+                continue;
+            }
+            match self.pick(consumer, slot, Family::of(ip)) {
+                Ok(ip) => picks.push(ip),
+                Err(why) => {
+                    notices.push(Notice::RequestPending {
+                        requested: consumer.requests.ips.clone(),
+                        why,
+                    });
+                    return self.slot(slot).allocation();
+                }
+            }
+        }
+        for family in Family::ALL {
+            if self.slot(slot).addr(family) != consumer.requested_ip(family) {
+                self.unhold(slot, family);
+            }
+        }
+        for ip in picks {
+            self.hold(slot, ip);
+        }
+        self.slot(slot).allocation()
+    }
+
+    /// Records, for each address the consumer holds under a sharing key, why another
+    /// address held under that key (in a pool that admits it) did not take it.
+    fn sharing_notices(&self, consumer: &Consumer, slot: u32, notices: &mut Vec<Notice>) {
+        let Some(sharing) = &consumer.requests.sharing else {
+            return;
+        };
+        let Some(addresses) = self.shared.get(sharing.key.as_str()) else {
+            return;
+        };
+        for family in Family::ALL {
+            let Some(mine) = self.slot(slot).addr(family) else {
+                continue;
+            };
+            let refusal = addresses
+                .iter()
+                .filter(|&&ip| ip != mine && Family::of(ip) == family)
+                .filter(|&&ip| {
+                    self.pool_of(ip)
+                        .is_some_and(|i| self.admits(&self.pools[i], consumer))
+                })
+                .find_map(|&ip| self.share_check(consumer, Some(slot), ip).err());
+            if let Some(why) = refusal {
+                notices.push(Notice::NotShared {
+                    key: sharing.key.clone(),
+                    why,
+                });
+            }
+        }
+    }
+
+    /// What there is to tell the owner of a consumer, as of its last
+    /// [`Allocator::allocate`] (and, for grace periods, as of now): empty for a consumer
+    /// that holds nothing or all is well with.
+    #[must_use]
+    pub fn notices(&self, id: &ConsumerId) -> Vec<Notice> {
+        let Some(slot) = self.find_slot(id) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Notice> = self
+            .slot(slot)
+            .allocation()
+            .ips()
+            .into_iter()
+            .filter_map(|ip| {
+                self.orphans
+                    .get(&ip)
+                    .map(|&release_at| Notice::GracePeriod { ip, release_at })
+            })
+            .collect();
+        out.extend(self.notices.get(id).into_iter().flatten().cloned());
+        out
+    }
+
+    /// Consumers that keep an address while waiting for the one they asked for
+    /// ([`Notice::RequestPending`]); reconcile them again when addresses are freed.
+    pub fn pending_requests(&self) -> impl Iterator<Item = &ConsumerId> + '_ {
+        self.notices
+            .iter()
+            .filter(|(_, n)| n.iter().any(|n| matches!(n, Notice::RequestPending { .. })))
+            .map(|(id, _)| id)
+    }
+
+    /// Re-takes addresses a consumer held before a restart (from its status), at time
+    /// `now` (seconds), where it may still hold them and they are not taken by someone it
+    /// cannot share with. An address in no usable pool is kept for a grace period that
+    /// starts now, as after a pool change. Returns the kept addresses. Restore every
+    /// consumer first, then [`Allocator::allocate`] each, so that no consumer's new
+    /// allocation takes another's old address.
+    pub fn restore(&mut self, consumer: &Consumer, addresses: &[IpAddr], now: u64) -> Vec<IpAddr> {
         let wanted = consumer.wanted();
         let slot = self.slot_for(consumer);
         self.refresh_share(slot, consumer);
         let mut kept = Vec::new();
         for &ip in addresses {
             let family = Family::of(ip);
+            let allowed = match self.pool_of(ip) {
+                Some(index) => self.admits(&self.pools[index], consumer),
+                None => self.grace_period > 0,
+            };
+            // A consumer asking for other addresses keeps what it held, of any family,
+            // until they can be given (see `allocate`).
+            let wanted_family =
+                wanted.families.contains(&family) || !consumer.requests.ips.is_empty();
             if self.slot(slot).addr(family).is_some()
-                || !wanted.families.contains(&family)
-                || !self.still_valid(consumer, ip)
+                || !wanted_family
+                || !allowed
                 || self.share_check(consumer, Some(slot), ip).is_err()
             {
                 continue;
             }
             self.hold(slot, ip);
+            if self.pool_of(ip).is_none() {
+                self.orphans
+                    .entry(ip)
+                    .or_insert(now.saturating_add(self.grace_period));
+            }
             kept.push(ip);
         }
         if self.slot(slot).allocation().is_empty() {
@@ -706,6 +1095,10 @@ impl Allocator {
         for family in Family::ALL {
             self.unhold(slot, family);
         }
+        if !self.notices.is_empty() {
+            let id = self.slot(slot).id.to_id();
+            self.notices.remove(&id);
+        }
         let id = &self.slot(slot).id;
         let hash = id_hash(&self.hasher, id.kind, &id.namespace, &id.name);
         if let Ok(entry) = self.by_id.find_entry(hash, |&s| s == slot) {
@@ -729,14 +1122,13 @@ impl Allocator {
             .copied()
     }
 
-    fn still_valid(&self, consumer: &Consumer, ip: IpAddr) -> bool {
-        if let Some(requested) = consumer.requested_ip(Family::of(ip)) {
-            if requested != ip {
-                return false;
-            }
+    /// Whether `consumer` may go on holding `ip`, its address requests aside: the address
+    /// is in a usable pool that admits it, or in no usable pool but in its grace period.
+    fn may_keep(&self, consumer: &Consumer, ip: IpAddr) -> bool {
+        match self.pool_of(ip) {
+            Some(index) => self.admits(&self.pools[index], consumer),
+            None => self.orphans.contains_key(&ip),
         }
-        self.pool_of(ip)
-            .is_some_and(|index| self.admits(&self.pools[index], consumer))
     }
 
     /// Whether `consumer` may hold `ip` next to its current holders.
@@ -765,14 +1157,29 @@ impl Allocator {
             if *theirs.key != *ours.key {
                 return Err(taken());
             }
-            if *holder.id.namespace != *consumer.id.namespace
-                && !(ours.cross_namespace.allows(&holder.id.namespace)
-                    && theirs.cross.allows(&consumer.id.namespace))
-            {
-                return Err(taken());
+            if *holder.id.namespace != *consumer.id.namespace {
+                let accepted_here = ours.cross_namespace.allows(&holder.id.namespace);
+                let accepted_there = theirs.cross.allows(&consumer.id.namespace);
+                if !(accepted_here && accepted_there) {
+                    return Err(Unsatisfied::CrossNamespaceNotAllowed {
+                        ip,
+                        with: holder.id.to_id(),
+                        namespace: consumer.id.namespace.clone(),
+                        accepted_here,
+                        accepted_there,
+                    });
+                }
             }
             if theirs.policy != consumer.traffic_policy {
                 return Err(Unsatisfied::TrafficPolicyMismatch {
+                    ip,
+                    with: holder.id.to_id(),
+                });
+            }
+            if consumer.traffic_policy == TrafficPolicy::Local
+                && theirs.endpoints != consumer.endpoint_selector
+            {
+                return Err(Unsatisfied::LocalEndpointsDiffer {
                     ip,
                     with: holder.id.to_id(),
                 });
@@ -949,6 +1356,7 @@ impl Allocator {
                     entry.remove();
                 }
                 self.mark_free(ip);
+                self.orphans.remove(&ip);
                 if let Some(key) = self.slot(slot).share.as_ref().map(|s| s.key.clone()) {
                     if let Some(set) = self.shared.get_mut(&key) {
                         set.remove(&ip);

@@ -140,6 +140,10 @@ pub struct Consumer {
     pub ports: BTreeSet<PortProtocol>,
     /// Its `externalTrafficPolicy`; sharers must agree on it.
     pub traffic_policy: TrafficPolicy,
+    /// The Service's `spec.selector`, which picks its endpoints (empty: none). Two
+    /// `Local` consumers share an address only if they select the same endpoints, since
+    /// only nodes with a local endpoint may announce it (MetalLB's "backend key").
+    pub endpoint_selector: Labels,
     /// Its `ipFamilies`, preferred first (empty: IPv4).
     pub families: Vec<Family>,
     /// Its `ipFamilyPolicy`.
@@ -169,6 +173,7 @@ impl Consumer {
             requests: Requests::default(),
             ports: BTreeSet::new(),
             traffic_policy: TrafficPolicy::Cluster,
+            endpoint_selector: Labels::new(),
             families: vec![Family::V4],
             family_policy: FamilyPolicy::SingleStack,
         }
@@ -240,6 +245,14 @@ impl Consumer {
     #[must_use]
     pub fn with_traffic_policy(mut self, policy: TrafficPolicy) -> Self {
         self.traffic_policy = policy;
+        self
+    }
+
+    /// Adds a `spec.selector` entry (which endpoints the Service has).
+    #[must_use]
+    pub fn selecting_endpoints(mut self, key: &str, value: &str) -> Self {
+        self.endpoint_selector
+            .insert(key.to_owned(), value.to_owned());
         self
     }
 

@@ -13,7 +13,10 @@ mod pool;
 mod requests;
 mod selector;
 
-pub use allocator::{Allocation, Allocator, PoolState, PoolStatus, Released, Unsatisfied, Usage};
+pub use allocator::{
+    Allocation, Allocator, Notice, PoolState, PoolStatus, Released, Unsatisfied, Usage,
+    DEFAULT_GRACE_PERIOD,
+};
 pub use consumer::{
     Consumer, ConsumerId, ConsumerKind, CrossNamespace, FamilyPolicy, PortProtocol, Protocol,
     Requests, Sharing, TrafficPolicy,
@@ -21,6 +24,7 @@ pub use consumer::{
 pub use family::Family;
 pub use pool::{
     AddrRange, Pool, RawBlock, RawPoolSpec, RawRequirement, RawSelector, SpecError, SpecErrors,
+    SERVICE_NAMESPACE_LABEL, SERVICE_NAME_LABEL,
 };
 pub use requests::{
     parse_requests, RequestError, ALIASES, IPS, POOL, SHARING_CROSS_NAMESPACE, SHARING_KEY,

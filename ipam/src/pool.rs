@@ -6,8 +6,17 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use crate::consumer::Consumer;
 use crate::family::{to_number, Family};
-use crate::selector::{LabelSelector, Labels, Operator, Requirement};
+use crate::selector::{LabelSelector, Operator, Requirement};
+
+/// Virtual label that a pool's `serviceSelector` sees on every consumer, valued with the
+/// consumer's namespace (Cilium LB-IPAM's spelling, so Cilium pools keep their meaning).
+pub const SERVICE_NAMESPACE_LABEL: &str = "io.kubernetes.service.namespace";
+
+/// Virtual label that a pool's `serviceSelector` sees on every consumer, valued with the
+/// consumer's name (Cilium LB-IPAM's spelling).
+pub const SERVICE_NAME_LABEL: &str = "io.kubernetes.service.name";
 
 /// A pool's spec exactly as the API object carries it: strings not yet checked.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -24,7 +33,8 @@ pub struct RawPoolSpec {
     pub namespace_selector: Option<RawSelector>,
     /// `spec.namespaces` (empty: every namespace).
     pub namespaces: Vec<String>,
-    /// `spec.priority` (default 0; lower is tried first).
+    /// `spec.priority` (lower is tried first; unset is tried after every set priority,
+    /// as in MetalLB).
     pub priority: Option<i32>,
     /// `spec.autoAssign` (default true).
     pub auto_assign: Option<bool>,
@@ -135,8 +145,9 @@ pub struct Pool {
     pub namespace_selector: LabelSelector,
     /// Namespaces that may use the pool; empty means all.
     pub namespaces: BTreeSet<String>,
-    /// Lower is tried first; ties go by name.
-    pub priority: i32,
+    /// Lower is tried first; `None` (unset) comes after every set priority, as in
+    /// MetalLB; ties go by name.
+    pub priority: Option<i32>,
     /// Whether consumers that ask for no pool and no address get addresses from it.
     pub auto_assign: bool,
     /// No new allocations; existing ones stay.
@@ -204,7 +215,7 @@ impl Pool {
             service_selector,
             namespace_selector,
             namespaces: spec.namespaces.iter().cloned().collect(),
-            priority: spec.priority.unwrap_or(0),
+            priority: spec.priority,
             auto_assign: spec.auto_assign.unwrap_or(true),
             disabled: spec.disabled.unwrap_or(false),
         })
@@ -246,8 +257,19 @@ impl Pool {
     /// Sets the priority.
     #[must_use]
     pub fn with_priority(mut self, priority: i32) -> Self {
-        self.priority = priority;
+        self.priority = Some(priority);
         self
+    }
+
+    /// The key pools are tried in: set priorities (lowest first), then unset ones, each
+    /// group by name.
+    #[must_use]
+    pub fn order_key(&self) -> (bool, i32, &str) {
+        (
+            self.priority.is_none(),
+            self.priority.unwrap_or(0),
+            &self.name,
+        )
     }
 
     /// Sets the service selector.
@@ -332,12 +354,22 @@ impl Pool {
         self.avoid_buggy_ips && family == Family::V4
     }
 
-    /// Whether a consumer with these labels in this namespace may use the pool.
+    /// Whether `consumer` may use the pool: its namespace is listed (or none is), its
+    /// namespace's labels match `namespaceSelector`, and its labels match
+    /// `serviceSelector`. As in Cilium, the service selector also sees two virtual labels,
+    /// [`SERVICE_NAMESPACE_LABEL`] and [`SERVICE_NAME_LABEL`], whose values are the
+    /// consumer's namespace and name; labels of those keys on the consumer itself are
+    /// ignored, so a Service cannot claim another namespace's pool by labelling itself.
     #[must_use]
-    pub fn admits(&self, namespace: &str, labels: &Labels, namespace_labels: &Labels) -> bool {
-        (self.namespaces.is_empty() || self.namespaces.contains(namespace))
-            && self.service_selector.matches(labels)
-            && self.namespace_selector.matches(namespace_labels)
+    pub fn admits(&self, consumer: &Consumer) -> bool {
+        let id = &consumer.id;
+        (self.namespaces.is_empty() || self.namespaces.contains(&id.namespace))
+            && self.namespace_selector.matches(&consumer.namespace_labels)
+            && self.service_selector.matches_lookup(|key| match key {
+                SERVICE_NAMESPACE_LABEL => Some(id.namespace.as_str()),
+                SERVICE_NAME_LABEL => Some(id.name.as_str()),
+                _ => consumer.labels.get(key).map(String::as_str),
+            })
     }
 }
 
@@ -701,7 +733,7 @@ mod tests {
     fn defaults_follow_the_issue() {
         let pool = Pool::from_blocks("p", &["10.0.0.0/24", "fd00::/120"]).unwrap();
         assert!(pool.auto_assign && !pool.disabled && !pool.avoid_buggy_ips);
-        assert_eq!(pool.priority, 0);
+        assert_eq!(pool.priority, None);
         assert!(pool.has_family(Family::V4) && pool.has_family(Family::V6));
     }
 }

@@ -16,17 +16,41 @@ pub const SHARING_KEY: &str = "portico.io/sharing-key";
 /// `portico.io/sharing-cross-namespace`: `true`/`*`, `false`, or a namespace list.
 pub const SHARING_CROSS_NAMESPACE: &str = "portico.io/sharing-cross-namespace";
 
-/// Each request, its Portico annotation first, then the aliases accepted for migration.
+/// Each request, its Portico annotation first, then the aliases accepted for migration:
+/// MetalLB's (and its older `metallb.universe.tf/` spelling) and Cilium LB-IPAM's (and its
+/// older `io.cilium/lb-ipam-` spelling).
 pub const ALIASES: [(&str, &[&str]); 4] = [
-    (IPS, &["metallb.io/loadBalancerIPs", "lbipam.cilium.io/ips"]),
-    (POOL, &["metallb.io/address-pool"]),
+    (
+        IPS,
+        &[
+            "metallb.io/loadBalancerIPs",
+            "metallb.universe.tf/loadBalancerIPs",
+            "lbipam.cilium.io/ips",
+            "io.cilium/lb-ipam-ips",
+        ],
+    ),
+    (
+        POOL,
+        &[
+            "metallb.io/address-pool",
+            "metallb.universe.tf/address-pool",
+        ],
+    ),
     (
         SHARING_KEY,
-        &["metallb.io/allow-shared-ip", "lbipam.cilium.io/sharing-key"],
+        &[
+            "metallb.io/allow-shared-ip",
+            "metallb.universe.tf/allow-shared-ip",
+            "lbipam.cilium.io/sharing-key",
+            "io.cilium/lb-ipam-sharing-key",
+        ],
     ),
     (
         SHARING_CROSS_NAMESPACE,
-        &["lbipam.cilium.io/sharing-cross-namespace"],
+        &[
+            "lbipam.cilium.io/sharing-cross-namespace",
+            "io.cilium/lb-ipam-sharing-cross-namespace",
+        ],
     ),
 ];
 
@@ -294,6 +318,27 @@ mod tests {
         assert_eq!(r.ips, vec![ip("fd00::9")]);
         let cross = r.sharing.unwrap().cross_namespace;
         assert!(cross.allows("a") && cross.allows("b") && !cross.allows("c"));
+    }
+
+    // MetalLB still reads its metallb.universe.tf/ annotations and Cilium its
+    // io.cilium/lb-ipam- ones; manifests written for older releases keep working.
+    #[test]
+    fn older_metallb_and_cilium_spellings_are_accepted() {
+        let r = parse_requests(
+            &annotations(&[
+                ("metallb.universe.tf/loadBalancerIPs", "10.0.0.8"),
+                ("metallb.universe.tf/address-pool", "old"),
+                ("io.cilium/lb-ipam-sharing-key", "k"),
+                ("io.cilium/lb-ipam-sharing-cross-namespace", "*"),
+            ]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(r.ips, vec![ip("10.0.0.8")]);
+        assert_eq!(r.pool.as_deref(), Some("old"));
+        let sharing = r.sharing.unwrap();
+        assert_eq!(sharing.key, "k");
+        assert_eq!(sharing.cross_namespace, CrossNamespace::Any);
     }
 
     #[test]

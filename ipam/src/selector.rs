@@ -68,10 +68,21 @@ impl LabelSelector {
     /// Whether an object with `labels` is selected.
     #[must_use]
     pub fn matches(&self, labels: &Labels) -> bool {
+        self.matches_lookup(|key| labels.get(key).map(String::as_str))
+    }
+
+    /// Whether an object whose label values `lookup` answers is selected: for label sets
+    /// that are not stored as a map, such as a Service's labels plus the virtual labels
+    /// naming its namespace and name.
+    #[must_use]
+    pub fn matches_lookup<'a>(&self, lookup: impl Fn(&str) -> Option<&'a str>) -> bool {
         self.match_labels
             .iter()
-            .all(|(key, value)| labels.get(key) == Some(value))
-            && self.match_expressions.iter().all(|r| r.matches(labels))
+            .all(|(key, value)| lookup(key) == Some(value.as_str()))
+            && self
+                .match_expressions
+                .iter()
+                .all(|r| r.matches_value(lookup(&r.key)))
     }
 }
 
@@ -79,7 +90,12 @@ impl Requirement {
     /// Whether `labels` satisfy this requirement.
     #[must_use]
     pub fn matches(&self, labels: &Labels) -> bool {
-        let value = labels.get(&self.key);
+        self.matches_value(labels.get(&self.key).map(String::as_str))
+    }
+
+    /// Whether a label of value `value` (`None`: absent) satisfies this requirement.
+    #[must_use]
+    pub fn matches_value(&self, value: Option<&str>) -> bool {
         match self.operator {
             Operator::In => value.is_some_and(|v| self.values.contains(v)),
             Operator::NotIn => value.is_none_or(|v| !self.values.contains(v)),

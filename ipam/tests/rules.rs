@@ -26,7 +26,7 @@ fn ips_of(a: &Allocator, c: &Consumer) -> Vec<IpAddr> {
 fn allocator_with(pools: Vec<Pool>) -> Allocator {
     let mut a = Allocator::new();
     for p in pools {
-        a.apply_pool(p);
+        a.apply_pool(p, 0);
     }
     a
 }
@@ -76,12 +76,12 @@ fn exhausted_pool_is_reported_with_its_name() {
 #[test]
 fn lower_priority_number_is_tried_first_then_name() {
     let mut a = allocator_with(vec![
-        pool("b", &["10.0.2.0/24"]),
-        pool("a", &["10.0.1.0/24"]),
+        pool("b", &["10.0.2.0/24"]).with_priority(3),
+        pool("a", &["10.0.1.0/24"]).with_priority(3),
         pool("z", &["10.0.9.0/24"]).with_priority(-1),
     ]);
     assert_eq!(ips_of_alloc(&mut a, "x"), ip("10.0.9.0"));
-    a.apply_pool(pool("z", &["10.0.9.0/24"]).with_priority(1));
+    a.apply_pool(pool("z", &["10.0.9.0/24"]).with_priority(5), 0);
     a.release(&svc("x").id);
     assert_eq!(ips_of_alloc(&mut a, "x"), ip("10.0.1.0"));
 }
@@ -162,7 +162,7 @@ fn requested_pool_is_the_only_one_used() {
 fn disabled_pool_keeps_existing_allocations_but_makes_no_new_ones() {
     let mut a = allocator_with(vec![pool("a", &["10.0.0.0/24"])]);
     let before = a.allocate(&svc("x")).unwrap();
-    a.apply_pool(pool("a", &["10.0.0.0/24"]).disabled(true));
+    a.apply_pool(pool("a", &["10.0.0.0/24"]).disabled(true), 0);
     assert_eq!(a.allocate(&svc("x")).unwrap(), before);
     assert!(a.allocate(&svc("y")).is_err());
 }
@@ -228,7 +228,7 @@ fn require_dual_stack_gets_both_families_or_nothing() {
     );
     assert!(a.allocation(&c.id).is_none());
     assert!(a.holders(ip("10.0.0.0")).is_empty());
-    a.apply_pool(pool("v6", &["fd00::/64"]));
+    a.apply_pool(pool("v6", &["fd00::/64"]), 0);
     assert_eq!(
         a.allocate(&c).unwrap().ips(),
         vec![ip("10.0.0.0"), ip("fd00::")]
@@ -241,7 +241,7 @@ fn prefer_dual_stack_takes_what_is_available() {
     let c = svc("x").with_families(&[Family::V6, Family::V4], FamilyPolicy::PreferDualStack);
     assert_eq!(a.allocate(&c).unwrap().ips(), vec![ip("10.0.0.0")]);
     // Once an IPv6 pool appears, the next reconcile adds the second family.
-    a.apply_pool(pool("v6", &["fd00::/64"]));
+    a.apply_pool(pool("v6", &["fd00::/64"]), 0);
     assert_eq!(
         a.allocate(&c).unwrap().ips(),
         vec![ip("10.0.0.0"), ip("fd00::")]
@@ -299,8 +299,12 @@ fn sharers_must_agree_on_external_traffic_policy() {
         .with_port(443, Protocol::Tcp)
         .with_traffic_policy(TrafficPolicy::Local);
     assert_ne!(a.allocate(&local).unwrap(), x);
+    let asking = svc("z")
+        .sharing("k")
+        .with_port(443, Protocol::Tcp)
+        .with_traffic_policy(TrafficPolicy::Local);
     assert!(matches!(
-        a.allocate(&local.requesting(&x.ips())),
+        a.allocate(&asking.requesting(&x.ips())),
         Err(Unsatisfied::TrafficPolicyMismatch { .. })
     ));
 }
@@ -362,7 +366,7 @@ fn pool_edit_keeps_addresses_still_inside_the_pool() {
     let kept: Vec<_> = (0..4)
         .map(|i| ips_of_alloc(&mut a, &format!("s{i}")))
         .collect();
-    let released = a.apply_pool(pool("a", &["10.0.0.0/24", "10.0.5.0/24"]));
+    let released = a.apply_pool(pool("a", &["10.0.0.0/24", "10.0.5.0/24"]), 0);
     assert!(released.is_empty());
     for (i, ip) in kept.iter().enumerate() {
         assert_eq!(ips_of_alloc(&mut a, &format!("s{i}")), *ip);
@@ -370,11 +374,15 @@ fn pool_edit_keeps_addresses_still_inside_the_pool() {
 }
 
 #[test]
-fn pool_edit_releases_only_addresses_that_left_the_pool() {
+fn pool_edit_releases_only_addresses_that_left_the_pool_once_the_grace_period_ends() {
     let mut a = allocator_with(vec![pool("a", &["10.0.0.0/24", "10.0.1.0/24"])]);
     let x = a.allocate(&svc("x").requesting(&[ip("10.0.0.5")])).unwrap();
     let y = a.allocate(&svc("y").requesting(&[ip("10.0.1.5")])).unwrap();
-    let released = a.apply_pool(pool("a", &["10.0.1.0/24"]));
+    assert!(a.apply_pool(pool("a", &["10.0.1.0/24"]), 100).is_empty());
+    assert_eq!(a.allocate(&svc("x").requesting(&[ip("10.0.0.5")])), Ok(x));
+    assert_eq!(a.next_deadline(), Some(160));
+    assert!(a.handle_timeout(159).is_empty());
+    let released = a.handle_timeout(160);
     assert_eq!(released.len(), 1);
     assert_eq!(released[0].consumer, svc("x").id);
     assert_eq!(released[0].ip, x.ips()[0]);
@@ -395,6 +403,7 @@ fn pool_edit_that_drops_a_consumer_from_the_selector_releases_it_on_reconcile() 
     a.apply_pool(
         pool("a", &["10.0.0.0/24"])
             .selecting(LabelSelector::everything().with_label("tier", "web")),
+        0,
     );
     assert_eq!(ips_of_alloc_c(&mut a, &web), ip("10.0.0.0"));
     assert_eq!(ips_of_alloc_c(&mut a, &db), ip("10.0.1.0"));
@@ -412,10 +421,13 @@ fn removed_pool_consumers_move_to_another_matching_pool() {
     ]);
     let x = svc("x");
     assert_eq!(ips_of_alloc_c(&mut a, &x), ip("10.0.0.0"));
-    let released = a.remove_pool("a");
+    assert!(a.remove_pool("a", 0).is_empty());
+    assert_eq!(ips_of_alloc_c(&mut a, &x), ip("10.0.0.0"));
+    let released = a.handle_timeout(a.next_deadline().unwrap());
     assert_eq!(released.len(), 1);
     assert_eq!(ips_of_alloc_c(&mut a, &x), ip("10.0.1.0"));
-    a.remove_pool("b");
+    a.remove_pool("b", 0);
+    a.handle_timeout(u64::MAX);
     assert_eq!(
         a.allocate(&x),
         Err(Unsatisfied::NoMatchingPool { family: Family::V4 })
@@ -425,13 +437,14 @@ fn removed_pool_consumers_move_to_another_matching_pool() {
 #[test]
 fn overlapping_newer_pool_gets_conflict_and_is_not_used() {
     let mut a = Allocator::new();
-    a.apply_pool(pool("old", &["10.0.0.0/24"]).created(100));
+    a.apply_pool(pool("old", &["10.0.0.0/24"]).created(100), 0);
     a.apply_pool(
         pool("new", &["10.0.0.128/25", "10.0.9.0/24"])
             .created(200)
             .with_priority(-5),
+        0,
     );
-    a.apply_pool(pool("other", &["10.0.1.0/24"]).created(300));
+    a.apply_pool(pool("other", &["10.0.1.0/24"]).created(300), 0);
     assert_eq!(
         a.pool_status("new").unwrap().state,
         PoolState::Conflict { with: "old".into() }
@@ -446,8 +459,8 @@ fn overlapping_newer_pool_gets_conflict_and_is_not_used() {
 #[test]
 fn overlap_ties_on_creation_time_are_broken_by_name() {
     let mut a = Allocator::new();
-    a.apply_pool(pool("b", &["10.0.0.0/24"]).created(5));
-    a.apply_pool(pool("a", &["10.0.0.0/25"]).created(5));
+    a.apply_pool(pool("b", &["10.0.0.0/24"]).created(5), 0);
+    a.apply_pool(pool("a", &["10.0.0.0/25"]).created(5), 0);
     assert_eq!(a.pool_status("a").unwrap().state, PoolState::Ready);
     assert_eq!(
         a.pool_status("b").unwrap().state,
@@ -458,10 +471,10 @@ fn overlap_ties_on_creation_time_are_broken_by_name() {
 #[test]
 fn removing_the_older_pool_lifts_the_conflict() {
     let mut a = Allocator::new();
-    a.apply_pool(pool("old", &["10.0.0.0/24"]).created(1));
-    a.apply_pool(pool("new", &["10.0.0.0/24"]).created(2));
+    a.apply_pool(pool("old", &["10.0.0.0/24"]).created(1), 0);
+    a.apply_pool(pool("new", &["10.0.0.0/24"]).created(2), 0);
     let x = a.allocate(&svc("x")).unwrap();
-    a.remove_pool("old");
+    a.remove_pool("old", 0);
     assert_eq!(a.pool_status("new").unwrap().state, PoolState::Ready);
     // The address is still in a usable pool, so the consumer keeps it.
     assert_eq!(a.allocate(&svc("x")).unwrap(), x);
@@ -498,7 +511,7 @@ fn restart_rebuild_from_status_yields_the_same_allocations() {
     let mut b = allocator_with(pools());
     for (c, ips) in consumers.iter().zip(&status) {
         if !ips.is_empty() {
-            assert_eq!(b.restore(c, ips), *ips);
+            assert_eq!(b.restore(c, ips, 0), *ips);
         }
     }
     for (c, ips) in consumers.iter().zip(&status) {
@@ -509,14 +522,15 @@ fn restart_rebuild_from_status_yields_the_same_allocations() {
 }
 
 #[test]
-fn restore_refuses_addresses_outside_pools_and_duplicates() {
-    let mut a = allocator_with(vec![pool("a", &["10.0.0.0/24"])]);
-    assert!(a.restore(&svc("x"), &[ip("192.0.2.1")]).is_empty());
+fn restore_refuses_addresses_outside_pools_without_a_grace_period_and_duplicates() {
+    let mut a = Allocator::new().with_grace_period(0);
+    a.apply_pool(pool("a", &["10.0.0.0/24"]), 0);
+    assert!(a.restore(&svc("x"), &[ip("192.0.2.1")], 0).is_empty());
     assert_eq!(
-        a.restore(&svc("y"), &[ip("10.0.0.9")]),
+        a.restore(&svc("y"), &[ip("10.0.0.9")], 0),
         vec![ip("10.0.0.9")]
     );
-    assert!(a.restore(&svc("z"), &[ip("10.0.0.9")]).is_empty());
+    assert!(a.restore(&svc("z"), &[ip("10.0.0.9")], 0).is_empty());
 }
 
 #[test]
