@@ -117,6 +117,9 @@ pub struct ServiceAddresses {
     pub pools: Vec<String>,
     /// Why it has no (or not every) address: `Reason: message`.
     pub unsatisfied: Option<String>,
+    /// What else the allocator says about it (grace period, pending request, not shared):
+    /// `Reason: message`.
+    pub notices: Vec<String>,
 }
 
 /// A pool as the status shows it.
@@ -176,20 +179,30 @@ impl Ipam {
         }
     }
 
-    /// Brings the allocator in line with `world` and reports every Service's addresses.
+    /// When [`Ipam::reconcile`] must run again even if nothing changes (the end of a grace
+    /// period), in the caller's seconds.
+    #[must_use]
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.allocator.next_deadline()
+    }
+
+    /// Brings the allocator in line with `world` at `now` (seconds, the caller's clock) and
+    /// reports every Service's addresses.
     ///
     /// An invalid pool keeps its last valid spec; an invalid Service keeps its addresses
-    /// until it is fixed or deleted. Idempotent: a second pass over the same world changes
+    /// until it is fixed or deleted; an address whose pool disappeared stays for the grace
+    /// period. Idempotent: a second pass over the same world at the same time changes
     /// nothing.
-    pub fn reconcile(&mut self, world: &World) -> IpamOutcome {
+    pub fn reconcile(&mut self, world: &World, now: u64) -> IpamOutcome {
         let mut out = IpamOutcome::default();
+        self.allocator.handle_timeout(now);
         let mut pool_labels: BTreeMap<&str, Labels> = BTreeMap::new();
         for (name, pool) in &world.pools {
             pool_labels.insert(name, pool.metadata.labels.clone().unwrap_or_default());
             match pool.to_pool() {
                 Ok(p) => {
                     if self.pools.get(name) != Some(&p) {
-                        self.allocator.apply_pool(p.clone());
+                        self.allocator.apply_pool(p.clone(), now);
                         self.pools.insert(name.clone(), p);
                     }
                 }
@@ -213,7 +226,7 @@ impl Ipam {
             .cloned()
             .collect();
         for name in gone {
-            self.allocator.remove_pool(&name);
+            self.allocator.remove_pool(&name, now);
             self.pools.remove(&name);
         }
 
@@ -253,7 +266,7 @@ impl Ipam {
         if let Some(saved) = self.to_restore.take() {
             for (id, c) in &consumers {
                 if let Some(addrs) = saved.get(&format!("{}/{}", id.namespace, id.name)) {
-                    self.allocator.restore(c, addrs);
+                    self.allocator.restore(c, addrs, now);
                 }
             }
         }
@@ -276,6 +289,7 @@ impl Ipam {
                         pools: addresses.iter().map(|ip| self.pool_of(*ip)).collect(),
                         addresses,
                         unsatisfied,
+                        notices: Vec::new(),
                     }
                 }
                 Err(e) => ServiceAddresses {
@@ -283,6 +297,13 @@ impl Ipam {
                     ..ServiceAddresses::default()
                 },
             };
+            let mut entry = entry;
+            entry.notices = self
+                .allocator
+                .notices(&c.id)
+                .iter()
+                .map(|n| format!("{}: {n}", n.reason()))
+                .collect();
             out.services.insert((ns.clone(), name.clone()), entry);
         }
         self.consumers = consumers;

@@ -215,7 +215,10 @@ pub async fn run(opts: Options) -> Result<()> {
     loop {
         rt.pass().await;
         let failing = !rt.healthy();
-        let wait = if failing { retry } else { rt.opts.resync };
+        let mut wait = if failing { retry } else { rt.opts.resync };
+        if let Some(at) = rt.ipam.next_deadline() {
+            wait = wait.min(Duration::from_secs(at.saturating_sub(unix_now()).max(1)));
+        }
         retry = if failing {
             (retry * 2).min(Duration::from_secs(30))
         } else {
@@ -260,7 +263,7 @@ impl Runtime {
                 "cannot list the manifest folder: {e}; keeping what was read before"
             ),
         }
-        self.outcome = self.ipam.reconcile(&self.world);
+        self.outcome = self.ipam.reconcile(&self.world, unix_now());
         let allocations = self.outcome.allocations();
         if allocations != self.saved {
             if let Some(path) = &self.opts.state_file {
@@ -448,6 +451,14 @@ impl Runtime {
         }
         Ok(())
     }
+}
+
+/// Seconds since the Unix epoch (IPAM's clock: grace periods survive restarts through the
+/// state file's addresses, not through this process's uptime).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A stable number from the node's name, so that nodes peering with one router jitter

@@ -85,7 +85,7 @@ fn node(name: &str) -> NodeIdentity {
 fn plan_for(text: &str, node_name: &str) -> (IpamOutcome, NodePlan) {
     let w = world(text);
     let mut ipam = Ipam::new(ClassPolicy::default(), BTreeMap::new());
-    let outcome = ipam.reconcile(&w);
+    let outcome = ipam.reconcile(&w, 0);
     let plan = node_plan(&w, &outcome, &node(node_name));
     (outcome, plan)
 }
@@ -380,14 +380,14 @@ fn a_service_edited_into_an_invalid_state_keeps_its_address_until_fixed() {
     let good = format!("{BASE}{}", service("web", ""));
     let mut w = world(&good);
     let mut ipam = Ipam::new(ClassPolicy::default(), BTreeMap::new());
-    let before = ipam.reconcile(&w);
+    let before = ipam.reconcile(&w, 0);
     let vip = addr_of(&before, "web");
     let (events, _) = parse_text(
         "f.yaml",
         &service("web", "  externalTrafficPolicy: Sometimes"),
     );
     w.apply_all(events);
-    let after = ipam.reconcile(&w);
+    let after = ipam.reconcile(&w, 0);
     assert_eq!(addr_of(&after, "web"), vip);
     assert!(after.problems[0]
         .message
@@ -400,17 +400,17 @@ fn saved_allocations_are_retaken_before_new_services_allocate_after_a_restart() 
     // b alone gets the first address; after a restart that also finds a (which sorts first
     // and would otherwise take it), b keeps its address and a gets the next one.
     let mut ipam = Ipam::new(ClassPolicy::default(), BTreeMap::new());
-    let first = ipam.reconcile(&world(&format!("{BASE}{}", service("b", ""))));
+    let first = ipam.reconcile(&world(&format!("{BASE}{}", service("b", ""))), 0);
     let b = addr_of(&first, "b");
     let saved = first.allocations();
     let mut restarted = Ipam::new(ClassPolicy::default(), saved);
     let both = format!("{BASE}{}{}", service("a", ""), service("b", ""));
-    let again = restarted.reconcile(&world(&both));
+    let again = restarted.reconcile(&world(&both), 0);
     assert_eq!(addr_of(&again, "b"), b);
     assert_ne!(addr_of(&again, "a"), b);
     let mut fresh = Ipam::new(ClassPolicy::default(), BTreeMap::new());
     assert_eq!(
-        addr_of(&fresh.reconcile(&world(&both)), "a"),
+        addr_of(&fresh.reconcile(&world(&both), 0), "a"),
         b,
         "the fixture must be able to fail"
     );
