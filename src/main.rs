@@ -189,7 +189,7 @@ fn main() -> Result<()> {
             }
         }
         Command::Lab { connections, ipv6 } => {
-            let report = portico_integration::lab::run(connections, ipv6)?;
+            let report = portico_lab::lab::run(connections, ipv6)?;
             println!(
                 "lab: client → VIP through Portico's XDP balancer: TCP per backend {:?}, UDP per backend {:?}; XDP counted {} new TCP flows, {} packets",
                 report.tcp, report.udp, report.xdp_tcp_new_flows, report.xdp_tcp_packets

@@ -338,6 +338,20 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
     wait_for("a TCP answer through the VIP", || Ok(lab.tcp(vip).ok()))?;
     assert_eq!(lab.tcp(vip)?, "be1");
     assert_eq!(lab.udp(vip)?, "be1");
+    // The answers came through the XDP balancer (the node's stack has no listener on :80).
+    let report = lab.status()?;
+    let web = report
+        .services
+        .iter()
+        .find(|s| s.name == "web")
+        .context("web")?;
+    assert!(web.new_flows >= 2 && web.announced, "{web:?}");
+    let tx = report
+        .datapath
+        .iter()
+        .find(|(n, _)| n == "tx")
+        .map_or(0, |(_, v)| *v);
+    assert!(tx > 0, "XDP_TX counter: {:?}", report.datapath);
 
     // A second backend: new connections spread over both.
     lab.write("20-web.yaml", &service("web", &[1, 2]))?;
