@@ -14,6 +14,7 @@ packages=(
   bird2 frr gobgpd            # real BGP peers for the interop tests
   iproute2 iputils-ping ethtool bpftool tcpdump socat iperf3 nftables
   pkg-config
+  prometheus                  # promtool checks the metrics exposition in tests
 )
 missing=()
 for p in "${packages[@]}"; do

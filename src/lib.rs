@@ -11,6 +11,7 @@
 
 pub mod apply;
 pub mod manifest;
+pub mod metrics;
 pub mod plan;
 pub mod standalone;
 pub mod state;

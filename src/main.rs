@@ -50,6 +50,10 @@ enum Output {
 const ADMIN_SOCKET: &str = "/run/portico/admin.sock";
 
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once at startup; boxing buys nothing"
+)]
 enum Command {
     /// Run Portico without Kubernetes: read a folder of manifests (AddressPool, BGPPeer,
     /// BGPAdvertisement, Service, EndpointSlice, Secret, Node), allocate, announce and
@@ -94,6 +98,9 @@ enum Command {
         /// What SIGTERM does.
         #[arg(long, value_enum, default_value_t = Shutdown::Keep)]
         shutdown: Shutdown,
+        /// Serve Prometheus metrics, /healthz and /readyz here ("none": off).
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        metrics_address: String,
     },
     /// Show what a running `portico standalone` is doing.
     Status {
@@ -150,6 +157,7 @@ fn main() -> Result<()> {
             hold_link,
             default_class,
             shutdown,
+            metrics_address,
         } => {
             let mut opts = Options::new(manifests, node);
             opts.state_file = state;
@@ -171,6 +179,15 @@ fn main() -> Result<()> {
             opts.bgp_listen = bgp_listen;
             opts.hold_link = (hold_link != "none").then_some(hold_link);
             opts.default_class = default_class;
+            opts.metrics = if metrics_address == "none" {
+                None
+            } else {
+                Some(metrics_address.parse().with_context(|| {
+                    format!(
+                        "--metrics-address {metrics_address:?} is not an address:port or \"none\""
+                    )
+                })?)
+            };
             opts.shutdown = match shutdown {
                 Shutdown::Keep => ShutdownMode::Keep,
                 Shutdown::Withdraw => ShutdownMode::Withdraw,

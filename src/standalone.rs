@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::apply::{BalancerApplier, HolderApplier, SpeakerApplier};
 use crate::manifest::ManifestFolder;
+use crate::metrics::{MetricsRequest, ReconcileMetrics};
 use crate::plan::{node_plan, Ipam, IpamOutcome, NodeIdentity, NodePlan};
 use crate::status::{PeerRow, PoolRow, ServiceRow, StatusReport};
 use crate::world::World;
@@ -77,6 +78,8 @@ pub struct Options {
     pub default_class: bool,
     /// SIGTERM behaviour.
     pub shutdown: ShutdownMode,
+    /// Serve `/metrics`, `/healthz` and `/readyz` here.
+    pub metrics: Option<SocketAddr>,
     /// Quiet time after a file event before a pass.
     pub debounce: Duration,
     /// A pass at least this often, events or not.
@@ -100,6 +103,7 @@ impl Options {
             hold_link: None,
             default_class: false,
             shutdown: ShutdownMode::Keep,
+            metrics: None,
             debounce: Duration::from_millis(30),
             resync: Duration::from_secs(30),
         }
@@ -124,6 +128,7 @@ struct Runtime {
     last_pass: Duration,
     problems: Vec<String>,
     xdp: bool,
+    reconcile_metrics: ReconcileMetrics,
 }
 
 /// Runs until SIGTERM or SIGINT.
@@ -184,6 +189,13 @@ pub async fn run(opts: Options) -> Result<()> {
     if let Some(path) = &opts.admin_socket {
         serve_admin(path.clone(), admin_tx)?;
     }
+    let (metrics_tx, mut metrics_rx) = mpsc::channel::<MetricsRequest>(16);
+    if let Some(addr) = opts.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics listener {addr}"))?;
+        crate::metrics::serve(listener, metrics_tx);
+    }
     let (file_tx, mut file_rx) = mpsc::unbounded_channel::<()>();
     let _watcher = watch_folder(&opts.manifests, file_tx)?;
 
@@ -207,6 +219,7 @@ pub async fn run(opts: Options) -> Result<()> {
         last_pass: Duration::ZERO,
         problems: Vec::new(),
         xdp,
+        reconcile_metrics: ReconcileMetrics::default(),
         opts,
     };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -236,6 +249,10 @@ pub async fn run(opts: Options) -> Result<()> {
                 }
                 Some(reply) = admin_rx.recv() => {
                     let _ = reply.send(rt.report());
+                }
+                Some(reply) = metrics_rx.recv() => {
+                    let ready = rt.passes > 0 && rt.healthy();
+                    let _ = reply.send((rt.report(), rt.reconcile_metrics.clone(), ready));
                 }
                 () = tokio::time::sleep_until(deadline) => break,
                 _ = sigterm.recv() => return rt.shutdown().await,
@@ -305,6 +322,21 @@ impl Runtime {
         self.problems = problems;
         self.passes += 1;
         self.last_pass = started.elapsed();
+        let mut failed = Vec::new();
+        if let Some(s) = &self.speaker {
+            if !s.health.ok {
+                failed.push(s.health.name);
+            }
+        }
+        if !self.balancer.health.ok {
+            failed.push(self.balancer.health.name);
+        }
+        if let Some(h) = &self.holder {
+            if !h.health.ok {
+                failed.push(h.health.name);
+            }
+        }
+        self.reconcile_metrics.observe(self.last_pass, &failed);
         tracing::debug!(
             pass = self.passes,
             us = self.last_pass.as_micros() as u64,
@@ -360,6 +392,7 @@ impl Runtime {
                     announced: view.announced,
                     local: view.local,
                     unsatisfied: a.unsatisfied.clone(),
+                    notices: a.notices.clone(),
                     packets,
                     new_flows,
                 }

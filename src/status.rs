@@ -49,6 +49,9 @@ pub struct ServiceRow {
     pub local: bool,
     /// Why it lacks an address.
     pub unsatisfied: Option<String>,
+    /// What else IPAM says (grace period, pending request, not shared).
+    #[serde(default)]
+    pub notices: Vec<String>,
     /// Packets the datapath balanced for it.
     pub packets: u64,
     /// New flows the datapath balanced for it.

@@ -15,6 +15,8 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
+
+mod common;
 use ipnet::IpNet;
 use portico::status::StatusReport;
 use portico_integration::peers::{Neighbor, PeerConfig, PeerKind, RealPeer};
@@ -352,6 +354,17 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
         .find(|(n, _)| n == "tx")
         .map_or(0, |(_, v)| *v);
     assert!(tx > 0, "XDP_TX counter: {:?}", report.datapath);
+    // Metrics: ready, and an exposition promtool accepts.
+    let metrics: SocketAddr = "127.0.0.1:9464".parse()?;
+    let (ready, _) = traffic::in_ns(&lab.node, move || common::http_get(metrics, "/readyz"))?;
+    assert!(ready.contains("200"), "{ready}");
+    let (status, body) = traffic::in_ns(&lab.node, move || common::http_get(metrics, "/metrics"))?;
+    assert!(status.contains("200"), "{status}");
+    common::promtool_check(&body);
+    assert!(
+        body.contains("portico_bgp_session_established{peer=\"tor\",address=\"198.18.1.254\"} 1"),
+        "{body}"
+    );
 
     // A second backend: new connections spread over both.
     lab.write("20-web.yaml", &service("web", &[1, 2]))?;
