@@ -6,4 +6,4 @@
 
 pub mod fibnet;
 
-pub use portico_lab::{lab, netns, peers, require_root, traffic, NetNs, TestNet};
+pub use portico_lab::{lab, netns, peers, require_root, standalone, traffic, NetNs, TestNet};

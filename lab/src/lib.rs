@@ -8,6 +8,7 @@
 pub mod lab;
 pub mod netns;
 pub mod peers;
+pub mod standalone;
 pub mod traffic;
 
 pub use netns::{require_root, NetNs, TestNet};
