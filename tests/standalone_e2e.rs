@@ -56,7 +56,7 @@ impl Lab {
         Ok(())
     }
 
-    fn start_portico(&mut self) -> Result<()> {
+    fn start_portico(&mut self, extra: &[&str]) -> Result<()> {
         let child = self
             .topo
             .node
@@ -78,6 +78,7 @@ impl Lab {
                 "--router-id",
                 NODE_IP,
             ])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .spawn()
@@ -165,7 +166,7 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
     let (be1, be2) = (topo::backend_ip(1), topo::backend_ip(2));
     lab.write("00-base.yaml", topo::BASE_MANIFESTS)?;
     lab.write("20-web.yaml", &topo::service_manifest("web", &[be1]))?;
-    lab.start_portico()?;
+    lab.start_portico(&[])?;
 
     // Address → state file and status; route at the router; TCP and UDP reach be1.
     let state = lab.state_file();
@@ -264,7 +265,12 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
 
     // Restart: the same address, announced again, traffic flows again.
     lab.stop_portico()?;
-    lab.start_portico()?;
+    // Stopped with graceful restart negotiated: the router keeps the route meanwhile.
+    assert!(
+        lab.topo.router.route(host_route(vip))?.is_some(),
+        "the router dropped the route although graceful restart was negotiated"
+    );
+    lab.start_portico(&[])?;
     let report = wait_for("status after the restart", || lab.status().map(Some))?;
     let web = report
         .services
@@ -293,5 +299,22 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
     );
     assert_eq!(saved_address(&state, "web")?, None);
     lab.stop_portico()?;
+
+    // `--shutdown withdraw`: Cease, so the router drops the routes at once; the address
+    // link goes too.
+    lab.write("20-web.yaml", &topo::service_manifest("web", &[be1]))?;
+    lab.start_portico(&["--shutdown", "withdraw"])?;
+    let vip = wait_for("web's address again", || saved_address(&state, "web"))?;
+    lab.topo.router.wait_routes(
+        |r| r.iter().any(|r| r.prefix == host_route(vip)),
+        Duration::from_secs(60),
+    )?;
+    lab.stop_portico()?;
+    assert!(
+        lab.topo.router.route(host_route(vip))?.is_none(),
+        "route still at the router"
+    );
+    let links = lab.topo.node.run(&["ip", "-o", "link", "show"])?;
+    assert!(!links.contains("portico0"), "{links}");
     Ok(())
 }
