@@ -211,14 +211,10 @@ impl Topology {
     /// # Errors
     /// A server cannot bind.
     pub fn start_backends(&self) -> Result<Vec<Backend>> {
-        self.backends
-            .iter()
-            .enumerate()
-            .map(|(i, be)| {
-                let addr = SocketAddr::new(self.family.backend(i as u8 + 1), BACKEND_PORT);
-                Backend::start(be, &format!("be{}", i + 1), addr)
-            })
-            .collect()
+        let f = self.family;
+        traffic::start_backends(&self.backends, |i| {
+            SocketAddr::new(f.backend(i), BACKEND_PORT)
+        })
     }
 
     /// Loads the XDP program, configures the node, adds TCP and UDP services on the VIP
