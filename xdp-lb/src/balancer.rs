@@ -1154,6 +1154,41 @@ mod tests {
     }
 
     #[test]
+    fn a_pinned_balancer_can_move_into_the_runtime_task() {
+        fn send<T: Send + 'static>() {}
+        send::<XdpBalancer>();
+    }
+
+    #[test]
+    fn a_config_reads_back_as_the_node_config_it_was_written_from() {
+        let node = NodeConfig {
+            snat_v4: Some("198.18.1.254".parse().unwrap()),
+            snat_v6: Some("fd00:18:1::fe".parse().unwrap()),
+            snat_ports: (21000, 21999),
+            hash_seed: 7,
+            tcp_timeout: Duration::from_secs(3600),
+            udp_timeout: Duration::from_secs(60),
+            tcp_closing_timeout: Duration::from_secs(10),
+            echo_reply: false,
+        };
+        let hz = 250;
+        let jiffies = |d: Duration| (d.as_millis() * hz / 1000) as u32;
+        let cfg = Config {
+            snat_v4: addr_from_v4([198, 18, 1, 254])[0],
+            snat_v6: addr_from_octets("fd00:18:1::fe".parse::<Ipv6Addr>().unwrap().octets()),
+            snat_port_min: 21000,
+            snat_port_max: 21999,
+            hash_seed: 7,
+            hz: hz as u32,
+            tcp_timeout: jiffies(node.tcp_timeout),
+            udp_timeout: jiffies(node.udp_timeout),
+            tcp_closing_timeout: jiffies(node.tcp_closing_timeout),
+            ..Config::default()
+        };
+        assert_eq!(node_config_of(&cfg), node);
+    }
+
+    #[test]
     fn stable_keys_differ_by_port_and_address() {
         let a: IpAddr = "198.18.2.1".parse().unwrap();
         let b: IpAddr = "198.18.2.2".parse().unwrap();

@@ -25,9 +25,10 @@ use portico_xdp_common::{map_name, Counters, PINNED_LAYOUT_VERSION};
 use crate::program::{map_err, LoadOptions, XdpError};
 
 /// Maps pinned under the directory: every map tracked flows, services, backends and counters
-/// live in. Not pinned: `SCRATCH` (per-packet scratch space), `FLOW_CACHE` and `REPLY_CACHE`
-/// (per-CPU copies of `CONNTRACK` and `REV_NAT` entries, which a new program refills).
-pub(crate) const PINNED_MAPS: [&str; 10] = [
+/// live in, and the per-CPU caches: their size is in `CONFIG::flow_cache_mask`, which the old
+/// and the new program share until the new one is swapped into the links, so both must use
+/// caches of the same size. Not pinned: `SCRATCH`, each packet's scratch space.
+pub(crate) const PINNED_MAPS: [&str; 12] = [
     map_name::STATS,
     map_name::VIP_FILTER,
     map_name::CONFIG,
@@ -38,12 +39,13 @@ pub(crate) const PINNED_MAPS: [&str; 10] = [
     map_name::REV_NAT,
     map_name::SERVICE_STATS,
     map_name::BACKEND_STATS,
+    map_name::FLOW_CACHE,
+    map_name::REPLY_CACHE,
 ];
 
 /// Maps of the object that are deliberately not pinned (see [`PINNED_MAPS`]).
 #[cfg(test)]
-pub(crate) const UNPINNED_MAPS: [&str; 3] =
-    ["SCRATCH", map_name::FLOW_CACHE, map_name::REPLY_CACHE];
+pub(crate) const UNPINNED_MAPS: [&str; 1] = ["SCRATCH"];
 
 /// Magic and layout version of the pinned set.
 const META: &str = "ptc_meta";
@@ -102,11 +104,8 @@ impl Geometry {
         }
     }
 
-    fn of_pin(name: &str, path: &Path) -> Result<Self, XdpError> {
-        let info = MapInfo::from_pin(path).map_err(|source| XdpError::Map {
-            name: static_name(name),
-            source,
-        })?;
+    fn of_pin(name: &'static str, path: &Path) -> Result<Self, XdpError> {
+        let info = MapInfo::from_pin(path).map_err(map_err(name))?;
         Ok(Self {
             // An unknown type cannot match any expected one.
             map_type: info.map_type().map_or(u32::MAX, |t| t as u32),
@@ -131,16 +130,6 @@ impl Geometry {
     }
 }
 
-/// The `&'static str` of a known map name (errors carry static names).
-fn static_name(name: &str) -> &'static str {
-    PINNED_MAPS
-        .iter()
-        .chain([META, BACKEND_META, RETIRED].iter())
-        .find(|n| **n == name)
-        .copied()
-        .unwrap_or("(pinned map)")
-}
-
 /// Which load option sets a map's size, for error messages.
 fn sized_by(name: &str) -> &'static str {
     match name {
@@ -149,6 +138,9 @@ fn sized_by(name: &str) -> &'static str {
         map_name::SERVICE_STATS | RETIRED => "LoadOptions::max_services",
         map_name::BACKENDS | map_name::BACKEND_STATS | BACKEND_META => "LoadOptions::max_backends",
         map_name::CONNTRACK | map_name::REV_NAT => "LoadOptions::conntrack_entries",
+        map_name::FLOW_CACHE | map_name::REPLY_CACHE => {
+            "LoadOptions::flow_cache_entries × possible CPUs"
+        }
         _ => "fixed by the program",
     }
 }

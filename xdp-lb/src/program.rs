@@ -381,7 +381,7 @@ impl XdpProgram {
     /// Loads the program with its state maps pinned under `dir` (on bpffs, e.g.
     /// `/sys/fs/bpf/portico/<node>`, created if missing), reusing the maps an earlier load
     /// pinned there: connection tracking, reverse NAT, services, backends, rings, the VIP
-    /// filter, the configuration and the counters. The per-CPU caches start empty. Then
+    /// filter, the configuration, the counters and the per-CPU caches. Then
     /// [`XdpBalancer::adopt`](crate::XdpBalancer::adopt) picks the services up, and
     /// [`XdpProgram::attach`] replaces the program in the links pinned there.
     ///
