@@ -496,3 +496,39 @@ fn an_id_released_before_a_restart_comes_back_with_its_next_generation() {
         "the flow of a backend removed before the restart followed its id to another backend"
     );
 }
+
+#[test]
+fn a_link_whose_interface_was_recreated_is_replaced_and_can_be_unpinned() {
+    let mut net = TestNet::new().unwrap();
+    let a = net.add_ns("a").unwrap();
+    let b = net.add_ns("b").unwrap();
+    net.veth(&a, "eth0", &b, "eth0").unwrap();
+    let pins = PinDir::new("relink");
+    let attach = |pins: &PinDir| {
+        let mut program = XdpProgram::load_pinned(options(), &pins.0).unwrap();
+        let _in = a.enter().unwrap();
+        program.attach("eth0", AttachMode::Generic).unwrap();
+        program
+    };
+    drop(attach(&pins));
+    assert!(attached_program(&a, "eth0").is_some());
+
+    // The interface goes away with its link's attachment; one of the same name comes back.
+    a.run(&["ip", "link", "del", "eth0"]).unwrap();
+    net.veth(&a, "eth0", &b, "eth0").unwrap();
+    assert_eq!(attached_program(&a, "eth0"), None);
+    let mut program = attach(&pins);
+    let id = u64::from(program.program_id().unwrap());
+    assert_eq!(attached_program(&a, "eth0"), Some(id));
+    assert_eq!(
+        program.pinned_interfaces().unwrap(),
+        vec!["eth0".to_owned()]
+    );
+
+    // An interface no longer configured: its link goes, the maps stay.
+    assert!(program.unpin_interface("eth0").unwrap());
+    assert!(!program.unpin_interface("eth0").unwrap());
+    assert_eq!(wait_detached(&a, "eth0"), None, "still attached");
+    assert!(program.pinned_interfaces().unwrap().is_empty());
+    assert!(pins.entries().contains("CONNTRACK"));
+}
