@@ -26,15 +26,34 @@ struct Lab {
     topo: Topology,
     dir: tempfile::TempDir,
     portico: Option<Child>,
+    /// A bpffs of this run: `ip netns exec` remounts /sys, so /sys/fs/bpf is not visible
+    /// to the node process; a bpffs mounted elsewhere in the root mount namespace is.
+    bpffs: PathBuf,
 }
 
 impl Lab {
     fn build() -> Result<Lab> {
+        let topo = topo::build(2)?;
+        let bpffs = PathBuf::from(format!("/run/ptc-bpffs-{}", std::process::id()));
+        std::fs::create_dir_all(&bpffs)?;
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&bpffs)
+            .status()?;
+        if !mounted.success() {
+            bail!("mounting a bpffs on {} failed", bpffs.display());
+        }
         Ok(Lab {
-            topo: topo::build(2)?,
+            topo,
             dir: tempfile::tempdir()?,
             portico: None,
+            bpffs,
         })
+    }
+
+    /// bpffs folder of this run's pinned maps and links.
+    fn pin_dir(&self) -> PathBuf {
+        self.bpffs.join("n1")
     }
 
     fn manifests(&self) -> PathBuf {
@@ -77,6 +96,8 @@ impl Lab {
                 &self.socket().display().to_string(),
                 "--router-id",
                 NODE_IP,
+                "--bpf-pin-dir",
+                &self.pin_dir().display().to_string(),
             ])
             .args(extra)
             .env("RUST_LOG", "info")
@@ -124,6 +145,11 @@ impl Drop for Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let _ = portico_xdp::XdpProgram::unpin(self.pin_dir());
+        let _ = std::process::Command::new("umount")
+            .arg(&self.bpffs)
+            .status();
+        let _ = std::fs::remove_dir(&self.bpffs);
     }
 }
 
@@ -263,8 +289,13 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
     );
     assert!(lab.tcp(vip).is_ok());
 
-    // Restart: the same address, announced again, traffic flows again.
+    // Restart: the same address, announced again, traffic flows again, and a connection
+    // established before the restart carries on with the same backend (the XDP program and
+    // its maps stay pinned; the new process adopts them).
+    let mut long = traffic::in_ns(&lab.topo.client, move || traffic::LongLived::open(vip_addr))?;
+    let first = long.backend.clone();
     lab.stop_portico()?;
+    assert_eq!(long.exchange()?, first, "while portico is stopped");
     // Stopped with graceful restart negotiated: the router keeps the route meanwhile.
     assert!(
         lab.topo.router.route(host_route(vip))?.is_some(),
@@ -316,5 +347,11 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
     );
     let links = lab.topo.node.run(&["ip", "-o", "link", "show"])?;
     assert!(!links.contains("portico0"), "{links}");
+    assert!(
+        !lab.pin_dir().exists(),
+        "pins left in {}",
+        lab.pin_dir().display()
+    );
+    assert!(!links.contains("xdp"), "XDP still attached: {links}");
     Ok(())
 }
