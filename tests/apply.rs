@@ -55,7 +55,7 @@ fn a_service_the_balancer_refuses_is_reported_and_the_others_still_go_in() {
         .unwrap()
         .contains("2001:db8::1"));
     // The next pass without the refused service is healthy again.
-    a.apply(&plan(&[v4.clone()]));
+    a.apply(&plan(std::slice::from_ref(&v4)));
     assert!(a.health.ok);
     assert_eq!(a.health.failures, 1);
 }
@@ -67,7 +67,7 @@ fn only_changed_services_are_written_and_gone_ones_removed() {
     let api = spec("198.51.100.2", 443, &["10.0.0.2"]);
     a.apply(&plan(&[web.clone(), api.clone()]));
     let web2 = spec("198.51.100.1", 80, &["10.0.0.1", "10.0.0.3"]);
-    a.apply(&plan(&[web2.clone()]));
+    a.apply(&plan(std::slice::from_ref(&web2)));
     assert_eq!(a.applied().len(), 1);
     assert_eq!(a.balancer().service(&web.key), Some(&web2));
     assert_eq!(a.balancer().service(&api.key), None);
