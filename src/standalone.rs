@@ -22,7 +22,7 @@ use crate::apply::{BalancerApplier, HolderApplier, SpeakerApplier};
 use crate::manifest::ManifestFolder;
 use crate::metrics::{MetricsRequest, ReconcileMetrics};
 use crate::plan::{node_plan, Ipam, IpamOutcome, NodeIdentity, NodePlan};
-use crate::status::{PeerRow, PoolRow, ServiceRow, StatusReport};
+use crate::status::{BackendRow, PeerRow, PoolRow, ServiceRow, StatusReport};
 use crate::world::World;
 use crate::{state, NodeAddresses};
 
@@ -412,15 +412,16 @@ impl Runtime {
                     .cloned()
                     .unwrap_or_default();
                 let (mut packets, mut new_flows) = (0, 0);
-                for key in self
-                    .plan
-                    .services
-                    .keys()
-                    .filter(|k| a.addresses.contains(&k.vip))
-                {
+                let mut backends: BTreeMap<(IpAddr, u16), (u64, u64)> = BTreeMap::new();
+                for key in &view.listeners {
                     if let Ok(Some(s)) = self.balancer.balancer().service_stats(key) {
                         packets += s.service.packets;
                         new_flows += s.service.new_flows;
+                        for (b, c) in s.backends {
+                            let e = backends.entry(b).or_default();
+                            e.0 += c.packets;
+                            e.1 += c.new_flows;
+                        }
                     }
                 }
                 ServiceRow {
@@ -436,6 +437,15 @@ impl Runtime {
                     notices: a.notices.clone(),
                     packets,
                     new_flows,
+                    backends: backends
+                        .into_iter()
+                        .map(|((address, port), (packets, new_flows))| BackendRow {
+                            address,
+                            port,
+                            packets,
+                            new_flows,
+                        })
+                        .collect(),
                 }
             })
             .collect();

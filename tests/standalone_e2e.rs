@@ -257,6 +257,33 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
         Ok((seen.len() == 2).then_some(()))
     })?;
 
+    let report = lab.status()?;
+    let web = report
+        .services
+        .iter()
+        .find(|s| s.name == "web")
+        .context("web")?;
+    let hit: Vec<String> = web
+        .backends
+        .iter()
+        .filter(|b| b.new_flows > 0)
+        .map(|b| b.address.to_string())
+        .collect();
+    assert_eq!(hit, [be1.to_string(), be2.to_string()], "{web:?}");
+    // What an operator types.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portico"))
+        .args(["status", "--socket"])
+        .arg(lab.socket())
+        .output()?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    for want in ["lab/web", &vip.to_string(), "tor", "Established"] {
+        assert!(
+            table.contains(want),
+            "`portico status` lacks {want}:\n{table}"
+        );
+    }
+
     // Shrinking the pool around the address keeps it.
     lab.write(
         "00-base.yaml",
