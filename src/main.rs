@@ -50,6 +50,86 @@ enum Output {
 const ADMIN_SOCKET: &str = "/run/portico/admin.sock";
 
 #[derive(Debug, Subcommand)]
+enum LabCommand {
+    /// Build the lab, apply the manifests and wait for the routes; it stays up until
+    /// `portico lab down`.
+    Up {
+        #[command(flatten)]
+        common: LabArgs,
+        /// Folder of manifests to apply (default: the built-in deploy/examples/lab).
+        #[arg(long, value_name = "DIR")]
+        manifests: Option<PathBuf>,
+        /// XDP attach mode on the nodes' uplinks.
+        #[arg(long, value_enum, default_value_t = XdpMode::Generic)]
+        xdp_mode: XdpMode,
+    },
+    /// Replace the running lab's manifests and wait until nodes and router agree.
+    Apply {
+        #[command(flatten)]
+        common: LabArgs,
+        /// Folder of manifests to apply (default: the built-in deploy/examples/lab).
+        #[arg(long, value_name = "DIR")]
+        manifests: Option<PathBuf>,
+    },
+    /// Show the running lab: Services and who announces them, router sessions and routes.
+    Status {
+        #[command(flatten)]
+        common: LabArgs,
+        /// Tables or JSON.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Stop every process of the lab and delete its namespaces.
+    Down {
+        #[command(flatten)]
+        common: LabArgs,
+    },
+    /// Up, apply, wait for the routes, send TCP and UDP from the client to every address,
+    /// print addresses, the router's ECMP routes and hits per node and per backend, then
+    /// tear down (unless --keep). Last line JSON.
+    Demo {
+        #[command(flatten)]
+        common: LabArgs,
+        /// Folder of manifests to apply (default: the built-in deploy/examples/lab).
+        #[arg(long, value_name = "DIR")]
+        manifests: Option<PathBuf>,
+        /// TCP connections, and as many UDP exchanges, per address.
+        #[arg(long, default_value_t = 100)]
+        flows: usize,
+        /// Leave the lab up for `portico lab status`.
+        #[arg(long)]
+        keep: bool,
+        /// XDP attach mode on the nodes' uplinks.
+        #[arg(long, value_enum, default_value_t = XdpMode::Generic)]
+        xdp_mode: XdpMode,
+    },
+    /// Own a lab until SIGTERM (started by `up` and `demo`).
+    #[command(hide = true)]
+    Supervise {
+        #[command(flatten)]
+        common: LabArgs,
+        #[arg(long, value_enum, default_value_t = XdpMode::Generic)]
+        xdp_mode: XdpMode,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct LabArgs {
+    /// The lab's folder: manifests, node state, sockets, logs.
+    #[arg(long, value_name = "DIR", default_value = portico_lab::control::DEFAULT_DIR)]
+    dir: PathBuf,
+}
+
+impl XdpMode {
+    fn name(self) -> &'static str {
+        match self {
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
 #[allow(
     clippy::large_enum_variant,
     reason = "parsed once at startup; boxing buys nothing"
@@ -115,15 +195,12 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Build a throwaway topology in network namespaces, run traffic through the XDP
-    /// program, print what it measured (last line JSON), and tear it down.
+    /// The lab (root): a BIRD router with ECMP over two nodes running `portico standalone`
+    /// with XDP, four backends and a client, in network namespaces; it applies the manifests
+    /// of deploy/examples/lab (built in) or of --manifests.
     Lab {
-        /// TCP connections (and as many UDP exchanges) to send through the VIP.
-        #[arg(long, default_value_t = 300)]
-        connections: usize,
-        /// Use IPv6 (ULA) addressing instead of IPv4.
-        #[arg(long)]
-        ipv6: bool,
+        #[command(subcommand)]
+        command: LabCommand,
     },
     /// Print Portico's CustomResourceDefinitions as YAML, generated from the Rust types,
     /// or write one file per CRD into a directory (the checked-in copies live in
@@ -216,14 +293,7 @@ fn main() -> Result<()> {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
             }
         }
-        Command::Lab { connections, ipv6 } => {
-            let report = portico_lab::lab::run(connections, ipv6)?;
-            println!(
-                "lab: client → VIP through Portico's XDP balancer: TCP per backend {:?}, UDP per backend {:?}; XDP counted {} new TCP flows, {} packets",
-                report.tcp, report.udp, report.xdp_tcp_new_flows, report.xdp_tcp_packets
-            );
-            println!("{}", report.to_json());
-        }
+        Command::Lab { command } => lab(command)?,
         Command::Crds { out_dir } => {
             let files = portico_crds::crd_files()?;
             match out_dir {
@@ -249,4 +319,106 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs a `portico lab` command; the last line of `up`, `apply`, `status`, `down` and `demo`
+/// is JSON, also when they fail (then the exit status is 1).
+fn lab(command: LabCommand) -> Result<()> {
+    use portico_lab::control;
+    use portico_lab::progress::Progress;
+
+    let started = std::time::Instant::now();
+    let mut progress = Progress::human(Box::new(std::io::stdout()));
+    let outcome: Result<serde_json::Value> = match command {
+        LabCommand::Supervise { common, xdp_mode } => {
+            return control::supervise(&common.dir, xdp_mode.name());
+        }
+        LabCommand::Up {
+            common,
+            manifests,
+            xdp_mode,
+        } => {
+            println!(
+                "portico lab up: BIRD router, nodes n1 and n2, backends be1-be4, client (in {})",
+                common.dir.display()
+            );
+            control::up(
+                &common.dir,
+                manifests.as_deref(),
+                xdp_mode.name(),
+                &mut progress,
+            )
+            .map(|s| {
+                print!("\n{}", s.render());
+                serde_json::json!({"ok": true, "owner_pid": s.handle.owner_pid, "dir": common.dir})
+            })
+        }
+        LabCommand::Apply { common, manifests } => {
+            control::apply(&common.dir, manifests.as_deref(), &mut progress).map(|s| {
+                print!("\n{}", s.render());
+                serde_json::json!({"ok": true})
+            })
+        }
+        LabCommand::Status { common, output } => control::status(&common.dir).and_then(|s| {
+            if let Output::Table = output {
+                print!("{}", s.render());
+            }
+            Ok(serde_json::json!({"ok": true, "status": serde_json::to_value(&s)?}))
+        }),
+        LabCommand::Down { common } => control::down(&common.dir, None).map(|r| {
+            match r.owner_pid {
+                Some(pid) => println!("portico lab down: the lab of pid {pid} is gone"),
+                None => println!(
+                    "portico lab down: no lab was up in {}",
+                    common.dir.display()
+                ),
+            }
+            serde_json::json!({"ok": true, "owner_pid": r.owner_pid, "swept": r.swept})
+        }),
+        LabCommand::Demo {
+            common,
+            manifests,
+            flows,
+            keep,
+            xdp_mode,
+        } => {
+            println!(
+                "portico lab demo: BIRD router with ECMP, nodes n1 and n2 (portico standalone, XDP {}), backends be1-be4, client",
+                xdp_mode.name()
+            );
+            let opts = control::DemoOptions {
+                dir: common.dir,
+                manifests,
+                flows,
+                keep,
+                xdp_mode: xdp_mode.name().to_owned(),
+            };
+            control::demo(&opts, &mut progress).map(|report| {
+                print!("{}", report.render());
+                let secs = started.elapsed().as_secs_f64();
+                println!("\nportico lab demo: done in {secs:.1} s");
+                report.to_json(secs)
+            })
+        }
+    };
+    match outcome {
+        Ok(json) => {
+            println!("{json}");
+            Ok(())
+        }
+        Err(e) => {
+            let step = progress.first_failure().map(str::to_owned);
+            eprintln!("portico lab: {e:#}");
+            println!(
+                "{}",
+                serde_json::json!({
+                    "ok": false,
+                    "step": step,
+                    "error": format!("{e:#}"),
+                    "seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                })
+            );
+            std::process::exit(1);
+        }
+    }
 }
