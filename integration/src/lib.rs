@@ -7,6 +7,6 @@
 pub mod fibnet;
 
 pub use portico_lab::{
-    control, lab, netns, peers, progress, require_root, standalone, topology, traffic, NetNs,
-    TestNet,
+    control, lab, netns, peers, probe, progress, require_root, standalone, topology, traffic,
+    NetNs, TestNet,
 };

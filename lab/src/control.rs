@@ -536,7 +536,7 @@ fn preflight(
 ) -> Result<Vec<(String, String)>> {
     progress.step("preflight: root, tools, manifests", || {
         crate::require_root("portico lab")?;
-        for tool in ["ip", "bird", "birdc", "ethtool", "sysctl"] {
+        for tool in ["ip", "bridge", "bird", "birdc", "ethtool", "sysctl"] {
             which(tool)?;
         }
         manifests(manifest_dir)

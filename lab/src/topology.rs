@@ -994,6 +994,11 @@ fn build_network() -> Result<(TestNet, BTreeMap<String, String>)> {
         let ns = net.add_ns(n.name)?;
         net.veth(&ns, "eth0", &sw, n.name)?;
         sw.run(&["ip", "link", "set", n.name, "master", "br0"])?;
+        // A NIC drops unicast frames for other MAC addresses before XDP sees them; a veth
+        // does not, and the bridge floods frames for a MAC it does not know (or forgot when
+        // a port went down) to every port, so the other node's XDP program would balance
+        // them too. No unknown-unicast flooding to the nodes, as their NICs would filter.
+        sw.run(&["bridge", "link", "set", "dev", n.name, "flood", "off"])?;
         addr(&ns, &format!("{}/24", n.v4), "eth0")?;
         addr(&ns, &format!("{}/64", n.v6), "eth0")?;
         default_routes(&ns, Some(ROUTER_LAN_V4), ROUTER_LAN_V6)?;
