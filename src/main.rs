@@ -99,6 +99,9 @@ enum LabCommand {
         /// Leave the lab up for `portico lab status`.
         #[arg(long)]
         keep: bool,
+        /// Seconds of bulk TCP through one IPv4 and one IPv6 address (0: skip).
+        #[arg(long, default_value_t = 2)]
+        throughput_secs: u64,
         /// XDP attach mode on the nodes' uplinks.
         #[arg(long, value_enum, default_value_t = XdpMode::Generic)]
         xdp_mode: XdpMode,
@@ -380,6 +383,7 @@ fn lab(command: LabCommand) -> Result<()> {
             manifests,
             flows,
             keep,
+            throughput_secs,
             xdp_mode,
         } => {
             println!(
@@ -391,6 +395,7 @@ fn lab(command: LabCommand) -> Result<()> {
                 manifests,
                 flows,
                 keep,
+                throughput_secs,
                 xdp_mode: xdp_mode.name().to_owned(),
             };
             control::demo(&opts, &mut progress).map(|report| {

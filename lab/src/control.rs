@@ -489,6 +489,8 @@ pub struct DemoOptions {
     pub flows: usize,
     /// Leave the lab up.
     pub keep: bool,
+    /// Seconds of bulk TCP through the first IPv4 and IPv6 addresses (0: none).
+    pub throughput_secs: u64,
     /// XDP attach mode on the nodes.
     pub xdp_mode: String,
 }
@@ -525,8 +527,66 @@ pub struct DemoReport {
     pub routes: Vec<KernelRoute>,
     /// Traffic per address and protocol.
     pub flows: Vec<FlowRow>,
+    /// Bulk TCP through the lab, per address.
+    pub throughput: Vec<Throughput>,
     /// The lab was left up.
     pub kept: bool,
+}
+
+/// Bulk TCP from the client through one address.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Throughput {
+    /// The Service.
+    pub service: String,
+    /// The address and port.
+    pub target: SocketAddr,
+    /// Parallel connections.
+    pub streams: usize,
+    /// Bytes the backends received.
+    pub bytes: u64,
+    /// Seconds from the first connect to the last byte count.
+    pub secs: f64,
+}
+
+impl Throughput {
+    /// Gbit/s the backends received.
+    pub fn gbit_per_sec(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.secs.max(1e-9) / 1e9
+    }
+}
+
+/// `streams` parallel bulk transfers through `target` for `secs` seconds each.
+fn bulk(
+    client: &crate::NetNs,
+    service: &str,
+    target: SocketAddr,
+    streams: usize,
+    secs: u64,
+) -> Result<Throughput> {
+    let start = Instant::now();
+    let handles: Vec<_> = (0..streams)
+        .map(|_| {
+            let client = client.clone();
+            std::thread::spawn(move || {
+                traffic::in_ns(&client, move || {
+                    traffic::tcp_bulk(target, Duration::from_secs(secs))
+                })
+            })
+        })
+        .collect();
+    let mut bytes = 0;
+    for h in handles {
+        bytes += h
+            .join()
+            .map_err(|_| anyhow::anyhow!("a bulk stream panicked"))??;
+    }
+    Ok(Throughput {
+        service: service.to_owned(),
+        target,
+        streams,
+        bytes,
+        secs: start.elapsed().as_secs_f64(),
+    })
 }
 
 /// Checks root and the tools, and reads the manifests to apply.
@@ -704,6 +764,41 @@ fn demo_on(
         }
         Ok(rows)
     })?;
+    if opts.throughput_secs > 0 {
+        // Per family, the address routed over the most nodes (ECMP), first by name on ties.
+        let hops = |a: &IpAddr| {
+            report
+                .routes
+                .iter()
+                .find(|r| r.prefix == ipnet::IpNet::from(*a))
+                .map_or(0, |r| r.next_hops.len())
+        };
+        let targets: Vec<(String, IpAddr)> = [false, true]
+            .into_iter()
+            .filter_map(|v6| {
+                report
+                    .addresses
+                    .iter()
+                    .flat_map(|(svc, addrs)| addrs.iter().map(move |a| (svc.clone(), *a)))
+                    .filter(|(_, a)| a.is_ipv6() == v6)
+                    .max_by_key(|(svc, a)| (hops(a), std::cmp::Reverse(svc.clone())))
+            })
+            .collect();
+        report.throughput = progress.step("throughput: bulk TCP through the lab", || {
+            targets
+                .iter()
+                .map(|(svc, ip)| {
+                    bulk(
+                        &client,
+                        svc,
+                        SocketAddr::new(*ip, SERVICE_PORT),
+                        4,
+                        opts.throughput_secs,
+                    )
+                })
+                .collect()
+        })?;
+    }
     Ok(report)
 }
 
@@ -801,6 +896,19 @@ impl DemoReport {
                 out.push('\n');
             }
         }
+        if !self.throughput.is_empty() {
+            out.push_str("\nthroughput: bulk TCP, client → router → node (XDP) → backend\n");
+            for t in &self.throughput {
+                out.push_str(&format!(
+                    "  {:<16} {:<28} {} streams, {:.1} s: {:.2} Gbit/s\n",
+                    t.service,
+                    t.target.to_string(),
+                    t.streams,
+                    t.secs,
+                    t.gbit_per_sec()
+                ));
+            }
+        }
         out
     }
 
@@ -821,6 +929,7 @@ impl DemoReport {
                 "nodes": f.nodes,
                 "backends": f.backends,
             })).collect::<Vec<_>>(),
+            "throughput_gbps": self.throughput.iter().map(|t| (t.target.to_string(), (t.gbit_per_sec() * 100.0).round() / 100.0)).collect::<BTreeMap<_, _>>(),
             "kept": self.kept,
         })
     }

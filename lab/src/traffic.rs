@@ -27,6 +27,10 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// The line (TCP) or datagram (UDP) a backend answers with `<name> <source address>`.
 pub const WHO_REQUEST: &str = "peer";
 
+/// The line after which a TCP backend discards everything until the client closes its
+/// side, then answers with the number of bytes it received (a bulk-transfer sink).
+pub const SINK_REQUEST: &str = "sink";
+
 /// What a backend said to [`WHO_REQUEST`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
@@ -127,13 +131,23 @@ fn serve_tcp(
                         Ok(w) => w,
                         Err(_) => return,
                     };
-                    let reader = BufReader::new(stream);
-                    for line in reader.lines() {
-                        let Ok(line) = line else { break };
-                        let answer = if line.trim() == WHO_REQUEST {
-                            format!("{name} {peer}\n")
-                        } else {
-                            format!("{name}\n")
+                    let mut reader = BufReader::new(stream);
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if !matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+                            break;
+                        }
+                        let answer = match line.trim() {
+                            SINK_REQUEST => {
+                                // Everything until the client's FIN, then the byte count.
+                                let n = std::io::copy(&mut reader, &mut std::io::sink());
+                                let _ =
+                                    writer.write_all(format!("{}\n", n.unwrap_or(0)).as_bytes());
+                                break;
+                            }
+                            WHO_REQUEST => format!("{name} {peer}\n"),
+                            _ => format!("{name}\n"),
                         };
                         if writer.write_all(answer.as_bytes()).is_err() {
                             break;
@@ -311,6 +325,33 @@ pub fn udp_who(vip: SocketAddr) -> Result<Answer> {
         }
     }
     bail!("no UDP answer from {vip} after 5 tries")
+}
+
+/// A bulk TCP transfer to a backend's [`SINK_REQUEST`] through `vip` for `duration`
+/// (the calling thread must be in the client's namespace); returns the bytes the backend
+/// counted.
+///
+/// # Errors
+/// The connection fails, breaks, or the count does not come back.
+pub fn tcp_bulk(vip: SocketAddr, duration: Duration) -> Result<u64> {
+    let mut s = TcpStream::connect_timeout(&vip, IO_TIMEOUT)
+        .with_context(|| format!("connecting to {vip}"))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.write_all(format!("{SINK_REQUEST}\n").as_bytes())?;
+    let chunk = vec![0xa5_u8; 64 * 1024];
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        s.write_all(&chunk).context("sending")?;
+    }
+    s.shutdown(Shutdown::Write)?;
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .context("reading the byte count")?;
+    line.trim()
+        .parse()
+        .with_context(|| format!("not a byte count: {line:?}"))
 }
 
 /// Runs `count` exchanges of `exchange` against `vip` on `threads` threads inside `ns` and
