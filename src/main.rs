@@ -62,6 +62,9 @@ enum LabCommand {
         /// XDP attach mode on the nodes' uplinks.
         #[arg(long, value_enum, default_value_t = XdpMode::Generic)]
         xdp_mode: XdpMode,
+        /// Seconds to wait for BGP sessions, addresses and routes.
+        #[arg(long, default_value_t = 60)]
+        converge_secs: u64,
     },
     /// Replace the running lab's manifests and wait until nodes and router agree.
     Apply {
@@ -102,6 +105,9 @@ enum LabCommand {
         /// Seconds of bulk TCP through one IPv4 and one IPv6 address (0: skip).
         #[arg(long, default_value_t = 2)]
         throughput_secs: u64,
+        /// Seconds to wait for BGP sessions, addresses and routes.
+        #[arg(long, default_value_t = 60)]
+        converge_secs: u64,
         /// XDP attach mode on the nodes' uplinks.
         #[arg(long, value_enum, default_value_t = XdpMode::Generic)]
         xdp_mode: XdpMode,
@@ -340,6 +346,7 @@ fn lab(command: LabCommand) -> Result<()> {
             common,
             manifests,
             xdp_mode,
+            converge_secs,
         } => {
             println!(
                 "portico lab up: BIRD router, nodes n1 and n2, backends be1-be4, client (in {})",
@@ -349,6 +356,7 @@ fn lab(command: LabCommand) -> Result<()> {
                 &common.dir,
                 manifests.as_deref(),
                 xdp_mode.name(),
+                std::time::Duration::from_secs(converge_secs),
                 &mut progress,
             )
             .map(|s| {
@@ -384,6 +392,7 @@ fn lab(command: LabCommand) -> Result<()> {
             flows,
             keep,
             throughput_secs,
+            converge_secs,
             xdp_mode,
         } => {
             println!(
@@ -396,6 +405,7 @@ fn lab(command: LabCommand) -> Result<()> {
                 flows,
                 keep,
                 throughput_secs,
+                converge: std::time::Duration::from_secs(converge_secs),
                 xdp_mode: xdp_mode.name().to_owned(),
             };
             control::demo(&opts, &mut progress).map(|report| {

@@ -36,6 +36,12 @@ pub const DEFAULT_DIR: &str = "/run/portico-lab";
 /// The file holding the running lab's [`LabHandle`].
 pub const HANDLE_FILE: &str = "lab.json";
 
+/// Where `down` keeps the handle of the lab it removed (its logs stay in the folder too).
+pub const LAST_HANDLE_FILE: &str = "last-lab.json";
+
+/// How long `up`, `apply` and `demo` wait for sessions, addresses and routes by default.
+pub const DEFAULT_CONVERGE: Duration = Duration::from_secs(60);
+
 /// The owner's last words before it waits: the handle is written.
 const READY: &str = "READY";
 
@@ -289,9 +295,10 @@ pub fn down(dir: &Path, owner: Option<Owner>) -> Result<DownReport> {
         report.swept = sweep(&h.base)?;
     }
     crate::netns::sweep_leftovers()?;
-    if dir.exists() {
-        let _ = std::fs::remove_file(&path);
+    if let Some(h) = &handle {
+        let _ = std::fs::write(dir.join(LAST_HANDLE_FILE), serde_json::to_string_pretty(h)?);
     }
+    let _ = std::fs::remove_file(&path);
     Ok(report)
 }
 
@@ -489,8 +496,10 @@ pub struct DemoOptions {
     pub flows: usize,
     /// Leave the lab up.
     pub keep: bool,
-    /// Seconds of bulk TCP through the first IPv4 and IPv6 addresses (0: none).
+    /// Seconds of bulk TCP through one IPv4 and one IPv6 address (0: none).
     pub throughput_secs: u64,
+    /// How long to wait for sessions, addresses and routes after applying.
+    pub converge: Duration,
     /// XDP attach mode on the nodes.
     pub xdp_mode: String,
 }
@@ -607,12 +616,13 @@ fn preflight(
 fn apply_and_converge(
     handle: &LabHandle,
     files: &[(String, String)],
+    converge: Duration,
     progress: &mut Progress,
 ) -> Result<(BTreeMap<String, NodeStatus>, Vec<KernelRoute>)> {
     progress.step("apply manifests", || handle.apply(files))?;
     let nodes: Vec<&str> = crate::topology::NODES.iter().map(|n| n.name).collect();
     progress.step("BGP sessions, addresses and ECMP routes", || {
-        handle.wait_converged(&nodes, Duration::from_secs(60))
+        handle.wait_converged(&nodes, converge)
     })
 }
 
@@ -626,11 +636,12 @@ pub fn up(
     dir: &Path,
     manifest_dir: Option<&Path>,
     xdp_mode: &str,
+    converge: Duration,
     progress: &mut Progress,
 ) -> Result<LabStatus> {
     let files = preflight(manifest_dir, progress)?;
     let owner = start_owner(dir, xdp_mode, true, progress)?;
-    match apply_and_converge(&owner.handle, &files, progress).and_then(|_| status(dir)) {
+    match apply_and_converge(&owner.handle, &files, converge, progress).and_then(|_| status(dir)) {
         Ok(s) => Ok(s),
         Err(e) => {
             let _ = progress.step("tear down after the failure", || {
@@ -658,7 +669,7 @@ pub fn apply(
         )
     })?;
     let files = progress.step("read manifests", || manifests(manifest_dir))?;
-    apply_and_converge(&handle, &files, progress)?;
+    apply_and_converge(&handle, &files, DEFAULT_CONVERGE, progress)?;
     status(dir)
 }
 
@@ -712,7 +723,7 @@ fn demo_on(
     opts: &DemoOptions,
     progress: &mut Progress,
 ) -> Result<DemoReport> {
-    let (statuses, routes) = apply_and_converge(handle, files, progress)?;
+    let (statuses, routes) = apply_and_converge(handle, files, opts.converge, progress)?;
     let mut report = DemoReport {
         routes,
         ..DemoReport::default()
