@@ -196,10 +196,7 @@ pub fn start_owner(
             h.base
         );
     }
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)
-            .with_context(|| format!("removing the old lab folder {}", dir.display()))?;
-    }
+    clear_lab_folder(dir)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let log_path = dir.join("owner.log");
     let log = std::fs::File::create(&log_path)?;
@@ -256,6 +253,45 @@ pub fn start_owner(
         child: (!detach).then_some(child),
         handle,
     })
+}
+
+/// What a lab keeps in its folder; nothing else is ever deleted there.
+const LAB_ENTRIES: [&str; 7] = [
+    "manifests",
+    "n1",
+    "n2",
+    "owner.log",
+    HANDLE_FILE,
+    LAST_HANDLE_FILE,
+    ".staging",
+];
+
+/// Removes what an earlier lab left in `dir`; refuses a folder holding anything else, so a
+/// mistyped `--dir` never deletes someone's files.
+fn clear_lab_folder(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if let Some(other) = names.iter().find(|n| !LAB_ENTRIES.contains(&n.as_str())) {
+        bail!(
+            "{} holds {other:?}, which is not the lab's: choose an empty or new folder for --dir",
+            dir.display()
+        );
+    }
+    for name in names {
+        let path = dir.join(name);
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        }
+        .with_context(|| format!("removing the old lab's {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// What `down` found and did.
@@ -971,6 +1007,20 @@ mod tests {
             on_disk, built_in,
             "update EXAMPLE_MANIFESTS in lab/src/control.rs"
         );
+    }
+
+    #[test]
+    fn an_old_lab_folder_is_cleared_but_a_foreign_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("manifests/lab")).unwrap();
+        std::fs::write(dir.path().join("owner.log"), "x").unwrap();
+        clear_lab_folder(dir.path()).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        std::fs::write(dir.path().join("notes.txt"), "mine").unwrap();
+        let err = clear_lab_folder(dir.path()).unwrap_err();
+        assert!(format!("{err}").contains("\"notes.txt\""), "{err}");
+        assert!(dir.path().join("notes.txt").exists());
+        clear_lab_folder(&dir.path().join("missing")).unwrap();
     }
 
     #[test]

@@ -529,7 +529,10 @@ impl LabHandle {
                 return Ok(None);
             }
             for s in &st.services {
-                if s.addresses.is_empty() || s.unsatisfied.is_some() {
+                if let Some(why) = &s.unsatisfied {
+                    bail!("{node}: {} has no address yet: {why}", s.id());
+                }
+                if s.addresses.is_empty() {
                     return Ok(None);
                 }
                 match addresses.get(&s.id()) {
@@ -596,12 +599,26 @@ impl LabHandle {
             let Some(statuses) = self.agreed_statuses(nodes)? else {
                 bail!("the nodes have not allocated every address yet");
             };
+            let problems: Vec<String> = statuses
+                .values()
+                .flat_map(|st| st.problems.iter().map(|p| format!("{}: {p}", st.node)))
+                .collect();
+            let problems = if problems.is_empty() {
+                String::new()
+            } else {
+                format!(" (the nodes report: {})", problems.join("; "))
+            };
             for st in statuses.values() {
-                if st.peers.is_empty() || st.peers.iter().any(|p| p.state != "Established") {
+                if st.peers.is_empty() {
+                    bail!("{} has no BGP peer{problems}", st.node);
+                }
+                if let Some(p) = st.peers.iter().find(|p| p.state != "Established") {
                     bail!(
-                        "{}'s BGP sessions are not all Established: {:?}",
+                        "{}'s session with {} ({}) is {}{problems}",
                         st.node,
-                        st.peers
+                        p.name,
+                        p.address,
+                        p.state
                     );
                 }
             }
@@ -614,7 +631,7 @@ impl LabHandle {
             let want: BTreeMap<IpNet, Vec<IpAddr>> =
                 want.into_iter().filter(|(_, h)| !h.is_empty()).collect();
             if have != want {
-                bail!("router routes {have:?}, want {want:?}");
+                bail!("the router routes {have:?}, the nodes announce {want:?}{problems}");
             }
             Ok(Some((statuses, routes)))
         })
