@@ -59,9 +59,6 @@ enum LabCommand {
         /// Folder of manifests to apply (default: the built-in deploy/examples/lab).
         #[arg(long, value_name = "DIR")]
         manifests: Option<PathBuf>,
-        /// XDP attach mode on the nodes' uplinks.
-        #[arg(long, value_enum, default_value_t = XdpMode::Generic)]
-        xdp_mode: XdpMode,
         /// Seconds to wait for BGP sessions, addresses and routes.
         #[arg(long, default_value_t = 60)]
         converge_secs: u64,
@@ -108,17 +105,12 @@ enum LabCommand {
         /// Seconds to wait for BGP sessions, addresses and routes.
         #[arg(long, default_value_t = 60)]
         converge_secs: u64,
-        /// XDP attach mode on the nodes' uplinks.
-        #[arg(long, value_enum, default_value_t = XdpMode::Generic)]
-        xdp_mode: XdpMode,
     },
     /// Own a lab until SIGTERM (started by `up` and `demo`).
     #[command(hide = true)]
     Supervise {
         #[command(flatten)]
         common: LabArgs,
-        #[arg(long, value_enum, default_value_t = XdpMode::Generic)]
-        xdp_mode: XdpMode,
     },
 }
 
@@ -127,15 +119,6 @@ struct LabArgs {
     /// The lab's folder: manifests, node state, sockets, logs.
     #[arg(long, value_name = "DIR", default_value = portico_lab::control::DEFAULT_DIR)]
     dir: PathBuf,
-}
-
-impl XdpMode {
-    fn name(self) -> &'static str {
-        match self {
-            XdpMode::Native => "native",
-            XdpMode::Generic => "generic",
-        }
-    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -339,13 +322,12 @@ fn lab(command: LabCommand) -> Result<()> {
     let started = std::time::Instant::now();
     let mut progress = Progress::human(Box::new(std::io::stdout()));
     let outcome: Result<serde_json::Value> = match command {
-        LabCommand::Supervise { common, xdp_mode } => {
-            return control::supervise(&common.dir, xdp_mode.name());
+        LabCommand::Supervise { common } => {
+            return control::supervise(&common.dir);
         }
         LabCommand::Up {
             common,
             manifests,
-            xdp_mode,
             converge_secs,
         } => {
             println!(
@@ -355,7 +337,6 @@ fn lab(command: LabCommand) -> Result<()> {
             control::up(
                 &common.dir,
                 manifests.as_deref(),
-                xdp_mode.name(),
                 std::time::Duration::from_secs(converge_secs),
                 &mut progress,
             )
@@ -393,11 +374,9 @@ fn lab(command: LabCommand) -> Result<()> {
             keep,
             throughput_secs,
             converge_secs,
-            xdp_mode,
         } => {
             println!(
-                "portico lab demo: BIRD router with ECMP, nodes n1 and n2 (portico standalone, XDP {}), backends be1-be4, client",
-                xdp_mode.name()
+                "portico lab demo: BIRD router with ECMP, nodes n1 and n2 (portico standalone, generic XDP), backends be1-be4, client"
             );
             let opts = control::DemoOptions {
                 dir: common.dir,
@@ -406,7 +385,6 @@ fn lab(command: LabCommand) -> Result<()> {
                 keep,
                 throughput_secs,
                 converge: std::time::Duration::from_secs(converge_secs),
-                xdp_mode: xdp_mode.name().to_owned(),
             };
             control::demo(&opts, &mut progress).map(|report| {
                 print!("{}", report.render());

@@ -114,7 +114,7 @@ extern "C" fn request_stop(_: libc::c_int) {
 ///
 /// # Errors
 /// The lab cannot be built (the error was also reported on stdout).
-pub fn supervise(dir: &Path, xdp_mode: &str) -> Result<()> {
+pub fn supervise(dir: &Path) -> Result<()> {
     for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe { libc::signal(signal, request_stop as *const () as libc::sighandler_t) };
@@ -124,7 +124,7 @@ pub fn supervise(dir: &Path, xdp_mode: &str) -> Result<()> {
         LabOptions {
             portico: std::env::current_exe().context("finding the portico binary")?,
             dir: dir.to_owned(),
-            xdp_mode: xdp_mode.to_owned(),
+            xdp_mode: "generic".to_owned(),
         },
         &mut progress,
     )?;
@@ -182,12 +182,7 @@ pub struct Owner {
 ///
 /// # Errors
 /// A lab already runs in `dir`, or the owner fails to build it (its steps say where).
-pub fn start_owner(
-    dir: &Path,
-    xdp_mode: &str,
-    detach: bool,
-    progress: &mut Progress,
-) -> Result<Owner> {
+pub fn start_owner(dir: &Path, detach: bool, progress: &mut Progress) -> Result<Owner> {
     if let Some(h) = running(dir)? {
         bail!(
             "a lab is already up in {} (owner pid {}, namespaces {}*); run `portico lab down` first",
@@ -203,7 +198,6 @@ pub fn start_owner(
     let mut cmd = Command::new(std::env::current_exe().context("finding the portico binary")?);
     cmd.args(["lab", "supervise", "--dir"])
         .arg(dir)
-        .args(["--xdp-mode", xdp_mode])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
@@ -536,8 +530,6 @@ pub struct DemoOptions {
     pub throughput_secs: u64,
     /// How long to wait for sessions, addresses and routes after applying.
     pub converge: Duration,
-    /// XDP attach mode on the nodes.
-    pub xdp_mode: String,
 }
 
 /// Traffic to one address and protocol, and who served it.
@@ -671,12 +663,11 @@ fn apply_and_converge(
 pub fn up(
     dir: &Path,
     manifest_dir: Option<&Path>,
-    xdp_mode: &str,
     converge: Duration,
     progress: &mut Progress,
 ) -> Result<LabStatus> {
     let files = preflight(manifest_dir, progress)?;
-    let owner = start_owner(dir, xdp_mode, true, progress)?;
+    let owner = start_owner(dir, true, progress)?;
     match apply_and_converge(&owner.handle, &files, converge, progress).and_then(|_| status(dir)) {
         Ok(s) => Ok(s),
         Err(e) => {
@@ -716,7 +707,7 @@ pub fn apply(
 /// A step fails; the error names it.
 pub fn demo(opts: &DemoOptions, progress: &mut Progress) -> Result<DemoReport> {
     let files = preflight(opts.manifests.as_deref(), progress)?;
-    let owner = start_owner(&opts.dir, &opts.xdp_mode, opts.keep, progress)?;
+    let owner = start_owner(&opts.dir, opts.keep, progress)?;
     let handle = owner.handle.clone();
     let result = demo_on(&handle, &files, opts, progress);
     let mut report = match result {

@@ -1,7 +1,7 @@
 //! A steady stream of short UDP flows through an address, to measure what an event (a node
 //! failing, a node restarting) costs the traffic: every `interval` a fresh socket (a new
 //! 5-tuple, so the router's ECMP hash spreads the probes over the nodes) sends
-//! [`WHO_REQUEST`](crate::traffic::WHO_REQUEST); a probe without an answer within `timeout`
+//! [`WHO_REQUEST`]; a probe without an answer within `timeout`
 //! is lost. Runs on its own thread inside a namespace until [`Prober::finish`], and at most
 //! [`MAX_RUN`].
 

@@ -148,7 +148,9 @@ pub struct LabOptions {
     pub portico: PathBuf,
     /// Where the lab keeps manifests, node state, sockets and logs (created if missing).
     pub dir: PathBuf,
-    /// XDP attach mode on the nodes' uplinks (`generic` or `native`).
+    /// XDP attach mode on the nodes' uplinks: `generic`. (`native` on a veth also needs an
+    /// XDP program or GRO on the switch's ports to deliver `XDP_TX` frames; the lab sets up
+    /// neither, so traffic fails.)
     pub xdp_mode: String,
 }
 
