@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 use std::sync::Mutex;
 
 use anyhow::{Context as _, Result};
-use portico::status::{PeerRow, PoolRow, ServiceRow, StatusReport};
+use portico::status::{BackendRow, PeerRow, PoolRow, ServiceRow, StatusReport};
 use portico_integration::control::LAST_HANDLE_FILE;
 use portico_integration::topology::{LabHandle, NodeStatus};
 
@@ -214,6 +214,12 @@ fn the_lab_reads_the_status_portico_serves() {
             notices: Vec::new(),
             packets: 10,
             new_flows: 2,
+            backends: vec![BackendRow {
+                address: "198.18.1.1".parse().unwrap(),
+                port: 8080,
+                packets: 10,
+                new_flows: 2,
+            }],
         }],
         peers: vec![PeerRow {
             name: "tor-v4".into(),
@@ -236,5 +242,6 @@ fn the_lab_reads_the_status_portico_serves() {
         ("demo/web", 3, 4)
     );
     assert!(s.announced && !s.local && s.new_flows == 2);
+    assert_eq!((s.backends[0].port, s.backends[0].new_flows), (8080, 2));
     assert_eq!(seen.peers[0].state, "Established");
 }

@@ -9,7 +9,8 @@
 //! - shrinking the pool keeps every address still inside it;
 //! - a node failing: the router withdraws it, new flows go through the other node, flows
 //!   through the other node are untouched (the interruption is printed);
-//! - a node restarting gracefully: the router keeps its routes (the loss is printed).
+//! - a node restarting gracefully: the router keeps its routes, and the node's XDP state
+//!   (pinned on the lab's own bpffs) keeps forwarding (the loss is printed).
 //!
 //! Each scenario builds its own lab; they run one at a time (a lab is four processes and
 //! ten namespaces, and BGP hold timers of 3 s should not race a busy machine). Timings are
@@ -626,9 +627,9 @@ fn a_gracefully_restarting_node_keeps_its_routes_at_the_router() -> Result<()> {
         "established flows through n2 broke while n1 restarted"
     );
     eprintln!(
-        "graceful restart: established TCP through n1: {} of {} broken (the new process has empty \
-         tables, but Maglev and the SNAT port pick are hashes, so a flow gets its old backend \
-         and port back); through n2: {} of {} untouched",
+        "graceful restart: established TCP through n1: {} of {} broken (XDP stays attached \
+         with its pinned maps while no process runs; the new one adopts them); through n2: \
+         {} of {} untouched",
         on("n1", true),
         on("n1", true) + on("n1", false),
         on("n2", false),

@@ -250,7 +250,8 @@ pub fn start_owner(dir: &Path, detach: bool, progress: &mut Progress) -> Result<
 }
 
 /// What a lab keeps in its folder; nothing else is ever deleted there.
-const LAB_ENTRIES: [&str; 7] = [
+const LAB_ENTRIES: [&str; 8] = [
+    "bpf",
     "manifests",
     "n1",
     "n2",
@@ -276,8 +277,13 @@ fn clear_lab_folder(dir: &Path) -> Result<()> {
             dir.display()
         );
     }
+    // The bpffs of a lab whose owner was killed outright.
+    crate::topology::unmount_bpffs(&dir.join("bpf"))?;
     for name in names {
         let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
         if path.is_dir() {
             std::fs::remove_dir_all(&path)
         } else {
@@ -293,7 +299,8 @@ fn clear_lab_folder(dir: &Path) -> Result<()> {
 pub struct DownReport {
     /// The owner that was stopped, if one ran.
     pub owner_pid: Option<u32>,
-    /// Namespaces that were left and had to be deleted here (should be none).
+    /// Namespaces (and the lab's bpffs) that were left and had to be removed here (should
+    /// be none).
     pub swept: Vec<String>,
 }
 
@@ -323,6 +330,10 @@ pub fn down(dir: &Path, owner: Option<Owner>) -> Result<DownReport> {
             bail!("the lab's owner (pid {}) did not stop", h.owner_pid);
         }
         report.swept = sweep(&h.base)?;
+        if crate::topology::is_mount_point(&h.bpffs()) {
+            crate::topology::unmount_bpffs(&h.bpffs())?;
+            report.swept.push(h.bpffs().display().to_string());
+        }
     }
     crate::netns::sweep_leftovers()?;
     if let Some(h) = &handle {
@@ -437,6 +448,7 @@ impl LabStatus {
             h.applied_dir().display()
         ));
         out.push_str(&render_services(&self.nodes));
+        out.push_str(&render_backend_flows(&self.nodes));
         out.push_str("\nrouter sessions\n");
         for s in &self.sessions {
             out.push_str(&format!("  {:<4} {:<16} {}\n", s.node, s.neighbor, s.state));
@@ -485,6 +497,53 @@ fn render_services(nodes: &BTreeMap<String, Result<NodeStatus, String>>) -> Stri
             by.join(","),
             flows
         ));
+    }
+    out
+}
+
+/// New flows per backend and node, from the nodes' XDP counters.
+fn render_backend_flows(nodes: &BTreeMap<String, Result<NodeStatus, String>>) -> String {
+    let mut rows: BTreeMap<(String, String), BTreeMap<String, u64>> = BTreeMap::new();
+    for (node, st) in nodes {
+        let Ok(st) = st else { continue };
+        for s in &st.services {
+            for b in &s.backends {
+                let name = crate::topology::BACKENDS
+                    .iter()
+                    .find(|spec| {
+                        spec.v4.map(IpAddr::V4) == Some(b.address)
+                            || IpAddr::V6(spec.v6) == b.address
+                    })
+                    .map_or_else(|| b.address.to_string(), |spec| spec.name.to_owned());
+                *rows
+                    .entry((
+                        s.id(),
+                        format!("{name} {}", SocketAddr::new(b.address, b.port)),
+                    ))
+                    .or_default()
+                    .entry(node.clone())
+                    .or_default() += b.new_flows;
+            }
+        }
+    }
+    if rows.is_empty() {
+        return String::new();
+    }
+    let names: Vec<&String> = nodes.keys().collect();
+    let mut out = format!(
+        "\nnew flows per backend (XDP counters)\n  {:<16} {:<32}",
+        "service", "backend"
+    );
+    for n in &names {
+        out.push_str(&format!(" {n:>8}"));
+    }
+    out.push('\n');
+    for ((svc, backend), counts) in rows {
+        out.push_str(&format!("  {svc:<16} {backend:<32}"));
+        for n in &names {
+            out.push_str(&format!(" {:>8}", counts.get(*n).copied().unwrap_or(0)));
+        }
+        out.push('\n');
     }
     out
 }

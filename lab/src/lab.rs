@@ -15,7 +15,10 @@ use portico_xdp::{
     XdpBalancer, XdpProgram,
 };
 
-use crate::{traffic::Backend, NetNs, TestNet};
+use crate::{
+    traffic::{self, Backend},
+    NetNs, TestNet,
+};
 
 /// Number of backends in the lab.
 pub const BACKENDS: u8 = 3;

@@ -226,6 +226,22 @@ pub struct ServiceStatus {
     pub packets: u64,
     /// New flows this node's XDP program balanced for it.
     pub new_flows: u64,
+    /// Its backends with this node's counters.
+    #[serde(default)]
+    pub backends: Vec<BackendStatus>,
+}
+
+/// One backend of a Service with one node's XDP counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    /// Address.
+    pub address: IpAddr,
+    /// Port.
+    pub port: u16,
+    /// Packets this node sent toward it.
+    pub packets: u64,
+    /// New flows this node balanced to it.
+    pub new_flows: u64,
 }
 
 impl ServiceStatus {
@@ -357,6 +373,13 @@ impl LabHandle {
     /// whole by [`LabHandle::apply`]); edit files here and the nodes follow.
     pub fn applied_dir(&self) -> PathBuf {
         self.manifests_dir().join("lab")
+    }
+
+    /// The lab's own bpffs, where each node pins its XDP maps and links (`<dir>/bpf/<node>`):
+    /// `ip netns exec` remounts /sys, so /sys/fs/bpf is not visible to the nodes, and a
+    /// mount of its own keeps the lab's pins apart from every other run's.
+    pub fn bpffs(&self) -> PathBuf {
+        self.dir.join("bpf")
     }
 
     /// A node's folder: state file, admin socket, log.
@@ -714,6 +737,7 @@ pub struct Lab {
     handle: LabHandle,
     options: LabOptions,
     nodes: Vec<NodeProcess>,
+    bpffs_mounted: bool,
     // Dropped in this order: nodes first (the field above), then backends, router, and the
     // namespaces last.
     _backends: Vec<Backend>,
@@ -755,11 +779,14 @@ impl Lab {
                 .iter()
                 .map(|&spec| NodeProcess { spec, child: None })
                 .collect(),
+            bpffs_mounted: false,
             _backends: backends,
             router,
             net,
         };
         progress.step("nodes: portico standalone with XDP", || {
+            mount_bpffs(&lab.handle.bpffs())?;
+            lab.bpffs_mounted = true;
             for n in NODES {
                 lab.spawn_node(n.name)?;
             }
@@ -880,6 +907,8 @@ impl Lab {
             &path(h.admin_socket(name)),
             "--router-id",
             &spec.v4.to_string(),
+            "--bpf-pin-dir",
+            &path(h.bpffs().join(name)),
         ])
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -938,7 +967,67 @@ impl Drop for Lab {
                 let _ = child.wait();
             }
         }
+        if self.bpffs_mounted {
+            let bpffs = self.handle.bpffs();
+            for n in NODES {
+                let _ = portico_xdp::XdpProgram::unpin(bpffs.join(n.name));
+            }
+            let _ = unmount_bpffs(&bpffs);
+        }
     }
+}
+
+/// Mounts a bpffs on `dir` (created if missing).
+fn mount_bpffs(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let out = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(dir)
+        .output()
+        .context("running mount")?;
+    if !out.status.success() {
+        bail!(
+            "mounting a bpffs on {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Whether a filesystem is mounted on `dir`.
+#[must_use]
+pub fn is_mount_point(dir: &Path) -> bool {
+    let Ok(dir) = dir.canonicalize() else {
+        return false;
+    };
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .any(|m| Path::new(m) == dir)
+}
+
+/// Unmounts the lab's bpffs (which drops every pin in it) and removes the folder.
+///
+/// # Errors
+/// `umount` fails.
+pub fn unmount_bpffs(dir: &Path) -> Result<()> {
+    if is_mount_point(dir) {
+        let out = std::process::Command::new("umount")
+            .arg(dir)
+            .output()
+            .context("running umount")?;
+        if !out.status.success() {
+            bail!(
+                "unmounting {}: {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(())
 }
 
 fn addr(ns: &NetNs, cidr: &str, dev: &str) -> Result<()> {
