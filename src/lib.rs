@@ -10,6 +10,8 @@
 //! ```
 
 pub mod apply;
+pub mod controller;
+pub mod k8s;
 pub mod manifest;
 pub mod metrics;
 pub mod plan;

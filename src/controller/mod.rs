@@ -1,0 +1,440 @@
+//! `portico controller`: Kubernetes watchers (Services, AddressPools, Namespaces) feed the
+//! shared [`World`]; the leader allocates with [`crate::plan::Ipam`] and writes what
+//! [`decide`] decides: Service and AddressPool status through server-side apply on
+//! `/status` with its own field manager, and Events.
+//!
+//! Level-triggered like `portico standalone`: every pass recomputes everything from the
+//! snapshot (after a burst of watch events, on a leadership change, every `resync` and at
+//! the next IPAM deadline), and writes only what differs from what the objects say.
+
+pub mod decide;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use futures::StreamExt as _;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::events::{Event as KubeEvent, EventType as KubeEventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource as _};
+use portico_crds::{AddressPool, AddressPoolStatus, ClassPolicy};
+use tokio::sync::{mpsc, watch};
+
+use crate::k8s::apply_status;
+use crate::k8s::lease::{run_elector, Elector, LeaseName, LeaseTiming};
+use crate::k8s::source::{self, Relist};
+use crate::metrics::{MetricsRequest, ReconcileMetrics};
+use crate::plan::IpamOutcome;
+use crate::status::{PoolRow, ServiceRow, StatusReport};
+use crate::world::{Kind, World};
+
+use self::decide::{Allocating, Decisions, EventType, ServiceStatus};
+
+/// Field manager of the controller's status writes.
+pub const FIELD_MANAGER: &str = "portico-controller";
+
+/// `reportingController` of its Events.
+pub const REPORTING_CONTROLLER: &str = "portico.io/controller";
+
+/// Settings of `portico controller`.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Serve Services without a loadBalancerClass.
+    pub default_class: bool,
+    /// This replica's name (Pod name): Lease holder and Events' `reportingInstance`.
+    pub identity: String,
+    /// The Lease to elect a leader on; `None`: this replica always leads (one replica).
+    pub lease: Option<LeaseName>,
+    /// Election timing.
+    pub timing: LeaseTiming,
+    /// A pass at least this often.
+    pub resync: Duration,
+    /// Quiet time after a watch event before a pass.
+    pub debounce: Duration,
+    /// Serve `/metrics`, `/healthz` and `/readyz` here.
+    pub metrics: Option<SocketAddr>,
+}
+
+impl Options {
+    /// Defaults for a replica named `identity`, electing on `portico-controller` in
+    /// `namespace`.
+    #[must_use]
+    pub fn new(identity: impl Into<String>, namespace: impl Into<String>) -> Self {
+        Options {
+            default_class: false,
+            identity: identity.into(),
+            lease: Some(LeaseName {
+                namespace: namespace.into(),
+                name: "portico-controller".into(),
+            }),
+            timing: LeaseTiming::default(),
+            resync: Duration::from_secs(30),
+            debounce: Duration::from_millis(50),
+            metrics: None,
+        }
+    }
+}
+
+/// Counters a test (or `/metrics`) can read while the controller runs.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Passes run (leader or not).
+    pub passes: AtomicU64,
+    /// Passes that allocated (leading and synced).
+    pub allocating_passes: AtomicU64,
+    /// Service status writes sent.
+    pub service_writes: AtomicU64,
+    /// AddressPool status writes sent.
+    pub pool_writes: AtomicU64,
+    /// Events published.
+    pub events: AtomicU64,
+    /// Writes the API refused.
+    pub write_errors: AtomicU64,
+    /// 1 while leading.
+    pub leading: AtomicU64,
+}
+
+impl Stats {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A counter's value.
+    #[must_use]
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What was last written for an object: the resourceVersion the object had in the world
+/// when we wrote, and the status written. A pass before the watch echoes the write back
+/// would otherwise write the same status again.
+#[derive(Debug, Default)]
+struct Written {
+    services: BTreeMap<(String, String), (Option<String>, ServiceStatus)>,
+    pools: BTreeMap<String, (Option<String>, AddressPoolStatus)>,
+}
+
+/// Equal but for condition transition times (which a pass before the echo recomputes as
+/// `now`).
+fn same_service_status(a: &ServiceStatus, b: &ServiceStatus) -> bool {
+    let strip = |s: &ServiceStatus| {
+        let mut s = s.clone();
+        for c in &mut s.conditions {
+            c.last_transition_time = Time(Timestamp::UNIX_EPOCH);
+        }
+        s
+    };
+    strip(a) == strip(b)
+}
+
+fn same_pool_status(a: &AddressPoolStatus, b: &AddressPoolStatus) -> bool {
+    let strip = |s: &AddressPoolStatus| {
+        let mut s = s.clone();
+        for c in &mut s.conditions {
+            c.last_transition_time = Time(Timestamp::UNIX_EPOCH);
+        }
+        s
+    };
+    strip(a) == strip(b)
+}
+
+struct Controller {
+    client: Client,
+    opts: Options,
+    world: World,
+    relist: Relist,
+    allocating: Allocating,
+    written: Written,
+    recorder: Recorder,
+    outcome: IpamOutcome,
+    stats: Arc<Stats>,
+    metrics: ReconcileMetrics,
+    failing: bool,
+}
+
+/// Runs the controller until `stop` turns true.
+///
+/// # Errors
+/// The metrics listener cannot bind.
+pub async fn run(
+    client: Client,
+    opts: Options,
+    stats: Arc<Stats>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let mut events = futures::stream::select_all([
+        source::watch(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+        source::watch(
+            Api::<AddressPool>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+        source::watch(
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    ]);
+    let (lead_tx, mut lead_rx) = watch::channel(opts.lease.is_none());
+    let elector_task = opts.lease.clone().map(|lease| {
+        let api = Api::<Lease>::namespaced(client.clone(), &lease.namespace);
+        let elector = Elector::new(opts.identity.clone(), opts.timing);
+        tokio::spawn(run_elector(api, lease.name, elector, lead_tx, stop.clone()))
+    });
+    let (metrics_tx, mut metrics_rx) = mpsc::channel::<MetricsRequest>(16);
+    if let Some(addr) = opts.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics listener {addr}"))?;
+        crate::metrics::serve(listener, metrics_tx);
+    }
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: REPORTING_CONTROLLER.into(),
+            instance: Some(opts.identity.clone()),
+        },
+    );
+    let mut c = Controller {
+        client,
+        allocating: Allocating::new(ClassPolicy {
+            default_class: opts.default_class,
+        }),
+        opts,
+        world: World::default(),
+        relist: Relist::new([Kind::Service, Kind::AddressPool, Kind::Namespace]),
+        written: Written::default(),
+        recorder,
+        outcome: IpamOutcome::default(),
+        stats,
+        metrics: ReconcileMetrics::default(),
+        failing: false,
+    };
+    let mut retry = Duration::from_millis(250);
+    loop {
+        let mut wait = if c.failing { retry } else { c.opts.resync };
+        retry = if c.failing {
+            (retry * 2).min(Duration::from_secs(30))
+        } else {
+            Duration::from_millis(250)
+        };
+        if let Some(at) = c.allocating.next_deadline() {
+            wait = wait.min(Duration::from_secs(at.saturating_sub(unix_now()).max(1)));
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            tokio::select! {
+                Some(ev) = events.next() => {
+                    c.on_watch(ev);
+                    // Debounce: take the rest of the burst, then one pass.
+                    while let Ok(Some(ev)) =
+                        tokio::time::timeout(c.opts.debounce, events.next()).await
+                    {
+                        c.on_watch(ev);
+                    }
+                    break;
+                }
+                Ok(()) = lead_rx.changed() => {
+                    let leading = *lead_rx.borrow();
+                    c.stats.leading.store(u64::from(leading), Ordering::Relaxed);
+                    tracing::info!(identity = %c.opts.identity, leading, "leadership changed");
+                    break;
+                }
+                Some(reply) = metrics_rx.recv() => {
+                    let ready = c.relist.synced();
+                    let _ = reply.send((c.report(), c.metrics.clone(), ready));
+                }
+                () = tokio::time::sleep_until(deadline) => break,
+                _ = stop.changed() => {
+                    if let Some(t) = elector_task {
+                        let _ = t.await;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        let leading = *lead_rx.borrow();
+        c.pass(leading).await;
+    }
+}
+
+impl Controller {
+    fn on_watch(&mut self, ev: Result<source::WatchEvent, watcher::Error>) {
+        match ev {
+            Ok(ev) => {
+                let events = self.relist.handle(ev, &self.world);
+                self.world.apply_all(events);
+            }
+            Err(e) => tracing::warn!("watch: {e}"),
+        }
+    }
+
+    async fn pass(&mut self, leading: bool) {
+        let started = Instant::now();
+        Stats::bump(&self.stats.passes);
+        let Some((outcome, decisions)) = self.allocating.pass(
+            &self.world,
+            leading,
+            self.relist.synced(),
+            unix_now(),
+            &Time(Timestamp::now()),
+        ) else {
+            self.written = Written::default();
+            return;
+        };
+        Stats::bump(&self.stats.allocating_passes);
+        self.outcome = outcome;
+        let failed = self.write(decisions).await;
+        self.failing = failed > 0;
+        self.metrics.observe(
+            started.elapsed(),
+            if self.failing { &["kubernetes"] } else { &[] },
+        );
+    }
+
+    /// Writes what differs from what was already written for the same resourceVersion.
+    /// Returns how many writes failed.
+    async fn write(&mut self, decisions: Decisions) -> usize {
+        let mut failed = 0;
+        for w in decisions.services {
+            let key = (w.namespace.clone(), w.name.clone());
+            let Some(svc) = self.world.services.get(&key) else {
+                continue;
+            };
+            let rv = svc.metadata.resource_version.clone();
+            if self
+                .written
+                .services
+                .get(&key)
+                .is_some_and(|(r, s)| *r == rv && same_service_status(s, &w.status))
+            {
+                continue;
+            }
+            let reference = svc.object_ref(&());
+            let api = Api::<Service>::namespaced(self.client.clone(), &w.namespace);
+            let status = serde_json::json!({
+                "loadBalancer": { "ingress": w.status.ingress },
+                "conditions": w.status.conditions,
+            });
+            Stats::bump(&self.stats.service_writes);
+            match apply_status(&api, &w.name, Some(&w.namespace), FIELD_MANAGER, status).await {
+                Ok(_) => {
+                    tracing::info!(service = %format!("{}/{}", w.namespace, w.name), ingress = ?w.status.ingress.iter().filter_map(|i| i.ip.clone()).collect::<Vec<_>>(), "status written");
+                    self.written.services.insert(key, (rv, w.status));
+                    for e in w.events {
+                        let event = KubeEvent {
+                            type_: match e.type_ {
+                                EventType::Normal => KubeEventType::Normal,
+                                EventType::Warning => KubeEventType::Warning,
+                            },
+                            reason: e.reason.into(),
+                            note: Some(e.note),
+                            action: "Allocate".into(),
+                            secondary: None,
+                        };
+                        match self.recorder.publish(&event, &reference).await {
+                            Ok(()) => Stats::bump(&self.stats.events),
+                            Err(err) => tracing::warn!("publishing event {}: {err}", e.reason),
+                        }
+                    }
+                }
+                Err(e) => {
+                    failed += 1;
+                    Stats::bump(&self.stats.write_errors);
+                    tracing::warn!(
+                        service = %format!("{}/{}", w.namespace, w.name),
+                        "writing status: {e}"
+                    );
+                }
+            }
+        }
+        for w in decisions.pools {
+            let Some(pool) = self.world.pools.get(&w.name) else {
+                continue;
+            };
+            let rv = pool.metadata.resource_version.clone();
+            if self
+                .written
+                .pools
+                .get(&w.name)
+                .is_some_and(|(r, s)| *r == rv && same_pool_status(s, &w.status))
+            {
+                continue;
+            }
+            let api = Api::<AddressPool>::all(self.client.clone());
+            Stats::bump(&self.stats.pool_writes);
+            match apply_status(&api, &w.name, None, FIELD_MANAGER, &w.status).await {
+                Ok(_) => {
+                    self.written.pools.insert(w.name, (rv, w.status));
+                }
+                Err(e) => {
+                    failed += 1;
+                    Stats::bump(&self.stats.write_errors);
+                    tracing::warn!(pool = %w.name, "writing status: {e}");
+                }
+            }
+        }
+        failed
+    }
+
+    fn report(&self) -> StatusReport {
+        StatusReport {
+            node: self.opts.identity.clone(),
+            pools: self
+                .outcome
+                .pools
+                .iter()
+                .map(|(name, p)| PoolRow {
+                    name: name.clone(),
+                    state: p.state.clone(),
+                    v4_used: p.v4.used.to_string(),
+                    v4_total: p.v4.total.to_string(),
+                    v6_used: p.v6.used.to_string(),
+                    v6_total: p.v6.total.to_string(),
+                })
+                .collect(),
+            services: self
+                .outcome
+                .services
+                .iter()
+                .map(|((ns, name), a)| ServiceRow {
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    addresses: a.addresses.clone(),
+                    pools: a.pools.clone(),
+                    backends_ready: 0,
+                    backends_total: 0,
+                    announced: false,
+                    local: false,
+                    unsatisfied: a.unsatisfied.clone(),
+                    notices: a.notices.clone(),
+                    packets: 0,
+                    new_flows: 0,
+                })
+                .collect(),
+            problems: self
+                .outcome
+                .problems
+                .iter()
+                .map(|p| format!("({}): {}", p.object, p.message))
+                .collect(),
+            passes: Stats::get(&self.stats.passes),
+            ..StatusReport::default()
+        }
+    }
+}
