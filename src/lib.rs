@@ -9,6 +9,7 @@
 //!   → apply::{SpeakerApplier, BalancerApplier, HolderApplier}   (only the difference)
 //! ```
 
+pub mod agent;
 pub mod apply;
 pub mod controller;
 pub mod k8s;

@@ -125,6 +125,47 @@ enum Command {
         #[arg(long, default_value = "0.0.0.0:9464")]
         metrics_address: String,
     },
+    /// Run the node agent (a DaemonSet): watch what this node needs, announce the
+    /// addresses the controller assigned over BGP, balance them with XDP, and report the
+    /// node's sessions and datapath in its PorticoNode object.
+    Agent {
+        /// This node's name.
+        #[arg(long, env = "NODE_NAME")]
+        node: String,
+        /// Attach the XDP balancer to these interfaces (repeat); none: no datapath.
+        #[arg(long, value_name = "IFACE")]
+        xdp: Vec<String>,
+        /// XDP attach mode.
+        #[arg(long, value_enum, default_value_t = XdpMode::Native)]
+        xdp_mode: XdpMode,
+        /// BGP Identifier for peers without routerID (default: the Node's InternalIP).
+        #[arg(long)]
+        router_id: Option<Ipv4Addr>,
+        /// IPv4 source of NAT toward backends (default: the first XDP interface's).
+        #[arg(long)]
+        snat_v4: Option<Ipv4Addr>,
+        /// IPv6 source of NAT toward backends (default: the first XDP interface's).
+        #[arg(long)]
+        snat_v6: Option<Ipv6Addr>,
+        /// Also accept BGP connections here (e.g. 0.0.0.0:179).
+        #[arg(long)]
+        bgp_listen: Option<SocketAddr>,
+        /// Local link that holds announced addresses; "none" holds none.
+        #[arg(long, default_value = "portico0")]
+        hold_link: String,
+        /// Serve LoadBalancer Services without a loadBalancerClass.
+        #[arg(long)]
+        default_class: bool,
+        /// Namespace of the Secrets with BGP MD5 passwords (the only Secrets read).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "portico-system")]
+        secret_namespace: String,
+        /// What SIGTERM does.
+        #[arg(long, value_enum, default_value_t = Shutdown::Keep)]
+        shutdown: Shutdown,
+        /// Serve Prometheus metrics, /healthz and /readyz here ("none": off).
+        #[arg(long, default_value = "0.0.0.0:9465")]
+        metrics_address: String,
+    },
     /// Show what a running `portico standalone` is doing.
     Status {
         /// Its admin socket.
@@ -286,6 +327,56 @@ fn main() -> Result<()> {
                 let stop = stop_on_signal()?;
                 let stats = std::sync::Arc::default();
                 portico::controller::run(client, opts, stats, stop).await
+            })?;
+        }
+        Command::Agent {
+            node,
+            xdp,
+            xdp_mode,
+            router_id,
+            snat_v4,
+            snat_v6,
+            bgp_listen,
+            hold_link,
+            default_class,
+            secret_namespace,
+            shutdown,
+            metrics_address,
+        } => {
+            let mut opts = portico::agent::Options::new(node);
+            opts.datapath = if xdp.is_empty() {
+                Datapath::Fake
+            } else {
+                Datapath::Xdp {
+                    interfaces: xdp,
+                    mode: match xdp_mode {
+                        XdpMode::Native => AttachMode::Native,
+                        XdpMode::Generic => AttachMode::Generic,
+                    },
+                }
+            };
+            opts.router_id = router_id;
+            opts.snat_v4 = snat_v4;
+            opts.snat_v6 = snat_v6;
+            opts.bgp_listen = bgp_listen;
+            opts.hold_link = (hold_link != "none").then_some(hold_link);
+            opts.default_class = default_class;
+            opts.secret_namespace = secret_namespace;
+            opts.metrics = parse_metrics_address(&metrics_address)?;
+            opts.shutdown = match shutdown {
+                Shutdown::Keep => ShutdownMode::Keep,
+                Shutdown::Withdraw => ShutdownMode::Withdraw,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
+                let stop = stop_on_signal()?;
+                portico::agent::run(client, opts, stop).await
             })?;
         }
         Command::Status { socket, output } => {

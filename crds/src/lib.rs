@@ -5,6 +5,7 @@
 
 mod bgp_advertisement;
 mod bgp_peer;
+mod node_status;
 mod service;
 mod validation;
 
@@ -15,6 +16,9 @@ pub use bgp_advertisement::{
 pub use bgp_peer::{
     validate_peer, BgpPeer, BgpPeerNodeStatus, BgpPeerSpec, BgpPeerStatus, GracefulRestart,
     PeerInputs, PrefixCounts, SecretKeyRef, ValidPeer, BGP_PORT,
+};
+pub use node_status::{
+    DatapathSummary, PeerSession, PorticoNode, PorticoNodeSpec, PorticoNodeStatus,
 };
 pub use service::{
     ingress, service_conditions, service_consumer, ClassPolicy, ALLOCATED_CONDITION,
@@ -330,6 +334,9 @@ pub const BGP_PEER_FILE: &str = "bgppeers.portico.io.yaml";
 /// File name of the BGPAdvertisement CRD under `deploy/crds/`.
 pub const BGP_ADVERTISEMENT_FILE: &str = "bgpadvertisements.portico.io.yaml";
 
+/// File name of the PorticoNode CRD under `deploy/crds/`.
+pub const PORTICO_NODE_FILE: &str = "porticonodes.portico.io.yaml";
+
 /// Every CRD as `(file name, YAML)`, generated from the Rust types.
 ///
 /// # Errors
@@ -339,6 +346,7 @@ pub fn crd_files() -> Result<Vec<(&'static str, String)>, Error> {
         (ADDRESS_POOL_FILE, AddressPool::crd()),
         (BGP_PEER_FILE, BgpPeer::crd()),
         (BGP_ADVERTISEMENT_FILE, BgpAdvertisement::crd()),
+        (PORTICO_NODE_FILE, PorticoNode::crd()),
     ];
     crds.into_iter()
         .map(|(file, crd)| {
