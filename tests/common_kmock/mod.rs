@@ -1,0 +1,101 @@
+//! The emulated API server of the end-to-end tests: kmock 0.8 with the repository's
+//! extension (`tests/kmock/portico_kmock.py`), started on 127.0.0.1 on a free port and
+//! stopped on drop. `scripts/bootstrap.sh` installs kmock pinned in a virtual environment
+//! at `/opt/portico-kmock` (override with `PORTICO_KMOCK_PYTHON`).
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use kube::{Client, Config};
+
+/// Python of the virtual environment with kmock.
+pub const DEFAULT_PYTHON: &str = "/opt/portico-kmock/bin/python";
+
+/// A running emulator.
+pub struct Kmock {
+    child: Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl Kmock {
+    /// Starts the emulator and waits until it listens.
+    ///
+    /// # Panics
+    /// kmock is not installed (run `scripts/bootstrap.sh`) or does not start.
+    pub fn start() -> Self {
+        let python =
+            std::env::var("PORTICO_KMOCK_PYTHON").unwrap_or_else(|_| DEFAULT_PYTHON.to_owned());
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kmock/portico_kmock.py");
+        let mut child = Command::new(&python)
+            .arg(script)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {python} (kmock's virtual environment; run scripts/bootstrap.sh): {e}")
+            });
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("reading kmock's first line");
+        let port = line
+            .trim()
+            .strip_prefix("listening on ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| {
+                let _ = child.kill();
+                panic!("kmock did not start (is kmock 0.8 installed for {python}?): {line:?}")
+            });
+        Kmock { child, port }
+    }
+
+    /// A client of it.
+    pub fn client(&self) -> Client {
+        let mut config = Config::new(format!("http://127.0.0.1:{}", self.port).parse().unwrap());
+        config.default_namespace = "default".into();
+        config.read_timeout = Some(Duration::from_secs(300));
+        Client::try_from(config).expect("a client of kmock")
+    }
+}
+
+impl Drop for Kmock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` every 50 ms for up to `secs` seconds.
+///
+/// # Panics
+/// `check` never returned `Some`.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Logs to the test's output (`RUST_LOG`, default warnings).
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
