@@ -3,6 +3,8 @@
 //! stopped on drop. `scripts/bootstrap.sh` installs kmock pinned in a virtual environment
 //! at `/opt/portico-kmock` (override with `PORTICO_KMOCK_PYTHON`).
 
+#![allow(dead_code, reason = "each test file uses some of the helpers")]
+
 use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -25,10 +27,24 @@ impl Kmock {
     /// # Panics
     /// kmock is not installed (run `scripts/bootstrap.sh`) or does not start.
     pub fn start() -> Self {
-        let python =
-            std::env::var("PORTICO_KMOCK_PYTHON").unwrap_or_else(|_| DEFAULT_PYTHON.to_owned());
+        Self::start_with(|p| Command::new(p))
+    }
+
+    /// Python of kmock's virtual environment.
+    #[must_use]
+    pub fn python() -> String {
+        std::env::var("PORTICO_KMOCK_PYTHON").unwrap_or_else(|_| DEFAULT_PYTHON.to_owned())
+    }
+
+    /// Starts the emulator through `command` (e.g. inside a network namespace), listening
+    /// on that namespace's 127.0.0.1.
+    ///
+    /// # Panics
+    /// As [`Kmock::start`].
+    pub fn start_with(command: impl FnOnce(&str) -> Command) -> Self {
+        let python = Self::python();
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kmock/portico_kmock.py");
-        let mut child = Command::new(&python)
+        let mut child = command(&python)
             .arg(script)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -52,9 +68,27 @@ impl Kmock {
         Kmock { child, port }
     }
 
+    /// Its URL.
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A kubeconfig that points at it (plain HTTP, no credentials).
+    #[must_use]
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: kmock, cluster: {{server: \"{}\"}}}}]\n\
+             users: [{{name: test, user: {{}}}}]\n\
+             contexts: [{{name: kmock, context: {{cluster: kmock, user: test, namespace: default}}}}]\n\
+             current-context: kmock\n",
+            self.url()
+        )
+    }
+
     /// A client of it.
     pub fn client(&self) -> Client {
-        let mut config = Config::new(format!("http://127.0.0.1:{}", self.port).parse().unwrap());
+        let mut config = Config::new(self.url().parse().unwrap());
         config.default_namespace = "default".into();
         config.read_timeout = Some(Duration::from_secs(300));
         Client::try_from(config).expect("a client of kmock")
