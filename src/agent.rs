@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::apply::{BalancerApplier, HolderApplier, SpeakerApplier};
 use crate::k8s::apply_status;
+use crate::k8s::gateway_source::{self, GatewaySource, GwEvent};
 use crate::k8s::source::{self, Relist};
 use crate::metrics::{MetricsRequest, ReconcileMetrics};
 use crate::plan::{node_plan, IpamOutcome, NodeIdentity, NodePlan, ServiceAddresses};
@@ -252,8 +253,18 @@ fn node_seed(node: &str) -> u64 {
     })
 }
 
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one event at a time moves from a watcher to the world; never stored in bulk"
+)]
+enum Input {
+    World(Result<source::WatchEvent, watcher::Error>),
+    Gateway(GwEvent),
+}
+
 struct Agent {
     client: Client,
+    gws: GatewaySource,
     opts: Options,
     world: World,
     relist: Relist,
@@ -325,7 +336,7 @@ pub async fn run(client: Client, opts: Options, mut stop: watch::Receiver<bool>)
         crate::metrics::serve(listener, metrics_tx);
     }
     let c = &client;
-    let mut events = futures::stream::select_all([
+    let world_events = futures::stream::select_all([
         source::watch(Api::<Service>::all(c.clone()), watcher::Config::default()),
         source::watch(
             Api::<EndpointSlice>::all(c.clone()),
@@ -348,9 +359,15 @@ pub async fn run(client: Client, opts: Options, mut stop: watch::Receiver<bool>)
             Api::<Node>::all(c.clone()),
             watcher::Config::default().fields(&format!("metadata.name={}", opts.node)),
         ),
-    ]);
+    ])
+    .map(Input::World);
+    let mut events = futures::stream::select(
+        world_events,
+        gateway_source::watch_all(&client).map(Input::Gateway),
+    );
     let mut a = Agent {
         client,
+        gws: GatewaySource::default(),
         identity: NodeIdentity {
             name: opts.node.clone(),
             labels: BTreeMap::new(),
@@ -404,14 +421,14 @@ pub async fn run(client: Client, opts: Options, mut stop: watch::Receiver<bool>)
                     break;
                 }
                 Some(reply) = metrics_rx.recv() => {
-                    let ready = a.relist.synced() && a.healthy();
+                    let ready = a.relist.synced() && a.gws.synced() && a.healthy();
                     let _ = reply.send((a.report(), a.metrics.clone(), ready));
                 }
                 () = tokio::time::sleep_until(deadline) => break,
                 _ = stop.changed() => return a.shutdown().await,
             }
         }
-        if a.relist.synced() {
+        if a.relist.synced() && a.gws.synced() {
             a.pass(fallback_router_id).await;
         }
     }
@@ -424,7 +441,14 @@ impl Agent {
             && self.holder.as_ref().is_none_or(|h| h.health.ok)
     }
 
-    fn on_watch(&mut self, ev: Result<source::WatchEvent, watcher::Error>) {
+    fn on_watch(&mut self, input: Input) {
+        let ev = match input {
+            Input::World(ev) => ev,
+            Input::Gateway(ev) => {
+                self.gws.handle(ev);
+                return;
+            }
+        };
         match ev {
             Ok(ev) => {
                 let events = self.relist.handle(ev, &self.world);
@@ -439,12 +463,14 @@ impl Agent {
         let class = ClassPolicy {
             default_class: self.opts.default_class,
         };
-        self.outcome = outcome_from_status(&self.world, class);
+        // Gateways enter as synthetic Services with EndpointSlices from their routes.
+        let world = crate::gateway::with_gateway_backends(&self.world, &self.gws.world);
+        self.outcome = outcome_from_status(&world, class);
         let mut identity = self.identity.clone();
-        if identity.router_id.is_none() && identity.resolve(&self.world).1.is_none() {
+        if identity.router_id.is_none() && identity.resolve(&world).1.is_none() {
             identity.router_id = fallback_router_id;
         }
-        self.plan = node_plan(&self.world, &self.outcome, &identity);
+        self.plan = node_plan(&world, &self.outcome, &identity);
         if let Some(s) = &mut self.speaker {
             s.apply(&self.plan.peers).await;
         }

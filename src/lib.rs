@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod apply;
 pub mod controller;
+pub mod gateway;
 pub mod k8s;
 pub mod manifest;
 pub mod metrics;

@@ -364,6 +364,10 @@ fn service_events(before: &ServiceStatus, after: &ServiceStatus) -> Vec<ServiceE
 pub fn decide(world: &World, outcome: &IpamOutcome, class: ClassPolicy, now: &Time) -> Decisions {
     let mut out = Decisions::default();
     for ((ns, name), svc) in &world.services {
+        if crate::gateway::is_synthetic(name) {
+            // A Gateway's stand-in: its status goes to the Gateway (crate::gateway).
+            continue;
+        }
         let before = ServiceStatus {
             ingress: current_ingress(svc).to_vec(),
             conditions: current_conditions(svc),

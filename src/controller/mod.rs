@@ -27,7 +27,9 @@ use kube::{Api, Client, Resource as _};
 use portico_crds::{AddressPool, AddressPoolStatus, ClassPolicy};
 use tokio::sync::{mpsc, watch};
 
+use crate::gateway::{self, GatewayDecisions, RouteKind};
 use crate::k8s::apply_status;
+use crate::k8s::gateway_source::{self, GatewaySource, GwEvent};
 use crate::k8s::lease::{run_elector, Elector, LeaseName, LeaseTiming};
 use crate::k8s::source::{self, Relist};
 use crate::metrics::{MetricsRequest, ReconcileMetrics};
@@ -60,6 +62,8 @@ pub struct Options {
     pub debounce: Duration,
     /// Serve `/metrics`, `/healthz` and `/readyz` here.
     pub metrics: Option<SocketAddr>,
+    /// Serve Gateways of GatewayClasses with `controllerName: portico.io/gateway-controller`.
+    pub gateway_api: bool,
 }
 
 impl Options {
@@ -78,6 +82,7 @@ impl Options {
             resync: Duration::from_secs(30),
             debounce: Duration::from_millis(50),
             metrics: None,
+            gateway_api: true,
         }
     }
 }
@@ -95,6 +100,8 @@ pub struct Stats {
     pub pool_writes: AtomicU64,
     /// Events published.
     pub events: AtomicU64,
+    /// Gateway API status writes sent (GatewayClasses, Gateways, routes).
+    pub gateway_writes: AtomicU64,
     /// Writes the API refused.
     pub write_errors: AtomicU64,
     /// 1 while leading.
@@ -152,8 +159,23 @@ fn same_pool_status(a: &AddressPoolStatus, b: &AddressPoolStatus) -> bool {
     strip(a) == strip(b)
 }
 
+/// A Gateway API status write: (kind, namespace, name), the resourceVersion seen, status.
+type GatewayWrite = ((String, String, String), Option<String>, serde_json::Value);
+
+/// One input of the controller's loop.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one event at a time moves from a watcher to the world; never stored in bulk"
+)]
+enum Input {
+    World(Result<source::WatchEvent, watcher::Error>),
+    Gateway(GwEvent),
+}
+
 struct Controller {
     client: Client,
+    gws: GatewaySource,
+    gw_written: BTreeMap<(String, String, String), (Option<String>, serde_json::Value)>,
     opts: Options,
     world: World,
     relist: Relist,
@@ -176,7 +198,7 @@ pub async fn run(
     stats: Arc<Stats>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    let mut events = futures::stream::select_all([
+    let world_events = futures::stream::select_all([
         source::watch(
             Api::<Service>::all(client.clone()),
             watcher::Config::default(),
@@ -189,7 +211,16 @@ pub async fn run(
             Api::<Namespace>::all(client.clone()),
             watcher::Config::default(),
         ),
-    ]);
+    ])
+    .map(Input::World);
+    let gateway_events = if opts.gateway_api {
+        gateway_source::watch_all(&client)
+            .map(Input::Gateway)
+            .boxed()
+    } else {
+        futures::stream::empty().boxed()
+    };
+    let mut events = futures::stream::select(world_events, gateway_events);
     let (lead_tx, mut lead_rx) = watch::channel(opts.lease.is_none());
     let elector_task = opts.lease.clone().map(|lease| {
         let api = Api::<Lease>::namespaced(client.clone(), &lease.namespace);
@@ -210,8 +241,14 @@ pub async fn run(
             instance: Some(opts.identity.clone()),
         },
     );
+    let mut gws = GatewaySource::default();
+    if !opts.gateway_api {
+        gws.mark_all_synced();
+    }
     let mut c = Controller {
         client,
+        gws,
+        gw_written: BTreeMap::new(),
         allocating: Allocating::new(ClassPolicy {
             default_class: opts.default_class,
         }),
@@ -274,7 +311,14 @@ pub async fn run(
 }
 
 impl Controller {
-    fn on_watch(&mut self, ev: Result<source::WatchEvent, watcher::Error>) {
+    fn on_watch(&mut self, input: Input) {
+        let ev = match input {
+            Input::World(ev) => ev,
+            Input::Gateway(ev) => {
+                self.gws.handle(ev);
+                return;
+            }
+        };
         match ev {
             Ok(ev) => {
                 let events = self.relist.handle(ev, &self.world);
@@ -287,19 +331,23 @@ impl Controller {
     async fn pass(&mut self, leading: bool) {
         let started = Instant::now();
         Stats::bump(&self.stats.passes);
+        let world = gateway::with_gateways(&self.world, &self.gws.world);
         let Some((outcome, decisions)) = self.allocating.pass(
-            &self.world,
+            &world,
             leading,
-            self.relist.synced(),
+            self.relist.synced() && self.gws.synced(),
             unix_now(),
             &Time(Timestamp::now()),
         ) else {
             self.written = Written::default();
+            self.gw_written.clear();
             return;
         };
         Stats::bump(&self.stats.allocating_passes);
+        let gw_decisions =
+            gateway::decide_gateways(&world, &self.gws.world, &outcome, &Time(Timestamp::now()));
         self.outcome = outcome;
-        let failed = self.write(decisions).await;
+        let failed = self.write(decisions).await + self.write_gateways(gw_decisions).await;
         self.failing = failed > 0;
         self.metrics.observe(
             started.elapsed(),
@@ -392,6 +440,119 @@ impl Controller {
         failed
     }
 
+    /// Writes Gateway API statuses that differ from what was written for the same
+    /// resourceVersion. Returns how many writes failed.
+    async fn write_gateways(&mut self, d: GatewayDecisions) -> usize {
+        let strip = |v: &serde_json::Value| {
+            let mut v = v.clone();
+            strip_times(&mut v);
+            v
+        };
+        let mut writes: Vec<GatewayWrite> = Vec::new();
+        for (name, status) in d.classes {
+            let rv = self
+                .gws
+                .world
+                .classes
+                .get(&name)
+                .and_then(|c| c.metadata.resource_version.clone());
+            writes.push((
+                ("GatewayClass".into(), String::new(), name),
+                rv,
+                serde_json::to_value(status).unwrap_or_default(),
+            ));
+        }
+        for ((ns, name), status) in d.gateways {
+            let rv = self
+                .gws
+                .world
+                .gateways
+                .get(&(ns.clone(), name.clone()))
+                .and_then(|g| g.metadata.resource_version.clone());
+            writes.push((
+                ("Gateway".into(), ns, name),
+                rv,
+                serde_json::to_value(status).unwrap_or_default(),
+            ));
+        }
+        for ((kind, ns, name), parents) in d.routes {
+            let rv = self
+                .gws
+                .world
+                .routes
+                .get(&(kind, ns.clone(), name.clone()))
+                .and_then(|r| r.resource_version.clone());
+            writes.push((
+                (kind.name().into(), ns, name),
+                rv,
+                serde_json::json!({ "parents": parents }),
+            ));
+        }
+        let mut failed = 0;
+        for (key, rv, status) in writes {
+            if self
+                .gw_written
+                .get(&key)
+                .is_some_and(|(r, s)| rv.is_some() && *r == rv && *s == strip(&status))
+            {
+                continue;
+            }
+            Stats::bump(&self.stats.gateway_writes);
+            let (kind, ns, name) = &key;
+            let c = self.client.clone();
+            let result = match kind.as_str() {
+                "GatewayClass" => apply_status(
+                    &Api::<gateway_api::experimental::gatewayclasses::GatewayClass>::all(c),
+                    name,
+                    None,
+                    FIELD_MANAGER,
+                    &status,
+                )
+                .await
+                .map(|_| ()),
+                "Gateway" => apply_status(
+                    &Api::<gateway_api::experimental::gateways::Gateway>::namespaced(c, ns),
+                    name,
+                    Some(ns),
+                    FIELD_MANAGER,
+                    &status,
+                )
+                .await
+                .map(|_| ()),
+                k if k == RouteKind::Tcp.name() => apply_status(
+                    &Api::<gateway_api::experimental::tcproutes::TcpRoute>::namespaced(c, ns),
+                    name,
+                    Some(ns),
+                    FIELD_MANAGER,
+                    &status,
+                )
+                .await
+                .map(|_| ()),
+                _ => apply_status(
+                    &Api::<gateway_api::experimental::udproutes::UdpRoute>::namespaced(c, ns),
+                    name,
+                    Some(ns),
+                    FIELD_MANAGER,
+                    &status,
+                )
+                .await
+                .map(|_| ()),
+            };
+            match result {
+                Ok(()) => {
+                    let stripped = strip(&status);
+                    self.gw_written.insert(key, (rv, stripped));
+                }
+                Err(e) => {
+                    failed += 1;
+                    Stats::bump(&self.stats.write_errors);
+                    tracing::warn!(kind = %kind, object = %format!("{ns}/{name}"), "writing status: {e}");
+                }
+            }
+        }
+        failed
+    }
+
     fn report(&self) -> StatusReport {
         StatusReport {
             node: self.opts.identity.clone(),
@@ -436,5 +597,17 @@ impl Controller {
             passes: Stats::get(&self.stats.passes),
             ..StatusReport::default()
         }
+    }
+}
+
+/// Clears every `lastTransitionTime` (a pass before the echo recomputes them as now).
+fn strip_times(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.remove("lastTransitionTime");
+            m.values_mut().for_each(strip_times);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(strip_times),
+        _ => {}
     }
 }

@@ -2,6 +2,7 @@
 //! world events ([`source`]), leader election on a Lease ([`lease`]), and server-side
 //! apply of status subresources ([`apply_status`]).
 
+pub mod gateway_source;
 pub mod lease;
 pub mod source;
 

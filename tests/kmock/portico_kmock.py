@@ -59,7 +59,7 @@ RESOURCES = [
     ('portico.io', 'v1alpha1', 'porticonodes', 'PorticoNode', False),
     ('gateway.networking.k8s.io', 'v1', 'gatewayclasses', 'GatewayClass', False),
     ('gateway.networking.k8s.io', 'v1', 'gateways', 'Gateway', True),
-    ('gateway.networking.k8s.io', 'v1beta1', 'referencegrants', 'ReferenceGrant', True),
+    ('gateway.networking.k8s.io', 'v1', 'referencegrants', 'ReferenceGrant', True),
     ('gateway.networking.k8s.io', 'v1alpha2', 'tcproutes', 'TCPRoute', True),
     ('gateway.networking.k8s.io', 'v1alpha2', 'udproutes', 'UDPRoute', True),
 ]
