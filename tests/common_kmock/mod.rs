@@ -133,3 +133,33 @@ pub fn init_logs() {
         .with_test_writer()
         .try_init();
 }
+
+/// Creates any object from its JSON (kind → plural by the usual English rule, with the
+/// exceptions the tests use).
+///
+/// # Panics
+/// The API refuses it.
+pub async fn create_json(client: &Client, obj: serde_json::Value) {
+    use kube::api::{DynamicObject, PostParams};
+    use kube::core::{ApiResource, GroupVersionKind};
+    use kube::Api;
+    let api_version = obj["apiVersion"].as_str().unwrap();
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let kind = obj["kind"].as_str().unwrap();
+    let plural = match kind {
+        "BGPPeer" => "bgppeers".to_owned(),
+        "BGPAdvertisement" => "bgpadvertisements".to_owned(),
+        "GatewayClass" => "gatewayclasses".to_owned(),
+        k => format!("{}s", k.to_lowercase()),
+    };
+    let ar =
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), &plural);
+    let o: DynamicObject = serde_json::from_value(obj.clone()).unwrap();
+    let api: Api<DynamicObject> = match obj["metadata"]["namespace"].as_str() {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    };
+    api.create(&PostParams::default(), &o)
+        .await
+        .unwrap_or_else(|e| panic!("creating {kind}: {e}"));
+}
