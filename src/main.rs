@@ -121,6 +121,9 @@ enum Command {
         /// Lead without an election (a single replica).
         #[arg(long)]
         no_leader_election: bool,
+        /// Do not watch or serve Gateway API objects.
+        #[arg(long)]
+        no_gateway_api: bool,
         /// Serve Prometheus metrics, /healthz and /readyz here ("none": off).
         #[arg(long, default_value = "0.0.0.0:9464")]
         metrics_address: String,
@@ -302,6 +305,7 @@ fn main() -> Result<()> {
             lease_namespace,
             lease_name,
             no_leader_election,
+            no_gateway_api,
             metrics_address,
         } => {
             let identity = identity.unwrap_or_else(default_identity);
@@ -316,6 +320,7 @@ fn main() -> Result<()> {
                 })
             };
             opts.metrics = parse_metrics_address(&metrics_address)?;
+            opts.gateway_api = !no_gateway_api;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
