@@ -275,7 +275,17 @@ pub fn synthetic_service(namespace: &str, gw: &Gateway) -> Option<Service> {
     {
         labels.extend(l.clone());
     }
-    let mut annotations = BTreeMap::new();
+    // Portico's annotations (pool, sharing key) work on a Gateway as on a Service, on the
+    // object or in spec.infrastructure; spec.addresses wins over portico.io/ips.
+    let mut annotations = gw.metadata.annotations.clone().unwrap_or_default();
+    if let Some(a) = gw
+        .spec
+        .infrastructure
+        .as_ref()
+        .and_then(|i| i.annotations.as_ref())
+    {
+        annotations.extend(a.clone());
+    }
     if !ips.is_empty() {
         annotations.insert("portico.io/ips".to_owned(), ips.join(","));
     }

@@ -534,3 +534,26 @@ fn the_agent_balances_gateway_listeners_to_the_routes_backends_on_their_target_p
         "HTTPS is not served"
     );
 }
+
+#[test]
+fn a_gateway_shares_an_address_with_a_service_through_the_sharing_key() {
+    let mut w = world();
+    let mut web = w.services[&("shop".to_owned(), "web".to_owned())].clone();
+    web.metadata.annotations = Some(BTreeMap::from([(
+        "portico.io/sharing-key".to_owned(),
+        "front".to_owned(),
+    )]));
+    web.metadata.labels = Some(BTreeMap::from([("tier".to_owned(), "edge".to_owned())]));
+    w.services.insert(("shop".into(), "web".into()), web);
+    let g = gateway(
+        "edge",
+        json!({"spec": {"infrastructure": {"annotations": {"portico.io/sharing-key": "front"}}}}),
+    );
+    let (outcome, d) = pass(&w, &gws(vec![g], vec![]));
+    let svc = &outcome.services[&("shop".to_owned(), "web".to_owned())].addresses;
+    assert_eq!(
+        status_of(&d, "edge").addresses.as_ref().unwrap()[0].value,
+        svc[0].to_string(),
+        "one address for the Service on :80 and the Gateway on :9000 and :53"
+    );
+}
