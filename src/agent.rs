@@ -471,6 +471,12 @@ impl Agent {
             identity.router_id = fallback_router_id;
         }
         self.plan = node_plan(&world, &self.outcome, &identity);
+        crate::gateway::apply_backend_weights(
+            &mut self.plan,
+            &world,
+            &self.gws.world,
+            &self.outcome,
+        );
         if let Some(s) = &mut self.speaker {
             s.apply(&self.plan.peers).await;
         }

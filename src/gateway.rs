@@ -879,14 +879,20 @@ impl TapMessage for Condition {
     }
 }
 
-/// EndpointSlices of the synthetic Services: for each listener of each Portico Gateway,
-/// the endpoints of the backend Services of the routes attached to it, on the port the
-/// backendRef's Service port targets (by name in the backend's EndpointSlices). Routes
-/// whose refs do not resolve contribute nothing; a backendRef with weight 0 neither.
-#[must_use]
-pub fn gateway_endpoint_slices(world: &World, gws: &GatewayWorld) -> Vec<EndpointSlice> {
+/// One backendRef of a route attached to one listener of a Portico Gateway, resolved:
+/// the backend's EndpointSlices with the target port the ref's Service port names.
+struct ListenerBackend<'a> {
+    gateway: (String, String),
+    listener: String,
+    protocol: &'static str,
+    weight: u32,
+    slices: Vec<(&'a (String, String), &'a EndpointSlice, i32)>,
+}
+
+/// Every resolved backendRef of every route attached to a listener of Portico's Gateways,
+/// weight 0 included.
+fn listener_backends<'a>(world: &'a World, gws: &GatewayWorld) -> Vec<ListenerBackend<'a>> {
     let mut out = Vec::new();
-    let mut seen = BTreeSet::new();
     for route in gws.routes.values() {
         if resolve(world, gws, route).is_err() {
             continue;
@@ -903,10 +909,10 @@ pub fn gateway_endpoint_slices(world: &World, gws: &GatewayWorld) -> Vec<Endpoin
                 let Some(listener) = gw.spec.listeners.iter().find(|l| l.name == *lname) else {
                     continue;
                 };
-                let Some(proto) = listener_protocol(&listener.protocol) else {
+                let Some(protocol) = listener_protocol(&listener.protocol) else {
                     continue;
                 };
-                for b in route.backends.iter().filter(|b| b.weight.unwrap_or(1) > 0) {
+                for b in &route.backends {
                     let bns = b
                         .namespace
                         .clone()
@@ -914,62 +920,181 @@ pub fn gateway_endpoint_slices(world: &World, gws: &GatewayWorld) -> Vec<Endpoin
                     let Some(svc) = world.services.get(&(bns.clone(), b.name.clone())) else {
                         continue;
                     };
-                    let port_name = svc
+                    let Some(port_name) = svc
                         .spec
                         .iter()
                         .flat_map(|s| s.ports.iter().flatten())
                         .find(|sp| b.port.is_none_or(|p| p == sp.port))
-                        .map(|sp| sp.name.clone().unwrap_or_default());
-                    let Some(port_name) = port_name else { continue };
-                    for ((sns, sname), slice) in &world.endpoint_slices {
-                        let of_backend = sns == &bns
-                            && slice
-                                .metadata
-                                .labels
-                                .as_ref()
-                                .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                                == Some(&b.name);
-                        if !of_backend {
-                            continue;
-                        }
-                        let Some(target) = slice
-                            .ports
-                            .iter()
-                            .flatten()
-                            .find(|p| p.name.clone().unwrap_or_default() == port_name)
-                            .and_then(|p| p.port)
-                        else {
-                            continue;
-                        };
-                        let name = format!("{}.{lname}.{bns}.{sname}", synthetic_name(gname));
-                        if !seen.insert(name.clone()) {
-                            continue;
-                        }
-                        out.push(EndpointSlice {
-                            metadata: ObjectMeta {
-                                name: Some(name),
-                                namespace: Some(gns.clone()),
-                                labels: Some(BTreeMap::from([(
-                                    SERVICE_NAME_LABEL.to_owned(),
-                                    synthetic_name(gname),
-                                )])),
-                                ..ObjectMeta::default()
-                            },
-                            address_type: slice.address_type.clone(),
-                            endpoints: slice.endpoints.clone(),
-                            ports: Some(vec![EndpointPort {
-                                name: Some(lname.clone()),
-                                port: Some(target),
-                                protocol: Some(proto.to_owned()),
-                                ..EndpointPort::default()
-                            }]),
-                        });
-                    }
+                        .map(|sp| sp.name.clone().unwrap_or_default())
+                    else {
+                        continue;
+                    };
+                    let slices = world
+                        .endpoint_slices
+                        .iter()
+                        .filter(|((sns, _), slice)| {
+                            *sns == bns
+                                && slice
+                                    .metadata
+                                    .labels
+                                    .as_ref()
+                                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                                    == Some(&b.name)
+                        })
+                        .filter_map(|(key, slice)| {
+                            let target = slice
+                                .ports
+                                .iter()
+                                .flatten()
+                                .find(|p| p.name.clone().unwrap_or_default() == port_name)
+                                .and_then(|p| p.port)?;
+                            Some((key, slice, target))
+                        })
+                        .collect();
+                    out.push(ListenerBackend {
+                        gateway: (gns.clone(), gname.clone()),
+                        listener: lname.clone(),
+                        protocol,
+                        weight: u32::try_from(b.weight.unwrap_or(1)).unwrap_or(0),
+                        slices,
+                    });
                 }
             }
         }
     }
     out
+}
+
+/// EndpointSlices of the synthetic Services: for each listener of each Portico Gateway,
+/// the endpoints of the backend Services of the routes attached to it, on the port the
+/// backendRef's Service port targets (by name in the backend's EndpointSlices). Routes
+/// whose refs do not resolve contribute nothing; a backendRef with weight 0 neither.
+#[must_use]
+pub fn gateway_endpoint_slices(world: &World, gws: &GatewayWorld) -> Vec<EndpointSlice> {
+    let mut out = Vec::new();
+    let mut seen = BTreeSet::new();
+    for lb in listener_backends(world, gws)
+        .into_iter()
+        .filter(|b| b.weight > 0)
+    {
+        let (gns, gname) = &lb.gateway;
+        for ((bns, sname), slice, target) in lb.slices {
+            let name = format!("{}.{}.{bns}.{sname}", synthetic_name(gname), lb.listener);
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            out.push(EndpointSlice {
+                metadata: ObjectMeta {
+                    name: Some(name),
+                    namespace: Some(gns.clone()),
+                    labels: Some(BTreeMap::from([(
+                        SERVICE_NAME_LABEL.to_owned(),
+                        synthetic_name(gname),
+                    )])),
+                    ..ObjectMeta::default()
+                },
+                address_type: slice.address_type.clone(),
+                endpoints: slice.endpoints.clone(),
+                ports: Some(vec![EndpointPort {
+                    name: Some(lb.listener.clone()),
+                    port: Some(target),
+                    protocol: Some(lb.protocol.to_owned()),
+                    ..EndpointPort::default()
+                }]),
+            });
+        }
+    }
+    out
+}
+
+/// A multiple of every count up to 16, so per-endpoint shares of a backendRef's weight
+/// stay exact for small backends.
+const WEIGHT_SCALE: u64 = 720_720;
+
+/// Gives the Maglev backends of Gateway listeners their backendRef weights: a backendRef
+/// of weight `w` with `n` endpoints gives each `w / n` of the listener's traffic (Gateway
+/// API weights are per backendRef, not per endpoint). Draining backends keep weight 0.
+/// `outcome` holds the Gateways' addresses (the synthetic Services').
+pub fn apply_backend_weights(
+    plan: &mut crate::plan::NodePlan,
+    world: &World,
+    gws: &GatewayWorld,
+    outcome: &IpamOutcome,
+) {
+    use std::net::IpAddr;
+    // (namespace, Gateway, listener) → (endpoint address, port) → weight.
+    type ListenerKey = (String, String, String);
+    let mut weights: BTreeMap<ListenerKey, BTreeMap<(IpAddr, u16), u64>> = BTreeMap::new();
+    for lb in listener_backends(world, gws) {
+        let mut endpoints: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
+        for (_, slice, target) in &lb.slices {
+            let Ok(port) = u16::try_from(*target) else {
+                continue;
+            };
+            for ep in slice.endpoints.iter().flatten() {
+                for a in &ep.addresses {
+                    if let Ok(ip) = a.parse() {
+                        endpoints.insert((ip, port));
+                    }
+                }
+            }
+        }
+        if endpoints.is_empty() {
+            continue;
+        }
+        let share = u64::from(lb.weight) * WEIGHT_SCALE / endpoints.len() as u64;
+        let entry = weights
+            .entry((
+                lb.gateway.0.clone(),
+                lb.gateway.1.clone(),
+                lb.listener.clone(),
+            ))
+            .or_default();
+        for e in endpoints {
+            *entry.entry(e).or_default() += share;
+        }
+    }
+    for ((ns, name, listener), by_endpoint) in weights {
+        let Some(gw) = gws.gateways.get(&(ns.clone(), name.clone())) else {
+            continue;
+        };
+        let Some(l) = gw.spec.listeners.iter().find(|l| l.name == listener) else {
+            continue;
+        };
+        let (Ok(port), Some(proto)) = (u16::try_from(l.port), listener_protocol(&l.protocol))
+        else {
+            continue;
+        };
+        let proto = match proto {
+            "UDP" => portico_xdp::Protocol::Udp,
+            "SCTP" => portico_xdp::Protocol::Sctp,
+            _ => portico_xdp::Protocol::Tcp,
+        };
+        let Some(addrs) = outcome.services.get(&(ns.clone(), synthetic_name(&name))) else {
+            continue;
+        };
+        // Scale down to u32 keeping proportions.
+        let max = by_endpoint.values().copied().max().unwrap_or(1).max(1);
+        let divisor = max.div_ceil(u64::from(u32::MAX)).max(1);
+        for vip in &addrs.addresses {
+            let key = portico_xdp::ServiceKey {
+                vip: *vip,
+                port,
+                proto,
+            };
+            let Some(spec) = plan.services.get_mut(&key) else {
+                continue;
+            };
+            for b in &mut spec.backends {
+                if b.weight == 0 {
+                    continue;
+                }
+                if let Some(w) = by_endpoint.get(&(b.addr, b.port)) {
+                    b.weight = u32::try_from(w / divisor).unwrap_or(u32::MAX).max(1);
+                }
+            }
+        }
+    }
 }
 
 /// `world` as the agent plans it: [`with_gateways`] plus [`gateway_endpoint_slices`].

@@ -557,3 +557,67 @@ fn a_gateway_shares_an_address_with_a_service_through_the_sharing_key() {
         "one address for the Service on :80 and the Gateway on :9000 and :53"
     );
 }
+
+#[test]
+fn backend_ref_weights_become_maglev_weights_per_endpoint() {
+    // backend (1 endpoint) weight 3, spare (2 endpoints) weight 1: 6:1:1 per endpoint.
+    let extra = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: spare, namespace: shop}
+spec:
+  type: ClusterIP
+  ports: [{name: app, port: 9000, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: spare-1, namespace: shop, labels: {kubernetes.io/service-name: spare}}
+addressType: IPv4
+ports: [{name: app, port: 7000, protocol: TCP}]
+endpoints:
+  - {addresses: ["10.2.0.1"], nodeName: n1, conditions: {ready: true}}
+  - {addresses: ["10.2.0.2"], nodeName: n2, conditions: {ready: true}}
+"#;
+    let mut w = world();
+    w.apply_all(parse_text("extra.yaml", extra).0);
+    let r = route(
+        RouteKind::Tcp,
+        "app",
+        "shop",
+        parent(Some("app")),
+        json!([{"name": "backend", "port": 9000, "weight": 3}, {"name": "spare", "port": 9000, "weight": 1}]),
+    );
+    let mut g = gws(vec![gateway("edge", json!({}))], vec![r]);
+    let (_, d) = pass(&w, &g);
+    for (key, status) in &d.gateways {
+        g.gateways.get_mut(key).unwrap().status = Some(status.clone());
+    }
+    let full = with_gateway_backends(&w, &g);
+    let outcome = portico::agent::outcome_from_status(&full, ClassPolicy::default());
+    let mut plan = node_plan(
+        &full,
+        &outcome,
+        &NodeIdentity {
+            name: "n1".into(),
+            labels: BTreeMap::new(),
+            router_id: Some("192.0.2.10".parse().unwrap()),
+        },
+    );
+    portico::gateway::apply_backend_weights(&mut plan, &full, &g, &outcome);
+    let spec = &plan.services[&ServiceKey {
+        vip: "203.0.113.0".parse().unwrap(),
+        port: 9000,
+        proto: Protocol::Tcp,
+    }];
+    let weight = |a: &str| {
+        spec.backends
+            .iter()
+            .find(|b| b.addr == a.parse::<IpAddr>().unwrap())
+            .unwrap()
+            .weight
+    };
+    assert_eq!(weight("10.1.0.5"), 6 * weight("10.2.0.1"));
+    assert_eq!(weight("10.2.0.1"), weight("10.2.0.2"));
+    assert!(weight("10.2.0.1") > 0);
+}
