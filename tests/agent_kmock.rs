@@ -3,6 +3,7 @@
 //! extension. What the agent watches turns into its plan, and its plan into its own
 //! PorticoNode object.
 
+mod common;
 #[path = "common_kmock/mod.rs"]
 mod common_kmock;
 
@@ -72,9 +73,17 @@ async fn the_agent_plans_what_it_watches_and_reports_it_in_its_portico_node() {
         create(&client, obj).await;
     }
     let (stop, rx) = watch::channel(false);
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (ctl_metrics, agent_metrics) = (free_port(), free_port());
     let mut copts = controller::Options::new("ctl-0", "portico-system");
     copts.lease = None;
     copts.debounce = Duration::from_millis(20);
+    copts.metrics = Some(ctl_metrics);
     let ctl = tokio::spawn(controller::run(
         client.clone(),
         copts,
@@ -84,6 +93,7 @@ async fn the_agent_plans_what_it_watches_and_reports_it_in_its_portico_node() {
     let mut aopts = agent::Options::new("n1");
     aopts.debounce = Duration::from_millis(20);
     aopts.resync = Duration::from_millis(500);
+    aopts.metrics = Some(agent_metrics);
     let agt = tokio::spawn(agent::run(client.clone(), aopts, rx));
 
     let nodes = Api::<PorticoNode>::all(client.clone());
@@ -111,6 +121,22 @@ async fn the_agent_plans_what_it_watches_and_reports_it_in_its_portico_node() {
     let node = nodes.get("n1").await.unwrap();
     let owner = &node.metadata.owner_references.unwrap()[0];
     assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("Node", "n1"));
+
+    // Health and metrics, as in standalone mode; the exposition passes promtool.
+    for addr in [ctl_metrics, agent_metrics] {
+        let (ready, _) = tokio::task::spawn_blocking(move || common::http_get(addr, "/readyz"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(ready.contains("200"), "{addr}: {ready}");
+        let (status, body) =
+            tokio::task::spawn_blocking(move || common::http_get(addr, "/metrics"))
+                .await
+                .unwrap()
+                .unwrap();
+        assert!(status.contains("200"), "{addr}: {status}");
+        common::promtool_check(&body);
+    }
 
     stop.send(true).unwrap();
     ctl.await.unwrap().unwrap();
