@@ -602,3 +602,47 @@ async fn a_watch_resumes_from_its_last_bookmark_without_a_relist() {
     );
     assert_eq!(names(&world), ["a"]);
 }
+
+#[tokio::test]
+async fn a_new_leader_lists_services_afresh_before_its_first_write() {
+    let (client, log) = scripted(|seen| {
+        if seen.path.starts_with(LEASE_PATH) {
+            return match seen.method.as_str() {
+                "GET" => Reply::Json(404, status(404, "NotFound")),
+                _ => {
+                    let mut l = seen.body.clone();
+                    l["metadata"]["resourceVersion"] = "1".into();
+                    Reply::Json(201, l)
+                }
+            };
+        }
+        controller_routes(seen)
+    });
+    let mut opts = controller::Options::new("portico-controller-0", "portico-system");
+    opts.debounce = Duration::from_millis(5);
+    let (stop_tx, stop) = watch::channel(false);
+    let task = tokio::spawn(controller::run(client, opts, Arc::default(), stop));
+    let is_patch = |s: &Seen| s.method == "PATCH" && s.path.ends_with("/services/web/status");
+    wait_for(&log, "the Service status patch", |l| l.iter().any(is_patch)).await;
+    stop_tx.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    let seen = log.lock().unwrap().clone();
+    let fresh_list = seen
+        .iter()
+        .position(|s| {
+            s.method == "GET"
+                && s.path == "/api/v1/services"
+                && !s.is_watch()
+                && !s.query.contains_key("limit")
+        })
+        .expect("a fresh list of Services on becoming leader");
+    let lease_won = seen
+        .iter()
+        .position(|s| s.method == "POST" && s.path == LEASE_PATH)
+        .unwrap();
+    let first_patch = seen.iter().position(is_patch).unwrap();
+    assert!(
+        lease_won < fresh_list && fresh_list < first_patch,
+        "{seen:#?}"
+    );
+}

@@ -328,17 +328,60 @@ impl Controller {
         }
     }
 
+    /// Before a new leader restores allocations from status: a fresh (quorum) list of the
+    /// Services and Gateways, so a status the previous leader wrote just before it stopped
+    /// is seen even if its watch event has not arrived yet.
+    async fn refresh_before_leading(&mut self) {
+        use kube::api::ListParams;
+        match Api::<Service>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await
+        {
+            Ok(list) => {
+                let events: Vec<crate::world::Event> = list
+                    .items
+                    .into_iter()
+                    .map(|svc| {
+                        crate::world::Event::Apply(
+                            source::key_of(&svc),
+                            crate::world::Object::Service(svc),
+                        )
+                    })
+                    .collect();
+                self.world.apply_all(events);
+            }
+            Err(e) => tracing::warn!("listing Services before leading: {e}"),
+        }
+        if self.opts.gateway_api {
+            if let Ok(list) =
+                Api::<gateway_api::experimental::gateways::Gateway>::all(self.client.clone())
+                    .list(&ListParams::default())
+                    .await
+            {
+                for gw in list.items {
+                    let key = (
+                        gw.metadata.namespace.clone().unwrap_or_default(),
+                        gw.metadata.name.clone().unwrap_or_default(),
+                    );
+                    self.gws.world.gateways.insert(key, gw);
+                }
+            }
+        }
+    }
+
     async fn pass(&mut self, leading: bool) {
         let started = Instant::now();
         Stats::bump(&self.stats.passes);
+        let synced = self.relist.synced() && self.gws.synced();
+        if leading && synced && !self.allocating.active() && self.opts.lease.is_some() {
+            // The first allocating pass of a new leader restores from status: read it fresh.
+            self.refresh_before_leading().await;
+        }
         let world = gateway::with_gateways(&self.world, &self.gws.world);
-        let Some((outcome, decisions)) = self.allocating.pass(
-            &world,
-            leading,
-            self.relist.synced() && self.gws.synced(),
-            unix_now(),
-            &Time(Timestamp::now()),
-        ) else {
+        let Some((outcome, decisions)) =
+            self.allocating
+                .pass(&world, leading, synced, unix_now(), &Time(Timestamp::now()))
+        else {
             self.written = Written::default();
             self.gw_written.clear();
             return;
