@@ -124,6 +124,8 @@ impl Elector {
             }),
             None => Step::Replace(self.ours(wall, transitions + 1)),
             Some(_) => {
+                // Someone else holds it: whatever we thought, we do not lead.
+                self.renewed_at = None;
                 let held_for = spec
                     .lease_duration_seconds
                     .and_then(|s| u64::try_from(s).ok())
@@ -275,5 +277,59 @@ pub async fn run_elector(
                 Err(e) => tracing::warn!("releasing the lease: {e}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(holder: &str) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: Some(15),
+            lease_transitions: Some(2),
+            ..LeaseSpec::default()
+        }
+    }
+
+    #[test]
+    fn a_leader_that_finds_another_holder_stops_leading_at_once() {
+        let t0 = Instant::now();
+        let wall = Timestamp::UNIX_EPOCH;
+        let mut e = Elector::new("a", LeaseTiming::default());
+        let Step::Replace(mine) = e.observe(Some(&spec("a")), t0, wall) else {
+            panic!("renewal expected");
+        };
+        e.written(&mine, t0);
+        assert!(e.is_leader(t0));
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(e.observe(Some(&spec("b")), later, wall), Step::Wait);
+        assert!(!e.is_leader(later));
+    }
+
+    #[test]
+    fn a_released_lease_is_taken_at_once_with_one_more_transition() {
+        let mut e = Elector::new("a", LeaseTiming::default());
+        let released = LeaseSpec {
+            holder_identity: None,
+            ..spec("b")
+        };
+        match e.observe(Some(&released), Instant::now(), Timestamp::UNIX_EPOCH) {
+            Step::Replace(s) => {
+                assert_eq!(s.holder_identity.as_deref(), Some("a"));
+                assert_eq!(s.lease_transitions, Some(3));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_the_holder_releases() {
+        let e = Elector::new("a", LeaseTiming::default());
+        assert!(e.release(&spec("b")).is_none());
+        let r = e.release(&spec("a")).unwrap();
+        assert_eq!(r.holder_identity, None);
+        assert_eq!(r.lease_duration_seconds, Some(1));
     }
 }
