@@ -74,6 +74,10 @@ enum Command {
         /// XDP attach mode.
         #[arg(long, value_enum, default_value_t = XdpMode::Native)]
         xdp_mode: XdpMode,
+        /// bpffs folder where the XDP maps and links are pinned, so that a restart keeps
+        /// tracked flows (default /sys/fs/bpf/portico/<node>; "none": no pinning).
+        #[arg(long, value_name = "DIR")]
+        bpf_pin_dir: Option<String>,
         /// Admin socket for `portico status`.
         #[arg(long, value_name = "PATH", default_value = ADMIN_SOCKET)]
         admin_socket: PathBuf,
@@ -250,6 +254,7 @@ fn main() -> Result<()> {
             state,
             xdp,
             xdp_mode,
+            bpf_pin_dir,
             admin_socket,
             router_id,
             snat_v4,
@@ -260,6 +265,11 @@ fn main() -> Result<()> {
             shutdown,
             metrics_address,
         } => {
+            let pin_dir = match bpf_pin_dir.as_deref() {
+                Some("none") => None,
+                Some(dir) => Some(PathBuf::from(dir)),
+                None => Some(PathBuf::from(format!("/sys/fs/bpf/portico/{node}"))),
+            };
             let mut opts = Options::new(manifests, node);
             opts.state_file = state;
             opts.admin_socket = Some(admin_socket);
@@ -272,6 +282,7 @@ fn main() -> Result<()> {
                         XdpMode::Native => AttachMode::Native,
                         XdpMode::Generic => AttachMode::Generic,
                     },
+                    pin_dir,
                 }
             };
             opts.router_id = router_id;

@@ -196,6 +196,28 @@ pub fn render(report: &StatusReport, reconcile: &ReconcileMetrics) -> String {
         all.push(("state", "total"));
         set(&backends, &all, s.backends_total);
     }
+    let backend_packets = counter_family(
+        &mut r,
+        "portico_xdp_backend_packets",
+        "Packets the XDP balancer sent to a backend",
+    );
+    let backend_flows = counter_family(
+        &mut r,
+        "portico_xdp_backend_new_flows",
+        "New flows the XDP balancer balanced to a backend",
+    );
+    for s in &report.services {
+        for b in &s.backends {
+            let backend = format!("{}", std::net::SocketAddr::new(b.address, b.port));
+            let l = labels(&[
+                ("namespace", &s.namespace),
+                ("service", &s.name),
+                ("backend", &backend),
+            ]);
+            backend_packets.get_or_create(&l).inc_by(b.packets);
+            backend_flows.get_or_create(&l).inc_by(b.new_flows);
+        }
+    }
     let datapath = counter_family(
         &mut r,
         "portico_xdp_datapath",

@@ -22,7 +22,7 @@ use crate::apply::{BalancerApplier, HolderApplier, SpeakerApplier};
 use crate::manifest::ManifestFolder;
 use crate::metrics::{MetricsRequest, ReconcileMetrics};
 use crate::plan::{node_plan, Ipam, IpamOutcome, NodeIdentity, NodePlan};
-use crate::status::{PeerRow, PoolRow, ServiceRow, StatusReport};
+use crate::status::{BackendRow, PeerRow, PoolRow, ServiceRow, StatusReport};
 use crate::world::World;
 use crate::{state, NodeAddresses};
 
@@ -46,6 +46,9 @@ pub enum Datapath {
         interfaces: Vec<String>,
         /// Attach mode.
         mode: AttachMode,
+        /// Where maps and links are pinned (bpffs), so that a restart adopts the running
+        /// datapath and tracked flows survive; `None`: nothing outlives the process.
+        pin_dir: Option<PathBuf>,
     },
     /// No datapath: an in-memory balancer (addresses and BGP only; benchmarks and tests).
     Fake,
@@ -156,12 +159,50 @@ pub async fn run(opts: Options) -> Result<()> {
         snat_v6: opts.snat_v6.or(detected.v6),
         ..NodeConfig::default()
     };
+    let mut adopted = BTreeMap::new();
     let (balancer, xdp): (Box<dyn Balancer + Send>, bool) = match &opts.datapath {
         Datapath::Fake => (Box::new(FakeBalancer::default()), false),
-        Datapath::Xdp { interfaces, mode } => {
-            let program = XdpProgram::load_with(LoadOptions::default())
-                .context("loading the XDP program (needs root and a BPF-capable kernel)")?;
-            let mut b = XdpBalancer::new(program);
+        Datapath::Xdp {
+            interfaces,
+            mode,
+            pin_dir,
+        } => {
+            let mut b = match pin_dir {
+                Some(dir) => {
+                    check_bpffs(dir)?;
+                    let program = XdpProgram::load_pinned(LoadOptions::default(), dir)
+                        .with_context(|| {
+                            format!(
+                                "loading the XDP program with its maps pinned in {}",
+                                dir.display()
+                            )
+                        })?;
+                    let reused = program.reused_pins();
+                    let b = XdpBalancer::adopt(program)
+                        .context("adopting the running datapath's state")?;
+                    if reused {
+                        adopted = b.services().map(|s| (s.key, s.clone())).collect();
+                        tracing::info!(
+                            dir = %dir.display(),
+                            services = adopted.len(),
+                            "adopted the pinned XDP datapath; tracked flows continue"
+                        );
+                    }
+                    b
+                }
+                None => XdpBalancer::new(
+                    XdpProgram::load_with(LoadOptions::default())
+                        .context("loading the XDP program (needs root and a BPF-capable kernel)")?,
+                ),
+            };
+            if pin_dir.is_some() {
+                for stale in b.program().pinned_interfaces()? {
+                    if !interfaces.contains(&stale) {
+                        b.program_mut().unpin_interface(&stale)?;
+                        tracing::info!(iface = %stale, "XDP detached: no longer configured");
+                    }
+                }
+            }
             for iface in interfaces {
                 b.program_mut()
                     .attach(iface, *mode)
@@ -211,7 +252,7 @@ pub async fn run(opts: Options) -> Result<()> {
         identity,
         saved,
         speaker: Some(SpeakerApplier::new(speaker)),
-        balancer: BalancerApplier::new(balancer, node_config),
+        balancer: BalancerApplier::adopting(balancer, node_config, adopted),
         holder,
         outcome: IpamOutcome::default(),
         plan: NodePlan::default(),
@@ -371,15 +412,16 @@ impl Runtime {
                     .cloned()
                     .unwrap_or_default();
                 let (mut packets, mut new_flows) = (0, 0);
-                for key in self
-                    .plan
-                    .services
-                    .keys()
-                    .filter(|k| a.addresses.contains(&k.vip))
-                {
+                let mut backends: BTreeMap<(IpAddr, u16), (u64, u64)> = BTreeMap::new();
+                for key in &view.listeners {
                     if let Ok(Some(s)) = self.balancer.balancer().service_stats(key) {
                         packets += s.service.packets;
                         new_flows += s.service.new_flows;
+                        for (b, c) in s.backends {
+                            let e = backends.entry(b).or_default();
+                            e.0 += c.packets;
+                            e.1 += c.new_flows;
+                        }
                     }
                 }
                 ServiceRow {
@@ -395,6 +437,15 @@ impl Runtime {
                     notices: a.notices.clone(),
                     packets,
                     new_flows,
+                    backends: backends
+                        .into_iter()
+                        .map(|((address, port), (packets, new_flows))| BackendRow {
+                            address,
+                            port,
+                            packets,
+                            new_flows,
+                        })
+                        .collect(),
                 }
             })
             .collect();
@@ -477,6 +528,14 @@ impl Runtime {
                     }
                 }
                 self.balancer.clear();
+                if let Datapath::Xdp {
+                    pin_dir: Some(dir), ..
+                } = &self.opts.datapath
+                {
+                    if let Err(e) = XdpProgram::unpin(dir) {
+                        tracing::warn!("detaching XDP and removing {}: {e}", dir.display());
+                    }
+                }
             }
         }
         if let Some(p) = &self.opts.admin_socket {
@@ -484,6 +543,41 @@ impl Runtime {
         }
         Ok(())
     }
+}
+
+/// Fails with a clear message unless `dir` (or its nearest existing ancestor) is on a
+/// bpffs: pins elsewhere cannot be created, and a bpffs private to this process (as
+/// `ip netns exec` gives it, remounting /sys) would vanish with it.
+fn check_bpffs(dir: &std::path::Path) -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let mut at = dir;
+    while !at.exists() {
+        match at.parent() {
+            Some(p) => at = p,
+            None => break,
+        }
+    }
+    let path = std::ffi::CString::new(at.as_os_str().as_encoded_bytes())
+        .context("pin folder path contains a NUL byte")?;
+    // SAFETY: statfs only writes into `buf`, which is a plain-old-data struct.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid NUL-terminated string and `buf` is writable.
+    let rc = unsafe { libc::statfs(path.as_ptr(), &mut buf) };
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "f_type's integer type differs between libc targets"
+    )]
+    let on_bpffs = rc == 0 && buf.f_type as i64 == BPF_FS_MAGIC;
+    if !on_bpffs {
+        anyhow::bail!(
+            "--bpf-pin-dir {}: {} is not on a bpffs, so the XDP maps cannot be pinned there; \
+             mount one (`mount -t bpf bpf /sys/fs/bpf`; under `ip netns exec`, which remounts \
+             /sys, use a bpffs mounted elsewhere), or pass --bpf-pin-dir none",
+            dir.display(),
+            at.display()
+        );
+    }
+    Ok(())
 }
 
 /// Seconds since the Unix epoch (IPAM's clock: grace periods survive restarts through the

@@ -56,6 +56,22 @@ pub struct ServiceRow {
     pub packets: u64,
     /// New flows the datapath balanced for it.
     pub new_flows: u64,
+    /// Per backend.
+    #[serde(default)]
+    pub backends: Vec<BackendRow>,
+}
+
+/// One backend of a Service, summed over the Service's listeners.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendRow {
+    /// Address.
+    pub address: IpAddr,
+    /// Port.
+    pub port: u16,
+    /// Packets toward it.
+    pub packets: u64,
+    /// New flows balanced to it.
+    pub new_flows: u64,
 }
 
 /// One BGP peer.

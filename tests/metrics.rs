@@ -34,6 +34,12 @@ fn report() -> StatusReport {
             notices: Vec::new(),
             packets: 1000,
             new_flows: 10,
+            backends: vec![portico::status::BackendRow {
+                address: "10.0.0.1".parse().unwrap(),
+                port: 8080,
+                packets: 600,
+                new_flows: 6,
+            }],
         }],
         peers: vec![PeerRow {
             name: "tor".into(),

@@ -26,15 +26,34 @@ struct Lab {
     topo: Topology,
     dir: tempfile::TempDir,
     portico: Option<Child>,
+    /// A bpffs of this run: `ip netns exec` remounts /sys, so /sys/fs/bpf is not visible
+    /// to the node process; a bpffs mounted elsewhere in the root mount namespace is.
+    bpffs: PathBuf,
 }
 
 impl Lab {
     fn build() -> Result<Lab> {
+        let topo = topo::build(2)?;
+        let bpffs = PathBuf::from(format!("/run/ptc-bpffs-{}", std::process::id()));
+        std::fs::create_dir_all(&bpffs)?;
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&bpffs)
+            .status()?;
+        if !mounted.success() {
+            bail!("mounting a bpffs on {} failed", bpffs.display());
+        }
         Ok(Lab {
-            topo: topo::build(2)?,
+            topo,
             dir: tempfile::tempdir()?,
             portico: None,
+            bpffs,
         })
+    }
+
+    /// bpffs folder of this run's pinned maps and links.
+    fn pin_dir(&self) -> PathBuf {
+        self.bpffs.join("n1")
     }
 
     fn manifests(&self) -> PathBuf {
@@ -56,7 +75,7 @@ impl Lab {
         Ok(())
     }
 
-    fn start_portico(&mut self) -> Result<()> {
+    fn start_portico(&mut self, extra: &[&str]) -> Result<()> {
         let child = self
             .topo
             .node
@@ -77,7 +96,10 @@ impl Lab {
                 &self.socket().display().to_string(),
                 "--router-id",
                 NODE_IP,
+                "--bpf-pin-dir",
+                &self.pin_dir().display().to_string(),
             ])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .spawn()
@@ -123,6 +145,11 @@ impl Drop for Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let _ = portico_xdp::XdpProgram::unpin(self.pin_dir());
+        let _ = std::process::Command::new("umount")
+            .arg(&self.bpffs)
+            .status();
+        let _ = std::fs::remove_dir(&self.bpffs);
     }
 }
 
@@ -165,7 +192,7 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
     let (be1, be2) = (topo::backend_ip(1), topo::backend_ip(2));
     lab.write("00-base.yaml", topo::BASE_MANIFESTS)?;
     lab.write("20-web.yaml", &topo::service_manifest("web", &[be1]))?;
-    lab.start_portico()?;
+    lab.start_portico(&[])?;
 
     // Address → state file and status; route at the router; TCP and UDP reach be1.
     let state = lab.state_file();
@@ -230,6 +257,33 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
         Ok((seen.len() == 2).then_some(()))
     })?;
 
+    let report = lab.status()?;
+    let web = report
+        .services
+        .iter()
+        .find(|s| s.name == "web")
+        .context("web")?;
+    let hit: Vec<String> = web
+        .backends
+        .iter()
+        .filter(|b| b.new_flows > 0)
+        .map(|b| b.address.to_string())
+        .collect();
+    assert_eq!(hit, [be1.to_string(), be2.to_string()], "{web:?}");
+    // What an operator types.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portico"))
+        .args(["status", "--socket"])
+        .arg(lab.socket())
+        .output()?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    for want in ["lab/web", &vip.to_string(), "tor", "Established"] {
+        assert!(
+            table.contains(want),
+            "`portico status` lacks {want}:\n{table}"
+        );
+    }
+
     // Shrinking the pool around the address keeps it.
     lab.write(
         "00-base.yaml",
@@ -262,9 +316,19 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
     );
     assert!(lab.tcp(vip).is_ok());
 
-    // Restart: the same address, announced again, traffic flows again.
+    // Restart: the same address, announced again, traffic flows again, and a connection
+    // established before the restart carries on with the same backend (the XDP program and
+    // its maps stay pinned; the new process adopts them).
+    let mut long = traffic::in_ns(&lab.topo.client, move || traffic::LongLived::open(vip_addr))?;
+    let first = long.backend.clone();
     lab.stop_portico()?;
-    lab.start_portico()?;
+    assert_eq!(long.exchange()?, first, "while portico is stopped");
+    // Stopped with graceful restart negotiated: the router keeps the route meanwhile.
+    assert!(
+        lab.topo.router.route(host_route(vip))?.is_some(),
+        "the router dropped the route although graceful restart was negotiated"
+    );
+    lab.start_portico(&[])?;
     let report = wait_for("status after the restart", || lab.status().map(Some))?;
     let web = report
         .services
@@ -293,5 +357,28 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
     );
     assert_eq!(saved_address(&state, "web")?, None);
     lab.stop_portico()?;
+
+    // `--shutdown withdraw`: Cease, so the router drops the routes at once; the address
+    // link goes too.
+    lab.write("20-web.yaml", &topo::service_manifest("web", &[be1]))?;
+    lab.start_portico(&["--shutdown", "withdraw"])?;
+    let vip = wait_for("web's address again", || saved_address(&state, "web"))?;
+    lab.topo.router.wait_routes(
+        |r| r.iter().any(|r| r.prefix == host_route(vip)),
+        Duration::from_secs(60),
+    )?;
+    lab.stop_portico()?;
+    assert!(
+        lab.topo.router.route(host_route(vip))?.is_none(),
+        "route still at the router"
+    );
+    let links = lab.topo.node.run(&["ip", "-o", "link", "show"])?;
+    assert!(!links.contains("portico0"), "{links}");
+    assert!(
+        !lab.pin_dir().exists(),
+        "pins left in {}",
+        lab.pin_dir().display()
+    );
+    assert!(!links.contains("xdp"), "XDP still attached: {links}");
     Ok(())
 }

@@ -181,7 +181,7 @@ pub struct FamilyCounts {
     pub available: String,
 }
 
-fn raw_selector(selector: &KubeLabelSelector) -> RawSelector {
+pub(crate) fn raw_selector(selector: &KubeLabelSelector) -> RawSelector {
     RawSelector {
         match_labels: selector.match_labels.clone().unwrap_or_default(),
         match_expressions: selector

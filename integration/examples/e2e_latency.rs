@@ -39,6 +39,7 @@ fn main() -> Result<()> {
     opts.datapath = Datapath::Xdp {
         interfaces: vec!["eth0".into()],
         mode: AttachMode::Generic,
+        pin_dir: None,
     };
     opts.router_id = Some(NODE_IP.parse()?);
     opts.hold_link = Some("portico0".into());

@@ -211,23 +211,19 @@ impl Topology {
     /// # Errors
     /// A server cannot bind.
     pub fn start_backends(&self) -> Result<Vec<Backend>> {
-        self.backends
-            .iter()
-            .enumerate()
-            .map(|(i, be)| {
-                let addr = SocketAddr::new(self.family.backend(i as u8 + 1), BACKEND_PORT);
-                Backend::start(be, &format!("be{}", i + 1), addr)
-            })
-            .collect()
+        let f = self.family;
+        traffic::start_backends(&self.backends, |i| {
+            SocketAddr::new(f.backend(i), BACKEND_PORT)
+        })
     }
 
-    /// Loads the XDP program, configures the node, adds TCP and UDP services on the VIP
-    /// with all backends at weight 1, and attaches everything in `mode`.
+    /// Pass-through copies of the program on the veth peers of the LB node's interfaces
+    /// (the client's `eth0`, the bridge's `lb`): native XDP redirect into a veth needs an XDP
+    /// program on its peer. They detach when dropped.
     ///
     /// # Errors
-    /// The program does not load or attach, or a map update fails.
-    pub fn start_data_path(&self, mode: AttachMode) -> Result<DataPath> {
-        let f = self.family;
+    /// A program does not load or attach.
+    pub fn start_peer_programs(&self, mode: AttachMode) -> Result<Vec<XdpProgram>> {
         let mut peer_programs = Vec::new();
         for (ns, iface) in [(&self.client, "eth0"), (&self.sw, "lb")] {
             let mut p = XdpProgram::load_with(LoadOptions {
@@ -241,6 +237,31 @@ impl Topology {
             p.attach(iface, mode)?;
             peer_programs.push(p);
         }
+        Ok(peer_programs)
+    }
+
+    /// The LB node's balancer configuration: SNAT from its backend-side address.
+    ///
+    /// # Errors
+    /// Never for the lab's fixed addresses.
+    pub fn node_config(&self) -> Result<NodeConfig> {
+        let f = self.family;
+        Ok(NodeConfig {
+            snat_v4: if f.v6 { None } else { Some(f.snat().parse()?) },
+            snat_v6: if f.v6 { Some(f.snat().parse()?) } else { None },
+            snat_ports: (20000, 29999),
+            ..NodeConfig::default()
+        })
+    }
+
+    /// Loads the XDP program, configures the node, adds TCP and UDP services on the VIP
+    /// with all backends at weight 1, and attaches everything in `mode`.
+    ///
+    /// # Errors
+    /// The program does not load or attach, or a map update fails.
+    pub fn start_data_path(&self, mode: AttachMode) -> Result<DataPath> {
+        let f = self.family;
+        let peer_programs = self.start_peer_programs(mode)?;
         let program = XdpProgram::load_with(LoadOptions {
             max_services: 16,
             max_backends: 64,
@@ -250,12 +271,7 @@ impl Topology {
         })
         .context("loading the XDP program (needs root)")?;
         let mut balancer = XdpBalancer::new(program);
-        balancer.configure_node(&NodeConfig {
-            snat_v4: if f.v6 { None } else { Some(f.snat().parse()?) },
-            snat_v6: if f.v6 { Some(f.snat().parse()?) } else { None },
-            snat_ports: (20000, 29999),
-            ..NodeConfig::default()
-        })?;
+        balancer.configure_node(&self.node_config()?)?;
         let all = vec![Some(1); usize::from(BACKENDS)];
         for proto in [Protocol::Tcp, Protocol::Udp] {
             balancer.upsert_service(&service(f, proto, &all))?;

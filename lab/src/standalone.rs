@@ -150,15 +150,9 @@ impl Topology {
     /// # Errors
     /// A server cannot bind.
     pub fn start_backends(&self) -> Result<Vec<Backend>> {
-        self.backends
-            .iter()
-            .enumerate()
-            .map(|(i, be)| {
-                let i = u8::try_from(i + 1)?;
-                let addr = SocketAddr::new(backend_ip(i), BACKEND_PORT);
-                Backend::start(be, &format!("be{i}"), addr)
-            })
-            .collect()
+        crate::traffic::start_backends(&self.backends, |i| {
+            SocketAddr::new(backend_ip(i), BACKEND_PORT)
+        })
     }
 }
 

@@ -149,6 +149,25 @@ impl Drop for Backend {
     }
 }
 
+/// Starts a [`Backend`] named `be<i>` in each namespace (`i` from 1), listening on
+/// `addr(i)`; they stop when dropped.
+///
+/// # Errors
+/// A server cannot bind, or there are more than 255 namespaces.
+pub fn start_backends(
+    namespaces: &[NetNs],
+    addr: impl Fn(u8) -> SocketAddr,
+) -> Result<Vec<Backend>> {
+    namespaces
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            let i = u8::try_from(i + 1)?;
+            Backend::start(ns, &format!("be{i}"), addr(i))
+        })
+        .collect()
+}
+
 /// Runs `f` on a thread inside `ns` and returns its result.
 ///
 /// # Errors
