@@ -178,6 +178,73 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9464")]
         metrics_address: String,
     },
+    /// Run the Kubernetes controller (a Deployment): watch Services, AddressPools and
+    /// Namespaces; the elected leader allocates addresses and writes Service and
+    /// AddressPool status (server-side apply on /status) and Events.
+    Controller {
+        /// Serve LoadBalancer Services without a loadBalancerClass.
+        #[arg(long)]
+        default_class: bool,
+        /// This replica's name (Lease holder, Events' reportingInstance).
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// Namespace of the leader-election Lease.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "portico-system")]
+        lease_namespace: String,
+        /// Name of the leader-election Lease.
+        #[arg(long, default_value = "portico-controller")]
+        lease_name: String,
+        /// Lead without an election (a single replica).
+        #[arg(long)]
+        no_leader_election: bool,
+        /// Do not watch or serve Gateway API objects.
+        #[arg(long)]
+        no_gateway_api: bool,
+        /// Serve Prometheus metrics, /healthz and /readyz here ("none": off).
+        #[arg(long, default_value = "0.0.0.0:9464")]
+        metrics_address: String,
+    },
+    /// Run the node agent (a DaemonSet): watch what this node needs, announce the
+    /// addresses the controller assigned over BGP, balance them with XDP, and report the
+    /// node's sessions and datapath in its PorticoNode object.
+    Agent {
+        /// This node's name.
+        #[arg(long, env = "NODE_NAME")]
+        node: String,
+        /// Attach the XDP balancer to these interfaces (repeat); none: no datapath.
+        #[arg(long, value_name = "IFACE")]
+        xdp: Vec<String>,
+        /// XDP attach mode.
+        #[arg(long, value_enum, default_value_t = XdpMode::Native)]
+        xdp_mode: XdpMode,
+        /// BGP Identifier for peers without routerID (default: the Node's InternalIP).
+        #[arg(long)]
+        router_id: Option<Ipv4Addr>,
+        /// IPv4 source of NAT toward backends (default: the first XDP interface's).
+        #[arg(long)]
+        snat_v4: Option<Ipv4Addr>,
+        /// IPv6 source of NAT toward backends (default: the first XDP interface's).
+        #[arg(long)]
+        snat_v6: Option<Ipv6Addr>,
+        /// Also accept BGP connections here (e.g. 0.0.0.0:179).
+        #[arg(long)]
+        bgp_listen: Option<SocketAddr>,
+        /// Local link that holds announced addresses; "none" holds none.
+        #[arg(long, default_value = "portico0")]
+        hold_link: String,
+        /// Serve LoadBalancer Services without a loadBalancerClass.
+        #[arg(long)]
+        default_class: bool,
+        /// Namespace of the Secrets with BGP MD5 passwords (the only Secrets read).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "portico-system")]
+        secret_namespace: String,
+        /// What SIGTERM does.
+        #[arg(long, value_enum, default_value_t = Shutdown::Keep)]
+        shutdown: Shutdown,
+        /// Serve Prometheus metrics, /healthz and /readyz here ("none": off).
+        #[arg(long, default_value = "0.0.0.0:9465")]
+        metrics_address: String,
+    },
     /// Show what a running `portico standalone` is doing.
     Status {
         /// Its admin socket.
@@ -202,6 +269,40 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out_dir: Option<std::path::PathBuf>,
     },
+}
+
+/// A replica name when none is given: the host name and the process id.
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "portico".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+fn parse_metrics_address(s: &str) -> Result<Option<SocketAddr>> {
+    if s == "none" {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .with_context(|| format!("--metrics-address {s:?} is not an address:port or \"none\""))
+}
+
+/// A channel that turns true on SIGTERM or SIGINT.
+fn stop_on_signal() -> Result<tokio::sync::watch::Receiver<bool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("stopping");
+        let _ = tx.send(true);
+    });
+    Ok(rx)
 }
 
 fn main() -> Result<()> {
@@ -277,6 +378,91 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()?;
             runtime.block_on(standalone::run(opts))?;
+        }
+        Command::Controller {
+            default_class,
+            identity,
+            lease_namespace,
+            lease_name,
+            no_leader_election,
+            no_gateway_api,
+            metrics_address,
+        } => {
+            let identity = identity.unwrap_or_else(default_identity);
+            let mut opts = portico::controller::Options::new(identity, lease_namespace);
+            opts.default_class = default_class;
+            opts.lease = if no_leader_election {
+                None
+            } else {
+                opts.lease.map(|mut l| {
+                    l.name = lease_name;
+                    l
+                })
+            };
+            opts.metrics = parse_metrics_address(&metrics_address)?;
+            opts.gateway_api = !no_gateway_api;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
+                let stop = stop_on_signal()?;
+                let stats = std::sync::Arc::default();
+                portico::controller::run(client, opts, stats, stop).await
+            })?;
+        }
+        Command::Agent {
+            node,
+            xdp,
+            xdp_mode,
+            router_id,
+            snat_v4,
+            snat_v6,
+            bgp_listen,
+            hold_link,
+            default_class,
+            secret_namespace,
+            shutdown,
+            metrics_address,
+        } => {
+            let mut opts = portico::agent::Options::new(node);
+            opts.datapath = if xdp.is_empty() {
+                Datapath::Fake
+            } else {
+                Datapath::Xdp {
+                    interfaces: xdp,
+                    mode: match xdp_mode {
+                        XdpMode::Native => AttachMode::Native,
+                        XdpMode::Generic => AttachMode::Generic,
+                    },
+                }
+            };
+            opts.router_id = router_id;
+            opts.snat_v4 = snat_v4;
+            opts.snat_v6 = snat_v6;
+            opts.bgp_listen = bgp_listen;
+            opts.hold_link = (hold_link != "none").then_some(hold_link);
+            opts.default_class = default_class;
+            opts.secret_namespace = secret_namespace;
+            opts.metrics = parse_metrics_address(&metrics_address)?;
+            opts.shutdown = match shutdown {
+                Shutdown::Keep => ShutdownMode::Keep,
+                Shutdown::Withdraw => ShutdownMode::Withdraw,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
+                let stop = stop_on_signal()?;
+                portico::agent::run(client, opts, stop).await
+            })?;
         }
         Command::Status { socket, output } => {
             let report = portico::status::query(&socket)?;
