@@ -25,7 +25,7 @@ use portico_crds::{
     PorticoNodeStatus, PrefixCounts,
 };
 use portico_ipam::Family;
-use portico_xdp::{Balancer, FakeBalancer, LoadOptions, NodeConfig, XdpBalancer, XdpProgram};
+use portico_xdp::NodeConfig;
 use tokio::sync::{mpsc, watch};
 
 use crate::apply::{BalancerApplier, HolderApplier, SpeakerApplier};
@@ -299,21 +299,7 @@ pub async fn run(client: Client, opts: Options, mut stop: watch::Receiver<bool>)
         snat_v6: opts.snat_v6.or(detected.v6),
         ..NodeConfig::default()
     };
-    let (balancer, xdp): (Box<dyn Balancer + Send>, bool) = match &opts.datapath {
-        Datapath::Fake => (Box::new(FakeBalancer::default()), false),
-        Datapath::Xdp { interfaces, mode } => {
-            let program = XdpProgram::load_with(LoadOptions::default())
-                .context("loading the XDP program (needs root and a BPF-capable kernel)")?;
-            let mut b = XdpBalancer::new(program);
-            for iface in interfaces {
-                b.program_mut()
-                    .attach(iface, *mode)
-                    .with_context(|| format!("attaching XDP to {iface}"))?;
-                tracing::info!(iface = %iface, ?mode, "XDP attached");
-            }
-            (Box::new(b), true)
-        }
-    };
+    let (balancer, xdp, adopted) = crate::standalone::open_datapath(&opts.datapath)?;
     let speaker = Speaker::bind(SpeakerConfig {
         listen: opts.bgp_listen,
         node_seed: node_seed(&opts.node),
@@ -384,7 +370,7 @@ pub async fn run(client: Client, opts: Options, mut stop: watch::Receiver<bool>)
             Kind::Node,
         ]),
         speaker: Some(SpeakerApplier::new(speaker)),
-        balancer: BalancerApplier::new(balancer, node_config),
+        balancer: BalancerApplier::adopting(balancer, node_config, adopted),
         holder,
         outcome: IpamOutcome::default(),
         plan: NodePlan::default(),
@@ -664,6 +650,7 @@ impl Agent {
                     notices: Vec::new(),
                     packets: 0,
                     new_flows: 0,
+                    backends: Vec::new(),
                 }
             })
             .collect();

@@ -217,6 +217,10 @@ enum Command {
         /// XDP attach mode.
         #[arg(long, value_enum, default_value_t = XdpMode::Native)]
         xdp_mode: XdpMode,
+        /// bpffs folder where the XDP maps and links are pinned, so that a restart keeps
+        /// tracked flows (default /sys/fs/bpf/portico/<node>; "none": no pinning).
+        #[arg(long, value_name = "DIR")]
+        bpf_pin_dir: Option<String>,
         /// BGP Identifier for peers without routerID (default: the Node's InternalIP).
         #[arg(long)]
         router_id: Option<Ipv4Addr>,
@@ -334,11 +338,7 @@ fn main() -> Result<()> {
             shutdown,
             metrics_address,
         } => {
-            let pin_dir = match bpf_pin_dir.as_deref() {
-                Some("none") => None,
-                Some(dir) => Some(PathBuf::from(dir)),
-                None => Some(PathBuf::from(format!("/sys/fs/bpf/portico/{node}"))),
-            };
+            let pin_dir = pin_dir_arg(bpf_pin_dir.as_deref(), &node);
             let mut opts = Options::new(manifests, node);
             opts.state_file = state;
             opts.admin_socket = Some(admin_socket);
@@ -418,6 +418,7 @@ fn main() -> Result<()> {
             node,
             xdp,
             xdp_mode,
+            bpf_pin_dir,
             router_id,
             snat_v4,
             snat_v6,
@@ -428,6 +429,7 @@ fn main() -> Result<()> {
             shutdown,
             metrics_address,
         } => {
+            let pin_dir = pin_dir_arg(bpf_pin_dir.as_deref(), &node);
             let mut opts = portico::agent::Options::new(node);
             opts.datapath = if xdp.is_empty() {
                 Datapath::Fake
@@ -438,6 +440,7 @@ fn main() -> Result<()> {
                         XdpMode::Native => AttachMode::Native,
                         XdpMode::Generic => AttachMode::Generic,
                     },
+                    pin_dir,
                 }
             };
             opts.router_id = router_id;
@@ -599,5 +602,14 @@ fn lab(command: LabCommand) -> Result<()> {
             );
             std::process::exit(1);
         }
+    }
+}
+
+/// `--bpf-pin-dir`: a folder, "none", or the default under /sys/fs/bpf for `node`.
+fn pin_dir_arg(arg: Option<&str>, node: &str) -> Option<PathBuf> {
+    match arg {
+        Some("none") => None,
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => Some(PathBuf::from(format!("/sys/fs/bpf/portico/{node}"))),
     }
 }
