@@ -369,6 +369,7 @@ fn main() -> Result<()> {
                         XdpMode::Native => AttachMode::Native,
                         XdpMode::Generic => AttachMode::Generic,
                     },
+                    pin_dir: None,
                 }
             };
             opts.router_id = router_id;
