@@ -25,7 +25,7 @@ use portico_crds::{
     PorticoNodeStatus, PrefixCounts,
 };
 use portico_ipam::Family;
-use portico_xdp::{Balancer, FakeBalancer, LoadOptions, NodeConfig, XdpBalancer, XdpProgram};
+use portico_xdp::NodeConfig;
 use tokio::sync::{mpsc, watch};
 
 use crate::apply::{BalancerApplier, HolderApplier, SpeakerApplier};
@@ -35,7 +35,7 @@ use crate::k8s::source::{self, Relist};
 use crate::metrics::{MetricsRequest, ReconcileMetrics};
 use crate::plan::{node_plan, IpamOutcome, NodeIdentity, NodePlan, ServiceAddresses};
 use crate::standalone::{Datapath, ShutdownMode};
-use crate::status::{ApplierHealthRow, BackendRow, PeerRow, ServiceRow, StatusReport};
+use crate::status::{ApplierHealthRow, PeerRow, ServiceRow, StatusReport};
 use crate::world::{Kind, World};
 use crate::NodeAddresses;
 
@@ -299,30 +299,7 @@ pub async fn run(client: Client, opts: Options, mut stop: watch::Receiver<bool>)
         snat_v6: opts.snat_v6.or(detected.v6),
         ..NodeConfig::default()
     };
-    let (balancer, xdp): (Box<dyn Balancer + Send>, bool) = match &opts.datapath {
-        Datapath::Fake => (Box::new(FakeBalancer::default()), false),
-        Datapath::Xdp {
-            interfaces,
-            mode,
-            pin_dir,
-        } => {
-            if pin_dir.is_some() {
-                anyhow::bail!(
-                    "the agent does not pin its XDP datapath yet (standalone's --bpf-pin-dir)"
-                );
-            }
-            let program = XdpProgram::load_with(LoadOptions::default())
-                .context("loading the XDP program (needs root and a BPF-capable kernel)")?;
-            let mut b = XdpBalancer::new(program);
-            for iface in interfaces {
-                b.program_mut()
-                    .attach(iface, *mode)
-                    .with_context(|| format!("attaching XDP to {iface}"))?;
-                tracing::info!(iface = %iface, ?mode, "XDP attached");
-            }
-            (Box::new(b), true)
-        }
-    };
+    let (balancer, xdp, adopted) = crate::standalone::open_datapath(&opts.datapath)?;
     let speaker = Speaker::bind(SpeakerConfig {
         listen: opts.bgp_listen,
         node_seed: node_seed(&opts.node),
@@ -393,7 +370,7 @@ pub async fn run(client: Client, opts: Options, mut stop: watch::Receiver<bool>)
             Kind::Node,
         ]),
         speaker: Some(SpeakerApplier::new(speaker)),
-        balancer: BalancerApplier::new(balancer, node_config),
+        balancer: BalancerApplier::adopting(balancer, node_config, adopted),
         holder,
         outcome: IpamOutcome::default(),
         plan: NodePlan::default(),
@@ -660,19 +637,6 @@ impl Agent {
                     .get(&(ns.clone(), name.clone()))
                     .cloned()
                     .unwrap_or_default();
-                let (mut packets, mut new_flows) = (0, 0);
-                let mut backends: BTreeMap<(IpAddr, u16), (u64, u64)> = BTreeMap::new();
-                for key in &view.listeners {
-                    if let Ok(Some(s)) = self.balancer.balancer().service_stats(key) {
-                        packets += s.service.packets;
-                        new_flows += s.service.new_flows;
-                        for (b, c) in s.backends {
-                            let e = backends.entry(b).or_default();
-                            e.0 += c.packets;
-                            e.1 += c.new_flows;
-                        }
-                    }
-                }
                 ServiceRow {
                     namespace: ns.clone(),
                     name: name.clone(),
@@ -684,17 +648,9 @@ impl Agent {
                     local: view.local,
                     unsatisfied: None,
                     notices: Vec::new(),
-                    packets,
-                    new_flows,
-                    backends: backends
-                        .into_iter()
-                        .map(|((address, port), (packets, new_flows))| BackendRow {
-                            address,
-                            port,
-                            packets,
-                            new_flows,
-                        })
-                        .collect(),
+                    packets: 0,
+                    new_flows: 0,
+                    backends: Vec::new(),
                 }
             })
             .collect();

@@ -159,59 +159,7 @@ pub async fn run(opts: Options) -> Result<()> {
         snat_v6: opts.snat_v6.or(detected.v6),
         ..NodeConfig::default()
     };
-    let mut adopted = BTreeMap::new();
-    let (balancer, xdp): (Box<dyn Balancer + Send>, bool) = match &opts.datapath {
-        Datapath::Fake => (Box::new(FakeBalancer::default()), false),
-        Datapath::Xdp {
-            interfaces,
-            mode,
-            pin_dir,
-        } => {
-            let mut b = match pin_dir {
-                Some(dir) => {
-                    check_bpffs(dir)?;
-                    let program = XdpProgram::load_pinned(LoadOptions::default(), dir)
-                        .with_context(|| {
-                            format!(
-                                "loading the XDP program with its maps pinned in {}",
-                                dir.display()
-                            )
-                        })?;
-                    let reused = program.reused_pins();
-                    let b = XdpBalancer::adopt(program)
-                        .context("adopting the running datapath's state")?;
-                    if reused {
-                        adopted = b.services().map(|s| (s.key, s.clone())).collect();
-                        tracing::info!(
-                            dir = %dir.display(),
-                            services = adopted.len(),
-                            "adopted the pinned XDP datapath; tracked flows continue"
-                        );
-                    }
-                    b
-                }
-                None => XdpBalancer::new(
-                    XdpProgram::load_with(LoadOptions::default())
-                        .context("loading the XDP program (needs root and a BPF-capable kernel)")?,
-                ),
-            };
-            if pin_dir.is_some() {
-                for stale in b.program().pinned_interfaces()? {
-                    if !interfaces.contains(&stale) {
-                        b.program_mut().unpin_interface(&stale)?;
-                        tracing::info!(iface = %stale, "XDP detached: no longer configured");
-                    }
-                }
-            }
-            for iface in interfaces {
-                b.program_mut()
-                    .attach(iface, *mode)
-                    .with_context(|| format!("attaching XDP to {iface}"))?;
-                tracing::info!(iface = %iface, ?mode, "XDP attached");
-            }
-            (Box::new(b), true)
-        }
-    };
+    let (balancer, xdp, adopted) = open_datapath(&opts.datapath)?;
     let speaker = Speaker::bind(SpeakerConfig {
         listen: opts.bgp_listen,
         node_seed: node_seed(&opts.node),
@@ -543,6 +491,76 @@ impl Runtime {
         }
         Ok(())
     }
+}
+
+/// What [`open_datapath`] gives: the balancer, whether it is XDP, and the services it
+/// adopted from a pinned datapath.
+pub type OpenedDatapath = (
+    Box<dyn Balancer + Send>,
+    bool,
+    BTreeMap<portico_xdp::ServiceKey, portico_xdp::ServiceSpec>,
+);
+
+/// Loads (or, with a pin folder holding a running datapath, adopts) the XDP program and
+/// attaches it; the in-memory balancer for [`Datapath::Fake`]. Shared by every runtime.
+///
+/// # Errors
+/// The program does not load, the pins do not fit, or attaching fails.
+pub fn open_datapath(datapath: &Datapath) -> Result<OpenedDatapath> {
+    let mut adopted = BTreeMap::new();
+    let (balancer, xdp): (Box<dyn Balancer + Send>, bool) = match datapath {
+        Datapath::Fake => (Box::new(FakeBalancer::default()), false),
+        Datapath::Xdp {
+            interfaces,
+            mode,
+            pin_dir,
+        } => {
+            let mut b = match pin_dir {
+                Some(dir) => {
+                    check_bpffs(dir)?;
+                    let program = XdpProgram::load_pinned(LoadOptions::default(), dir)
+                        .with_context(|| {
+                            format!(
+                                "loading the XDP program with its maps pinned in {}",
+                                dir.display()
+                            )
+                        })?;
+                    let reused = program.reused_pins();
+                    let b = XdpBalancer::adopt(program)
+                        .context("adopting the running datapath's state")?;
+                    if reused {
+                        adopted = b.services().map(|s| (s.key, s.clone())).collect();
+                        tracing::info!(
+                            dir = %dir.display(),
+                            services = adopted.len(),
+                            "adopted the pinned XDP datapath; tracked flows continue"
+                        );
+                    }
+                    b
+                }
+                None => XdpBalancer::new(
+                    XdpProgram::load_with(LoadOptions::default())
+                        .context("loading the XDP program (needs root and a BPF-capable kernel)")?,
+                ),
+            };
+            if pin_dir.is_some() {
+                for stale in b.program().pinned_interfaces()? {
+                    if !interfaces.contains(&stale) {
+                        b.program_mut().unpin_interface(&stale)?;
+                        tracing::info!(iface = %stale, "XDP detached: no longer configured");
+                    }
+                }
+            }
+            for iface in interfaces {
+                b.program_mut()
+                    .attach(iface, *mode)
+                    .with_context(|| format!("attaching XDP to {iface}"))?;
+                tracing::info!(iface = %iface, ?mode, "XDP attached");
+            }
+            (Box::new(b), true)
+        }
+    };
+    Ok((balancer, xdp, adopted))
 }
 
 /// Fails with a clear message unless `dir` (or its nearest existing ancestor) is on a

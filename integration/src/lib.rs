@@ -6,4 +6,7 @@
 
 pub mod fibnet;
 
-pub use portico_lab::{lab, netns, peers, require_root, standalone, traffic, NetNs, TestNet};
+pub use portico_lab::{
+    control, lab, netns, peers, probe, progress, require_root, standalone, topology, traffic,
+    NetNs, TestNet,
+};

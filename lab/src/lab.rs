@@ -1,17 +1,13 @@
-//! `portico lab`: a client, an LB node running Portico's XDP balancer, and three backends in
-//! throwaway network namespaces, with real TCP and UDP through a VIP. The XDP traffic tests
-//! build the same topology.
+//! The XDP-only topology of the XDP traffic tests: a client, an LB node running Portico's
+//! XDP balancer (driven directly, no control plane), and three backends in throwaway
+//! network namespaces, with real TCP and UDP through a VIP. (`portico lab` runs the whole
+//! system instead: see [`crate::topology`].)
 //!
 //! ```text
 //!  client ──veth── lb (eth0)   lb (eth1) ──veth── sw (bridge) ──veth── be1, be2, be3
 //! ```
-//! Later issues add the upstream router, BGP and the controller.
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context as _, Result};
 use portico_xdp::{
@@ -285,57 +281,4 @@ impl Topology {
             _peer_programs: peer_programs,
         })
     }
-}
-
-/// What one lab run measured.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LabReport {
-    /// TCP connections answered, per backend.
-    pub tcp: BTreeMap<String, usize>,
-    /// UDP exchanges answered, per backend.
-    pub udp: BTreeMap<String, usize>,
-    /// New flows the XDP program counted on the TCP service.
-    pub xdp_tcp_new_flows: u64,
-    /// Packets the XDP program counted on the TCP service.
-    pub xdp_tcp_packets: u64,
-}
-
-impl LabReport {
-    /// One-line JSON rendering.
-    pub fn to_json(&self) -> String {
-        serde_json::json!({
-            "tcp": self.tcp,
-            "udp": self.udp,
-            "xdp_tcp_new_flows": self.xdp_tcp_new_flows,
-            "xdp_tcp_packets": self.xdp_tcp_packets,
-        })
-        .to_string()
-    }
-}
-
-/// Builds the lab, sends `connections` TCP connections and as many UDP exchanges through the
-/// VIP, tears it down, reports.
-///
-/// # Errors
-/// Not root, the topology or data path cannot be set up, or an exchange fails.
-pub fn run(connections: usize, v6: bool) -> Result<LabReport> {
-    let f = Family { v6 };
-    let t = topology(f)?;
-    let _servers = t.start_backends()?;
-    let dp = t.start_data_path(AttachMode::Native)?;
-    let vip = SocketAddr::new(f.vip(), VIP_PORT);
-    let deadline = Duration::from_secs(120);
-    let tcp = traffic::spread(&t.client, vip, connections, 4, deadline, traffic::tcp_once)?;
-    let udp = traffic::spread(&t.client, vip, connections, 4, deadline, traffic::udp_once)?;
-    let key = service(f, Protocol::Tcp, &[]).key;
-    let stats = dp
-        .balancer
-        .service_stats(&key)?
-        .context("TCP service vanished")?;
-    Ok(LabReport {
-        tcp,
-        udp,
-        xdp_tcp_new_flows: stats.service.new_flows,
-        xdp_tcp_packets: stats.service.packets,
-    })
 }
