@@ -95,8 +95,27 @@ pub mod stat {
     pub const ICMP_ERROR_NAT: u32 = 17;
     /// Echo requests to a VIP answered.
     pub const ICMP_ECHO_REPLY: u32 = 18;
+    /// Passed untouched: an IP length field disagrees with the frame (IPv4 total length
+    /// beyond the frame or shorter than the headers, IPv6 payload length beyond the frame or
+    /// 0 without a hop-by-hop header, UDP length beyond the IP payload). The stack drops it.
+    pub const PASS_BAD_LENGTH: u32 = 19;
+    /// Passed untouched: IPv4 header checksum wrong (the stack drops it, `InCsumErrors`).
+    pub const PASS_BAD_CSUM: u32 = 20;
+    /// Passed untouched: IPv6 routing header with segments left, so the VIP is not the
+    /// final destination.
+    pub const PASS_ROUTING_HEADER: u32 = 21;
+    /// Passed untouched: the L4 header ends past the bytes the program parses (512).
+    pub const PASS_LONG_HEADERS: u32 = 22;
+    /// Too big for the next hop's MTU with DF (always, for IPv6): answered with ICMP
+    /// fragmentation needed / ICMPv6 packet too big, in place of the packet.
+    pub const ICMP_TOO_BIG: u32 = 23;
+    /// Dropped: too big for the next hop, and the per-CPU ICMP rate limit was reached.
+    pub const DROP_TOO_BIG: u32 = 24;
+    /// Passed after rewrite: IPv4 without DF bigger than the next hop's MTU; the stack
+    /// fragments it.
+    pub const PASS_NEEDS_FRAG: u32 = 25;
     /// Number of counters in a [`crate::StatBlock`].
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 26;
 
     /// Each counter's name, by index, as status and metrics show it.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -119,6 +138,13 @@ pub mod stat {
         "pass_unsupported",
         "icmp_error_nat",
         "icmp_echo_reply",
+        "pass_bad_length",
+        "pass_bad_csum",
+        "pass_routing_header",
+        "pass_long_headers",
+        "icmp_too_big",
+        "drop_too_big",
+        "pass_needs_frag",
     ];
 }
 
