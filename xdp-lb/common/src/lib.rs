@@ -447,7 +447,7 @@ pub struct Counters {
     pub new_flows: u64,
 }
 
-/// A cached next hop toward a backend ([`Backend::hop`]).
+/// A cached next hop toward a backend ([`Backend::hop`]) or a client.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHop {
@@ -456,8 +456,11 @@ pub struct NextHop {
     /// The first 12 bytes of the Ethernet header to write, as words: destination MAC, then
     /// source MAC.
     pub macs: [u32; 3],
-    /// Valid until (jiffies); 0 = empty.
-    pub expires: u64,
+    /// Valid until (the low 32 bits of jiffies, compared with wrap-around).
+    pub expires: u32,
+    /// The route's MTU as the FIB reported it: a bigger packet goes through the FIB again
+    /// (and is answered with ICMP too-big). 0 = empty, so an all-zero entry is never used.
+    pub mtu: u32,
 }
 
 #[cfg(feature = "user")]
