@@ -314,6 +314,15 @@ fn cache_store(slot: Option<*mut FlowCacheEntry>, key: &FlowKey, flow: &Flow) {
     }
 }
 
+/// How often a flow's shared entries (`CONNTRACK`, `REV_NAT`) are written: their ages, and
+/// with them the LRU position and the SNAT port's hold. A cached copy lives a second from
+/// the age it copies, the port is reclaimed two seconds after it: so every copy is gone by
+/// then.
+#[inline(always)]
+fn refresh(cfg: &Config) -> u64 {
+    u64::from(cfg.hz / 2)
+}
+
 /// Whether a tracked flow still goes to `be`: the id is live and still the same backend of
 /// the same service (ids are reused after a backend is removed).
 #[inline(always)]
@@ -555,22 +564,28 @@ fn tracked_flow<const V4: bool, const TCP: bool>(
     if (fresh_syn && f.state == flow_state::CLOSING) || expired(f, cfg, key.proto, now) {
         return None;
     }
-    if t.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        f.state = flow_state::CLOSING;
+    let be = backend_ptr(f.backend_id)?;
+    // SAFETY: valid map value pointer.
+    if !still_assigned(unsafe { &*be }, f) {
+        return None;
     }
-    f.last_seen = now;
+    // The shared entries are written at most every REFRESH (and on a state change): the
+    // entry's age, and the reverse-NAT entry's (which keeps the SNAT port). A packet that
+    // only missed this CPU's flow cache (collisions, many flows) reads and copies.
+    let closes = t.tcp_flags & (TCP_FIN | TCP_RST) != 0 && f.state != flow_state::CLOSING;
+    if closes || now.saturating_sub(f.last_seen) >= refresh(cfg) {
+        if closes {
+            f.state = flow_state::CLOSING;
+        }
+        f.last_seen = now;
+        // SAFETY: valid map value pointer.
+        if !snat::hold(key, unsafe { &*be }, f, cfg, now) {
+            // The port went to another flow: balance this one again.
+            return None;
+        }
+    }
     let mut flow = *f;
     flow.epoch = cfg.cache_epoch;
-    let be = backend_ptr(flow.backend_id)?;
-    // SAFETY: valid map value pointer.
-    if !still_assigned(unsafe { &*be }, &flow) {
-        return None;
-    }
-    // SAFETY: valid map value pointer.
-    if !snat::hold(key, unsafe { &*be }, &flow, cfg, now) {
-        // The port went to another flow: balance this one again.
-        return None;
-    }
     cache_store(cache_slot(key, cfg), key, &flow);
     if h.hop_limit() <= 1 {
         st.add(stat::PASS_TTL, 1);
@@ -666,7 +681,9 @@ fn establish<const V4: bool, const TCP: bool>(
     if maps::CONNTRACK.insert(key, flow, 0).is_ok() {
         st.add(stat::CT_INSERT, 1);
     }
-    cache_store(cache_slot(key, cfg), key, &flow);
+    // Not cached yet: the flow's second packet looks its entry up, which marks it used, so
+    // the LRU moves it to its active list; a flood of one-packet flows only churns the
+    // inactive list (docs/xdp.md, "Floods").
     let to = To {
         be,
         backend_id: id,
@@ -859,7 +876,9 @@ fn reply<const V4: bool, const TCP: bool>(
             // SAFETY: valid map value pointer; racing writers write plain integers, or the
             // same next hop.
             let r = unsafe { &mut *r };
-            r.last_seen = now;
+            if now.saturating_sub(r.last_seen) >= refresh(cfg) {
+                r.last_seen = now;
+            }
             // Work from a copy in this CPU's slot: LRU entries are recycled at once when
             // evicted, so the shared one may change under us. Valid for the fast path only
             // with a resolved next hop (written into the slot by the lookup).

@@ -14,8 +14,9 @@ use crate::{
     nat::{backend, expired, flow_hash, snat_addr, still_assigned},
 };
 
-/// SNAT ports tried before the new flow is dropped.
-const SNAT_PROBES: u32 = 8;
+/// SNAT ports tried before the new flow is dropped. With ports taken at random, all of them
+/// are taken with a probability of occupancy^128: 1.4e-6 at 90 %, 3.4e-13 at 80 %.
+const SNAT_PROBES: u32 = 128;
 /// Set in [`portico_claim_snat_port`]'s result when a port was found.
 const FOUND: u32 = 1 << 16;
 
@@ -84,7 +85,7 @@ pub extern "C" fn portico_claim_snat_port() -> u32 {
     };
     // SAFETY: this CPU's scratch entry; nothing else uses it while the program runs.
     let sc = unsafe { &mut *sc };
-    // The order ports are tried in: a hash of the flow, the same on every node.
+    // Where the search starts: a hash of the flow, the same on every node.
     sc.owner = FlowKey {
         src: sc.rev.client,
         dst: sc.rev.vip,
@@ -103,21 +104,41 @@ pub extern "C" fn portico_claim_snat_port() -> u32 {
     let range = max - min + 1;
     let now = sc.rev.last_seen;
     for i in 0..SNAT_PROBES {
-        let port =
-            ((min + (start.wrapping_add(i.wrapping_mul(2_654_435_761)) % range)) as u16).to_be();
+        let port = (min + probe(start, i, range)) as u16;
+        let port = port.to_be();
         sc.rkey.dport = port;
-        if maps::REV_NAT
-            .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
-            .is_ok()
+        // The first port is tried by inserting at once (the common case: free); the
+        // others are looked up first (an insert that fails still takes, and on a full LRU
+        // map evicts, an entry for the attempt).
+        if i == 0
+            && maps::REV_NAT
+                .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
+                .is_ok()
         {
             return FOUND | u32::from(port);
         }
-        // Taken: reclaim it when its owner no longer holds it.
-        // SAFETY: read-only use of the value.
-        let Some(old) = (unsafe { maps::REV_NAT.get(&sc.rkey) }) else {
+        let Some(old) = maps::REV_NAT.get_ptr_mut(&sc.rkey) else {
+            if maps::REV_NAT
+                .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
+                .is_ok()
+            {
+                return FOUND | u32::from(port);
+            }
             continue;
         };
-        // Cached copies of a flow live a second past its last lookup: wait two.
+        // SAFETY: valid map value pointer; plain integers.
+        let old = unsafe { &mut *old };
+        // This very flow held it (a closed 5-tuple opened again, or a flow whose entry
+        // went away): the port is its own, at once.
+        if old.client == sc.rev.client
+            && old.vip == sc.rev.vip
+            && old.client_port == sc.rev.client_port
+            && old.vip_port == sc.rev.vip_port
+        {
+            *old = sc.rev;
+            return FOUND | u32::from(port);
+        }
+        // Cached copies of a flow live a second past its last refresh: wait two.
         if now.saturating_sub(old.last_seen) <= 2 * u64::from(cfg.hz) {
             continue;
         }
@@ -130,10 +151,6 @@ pub extern "C" fn portico_claim_snat_port() -> u32 {
             family: sc.rkey.family,
             _pad: [0; 2],
         };
-        let requester = sc.owner.src == sc.rev.client
-            && sc.owner.dst == sc.rev.vip
-            && sc.owner.sport == sc.rev.client_port
-            && sc.owner.dport == sc.rev.vip_port;
         // The owner holds the port while its flow is tracked, unexpired, on this port, and
         // still on a backend with this address and port: of any service, since services
         // that share a backend share its SNAT port space.
@@ -142,7 +159,6 @@ pub extern "C" fn portico_claim_snat_port() -> u32 {
             Some(f) => {
                 f.snat_port == port
                     && !expired(f, cfg, sc.rkey.proto, now)
-                    && !requester
                     && backend(f.backend_id).is_some_and(|owner_be| {
                         owner_be.addr == sc.rkey.src
                             && owner_be.port == sc.rkey.sport
@@ -163,6 +179,25 @@ pub extern "C" fn portico_claim_snat_port() -> u32 {
         }
     }
     0
+}
+
+/// The `i`-th port (an offset in a range of `range` ports) a flow whose hash is `start`
+/// tries. A range no longer than the search is walked whole, in order; a longer one is
+/// sampled: each flow's own pseudo-random sequence, so flows that collide on one port do
+/// not collide on the next (a common step would make the search linear probing, whose
+/// clusters exhaust the tries long before the range fills).
+#[inline(always)]
+fn probe(start: u32, i: u32, range: u32) -> u32 {
+    if range <= SNAT_PROBES {
+        return (start.wrapping_add(i)) % range;
+    }
+    let mut h = start ^ i.wrapping_mul(0x9e37_79b9);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb_352d);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846c_a68b);
+    h ^= h >> 16;
+    h % range
 }
 
 /// Keeps a tracked flow's SNAT port reserved (its `REV_NAT` entry fresh, so the port is
