@@ -503,6 +503,7 @@ fn ip_builder(
     }
 }
 
+#[allow(clippy::too_many_arguments, reason = "one argument per header field")]
 fn packet(
     smac: [u8; 6],
     dmac: [u8; 6],
@@ -525,6 +526,7 @@ fn packet(
     )
 }
 
+#[allow(clippy::too_many_arguments, reason = "one argument per header field")]
 fn icmp_packet(
     smac: [u8; 6],
     dmac: [u8; 6],
@@ -1098,7 +1100,7 @@ fn hop_to(a: IpAddr) -> Hop {
         return Hop::NoNeigh;
     }
     // The node's own addresses: ::fe and .254, and the subnet-router anycast address.
-    if last == if v6 { 0xfe } else { 254 } || (v6 && last == 0) {
+    if last == 0xfe || (v6 && last == 0) {
         return Hop::NoRoute;
     }
     if !v6 && (last == 0 || last == 255) {
@@ -1111,24 +1113,13 @@ fn hop_to(a: IpAddr) -> Hop {
             Hop::NoNeigh
         };
     }
-    // Client side: the clients, the backend on eth0, the one-armed backends.
-    let one_arm = if v6 {
-        // fd00:18::<101..116> in hex digits, read as hex: 0x101..0x116 in the last two bytes.
-        None
-    } else {
-        (101..=116).contains(&last).then(|| last - 100)
-    };
-    let one_arm6 = v6 && o[14] == 0x01 && (0x01..=0x16).contains(&last);
+    // Client side: the clients, the backend on eth0, the one-armed backends (198.18.0.101
+    // to .116, fd00:18::65 to ::74: 101 to 116 written in hex).
     match (v6, last) {
-        (false, 1 | 2) | (true, 1) if o[o.len() - 2] == 0 => Hop::Via(CLIENT_MAC, LB0_MAC),
+        (_, 1) | (false, 2) => Hop::Via(CLIENT_MAC, LB0_MAC),
         (false, 10) => Hop::Via(fibnet::BACKEND_ON_ETH0_MAC, LB0_MAC),
-        _ if one_arm.is_some() => Hop::Via([0x02, 0xbe, 0, 0, 1, one_arm.unwrap()], LB0_MAC),
-        _ if one_arm6 => {
-            // fd00:18::101 is 0x0101: bytes 14, 15 = 0x01, 0x01; the MAC's last byte is the
-            // decimal index 1..16, which is the hex value minus 0x100 read in decimal digits.
-            let index = (last >> 4) * 10 + (last & 0xf);
-            Hop::Via([0x02, 0xbe, 0, 0, 1, index], LB0_MAC)
-        }
+        (false, 101..=116) => Hop::Via([0x02, 0xbe, 0, 0, 1, last - 100], LB0_MAC),
+        (true, 0x65..=0x74) => Hop::Via([0x02, 0xbe, 0, 0, 1, last - 0x64], LB0_MAC),
         _ => Hop::NoNeigh,
     }
 }
