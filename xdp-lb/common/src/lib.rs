@@ -114,8 +114,11 @@ pub mod stat {
     /// Passed after rewrite: IPv4 without DF bigger than the next hop's MTU; the stack
     /// fragments it.
     pub const PASS_NEEDS_FRAG: u32 = 25;
+    /// Of the `ct_hit` packets, those that missed this CPU's flow cache and were looked up
+    /// in `CONNTRACK`: the cache's hit rate is `1 - ct_slow / ct_hit`.
+    pub const CT_SLOW: u32 = 26;
     /// Number of counters in a [`crate::StatBlock`].
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 27;
 
     /// Each counter's name, by index, as status and metrics show it.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -145,6 +148,7 @@ pub mod stat {
         "icmp_too_big",
         "drop_too_big",
         "pass_needs_frag",
+        "ct_slow",
     ];
 }
 

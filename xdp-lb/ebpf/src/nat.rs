@@ -592,6 +592,7 @@ fn tracked_flow<const V4: bool, const TCP: bool>(
         return Some(xdp_action::XDP_PASS);
     }
     st.add(stat::CT_HIT, 1);
+    st.add(stat::CT_SLOW, 1);
     let to = To {
         be,
         backend_id: flow.backend_id,
