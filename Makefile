@@ -1,4 +1,4 @@
-# Portico's two commands: `make test` runs every check and test; `make demo` runs the lab.
+# Portico's two commands: `make test` runs every check and test; `make demo` runs the lab demo.
 # Both bootstrap a fresh machine first (scripts/bootstrap.sh, idempotent).
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -42,5 +42,7 @@ fuzz-smoke-maglev:
 		$(CARGO) +nightly fuzz run maglev_table "$$scratch" corpus/maglev_table -- \
 		-max_total_time=15 -rss_limit_mb=2048
 
+# The lab (portico lab demo): BIRD ToR with ECMP over two `portico standalone` nodes with
+# XDP, four backends, a client; traffic to every address; tables; torn down at the end.
 demo: bootstrap
-	$(CARGO) run --release --locked -- lab
+	$(CARGO) run --release --locked -- lab demo

@@ -14,6 +14,8 @@ packages=(
   bird2 frr gobgpd            # real BGP peers for the interop tests
   iproute2 iputils-ping ethtool bpftool tcpdump socat iperf3 nftables
   pkg-config
+  python3-venv                # kmock and kubernetes-validate (tests/kmock/requirements.txt)
+  prometheus                  # promtool checks the metrics exposition in tests
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -49,6 +51,19 @@ fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
   log "installing cargo-fuzz"
   cargo install cargo-fuzz --locked
+fi
+
+# kmock (the emulated Kubernetes API of the controller and agent end-to-end tests) and
+# kubernetes-validate (offline schema checks of deploy/), pinned, in their own virtual
+# environment: tests/common_kmock finds it at /opt/portico-kmock.
+KMOCK_VENV=/opt/portico-kmock
+KMOCK_PINS="$(dirname "$0")/../tests/kmock/requirements.txt"
+if ! "$KMOCK_VENV/bin/python" -c 'import kmock, kubernetes_validate, sys; sys.exit(kmock.__version__ != "0.8")' 2>/dev/null \
+    || ! cmp -s "$KMOCK_PINS" "$KMOCK_VENV/requirements.txt"; then
+  log "installing kmock and kubernetes-validate into $KMOCK_VENV"
+  python3 -m venv "$KMOCK_VENV"
+  "$KMOCK_VENV/bin/pip" install -q -r "$KMOCK_PINS"
+  cp "$KMOCK_PINS" "$KMOCK_VENV/requirements.txt"
 fi
 
 # bpffs, for pinned maps.

@@ -159,6 +159,20 @@ impl BalancerApplier {
         }
     }
 
+    /// Wraps a balancer that adopted a running datapath holding `services`: they count as
+    /// applied, so unchanged ones are not rewritten and ones no longer planned are removed.
+    #[must_use]
+    pub fn adopting(
+        balancer: Box<dyn Balancer + Send>,
+        node: NodeConfig,
+        services: BTreeMap<ServiceKey, ServiceSpec>,
+    ) -> Self {
+        BalancerApplier {
+            applied: services,
+            ..BalancerApplier::new(balancer, node)
+        }
+    }
+
     /// The balancer (for counters).
     #[must_use]
     pub fn balancer(&self) -> &(dyn Balancer + Send) {

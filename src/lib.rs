@@ -9,8 +9,13 @@
 //!   → apply::{SpeakerApplier, BalancerApplier, HolderApplier}   (only the difference)
 //! ```
 
+pub mod agent;
 pub mod apply;
+pub mod controller;
+pub mod gateway;
+pub mod k8s;
 pub mod manifest;
+pub mod metrics;
 pub mod plan;
 pub mod standalone;
 pub mod state;

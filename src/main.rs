@@ -50,6 +50,82 @@ enum Output {
 const ADMIN_SOCKET: &str = "/run/portico/admin.sock";
 
 #[derive(Debug, Subcommand)]
+enum LabCommand {
+    /// Build the lab, apply the manifests and wait for the routes; it stays up until
+    /// `portico lab down`.
+    Up {
+        #[command(flatten)]
+        common: LabArgs,
+        /// Folder of manifests to apply (default: the built-in deploy/examples/lab).
+        #[arg(long, value_name = "DIR")]
+        manifests: Option<PathBuf>,
+        /// Seconds to wait for BGP sessions, addresses and routes.
+        #[arg(long, default_value_t = 60)]
+        converge_secs: u64,
+    },
+    /// Replace the running lab's manifests and wait until nodes and router agree.
+    Apply {
+        #[command(flatten)]
+        common: LabArgs,
+        /// Folder of manifests to apply (default: the built-in deploy/examples/lab).
+        #[arg(long, value_name = "DIR")]
+        manifests: Option<PathBuf>,
+    },
+    /// Show the running lab: Services and who announces them, router sessions and routes.
+    Status {
+        #[command(flatten)]
+        common: LabArgs,
+        /// Tables or JSON.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Stop every process of the lab and delete its namespaces.
+    Down {
+        #[command(flatten)]
+        common: LabArgs,
+    },
+    /// Up, apply, wait for the routes, send TCP and UDP from the client to every address,
+    /// print addresses, the router's ECMP routes and hits per node and per backend, then
+    /// tear down (unless --keep). Last line JSON.
+    Demo {
+        #[command(flatten)]
+        common: LabArgs,
+        /// Folder of manifests to apply (default: the built-in deploy/examples/lab).
+        #[arg(long, value_name = "DIR")]
+        manifests: Option<PathBuf>,
+        /// TCP connections, and as many UDP exchanges, per address.
+        #[arg(long, default_value_t = 100)]
+        flows: usize,
+        /// Leave the lab up for `portico lab status`.
+        #[arg(long)]
+        keep: bool,
+        /// Seconds of bulk TCP through one IPv4 and one IPv6 address (0: skip).
+        #[arg(long, default_value_t = 2)]
+        throughput_secs: u64,
+        /// Seconds to wait for BGP sessions, addresses and routes.
+        #[arg(long, default_value_t = 60)]
+        converge_secs: u64,
+    },
+    /// Own a lab until SIGTERM (started by `up` and `demo`).
+    #[command(hide = true)]
+    Supervise {
+        #[command(flatten)]
+        common: LabArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct LabArgs {
+    /// The lab's folder: manifests, node state, sockets, logs.
+    #[arg(long, value_name = "DIR", default_value = portico_lab::control::DEFAULT_DIR)]
+    dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once at startup; boxing buys nothing"
+)]
 enum Command {
     /// Run Portico without Kubernetes: read a folder of manifests (AddressPool, BGPPeer,
     /// BGPAdvertisement, Service, EndpointSlice, Secret, Node), allocate, announce and
@@ -70,6 +146,10 @@ enum Command {
         /// XDP attach mode.
         #[arg(long, value_enum, default_value_t = XdpMode::Native)]
         xdp_mode: XdpMode,
+        /// bpffs folder where the XDP maps and links are pinned, so that a restart keeps
+        /// tracked flows (default /sys/fs/bpf/portico/<node>; "none": no pinning).
+        #[arg(long, value_name = "DIR")]
+        bpf_pin_dir: Option<String>,
         /// Admin socket for `portico status`.
         #[arg(long, value_name = "PATH", default_value = ADMIN_SOCKET)]
         admin_socket: PathBuf,
@@ -94,6 +174,80 @@ enum Command {
         /// What SIGTERM does.
         #[arg(long, value_enum, default_value_t = Shutdown::Keep)]
         shutdown: Shutdown,
+        /// Serve Prometheus metrics, /healthz and /readyz here ("none": off).
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        metrics_address: String,
+    },
+    /// Run the Kubernetes controller (a Deployment): watch Services, AddressPools and
+    /// Namespaces; the elected leader allocates addresses and writes Service and
+    /// AddressPool status (server-side apply on /status) and Events.
+    Controller {
+        /// Serve LoadBalancer Services without a loadBalancerClass.
+        #[arg(long)]
+        default_class: bool,
+        /// This replica's name (Lease holder, Events' reportingInstance).
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// Namespace of the leader-election Lease.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "portico-system")]
+        lease_namespace: String,
+        /// Name of the leader-election Lease.
+        #[arg(long, default_value = "portico-controller")]
+        lease_name: String,
+        /// Lead without an election (a single replica).
+        #[arg(long)]
+        no_leader_election: bool,
+        /// Do not watch or serve Gateway API objects.
+        #[arg(long)]
+        no_gateway_api: bool,
+        /// Serve Prometheus metrics, /healthz and /readyz here ("none": off).
+        #[arg(long, default_value = "0.0.0.0:9464")]
+        metrics_address: String,
+    },
+    /// Run the node agent (a DaemonSet): watch what this node needs, announce the
+    /// addresses the controller assigned over BGP, balance them with XDP, and report the
+    /// node's sessions and datapath in its PorticoNode object.
+    Agent {
+        /// This node's name.
+        #[arg(long, env = "NODE_NAME")]
+        node: String,
+        /// Attach the XDP balancer to these interfaces (repeat); none: no datapath.
+        #[arg(long, value_name = "IFACE")]
+        xdp: Vec<String>,
+        /// XDP attach mode.
+        #[arg(long, value_enum, default_value_t = XdpMode::Native)]
+        xdp_mode: XdpMode,
+        /// bpffs folder where the XDP maps and links are pinned, so that a restart keeps
+        /// tracked flows (default /sys/fs/bpf/portico/<node>; "none": no pinning).
+        #[arg(long, value_name = "DIR")]
+        bpf_pin_dir: Option<String>,
+        /// BGP Identifier for peers without routerID (default: the Node's InternalIP).
+        #[arg(long)]
+        router_id: Option<Ipv4Addr>,
+        /// IPv4 source of NAT toward backends (default: the first XDP interface's).
+        #[arg(long)]
+        snat_v4: Option<Ipv4Addr>,
+        /// IPv6 source of NAT toward backends (default: the first XDP interface's).
+        #[arg(long)]
+        snat_v6: Option<Ipv6Addr>,
+        /// Also accept BGP connections here (e.g. 0.0.0.0:179).
+        #[arg(long)]
+        bgp_listen: Option<SocketAddr>,
+        /// Local link that holds announced addresses; "none" holds none.
+        #[arg(long, default_value = "portico0")]
+        hold_link: String,
+        /// Serve LoadBalancer Services without a loadBalancerClass.
+        #[arg(long)]
+        default_class: bool,
+        /// Namespace of the Secrets with BGP MD5 passwords (the only Secrets read).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "portico-system")]
+        secret_namespace: String,
+        /// What SIGTERM does.
+        #[arg(long, value_enum, default_value_t = Shutdown::Keep)]
+        shutdown: Shutdown,
+        /// Serve Prometheus metrics, /healthz and /readyz here ("none": off).
+        #[arg(long, default_value = "0.0.0.0:9465")]
+        metrics_address: String,
     },
     /// Show what a running `portico standalone` is doing.
     Status {
@@ -104,15 +258,12 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Build a throwaway topology in network namespaces, run traffic through the XDP
-    /// program, print what it measured (last line JSON), and tear it down.
+    /// The lab (root): a BIRD router with ECMP over two nodes running `portico standalone`
+    /// with XDP, four backends and a client, in network namespaces; it applies the manifests
+    /// of deploy/examples/lab (built in) or of --manifests.
     Lab {
-        /// TCP connections (and as many UDP exchanges) to send through the VIP.
-        #[arg(long, default_value_t = 300)]
-        connections: usize,
-        /// Use IPv6 (ULA) addressing instead of IPv4.
-        #[arg(long)]
-        ipv6: bool,
+        #[command(subcommand)]
+        command: LabCommand,
     },
     /// Print Portico's CustomResourceDefinitions as YAML, generated from the Rust types,
     /// or write one file per CRD into a directory (the checked-in copies live in
@@ -122,6 +273,40 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out_dir: Option<std::path::PathBuf>,
     },
+}
+
+/// A replica name when none is given: the host name and the process id.
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "portico".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+fn parse_metrics_address(s: &str) -> Result<Option<SocketAddr>> {
+    if s == "none" {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .with_context(|| format!("--metrics-address {s:?} is not an address:port or \"none\""))
+}
+
+/// A channel that turns true on SIGTERM or SIGINT.
+fn stop_on_signal() -> Result<tokio::sync::watch::Receiver<bool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("stopping");
+        let _ = tx.send(true);
+    });
+    Ok(rx)
 }
 
 fn main() -> Result<()> {
@@ -142,6 +327,7 @@ fn main() -> Result<()> {
             state,
             xdp,
             xdp_mode,
+            bpf_pin_dir,
             admin_socket,
             router_id,
             snat_v4,
@@ -150,7 +336,9 @@ fn main() -> Result<()> {
             hold_link,
             default_class,
             shutdown,
+            metrics_address,
         } => {
+            let pin_dir = pin_dir_arg(bpf_pin_dir.as_deref(), &node);
             let mut opts = Options::new(manifests, node);
             opts.state_file = state;
             opts.admin_socket = Some(admin_socket);
@@ -163,6 +351,7 @@ fn main() -> Result<()> {
                         XdpMode::Native => AttachMode::Native,
                         XdpMode::Generic => AttachMode::Generic,
                     },
+                    pin_dir,
                 }
             };
             opts.router_id = router_id;
@@ -171,6 +360,15 @@ fn main() -> Result<()> {
             opts.bgp_listen = bgp_listen;
             opts.hold_link = (hold_link != "none").then_some(hold_link);
             opts.default_class = default_class;
+            opts.metrics = if metrics_address == "none" {
+                None
+            } else {
+                Some(metrics_address.parse().with_context(|| {
+                    format!(
+                        "--metrics-address {metrics_address:?} is not an address:port or \"none\""
+                    )
+                })?)
+            };
             opts.shutdown = match shutdown {
                 Shutdown::Keep => ShutdownMode::Keep,
                 Shutdown::Withdraw => ShutdownMode::Withdraw,
@@ -181,6 +379,94 @@ fn main() -> Result<()> {
                 .build()?;
             runtime.block_on(standalone::run(opts))?;
         }
+        Command::Controller {
+            default_class,
+            identity,
+            lease_namespace,
+            lease_name,
+            no_leader_election,
+            no_gateway_api,
+            metrics_address,
+        } => {
+            let identity = identity.unwrap_or_else(default_identity);
+            let mut opts = portico::controller::Options::new(identity, lease_namespace);
+            opts.default_class = default_class;
+            opts.lease = if no_leader_election {
+                None
+            } else {
+                opts.lease.map(|mut l| {
+                    l.name = lease_name;
+                    l
+                })
+            };
+            opts.metrics = parse_metrics_address(&metrics_address)?;
+            opts.gateway_api = !no_gateway_api;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
+                let stop = stop_on_signal()?;
+                let stats = std::sync::Arc::default();
+                portico::controller::run(client, opts, stats, stop).await
+            })?;
+        }
+        Command::Agent {
+            node,
+            xdp,
+            xdp_mode,
+            bpf_pin_dir,
+            router_id,
+            snat_v4,
+            snat_v6,
+            bgp_listen,
+            hold_link,
+            default_class,
+            secret_namespace,
+            shutdown,
+            metrics_address,
+        } => {
+            let pin_dir = pin_dir_arg(bpf_pin_dir.as_deref(), &node);
+            let mut opts = portico::agent::Options::new(node);
+            opts.datapath = if xdp.is_empty() {
+                Datapath::Fake
+            } else {
+                Datapath::Xdp {
+                    interfaces: xdp,
+                    mode: match xdp_mode {
+                        XdpMode::Native => AttachMode::Native,
+                        XdpMode::Generic => AttachMode::Generic,
+                    },
+                    pin_dir,
+                }
+            };
+            opts.router_id = router_id;
+            opts.snat_v4 = snat_v4;
+            opts.snat_v6 = snat_v6;
+            opts.bgp_listen = bgp_listen;
+            opts.hold_link = (hold_link != "none").then_some(hold_link);
+            opts.default_class = default_class;
+            opts.secret_namespace = secret_namespace;
+            opts.metrics = parse_metrics_address(&metrics_address)?;
+            opts.shutdown = match shutdown {
+                Shutdown::Keep => ShutdownMode::Keep,
+                Shutdown::Withdraw => ShutdownMode::Withdraw,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
+                let stop = stop_on_signal()?;
+                portico::agent::run(client, opts, stop).await
+            })?;
+        }
         Command::Status { socket, output } => {
             let report = portico::status::query(&socket)?;
             match output {
@@ -188,14 +474,7 @@ fn main() -> Result<()> {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
             }
         }
-        Command::Lab { connections, ipv6 } => {
-            let report = portico_integration::lab::run(connections, ipv6)?;
-            println!(
-                "lab: client → VIP through Portico's XDP balancer: TCP per backend {:?}, UDP per backend {:?}; XDP counted {} new TCP flows, {} packets",
-                report.tcp, report.udp, report.xdp_tcp_new_flows, report.xdp_tcp_packets
-            );
-            println!("{}", report.to_json());
-        }
+        Command::Lab { command } => lab(command)?,
         Command::Crds { out_dir } => {
             let files = portico_crds::crd_files()?;
             match out_dir {
@@ -221,4 +500,116 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs a `portico lab` command; the last line of `up`, `apply`, `status`, `down` and `demo`
+/// is JSON, also when they fail (then the exit status is 1).
+fn lab(command: LabCommand) -> Result<()> {
+    use portico_lab::control;
+    use portico_lab::progress::Progress;
+
+    let started = std::time::Instant::now();
+    let mut progress = Progress::human(Box::new(std::io::stdout()));
+    let outcome: Result<serde_json::Value> = match command {
+        LabCommand::Supervise { common } => {
+            return control::supervise(&common.dir);
+        }
+        LabCommand::Up {
+            common,
+            manifests,
+            converge_secs,
+        } => {
+            println!(
+                "portico lab up: BIRD router, nodes n1 and n2, backends be1-be4, client (in {})",
+                common.dir.display()
+            );
+            control::up(
+                &common.dir,
+                manifests.as_deref(),
+                std::time::Duration::from_secs(converge_secs),
+                &mut progress,
+            )
+            .map(|s| {
+                print!("\n{}", s.render());
+                serde_json::json!({"ok": true, "owner_pid": s.handle.owner_pid, "dir": common.dir})
+            })
+        }
+        LabCommand::Apply { common, manifests } => {
+            control::apply(&common.dir, manifests.as_deref(), &mut progress).map(|s| {
+                print!("\n{}", s.render());
+                serde_json::json!({"ok": true})
+            })
+        }
+        LabCommand::Status { common, output } => control::status(&common.dir).and_then(|s| {
+            if let Output::Table = output {
+                print!("{}", s.render());
+            }
+            Ok(serde_json::json!({"ok": true, "status": serde_json::to_value(&s)?}))
+        }),
+        LabCommand::Down { common } => control::down(&common.dir, None).map(|r| {
+            match r.owner_pid {
+                Some(pid) => println!("portico lab down: the lab of pid {pid} is gone"),
+                None => println!(
+                    "portico lab down: no lab was up in {}",
+                    common.dir.display()
+                ),
+            }
+            serde_json::json!({"ok": true, "owner_pid": r.owner_pid, "swept": r.swept})
+        }),
+        LabCommand::Demo {
+            common,
+            manifests,
+            flows,
+            keep,
+            throughput_secs,
+            converge_secs,
+        } => {
+            println!(
+                "portico lab demo: BIRD router with ECMP, nodes n1 and n2 (portico standalone, generic XDP), backends be1-be4, client"
+            );
+            let opts = control::DemoOptions {
+                dir: common.dir,
+                manifests,
+                flows,
+                keep,
+                throughput_secs,
+                converge: std::time::Duration::from_secs(converge_secs),
+            };
+            control::demo(&opts, &mut progress).map(|report| {
+                print!("{}", report.render());
+                let secs = started.elapsed().as_secs_f64();
+                println!("\nportico lab demo: done in {secs:.1} s");
+                report.to_json(secs)
+            })
+        }
+    };
+    match outcome {
+        Ok(json) => {
+            println!("{json}");
+            Ok(())
+        }
+        Err(e) => {
+            let step = progress.first_failure().map(str::to_owned);
+            eprintln!("portico lab: {e:#}");
+            println!(
+                "{}",
+                serde_json::json!({
+                    "ok": false,
+                    "step": step,
+                    "error": format!("{e:#}"),
+                    "seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                })
+            );
+            std::process::exit(1);
+        }
+    }
+}
+
+/// `--bpf-pin-dir`: a folder, "none", or the default under /sys/fs/bpf for `node`.
+fn pin_dir_arg(arg: Option<&str>, node: &str) -> Option<PathBuf> {
+    match arg {
+        Some("none") => None,
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => Some(PathBuf::from(format!("/sys/fs/bpf/portico/{node}"))),
+    }
 }

@@ -373,6 +373,8 @@ pub struct ServiceView {
     pub announced: bool,
     /// Its traffic policy.
     pub local: bool,
+    /// Its XDP listeners.
+    pub listeners: Vec<ServiceKey>,
 }
 
 /// What one node should have.
@@ -511,6 +513,7 @@ pub fn node_plan(world: &World, ipam: &IpamOutcome, node: &NodeIdentity) -> Node
                 view.ready = view.ready.max(eps.ready);
                 view.total = view.total.max(eps.backends.len());
                 let key = ServiceKey { vip, port, proto };
+                view.listeners.push(key);
                 plan.services.insert(
                     key,
                     ServiceSpec {

@@ -20,8 +20,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::apply::{BalancerApplier, HolderApplier, SpeakerApplier};
 use crate::manifest::ManifestFolder;
+use crate::metrics::{MetricsRequest, ReconcileMetrics};
 use crate::plan::{node_plan, Ipam, IpamOutcome, NodeIdentity, NodePlan};
-use crate::status::{PeerRow, PoolRow, ServiceRow, StatusReport};
+use crate::status::{BackendRow, PeerRow, PoolRow, ServiceRow, StatusReport};
 use crate::world::World;
 use crate::{state, NodeAddresses};
 
@@ -45,6 +46,9 @@ pub enum Datapath {
         interfaces: Vec<String>,
         /// Attach mode.
         mode: AttachMode,
+        /// Where maps and links are pinned (bpffs), so that a restart adopts the running
+        /// datapath and tracked flows survive; `None`: nothing outlives the process.
+        pin_dir: Option<PathBuf>,
     },
     /// No datapath: an in-memory balancer (addresses and BGP only; benchmarks and tests).
     Fake,
@@ -77,6 +81,8 @@ pub struct Options {
     pub default_class: bool,
     /// SIGTERM behaviour.
     pub shutdown: ShutdownMode,
+    /// Serve `/metrics`, `/healthz` and `/readyz` here.
+    pub metrics: Option<SocketAddr>,
     /// Quiet time after a file event before a pass.
     pub debounce: Duration,
     /// A pass at least this often, events or not.
@@ -100,6 +106,7 @@ impl Options {
             hold_link: None,
             default_class: false,
             shutdown: ShutdownMode::Keep,
+            metrics: None,
             debounce: Duration::from_millis(30),
             resync: Duration::from_secs(30),
         }
@@ -124,6 +131,7 @@ struct Runtime {
     last_pass: Duration,
     problems: Vec<String>,
     xdp: bool,
+    reconcile_metrics: ReconcileMetrics,
 }
 
 /// Runs until SIGTERM or SIGINT.
@@ -151,21 +159,7 @@ pub async fn run(opts: Options) -> Result<()> {
         snat_v6: opts.snat_v6.or(detected.v6),
         ..NodeConfig::default()
     };
-    let (balancer, xdp): (Box<dyn Balancer + Send>, bool) = match &opts.datapath {
-        Datapath::Fake => (Box::new(FakeBalancer::default()), false),
-        Datapath::Xdp { interfaces, mode } => {
-            let program = XdpProgram::load_with(LoadOptions::default())
-                .context("loading the XDP program (needs root and a BPF-capable kernel)")?;
-            let mut b = XdpBalancer::new(program);
-            for iface in interfaces {
-                b.program_mut()
-                    .attach(iface, *mode)
-                    .with_context(|| format!("attaching XDP to {iface}"))?;
-                tracing::info!(iface = %iface, ?mode, "XDP attached");
-            }
-            (Box::new(b), true)
-        }
-    };
+    let (balancer, xdp, adopted) = open_datapath(&opts.datapath)?;
     let speaker = Speaker::bind(SpeakerConfig {
         listen: opts.bgp_listen,
         node_seed: node_seed(&opts.node),
@@ -184,6 +178,13 @@ pub async fn run(opts: Options) -> Result<()> {
     if let Some(path) = &opts.admin_socket {
         serve_admin(path.clone(), admin_tx)?;
     }
+    let (metrics_tx, mut metrics_rx) = mpsc::channel::<MetricsRequest>(16);
+    if let Some(addr) = opts.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics listener {addr}"))?;
+        crate::metrics::serve(listener, metrics_tx);
+    }
     let (file_tx, mut file_rx) = mpsc::unbounded_channel::<()>();
     let _watcher = watch_folder(&opts.manifests, file_tx)?;
 
@@ -199,7 +200,7 @@ pub async fn run(opts: Options) -> Result<()> {
         identity,
         saved,
         speaker: Some(SpeakerApplier::new(speaker)),
-        balancer: BalancerApplier::new(balancer, node_config),
+        balancer: BalancerApplier::adopting(balancer, node_config, adopted),
         holder,
         outcome: IpamOutcome::default(),
         plan: NodePlan::default(),
@@ -207,6 +208,7 @@ pub async fn run(opts: Options) -> Result<()> {
         last_pass: Duration::ZERO,
         problems: Vec::new(),
         xdp,
+        reconcile_metrics: ReconcileMetrics::default(),
         opts,
     };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -236,6 +238,10 @@ pub async fn run(opts: Options) -> Result<()> {
                 }
                 Some(reply) = admin_rx.recv() => {
                     let _ = reply.send(rt.report());
+                }
+                Some(reply) = metrics_rx.recv() => {
+                    let ready = rt.passes > 0 && rt.healthy();
+                    let _ = reply.send((rt.report(), rt.reconcile_metrics.clone(), ready));
                 }
                 () = tokio::time::sleep_until(deadline) => break,
                 _ = sigterm.recv() => return rt.shutdown().await,
@@ -305,6 +311,21 @@ impl Runtime {
         self.problems = problems;
         self.passes += 1;
         self.last_pass = started.elapsed();
+        let mut failed = Vec::new();
+        if let Some(s) = &self.speaker {
+            if !s.health.ok {
+                failed.push(s.health.name);
+            }
+        }
+        if !self.balancer.health.ok {
+            failed.push(self.balancer.health.name);
+        }
+        if let Some(h) = &self.holder {
+            if !h.health.ok {
+                failed.push(h.health.name);
+            }
+        }
+        self.reconcile_metrics.observe(self.last_pass, &failed);
         tracing::debug!(
             pass = self.passes,
             us = self.last_pass.as_micros() as u64,
@@ -339,15 +360,16 @@ impl Runtime {
                     .cloned()
                     .unwrap_or_default();
                 let (mut packets, mut new_flows) = (0, 0);
-                for key in self
-                    .plan
-                    .services
-                    .keys()
-                    .filter(|k| a.addresses.contains(&k.vip))
-                {
+                let mut backends: BTreeMap<(IpAddr, u16), (u64, u64)> = BTreeMap::new();
+                for key in &view.listeners {
                     if let Ok(Some(s)) = self.balancer.balancer().service_stats(key) {
                         packets += s.service.packets;
                         new_flows += s.service.new_flows;
+                        for (b, c) in s.backends {
+                            let e = backends.entry(b).or_default();
+                            e.0 += c.packets;
+                            e.1 += c.new_flows;
+                        }
                     }
                 }
                 ServiceRow {
@@ -360,8 +382,18 @@ impl Runtime {
                     announced: view.announced,
                     local: view.local,
                     unsatisfied: a.unsatisfied.clone(),
+                    notices: a.notices.clone(),
                     packets,
                     new_flows,
+                    backends: backends
+                        .into_iter()
+                        .map(|((address, port), (packets, new_flows))| BackendRow {
+                            address,
+                            port,
+                            packets,
+                            new_flows,
+                        })
+                        .collect(),
                 }
             })
             .collect();
@@ -444,6 +476,14 @@ impl Runtime {
                     }
                 }
                 self.balancer.clear();
+                if let Datapath::Xdp {
+                    pin_dir: Some(dir), ..
+                } = &self.opts.datapath
+                {
+                    if let Err(e) = XdpProgram::unpin(dir) {
+                        tracing::warn!("detaching XDP and removing {}: {e}", dir.display());
+                    }
+                }
             }
         }
         if let Some(p) = &self.opts.admin_socket {
@@ -451,6 +491,111 @@ impl Runtime {
         }
         Ok(())
     }
+}
+
+/// What [`open_datapath`] gives: the balancer, whether it is XDP, and the services it
+/// adopted from a pinned datapath.
+pub type OpenedDatapath = (
+    Box<dyn Balancer + Send>,
+    bool,
+    BTreeMap<portico_xdp::ServiceKey, portico_xdp::ServiceSpec>,
+);
+
+/// Loads (or, with a pin folder holding a running datapath, adopts) the XDP program and
+/// attaches it; the in-memory balancer for [`Datapath::Fake`]. Shared by every runtime.
+///
+/// # Errors
+/// The program does not load, the pins do not fit, or attaching fails.
+pub fn open_datapath(datapath: &Datapath) -> Result<OpenedDatapath> {
+    let mut adopted = BTreeMap::new();
+    let (balancer, xdp): (Box<dyn Balancer + Send>, bool) = match datapath {
+        Datapath::Fake => (Box::new(FakeBalancer::default()), false),
+        Datapath::Xdp {
+            interfaces,
+            mode,
+            pin_dir,
+        } => {
+            let mut b = match pin_dir {
+                Some(dir) => {
+                    check_bpffs(dir)?;
+                    let program = XdpProgram::load_pinned(LoadOptions::default(), dir)
+                        .with_context(|| {
+                            format!(
+                                "loading the XDP program with its maps pinned in {}",
+                                dir.display()
+                            )
+                        })?;
+                    let reused = program.reused_pins();
+                    let b = XdpBalancer::adopt(program)
+                        .context("adopting the running datapath's state")?;
+                    if reused {
+                        adopted = b.services().map(|s| (s.key, s.clone())).collect();
+                        tracing::info!(
+                            dir = %dir.display(),
+                            services = adopted.len(),
+                            "adopted the pinned XDP datapath; tracked flows continue"
+                        );
+                    }
+                    b
+                }
+                None => XdpBalancer::new(
+                    XdpProgram::load_with(LoadOptions::default())
+                        .context("loading the XDP program (needs root and a BPF-capable kernel)")?,
+                ),
+            };
+            if pin_dir.is_some() {
+                for stale in b.program().pinned_interfaces()? {
+                    if !interfaces.contains(&stale) {
+                        b.program_mut().unpin_interface(&stale)?;
+                        tracing::info!(iface = %stale, "XDP detached: no longer configured");
+                    }
+                }
+            }
+            for iface in interfaces {
+                b.program_mut()
+                    .attach(iface, *mode)
+                    .with_context(|| format!("attaching XDP to {iface}"))?;
+                tracing::info!(iface = %iface, ?mode, "XDP attached");
+            }
+            (Box::new(b), true)
+        }
+    };
+    Ok((balancer, xdp, adopted))
+}
+
+/// Fails with a clear message unless `dir` (or its nearest existing ancestor) is on a
+/// bpffs: pins elsewhere cannot be created, and a bpffs private to this process (as
+/// `ip netns exec` gives it, remounting /sys) would vanish with it.
+fn check_bpffs(dir: &std::path::Path) -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let mut at = dir;
+    while !at.exists() {
+        match at.parent() {
+            Some(p) => at = p,
+            None => break,
+        }
+    }
+    let path = std::ffi::CString::new(at.as_os_str().as_encoded_bytes())
+        .context("pin folder path contains a NUL byte")?;
+    // SAFETY: statfs only writes into `buf`, which is a plain-old-data struct.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid NUL-terminated string and `buf` is writable.
+    let rc = unsafe { libc::statfs(path.as_ptr(), &mut buf) };
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "f_type's integer type differs between libc targets"
+    )]
+    let on_bpffs = rc == 0 && buf.f_type as i64 == BPF_FS_MAGIC;
+    if !on_bpffs {
+        anyhow::bail!(
+            "--bpf-pin-dir {}: {} is not on a bpffs, so the XDP maps cannot be pinned there; \
+             mount one (`mount -t bpf bpf /sys/fs/bpf`; under `ip netns exec`, which remounts \
+             /sys, use a bpffs mounted elsewhere), or pass --bpf-pin-dir none",
+            dir.display(),
+            at.display()
+        );
+    }
+    Ok(())
 }
 
 /// Seconds since the Unix epoch (IPAM's clock: grace periods survive restarts through the

@@ -49,9 +49,28 @@ pub struct ServiceRow {
     pub local: bool,
     /// Why it lacks an address.
     pub unsatisfied: Option<String>,
+    /// What else IPAM says (grace period, pending request, not shared).
+    #[serde(default)]
+    pub notices: Vec<String>,
     /// Packets the datapath balanced for it.
     pub packets: u64,
     /// New flows the datapath balanced for it.
+    pub new_flows: u64,
+    /// Per backend.
+    #[serde(default)]
+    pub backends: Vec<BackendRow>,
+}
+
+/// One backend of a Service, summed over the Service's listeners.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendRow {
+    /// Address.
+    pub address: IpAddr,
+    /// Port.
+    pub port: u16,
+    /// Packets toward it.
+    pub packets: u64,
+    /// New flows balanced to it.
     pub new_flows: u64,
 }
 

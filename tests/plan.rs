@@ -435,3 +435,43 @@ fn planning_is_deterministic() {
     assert_eq!(p1.services, p2.services);
     assert_eq!(format!("{:?}", p1.peers), format!("{:?}", p2.peers));
 }
+
+#[test]
+fn services_sharing_a_key_share_one_address_with_a_listener_each_and_one_route() {
+    let shared = |name: &str, port: u16, backend: &str| {
+        format!(
+            r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: shop, annotations: {{portico.io/sharing-key: front}}}}
+spec:
+  type: LoadBalancer
+  loadBalancerClass: portico.io/lb
+  ports: [{{name: http, port: {port}, protocol: TCP}}]
+{}"#,
+            slice(name, "IPv4", &[ep(backend, "n1", READY)])
+        )
+    };
+    let text = format!(
+        "{BASE}{}{}",
+        shared("web", 80, "10.0.0.1"),
+        shared("api", 443, "10.0.0.2")
+    );
+    let (outcome, plan) = plan_for(&text, "n1");
+    let vip = addr_of(&outcome, "web");
+    assert_eq!(addr_of(&outcome, "api"), vip);
+    let web = &plan.services[&ServiceKey {
+        vip,
+        port: 80,
+        proto: Protocol::Tcp,
+    }];
+    let api = &plan.services[&ServiceKey {
+        vip,
+        port: 443,
+        proto: Protocol::Tcp,
+    }];
+    assert_eq!(web.backends[0].addr.to_string(), "10.0.0.1");
+    assert_eq!(api.backends[0].addr.to_string(), "10.0.0.2");
+    assert_eq!(plan.peers[&tor()].routes.len(), 1);
+}

@@ -15,118 +15,45 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
+
+mod common;
 use ipnet::IpNet;
 use portico::status::StatusReport;
-use portico_integration::peers::{Neighbor, PeerConfig, PeerKind, RealPeer};
+use portico_integration::standalone::{self as topo, Topology, NODE_IP};
 use portico_integration::traffic::{self, Backend};
-use portico_integration::{require_root, NetNs, TestNet};
-
-const NODE_IP: &str = "198.18.1.10";
-const ROUTER_LAN: &str = "198.18.1.254";
-const ROUTER_CLIENT_SIDE: &str = "198.18.0.254";
-const CLIENT_IP: &str = "198.18.0.1";
-const BACKEND_PORT: u16 = 8080;
-
-fn backend_ip(i: u8) -> String {
-    format!("198.18.1.{i}")
-}
 
 struct Lab {
-    net: TestNet,
-    client: NetNs,
-    node: NetNs,
-    backends: Vec<NetNs>,
-    router: RealPeer,
+    topo: Topology,
     dir: tempfile::TempDir,
     portico: Option<Child>,
+    /// A bpffs of this run: `ip netns exec` remounts /sys, so /sys/fs/bpf is not visible
+    /// to the node process; a bpffs mounted elsewhere in the root mount namespace is.
+    bpffs: PathBuf,
 }
 
 impl Lab {
     fn build() -> Result<Lab> {
-        require_root("the standalone end-to-end test")?;
-        let mut net = TestNet::new()?;
-        let client = net.add_ns("cl")?;
-        let rt = net.add_ns("rt")?;
-        let sw = net.add_ns("sw")?;
-        let node = net.add_ns("n1")?;
-        net.veth(&client, "eth0", &rt, "eth0")?;
-        net.veth(&rt, "lan", &sw, "rt")?;
-        net.veth(&node, "eth0", &sw, "n1")?;
-        sw.run(&["ip", "link", "add", "br0", "type", "bridge"])?;
-        sw.run(&["ip", "link", "set", "br0", "up"])?;
-        for port in ["rt", "n1"] {
-            sw.run(&["ip", "link", "set", port, "master", "br0"])?;
+        let topo = topo::build(2)?;
+        let bpffs = PathBuf::from(format!("/run/ptc-bpffs-{}", std::process::id()));
+        std::fs::create_dir_all(&bpffs)?;
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&bpffs)
+            .status()?;
+        if !mounted.success() {
+            bail!("mounting a bpffs on {} failed", bpffs.display());
         }
-        let mut backends = Vec::new();
-        for i in 1..=2u8 {
-            let be = net.add_ns(&format!("be{i}"))?;
-            let port = format!("be{i}");
-            net.veth(&be, "eth0", &sw, &port)?;
-            sw.run(&["ip", "link", "set", &port, "master", "br0"])?;
-            be.run(&[
-                "ip",
-                "addr",
-                "add",
-                &format!("{}/24", backend_ip(i)),
-                "dev",
-                "eth0",
-            ])?;
-            be.run(&["ip", "route", "add", "default", "via", ROUTER_LAN])?;
-            backends.push(be);
-        }
-        client.run(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{CLIENT_IP}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        client.run(&["ip", "route", "add", "default", "via", ROUTER_CLIENT_SIDE])?;
-        rt.run(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{ROUTER_CLIENT_SIDE}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        rt.run(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{ROUTER_LAN}/24"),
-            "dev",
-            "lan",
-        ])?;
-        rt.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-        node.run(&["ip", "addr", "add", &format!("{NODE_IP}/24"), "dev", "eth0"])?;
-        node.run(&["ip", "route", "add", "default", "via", ROUTER_LAN])?;
-        node.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-        // Checksums are finished in software before XDP sees the frames (generic XDP on veth).
-        for ns in [&client, &node, &rt] {
-            ns.run(&["ethtool", "-K", "eth0", "tx", "off"])?;
-        }
-        rt.run(&["ethtool", "-K", "lan", "tx", "off"])?;
-        for be in &backends {
-            be.run(&["ethtool", "-K", "eth0", "tx", "off"])?;
-        }
-        let router = RealPeer::start(
-            &rt,
-            PeerConfig::new(PeerKind::Bird, ROUTER_LAN.parse()?, 64500)
-                .local_addr(ROUTER_LAN.parse()?)
-                .kernel_export()
-                .neighbor(Neighbor::new(NODE_IP.parse()?, 64512).graceful_restart(60)),
-        )?;
         Ok(Lab {
-            net,
-            client,
-            node,
-            backends,
-            router,
+            topo,
             dir: tempfile::tempdir()?,
             portico: None,
+            bpffs,
         })
+    }
+
+    /// bpffs folder of this run's pinned maps and links.
+    fn pin_dir(&self) -> PathBuf {
+        self.bpffs.join("n1")
     }
 
     fn manifests(&self) -> PathBuf {
@@ -148,8 +75,9 @@ impl Lab {
         Ok(())
     }
 
-    fn start_portico(&mut self) -> Result<()> {
+    fn start_portico(&mut self, extra: &[&str]) -> Result<()> {
         let child = self
+            .topo
             .node
             .command(env!("CARGO_BIN_EXE_portico"))
             .args([
@@ -168,7 +96,10 @@ impl Lab {
                 &self.socket().display().to_string(),
                 "--router-id",
                 NODE_IP,
+                "--bpf-pin-dir",
+                &self.pin_dir().display().to_string(),
             ])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .spawn()
@@ -199,12 +130,12 @@ impl Lab {
 
     fn tcp(&self, vip: IpAddr) -> Result<String> {
         let addr = SocketAddr::new(vip, 80);
-        traffic::in_ns(&self.client, move || traffic::tcp_once(addr))
+        traffic::in_ns(&self.topo.client, move || traffic::tcp_once(addr))
     }
 
     fn udp(&self, vip: IpAddr) -> Result<String> {
         let addr = SocketAddr::new(vip, 80);
-        traffic::in_ns(&self.client, move || traffic::udp_once(addr))
+        traffic::in_ns(&self.topo.client, move || traffic::udp_once(addr))
     }
 }
 
@@ -214,7 +145,11 @@ impl Drop for Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = &self.net;
+        let _ = portico_xdp::XdpProgram::unpin(self.pin_dir());
+        let _ = std::process::Command::new("umount")
+            .arg(&self.bpffs)
+            .status();
+        let _ = std::fs::remove_dir(&self.bpffs);
     }
 }
 
@@ -236,57 +171,6 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T
     }
 }
 
-const POOL: &str = r#"apiVersion: portico.io/v1alpha1
-kind: AddressPool
-metadata: {name: lab}
-spec:
-  blocks: [{cidr: 203.0.113.0/28}]
-"#;
-
-const BGP: &str = r#"apiVersion: portico.io/v1alpha1
-kind: BGPPeer
-metadata: {name: tor}
-spec:
-  myASN: 64512
-  peerASN: 64500
-  peerAddress: 198.18.1.254
-  holdTime: 9
-  connectRetryTime: 1
-  gracefulRestart: {enabled: true, restartTime: 60}
----
-apiVersion: portico.io/v1alpha1
-kind: BGPAdvertisement
-metadata: {name: all}
-spec: {}
-"#;
-
-fn service(name: &str, backends: &[u8]) -> String {
-    let mut s = format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: lab}}
-spec:
-  type: LoadBalancer
-  loadBalancerClass: portico.io/lb
-  ports: [{{name: tcp, port: 80, protocol: TCP}}, {{name: udp, port: 80, protocol: UDP}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: {name}-1, namespace: lab, labels: {{kubernetes.io/service-name: {name}}}}}
-addressType: IPv4
-ports: [{{name: tcp, port: {BACKEND_PORT}, protocol: TCP}}, {{name: udp, port: {BACKEND_PORT}, protocol: UDP}}]
-endpoints:
-"#
-    );
-    for i in backends {
-        s.push_str(&format!(
-            "  - {{addresses: [\"{}\"], nodeName: n1, conditions: {{ready: true}}}}\n",
-            backend_ip(*i)
-        ));
-    }
-    s
-}
-
 fn saved_address(state: &Path, service: &str) -> Result<Option<IpAddr>> {
     let Ok(text) = std::fs::read_to_string(state) else {
         return Ok(None);
@@ -304,19 +188,11 @@ fn host_route(vip: IpAddr) -> IpNet {
 #[test]
 fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -> Result<()> {
     let mut lab = Lab::build()?;
-    let _servers: Vec<Backend> = lab
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, be)| {
-            let addr = SocketAddr::new(backend_ip(i as u8 + 1).parse()?, BACKEND_PORT);
-            Backend::start(be, &format!("be{}", i + 1), addr)
-        })
-        .collect::<Result<_>>()?;
-    lab.write("00-pool.yaml", POOL)?;
-    lab.write("10-bgp.yaml", BGP)?;
-    lab.write("20-web.yaml", &service("web", &[1]))?;
-    lab.start_portico()?;
+    let _servers: Vec<Backend> = lab.topo.start_backends()?;
+    let (be1, be2) = (topo::backend_ip(1), topo::backend_ip(2));
+    lab.write("00-base.yaml", topo::BASE_MANIFESTS)?;
+    lab.write("20-web.yaml", &topo::service_manifest("web", &[be1]))?;
+    lab.start_portico(&[])?;
 
     // Address → state file and status; route at the router; TCP and UDP reach be1.
     let state = lab.state_file();
@@ -331,20 +207,47 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
         .find(|s| s.name == "web")
         .context("web in status")?;
     assert_eq!(web.addresses, [vip]);
-    lab.router.wait_routes(
+    lab.topo.router.wait_routes(
         |r| r.iter().any(|r| r.prefix == host_route(vip)),
         Duration::from_secs(60),
     )?;
     wait_for("a TCP answer through the VIP", || Ok(lab.tcp(vip).ok()))?;
     assert_eq!(lab.tcp(vip)?, "be1");
     assert_eq!(lab.udp(vip)?, "be1");
+    // The answers came through the XDP balancer (the node's stack has no listener on :80).
+    let report = lab.status()?;
+    let web = report
+        .services
+        .iter()
+        .find(|s| s.name == "web")
+        .context("web")?;
+    assert!(web.new_flows >= 2 && web.announced, "{web:?}");
+    let tx = report
+        .datapath
+        .iter()
+        .find(|(n, _)| n == "tx")
+        .map_or(0, |(_, v)| *v);
+    assert!(tx > 0, "XDP_TX counter: {:?}", report.datapath);
+    // Metrics: ready, and an exposition promtool accepts.
+    let metrics: SocketAddr = "127.0.0.1:9464".parse()?;
+    let (ready, _) = traffic::in_ns(&lab.topo.node, move || common::http_get(metrics, "/readyz"))?;
+    assert!(ready.contains("200"), "{ready}");
+    let (status, body) = traffic::in_ns(&lab.topo.node, move || {
+        common::http_get(metrics, "/metrics")
+    })?;
+    assert!(status.contains("200"), "{status}");
+    common::promtool_check(&body);
+    assert!(
+        body.contains("portico_bgp_session_established{peer=\"tor\",address=\"198.18.1.254\"} 1"),
+        "{body}"
+    );
 
     // A second backend: new connections spread over both.
-    lab.write("20-web.yaml", &service("web", &[1, 2]))?;
+    lab.write("20-web.yaml", &topo::service_manifest("web", &[be1, be2]))?;
     let vip_addr = SocketAddr::new(vip, 80);
     wait_for("both backends answering", || {
         let seen = traffic::spread(
-            &lab.client,
+            &lab.topo.client,
             vip_addr,
             40,
             2,
@@ -354,10 +257,37 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
         Ok((seen.len() == 2).then_some(()))
     })?;
 
+    let report = lab.status()?;
+    let web = report
+        .services
+        .iter()
+        .find(|s| s.name == "web")
+        .context("web")?;
+    let hit: Vec<String> = web
+        .backends
+        .iter()
+        .filter(|b| b.new_flows > 0)
+        .map(|b| b.address.to_string())
+        .collect();
+    assert_eq!(hit, [be1.to_string(), be2.to_string()], "{web:?}");
+    // What an operator types.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portico"))
+        .args(["status", "--socket"])
+        .arg(lab.socket())
+        .output()?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    for want in ["lab/web", &vip.to_string(), "tor", "Established"] {
+        assert!(
+            table.contains(want),
+            "`portico status` lacks {want}:\n{table}"
+        );
+    }
+
     // Shrinking the pool around the address keeps it.
     lab.write(
-        "00-pool.yaml",
-        &POOL.replace(
+        "00-base.yaml",
+        &topo::BASE_MANIFESTS.replace(
             "[{cidr: 203.0.113.0/28}]",
             &format!("[{{start: \"{vip}\", stop: 203.0.113.3}}]"),
         ),
@@ -386,9 +316,19 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
     );
     assert!(lab.tcp(vip).is_ok());
 
-    // Restart: the same address, announced again, traffic flows again.
+    // Restart: the same address, announced again, traffic flows again, and a connection
+    // established before the restart carries on with the same backend (the XDP program and
+    // its maps stay pinned; the new process adopts them).
+    let mut long = traffic::in_ns(&lab.topo.client, move || traffic::LongLived::open(vip_addr))?;
+    let first = long.backend.clone();
     lab.stop_portico()?;
-    lab.start_portico()?;
+    assert_eq!(long.exchange()?, first, "while portico is stopped");
+    // Stopped with graceful restart negotiated: the router keeps the route meanwhile.
+    assert!(
+        lab.topo.router.route(host_route(vip))?.is_some(),
+        "the router dropped the route although graceful restart was negotiated"
+    );
+    lab.start_portico(&[])?;
     let report = wait_for("status after the restart", || lab.status().map(Some))?;
     let web = report
         .services
@@ -402,7 +342,7 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
 
     // Delete the Service: route withdrawn, XDP service gone.
     std::fs::remove_file(lab.manifests().join("20-web.yaml"))?;
-    lab.router.wait_routes(
+    lab.topo.router.wait_routes(
         |r| !r.iter().any(|r| r.prefix == host_route(vip)),
         Duration::from_secs(60),
     )?;
@@ -417,5 +357,28 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
     );
     assert_eq!(saved_address(&state, "web")?, None);
     lab.stop_portico()?;
+
+    // `--shutdown withdraw`: Cease, so the router drops the routes at once; the address
+    // link goes too.
+    lab.write("20-web.yaml", &topo::service_manifest("web", &[be1]))?;
+    lab.start_portico(&["--shutdown", "withdraw"])?;
+    let vip = wait_for("web's address again", || saved_address(&state, "web"))?;
+    lab.topo.router.wait_routes(
+        |r| r.iter().any(|r| r.prefix == host_route(vip)),
+        Duration::from_secs(60),
+    )?;
+    lab.stop_portico()?;
+    assert!(
+        lab.topo.router.route(host_route(vip))?.is_none(),
+        "route still at the router"
+    );
+    let links = lab.topo.node.run(&["ip", "-o", "link", "show"])?;
+    assert!(!links.contains("portico0"), "{links}");
+    assert!(
+        !lab.pin_dir().exists(),
+        "pins left in {}",
+        lab.pin_dir().display()
+    );
+    assert!(!links.contains("xdp"), "XDP still attached: {links}");
     Ok(())
 }

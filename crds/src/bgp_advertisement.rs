@@ -33,12 +33,15 @@ pub const WELL_KNOWN_COMMUNITIES: [(&str, u32); 8] = [
     version = "v1alpha1",
     kind = "BGPAdvertisement",
     root = "BgpAdvertisement",
+    shortname = "bgpadv",
+    category = "portico",
     doc = "Announces the addresses of the selected pools and Services to BGP peers, from the selected nodes.",
-    printcolumn(name = "Peers", type_ = "string", json_path = ".spec.peers"),
+    printcolumn(name = "LocalPref", type_ = "integer", json_path = ".spec.localPref"),
+    printcolumn(name = "MED", type_ = "integer", json_path = ".spec.med"),
     printcolumn(
-        name = "Communities",
-        type_ = "string",
-        json_path = ".spec.communities"
+        name = "Aggregation",
+        type_ = "integer",
+        json_path = ".spec.aggregationLength"
     ),
     printcolumn(
         name = "Age",
@@ -67,15 +70,19 @@ pub struct BgpAdvertisementSpec {
     pub large_communities: Vec<String>,
     /// LOCAL_PREF, sent to iBGP peers only (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 4_294_967_295_u32))]
     pub local_pref: Option<u32>,
     /// MULTI_EXIT_DISC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 4_294_967_295_u32))]
     pub med: Option<u32>,
     /// Announce IPv4 addresses as prefixes of this length (0-32). Default 32.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 32))]
     pub aggregation_length: Option<u8>,
     /// Announce IPv6 addresses as prefixes of this length (0-128). Default 128.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 128))]
     pub aggregation_length_v6: Option<u8>,
     /// Only nodes whose labels match announce (absent: every node).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -39,6 +39,8 @@ const DEFAULT_RESTART_TIME: u16 = 120;
     version = "v1alpha1",
     kind = "BGPPeer",
     root = "BgpPeer",
+    shortname = "bgpp",
+    category = "portico",
     status = "BgpPeerStatus",
     doc = "A BGP neighbour that the selected nodes announce LoadBalancer addresses to.",
     printcolumn(name = "Peer", type_ = "string", json_path = ".spec.peerAddress"),
@@ -51,39 +53,60 @@ const DEFAULT_RESTART_TIME: u16 = 120;
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.keepaliveTime) || !has(self.holdTime) || self.keepaliveTime * 3 <= self.holdTime",
+     "message": "keepaliveTime must be at most a third of holdTime"},
+    {"rule": "!(has(self.gtsm) && self.gtsm && has(self.ebgpMultihop))",
+     "message": "gtsm (TTL 255, single hop) and ebgpMultihop exclude each other"},
+    {"rule": "!has(self.sourceAddress) || (isIP(self.sourceAddress) && isIP(self.peerAddress) && ip(self.sourceAddress).family() == ip(self.peerAddress).family())",
+     "message": "sourceAddress must be an IP address of the family of peerAddress"}
+]))]
 pub struct BgpPeerSpec {
     /// Our AS number (4-octet ASNs such as 4200000001 are fine).
     #[serde(rename = "myASN")]
+    #[schemars(range(min = 1, max = 4_294_967_295_u32))]
     pub my_asn: u32,
     /// The AS number the peer must present; equal to `myASN` for iBGP.
     #[serde(rename = "peerASN")]
+    #[schemars(range(min = 1, max = 4_294_967_295_u32))]
     pub peer_asn: u32,
     /// The peer's IPv4 or IPv6 address.
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "isIP(self)", "message": "peerAddress must be an IPv4 or IPv6 address"}
+    ]), length(max = 64))]
     pub peer_address: String,
     /// The peer's TCP port.
     #[serde(default = "bgp_port")]
+    #[schemars(range(min = 1))]
     pub peer_port: u16,
     /// Local address to connect from (same family as `peerAddress`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub source_address: Option<String>,
     /// BGP Identifier (an IPv4 address); defaults to the node's IPv4 address.
     #[serde(rename = "routerID", default, skip_serializing_if = "Option::is_none")]
     pub router_id: Option<String>,
     /// Proposed hold time in seconds: 0 (no keepalives) or at least 3. Default 90.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 65535), extend("x-kubernetes-validations" = [
+        {"rule": "self == 0 || self >= 3", "message": "holdTime must be 0 or at least 3"}
+    ]))]
     pub hold_time: Option<u32>,
     /// Keepalive interval in seconds, at most a third of `holdTime`. Default: a third of
     /// the negotiated hold time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 21845))]
     pub keepalive_time: Option<u32>,
     /// Seconds between connection attempts. Default 120.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
     pub connect_retry_time: Option<u32>,
     /// TCP MD5 signature password (RFC 2385), read from a Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret_ref: Option<SecretKeyRef>,
     /// eBGP multihop: send with this TTL (1-255) instead of 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub ebgp_multihop: Option<u8>,
     /// GTSM (RFC 5082) for single-hop eBGP: send with TTL 255 and accept only TTL 255.
     #[serde(default)]
@@ -93,6 +116,10 @@ pub struct BgpPeerSpec {
     pub graceful_restart: Option<GracefulRestart>,
     /// Address families to offer: `ipv4-unicast`, `ipv6-unicast`. Default: both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend(
+        "items" = {"type": "string", "enum": ["ipv4-unicast", "ipv6-unicast"]},
+        "x-kubernetes-list-type" = "set"
+    ))]
     pub families: Option<Vec<String>>,
     /// Only nodes whose labels match peer with this neighbour (absent: every node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -128,6 +155,7 @@ pub struct GracefulRestart {
     pub enabled: bool,
     /// Seconds the peer keeps our routes after the session drops (1-4095). Default 120.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4095))]
     pub restart_time: Option<u32>,
 }
 

@@ -5,6 +5,7 @@
 
 mod bgp_advertisement;
 mod bgp_peer;
+mod node_status;
 mod service;
 mod validation;
 
@@ -15,6 +16,9 @@ pub use bgp_advertisement::{
 pub use bgp_peer::{
     validate_peer, BgpPeer, BgpPeerNodeStatus, BgpPeerSpec, BgpPeerStatus, GracefulRestart,
     PeerInputs, PrefixCounts, SecretKeyRef, ValidPeer, BGP_PORT,
+};
+pub use node_status::{
+    DatapathSummary, PeerSession, PorticoNode, PorticoNodeSpec, PorticoNodeStatus,
 };
 pub use service::{
     ingress, service_conditions, service_consumer, ClassPolicy, ALLOCATED_CONDITION,
@@ -41,6 +45,9 @@ pub enum Error {
     /// The CRD could not be written as YAML.
     #[error("cannot write the CRD as YAML: {0}")]
     Yaml(#[from] serde_saphyr::ser::Error),
+    /// The CRD could not be turned into JSON.
+    #[error("cannot write the CRD as JSON: {0}")]
+    Json(#[from] serde_json::Error),
 }
 
 /// Which addresses an AddressPool holds, and who may use them.
@@ -54,6 +61,7 @@ pub enum Error {
     version = "v1alpha1",
     kind = "AddressPool",
     shortname = "lbpool",
+    category = "portico",
     status = "AddressPoolStatus",
     doc = "A pool of LoadBalancer addresses that Portico hands out to Services and Gateways.",
     printcolumn(name = "Total", type_ = "string", json_path = ".status.total"),
@@ -73,6 +81,7 @@ pub enum Error {
 #[serde(rename_all = "camelCase")]
 pub struct AddressPoolSpec {
     /// Address blocks: each either `{cidr}` or `{start, stop}`. IPv4 and IPv6 may mix.
+    #[schemars(length(min = 1, max = 64))]
     pub blocks: Vec<Block>,
     /// Whether the network and broadcast address of each CIDR may be handed out
     /// (/31, /32, /127 and /128 always use every address).
@@ -107,16 +116,31 @@ fn yes() -> bool {
 }
 
 /// A block of addresses: set `cidr`, or `start` and `stop`.
+///
+/// The API server checks the shape (CEL, Kubernetes 1.31+ IP library); that `stop` is not
+/// before `start` is checked by the controller (`InvalidSpec`), as CEL cannot order IPs.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.cidr) ? !has(self.start) && !has(self.stop) : has(self.start) && has(self.stop)",
+     "message": "set cidr, or start and stop"},
+    {"rule": "!has(self.cidr) || isCIDR(self.cidr)", "message": "cidr must be a CIDR such as 10.0.10.0/24"},
+    {"rule": "!has(self.start) || isIP(self.start)", "message": "start must be an IP address"},
+    {"rule": "!has(self.stop) || isIP(self.stop)", "message": "stop must be an IP address"},
+    {"rule": "!has(self.start) || !has(self.stop) || !isIP(self.start) || !isIP(self.stop) || ip(self.start).family() == ip(self.stop).family()",
+     "message": "start and stop must be of one family"}
+]))]
 pub struct Block {
     /// A CIDR such as `10.0.10.0/24` or `fd00:10::/64`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub cidr: Option<String>,
     /// First address of an inclusive range.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub start: Option<String>,
     /// Last address of an inclusive range.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub stop: Option<String>,
 }
 
@@ -127,6 +151,7 @@ pub struct AddressPoolStatus {
     /// `Ready`, plus `Conflict` (naming the older overlapping pool) or `InvalidSpec`
     /// (naming the field and value).
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// IPv4 counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -156,7 +181,7 @@ pub struct FamilyCounts {
     pub available: String,
 }
 
-fn raw_selector(selector: &KubeLabelSelector) -> RawSelector {
+pub(crate) fn raw_selector(selector: &KubeLabelSelector) -> RawSelector {
     RawSelector {
         match_labels: selector.match_labels.clone().unwrap_or_default(),
         match_expressions: selector
@@ -321,6 +346,40 @@ fn keep_transition_times(conditions: &mut [Condition], previous: Option<&Address
     }
 }
 
+/// Turns schemars' Rust integer formats (`uint8`, `uint32`, …) into the ones Kubernetes
+/// defines (`int32`, `int64`), and float bounds (`255.0`) into integers.
+fn kubernetes_int_formats(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            if map.get("type").and_then(Value::as_str) == Some("integer") {
+                let format = match map.get("format").and_then(Value::as_str) {
+                    Some("uint8" | "uint16" | "int8" | "int16") => Some("int32"),
+                    Some("uint32" | "uint64" | "uint" | "uint128") => Some("int64"),
+                    _ => None,
+                };
+                if let Some(f) = format {
+                    map.insert("format".into(), f.into());
+                }
+                for bound in ["minimum", "maximum"] {
+                    if let Some(x) = map.get(bound).and_then(Value::as_f64) {
+                        #[allow(
+                            clippy::cast_possible_truncation,
+                            reason = "schema bounds of Rust integers are whole numbers within i64"
+                        )]
+                        map.insert(bound.into(), Value::from(x as i64));
+                    }
+                }
+            }
+            for child in map.values_mut() {
+                kubernetes_int_formats(child);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(kubernetes_int_formats),
+        _ => {}
+    }
+}
+
 /// File name of the AddressPool CRD under `deploy/crds/`.
 pub const ADDRESS_POOL_FILE: &str = "addresspools.portico.io.yaml";
 
@@ -329,6 +388,9 @@ pub const BGP_PEER_FILE: &str = "bgppeers.portico.io.yaml";
 
 /// File name of the BGPAdvertisement CRD under `deploy/crds/`.
 pub const BGP_ADVERTISEMENT_FILE: &str = "bgpadvertisements.portico.io.yaml";
+
+/// File name of the PorticoNode CRD under `deploy/crds/`.
+pub const PORTICO_NODE_FILE: &str = "porticonodes.portico.io.yaml";
 
 /// Every CRD as `(file name, YAML)`, generated from the Rust types.
 ///
@@ -339,10 +401,13 @@ pub fn crd_files() -> Result<Vec<(&'static str, String)>, Error> {
         (ADDRESS_POOL_FILE, AddressPool::crd()),
         (BGP_PEER_FILE, BgpPeer::crd()),
         (BGP_ADVERTISEMENT_FILE, BgpAdvertisement::crd()),
+        (PORTICO_NODE_FILE, PorticoNode::crd()),
     ];
     crds.into_iter()
         .map(|(file, crd)| {
-            let yaml = serde_saphyr::to_string(&crd)?;
+            let mut value = serde_json::to_value(&crd)?;
+            kubernetes_int_formats(&mut value);
+            let yaml = serde_saphyr::to_string(&value)?;
             Ok((
                 file,
                 format!("# Generated by `portico crds`; do not edit.\n{yaml}"),

@@ -4,7 +4,7 @@
 use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector as KubeLabelSelector;
-use portico_ipam::{LabelSelector, Operator, Requirement};
+use portico_ipam::LabelSelector;
 
 /// One problem of a spec: `spec.peerASN: 0 is not a valid AS number`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,60 +108,25 @@ pub(crate) fn check_asn(problems: &mut Problems, field: &str, asn: u32) {
 }
 
 /// Converts a Kubernetes label selector into the plain form; absent means "everything".
+/// The checks are `portico_ipam::parse_selector`'s, so every object validates selectors
+/// alike.
 pub(crate) fn label_selector(
     problems: &mut Problems,
     path: &str,
     selector: Option<&KubeLabelSelector>,
 ) -> LabelSelector {
-    let Some(selector) = selector else {
-        return LabelSelector::everything();
-    };
-    let mut out = LabelSelector {
-        match_labels: selector.match_labels.clone().unwrap_or_default(),
-        match_expressions: Vec::new(),
-    };
-    for key in out.match_labels.keys().filter(|k| k.is_empty()) {
-        problems.push(
-            format!("{path}.matchLabels"),
-            quoted(key),
-            "is not a valid label key",
-        );
-    }
-    for (i, req) in selector.match_expressions.iter().flatten().enumerate() {
-        let field = |name: &str| format!("{path}.matchExpressions[{i}].{name}");
-        if req.key.is_empty() {
-            problems.push(field("key"), quoted(&req.key), "is not a valid label key");
-        }
-        let Ok(operator) = req.operator.parse::<Operator>() else {
-            problems.push(
-                field("operator"),
-                quoted(&req.operator),
-                "is not one of In, NotIn, Exists, DoesNotExist",
-            );
-            continue;
+    let raw = selector.map(crate::raw_selector);
+    let mut errors = Vec::new();
+    let parsed = portico_ipam::parse_selector(path, raw.as_ref(), &mut errors);
+    for e in errors {
+        let value = if e.value == "[]" {
+            e.value
+        } else {
+            quoted(&e.value)
         };
-        let values = req.values.clone().unwrap_or_default();
-        let needs_values = matches!(operator, Operator::In | Operator::NotIn);
-        if needs_values && values.is_empty() {
-            problems.push(
-                field("values"),
-                "[]",
-                format!("must not be empty for operator {operator}"),
-            );
-        } else if !needs_values && !values.is_empty() {
-            problems.push(
-                field("values"),
-                quoted(&values.join(",")),
-                format!("must be empty for operator {operator}"),
-            );
-        }
-        out.match_expressions.push(Requirement {
-            key: req.key.clone(),
-            operator,
-            values: values.into_iter().collect(),
-        });
+        problems.push(e.field, value, e.problem);
     }
-    out
+    parsed
 }
 
 #[cfg(test)]

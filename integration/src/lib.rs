@@ -1,12 +1,12 @@
-//! Test harness for Portico's end-to-end tests: throwaway network namespaces joined by veth,
-//! child processes reaped on drop, and (in later modules) real BGP peers and the lab.
+//! Test harness for Portico's end-to-end tests: the lab crate's namespaces, daemon
+//! launchers and traffic (re-exported from `portico-lab`), plus helpers only tests and
+//! benchmarks use ([`fibnet`]).
 //!
 //! Traffic in these tests only ever flows between namespaces the test created itself.
 
 pub mod fibnet;
-pub mod lab;
-pub mod netns;
-pub mod peers;
-pub mod traffic;
 
-pub use netns::{require_root, NetNs, TestNet};
+pub use portico_lab::{
+    control, lab, netns, peers, probe, progress, require_root, standalone, topology, traffic,
+    NetNs, TestNet,
+};

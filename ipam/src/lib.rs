@@ -23,8 +23,8 @@ pub use consumer::{
 };
 pub use family::Family;
 pub use pool::{
-    AddrRange, Pool, RawBlock, RawPoolSpec, RawRequirement, RawSelector, SpecError, SpecErrors,
-    SERVICE_NAMESPACE_LABEL, SERVICE_NAME_LABEL,
+    parse_selector, AddrRange, Pool, RawBlock, RawPoolSpec, RawRequirement, RawSelector, SpecError,
+    SpecErrors, SERVICE_NAMESPACE_LABEL, SERVICE_NAME_LABEL,
 };
 pub use requests::{
     parse_requests, RequestError, ALIASES, IPS, POOL, SHARING_CROSS_NAMESPACE, SHARING_KEY,

@@ -491,7 +491,10 @@ fn parse_block(
     }
 }
 
-fn parse_selector(
+/// Checks a label selector written at `path` (absent: everything) and returns it, adding a
+/// [`SpecError`] for every bad key, operator or value list. The one selector validation of
+/// every Portico object (pools here; peers and advertisements through `portico-crds`).
+pub fn parse_selector(
     path: &str,
     raw: Option<&RawSelector>,
     errors: &mut Vec<SpecError>,

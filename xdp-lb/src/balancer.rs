@@ -10,13 +10,14 @@ use std::{
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use portico_xdp_common::{
-    addr_from_octets, addr_from_v4, backend_state, config_flags, family, map_name, proto,
-    service_flags, vip_filter_bit, Addr, Backend, Config, Counters, NextHop, Service, VipKey,
-    VIP_FILTER_WORDS,
+    addr_from_octets, addr_from_v4, addr_octets, backend_state, config_flags, family, map_name,
+    proto, service_flags, vip_filter_bit, Addr, Backend, Config, Counters, NextHop, Service,
+    VipKey, VIP_FILTER_WORDS,
 };
 
 use crate::{
     maglev::{self, MaglevBackend, MaglevError},
+    pin::BackendMeta,
     program::{add_counters, map_err, XdpError, XdpProgram},
 };
 
@@ -37,6 +38,15 @@ impl Protocol {
             Protocol::Tcp => proto::TCP,
             Protocol::Udp => proto::UDP,
             Protocol::Sctp => proto::SCTP,
+        }
+    }
+
+    fn from_number(n: u8) -> Option<Self> {
+        match n {
+            proto::TCP => Some(Protocol::Tcp),
+            proto::UDP => Some(Protocol::Udp),
+            proto::SCTP => Some(Protocol::Sctp),
+            _ => None,
         }
     }
 }
@@ -177,6 +187,17 @@ pub enum BalancerError {
     /// The kernel side failed.
     #[error(transparent)]
     Xdp(#[from] XdpError),
+    /// [`XdpBalancer::adopt`] found map contents this build cannot interpret.
+    #[error(
+        "adopting the balancer state in the maps: {what}: {why} (pins from another build? \
+         start fresh with XdpProgram::unpin_maps)"
+    )]
+    Adopt {
+        /// The entry.
+        what: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
 }
 
 /// What the controller needs from a balancer.
@@ -382,6 +403,44 @@ fn presence_key(vip: IpAddr) -> VipKey {
     }
 }
 
+/// The address of the program's form, `None` for an unknown family tag.
+fn ip_of(fam: u8, a: &Addr) -> Option<IpAddr> {
+    match fam {
+        family::V4 => Some(IpAddr::V4(Ipv4Addr::from(a[0].to_ne_bytes()))),
+        family::V6 => Some(IpAddr::V6(Ipv6Addr::from(addr_octets(a)))),
+        _ => None,
+    }
+}
+
+/// The listener of a `SERVICES` key.
+fn service_key_of(k: &VipKey) -> Result<ServiceKey, BalancerError> {
+    let bad = |why| BalancerError::Adopt {
+        what: format!("SERVICES key {k:?}"),
+        why,
+    };
+    Ok(ServiceKey {
+        vip: ip_of(k.family, &k.addr).ok_or_else(|| bad("unknown address family"))?,
+        port: u16::from_be(k.port),
+        proto: Protocol::from_number(k.proto).ok_or_else(|| bad("unknown protocol"))?,
+    })
+}
+
+/// The node configuration a `CONFIG` value was written from (timeouts to the jiffy).
+fn node_config_of(c: &Config) -> NodeConfig {
+    let hz = u64::from(c.hz.max(1));
+    let duration = |jiffies: u32| Duration::from_millis(u64::from(jiffies) * 1000 / hz);
+    NodeConfig {
+        snat_v4: (c.snat_v4 != 0).then(|| Ipv4Addr::from(c.snat_v4.to_ne_bytes())),
+        snat_v6: (c.snat_v6 != [0; 4]).then(|| Ipv6Addr::from(addr_octets(&c.snat_v6))),
+        snat_ports: (c.snat_port_min, c.snat_port_max),
+        hash_seed: c.hash_seed,
+        tcp_timeout: duration(c.tcp_timeout),
+        udp_timeout: duration(c.udp_timeout),
+        tcp_closing_timeout: duration(c.tcp_closing_timeout),
+        echo_reply: c.flags & config_flags::ECHO_REPLY != 0,
+    }
+}
+
 fn vip_key(k: &ServiceKey) -> VipKey {
     let (addr, fam) = addr16(k.vip);
     VipKey {
@@ -451,6 +510,165 @@ impl XdpBalancer {
         }
     }
 
+    /// Wraps a program whose maps may already hold a balancer's state (loaded with
+    /// [`XdpProgram::load_pinned`] after a restart) and takes that state over: the node
+    /// configuration, the services with their ids and live ring halves, their backends with
+    /// ids, generations, weights and order, and what removed backends had counted. Upserting
+    /// the same services again then keeps every id and generation, so tracked flows keep
+    /// their backend and SNAT port; services no longer wanted can be removed. On empty maps
+    /// this is [`XdpBalancer::new`].
+    ///
+    /// What an interrupted update can leave behind is repaired: backends of no service are
+    /// released (their flows re-balance), and the VIP filter and echo entries are brought in
+    /// line with the services. Weights and order come from the pinned userspace state; a
+    /// program loaded without pins reports active backends at weight 1.
+    ///
+    /// # Errors
+    /// A map cannot be read or repaired, or holds entries this build cannot interpret.
+    pub fn adopt(program: XdpProgram) -> Result<Self, BalancerError> {
+        let mut b = Self::new(program);
+        let options = b.program.options();
+        let cfg = {
+            let array: Array<&MapData, Config> = b.program.map(map_name::CONFIG)?;
+            array.get(&0, 0).map_err(map_err(map_name::CONFIG))?
+        };
+        if cfg != Config::default() {
+            b.node = node_config_of(&cfg);
+            b.config = cfg;
+        }
+
+        // Every backend id: an unused slot keeps its last generation too.
+        let mut members: BTreeMap<u16, Vec<(u32, Backend)>> = BTreeMap::new();
+        {
+            let array: Array<&MapData, Backend> = b.program.map(map_name::BACKENDS)?;
+            for id in 1..options.max_backends {
+                let be = array.get(&id, 0).map_err(map_err(map_name::BACKENDS))?;
+                if be.generation != 0 {
+                    b.generations.insert(id, be.generation);
+                }
+                if be.state != backend_state::UNUSED {
+                    members.entry(be.service_id).or_default().push((id, be));
+                }
+            }
+        }
+
+        let entries: Vec<(VipKey, Service)> = {
+            let map: BpfHashMap<&MapData, VipKey, Service> = b.program.map(map_name::SERVICES)?;
+            map.iter()
+                .collect::<Result<_, _>>()
+                .map_err(map_err(map_name::SERVICES))?
+        };
+        let mut echo_keys = Vec::new();
+        let mut orphans = Vec::new();
+        for (k, svc) in entries {
+            if k.port == 0 && k.proto == 0 {
+                echo_keys.push(k);
+                continue;
+            }
+            let key = service_key_of(&k)?;
+            if svc.id == 0
+                || svc.id >= options.max_services
+                || svc.ring_gen > 1
+                || !b.service_ids.insert(svc.id)
+            {
+                return Err(BalancerError::Adopt {
+                    what: format!("service {key} ({svc:?})"),
+                    why: "service id or ring half out of range, or an id used twice",
+                });
+            }
+            let mut listed = Vec::new();
+            let mut backend_ids = HashMap::new();
+            for (bid, be) in members.remove(&(svc.id as u16)).unwrap_or_default() {
+                let addr = ip_of(be.family, &be.addr).ok_or_else(|| BalancerError::Adopt {
+                    what: format!("backend id {bid} of service {key}"),
+                    why: "unknown address family",
+                })?;
+                let port = u16::from_be(be.port);
+                if backend_ids.contains_key(&(addr, port)) {
+                    orphans.push((bid, be));
+                    continue;
+                }
+                let meta = match b.program.pinned_state() {
+                    Some(state) => state.backend_meta(bid)?,
+                    None => BackendMeta::default(),
+                };
+                let weight = if be.state == backend_state::DRAINING {
+                    0
+                } else {
+                    meta.weight.max(1)
+                };
+                listed.push((meta.position, BackendSpec { addr, port, weight }));
+                backend_ids.insert((addr, port), bid);
+                b.backend_ids.insert(bid);
+            }
+            listed.sort_by_key(|(position, be)| (*position, be.addr, be.port));
+            let retired = match b.program.pinned_state() {
+                Some(state) => state.retired(svc.id)?,
+                None => Counters::default(),
+            };
+            b.services.insert(
+                key,
+                Installed {
+                    id: svc.id,
+                    ring_gen: svc.ring_gen,
+                    spec: ServiceSpec {
+                        key,
+                        backends: listed.into_iter().map(|(_, be)| be).collect(),
+                        hash_source_only: svc.flags & service_flags::HASH_SRC_ONLY != 0,
+                    },
+                    backend_ids,
+                    retired,
+                },
+            );
+        }
+
+        // Backends of no service: an update or removal stopped between its map writes.
+        orphans.extend(members.into_values().flatten());
+        for (bid, _) in &orphans {
+            b.release_backend(*bid)?;
+        }
+        if !orphans.is_empty() {
+            b.bump_cache_epoch()?;
+        }
+        {
+            let array: Array<&MapData, u64> = b.program.map(map_name::VIP_FILTER)?;
+            for (i, word) in b.filter.iter_mut().enumerate() {
+                *word = array
+                    .get(&(i as u32), 0)
+                    .map_err(map_err(map_name::VIP_FILTER))?;
+            }
+        }
+        b.sync_vip_filter()?;
+        let vips: BTreeSet<IpAddr> = b.services.keys().map(|k| k.vip).collect();
+        let wanted: Vec<VipKey> = vips.iter().map(|v| presence_key(*v)).collect();
+        let mut map: BpfHashMap<&mut MapData, VipKey, Service> =
+            b.program.map_mut(map_name::SERVICES)?;
+        for k in echo_keys.iter().filter(|k| !wanted.contains(k)) {
+            map.remove(k).map_err(map_err(map_name::SERVICES))?;
+        }
+        for k in wanted.iter().filter(|k| !echo_keys.contains(k)) {
+            map.insert(k, Service::default(), 0)
+                .map_err(map_err(map_name::SERVICES))?;
+        }
+        Ok(b)
+    }
+
+    /// The installed services, by key (after [`XdpBalancer::adopt`]: those found in the
+    /// maps, as they were upserted).
+    pub fn services(&self) -> impl Iterator<Item = &ServiceSpec> + '_ {
+        self.services.values().map(|i| &i.spec)
+    }
+
+    /// The node configuration as last set or adopted.
+    pub fn node_config(&self) -> &NodeConfig {
+        &self.node
+    }
+
+    /// The program, unwrapped (to [`XdpProgram::detach_and_unpin`] it at shutdown).
+    pub fn into_program(self) -> XdpProgram {
+        self.program
+    }
+
     /// The live Maglev ring of a service as the program reads it: for each slot, the
     /// backend (address, port) it sends new flows to, `None` where no backend has weight.
     /// For inspection (one map read per slot).
@@ -497,9 +715,18 @@ impl XdpBalancer {
         backends.set(id, b, 0).map_err(map_err(map_name::BACKENDS))
     }
 
-    /// Frees a backend id: tracked flows to it are re-balanced from then on.
+    /// Frees a backend id: tracked flows to it are re-balanced from then on. The slot keeps
+    /// the id's generation, so that a balancer adopting the maps hands the id out with the
+    /// next one.
     fn release_backend(&mut self, id: u32) -> Result<(), XdpError> {
-        self.write_backend(id, &Backend::default())?;
+        let released = Backend {
+            generation: self.generations.get(&id).copied().unwrap_or(0),
+            ..Backend::default()
+        };
+        self.write_backend(id, &released)?;
+        if let Some(state) = self.program.pinned_state_mut() {
+            state.set_backend_meta(id, BackendMeta::default())?;
+        }
         self.backend_ids.remove(&id);
         Ok(())
     }
@@ -605,6 +832,9 @@ impl Balancer for XdpBalancer {
                 )?;
                 self.service_ids.insert(id);
                 self.reset_counters(map_name::SERVICE_STATS, id)?;
+                if let Some(state) = self.program.pinned_state_mut() {
+                    state.set_retired(id, Counters::default())?;
+                }
                 (id, 1, HashMap::new(), Counters::default())
             }
         };
@@ -615,7 +845,7 @@ impl Balancer for XdpBalancer {
             .filter(|(k, _)| !wanted.contains(k))
             .map(|(k, v)| (*k, *v))
             .collect();
-        for b in &spec.backends {
+        for (position, b) in spec.backends.iter().enumerate() {
             if let std::collections::hash_map::Entry::Vacant(slot) =
                 backend_ids.entry((b.addr, b.port))
             {
@@ -647,6 +877,13 @@ impl Balancer for XdpBalancer {
                 _pad2: [0; 4],
             };
             self.write_backend(backend_ids[&(b.addr, b.port)], &value)?;
+            if let Some(state) = self.program.pinned_state_mut() {
+                let meta = BackendMeta {
+                    weight: b.weight,
+                    position: position as u32,
+                };
+                state.set_backend_meta(backend_ids[&(b.addr, b.port)], meta)?;
+            }
         }
 
         // Maglev over the wanted backends, written into the idle half of the ring.
@@ -706,6 +943,10 @@ impl Balancer for XdpBalancer {
             if let Some(installed) = self.services.get_mut(&spec.key) {
                 installed.backend_ids.remove(&k);
                 installed.retired = add_counters(installed.retired, counted);
+                let retired = installed.retired;
+                if let Some(state) = self.program.pinned_state_mut() {
+                    state.set_retired(id, retired)?;
+                }
             }
         }
         self.sync_vip_filter()?;
@@ -910,6 +1151,41 @@ mod tests {
         fake.set_backend_weight(&key(), b.addr, b.port, 0).unwrap();
         assert_eq!(fake.service(&key()).unwrap().backends[0].weight, 0);
         assert!(fake.set_backend_weight(&key(), b.addr, 1, 0).is_err());
+    }
+
+    #[test]
+    fn a_pinned_balancer_can_move_into_the_runtime_task() {
+        fn send<T: Send + 'static>() {}
+        send::<XdpBalancer>();
+    }
+
+    #[test]
+    fn a_config_reads_back_as_the_node_config_it_was_written_from() {
+        let node = NodeConfig {
+            snat_v4: Some("198.18.1.254".parse().unwrap()),
+            snat_v6: Some("fd00:18:1::fe".parse().unwrap()),
+            snat_ports: (21000, 21999),
+            hash_seed: 7,
+            tcp_timeout: Duration::from_secs(3600),
+            udp_timeout: Duration::from_secs(60),
+            tcp_closing_timeout: Duration::from_secs(10),
+            echo_reply: false,
+        };
+        let hz = 250;
+        let jiffies = |d: Duration| (d.as_millis() * hz / 1000) as u32;
+        let cfg = Config {
+            snat_v4: addr_from_v4([198, 18, 1, 254])[0],
+            snat_v6: addr_from_octets("fd00:18:1::fe".parse::<Ipv6Addr>().unwrap().octets()),
+            snat_port_min: 21000,
+            snat_port_max: 21999,
+            hash_seed: 7,
+            hz: hz as u32,
+            tcp_timeout: jiffies(node.tcp_timeout),
+            udp_timeout: jiffies(node.udp_timeout),
+            tcp_closing_timeout: jiffies(node.tcp_closing_timeout),
+            ..Config::default()
+        };
+        assert_eq!(node_config_of(&cfg), node);
     }
 
     #[test]

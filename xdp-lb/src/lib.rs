@@ -4,6 +4,7 @@
 
 pub mod balancer;
 pub mod maglev;
+mod pin;
 pub mod program;
 
 pub use balancer::{

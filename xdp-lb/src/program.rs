@@ -1,14 +1,22 @@
-//! Loading, attaching and test-running the XDP program, and raw access to its maps.
+//! Loading, attaching and test-running the XDP program, and raw access to its maps; with
+//! [`XdpProgram::load_pinned`], maps and links pinned in bpffs that outlive the process.
 
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
     sync::OnceLock,
     time::{Duration, Instant},
 };
 
 use aya::{
     maps::{MapData, MapError, PerCpuArray},
-    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+    },
+    sys::SyscallError,
+    util::KernelVersion,
     Ebpf, EbpfError, EbpfLoader,
 };
 use portico_xdp_common::{
@@ -16,7 +24,7 @@ use portico_xdp_common::{
     FLOOR_PROGRAM_NAME, JIFFIES_PROGRAM_NAME, PROGRAM_NAME,
 };
 
-use crate::maglev;
+use crate::{maglev, pin};
 
 /// The XDP object file, built by `build.rs` through aya-build.
 static PROGRAM_OBJECT: &[u8] =
@@ -60,6 +68,55 @@ pub enum XdpError {
         /// What is wrong.
         why: &'static str,
     },
+    /// A map pinned by an earlier load does not fit this one (other load options, or a build
+    /// whose map definitions differ). Nothing was changed.
+    #[error(
+        "pinned map {map} in {}: {field} is {pinned}, this load needs {wanted} (set by \
+         {cause}); load with the options it was pinned with, or start fresh with \
+         XdpProgram::unpin_maps (tracked connections are lost)",
+        .dir.display()
+    )]
+    PinnedMapMismatch {
+        /// The map's name.
+        map: &'static str,
+        /// The pin directory.
+        dir: PathBuf,
+        /// What differs: map type, key size, value size, max_entries or flags.
+        field: &'static str,
+        /// The pinned map's value.
+        pinned: u64,
+        /// What this load needs.
+        wanted: u64,
+        /// Where the wanted value comes from.
+        cause: &'static str,
+    },
+    /// The pins were written by a build with another map layout (or by something else).
+    #[error(
+        "pins in {} have map layout version {pinned} (0: unknown), this build uses {wanted}; \
+         start fresh with XdpProgram::unpin_maps (tracked connections are lost)",
+        .dir.display()
+    )]
+    PinnedLayout {
+        /// The pin directory.
+        dir: PathBuf,
+        /// The pinned layout version (0 when absent).
+        pinned: u32,
+        /// This build's [`portico_xdp_common::PINNED_LAYOUT_VERSION`].
+        wanted: u32,
+    },
+    /// A bpffs operation failed (is the directory on bpffs, `/sys/fs/bpf`?).
+    #[error("{what} {}: {source}", .path.display())]
+    Pin {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A pinned attachment needs a BPF link (XDP links: Linux 5.9).
+    #[error("interface {0:?}: pinning the XDP attachment needs BPF links (Linux 5.9 or later)")]
+    NoBpfLink(String),
 }
 
 /// Map sizes, fixed at load time.
@@ -210,11 +267,30 @@ pub mod verdict {
 }
 
 /// Portico's XDP program, loaded into the kernel.
+///
+/// Loaded with [`XdpProgram::load_with`], its maps and attachments live as long as the value.
+/// Loaded with [`XdpProgram::load_pinned`], they are pinned in bpffs and outlive it: the next
+/// process loads from the same directory, reuses the maps and replaces the program in the
+/// attachments it finds; [`XdpProgram::detach_and_unpin`] or [`XdpProgram::unpin`] end them.
 pub struct XdpProgram {
     pub(crate) ebpf: Ebpf,
     pub(crate) options: LoadOptions,
     hz: u32,
     rings: RingsMap,
+    pins: Option<Pins>,
+}
+
+/// Where a pinned program's maps and links live, and its userspace state.
+struct Pins {
+    dir: PathBuf,
+    state: pin::State,
+    reused: bool,
+}
+
+/// The embedded object.
+#[cfg(test)]
+pub(crate) fn program_object() -> &'static [u8] {
+    PROGRAM_OBJECT
 }
 
 /// Bytes of one element of a BPF array of `u32` (the kernel rounds values up to 8).
@@ -294,38 +370,47 @@ impl XdpProgram {
     }
 
     /// Loads the embedded object with the given map sizes, and the program into the kernel.
+    /// Maps and attachments go away with the value.
     ///
     /// # Errors
     /// Bad options; without `CAP_BPF`/root; the verifier rejects the program; no BTF.
     pub fn load_with(options: LoadOptions) -> Result<Self, XdpError> {
+        Self::load_inner(options, None)
+    }
+
+    /// Loads the program with its state maps pinned under `dir` (on bpffs, e.g.
+    /// `/sys/fs/bpf/portico/<node>`, created if missing), reusing the maps an earlier load
+    /// pinned there: connection tracking, reverse NAT, services, backends, rings, the VIP
+    /// filter, the configuration, the counters and the per-CPU caches. Then
+    /// [`XdpBalancer::adopt`](crate::XdpBalancer::adopt) picks the services up, and
+    /// [`XdpProgram::attach`] replaces the program in the links pinned there.
+    ///
+    /// # Errors
+    /// As [`XdpProgram::load_with`]; [`XdpError::PinnedMapMismatch`] (naming the map) when a
+    /// pinned map was made with other options or by a build with other map definitions,
+    /// [`XdpError::PinnedLayout`] when the pins come from another map layout; in both cases
+    /// nothing was changed. [`XdpError::Pin`] when `dir` is not usable.
+    pub fn load_pinned(options: LoadOptions, dir: impl AsRef<Path>) -> Result<Self, XdpError> {
+        Self::load_inner(options, Some(dir.as_ref()))
+    }
+
+    fn load_inner(options: LoadOptions, pin_dir: Option<&Path>) -> Result<Self, XdpError> {
         options.validate()?;
-        // The caches hold a block of `flow_cache_entries` per possible CPU.
-        let cpus = aya::util::nr_cpus().map_err(|(_, source)| XdpError::Os {
-            what: "reading the possible CPUs",
-            source,
-        })?;
-        let cache_entries = u32::try_from(cpus)
-            .ok()
-            .and_then(|c| c.checked_mul(options.flow_cache_entries))
-            .ok_or(XdpError::BadOption {
-                field: "flow_cache_entries",
-                value: options.flow_cache_entries.into(),
-                why: "times the possible CPUs exceeds the array limit",
-            })?;
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(
-                map_name::RINGS,
-                options.max_services * 2 * options.ring_size,
-            )
-            .map_max_entries(map_name::SERVICES, options.max_services * 4)
-            .map_max_entries(map_name::SERVICE_STATS, options.max_services)
-            .map_max_entries(map_name::BACKENDS, options.max_backends)
-            .map_max_entries(map_name::BACKEND_STATS, options.max_backends)
-            .map_max_entries(map_name::CONNTRACK, options.conntrack_entries)
-            .map_max_entries(map_name::REV_NAT, options.conntrack_entries)
-            .map_max_entries(map_name::FLOW_CACHE, cache_entries)
-            .map_max_entries(map_name::REPLY_CACHE, cache_entries)
-            .load(PROGRAM_OBJECT)?;
+        let sizes = map_sizes(&options)?;
+        let mut loader = EbpfLoader::new();
+        for &(name, entries) in &sizes {
+            loader.map_max_entries(name, entries);
+        }
+        let mut reused = false;
+        if let Some(dir) = pin_dir {
+            let expected = pin::expected(PROGRAM_OBJECT, &sizes, &options)?;
+            reused = pin::prepare(dir, &expected)?;
+            for name in pin::PINNED_MAPS {
+                // Reused as is when pinned (checked above), else created and pinned.
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(PROGRAM_OBJECT)?;
         let prog: &mut Xdp = program_mut(&mut ebpf)?;
         prog.load()?;
         let hz = kernel_hz(&mut ebpf)?;
@@ -333,12 +418,114 @@ impl XdpProgram {
             &ebpf,
             options.max_services as usize * 2 * options.ring_size as usize,
         )?;
+        let pins = match pin_dir {
+            Some(dir) => Some(Pins {
+                dir: dir.to_owned(),
+                state: pin::State::open(dir, &options)?,
+                reused,
+            }),
+            None => None,
+        };
         Ok(Self {
             ebpf,
             options,
             hz,
             rings,
+            pins,
         })
+    }
+
+    /// The pin directory, for a program loaded with [`XdpProgram::load_pinned`].
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pins.as_ref().map(|p| p.dir.as_path())
+    }
+
+    /// Whether [`XdpProgram::load_pinned`] found pinned maps and reused them (their state
+    /// is there to adopt), rather than creating them.
+    pub fn reused_pins(&self) -> bool {
+        self.pins.as_ref().is_some_and(|p| p.reused)
+    }
+
+    /// The userspace state of a pinned program.
+    pub(crate) fn pinned_state(&self) -> Option<&pin::State> {
+        self.pins.as_ref().map(|p| &p.state)
+    }
+
+    /// The userspace state of a pinned program, writable.
+    pub(crate) fn pinned_state_mut(&mut self) -> Option<&mut pin::State> {
+        self.pins.as_mut().map(|p| &mut p.state)
+    }
+
+    /// The kernel's id of the loaded XDP program (as `ip link` and `bpftool` show it).
+    ///
+    /// # Errors
+    /// The kernel does not answer the query.
+    pub fn program_id(&self) -> Result<u32, XdpError> {
+        Ok(self.program()?.info()?.id())
+    }
+
+    /// Detaches from every interface this program's pin directory holds a link for and
+    /// removes the pins (maps, links, userspace state, the directory): the state is gone for
+    /// good (`--shutdown withdraw`). A program loaded without pins is simply dropped, which
+    /// detaches it.
+    ///
+    /// # Errors
+    /// A pin cannot be removed.
+    pub fn detach_and_unpin(self) -> Result<(), XdpError> {
+        let dir = self.pins.as_ref().map(|p| p.dir.clone());
+        // Our own handles go first, so that removing the pins frees the links and maps.
+        drop(self);
+        match dir {
+            Some(dir) => Self::unpin(dir),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes everything [`XdpProgram::load_pinned`] pinned under `dir`: the links (each
+    /// interface is detached once no process holds its link), the maps and the userspace
+    /// state, and `dir` if nothing else is in it. Nothing there is not an error.
+    ///
+    /// # Errors
+    /// A pin cannot be removed.
+    pub fn unpin(dir: impl AsRef<Path>) -> Result<(), XdpError> {
+        pin::remove_all(dir.as_ref())
+    }
+
+    /// Removes the pinned maps and userspace state under `dir` but keeps the links, so the
+    /// next [`XdpProgram::load_pinned`] starts with empty maps and still replaces the program
+    /// in place, without a moment with no XDP. Tracked connections are lost.
+    ///
+    /// # Errors
+    /// A pin cannot be removed.
+    pub fn unpin_maps(dir: impl AsRef<Path>) -> Result<(), XdpError> {
+        pin::remove_maps(dir.as_ref())
+    }
+
+    /// The interfaces with a link pinned under this program's pin directory (attached by
+    /// this process or an earlier one); empty without pins.
+    ///
+    /// # Errors
+    /// The directory cannot be listed.
+    pub fn pinned_interfaces(&self) -> Result<Vec<String>, XdpError> {
+        match &self.pins {
+            Some(p) => pin::pinned_links(&p.dir),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Removes the pinned link of `iface` (an interface no longer configured): it detaches
+    /// once no process holds it. Returns whether there was one.
+    ///
+    /// # Errors
+    /// The pin cannot be removed.
+    pub fn unpin_interface(&mut self, iface: &str) -> Result<bool, XdpError> {
+        let Some(p) = &self.pins else {
+            return Ok(false);
+        };
+        let path = pin::link_path(&p.dir, iface);
+        let existed = path.exists();
+        pin::remove(&path)?;
+        Ok(existed)
     }
 
     /// Writes `values` into the `RINGS` array from slot `first` on: one copy into the
@@ -388,8 +575,18 @@ impl XdpProgram {
     /// `net.ipv4.conf.<iface>.accept_local=1` (see the body). Detached when `self` is
     /// dropped.
     ///
+    /// A pinned program (see [`XdpProgram::load_pinned`]) attaches through a BPF link pinned
+    /// as `link_<iface>` in its directory, which keeps it attached after the process exits.
+    /// When that pin exists (an earlier process attached), the program in the link is
+    /// replaced atomically: packets see the old program or the new one, never none. The link
+    /// keeps the mode it was created with; to change it, remove it first
+    /// ([`XdpProgram::unpin_interface`]). A link whose interface was deleted is replaced by a
+    /// new one.
+    ///
     /// # Errors
-    /// Unknown interface, the driver refuses the mode, or the sysctl cannot be written.
+    /// Unknown interface, the driver refuses the mode, or the sysctl cannot be written; for a
+    /// pinned program, a link pin that cannot be read, replaced or written, or a kernel
+    /// without BPF links for XDP.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), XdpError> {
         // When the next hop has no neighbour entry yet, the rewritten packet is passed to the
         // stack to resolve it. Its IPv4 source is then the node's own SNAT address, which
@@ -405,12 +602,74 @@ impl XdpProgram {
                    unresolved neighbours)",
             source,
         })?;
+        if let Some(p) = &self.pins {
+            let path = pin::link_path(&p.dir, iface);
+            return self.attach_pinned(iface, mode, &path);
+        }
         let prog = program_mut(&mut self.ebpf)?;
         match prog.attach(iface, mode.xdp_mode()) {
             Ok(_link) => Ok(()),
             Err(ProgramError::UnknownInterface { name }) => Err(XdpError::NoSuchInterface(name)),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Replaces the program in the link pinned at `path`, or attaches with a new link and
+    /// pins it there. Either way this process keeps no handle on the link: the pin owns it.
+    fn attach_pinned(
+        &mut self,
+        iface: &str,
+        mode: AttachMode,
+        path: &Path,
+    ) -> Result<(), XdpError> {
+        let pin_err = |what| {
+            move |source| XdpError::Pin {
+                what,
+                path: path.to_owned(),
+                source,
+            }
+        };
+        if path.exists() {
+            let pinned = PinnedLink::from_pin(path)
+                .map_err(|e| pin_err("opening the pinned XDP link")(std::io::Error::other(e)))?;
+            let link = XdpLink::try_from(FdLink::from(pinned))
+                .map_err(|e| pin_err("opening the pinned XDP link")(std::io::Error::other(e)))?;
+            let prog = program_mut(&mut self.ebpf)?;
+            match prog.attach_to_link(link) {
+                Ok(id) => {
+                    // The pin keeps the link; dropping our handle leaves it attached.
+                    drop(prog.take_link(id)?);
+                    return Ok(());
+                }
+                // The interface was deleted: the link is defunct. Replace it below.
+                Err(ProgramError::SyscallError(SyscallError { io_error, .. }))
+                    if io_error.raw_os_error() == Some(libc::ENOLINK) =>
+                {
+                    pin::remove(path)?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Without BPF links aya would fall back to a netlink attachment, which cannot be
+        // pinned: refuse before attaching anything.
+        let links = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 9, 0));
+        if !links {
+            return Err(XdpError::NoBpfLink(iface.to_owned()));
+        }
+        let prog = program_mut(&mut self.ebpf)?;
+        let id = match prog.attach(iface, mode.xdp_mode()) {
+            Ok(id) => id,
+            Err(ProgramError::UnknownInterface { name }) => {
+                return Err(XdpError::NoSuchInterface(name))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let link = FdLink::try_from(prog.take_link(id)?)
+            .map_err(|_| XdpError::NoBpfLink(iface.to_owned()))?;
+        // On failure the link is dropped, which detaches it.
+        link.pin(path)
+            .map_err(|e| pin_err("pinning the XDP link")(pin::pin_io(e)))?;
+        Ok(())
     }
 
     /// Runs the program once on `packet` with `BPF_PROG_TEST_RUN` (repeat = 1).
@@ -517,6 +776,37 @@ impl XdpProgram {
         })?;
         M::try_from(map).map_err(map_err(name))
     }
+}
+
+/// Entries of every map whose size comes from the options.
+fn map_sizes(options: &LoadOptions) -> Result<Vec<(&'static str, u32)>, XdpError> {
+    // The caches hold a block of `flow_cache_entries` per possible CPU.
+    let cpus = aya::util::nr_cpus().map_err(|(_, source)| XdpError::Os {
+        what: "reading the possible CPUs",
+        source,
+    })?;
+    let cache_entries = u32::try_from(cpus)
+        .ok()
+        .and_then(|c| c.checked_mul(options.flow_cache_entries))
+        .ok_or(XdpError::BadOption {
+            field: "flow_cache_entries",
+            value: options.flow_cache_entries.into(),
+            why: "times the possible CPUs exceeds the array limit",
+        })?;
+    Ok(vec![
+        (
+            map_name::RINGS,
+            options.max_services * 2 * options.ring_size,
+        ),
+        (map_name::SERVICES, options.max_services * 4),
+        (map_name::SERVICE_STATS, options.max_services),
+        (map_name::BACKENDS, options.max_backends),
+        (map_name::BACKEND_STATS, options.max_backends),
+        (map_name::CONNTRACK, options.conntrack_entries),
+        (map_name::REV_NAT, options.conntrack_entries),
+        (map_name::FLOW_CACHE, cache_entries),
+        (map_name::REPLY_CACHE, cache_entries),
+    ])
 }
 
 /// HZ, measured once per process: the jiffies probe runs twice, 100 ms apart, and the rate

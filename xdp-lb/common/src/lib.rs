@@ -181,6 +181,12 @@ pub mod map_name {
     pub const VIP_FILTER: &str = "VIP_FILTER";
 }
 
+/// Layout version of the maps the loader pins in bpffs (all but the per-CPU scratch and
+/// caches), which a restarted loader reuses. Sizes are checked on their own; bump this when
+/// a pinned map's key or value changes meaning at the same size, so that a new build refuses
+/// the old pins instead of misreading them.
+pub const PINNED_LAYOUT_VERSION: u32 = 1;
+
 /// Name of the XDP entry point in the object file.
 pub const PROGRAM_NAME: &str = "portico_xdp";
 /// Name of the benchmark floor program (swap MACs, XDP_TX) in the same object.

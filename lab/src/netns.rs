@@ -39,6 +39,14 @@ pub struct NetNs {
 }
 
 impl NetNs {
+    /// A namespace another process created and owns (e.g. a running lab's), by name.
+    #[must_use]
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+        }
+    }
+
     /// The namespace's name (as `ip netns` knows it).
     pub fn name(&self) -> &str {
         &self.name
@@ -202,6 +210,11 @@ impl TestNet {
     /// Names of the namespaces this test owns.
     pub fn namespaces(&self) -> impl Iterator<Item = &NetNs> {
         self.namespaces.iter()
+    }
+
+    /// The common prefix of this test's namespace names (`ptc-<pid>-<seq>`).
+    pub fn base(&self) -> &str {
+        &self.base
     }
 }
 

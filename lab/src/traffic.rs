@@ -1,7 +1,9 @@
 //! Real traffic between namespaces, from threads of this process: each thread enters its
 //! namespace (`setns` is per thread) and uses ordinary sockets. Backends answer every line or
-//! datagram with their name, so clients can tell which backend served them. Every loop is
-//! bounded in count and time.
+//! datagram with their name, so clients can tell which backend served them; to the request
+//! [`WHO_REQUEST`] they answer with their name and the source address they saw
+//! (`be1 198.18.1.11:20001`), so a client also learns which node's SNAT address carried the
+//! flow. Every loop is bounded in count and time.
 
 use std::{
     collections::BTreeMap,
@@ -22,6 +24,41 @@ use crate::NetNs;
 /// Socket timeouts for every client operation.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The line (TCP) or datagram (UDP) a backend answers with `<name> <source address>`.
+pub const WHO_REQUEST: &str = "peer";
+
+/// The line after which a TCP backend discards everything until the client closes its
+/// side, then answers with the number of bytes it received (a bulk-transfer sink).
+pub const SINK_REQUEST: &str = "sink";
+
+/// What a backend said to [`WHO_REQUEST`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The backend's name.
+    pub backend: String,
+    /// The source address the backend saw: a node's SNAT address, or the client's own.
+    pub seen_from: SocketAddr,
+}
+
+impl Answer {
+    /// Parses `<name> <address:port>`.
+    ///
+    /// # Errors
+    /// The text is not of that form.
+    pub fn parse(text: &str) -> Result<Self> {
+        let (backend, from) = text
+            .trim()
+            .split_once(' ')
+            .with_context(|| format!("not a `<name> <address>` answer: {text:?}"))?;
+        Ok(Self {
+            backend: backend.to_owned(),
+            seen_from: from
+                .parse()
+                .with_context(|| format!("bad source address in {text:?}"))?,
+        })
+    }
+}
+
 /// A TCP and UDP echo-with-name server on `port`, running in a namespace until dropped.
 pub struct Backend {
     stop: Arc<AtomicBool>,
@@ -39,7 +76,7 @@ impl Backend {
         let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
         let mut threads = Vec::new();
         for udp in [false, true] {
-            let (ns, name, stop, tx) = (ns.clone(), format!("{name}\n"), stop.clone(), tx.clone());
+            let (ns, name, stop, tx) = (ns.clone(), name.to_owned(), stop.clone(), tx.clone());
             threads.push(std::thread::spawn(move || {
                 let entered = ns.enter();
                 let guard = match entered {
@@ -85,7 +122,7 @@ fn serve_tcp(
     let _ = ready.send(Ok(()));
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
                 let name = name.to_owned();
                 std::thread::spawn(move || {
                     let _ = stream.set_nonblocking(false);
@@ -94,9 +131,25 @@ fn serve_tcp(
                         Ok(w) => w,
                         Err(_) => return,
                     };
-                    let reader = BufReader::new(stream);
-                    for line in reader.lines() {
-                        if line.is_err() || writer.write_all(name.as_bytes()).is_err() {
+                    let mut reader = BufReader::new(stream);
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if !matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+                            break;
+                        }
+                        let answer = match line.trim() {
+                            SINK_REQUEST => {
+                                // Everything until the client's FIN, then the byte count.
+                                let n = std::io::copy(&mut reader, &mut std::io::sink());
+                                let _ =
+                                    writer.write_all(format!("{}\n", n.unwrap_or(0)).as_bytes());
+                                break;
+                            }
+                            WHO_REQUEST => format!("{name} {peer}\n"),
+                            _ => format!("{name}\n"),
+                        };
+                        if writer.write_all(answer.as_bytes()).is_err() {
                             break;
                         }
                     }
@@ -127,8 +180,13 @@ fn serve_udp(
     let _ = ready.send(Ok(()));
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
-        if let Ok((_, from)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(name.as_bytes(), from);
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let answer = if &buf[..n] == WHO_REQUEST.as_bytes() {
+                format!("{name} {from}")
+            } else {
+                format!("{name}\n")
+            };
+            let _ = socket.send_to(answer.as_bytes(), from);
         }
     }
 }
@@ -147,6 +205,25 @@ impl Drop for Backend {
             let _ = t.join();
         }
     }
+}
+
+/// Starts a [`Backend`] named `be<i>` in each namespace (`i` from 1), listening on
+/// `addr(i)`; they stop when dropped.
+///
+/// # Errors
+/// A server cannot bind, or there are more than 255 namespaces.
+pub fn start_backends(
+    namespaces: &[NetNs],
+    addr: impl Fn(u8) -> SocketAddr,
+) -> Result<Vec<Backend>> {
+    namespaces
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            let i = u8::try_from(i + 1)?;
+            Backend::start(ns, &format!("be{i}"), addr(i))
+        })
+        .collect()
 }
 
 /// Runs `f` on a thread inside `ns` and returns its result.
@@ -206,6 +283,119 @@ pub fn udp_once(vip: SocketAddr) -> Result<String> {
         }
     }
     bail!("no UDP answer from {vip} after 5 tries")
+}
+
+/// One TCP exchange of [`WHO_REQUEST`]: connect to `vip`, ask, read the answer, close.
+///
+/// # Errors
+/// Connect, write or read fails or times out, or the answer does not parse.
+pub fn tcp_who(vip: SocketAddr) -> Result<Answer> {
+    let mut s = TcpStream::connect_timeout(&vip, IO_TIMEOUT)
+        .with_context(|| format!("connecting to {vip}"))?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.write_all(format!("{WHO_REQUEST}\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .context("reading the answer")?;
+    let _ = s.shutdown(Shutdown::Both);
+    if line.is_empty() {
+        bail!("connection to {vip} closed without an answer");
+    }
+    Answer::parse(&line)
+}
+
+/// One UDP exchange of [`WHO_REQUEST`] from a fresh socket (a new flow), retried a bounded
+/// number of times.
+///
+/// # Errors
+/// Bind, send or receive fails, no answer comes, or it does not parse.
+pub fn udp_who(vip: SocketAddr) -> Result<Answer> {
+    let local: SocketAddr = match vip.ip() {
+        IpAddr::V4(_) => "0.0.0.0:0".parse()?,
+        IpAddr::V6(_) => "[::]:0".parse()?,
+    };
+    let s = UdpSocket::bind(local)?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut buf = [0u8; 256];
+    for _ in 0..5 {
+        s.send_to(WHO_REQUEST.as_bytes(), vip)?;
+        if let Ok((n, _)) = s.recv_from(&mut buf) {
+            return Answer::parse(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    bail!("no UDP answer from {vip} after 5 tries")
+}
+
+/// A bulk TCP transfer to a backend's [`SINK_REQUEST`] through `vip` for `duration`
+/// (the calling thread must be in the client's namespace); returns the bytes the backend
+/// counted.
+///
+/// # Errors
+/// The connection fails, breaks, or the count does not come back.
+pub fn tcp_bulk(vip: SocketAddr, duration: Duration) -> Result<u64> {
+    let mut s = TcpStream::connect_timeout(&vip, IO_TIMEOUT)
+        .with_context(|| format!("connecting to {vip}"))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.write_all(format!("{SINK_REQUEST}\n").as_bytes())?;
+    let chunk = vec![0xa5_u8; 64 * 1024];
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        s.write_all(&chunk).context("sending")?;
+    }
+    s.shutdown(Shutdown::Write)?;
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .context("reading the byte count")?;
+    line.trim()
+        .parse()
+        .with_context(|| format!("not a byte count: {line:?}"))
+}
+
+/// Runs `count` exchanges of `exchange` against `vip` on `threads` threads inside `ns` and
+/// returns every answer; a failed exchange is kept as its error text, so one lost flow does
+/// not hide what the others saw.
+///
+/// # Errors
+/// Entering the namespace fails, a thread panics, or the whole run exceeds `deadline`.
+pub fn answers(
+    ns: &NetNs,
+    vip: SocketAddr,
+    count: usize,
+    threads: usize,
+    deadline: Duration,
+    exchange: fn(SocketAddr) -> Result<Answer>,
+) -> Result<Vec<Result<Answer, String>>> {
+    let start = Instant::now();
+    let threads = threads.max(1);
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let n = count / threads + usize::from(t < count % threads);
+        let ns = ns.clone();
+        handles.push(std::thread::spawn(
+            move || -> Result<Vec<Result<Answer, String>>> {
+                let _guard = ns.enter()?;
+                let mut out = Vec::with_capacity(n);
+                for i in 0..n {
+                    if start.elapsed() > deadline {
+                        bail!("deadline of {deadline:?} passed after {i} exchanges on one thread");
+                    }
+                    out.push(exchange(vip).map_err(|e| format!("{e:#}")));
+                }
+                Ok(out)
+            },
+        ));
+    }
+    let mut all = Vec::with_capacity(count);
+    for h in handles {
+        all.extend(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("client thread panicked"))??,
+        );
+    }
+    Ok(all)
 }
 
 /// Runs `count` exchanges of `exchange` against `vip` on `threads` threads inside `ns`, and
@@ -293,5 +483,31 @@ impl LongLived {
             bail!("connection closed");
         }
         Ok(line.trim().to_owned())
+    }
+
+    /// Asks [`WHO_REQUEST`] on the open connection: which backend, and which source address
+    /// it sees (the node that carries this flow).
+    ///
+    /// # Errors
+    /// The connection broke or timed out, or the answer does not parse.
+    pub fn who(&mut self) -> Result<Answer> {
+        self.stream
+            .write_all(format!("{WHO_REQUEST}\n").as_bytes())?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        if line.is_empty() {
+            bail!("connection closed");
+        }
+        Answer::parse(&line)
+    }
+
+    /// Sets the read timeout of later exchanges (a broken flow fails after this long).
+    ///
+    /// # Errors
+    /// The socket option cannot be set.
+    pub fn set_timeout(&self, timeout: Duration) -> Result<()> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        self.stream.set_write_timeout(Some(timeout))?;
+        Ok(())
     }
 }

@@ -1,17 +1,13 @@
-//! `portico lab`: a client, an LB node running Portico's XDP balancer, and three backends in
-//! throwaway network namespaces, with real TCP and UDP through a VIP. The XDP traffic tests
-//! build the same topology.
+//! The XDP-only topology of the XDP traffic tests: a client, an LB node running Portico's
+//! XDP balancer (driven directly, no control plane), and three backends in throwaway
+//! network namespaces, with real TCP and UDP through a VIP. (`portico lab` runs the whole
+//! system instead: see [`crate::topology`].)
 //!
 //! ```text
 //!  client ──veth── lb (eth0)   lb (eth1) ──veth── sw (bridge) ──veth── be1, be2, be3
 //! ```
-//! Later issues add the upstream router, BGP and the controller.
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context as _, Result};
 use portico_xdp::{
@@ -211,23 +207,19 @@ impl Topology {
     /// # Errors
     /// A server cannot bind.
     pub fn start_backends(&self) -> Result<Vec<Backend>> {
-        self.backends
-            .iter()
-            .enumerate()
-            .map(|(i, be)| {
-                let addr = SocketAddr::new(self.family.backend(i as u8 + 1), BACKEND_PORT);
-                Backend::start(be, &format!("be{}", i + 1), addr)
-            })
-            .collect()
+        let f = self.family;
+        traffic::start_backends(&self.backends, |i| {
+            SocketAddr::new(f.backend(i), BACKEND_PORT)
+        })
     }
 
-    /// Loads the XDP program, configures the node, adds TCP and UDP services on the VIP
-    /// with all backends at weight 1, and attaches everything in `mode`.
+    /// Pass-through copies of the program on the veth peers of the LB node's interfaces
+    /// (the client's `eth0`, the bridge's `lb`): native XDP redirect into a veth needs an XDP
+    /// program on its peer. They detach when dropped.
     ///
     /// # Errors
-    /// The program does not load or attach, or a map update fails.
-    pub fn start_data_path(&self, mode: AttachMode) -> Result<DataPath> {
-        let f = self.family;
+    /// A program does not load or attach.
+    pub fn start_peer_programs(&self, mode: AttachMode) -> Result<Vec<XdpProgram>> {
         let mut peer_programs = Vec::new();
         for (ns, iface) in [(&self.client, "eth0"), (&self.sw, "lb")] {
             let mut p = XdpProgram::load_with(LoadOptions {
@@ -241,6 +233,31 @@ impl Topology {
             p.attach(iface, mode)?;
             peer_programs.push(p);
         }
+        Ok(peer_programs)
+    }
+
+    /// The LB node's balancer configuration: SNAT from its backend-side address.
+    ///
+    /// # Errors
+    /// Never for the lab's fixed addresses.
+    pub fn node_config(&self) -> Result<NodeConfig> {
+        let f = self.family;
+        Ok(NodeConfig {
+            snat_v4: if f.v6 { None } else { Some(f.snat().parse()?) },
+            snat_v6: if f.v6 { Some(f.snat().parse()?) } else { None },
+            snat_ports: (20000, 29999),
+            ..NodeConfig::default()
+        })
+    }
+
+    /// Loads the XDP program, configures the node, adds TCP and UDP services on the VIP
+    /// with all backends at weight 1, and attaches everything in `mode`.
+    ///
+    /// # Errors
+    /// The program does not load or attach, or a map update fails.
+    pub fn start_data_path(&self, mode: AttachMode) -> Result<DataPath> {
+        let f = self.family;
+        let peer_programs = self.start_peer_programs(mode)?;
         let program = XdpProgram::load_with(LoadOptions {
             max_services: 16,
             max_backends: 64,
@@ -250,12 +267,7 @@ impl Topology {
         })
         .context("loading the XDP program (needs root)")?;
         let mut balancer = XdpBalancer::new(program);
-        balancer.configure_node(&NodeConfig {
-            snat_v4: if f.v6 { None } else { Some(f.snat().parse()?) },
-            snat_v6: if f.v6 { Some(f.snat().parse()?) } else { None },
-            snat_ports: (20000, 29999),
-            ..NodeConfig::default()
-        })?;
+        balancer.configure_node(&self.node_config()?)?;
         let all = vec![Some(1); usize::from(BACKENDS)];
         for proto in [Protocol::Tcp, Protocol::Udp] {
             balancer.upsert_service(&service(f, proto, &all))?;
@@ -269,57 +281,4 @@ impl Topology {
             _peer_programs: peer_programs,
         })
     }
-}
-
-/// What one lab run measured.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LabReport {
-    /// TCP connections answered, per backend.
-    pub tcp: BTreeMap<String, usize>,
-    /// UDP exchanges answered, per backend.
-    pub udp: BTreeMap<String, usize>,
-    /// New flows the XDP program counted on the TCP service.
-    pub xdp_tcp_new_flows: u64,
-    /// Packets the XDP program counted on the TCP service.
-    pub xdp_tcp_packets: u64,
-}
-
-impl LabReport {
-    /// One-line JSON rendering.
-    pub fn to_json(&self) -> String {
-        serde_json::json!({
-            "tcp": self.tcp,
-            "udp": self.udp,
-            "xdp_tcp_new_flows": self.xdp_tcp_new_flows,
-            "xdp_tcp_packets": self.xdp_tcp_packets,
-        })
-        .to_string()
-    }
-}
-
-/// Builds the lab, sends `connections` TCP connections and as many UDP exchanges through the
-/// VIP, tears it down, reports.
-///
-/// # Errors
-/// Not root, the topology or data path cannot be set up, or an exchange fails.
-pub fn run(connections: usize, v6: bool) -> Result<LabReport> {
-    let f = Family { v6 };
-    let t = topology(f)?;
-    let _servers = t.start_backends()?;
-    let dp = t.start_data_path(AttachMode::Native)?;
-    let vip = SocketAddr::new(f.vip(), VIP_PORT);
-    let deadline = Duration::from_secs(120);
-    let tcp = traffic::spread(&t.client, vip, connections, 4, deadline, traffic::tcp_once)?;
-    let udp = traffic::spread(&t.client, vip, connections, 4, deadline, traffic::udp_once)?;
-    let key = service(f, Protocol::Tcp, &[]).key;
-    let stats = dp
-        .balancer
-        .service_stats(&key)?
-        .context("TCP service vanished")?;
-    Ok(LabReport {
-        tcp,
-        udp,
-        xdp_tcp_new_flows: stats.service.new_flows,
-        xdp_tcp_packets: stats.service.packets,
-    })
 }
