@@ -429,13 +429,27 @@ fn attach(world: &World, gws: &GatewayWorld, route: &Route, p: &ParentRef) -> At
                 let labels = namespace_labels(world, &route.namespace);
                 namespaces
                     .and_then(|n| n.selector.as_ref())
-                    .is_some_and(|s| {
-                        s.match_expressions.as_ref().is_none_or(Vec::is_empty)
-                            && s.match_labels
-                                .iter()
-                                .flatten()
-                                .all(|(k, v)| labels.get(k) == Some(v))
+                    .and_then(|s| {
+                        let mut sel = portico_ipam::LabelSelector::everything();
+                        for (k, v) in s.match_labels.iter().flatten() {
+                            sel = sel.with_label(k, v);
+                        }
+                        for e in s.match_expressions.iter().flatten() {
+                            let op = match e.operator.as_str() {
+                                "In" => portico_ipam::Operator::In,
+                                "NotIn" => portico_ipam::Operator::NotIn,
+                                "Exists" => portico_ipam::Operator::Exists,
+                                "DoesNotExist" => portico_ipam::Operator::DoesNotExist,
+                                // An operator Kubernetes does not define selects nothing.
+                                _ => return None,
+                            };
+                            let values: Vec<&str> =
+                                e.values.iter().flatten().map(String::as_str).collect();
+                            sel = sel.with_expression(&e.key, op, &values);
+                        }
+                        Some(sel)
                     })
+                    .is_some_and(|sel| sel.matches(&labels))
             }
         };
         if let Some(kinds) = l.allowed_routes.as_ref().and_then(|a| a.kinds.as_ref()) {

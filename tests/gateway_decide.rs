@@ -621,3 +621,51 @@ endpoints:
     assert_eq!(weight("10.2.0.1"), weight("10.2.0.2"));
     assert!(weight("10.2.0.1") > 0);
 }
+
+#[test]
+fn a_listener_admits_routes_from_namespaces_its_selector_matches() {
+    let mut w = world();
+    w.apply_all(
+        parse_text(
+            "ns.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: data, labels: {team: data, env: prod}}\n",
+        )
+        .0,
+    );
+    let r = route(
+        RouteKind::Tcp,
+        "far",
+        "data",
+        json!({"name": "edge", "namespace": "shop"}),
+        json!([{"name": "other", "port": 9000}]),
+    );
+    let listener = |selector: Value| {
+        gateway(
+            "edge",
+            json!({"spec": {"listeners": [
+                {"name": "app", "port": 9000, "protocol": "TCP",
+                 "allowedRoutes": {"namespaces": {"from": "Selector", "selector": selector}}}
+            ]}}),
+        )
+    };
+    let accepted = |selector: Value| {
+        let (_, d) = pass(&w, &gws(vec![listener(selector)], vec![r.clone()]));
+        cond(&route_conditions(&d, "far"), "Accepted")
+            .status
+            .clone()
+    };
+    assert_eq!(accepted(json!({"matchLabels": {"team": "data"}})), "True");
+    assert_eq!(
+        accepted(
+            json!({"matchExpressions": [{"key": "env", "operator": "In", "values": ["prod", "stage"]}]})
+        ),
+        "True"
+    );
+    assert_eq!(
+        accepted(
+            json!({"matchExpressions": [{"key": "env", "operator": "NotIn", "values": ["prod"]}]})
+        ),
+        "False"
+    );
+    assert_eq!(accepted(json!({"matchLabels": {"team": "web"}})), "False");
+}
