@@ -221,6 +221,24 @@ impl GatewayWorld {
     }
 }
 
+/// Listeners of `gw` that Portico serves but that share their port and transport with
+/// another one: every one of them is conflicted, none is programmed (L4 listeners have no
+/// hostname to tell them apart).
+fn conflicted_listeners(gw: &Gateway) -> BTreeSet<String> {
+    let mut by_port: BTreeMap<(i32, &str), Vec<&str>> = BTreeMap::new();
+    for l in &gw.spec.listeners {
+        if let Some(proto) = listener_protocol(&l.protocol) {
+            by_port.entry((l.port, proto)).or_default().push(&l.name);
+        }
+    }
+    by_port
+        .into_values()
+        .filter(|names| names.len() > 1)
+        .flatten()
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The protocol a listener is served with, or `None` when Portico does not serve it.
 fn listener_protocol(protocol: &str) -> Option<&'static str> {
     match protocol {
@@ -295,10 +313,12 @@ pub fn synthetic_service(namespace: &str, gw: &Gateway) -> Option<Service> {
         (true, true) => vec!["IPv4".into(), "IPv6".into()],
         _ => vec!["IPv4".into()],
     };
+    let conflicted = conflicted_listeners(gw);
     let ports = gw
         .spec
         .listeners
         .iter()
+        .filter(|l| !conflicted.contains(&l.name))
         .filter_map(|l| {
             Some(ServicePort {
                 name: Some(l.name.clone()),
@@ -408,7 +428,13 @@ fn attach(world: &World, gws: &GatewayWorld, route: &Route, p: &ParentRef) -> At
     };
     let mut matched_ref = false;
     let mut listeners = Vec::new();
-    for l in &gw.spec.listeners {
+    let conflicted = conflicted_listeners(gw);
+    for l in gw
+        .spec
+        .listeners
+        .iter()
+        .filter(|l| !conflicted.contains(&l.name))
+    {
         if p.section_name.as_ref().is_some_and(|s| *s != l.name)
             || p.port.is_some_and(|port| port != l.port)
         {
@@ -809,11 +835,13 @@ pub fn decide_gateways(
                 .tap_message(message)
             }
         };
+        let conflicted = conflicted_listeners(gw);
         let listeners: Vec<GatewayStatusListeners> = gw
             .spec
             .listeners
             .iter()
             .map(|l| {
+                let conflict = conflicted.contains(&l.name);
                 let prev: Vec<Condition> = gw
                     .status
                     .as_ref()
@@ -839,15 +867,27 @@ pub fn decide_gateways(
                     },
                     condition(
                         "Programmed",
-                        supported && programmed.status == "True",
-                        if supported && programmed.status == "True" { "Programmed" } else { "Invalid" },
+                        supported && !conflict && programmed.status == "True",
+                        if supported && !conflict && programmed.status == "True" { "Programmed" } else { "Invalid" },
                         String::new(),
                         generation,
                         &prev,
                         now,
                     ),
                     condition("ResolvedRefs", true, "ResolvedRefs", String::new(), generation, &prev, now),
-                    condition("Conflicted", false, "NoConflicts", String::new(), generation, &prev, now),
+                    if conflict {
+                        condition(
+                            "Conflicted",
+                            true,
+                            "ProtocolConflict",
+                            format!("another listener also uses port {} for {}", l.port, l.protocol),
+                            generation,
+                            &prev,
+                            now,
+                        )
+                    } else {
+                        condition("Conflicted", false, "NoConflicts", String::new(), generation, &prev, now)
+                    },
                 ];
                 GatewayStatusListeners {
                     attached_routes: attached.get(&(ns.clone(), name.clone(), l.name.clone())).copied().unwrap_or(0),
