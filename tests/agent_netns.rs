@@ -169,7 +169,7 @@ fn the_agent_turns_what_it_watches_into_an_announced_route_and_xdp_traffic() -> 
             "eth0",
             "--xdp-mode",
             "generic",
-            // Pinning is standalone_e2e's subject; `ip netns exec` hides /sys/fs/bpf.
+            // `ip netns exec` hides /sys/fs/bpf; restarts are tested in standalone_e2e.
             "--bpf-pin-dir",
             "none",
             "--metrics-address",

@@ -315,6 +315,29 @@ fn with_ipv6_ext(p: &[u8], exts: &[(u8, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
+/// Sets the IPv4 total length of an untagged frame and recomputes the header checksum.
+fn with_ipv4_total_length(p: &[u8], tot: u16) -> Vec<u8> {
+    let mut out = p.to_vec();
+    out[16..18].copy_from_slice(&tot.to_be_bytes());
+    fix_ipv4_checksum(&mut out);
+    out
+}
+
+/// Recomputes the IPv4 header checksum of an untagged frame.
+fn fix_ipv4_checksum(p: &mut [u8]) {
+    let ihl = usize::from(p[14] & 0x0f) * 4;
+    p[24..26].copy_from_slice(&[0, 0]);
+    let c = ones_sum_finish(ones_sum(&p[14..14 + ihl], 0));
+    p[24..26].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Sets the IPv6 payload length of an untagged frame.
+fn with_ipv6_payload_length(p: &[u8], len: u16) -> Vec<u8> {
+    let mut out = p.to_vec();
+    out[18..20].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
 fn opts_ext(len8: usize) -> Vec<u8> {
     // PadN filling the header.
     let total = (len8 + 1) * 8;
@@ -424,7 +447,13 @@ fn reference_nat(
     let csum_at = l.l4 + if l.proto == 6 { 16 } else { 6 };
     if !udp_zero {
         p[csum_at..csum_at + 2].copy_from_slice(&[0, 0]);
-        let seg_len = p.len() - l.l4;
+        let ip_end = l.l3
+            + if l.v6 {
+                40 + usize::from(u16::from_be_bytes([p[l.l3 + 4], p[l.l3 + 5]]))
+            } else {
+                usize::from(u16::from_be_bytes([p[l.l3 + 2], p[l.l3 + 3]]))
+            };
+        let seg_len = ip_end - l.l4;
         let mut acc = 0;
         if l.v6 {
             acc = ones_sum(&p[l.l3 + 8..l.l3 + 40], acc);
@@ -434,7 +463,7 @@ fn reference_nat(
             acc = ones_sum(&(seg_len as u16).to_be_bytes(), acc);
         }
         acc = ones_sum(&[0, l.proto], acc);
-        acc = ones_sum(&p[l.l4..], acc);
+        acc = ones_sum(&p[l.l4..ip_end], acc);
         let mut c = ones_sum_finish(acc);
         if c == 0 && l.proto == 17 {
             c = 0xffff;
@@ -485,6 +514,40 @@ struct Fixture {
     ingress: &'static str,
     verdict: u32,
     expect: Expect,
+    /// Counters (`stat::*`) and by how much this fixture must move them.
+    counts: Vec<(u32, u64)>,
+}
+
+impl Fixture {
+    /// Also checks that the run moves each of these counters by exactly that much.
+    fn counts(&mut self, counts: &[(u32, u64)]) {
+        self.counts = counts.to_vec();
+    }
+}
+
+/// The fixtures, in the order they run (later ones may depend on flows earlier ones made).
+#[derive(Default)]
+struct Table(Vec<Fixture>);
+
+impl Table {
+    fn add(
+        &mut self,
+        description: &'static str,
+        input: Vec<u8>,
+        ingress: &'static str,
+        verdict: u32,
+        expect: Expect,
+    ) -> &mut Fixture {
+        self.0.push(Fixture {
+            description,
+            input,
+            ingress,
+            verdict,
+            expect,
+            counts: Vec::new(),
+        });
+        self.0.last_mut().expect("just pushed")
+    }
 }
 
 /// A reply from the backend that flow `flow` landed on, to the SNAT address and port.
@@ -570,35 +633,26 @@ fn nat_to(backends: &[IpAddr], flow: &'static str, same_as: Option<&'static str>
 fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
     let be4: Vec<IpAddr> = BACKENDS4.iter().map(|a| v4(*a)).collect();
     let be6: Vec<IpAddr> = BACKENDS6.iter().map(|a| v6(*a)).collect();
-    let mut f = Vec::new();
-    let mut add = |description, input, ingress, verdict, expect| {
-        f.push(Fixture {
-            description,
-            input,
-            ingress,
-            verdict,
-            expect,
-        });
-    };
+    let mut t = Table::default();
     use verdict::{DROP, PASS, REDIRECT, TX};
     use Expect::Unchanged;
 
     // IPv4 TCP
-    add(
+    t.add(
         "tcp4 SYN to VIP: new flow, NAT to a backend, redirected to eth1",
         tcp4(CLIENT4, VIP4, 40001, 80, SYN),
         "eth0",
         REDIRECT,
         nat_to(&be4, "t4", None),
     );
-    add(
+    t.add(
         "tcp4 ACK of the same flow: tracked, same backend and SNAT port",
         tcp4(CLIENT4, VIP4, 40001, 80, ACK),
         "eth0",
         REDIRECT,
         nat_to(&be4, "t4b", Some("t4")),
     );
-    add(
+    t.add(
         "tcp4 data segment of the same flow, 1000-byte payload",
         build(
             CLIENT_MAC,
@@ -616,42 +670,42 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         REDIRECT,
         nat_to(&be4, "t4c", Some("t4")),
     );
-    add(
+    t.add(
         "tcp4 second client flow: NAT",
         tcp4(CLIENT4B, VIP4, 40002, 80, SYN),
         "eth0",
         REDIRECT,
         nat_to(&be4, "t4d", None),
     );
-    add(
+    t.add(
         "tcp4 third flow from the same client, other port",
         tcp4(CLIENT4, VIP4, 40003, 80, SYN),
         "eth0",
         REDIRECT,
         nat_to(&be4, "t4e", None),
     );
-    add(
+    t.add(
         "tcp4 FIN of a tracked flow: same backend",
         tcp4(CLIENT4, VIP4, 40001, 80, FIN | ACK),
         "eth0",
         REDIRECT,
         nat_to(&be4, "t4f", Some("t4")),
     );
-    add(
+    t.add(
         "tcp4 with 4 bytes of IPv4 options (NOP×3, EOL): NAT, options kept",
         with_ipv4_options(&tcp4(CLIENT4, VIP4, 40010, 80, SYN), &[1, 1, 1, 0]),
         "eth0",
         REDIRECT,
         nat_to(&be4, "t4o", None),
     );
-    add(
+    t.add(
         "tcp4 with 12 bytes of IPv4 options: NAT",
         with_ipv4_options(&tcp4(CLIENT4, VIP4, 40011, 80, SYN), &[1; 12]),
         "eth0",
         REDIRECT,
         nat_to(&be4, "t4o2", None),
     );
-    add(
+    t.add(
         "tcp4 in an 802.1Q tag: NAT, tag kept",
         build(
             CLIENT_MAC,
@@ -669,7 +723,7 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         REDIRECT,
         nat_to(&be4, "t4v", None),
     );
-    add(
+    t.add(
         "tcp4 in QinQ tags: NAT, both tags kept",
         build(
             CLIENT_MAC,
@@ -687,7 +741,7 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         REDIRECT,
         nat_to(&be4, "t4qq", None),
     );
-    add(
+    t.add(
         "tcp4 to a service whose backend is behind the ingress: XDP_TX",
         tcp4(CLIENT4, VIP4_TX, 40030, 80, SYN),
         "eth0",
@@ -701,7 +755,7 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
             same_as: None,
         },
     );
-    add(
+    t.add(
         "tcp4 TTL 1 to VIP: passed (the stack sends Time Exceeded)",
         build(
             CLIENT_MAC,
@@ -719,35 +773,35 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         PASS,
         Unchanged,
     );
-    add(
+    t.add(
         "tcp4 to the VIP on a port without service: passed",
         tcp4(CLIENT4, VIP4, 40041, 81, SYN),
         "eth0",
         PASS,
         Unchanged,
     );
-    add(
+    t.add(
         "tcp4 to a non-VIP address: passed",
         tcp4(CLIENT4, [198, 18, 0, 254], 40042, 80, SYN),
         "eth0",
         PASS,
         Unchanged,
     );
-    add(
+    t.add(
         "tcp4 to a service whose backends all drain: dropped",
         tcp4(CLIENT4, VIP4_DRAINED, 40043, 80, SYN),
         "eth0",
         DROP,
         Unchanged,
     );
-    add(
+    t.add(
         "tcp4 to a service with no backends: dropped",
         tcp4(CLIENT4, VIP4_EMPTY, 40044, 80, SYN),
         "eth0",
         DROP,
         Unchanged,
     );
-    add(
+    t.add(
         "tcp4 to a SNAT port nobody holds: passed",
         tcp4(BACKENDS4[0], SNAT4, 8080, 20001, ACK),
         "eth1",
@@ -755,21 +809,21 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         Unchanged,
     );
     // IPv4 UDP
-    add(
+    t.add(
         "udp4 to VIP: new flow, NAT",
         udp4(CLIENT4, VIP4, 50001, 53, b"query"),
         "eth0",
         REDIRECT,
         nat_to(&be4, "u4", None),
     );
-    add(
+    t.add(
         "udp4 second datagram: tracked",
         udp4(CLIENT4, VIP4, 50001, 53, b"query2"),
         "eth0",
         REDIRECT,
         nat_to(&be4, "u4b", Some("u4")),
     );
-    add(
+    t.add(
         "udp4 without checksum (0): NAT keeps it 0",
         {
             let mut p = udp4(CLIENT4, VIP4, 50002, 53, b"nocsum");
@@ -780,14 +834,14 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         REDIRECT,
         nat_to(&be4, "u4z", None),
     );
-    add(
+    t.add(
         "udp4 to the VIP's TCP-only port: passed",
         udp4(CLIENT4, VIP4, 50003, 80, b"x"),
         "eth0",
         PASS,
         Unchanged,
     );
-    add(
+    t.add(
         "ipv4 first fragment (MF) to VIP: passed",
         {
             let mut p = udp4(CLIENT4, VIP4, 50004, 53, b"frag");
@@ -798,7 +852,7 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         PASS,
         Unchanged,
     );
-    add(
+    t.add(
         "ipv4 later fragment (offset 8) to VIP: passed",
         {
             let mut p = udp4(CLIENT4, VIP4, 50005, 53, b"frag");
@@ -809,7 +863,7 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         PASS,
         Unchanged,
     );
-    add(
+    t.add(
         "ARP request: passed",
         {
             let mut p = vec![0xff; 6];
@@ -825,21 +879,21 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         PASS,
         Unchanged,
     );
-    add(
+    t.add(
         "ICMP echo request to a VIP: answered in XDP (XDP_TX)",
         echo4(CLIENT4, VIP4, true),
         "eth0",
         TX,
         Expect::Exact(echo_reply4()),
     );
-    add(
+    t.add(
         "ICMP echo request to a non-VIP address: passed",
         echo4(CLIENT4, [198, 18, 0, 254], true),
         "eth0",
         PASS,
         Unchanged,
     );
-    add(
+    t.add(
         "ICMPv6 echo request to a VIP: answered in XDP (XDP_TX)",
         echo6(CLIENT6, VIP6, true),
         "eth0",
@@ -852,42 +906,42 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         }),
     );
     // IPv6
-    add(
+    t.add(
         "tcp6 SYN to VIP: new flow, NAT",
         tcp6(CLIENT6, VIP6, 41001, 443, SYN),
         "eth0",
         REDIRECT,
         nat_to(&be6, "t6", None),
     );
-    add(
+    t.add(
         "tcp6 ACK: tracked",
         tcp6(CLIENT6, VIP6, 41001, 443, ACK),
         "eth0",
         REDIRECT,
         nat_to(&be6, "t6b", Some("t6")),
     );
-    add(
+    t.add(
         "udp6 to VIP: new flow, NAT",
         udp6(CLIENT6, VIP6, 51001, 53, b"query6"),
         "eth0",
         REDIRECT,
         nat_to(&be6, "u6", None),
     );
-    add(
+    t.add(
         "udp6 second datagram: tracked",
         udp6(CLIENT6, VIP6, 51001, 53, b"again"),
         "eth0",
         REDIRECT,
         nat_to(&be6, "u6b", Some("u6")),
     );
-    add(
+    t.add(
         "tcp6 behind a hop-by-hop header: NAT",
         with_ipv6_ext(&tcp6(CLIENT6, VIP6, 41002, 443, SYN), &[(0, opts_ext(0))]),
         "eth0",
         REDIRECT,
         nat_to(&be6, "t6h", None),
     );
-    add(
+    t.add(
         "tcp6 behind hop-by-hop, routing (segments left 0) and destination options: NAT",
         with_ipv6_ext(
             &tcp6(CLIENT6, VIP6, 41003, 443, SYN),
@@ -901,7 +955,7 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         REDIRECT,
         nat_to(&be6, "t6r", None),
     );
-    add(
+    t.add(
         "tcp6 behind an atomic fragment header (offset 0, M=0): NAT",
         with_ipv6_ext(
             &tcp6(CLIENT6, VIP6, 41004, 443, SYN),
@@ -911,7 +965,7 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         REDIRECT,
         nat_to(&be6, "t6f", None),
     );
-    add(
+    t.add(
         "udp6 real fragment (M=1): passed",
         with_ipv6_ext(
             &udp6(CLIENT6, VIP6, 51002, 53, b"frag"),
@@ -921,7 +975,7 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         PASS,
         Unchanged,
     );
-    add(
+    t.add(
         "tcp6 behind five extension headers (over the walk limit): passed",
         with_ipv6_ext(
             &tcp6(CLIENT6, VIP6, 41005, 443, SYN),
@@ -937,7 +991,7 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         PASS,
         Unchanged,
     );
-    add(
+    t.add(
         "tcp6 hop limit 1: passed",
         build(
             CLIENT_MAC,
@@ -955,14 +1009,14 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         PASS,
         Unchanged,
     );
-    add(
+    t.add(
         "tcp6 to a non-VIP address: passed",
         tcp6(CLIENT6, ip6("fd00:18::fe"), 41007, 443, SYN),
         "eth0",
         PASS,
         Unchanged,
     );
-    add(
+    t.add(
         "udp6 in an 802.1Q tag: NAT",
         build(
             CLIENT_MAC,
@@ -990,7 +1044,7 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         (44, "tcp4 cut inside the TCP header"),
         (53, "tcp4 cut one byte short of the TCP header"),
     ] {
-        add(description, full4[..cut].to_vec(), "eth0", PASS, Unchanged);
+        t.add(description, full4[..cut].to_vec(), "eth0", PASS, Unchanged);
     }
     let full6 = tcp6(CLIENT6, VIP6, 41100, 443, SYN);
     for (cut, description) in [
@@ -998,10 +1052,10 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         (54, "tcp6 cut after the IPv6 header"),
         (64, "tcp6 cut inside the TCP header"),
     ] {
-        add(description, full6[..cut].to_vec(), "eth0", PASS, Unchanged);
+        t.add(description, full6[..cut].to_vec(), "eth0", PASS, Unchanged);
     }
     let ext6 = with_ipv6_ext(&tcp6(CLIENT6, VIP6, 41101, 443, SYN), &[(0, opts_ext(1))]);
-    add(
+    t.add(
         "tcp6 cut inside a hop-by-hop header",
         ext6[..58].to_vec(),
         "eth0",
@@ -1020,7 +1074,7 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         80,
         b"",
     );
-    add(
+    t.add(
         "tcp4 in 802.1Q cut inside the tag",
         vlan4[..16].to_vec(),
         "eth0",
@@ -1028,7 +1082,7 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         Unchanged,
     );
     let u4 = udp4(CLIENT4, VIP4, 50100, 53, b"q");
-    add(
+    t.add(
         "udp4 cut inside the UDP header",
         u4[..38].to_vec(),
         "eth0",
@@ -1036,7 +1090,136 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         Unchanged,
     );
 
-    let n = f.len();
+    // Issue 10, defect 1: every bounds check before the first write. A transport header
+    // that ends past the 512 bytes the program parses is passed untouched, and no flow or
+    // SNAT port is taken for it.
+    t.add(
+        "tcp6 behind 448 bytes of hop-by-hop PadN (TCP header at byte 502): passed untouched",
+        with_ipv6_ext(&tcp6(CLIENT6, VIP6, 41200, 443, SYN), &[(0, opts_ext(55))]),
+        "eth0",
+        PASS,
+        Unchanged,
+    )
+    .counts(&[(stat::PASS_LONG_HEADERS, 1), (stat::CT_INSERT, 0)]);
+    t.add(
+        "udp6 behind 456 bytes of hop-by-hop PadN (UDP header at byte 510): passed untouched",
+        with_ipv6_ext(
+            &udp6(CLIENT6, VIP6, 51200, 53, b"deep"),
+            &[(0, opts_ext(56))],
+        ),
+        "eth0",
+        PASS,
+        Unchanged,
+    )
+    .counts(&[(stat::PASS_LONG_HEADERS, 1), (stat::CT_INSERT, 0)]);
+    t.add(
+        "tcp6 behind 432 bytes of hop-by-hop PadN (TCP header ends at byte 506): NAT",
+        with_ipv6_ext(&tcp6(CLIENT6, VIP6, 41201, 443, SYN), &[(0, opts_ext(53))]),
+        "eth0",
+        REDIRECT,
+        nat_to(&be6, "t6deep", None),
+    )
+    .counts(&[(stat::CT_INSERT, 1)]);
+
+    // Issue 10, defect 3: length fields that disagree with the frame, and IPv4 headers with
+    // a bad checksum, are passed untouched (the stack drops them) and counted by reason.
+    let syn4 = tcp4(CLIENT4, VIP4, 40200, 80, SYN);
+    t.add(
+        "tcp4 SYN whose IPv4 total length runs 100 bytes past the frame: passed untouched",
+        with_ipv4_total_length(&syn4, 140),
+        "eth0",
+        PASS,
+        Unchanged,
+    )
+    .counts(&[(stat::PASS_BAD_LENGTH, 1), (stat::CT_INSERT, 0)]);
+    t.add(
+        "tcp4 SYN whose IPv4 total length (30) ends inside the TCP header: passed untouched",
+        with_ipv4_total_length(&syn4, 30),
+        "eth0",
+        PASS,
+        Unchanged,
+    )
+    .counts(&[(stat::PASS_BAD_LENGTH, 1), (stat::CT_INSERT, 0)]);
+    t.add(
+        "tcp4 SYN whose IPv4 total length (16) is shorter than its header: passed untouched",
+        with_ipv4_total_length(&syn4, 16),
+        "eth0",
+        PASS,
+        Unchanged,
+    )
+    .counts(&[(stat::PASS_BAD_LENGTH, 1), (stat::CT_INSERT, 0)]);
+    t.add(
+        "tcp4 SYN with a wrong IPv4 header checksum: passed untouched",
+        {
+            let mut p = syn4.clone();
+            p[24] ^= 0x5a;
+            p
+        },
+        "eth0",
+        PASS,
+        Unchanged,
+    )
+    .counts(&[(stat::PASS_BAD_CSUM, 1), (stat::CT_INSERT, 0)]);
+    t.add(
+        "udp4 whose UDP length runs past the IP payload: passed untouched",
+        {
+            let mut p = udp4(CLIENT4, VIP4, 50200, 53, b"short");
+            p[38..40].copy_from_slice(&200u16.to_be_bytes());
+            p
+        },
+        "eth0",
+        PASS,
+        Unchanged,
+    )
+    .counts(&[(stat::PASS_BAD_LENGTH, 1), (stat::CT_INSERT, 0)]);
+    let syn6 = tcp6(CLIENT6, VIP6, 41210, 443, SYN);
+    t.add(
+        "tcp6 SYN whose payload length runs 100 bytes past the frame: passed untouched",
+        with_ipv6_payload_length(&syn6, 120),
+        "eth0",
+        PASS,
+        Unchanged,
+    )
+    .counts(&[(stat::PASS_BAD_LENGTH, 1), (stat::CT_INSERT, 0)]);
+    t.add(
+        "tcp6 SYN with payload length 0 and no hop-by-hop header (no jumbogram): passed untouched",
+        with_ipv6_payload_length(&syn6, 0),
+        "eth0",
+        PASS,
+        Unchanged,
+    )
+    .counts(&[(stat::PASS_BAD_LENGTH, 1), (stat::CT_INSERT, 0)]);
+    t.add(
+        "tcp4 SYN followed by 6 bytes of Ethernet trailer: NAT, trailer kept as it was",
+        {
+            let mut p = tcp4(CLIENT4, VIP4, 40201, 80, SYN);
+            p.extend_from_slice(&[0xa5; 6]);
+            p
+        },
+        "eth0",
+        REDIRECT,
+        nat_to(&be4, "t4trailer", None),
+    )
+    .counts(&[(stat::CT_INSERT, 1)]);
+
+    // Issue 10, defect 4: the VIP is not the final destination while segments are left.
+    t.add(
+        "tcp6 SYN behind a segment routing header with 1 segment left: passed untouched",
+        with_ipv6_ext(
+            &tcp6(CLIENT6, VIP6, 41220, 443, SYN),
+            &[(43, {
+                let mut h = vec![0, 2, 4, 1, 0, 0, 0, 0];
+                h.extend_from_slice(&ip6("fd00:99::1"));
+                h
+            })],
+        ),
+        "eth0",
+        PASS,
+        Unchanged,
+    )
+    .counts(&[(stat::PASS_ROUTING_HEADER, 1), (stat::CT_INSERT, 0)]);
+
+    let n = t.0.len();
     // Replies: from the backend each flow landed on, to the SNAT address and port.
     let replies = vec![
         (
@@ -1095,7 +1278,7 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
             },
         ),
     ];
-    (f, replies)
+    (t.0, replies)
 }
 
 fn ifindex(name: &str) -> u32 {
@@ -1126,6 +1309,13 @@ fn check_output(description: &str, want: &[u8], got: &[u8]) {
     }
 }
 
+/// Runs one fixture's checks; a failed check (a panic) is recorded under its description.
+fn attempt(failures: &mut Vec<String>, description: &str, check: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(check)).is_err() {
+        failures.push(description.to_owned());
+    }
+}
+
 #[test]
 fn xdp_fixture_table() {
     let mut net = TestNet::new().unwrap();
@@ -1137,97 +1327,115 @@ fn xdp_fixture_table() {
     let mut flows: std::collections::HashMap<&str, (IpAddr, u16)> =
         std::collections::HashMap::new();
     let mut run = 0;
+    // Every fixture runs; the failures are listed at the end.
+    let mut failures: Vec<String> = Vec::new();
+    let counters = || -> Vec<u64> { (0..stat::COUNT).map(|i| prog.stat(i).unwrap()).collect() };
     for fx in &fixtures {
-        let out = prog
-            .test_run_on(&fx.input, Some(ifindex(fx.ingress)))
-            .unwrap();
-        assert_eq!(
-            verdict::name(out.verdict),
-            verdict::name(fx.verdict),
-            "{}: verdict",
-            fx.description
-        );
-        match &fx.expect {
-            Expect::Unchanged => check_output(fx.description, &fx.input, &out.packet),
-            Expect::Exact(want) => check_output(fx.description, want, &out.packet),
-            Expect::ToBackend {
-                backends,
-                port,
-                snat,
-                smac,
-                flow,
-                same_as,
-            } => {
-                let (backend, bport) = endpoint(&out.packet, false);
-                let (src, sport) = endpoint(&out.packet, true);
-                assert!(
-                    backends.contains(&backend),
-                    "{}: went to {backend}, not a backend",
-                    fx.description
-                );
-                assert_eq!(bport, *port, "{}: backend port", fx.description);
-                assert_eq!(src, *snat, "{}: SNAT address", fx.description);
-                assert!(
-                    (20000..=20099).contains(&sport),
-                    "{}: SNAT port {sport} outside the range",
-                    fx.description
-                );
-                if let Some(prev) = same_as {
-                    assert_eq!(
-                        flows[prev],
-                        (backend, sport),
-                        "{}: tracked flow moved",
+        run += 1;
+        let before = counters();
+        attempt(&mut failures, fx.description, || {
+            let out = prog
+                .test_run_on(&fx.input, Some(ifindex(fx.ingress)))
+                .unwrap();
+            assert_eq!(
+                verdict::name(out.verdict),
+                verdict::name(fx.verdict),
+                "{}: verdict",
+                fx.description
+            );
+            match &fx.expect {
+                Expect::Unchanged => check_output(fx.description, &fx.input, &out.packet),
+                Expect::Exact(want) => check_output(fx.description, want, &out.packet),
+                Expect::ToBackend {
+                    backends,
+                    port,
+                    snat,
+                    smac,
+                    flow,
+                    same_as,
+                } => {
+                    let (backend, bport) = endpoint(&out.packet, false);
+                    let (src, sport) = endpoint(&out.packet, true);
+                    assert!(
+                        backends.contains(&backend),
+                        "{}: went to {backend}, not a backend",
                         fx.description
                     );
+                    assert_eq!(bport, *port, "{}: backend port", fx.description);
+                    assert_eq!(src, *snat, "{}: SNAT address", fx.description);
+                    assert!(
+                        (20000..=20099).contains(&sport),
+                        "{}: SNAT port {sport} outside the range",
+                        fx.description
+                    );
+                    if let Some(prev) = same_as {
+                        assert_eq!(
+                            flows[prev],
+                            (backend, sport),
+                            "{}: tracked flow moved",
+                            fx.description
+                        );
+                    }
+                    flows.insert(flow, (backend, sport));
+                    let dmac = if backend == v4(BACKEND4_ETH0) {
+                        BE0_MAC
+                    } else {
+                        let i = backends.iter().position(|b| *b == backend).unwrap();
+                        BE_MAC[i]
+                    };
+                    let want = reference_nat(&fx.input, *smac, dmac, *snat, backend, sport, *port);
+                    check_output(fx.description, &want, &out.packet);
                 }
-                flows.insert(flow, (backend, sport));
-                let dmac = if backend == v4(BACKEND4_ETH0) {
-                    BE0_MAC
-                } else {
-                    let i = backends.iter().position(|b| *b == backend).unwrap();
-                    BE_MAC[i]
-                };
-                let want = reference_nat(&fx.input, *smac, dmac, *snat, backend, sport, *port);
-                check_output(fx.description, &want, &out.packet);
             }
-        }
-        run += 1;
+            let after = counters();
+            for &(idx, delta) in &fx.counts {
+                assert_eq!(
+                    after[idx as usize] - before[idx as usize],
+                    delta,
+                    "{}: counter {}",
+                    fx.description,
+                    stat::NAMES[idx as usize]
+                );
+            }
+        });
     }
     for (_, r) in &replies {
-        let (backend, snat_port) = flows[r.flow];
-        let snat = if backend.is_ipv6() {
-            v6(SNAT6)
-        } else {
-            v4(SNAT4)
-        };
-        let dmac = BE_MAC[0];
-        let input = build(
-            dmac,
-            LB1_MAC,
-            Vlan::None,
-            backend,
-            snat,
-            64,
-            r.l4,
-            8080,
-            snat_port,
-            b"reply",
-        );
         let description = format!(
-            "reply of flow {} from {backend}: reverse NAT to the client via eth0",
+            "reply of flow {}: reverse NAT to the client via eth0",
             r.flow
         );
-        let out = prog.test_run_on(&input, Some(ifindex("eth1"))).unwrap();
-        assert_eq!(
-            verdict::name(out.verdict),
-            "XDP_REDIRECT",
-            "{description}: verdict"
-        );
-        let want = reference_nat(
-            &input, LB0_MAC, CLIENT_MAC, r.vip, r.client, r.vport, r.cport,
-        );
-        check_output(&description, &want, &out.packet);
         run += 1;
+        attempt(&mut failures, &description, || {
+            let (backend, snat_port) = flows[r.flow];
+            let snat = if backend.is_ipv6() {
+                v6(SNAT6)
+            } else {
+                v4(SNAT4)
+            };
+            let dmac = BE_MAC[0];
+            let input = build(
+                dmac,
+                LB1_MAC,
+                Vlan::None,
+                backend,
+                snat,
+                64,
+                r.l4,
+                8080,
+                snat_port,
+                b"reply",
+            );
+            let out = prog.test_run_on(&input, Some(ifindex("eth1"))).unwrap();
+            assert_eq!(
+                verdict::name(out.verdict),
+                "XDP_REDIRECT",
+                "{description}: verdict"
+            );
+            let want = reference_nat(
+                &input, LB0_MAC, CLIENT_MAC, r.vip, r.client, r.vport, r.cport,
+            );
+            check_output(&description, &want, &out.packet);
+        });
     }
     // ICMP errors quoting tracked flows, translated outer and inner.
     let be_mac = |backend: IpAddr| {
@@ -1420,21 +1628,329 @@ fn xdp_fixture_table() {
             want,
         ));
     }
-    for (description, input, ingress, want_verdict, want) in &icmp_cases {
-        let out = prog.test_run_on(input, Some(ifindex(ingress))).unwrap();
-        assert_eq!(
-            verdict::name(out.verdict),
-            verdict::name(*want_verdict),
-            "{description}: verdict"
-        );
-        check_output(description, want, &out.packet);
-        run += 1;
+    {
+        // Issue 10, defect 2: an 8-byte quote (no room for the TCP checksum) followed by 24
+        // bytes of Ethernet trailer: only the IP payload is translated and summed.
+        let (backend, snat_port) = flows["t4"];
+        let IpAddr::V4(be) = backend else {
+            unreachable!()
+        };
+        let quote = |frame: Vec<u8>| l3_of(frame)[..28].to_vec();
+        let quoted = quote(build(
+            LB1_MAC,
+            be_mac(backend),
+            Vlan::None,
+            v4(SNAT4),
+            backend,
+            63,
+            L4::Tcp { flags: ACK },
+            snat_port,
+            8080,
+            b"",
+        ));
+        let trailer: Vec<u8> = (0..24u8).map(|i| 0x90 ^ i).collect();
+        let port_unreach = || Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+        let mut input = Vec::new();
+        PacketBuilder::ethernet2(be_mac(backend), LB1_MAC)
+            .ipv4(be.octets(), SNAT4, 64)
+            .icmpv4(port_unreach())
+            .write(&mut input, &quoted)
+            .unwrap();
+        input.extend_from_slice(&trailer);
+        let client_view = quote(build(
+            CLIENT_MAC,
+            LB0_MAC,
+            Vlan::None,
+            v4(CLIENT4),
+            v4(VIP4),
+            63,
+            L4::Tcp { flags: ACK },
+            40001,
+            80,
+            b"",
+        ));
+        let mut want = Vec::new();
+        PacketBuilder::ethernet2(LB0_MAC, CLIENT_MAC)
+            .ipv4(VIP4, CLIENT4, 63)
+            .icmpv4(port_unreach())
+            .write(&mut want, &client_view)
+            .unwrap();
+        want.extend_from_slice(&trailer);
+        icmp_cases.push((
+            "ICMP port unreachable quoting 8 bytes of a TCP flow, then 24 bytes of Ethernet \
+             trailer: translated, trailer untouched"
+                .into(),
+            input,
+            "eth1",
+            verdict::REDIRECT,
+            want,
+        ));
     }
+    {
+        // Issue 10, defect 5: a report about a SNAT flow whose outer source is the client's
+        // own address goes to the client from the VIP, never from the client to itself.
+        let (backend, snat_port) = flows["u4"];
+        let quoted = l3_of(build(
+            LB1_MAC,
+            be_mac(backend),
+            Vlan::None,
+            v4(SNAT4),
+            backend,
+            63,
+            L4::Udp,
+            snat_port,
+            8080,
+            b"query",
+        ));
+        let host_unreach = || Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Host);
+        let mut input = Vec::new();
+        PacketBuilder::ethernet2(be_mac(backend), LB1_MAC)
+            .ipv4(CLIENT4, SNAT4, 64)
+            .icmpv4(host_unreach())
+            .write(&mut input, &quoted)
+            .unwrap();
+        let client_view = l3_of(build(
+            CLIENT_MAC,
+            LB0_MAC,
+            Vlan::None,
+            v4(CLIENT4),
+            v4(VIP4),
+            63,
+            L4::Udp,
+            50001,
+            53,
+            b"query",
+        ));
+        let mut want = Vec::new();
+        PacketBuilder::ethernet2(LB0_MAC, CLIENT_MAC)
+            .ipv4(VIP4, CLIENT4, 63)
+            .icmpv4(host_unreach())
+            .write(&mut want, &client_view)
+            .unwrap();
+        icmp_cases.push((
+            "ICMP host unreachable from the client's own address about its SNAT flow: sent \
+             to the client from the VIP"
+                .into(),
+            input,
+            "eth1",
+            verdict::REDIRECT,
+            want,
+        ));
+    }
+    for (description, input, ingress, want_verdict, want) in &icmp_cases {
+        run += 1;
+        attempt(&mut failures, description, || {
+            let out = prog.test_run_on(input, Some(ifindex(ingress))).unwrap();
+            assert_eq!(
+                verdict::name(out.verdict),
+                verdict::name(*want_verdict),
+                "{description}: verdict"
+            );
+            check_output(description, want, &out.packet);
+        });
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {run} fixtures failed:\n  {}",
+        failures.len(),
+        failures.join("\n  ")
+    );
     assert!(prog.stat(stat::ICMP_ERROR_NAT).unwrap() >= 3);
     assert!(run >= 40, "only {run} fixtures ran");
     assert!(prog.stat(stat::PASS_FRAGMENT).unwrap() >= 2);
-    assert!(prog.stat(stat::PASS_MALFORMED).unwrap() >= 10);
+    // Truncated frames: a header cut short (malformed), or an IP length past the frame.
+    assert!(
+        prog.stat(stat::PASS_MALFORMED).unwrap() + prog.stat(stat::PASS_BAD_LENGTH).unwrap() >= 10
+    );
     assert!(prog.stat(stat::REPLY_NAT).unwrap() >= 5);
     assert!(prog.stat(stat::DROP_NO_BACKEND).unwrap() >= 2);
     println!("{run} fixtures passed");
+}
+
+/// Checks that `out` is an ICMP fragmentation-needed (IPv4) or ICMPv6 packet-too-big
+/// answering `input` (an untagged frame): MACs swapped, from the packet's destination to its
+/// source, the MTU, every checksum right, and the start of the packet as it arrived quoted.
+fn check_too_big(description: &str, input: &[u8], out: &[u8], mtu: u32) {
+    let v6 = u16::from_be_bytes([input[12], input[13]]) == 0x86dd;
+    assert_eq!(out[0..6], input[6..12], "{description}: destination MAC");
+    assert_eq!(out[6..12], input[0..6], "{description}: source MAC");
+    assert_eq!(out[12..14], input[12..14], "{description}: ethertype");
+    let (ip, icmp) = if v6 {
+        (&out[14..54], &out[54..])
+    } else {
+        (&out[14..34], &out[34..])
+    };
+    let quote_max = if v6 { 1232 } else { 548 };
+    let arrived = &input[14..];
+    let quoted = &arrived[..arrived.len().min(quote_max)];
+    assert_eq!(&icmp[8..], quoted, "{description}: quote");
+    if v6 {
+        assert_eq!(ip[0] >> 4, 6, "{description}: version");
+        assert_eq!(
+            usize::from(u16::from_be_bytes([ip[4], ip[5]])),
+            icmp.len(),
+            "{description}: payload length"
+        );
+        assert_eq!(ip[6], 58, "{description}: next header");
+        assert!(ip[7] > 1, "{description}: hop limit");
+        assert_eq!(
+            ip[8..24],
+            arrived[24..40],
+            "{description}: from the destination"
+        );
+        assert_eq!(ip[24..40], arrived[8..24], "{description}: to the source");
+        assert_eq!((icmp[0], icmp[1]), (2, 0), "{description}: type, code");
+        assert_eq!(
+            u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]),
+            mtu,
+            "{description}: MTU"
+        );
+        let mut acc = ones_sum(&ip[8..40], 0);
+        acc = ones_sum(&(icmp.len() as u32).to_be_bytes(), acc);
+        acc = ones_sum(&[0, 58], acc);
+        acc = ones_sum(icmp, acc);
+        assert_eq!(ones_sum_finish(acc), 0, "{description}: ICMPv6 checksum");
+    } else {
+        assert_eq!(ip[0], 0x45, "{description}: version, header length");
+        assert_eq!(
+            usize::from(u16::from_be_bytes([ip[2], ip[3]])),
+            20 + icmp.len(),
+            "{description}: total length"
+        );
+        assert_eq!(ip[9], 1, "{description}: protocol");
+        assert!(ip[8] > 1, "{description}: TTL");
+        assert_eq!(
+            ones_sum_finish(ones_sum(ip, 0)),
+            0,
+            "{description}: header checksum"
+        );
+        assert_eq!(
+            ip[12..16],
+            arrived[16..20],
+            "{description}: from the destination"
+        );
+        assert_eq!(ip[16..20], arrived[12..16], "{description}: to the source");
+        assert_eq!((icmp[0], icmp[1]), (3, 4), "{description}: type, code");
+        assert_eq!(
+            u32::from(u16::from_be_bytes([icmp[6], icmp[7]])),
+            mtu,
+            "{description}: next-hop MTU"
+        );
+        assert_eq!(
+            ones_sum_finish(ones_sum(icmp, 0)),
+            0,
+            "{description}: ICMP checksum"
+        );
+    }
+}
+
+/// Issue 10, defect 6: a packet too big for the backend side's MTU is answered with ICMP
+/// fragmentation needed / packet too big (rate-limited), whether or not its next hop is
+/// cached; IPv4 without DF is rewritten and left to the stack to fragment.
+#[test]
+fn a_packet_too_big_for_the_next_hop_is_answered_with_icmp() {
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    lb.run(&["ip", "link", "set", "eth1", "mtu", "1400"])
+        .unwrap();
+    let balancer = balancer();
+    let prog = balancer.program();
+    let _in_lb = lb.enter().unwrap();
+    // The ICMP rate limit is per CPU: stay on one.
+    pin_to_cpu(0);
+    let eth0 = ifindex("eth0");
+    let be4: Vec<IpAddr> = BACKENDS4.iter().map(|a| v4(*a)).collect();
+
+    // A TCP flow, its next hop now cached.
+    let out = prog
+        .test_run_on(&tcp4(CLIENT4, VIP4, 40300, 80, SYN), Some(eth0))
+        .unwrap();
+    assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
+    let (backend, _) = endpoint(&out.packet, false);
+    let (_, snat_port) = endpoint(&out.packet, true);
+    assert!(be4.contains(&backend));
+    let big = |df: bool| {
+        let mut p = build(
+            CLIENT_MAC,
+            LB0_MAC,
+            Vlan::None,
+            v4(CLIENT4),
+            v4(VIP4),
+            64,
+            L4::Tcp { flags: ACK },
+            40300,
+            80,
+            &[0x3c; 1410],
+        );
+        if !df {
+            p[20] &= !0x40;
+            fix_ipv4_checksum(&mut p);
+        }
+        p
+    };
+    let too_big = |what: &str, input: &[u8]| {
+        let sent = prog.stat(stat::ICMP_TOO_BIG).unwrap();
+        let out = prog.test_run_on(input, Some(eth0)).unwrap();
+        assert_eq!(verdict::name(out.verdict), "XDP_TX", "{what}: verdict");
+        check_too_big(what, input, &out.packet, 1400);
+        assert_eq!(prog.stat(stat::ICMP_TOO_BIG).unwrap(), sent + 1, "{what}");
+    };
+    too_big("tcp4 1450 bytes with DF, next hop cached", &big(true));
+
+    // Without DF: translated and passed, for the stack to fragment.
+    let input = big(false);
+    let out = prog.test_run_on(&input, Some(eth0)).unwrap();
+    assert_eq!(verdict::name(out.verdict), "XDP_PASS", "no DF: verdict");
+    // The stack forwards (and fragments) it: the MACs are left to it.
+    let want = reference_nat(
+        &input,
+        CLIENT_MAC,
+        LB0_MAC,
+        v4(SNAT4),
+        backend,
+        snat_port,
+        8080,
+    );
+    check_output("tcp4 1450 bytes without DF", &want, &out.packet);
+    assert_eq!(prog.stat(stat::PASS_NEEDS_FRAG).unwrap(), 1);
+
+    // IPv6, a new UDP flow whose first datagram is too big.
+    let mut big6 = udp6(CLIENT6, VIP6, 51300, 53, &[0x6b; 1500]);
+    too_big("udp6 1548 bytes, new flow", &big6);
+    big6[62] ^= 1;
+    too_big("udp6 1548 bytes, tracked flow", &big6);
+
+    // Once the cached next hop expires, the FIB says the same.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    too_big("tcp4 1450 bytes with DF, next hop expired", &big(true));
+    assert_eq!(prog.stat(stat::DROP_NO_ROUTE).unwrap(), 0);
+
+    // Rate-limited: at most 1000 answers per CPU per second, the rest dropped.
+    let (sent, dropped) = (
+        prog.stat(stat::ICMP_TOO_BIG).unwrap(),
+        prog.stat(stat::DROP_TOO_BIG).unwrap(),
+    );
+    let input = big(true);
+    for _ in 0..2500 {
+        let out = prog.test_run_on(&input, Some(eth0)).unwrap();
+        assert!(matches!(out.verdict, verdict::TX | verdict::DROP));
+    }
+    let sent = prog.stat(stat::ICMP_TOO_BIG).unwrap() - sent;
+    let dropped = prog.stat(stat::DROP_TOO_BIG).unwrap() - dropped;
+    assert_eq!(sent + dropped, 2500);
+    assert!(dropped >= 400, "{sent} answered, {dropped} dropped");
+}
+
+/// Keeps the calling thread on one CPU (per-CPU state and limits stay put).
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity only touch it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning the test thread to CPU {cpu}"
+        );
+    }
 }

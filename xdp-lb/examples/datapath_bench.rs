@@ -1,14 +1,28 @@
 //! Per-packet cost of the XDP balancer under `BPF_PROG_TEST_RUN` (needs root).
 //!
-//! `cargo run --release -p portico-xdp --example datapath_bench [-- --calls 100000] [--case NAME]`
-//!
-//! `--case NAME` times only that case and the floor (for profiling one path).
+//! `cargo run --release -p portico-xdp --example datapath_bench [-- --calls 100000]
+//! [--case NAME] [--flow-cache ENTRIES]`
 //!
 //! Method (as Katran's BpfTester): every call runs the program once (`repeat = 1`) on a fresh
 //! copy of the input, and the kernel-measured durations are averaged; `repeat > 1` would feed
-//! the rewritten packet back in. Every call's verdict is checked. Each round runs a block of
-//! calls per case, rounds rotate so machine noise hits all cases alike; one JSON line per
-//! case, then a summary line.
+//! the rewritten packet back in. Every call's verdict is checked. Rounds alternate a block of
+//! calls of a case with a block of the floor (a program that swaps the MACs and sends the
+//! frame back), so machine noise hits both alike; ratios are per-round medians. The thread
+//! stays on one CPU (the flow cache and LRU lists are per CPU).
+//!
+//! Parts, in one run:
+//! 1. One flow: `tcp4_ct_hit`, `udp6_ct_hit`, `tcp4_ct_hit_redirect`, `tcp4_reply`,
+//!    `non_vip_pass`; `tcp4_new_flow` / `tcp6_new_flow` (a new client every call).
+//! 2. Many flows: ACKs round-robin over N established flows (N = 1, 1,000, 10,000,
+//!    100,000) from random client addresses and ports, IPv4 and IPv6, with the flow cache's
+//!    hit rate.
+//! 3. SNAT port picks: new flows to a one-backend service whose ports are 10 %, 50 % and
+//!    90 % taken.
+//!
+//! One JSON line per case, then the summary line:
+//! `{"ct_hit_over_floor_n1":..,"ct_hit_over_floor_n1000":..,"ct_hit_over_floor_n10000":..,
+//! "ct_hit_over_floor_n100000":..,"new_flow_over_floor":..}` (IPv4; IPv6 on the line before).
+//! `--case NAME` runs the cases whose name contains NAME.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -22,15 +36,24 @@ use portico_xdp::{
     verdict, BackendSpec, Balancer, LoadOptions, NodeConfig, Protocol, ServiceKey, ServiceSpec,
     XdpBalancer, XdpProgram,
 };
+use portico_xdp_common::stat;
 
 const VIP4: [u8; 4] = [203, 0, 113, 10];
-const VIP6: &str = "fd00:203::10";
+const VIP6: [u8; 16] = [0xfd, 0, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
 const ROUNDS: usize = 10;
+/// SNAT source ports: 64,512 of them.
+const SNAT_PORTS: (u16, u16) = (1024, 65535);
+/// The listener whose one backend's SNAT ports the port-pick part fills.
+const PICK_PORT: u16 = 82;
 
-fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(fibnet::CLIENT_MAC, fibnet::LB0_MAC)
-        .ipv4(src, dst, 64)
-        .tcp(sport, dport, 1, 64240);
+fn tcp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, syn: bool) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(fibnet::CLIENT_MAC, fibnet::LB0_MAC);
+    let b = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
+        _ => unreachable!("one family"),
+    }
+    .tcp(sport, dport, 1, 64240);
     let b = if syn { b.syn() } else { b.ack(1) };
     let mut out = Vec::new();
     b.write(&mut out, &[]).expect("building a packet");
@@ -39,77 +62,190 @@ fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> Vec<u8
 
 fn udp6(sport: u16) -> Vec<u8> {
     let src: Ipv6Addr = "fd00:18::1".parse().expect("address");
-    let dst: Ipv6Addr = VIP6.parse().expect("address");
     let mut out = Vec::new();
     PacketBuilder::ethernet2(fibnet::CLIENT_MAC, fibnet::LB0_MAC)
-        .ipv6(src.octets(), dst.octets(), 64)
+        .ipv6(src.octets(), VIP6, 64)
         .udp(sport, 53)
         .write(&mut out, b"0123456789abcdef")
         .expect("building a packet");
     out
 }
 
-struct Case {
-    name: &'static str,
-    total: Duration,
-    calls: u64,
+fn vip(v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::from(VIP6))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(VIP4))
+    }
 }
 
-impl Case {
-    fn new(name: &'static str) -> Self {
-        Self {
-            name,
-            total: Duration::ZERO,
-            calls: 0,
-        }
+/// A deterministic source of client addresses and ports.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
     }
 
+    /// A random client: IPv4 in 10/8, IPv6 in fd00:c1::/64; a port from 1024.
+    fn client(&mut self, v6: bool) -> (IpAddr, u16) {
+        let r = self.next();
+        let port = 1024 + (r >> 48) as u16 % 64000;
+        let addr = if v6 {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&[0xfd, 0, 0, 0xc1]);
+            a[8..].copy_from_slice(&self.next().to_be_bytes());
+            IpAddr::V6(Ipv6Addr::from(a))
+        } else {
+            IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | (r as u32 & 0x00ff_ffff)))
+        };
+        (addr, port)
+    }
+}
+
+/// Accumulated kernel time and calls of a case, and of the floor in the same rounds.
+#[derive(Default)]
+struct Timing {
+    total: Duration,
+    calls: u64,
+    floor_total: Duration,
+    floor_calls: u64,
+    ratios: Vec<f64>,
+}
+
+impl Timing {
     fn ns(&self) -> f64 {
         self.total.as_nanos() as f64 / self.calls.max(1) as f64
     }
+    fn floor_ns(&self) -> f64 {
+        self.floor_total.as_nanos() as f64 / self.floor_calls.max(1) as f64
+    }
+    fn median_ratio(&mut self) -> f64 {
+        self.ratios.sort_by(f64::total_cmp);
+        self.ratios.get(self.ratios.len() / 2).copied().unwrap_or(f64::NAN)
+    }
 }
 
-fn record(case: &mut Case, out: &portico_xdp::TestRunOutput, want: u32) -> Result<()> {
-    if out.verdict != want {
-        bail!(
-            "{}: verdict {} (want {})",
-            case.name,
-            verdict::name(out.verdict),
-            verdict::name(want)
+struct Bench {
+    balancer: XdpBalancer,
+    eth0: u32,
+    floor_packet: Vec<u8>,
+}
+
+impl Bench {
+    fn run(&self, packet: &[u8], want: u32, what: &str) -> Result<Duration> {
+        let out = self.balancer.program().test_run_on(packet, Some(self.eth0))?;
+        if out.verdict != want {
+            bail!(
+                "{what}: verdict {} (want {})",
+                verdict::name(out.verdict),
+                verdict::name(want)
+            );
+        }
+        Ok(out.duration)
+    }
+
+    fn floor(&mut self) -> Result<Duration> {
+        let out = self
+            .balancer
+            .program_mut()
+            .test_run_floor(&self.floor_packet, Some(self.eth0))?;
+        ensure!(out.verdict == verdict::TX, "floor: {}", verdict::name(out.verdict));
+        Ok(out.duration)
+    }
+
+    /// `rounds` rounds of `per_round` calls of `case` (given the call's index), each
+    /// followed by as many floor calls.
+    fn time(
+        &mut self,
+        per_round: usize,
+        mut case: impl FnMut(&mut Self, usize) -> Result<Duration>,
+    ) -> Result<Timing> {
+        let mut t = Timing::default();
+        let mut i = 0;
+        for _ in 0..ROUNDS {
+            let (mut c, mut f) = (Duration::ZERO, Duration::ZERO);
+            for _ in 0..per_round {
+                c += case(self, i)?;
+                i += 1;
+            }
+            for _ in 0..per_round {
+                f += self.floor()?;
+            }
+            t.total += c;
+            t.floor_total += f;
+            t.calls += per_round as u64;
+            t.floor_calls += per_round as u64;
+            t.ratios.push(c.as_nanos() as f64 / f.as_nanos().max(1) as f64);
+        }
+        Ok(t)
+    }
+
+    fn stat(&self, idx: u32) -> Result<u64> {
+        Ok(self.balancer.program().stat(idx)?)
+    }
+}
+
+fn report(name: &str, t: &mut Timing, extra: &str) -> f64 {
+    let ratio = t.median_ratio();
+    println!(
+        "{{\"case\":\"{name}\",\"ns_per_pkt\":{:.1},\"floor_ns\":{:.1},\"over_floor\":{ratio:.2},\"calls\":{}{extra}}}",
+        t.ns(),
+        t.floor_ns(),
+        t.calls
+    );
+    ratio
+}
+
+fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity only touch it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        ensure!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0,
+            "pinning to CPU {cpu}"
         );
     }
-    case.total += out.duration;
-    case.calls += 1;
     Ok(())
 }
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let calls: usize = match args.iter().position(|a| a == "--calls") {
-        Some(i) => args.get(i + 1).context("--calls needs a value")?.parse()?,
-        None => 100_000,
+    let arg = |name: &str| -> Result<Option<String>> {
+        Ok(match args.iter().position(|a| a == name) {
+            Some(i) => Some(args.get(i + 1).context("a value")?.clone()),
+            None => None,
+        })
     };
+    let calls: usize = arg("--calls")?.map_or(Ok(100_000), |v| v.parse())?;
     ensure!(calls >= ROUNDS, "--calls must be at least {ROUNDS}");
-    let only: Option<String> = match args.iter().position(|a| a == "--case") {
-        Some(i) => Some(args.get(i + 1).context("--case needs a value")?.clone()),
-        None => None,
-    };
+    let only = arg("--case")?;
+    let flow_cache_entries: u32 = arg("--flow-cache")?.map_or(Ok(16_384), |v| v.parse())?;
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| name.contains(o));
     let per_round = calls / ROUNDS;
 
     let mut net = TestNet::new()?;
     let lb = fibnet::lb_namespace(&mut net)?;
     let program = XdpProgram::load_with(LoadOptions {
         max_services: 16,
-        max_backends: 64,
+        max_backends: 128,
         ring_size: 16381,
+        // 131,072 per CPU: the largest case's flows fit; earlier cases' flows, no longer
+        // used, are what the LRU evicts.
         conntrack_entries: 262_144,
+        flow_cache_entries,
         ..LoadOptions::default()
     })?;
     let mut balancer = XdpBalancer::new(program);
     balancer.configure_node(&NodeConfig {
         snat_v4: Some(Ipv4Addr::from(fibnet::SNAT4)),
         snat_v6: Some(fibnet::SNAT6.parse()?),
-        snat_ports: (1024, 65535),
+        snat_ports: SNAT_PORTS,
         ..NodeConfig::default()
     })?;
     // One-armed (the usual bare-metal node: clients and backends behind the same NIC, so
@@ -134,53 +270,65 @@ fn main() -> Result<()> {
             weight: 1,
         })
         .collect();
-    for (vip, port, proto, backends) in [
+    for (v6, port, proto, backends) in [
+        (false, 80, Protocol::Tcp, one_arm(false)),
+        (false, 81, Protocol::Tcp, other_nic),
         (
-            IpAddr::V4(Ipv4Addr::from(VIP4)),
-            80,
+            false,
+            PICK_PORT,
             Protocol::Tcp,
-            one_arm(false),
+            vec![BackendSpec {
+                addr: IpAddr::V4(Ipv4Addr::from(fibnet::BACKEND_ON_ETH0)),
+                port: 8080,
+                weight: 1,
+            }],
         ),
-        (
-            IpAddr::V4(Ipv4Addr::from(VIP4)),
-            81,
-            Protocol::Tcp,
-            other_nic,
-        ),
-        (IpAddr::V6(VIP6.parse()?), 53, Protocol::Udp, one_arm(true)),
+        (true, 53, Protocol::Udp, one_arm(true)),
+        (true, 443, Protocol::Tcp, one_arm(true)),
     ] {
         balancer.upsert_service(&ServiceSpec {
-            key: ServiceKey { vip, port, proto },
+            key: ServiceKey {
+                vip: vip(v6),
+                port,
+                proto,
+            },
             backends,
             hash_source_only: false,
         })?;
     }
 
     let _in_lb = lb.enter()?;
+    if std::env::var("NO_PIN").is_err() {
+        pin_to_cpu(0)?;
+    }
     let eth0 = fibnet::ifindex("eth0")?;
-    let established = tcp4([198, 18, 0, 1], VIP4, 40000, 80, false);
-    let established_81 = tcp4([198, 18, 0, 1], VIP4, 40000, 81, false);
+    let client4 = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
+    let established = tcp(client4, vip(false), 40000, 80, false);
+    let mut bench = Bench {
+        balancer,
+        eth0,
+        floor_packet: established.clone(),
+    };
+    let mut rng = Rng(0x5052_5443);
+
+    // ---- 1. one flow ----
+    let established_81 = tcp(client4, vip(false), 40000, 81, false);
     let udp = udp6(50000);
-    let not_vip = tcp4([198, 18, 0, 1], [198, 18, 0, 254], 40001, 80, true);
-    // Warm: create the tracked flows and the next-hop cache.
-    for p in [&tcp4([198, 18, 0, 1], VIP4, 40000, 81, true), &udp] {
-        balancer.program().test_run_on(p, Some(eth0))?;
+    let not_vip = tcp(client4, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 254)), 40001, 80, true);
+    for p in [&tcp(client4, vip(false), 40000, 81, true), &udp, &udp] {
+        bench.balancer.program().test_run_on(p, Some(eth0))?;
     }
     // The one-armed TCP flow: its SYN tells which backend and SNAT port replies come from.
-    let syn = balancer
+    let syn = bench
+        .balancer
         .program()
-        .test_run_on(&tcp4([198, 18, 0, 1], VIP4, 40000, 80, true), Some(eth0))?;
-    ensure!(
-        syn.verdict == verdict::TX,
-        "the warm-up SYN was not forwarded"
-    );
+        .test_run_on(&tcp(client4, vip(false), 40000, 80, true), Some(eth0))?;
+    ensure!(syn.verdict == verdict::TX, "the warm-up SYN was not forwarded");
+    for p in [&established, &established_81] {
+        bench.balancer.program().test_run_on(p, Some(eth0))?;
+    }
     let (backend, snat_port) = (
-        [
-            syn.packet[30],
-            syn.packet[31],
-            syn.packet[32],
-            syn.packet[33],
-        ],
+        [syn.packet[30], syn.packet[31], syn.packet[32], syn.packet[33]],
         u16::from_be_bytes([syn.packet[34], syn.packet[35]]),
     );
     let reply = {
@@ -192,99 +340,115 @@ fn main() -> Result<()> {
             .write(&mut out, &[])?;
         out
     };
-    // Index 0 is the ratio's numerator, FLOOR its denominator.
-    const FLOOR: usize = 4;
-    let mut cases = [
-        Case::new("tcp4_ct_hit"),
-        Case::new("tcp4_new_flow"),
-        Case::new("udp6_ct_hit"),
-        Case::new("non_vip_pass"),
-        Case::new("floor_xdp_tx"),
-        Case::new("tcp4_ct_hit_redirect"),
-        Case::new("tcp4_reply"),
+    let mut new_flow_ratio = (f64::NAN, f64::NAN);
+    type Case<'a> = (&'static str, Box<dyn FnMut(&mut Bench, usize) -> Result<Duration> + 'a>);
+    let one_flow: Vec<Case> = vec![
+        ("tcp4_ct_hit", Box::new(|b, _| b.run(&established, verdict::TX, "tcp4_ct_hit"))),
+        (
+            "tcp4_new_flow",
+            Box::new(|b, i| {
+                // A new flow each call: distinct client address and port.
+                let src = IpAddr::V4(Ipv4Addr::from(0x6440_0000 | (i as u32 >> 14)));
+                let p = tcp(src, vip(false), 1024 + (i & 0x3fff) as u16, 80, true);
+                b.run(&p, verdict::TX, "tcp4_new_flow")
+            }),
+        ),
+        (
+            "tcp6_new_flow",
+            Box::new(|b, i| {
+                let mut a = [0u8; 16];
+                a[..4].copy_from_slice(&[0xfd, 0, 0, 0xc2]);
+                a[12..].copy_from_slice(&(i as u32 >> 14).to_be_bytes());
+                let src = IpAddr::V6(Ipv6Addr::from(a));
+                let p = tcp(src, vip(true), 1024 + (i & 0x3fff) as u16, 443, true);
+                b.run(&p, verdict::TX, "tcp6_new_flow")
+            }),
+        ),
+        ("udp6_ct_hit", Box::new(|b, _| b.run(&udp, verdict::TX, "udp6_ct_hit"))),
+        (
+            "non_vip_pass",
+            Box::new(|b, _| b.run(&not_vip, verdict::PASS, "non_vip_pass")),
+        ),
+        (
+            "tcp4_ct_hit_redirect",
+            Box::new(|b, _| b.run(&established_81, verdict::REDIRECT, "redirect")),
+        ),
+        ("tcp4_reply", Box::new(|b, _| b.run(&reply, verdict::TX, "tcp4_reply"))),
     ];
-    let wanted: Vec<bool> = cases
-        .iter()
-        .map(|c| only.as_deref().is_none_or(|o| o == c.name) || c.name == "floor_xdp_tx")
-        .collect();
-    let mut round_ratio = Vec::with_capacity(ROUNDS);
-    let mut flow = 0u32;
-    for _ in 0..ROUNDS {
-        let (hit_before, floor_before) = (cases[0].total, cases[FLOOR].total);
-        // Each case runs a block of calls in a row (its maps stay warm, as in a steady
-        // stream of that traffic); the blocks rotate across rounds so noise hits all alike.
-        for (i, case) in cases.iter_mut().enumerate() {
-            if !wanted[i] {
+    for (name, mut case) in one_flow {
+        if !wanted(name) {
+            continue;
+        }
+        let mut t = bench.time(per_round, |b, i| case(b, i))?;
+        let r = report(name, &mut t, "");
+        match name {
+            "tcp4_new_flow" => new_flow_ratio.0 = r,
+            "tcp6_new_flow" => new_flow_ratio.1 = r,
+            _ => {}
+        }
+    }
+
+    // ---- 2. many flows ----
+    let mut many = [[f64::NAN; 4]; 2];
+    for (f, v6) in [false, true].into_iter().enumerate() {
+        for (k, n) in [1usize, 1_000, 10_000, 100_000].into_iter().enumerate() {
+            let name = format!("tcp{}_ct_hit_n{n}", if v6 { 6 } else { 4 });
+            if !wanted(&name) {
                 continue;
             }
-            for _ in 0..per_round {
-                let (out, want) = match i {
-                    0 => (
-                        balancer.program().test_run_on(&established, Some(eth0))?,
-                        verdict::TX,
-                    ),
-                    1 => {
-                        // A new flow each call: distinct client address and port.
-                        flow += 1;
-                        let src = [198, 18, 0, 1 + (flow >> 16) as u8];
-                        let syn = tcp4(src, VIP4, (flow & 0xffff) as u16 | 1024, 80, true);
-                        (
-                            balancer.program().test_run_on(&syn, Some(eth0))?,
-                            verdict::TX,
-                        )
-                    }
-                    2 => (
-                        balancer.program().test_run_on(&udp, Some(eth0))?,
-                        verdict::TX,
-                    ),
-                    3 => (
-                        balancer.program().test_run_on(&not_vip, Some(eth0))?,
-                        verdict::PASS,
-                    ),
-                    FLOOR => (
-                        balancer
-                            .program_mut()
-                            .test_run_floor(&established, Some(eth0))?,
-                        verdict::TX,
-                    ),
-                    5 => (
-                        balancer
-                            .program()
-                            .test_run_on(&established_81, Some(eth0))?,
-                        verdict::REDIRECT,
-                    ),
-                    _ => (
-                        balancer.program().test_run_on(&reply, Some(eth0))?,
-                        verdict::TX,
-                    ),
-                };
-                record(case, &out, want)?;
+            let (port, vaddr) = (if v6 { 443 } else { 80 }, vip(v6));
+            let acks: Vec<Vec<u8>> = (0..n)
+                .map(|_| {
+                    let (src, sport) = rng.client(v6);
+                    tcp(src, vaddr, sport, port, false)
+                })
+                .collect();
+            // Establish: the SYN makes the flow, the ACK caches it.
+            for ack in &acks {
+                let mut syn = ack.clone();
+                let flags = syn.len() - 20 + 13;
+                syn[flags] = 0x02;
+                bench.run(&syn, verdict::TX, "establishing")?;
+                bench.run(ack, verdict::TX, "establishing")?;
             }
+            let (hits, slow) = (bench.stat(stat::CT_HIT)?, bench.stat(stat::CT_SLOW)?);
+            let per_round = per_round.max(2 * n / ROUNDS);
+            let mut t = bench.time(per_round, |b, i| b.run(&acks[i % n], verdict::TX, "ct_hit"))?;
+            let hits = bench.stat(stat::CT_HIT)? - hits;
+            let slow = bench.stat(stat::CT_SLOW)? - slow;
+            let hit_rate = 1.0 - slow as f64 / hits.max(1) as f64;
+            many[f][k] = report(&name, &mut t, &format!(",\"flow_cache_hit_rate\":{hit_rate:.3}"));
         }
-        let hit = (cases[0].total - hit_before).as_nanos() as f64;
-        let floor = (cases[FLOOR].total - floor_before).as_nanos() as f64;
-        round_ratio.push(hit / floor.max(1.0));
     }
-    for c in cases.iter().filter(|c| c.calls > 0) {
-        println!(
-            "{{\"case\":\"{}\",\"ns_per_pkt\":{:.1},\"calls\":{}}}",
-            c.name,
-            c.ns(),
-            c.calls
-        );
+
+    // ---- 3. SNAT port picks ----
+    if wanted("port_pick") {
+        let range = usize::from(SNAT_PORTS.1 - SNAT_PORTS.0) + 1;
+        let mut filled = 0;
+        for percent in [10usize, 50, 90] {
+            // Fill the one backend's ports to the level, then time new flows (2 % more).
+            while filled < range * percent / 100 {
+                let (src, sport) = rng.client(false);
+                bench.run(&tcp(src, vip(false), sport, PICK_PORT, true), verdict::TX, "filling")?;
+                filled += 1;
+            }
+            let per_round = range / 50 / ROUNDS;
+            let mut t = bench.time(per_round, |b, _| {
+                let (src, sport) = rng.client(false);
+                b.run(&tcp(src, vip(false), sport, PICK_PORT, true), verdict::TX, "port_pick")
+            })?;
+            filled += per_round * ROUNDS;
+            report(&format!("tcp4_new_flow_ports_{percent}pct_taken"), &mut t, "");
+        }
     }
-    round_ratio.sort_by(f64::total_cmp);
-    let median_ratio = round_ratio[ROUNDS / 2];
-    eprintln!(
-        "tcp4_ct_hit / floor_xdp_tx: {:.2} overall, per-round median {median_ratio:.2} (min {:.2}, max {:.2})",
-        cases[0].ns() / cases[FLOOR].ns(),
-        round_ratio[0],
-        round_ratio[ROUNDS - 1]
+
+    println!(
+        "{{\"v6_ct_hit_over_floor_n1\":{:.2},\"v6_ct_hit_over_floor_n1000\":{:.2},\"v6_ct_hit_over_floor_n10000\":{:.2},\"v6_ct_hit_over_floor_n100000\":{:.2},\"v6_new_flow_over_floor\":{:.2}}}",
+        many[1][0], many[1][1], many[1][2], many[1][3], new_flow_ratio.1
     );
     println!(
-        "{{\"tcp4_ct_hit_over_floor\":{:.2},\"tcp4_new_flow_over_floor\":{:.2},\"round_median_ct_hit_over_floor\":{median_ratio:.2}}}",
-        cases[0].ns() / cases[FLOOR].ns(),
-        cases[1].ns() / cases[FLOOR].ns()
+        "{{\"ct_hit_over_floor_n1\":{:.2},\"ct_hit_over_floor_n1000\":{:.2},\"ct_hit_over_floor_n10000\":{:.2},\"ct_hit_over_floor_n100000\":{:.2},\"new_flow_over_floor\":{:.2}}}",
+        many[0][0], many[0][1], many[0][2], many[0][3], new_flow_ratio.0
     );
     Ok(())
 }

@@ -46,3 +46,25 @@ fn counter_program_counts_every_run() {
     assert_eq!(stats.packets, 10);
     assert_eq!(stats.bytes, 10 * packet.len() as u64);
 }
+
+/// The verifier accepts the program with room to spare: the instructions it walks stay well
+/// under its limit of a million, so the next feature does not tip it over.
+#[test]
+fn the_verifier_walks_the_program_well_within_its_limit() {
+    let _prog = load();
+    let walked: Vec<(String, u32)> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|info| {
+            let name = info.name_as_str()?.to_owned();
+            let count = info.verified_instruction_count()?;
+            (name == portico_xdp_common::PROGRAM_NAME).then_some((name, count))
+        })
+        .collect();
+    let most = walked
+        .iter()
+        .map(|(_, c)| *c)
+        .max()
+        .expect("the program is loaded");
+    println!("verifier walked {most} instructions");
+    assert!(most < 500_000, "{walked:?}");
+}

@@ -95,8 +95,30 @@ pub mod stat {
     pub const ICMP_ERROR_NAT: u32 = 17;
     /// Echo requests to a VIP answered.
     pub const ICMP_ECHO_REPLY: u32 = 18;
+    /// Passed untouched: an IP length field disagrees with the frame (IPv4 total length
+    /// beyond the frame or shorter than the headers, IPv6 payload length beyond the frame or
+    /// 0 without a hop-by-hop header, UDP length beyond the IP payload). The stack drops it.
+    pub const PASS_BAD_LENGTH: u32 = 19;
+    /// Passed untouched: IPv4 header checksum wrong (the stack drops it, `InCsumErrors`).
+    pub const PASS_BAD_CSUM: u32 = 20;
+    /// Passed untouched: IPv6 routing header with segments left, so the VIP is not the
+    /// final destination.
+    pub const PASS_ROUTING_HEADER: u32 = 21;
+    /// Passed untouched: the L4 header ends past the bytes the program parses (512).
+    pub const PASS_LONG_HEADERS: u32 = 22;
+    /// Too big for the next hop's MTU with DF (always, for IPv6): answered with ICMP
+    /// fragmentation needed / ICMPv6 packet too big, in place of the packet.
+    pub const ICMP_TOO_BIG: u32 = 23;
+    /// Dropped: too big for the next hop, and the per-CPU ICMP rate limit was reached.
+    pub const DROP_TOO_BIG: u32 = 24;
+    /// Passed after rewrite: IPv4 without DF bigger than the next hop's MTU; the stack
+    /// fragments it.
+    pub const PASS_NEEDS_FRAG: u32 = 25;
+    /// Of the `ct_hit` packets, those that missed this CPU's flow cache and were looked up
+    /// in `CONNTRACK`: the cache's hit rate is `1 - ct_slow / ct_hit`.
+    pub const CT_SLOW: u32 = 26;
     /// Number of counters in a [`crate::StatBlock`].
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 27;
 
     /// Each counter's name, by index, as status and metrics show it.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -119,6 +141,14 @@ pub mod stat {
         "pass_unsupported",
         "icmp_error_nat",
         "icmp_echo_reply",
+        "pass_bad_length",
+        "pass_bad_csum",
+        "pass_routing_header",
+        "pass_long_headers",
+        "icmp_too_big",
+        "drop_too_big",
+        "pass_needs_frag",
+        "ct_slow",
     ];
 }
 
@@ -427,7 +457,7 @@ pub struct Counters {
     pub new_flows: u64,
 }
 
-/// A cached next hop toward a backend ([`Backend::hop`]).
+/// A cached next hop toward a backend ([`Backend::hop`]) or a client.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHop {
@@ -436,8 +466,11 @@ pub struct NextHop {
     /// The first 12 bytes of the Ethernet header to write, as words: destination MAC, then
     /// source MAC.
     pub macs: [u32; 3],
-    /// Valid until (jiffies); 0 = empty.
-    pub expires: u64,
+    /// Valid until (the low 32 bits of jiffies, compared with wrap-around).
+    pub expires: u32,
+    /// The route's MTU as the FIB reported it: a bigger packet goes through the FIB again
+    /// (and is answered with ICMP too-big). 0 = empty, so an all-zero entry is never used.
+    pub mtu: u32,
 }
 
 #[cfg(feature = "user")]

@@ -26,7 +26,7 @@ pub fn diff128(old: &[u32; 4], new: &[u32; 4]) -> u64 {
 
 /// Folds a 64-bit accumulator to 16 bits with end-around carry.
 #[inline(always)]
-fn fold(mut sum: u64) -> u16 {
+pub fn fold(mut sum: u64) -> u16 {
     sum = (sum & 0xffff_ffff) + (sum >> 32);
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);

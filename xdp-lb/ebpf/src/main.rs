@@ -18,45 +18,102 @@ mod maps;
 mod nat;
 #[cfg(target_arch = "bpf")]
 mod parse;
+#[cfg(target_arch = "bpf")]
+mod pmtu;
+#[cfg(target_arch = "bpf")]
+mod snat;
 
 #[cfg(target_arch = "bpf")]
 mod program {
     use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-    use portico_xdp_common::{family, proto, stat, VipKey};
+    use portico_xdp_common::{family, proto, stat};
 
     use crate::{
         icmp,
         maps::{self, Stats},
         nat,
-        parse::{self, Skip},
+        parse::{self, Parsed, Skip},
     };
 
+    /// What [`front`] asks the entry point to do, when not a verdict (verdicts are below
+    /// 0x100): call a slow path. TCP flags ride in bits 24..32.
+    const SLOW_BALANCE: u32 = 0x100;
+    const SLOW_REPLY: u32 = 0x200;
+    const SLOW_ICMP: u32 = 0x300;
+    /// With [`SLOW_REPLY`]: the destination may also be a VIP.
+    const MAYBE_VIP: u32 = 0x1_0000;
+
     /// Entry point, frags-aware (`xdp.frags` section): lengths come from the real buffer.
+    ///
+    /// Its own frame is small: the front half ([`front`]: checks and the cached fast path)
+    /// is a BPF function whose frame is gone by the time a slow path (a global function with
+    /// its own frame) is called, and the stack is 512 bytes for the whole chain.
     #[xdp(frags)]
     pub fn portico_xdp(ctx: XdpContext) -> u32 {
         let Some(st) = Stats::get() else {
             return xdp_action::XDP_PASS;
         };
         st.add(stat::PACKETS, 1);
-        match try_balance(&ctx, &st) {
-            Ok(verdict) => verdict,
+        let p = match parse::parse(&ctx) {
+            Ok(p) => p,
             Err(skip) => {
                 // Not parsed: the linear part is what there is to count.
                 st.add(stat::BYTES, (ctx.data_end() - ctx.data()) as u64);
+                st.add(skip.stat(), 1);
+                return xdp_action::XDP_PASS;
+            }
+        };
+        st.add(stat::BYTES, p.ip_end as u64);
+        let step = front(&ctx, &p);
+        if step < SLOW_BALANCE {
+            return step;
+        }
+        let tcp_flags = (step >> 24) as u8;
+        match step & 0xf00 {
+            SLOW_ICMP => {
+                let verdict = icmp::handle_packet(&ctx, &p);
+                if verdict != icmp::NOT_MINE {
+                    return verdict;
+                }
+            }
+            SLOW_REPLY => {
+                let verdict = nat::reply_packet(&ctx, &p, tcp_flags);
+                if verdict != nat::NOT_MINE {
+                    return verdict;
+                }
+                if step & MAYBE_VIP != 0 {
+                    return nat::balance_packet(&ctx, &st, &p, tcp_flags);
+                }
+            }
+            _ => return nat::balance_packet(&ctx, &st, &p, tcp_flags),
+        }
+        st.add(stat::PASS_NOT_VIP, 1);
+        xdp_action::XDP_PASS
+    }
+
+    /// The front half: counts and verdicts for what is not ours, the checks every packet we
+    /// rewrite must pass, and the cached fast path. Returns a verdict, or the slow path to
+    /// take.
+    #[inline(never)]
+    fn front(ctx: &XdpContext, p: &Parsed) -> u32 {
+        let Some(st) = Stats::get() else {
+            return xdp_action::XDP_PASS;
+        };
+        match try_front(ctx, &st, p) {
+            Ok(step) => step,
+            Err(skip) => {
+                // Passed untouched (nothing was written yet), counted by reason.
                 st.add(skip.stat(), 1);
                 xdp_action::XDP_PASS
             }
         }
     }
 
-    /// Replies to the node's SNAT address are translated back; traffic to an address outside
-    /// the VIP filter passes after one array read; VIP traffic goes to its tracked backend
-    /// (one conntrack lookup) or, for a new flow, through the service's Maglev ring.
+    /// Replies to the node's SNAT address go to the reply path; traffic to an address
+    /// outside the VIP filter passes after one array read; VIP traffic of a cached flow goes
+    /// to its backend here, the rest to the slow path.
     #[inline(always)]
-    fn try_balance(ctx: &XdpContext, st: &Stats) -> Result<u32, Skip> {
-        let p = parse::parse(ctx)?;
-        let bytes = p.len;
-        st.add(stat::BYTES, bytes);
+    fn try_front(ctx: &XdpContext, st: &Stats, p: &Parsed) -> Result<u32, Skip> {
         let Some(cfg) = maps::CONFIG.get(0) else {
             return Ok(xdp_action::XDP_PASS);
         };
@@ -64,46 +121,31 @@ mod program {
             let icmp = (p.family == family::V4 && p.proto == proto::ICMP)
                 || (p.family == family::V6 && p.proto == proto::ICMPV6);
             if icmp {
-                if let Some(verdict) = icmp::handle(ctx, st, &p, cfg)? {
-                    return Ok(verdict);
-                }
+                return Ok(SLOW_ICMP);
             }
             st.add(stat::PASS_NOT_VIP, 1);
             return Ok(xdp_action::XDP_PASS);
         }
-        let t = nat::read_tuple(ctx, &p)?;
+        let t = nat::read_tuple(ctx, p)?;
         let key = &t.key;
-        if key.dst == nat::snat_addr(cfg, key.family) {
-            if let Some(verdict) = nat::reply(ctx, st, &p, &t, cfg, bytes)? {
-                return Ok(verdict);
-            }
-        }
-        if !maps::maybe_vip(key.family, &key.dst) {
+        let to_snat = key.dst == nat::snat_addr(cfg, key.family);
+        let maybe_vip = maps::maybe_vip(key.family, &key.dst);
+        if !to_snat && !maybe_vip {
             st.add(stat::PASS_NOT_VIP, 1);
             return Ok(xdp_action::XDP_PASS);
         }
-        if p.proto != proto::SCTP {
-            if let Some(verdict) = nat::tracked(ctx, st, &p, &t, cfg, bytes)? {
-                return Ok(verdict);
-            }
+        // Ours to rewrite: the stack would drop an IPv4 header with a bad checksum.
+        if p.family == family::V4 && !parse::ipv4_header_ok(ctx, p)? {
+            return Err(Skip::BadChecksum);
         }
-        let vip = VipKey {
-            addr: key.dst,
-            port: key.dport,
-            proto: key.proto,
-            family: key.family,
-        };
-        // SAFETY: read-only copy of the value.
-        let Some(svc) = (unsafe { maps::SERVICES.get(vip) }).copied() else {
-            st.add(stat::PASS_NOT_VIP, 1);
-            return Ok(xdp_action::XDP_PASS);
-        };
-        if p.proto == proto::SCTP {
-            // SCTP's CRC32c covers the whole packet: not rewritten in XDP (yet).
-            st.add(stat::PASS_UNSUPPORTED, 1);
-            return Ok(xdp_action::XDP_PASS);
+        let flags = u32::from(t.tcp_flags) << 24;
+        if to_snat {
+            return Ok(SLOW_REPLY | flags | if maybe_vip { MAYBE_VIP } else { 0 });
         }
-        nat::new_flow(ctx, st, &p, &t, &svc, cfg, bytes)
+        if let Some(verdict) = nat::cached(ctx, st, p, &t, cfg)? {
+            return Ok(verdict);
+        }
+        Ok(SLOW_BALANCE | flags)
     }
 
     /// Benchmark floor: swaps the MAC addresses and sends the frame back (XDP_TX). Loaded

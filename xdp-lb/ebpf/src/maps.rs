@@ -1,6 +1,7 @@
 //! The program's maps, one doc comment per map. Sizes are defaults; the loader sets the real
 //! ones before load (`EbpfLoader::set_max_entries`).
 use aya_ebpf::{
+    bindings::bpf_fib_lookup,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
@@ -67,8 +68,10 @@ pub static FLOW_CACHE: Array<FlowCacheEntry> = Array::with_max_entries(4096, BPF
 #[map(name = "REPLY_CACHE")]
 pub static REPLY_CACHE: Array<ReplyCacheEntry> = Array::with_max_entries(4096, BPF_F_MMAPABLE);
 
-/// Room for the keys and values a new flow's SNAT port reservation passes to map helpers,
-/// one per CPU: the program's stack is 512 bytes in all.
+/// Room for the keys and values the program passes to helpers (a new flow's SNAT port
+/// reservation, ICMP translation, the FIB lookup's parameter block), and the ICMP too-big
+/// rate limit, one per CPU: the program's stack is 512 bytes in all, for the whole chain of
+/// calls.
 #[map(name = "SCRATCH")]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
@@ -81,6 +84,14 @@ pub struct Scratch {
     pub owner: FlowKey,
     /// The reverse-NAT entry to insert.
     pub rev: RevNat,
+    /// Start (jiffies) of this CPU's current one-second window of ICMP too-big answers.
+    pub too_big_window: u64,
+    /// ICMP too-big answers sent by this CPU in that window.
+    pub too_big_sent: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// `bpf_fib_lookup`'s parameter block (64 bytes).
+    pub fib: bpf_fib_lookup,
 }
 
 /// Reverse NAT: backend → SNAT address:port 5-tuple → client and VIP. Also the SNAT port

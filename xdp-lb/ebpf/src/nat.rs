@@ -1,30 +1,42 @@
 //! NAT mode: client → VIP packets are DNATed to the backend and SNATed to the node, replies
 //! are translated back, both in XDP. Connection tracking pins flows to their backend; new
 //! flows consult the service's Maglev ring.
+//!
+//! The packet path is split for the verifier, which walks a function once per way to reach
+//! it: the established-flow fast path ([`cached`]) is inline in the entry point; the slow
+//! paths ([`balance_packet`]: conntrack and new flows, [`reply_packet`]: replies) are
+//! global BPF functions, one per family and transport, checked once each on their own.
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_NOEXIST},
+    bindings::{xdp_action, xdp_md},
     helpers::generated::bpf_jiffies64,
     programs::XdpContext,
 };
 use portico_xdp_common::{
     backend_state, family, flow_state, proto, service_flags, stat, Addr, Backend, Config, Flow,
-    FlowCacheEntry, FlowKey, ReplyCacheEntry, RevNat, Service,
+    FlowCacheEntry, FlowKey, NextHop, ReplyCacheEntry, RevNat, Service, VipKey,
 };
 
 use crate::{
     csum,
     fib::{self, Route},
     maps::{self, count, Stats},
-    parse::{load_addr, ptr_at, store32, store_addr, Parsed, Skip},
+    parse::{load_addr, ptr_at, store32, store_addr, used, Headers, Parsed, Skip},
+    snat,
 };
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
-/// SNAT ports tried before the new flow is dropped.
-const SNAT_PROBES: u32 = 8;
+/// What [`reply_packet`] returns for a packet that is not a reply to a translated flow.
+pub const NOT_MINE: u32 = u32::MAX;
+/// [`pick`]'s answer when a backend was picked (its id in the low bits).
+const PICKED: u32 = 0x2000_0000;
+/// A slow path's answer for a packet too big for its next hop: this bit, and the MTU in the
+/// low 16 bits. The entry point then answers with ICMP ([`crate::pmtu`]): its frame is not
+/// stacked on the slow path's.
+const TOO_BIG: u32 = 0x4000_0000;
 
 /// A packet's addresses and ports, read once.
 pub struct Tuple {
@@ -49,13 +61,34 @@ pub fn read_tuple(ctx: &XdpContext, p: &Parsed) -> Result<Tuple, Skip> {
         // SAFETY: 32 bytes checked.
         unsafe { (load_addr(a, false), load_addr(a.add(16), false)) }
     };
+    // The whole transport header (checksum included) is checked here, before anything is
+    // looked up or written: a packet refused later would be half rewritten.
     let mut tcp_flags = 0;
     if p.proto == proto::TCP {
         let t: *const [u8; 20] = ptr_at(ctx, p.l4)?;
         // SAFETY: 20 bytes checked.
-        tcp_flags = unsafe { (*t)[13] };
+        let (doff, flags) = unsafe { ((*t)[12] >> 4, (*t)[13]) };
+        if doff < 5 {
+            return Err(Skip::Malformed);
+        }
+        if p.l4 + (doff as usize) * 4 > p.ip_end {
+            return Err(Skip::BadLength);
+        }
+        tcp_flags = flags;
     } else {
-        let _: *const [u8; 8] = ptr_at(ctx, p.l4)?;
+        let u: *const [u8; 8] = ptr_at(ctx, p.l4)?;
+        // UDP (and SCTP's common header): 8 bytes within the IP payload; UDP's own length
+        // from 8 bytes up to the end of the IP payload.
+        if p.l4 + 8 > p.ip_end {
+            return Err(Skip::BadLength);
+        }
+        if p.proto == proto::UDP {
+            // SAFETY: 8 bytes checked.
+            let ulen = unsafe { u16::from_be_bytes([(*u)[4], (*u)[5]]) } as usize;
+            if ulen < 8 || p.l4 + ulen > p.ip_end {
+                return Err(Skip::BadLength);
+            }
+        }
     }
     let ports: *const [u16; 2] = ptr_at(ctx, p.l4)?;
     // SAFETY: checked above.
@@ -97,7 +130,7 @@ fn murmur_fin(mut h: u32) -> u32 {
 
 /// Flow hash, seeded so that every node picks the same backend for the same flow.
 #[inline(always)]
-fn flow_hash(k: &FlowKey, seed: u32, src_only: bool) -> u32 {
+pub(crate) fn flow_hash(k: &FlowKey, seed: u32, src_only: bool) -> u32 {
     let s = &k.src;
     let mut h = murmur_mix(seed, s[0] ^ s[1] ^ s[2] ^ s[3]);
     if !src_only {
@@ -117,7 +150,7 @@ fn now() -> u64 {
 }
 
 #[inline(always)]
-fn expired(f: &Flow, cfg: &Config, proto_: u8, now: u64) -> bool {
+pub(crate) fn expired(f: &Flow, cfg: &Config, proto_: u8, now: u64) -> bool {
     let timeout = if f.state == flow_state::CLOSING {
         cfg.tcp_closing_timeout
     } else if proto_ == proto::TCP {
@@ -162,177 +195,76 @@ fn maglev_pick(svc: &Service, cfg: &Config, key: &FlowKey) -> u32 {
     maps::RINGS.get(base + h % m).copied().unwrap_or(0)
 }
 
-/// Reserves a SNAT port toward `be` for the flow `key`: the port is taken exactly when its
-/// reverse-NAT entry exists, inserted with BPF_NOEXIST, so two flows never share one.
-/// Entries whose flow is gone (evicted, expired or moved) are reclaimed.
+/// The 5-tuple of a packet, from its checked headers.
 #[inline(always)]
-#[allow(
-    clippy::needless_borrows_for_generic_args,
-    reason = "keys and values are passed to the helpers where they are, in the scratch map"
-)]
-fn claim_snat_port(
-    key: &FlowKey,
-    be: &Backend,
-    snat: &Addr,
-    cfg: &Config,
-    svc: &Service,
-    now: u64,
-) -> Option<u16> {
-    let min = u32::from(cfg.snat_port_min);
-    let max = u32::from(cfg.snat_port_max);
-    if max < min {
-        return None;
+fn key_of<const V4: bool, const TCP: bool>(h: &Headers<V4, TCP>) -> FlowKey {
+    let (src, dst) = h.addrs();
+    // SAFETY: the transport header's first 4 bytes are checked.
+    let [sport, dport] = unsafe { *(h.l4 as *const [u16; 2]) };
+    FlowKey {
+        src,
+        dst,
+        sport,
+        dport,
+        proto: if TCP { proto::TCP } else { proto::UDP },
+        family: if V4 { family::V4 } else { family::V6 },
+        _pad: [0; 2],
     }
-    let range = max - min + 1;
-    let start = flow_hash(key, cfg.hash_seed ^ 0x5bd1_e995, false);
-    let sc = maps::SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's scratch entry; nothing else uses it while the program runs.
-    let sc = unsafe { &mut *sc };
-    sc.rev = rev_nat(key, svc.id as u16, now);
-    sc.rkey = reply_key(key, be, snat, 0);
-    for i in 0..SNAT_PROBES {
-        let port =
-            ((min + (start.wrapping_add(i.wrapping_mul(2_654_435_761)) % range)) as u16).to_be();
-        sc.rkey.dport = port;
-        if maps::REV_NAT
-            .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
-            return Some(port);
-        }
-        // Taken: reclaim it when its owner no longer holds it.
-        // SAFETY: read-only use of the value.
-        let Some(old) = (unsafe { maps::REV_NAT.get(&sc.rkey) }) else {
-            continue;
-        };
-        // Cached copies of a flow live a second past its last lookup: wait two.
-        if now.saturating_sub(old.last_seen) <= 2 * u64::from(cfg.hz) {
-            continue;
-        }
-        sc.owner = FlowKey {
-            src: old.client,
-            dst: old.vip,
-            sport: old.client_port,
-            dport: old.vip_port,
-            proto: key.proto,
-            family: key.family,
-            _pad: [0; 2],
-        };
-        // The owner holds the port while its flow is tracked, unexpired, on this port, and
-        // still on a backend with this address and port: of any service, since services
-        // that share a backend share its SNAT port space.
-        // SAFETY: read-only use of the value.
-        let live = match unsafe { maps::CONNTRACK.get(&sc.owner) } {
-            Some(f) => {
-                f.snat_port == port
-                    && !expired(f, cfg, key.proto, now)
-                    && sc.owner != *key
-                    && backend(f.backend_id).is_some_and(|owner_be| {
-                        owner_be.addr == be.addr
-                            && owner_be.port == be.port
-                            && still_assigned(owner_be, f)
-                    })
-            }
-            None => false,
-        };
-        if live {
-            continue;
-        }
-        let _ = maps::REV_NAT.remove(&sc.rkey);
-        if maps::REV_NAT
-            .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
-            return Some(port);
-        }
-    }
-    None
 }
 
-/// Rewrites addresses and ports in place and fixes the IP and L4 checksums; decrements the
-/// TTL / hop limit.
+/// Rewrites addresses and ports through the checked header pointers, fixes the IP and L4
+/// checksums and decrements the TTL / hop limit.
 #[inline(always)]
-fn rewrite(
-    ctx: &XdpContext,
-    p: &Parsed,
+fn rewrite<const V4: bool, const TCP: bool>(
+    h: &Headers<V4, TCP>,
     old: &FlowKey,
     new_src: &Addr,
     new_dst: &Addr,
     new_sport: u16,
     new_dport: u16,
-) -> Result<(), Skip> {
+) {
     let mut l4_delta = csum::diff16(old.sport, new_sport) + csum::diff16(old.dport, new_dport);
-    if p.family == family::V4 {
-        let ip: *mut [u8; 20] = ptr_at(ctx, p.l3)?;
-        let ip = ip.cast::<u8>();
-        let addr_delta =
-            csum::diff32(old.src[0], new_src[0]) + csum::diff32(old.dst[0], new_dst[0]);
-        l4_delta += addr_delta;
-        // SAFETY: 20 bytes checked; the IP header starts at an even offset.
-        unsafe {
-            let ttl_proto = ip.add(8) as *mut u16;
+    // SAFETY: h.ip covers the IP header (20 or 40 bytes, at an even offset), h.l4 the
+    // transport header (20 bytes for TCP, 8 for UDP).
+    unsafe {
+        if V4 {
+            let addr_delta =
+                csum::diff32(old.src[0], new_src[0]) + csum::diff32(old.dst[0], new_dst[0]);
+            l4_delta += addr_delta;
+            let ttl_proto = h.ip.add(8) as *mut u16;
             let old_tp = *ttl_proto;
             let mut bytes = old_tp.to_ne_bytes();
             bytes[0] -= 1;
             let new_tp = u16::from_ne_bytes(bytes);
             *ttl_proto = new_tp;
-            let c = ip.add(10) as *mut u16;
+            let c = h.ip.add(10) as *mut u16;
             *c = csum::apply(*c, addr_delta + csum::diff16(old_tp, new_tp));
-            store32(ip.add(12), new_src[0]);
-            store32(ip.add(16), new_dst[0]);
+            store32(h.ip.add(12), new_src[0]);
+            store32(h.ip.add(16), new_dst[0]);
+        } else {
+            l4_delta += csum::diff128(&old.src, new_src) + csum::diff128(&old.dst, new_dst);
+            *h.ip.add(7) -= 1;
+            store_addr(h.ip.add(8), new_src, false);
+            store_addr(h.ip.add(24), new_dst, false);
         }
-    } else {
-        let ip: *mut [u8; 40] = ptr_at(ctx, p.l3)?;
-        let ip = ip.cast::<u8>();
-        l4_delta += csum::diff128(&old.src, new_src) + csum::diff128(&old.dst, new_dst);
-        // SAFETY: 40 bytes checked.
-        unsafe {
-            *ip.add(7) -= 1;
-            store_addr(ip.add(8), new_src, false);
-            store_addr(ip.add(24), new_dst, false);
-        }
-    }
-    let ports: *mut [u16; 2] = ptr_at(ctx, p.l4)?;
-    // SAFETY: 4 bytes checked.
-    unsafe { *ports = [new_sport, new_dport] };
-    if p.proto == proto::TCP {
-        let c: *mut u16 = ptr_at(ctx, p.l4 + 16)?;
-        // SAFETY: checked.
-        unsafe { *c = csum::apply(*c, l4_delta) };
-    } else {
-        let c: *mut u16 = ptr_at(ctx, p.l4 + 6)?;
-        // SAFETY: checked. IPv4 UDP without checksum stays without one.
-        unsafe {
-            if !(p.family == family::V4 && *c == 0) {
+        *(h.l4 as *mut [u16; 2]) = [new_sport, new_dport];
+        if TCP {
+            let c = h.l4.add(16) as *mut u16;
+            *c = csum::apply(*c, l4_delta);
+        } else {
+            let c = h.l4.add(6) as *mut u16;
+            // IPv4 UDP without checksum stays without one.
+            if !(V4 && *c == 0) {
                 *c = csum::apply_udp(*c, l4_delta);
             }
         }
     }
-    Ok(())
 }
 
-/// The TTL / hop limit of the packet.
+/// Whether a cached next hop may carry a packet of `ip_len` bytes at `now`.
 #[inline(always)]
-fn hop_limit(ctx: &XdpContext, p: &Parsed) -> Result<u8, Skip> {
-    let off = if p.family == family::V4 {
-        p.l3 + 8
-    } else {
-        p.l3 + 7
-    };
-    // SAFETY: checked by ptr_at.
-    Ok(unsafe { *ptr_at::<u8>(ctx, off)? })
-}
-
-/// Total length for the FIB lookup (MTU check), from the IP header.
-#[inline(always)]
-fn ip_tot_len(ctx: &XdpContext, p: &Parsed) -> Result<u16, Skip> {
-    if p.family == family::V4 {
-        // SAFETY: checked by ptr_at.
-        Ok(u16::from_be(unsafe { *ptr_at::<u16>(ctx, p.l3 + 2)? }))
-    } else {
-        // SAFETY: checked by ptr_at.
-        Ok(u16::from_be(unsafe { *ptr_at::<u16>(ctx, p.l3 + 4)? }).saturating_add(40))
-    }
+fn hop_fresh(hop: &NextHop, ip_len: usize, now: u64) -> bool {
+    (hop.expires.wrapping_sub(now as u32) as i32) > 0 && ip_len <= hop.mtu as usize
 }
 
 /// The node's SNAT address for a family.
@@ -370,34 +302,6 @@ fn cpu_base(cfg: &Config) -> u32 {
     cpu.wrapping_mul(cfg.flow_cache_mask + 1)
 }
 
-/// The key of a flow's reverse-NAT entry: backend → node SNAT address and port.
-#[inline(always)]
-fn reply_key(key: &FlowKey, be: &Backend, snat: &Addr, snat_port: u16) -> FlowKey {
-    FlowKey {
-        src: be.addr,
-        dst: *snat,
-        sport: be.port,
-        dport: snat_port,
-        proto: key.proto,
-        family: key.family,
-        _pad: [0; 2],
-    }
-}
-
-/// The reverse-NAT entry of the flow `key` (client → VIP), seen at `now`.
-#[inline(always)]
-fn rev_nat(key: &FlowKey, service_id: u16, now: u64) -> RevNat {
-    RevNat {
-        client: key.src,
-        vip: key.dst,
-        client_port: key.sport,
-        vip_port: key.dport,
-        service_id,
-        _pad: 0,
-        last_seen: now,
-    }
-}
-
 /// Remembers a tracked flow in this CPU's cache slot for it.
 #[inline(always)]
 fn cache_store(slot: Option<*mut FlowCacheEntry>, key: &FlowKey, flow: &Flow) {
@@ -410,173 +314,363 @@ fn cache_store(slot: Option<*mut FlowCacheEntry>, key: &FlowKey, flow: &Flow) {
     }
 }
 
-/// Keeps a tracked flow's SNAT port reserved (its `REV_NAT` entry fresh, so the port is
-/// not reclaimed while copies of the flow are cached), putting the entry back if the LRU
-/// evicted it. `false` when the port now belongs to another flow.
+/// How often a flow's shared entries (`CONNTRACK`, `REV_NAT`) are written: their ages, and
+/// with them the LRU position and the SNAT port's hold. A cached copy lives a second from
+/// the age it copies, the port is reclaimed two seconds after it: so every copy is gone by
+/// then.
 #[inline(always)]
-#[allow(
-    clippy::needless_borrows_for_generic_args,
-    reason = "keys and values are passed to the helpers where they are, in the scratch map"
-)]
-fn hold_snat_port(key: &FlowKey, be: &Backend, flow: &Flow, cfg: &Config, now: u64) -> bool {
-    let Some(sc) = maps::SCRATCH.get_ptr_mut(0) else {
-        return false;
-    };
-    // SAFETY: this CPU's scratch entry; nothing else uses it while the program runs.
-    let sc = unsafe { &mut *sc };
-    sc.rkey = reply_key(key, be, &snat_addr(cfg, key.family), flow.snat_port);
-    if let Some(r) = maps::REV_NAT.get_ptr_mut(&sc.rkey) {
-        // SAFETY: valid map value pointer; plain integers.
-        let r = unsafe { &mut *r };
-        let ours = r.client == key.src
-            && r.vip == key.dst
-            && r.client_port == key.sport
-            && r.vip_port == key.dport;
-        if ours {
-            r.last_seen = now;
-        }
-        return ours;
-    }
-    sc.rev = rev_nat(key, flow.service_id, now);
-    maps::REV_NAT
-        .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
-        .is_ok()
+fn refresh(cfg: &Config) -> u64 {
+    u64::from(cfg.hz / 2)
 }
 
 /// Whether a tracked flow still goes to `be`: the id is live and still the same backend of
 /// the same service (ids are reused after a backend is removed).
 #[inline(always)]
-fn still_assigned(be: &Backend, flow: &Flow) -> bool {
+pub(crate) fn still_assigned(be: &Backend, flow: &Flow) -> bool {
     be.service_id == flow.service_id && be.generation == flow.backend_gen
 }
 
-/// Client → VIP packet of a tracked flow: sent to the flow's backend. `None` when the flow is
-/// not tracked, or its entry is stale (expired, backend gone, a new SYN after close): the
-/// caller then treats the packet as a new flow.
-///
-/// Packets without SYN, FIN or RST are served from this CPU's flow cache when its copy is
-/// under a second old; the others, and every flow once a second, go to `CONNTRACK`, which
-/// refreshes the entry's age and LRU position and the cached copy.
+/// Fast path, inline in the entry point: a packet without SYN, FIN or RST of a flow in this
+/// CPU's flow cache (a copy under a second old), whose backend's next hop is cached and fits
+/// the packet. No hash lookup, no helper call. `None` sends the packet to
+/// [`balance_packet`].
 #[inline(always)]
-pub fn tracked(
+pub fn cached(
     ctx: &XdpContext,
     st: &Stats,
     p: &Parsed,
     t: &Tuple,
     cfg: &Config,
-    bytes: u64,
 ) -> Result<Option<u32>, Skip> {
+    if t.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+        return Ok(None);
+    }
     let key = &t.key;
     let now = now();
-    let hz = u64::from(cfg.hz);
-    let slot = cache_slot(key, cfg);
-    let mut cached = None;
-    if t.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
-        if let Some(c) = slot {
-            // SAFETY: per-CPU slot.
-            let c = unsafe { &*c };
-            if c.key == *key
-                && c.flow.epoch == cfg.cache_epoch
-                && now.saturating_sub(c.flow.last_seen) <= hz
-            {
-                cached = Some(c.flow);
-            }
-        }
-    }
-    let slow = cached.is_none();
-    let flow = match cached {
-        Some(f) => {
-            if expired(&f, cfg, key.proto, now) {
-                return Ok(None);
-            }
-            f
-        }
-        None => {
-            let Some(f) = maps::CONNTRACK.get_ptr_mut(key) else {
-                return Ok(None);
-            };
-            // SAFETY: valid map value pointer; racing writers only touch plain integers.
-            let f = unsafe { &mut *f };
-            let fresh_syn = t.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-            if (fresh_syn && f.state == flow_state::CLOSING) || expired(f, cfg, key.proto, now) {
-                return Ok(None);
-            }
-            if t.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-                f.state = flow_state::CLOSING;
-            }
-            f.last_seen = now;
-            let mut copy = *f;
-            copy.epoch = cfg.cache_epoch;
-            copy
-        }
-    };
-    let Some(be) = backend_ptr(flow.backend_id) else {
+    let Some(c) = cache_slot(key, cfg) else {
         return Ok(None);
     };
-    // SAFETY: valid map value pointer.
-    if !still_assigned(unsafe { &*be }, &flow) {
+    // SAFETY: per-CPU slot.
+    let c = unsafe { &*c };
+    if c.key != *key
+        || c.flow.epoch != cfg.cache_epoch
+        || now.saturating_sub(c.flow.last_seen) > u64::from(cfg.hz)
+        || expired(&c.flow, cfg, key.proto, now)
+    {
         return Ok(None);
     }
-    if slow {
-        // SAFETY: valid map value pointer.
-        if !hold_snat_port(key, unsafe { &*be }, &flow, cfg, now) {
-            // The port went to another flow: balance this one again.
-            return Ok(None);
-        }
-        cache_store(slot, key, &flow);
+    let Some(be) = backend_ptr(c.flow.backend_id) else {
+        return Ok(None);
+    };
+    // SAFETY: valid map value pointer; read only here.
+    let be = unsafe { &*be };
+    if !still_assigned(be, &c.flow)
+        || be.family != key.family
+        || !hop_fresh(&be.hop, p.ip_len(), now)
+    {
+        return Ok(None);
     }
-    if hop_limit(ctx, p)? <= 1 {
+    let v4 = p.family == family::V4;
+    Ok(Some(match (v4, p.proto == proto::TCP) {
+        (true, true) => send_cached::<true, true>(ctx, st, p, key, cfg, c, be)?,
+        (true, false) => send_cached::<true, false>(ctx, st, p, key, cfg, c, be)?,
+        (false, true) => send_cached::<false, true>(ctx, st, p, key, cfg, c, be)?,
+        (false, false) => send_cached::<false, false>(ctx, st, p, key, cfg, c, be)?,
+    }))
+}
+
+/// The fast path's rewrite and send, once the flow, its backend and the next hop are known.
+#[inline(always)]
+fn send_cached<const V4: bool, const TCP: bool>(
+    ctx: &XdpContext,
+    st: &Stats,
+    p: &Parsed,
+    key: &FlowKey,
+    cfg: &Config,
+    c: &FlowCacheEntry,
+    be: &Backend,
+) -> Result<u32, Skip> {
+    let h = Headers::<V4, TCP>::of(ctx, p)?;
+    if h.hop_limit() <= 1 {
         st.add(stat::PASS_TTL, 1);
-        return Ok(Some(xdp_action::XDP_PASS));
+        return Ok(xdp_action::XDP_PASS);
     }
     st.add(stat::CT_HIT, 1);
+    rewrite(
+        &h,
+        key,
+        &snat_addr(cfg, key.family),
+        &be.addr,
+        c.flow.snat_port,
+        be.port,
+    );
+    count(
+        &maps::BACKEND_STATS,
+        c.flow.backend_id,
+        p.ip_end as u64,
+        false,
+    );
+    Ok(fib::send(ctx, st, &be.hop))
+}
+
+/// Client → VIP packets the fast path did not serve: a tracked flow's packet goes to its
+/// backend (one `CONNTRACK` lookup, which also refreshes the entry and the flow cache); a
+/// new flow (or a stale entry: expired, backend gone, a new SYN after close) is balanced
+/// through the service's Maglev ring.
+#[inline(always)]
+pub fn balance_packet(ctx: &XdpContext, st: &Stats, p: &Parsed, tcp_flags: u8) -> u32 {
+    let (hdr, meta) = p.pack(tcp_flags);
+    let v4 = p.family == family::V4;
+    // Conntrack first, then (a miss or a stale entry) a new flow: two global functions,
+    // called one after the other, so that their frames never stack up.
+    let verdict = match p.proto {
+        proto::TCP if v4 => portico_tracked_tcp4(ctx.ctx, hdr, meta),
+        proto::TCP => portico_tracked_tcp6(ctx.ctx, hdr, meta),
+        proto::UDP if v4 => portico_tracked_udp4(ctx.ctx, hdr, meta),
+        proto::UDP => portico_tracked_udp6(ctx.ctx, hdr, meta),
+        _ => {
+            // SCTP: its CRC32c covers the whole packet; not rewritten in XDP (yet).
+            st.add(stat::PASS_UNSUPPORTED, 1);
+            return xdp_action::XDP_PASS;
+        }
+    };
+    if verdict != NOT_MINE {
+        return answer_too_big(ctx, p, verdict);
+    }
+    // A new flow: pick a backend, reserve a SNAT port toward it, track and send. Three
+    // global functions in a row, for the same reason.
+    let picked = match p.proto {
+        proto::TCP if v4 => portico_pick_tcp4(ctx.ctx, hdr, meta),
+        proto::TCP => portico_pick_tcp6(ctx.ctx, hdr, meta),
+        proto::UDP if v4 => portico_pick_udp4(ctx.ctx, hdr, meta),
+        _ => portico_pick_udp6(ctx.ctx, hdr, meta),
+    };
+    if picked & PICKED == 0 {
+        return picked;
+    }
+    let Some(port) = snat::claim() else {
+        st.add(stat::DROP_NO_SNAT_PORT, 1);
+        return xdp_action::XDP_DROP;
+    };
+    let picked = u64::from(picked) | u64::from(port) << 32;
+    let verdict = match p.proto {
+        proto::TCP if v4 => portico_establish_tcp4(ctx.ctx, hdr, meta, picked),
+        proto::TCP => portico_establish_tcp6(ctx.ctx, hdr, meta, picked),
+        proto::UDP if v4 => portico_establish_udp4(ctx.ctx, hdr, meta, picked),
+        _ => portico_establish_udp6(ctx.ctx, hdr, meta, picked),
+    };
+    answer_too_big(ctx, p, verdict)
+}
+
+/// A slow path's verdict, or, when it asked for it, the ICMP too-big answer.
+#[inline(always)]
+fn answer_too_big(ctx: &XdpContext, p: &Parsed, verdict: u32) -> u32 {
+    if verdict != NOT_MINE && verdict & TOO_BIG != 0 {
+        crate::pmtu::too_big(ctx, p, verdict & 0xffff)
+    } else {
+        verdict
+    }
+}
+
+/// The slow path's global functions, one per family and transport (`hdr` and `meta` are
+/// [`Parsed::pack`]'s): each is checked once by the verifier, and each frame holds one
+/// combination's locals only.
+macro_rules! slow_path_fn {
+    ($name:ident, $body:ident, $v4:literal, $tcp:literal) => {
+        #[no_mangle]
+        #[inline(never)]
+        pub extern "C" fn $name(ctx: *mut xdp_md, hdr: u64, meta: u64) -> u32 {
+            slow_path::<$v4, $tcp>(ctx, hdr, meta, 0, $body)
+        }
+    };
+    ($name:ident, $body:ident, $v4:literal, $tcp:literal, $arg:ident) => {
+        #[no_mangle]
+        #[inline(never)]
+        pub extern "C" fn $name(ctx: *mut xdp_md, hdr: u64, meta: u64, $arg: u64) -> u32 {
+            slow_path::<$v4, $tcp>(ctx, hdr, meta, $arg, $body)
+        }
+    };
+}
+
+/// The common start of the slow paths: counters, configuration, headers and 5-tuple.
+#[inline(always)]
+fn slow_path<const V4: bool, const TCP: bool>(
+    ctx: *mut xdp_md,
+    hdr: u64,
+    meta: u64,
+    arg: u64,
+    body: impl FnOnce(&XdpContext, &Stats, &Parsed, &Headers<V4, TCP>, &Tuple, &Config, u64) -> u32,
+) -> u32 {
+    let ctx = XdpContext::new(ctx);
+    let (hdr, meta, arg) = (used(hdr), used(meta), used(arg));
+    let (Some(st), Some(cfg)) = (Stats::get(), maps::CONFIG.get(0)) else {
+        return xdp_action::XDP_PASS;
+    };
+    let (p, tcp_flags) = Parsed::unpack(hdr, meta);
+    let Ok(h) = Headers::<V4, TCP>::of(&ctx, &p) else {
+        st.add(stat::PASS_MALFORMED, 1);
+        return xdp_action::XDP_PASS;
+    };
+    let t = Tuple {
+        key: key_of(&h),
+        tcp_flags,
+    };
+    body(&ctx, &st, &p, &h, &t, cfg, arg)
+}
+slow_path_fn!(portico_tracked_tcp4, tracked, true, true);
+slow_path_fn!(portico_tracked_udp4, tracked, true, false);
+slow_path_fn!(portico_tracked_tcp6, tracked, false, true);
+slow_path_fn!(portico_tracked_udp6, tracked, false, false);
+slow_path_fn!(portico_pick_tcp4, pick, true, true);
+slow_path_fn!(portico_pick_udp4, pick, true, false);
+slow_path_fn!(portico_pick_tcp6, pick, false, true);
+slow_path_fn!(portico_pick_udp6, pick, false, false);
+slow_path_fn!(portico_establish_tcp4, establish, true, true, picked);
+slow_path_fn!(portico_establish_udp4, establish, true, false, picked);
+slow_path_fn!(portico_establish_tcp6, establish, false, true, picked);
+slow_path_fn!(portico_establish_udp6, establish, false, false, picked);
+
+/// A tracked flow's packet, from `CONNTRACK`: refreshes the entry's age and LRU position,
+/// keeps its SNAT port, re-caches it, and sends the packet. [`NOT_MINE`] when the flow is
+/// not tracked or its entry went stale.
+#[inline(always)]
+fn tracked<const V4: bool, const TCP: bool>(
+    ctx: &XdpContext,
+    st: &Stats,
+    p: &Parsed,
+    h: &Headers<V4, TCP>,
+    t: &Tuple,
+    cfg: &Config,
+    _: u64,
+) -> u32 {
+    tracked_flow(ctx, st, p, h, t, cfg).unwrap_or(NOT_MINE)
+}
+
+#[inline(always)]
+fn tracked_flow<const V4: bool, const TCP: bool>(
+    ctx: &XdpContext,
+    st: &Stats,
+    p: &Parsed,
+    h: &Headers<V4, TCP>,
+    t: &Tuple,
+    cfg: &Config,
+) -> Option<u32> {
+    let key = &t.key;
+    let now = now();
+    let f = maps::CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: valid map value pointer; racing writers only touch plain integers.
+    let f = unsafe { &mut *f };
+    let fresh_syn = t.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if (fresh_syn && f.state == flow_state::CLOSING) || expired(f, cfg, key.proto, now) {
+        return None;
+    }
+    let be = backend_ptr(f.backend_id)?;
+    // SAFETY: valid map value pointer.
+    if !still_assigned(unsafe { &*be }, f) {
+        return None;
+    }
+    // The shared entries are written at most every REFRESH (and on a state change): the
+    // entry's age, and the reverse-NAT entry's (which keeps the SNAT port). A packet that
+    // only missed this CPU's flow cache (collisions, many flows) reads and copies.
+    let closes = t.tcp_flags & (TCP_FIN | TCP_RST) != 0 && f.state != flow_state::CLOSING;
+    if closes || now.saturating_sub(f.last_seen) >= refresh(cfg) {
+        if closes {
+            f.state = flow_state::CLOSING;
+        }
+        f.last_seen = now;
+        // SAFETY: valid map value pointer.
+        if !snat::hold(key, unsafe { &*be }, f, cfg, now) {
+            // The port went to another flow: balance this one again.
+            return None;
+        }
+    }
+    let mut flow = *f;
+    flow.epoch = cfg.cache_epoch;
+    cache_store(cache_slot(key, cfg), key, &flow);
+    if h.hop_limit() <= 1 {
+        st.add(stat::PASS_TTL, 1);
+        return Some(xdp_action::XDP_PASS);
+    }
+    st.add(stat::CT_HIT, 1);
+    st.add(stat::CT_SLOW, 1);
     let to = To {
         be,
         backend_id: flow.backend_id,
         snat_port: flow.snat_port,
         new_flow: false,
     };
-    send_to_backend(ctx, st, p, key, cfg, &to, bytes, now).map(Some)
+    Some(send_to_backend(ctx, st, p, h, key, cfg, &to, now))
 }
 
-/// Client → VIP packet of a new flow (or one whose entry went stale): Maglev picks the
-/// backend, a SNAT port is reserved, the flow is tracked and the packet sent.
+/// Client → VIP packet of a new flow (or one whose entry went stale), first half: the
+/// service, the TTL, and Maglev's pick of a backend. Leaves the SNAT port request in this
+/// CPU's scratch entry and returns [`PICKED`] | backend id, else a verdict.
 #[inline(always)]
-pub fn new_flow(
+fn pick<const V4: bool, const TCP: bool>(
+    _ctx: &XdpContext,
+    st: &Stats,
+    _p: &Parsed,
+    h: &Headers<V4, TCP>,
+    t: &Tuple,
+    cfg: &Config,
+    _: u64,
+) -> u32 {
+    let key = &t.key;
+    let vip = VipKey {
+        addr: key.dst,
+        port: key.dport,
+        proto: key.proto,
+        family: key.family,
+    };
+    // SAFETY: read-only use of the value.
+    let Some(svc) = (unsafe { maps::SERVICES.get(vip) }) else {
+        st.add(stat::PASS_NOT_VIP, 1);
+        return xdp_action::XDP_PASS;
+    };
+    if h.hop_limit() <= 1 {
+        st.add(stat::PASS_TTL, 1);
+        return xdp_action::XDP_PASS;
+    }
+    st.add(stat::CT_MISS, 1);
+    let id = maglev_pick(svc, cfg, key);
+    let Some(be) = backend(id).filter(|b| b.service_id == svc.id as u16) else {
+        st.add(stat::DROP_NO_BACKEND, 1);
+        return xdp_action::XDP_DROP;
+    };
+    if !snat::request(key, be, cfg, svc.id as u16, now()) {
+        return xdp_action::XDP_PASS;
+    }
+    PICKED | id
+}
+
+/// Second half, once the SNAT port is reserved: the flow is tracked and cached and the
+/// packet sent. `picked` is [`pick`]'s backend id, and the port (network order) above bit 32.
+#[inline(always)]
+fn establish<const V4: bool, const TCP: bool>(
     ctx: &XdpContext,
     st: &Stats,
     p: &Parsed,
+    h: &Headers<V4, TCP>,
     t: &Tuple,
-    svc: &Service,
     cfg: &Config,
-    bytes: u64,
-) -> Result<u32, Skip> {
-    if hop_limit(ctx, p)? <= 1 {
-        st.add(stat::PASS_TTL, 1);
-        return Ok(xdp_action::XDP_PASS);
-    }
-    let now = now();
+    picked: u64,
+) -> u32 {
     let key = &t.key;
-    st.add(stat::CT_MISS, 1);
-    let id = maglev_pick(svc, cfg, key);
-    // SAFETY: valid map value pointer.
-    let Some(be) = backend_ptr(id).filter(|b| unsafe { (**b).service_id } == svc.id as u16) else {
+    let now = now();
+    let id = (picked as u32) & !PICKED;
+    let port = (picked >> 32) as u16;
+    let Some(be) = backend_ptr(id) else {
         st.add(stat::DROP_NO_BACKEND, 1);
-        return Ok(xdp_action::XDP_DROP);
+        return xdp_action::XDP_DROP;
     };
-    let snat = snat_addr(cfg, key.family);
-    // SAFETY: valid map value pointer, read only here.
-    let Some(port) = claim_snat_port(key, unsafe { &*be }, &snat, cfg, svc, now) else {
-        st.add(stat::DROP_NO_SNAT_PORT, 1);
-        return Ok(xdp_action::XDP_DROP);
-    };
+    // SAFETY: valid map value pointer.
+    let (service_id, backend_gen) = unsafe { ((*be).service_id, (*be).generation) };
     let flow = Flow {
         backend_id: id,
         snat_port: port,
-        service_id: svc.id as u16,
+        service_id,
         last_seen: now,
-        // SAFETY: valid map value pointer.
-        backend_gen: unsafe { (*be).generation },
+        backend_gen,
         state: if t.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             flow_state::CLOSING
         } else {
@@ -588,14 +682,16 @@ pub fn new_flow(
     if maps::CONNTRACK.insert(key, flow, 0).is_ok() {
         st.add(stat::CT_INSERT, 1);
     }
-    cache_store(cache_slot(key, cfg), key, &flow);
+    // Not cached yet: the flow's second packet looks its entry up, which marks it used, so
+    // the LRU moves it to its active list; a flood of one-packet flows only churns the
+    // inactive list (docs/xdp.md, "Floods").
     let to = To {
         be,
         backend_id: id,
         snat_port: port,
         new_flow: true,
     };
-    send_to_backend(ctx, st, p, key, cfg, &to, bytes, now)
+    send_to_backend(ctx, st, p, h, key, cfg, &to, now)
 }
 
 /// Where a client → VIP packet goes.
@@ -607,169 +703,254 @@ struct To {
 }
 
 /// Rewrites a client → VIP packet toward its backend, counts it, and sends it to the cached
-/// next hop (else the FIB's, cached for a second).
+/// next hop (else the FIB's, cached for a second). The next hop is known before the packet
+/// is touched: one too big for it is answered with ICMP instead.
 #[inline(always)]
 #[allow(
     clippy::too_many_arguments,
     reason = "the packet's context, parsed once"
 )]
-fn send_to_backend(
+fn send_to_backend<const V4: bool, const TCP: bool>(
     ctx: &XdpContext,
     st: &Stats,
     p: &Parsed,
+    h: &Headers<V4, TCP>,
     key: &FlowKey,
     cfg: &Config,
     to: &To,
-    bytes: u64,
     now: u64,
-) -> Result<u32, Skip> {
+) -> u32 {
     // SAFETY: valid map value pointer; only the next-hop cache is written below.
     let be = unsafe { &mut *to.be };
     if be.family != key.family {
         st.add(stat::PASS_UNSUPPORTED, 1);
-        return Ok(xdp_action::XDP_PASS);
+        return xdp_action::XDP_PASS;
     }
     let snat = snat_addr(cfg, key.family);
-    rewrite(ctx, p, key, &snat, &be.addr, to.snat_port, be.port)?;
+    let ip_len = p.ip_len();
+    // Where it goes, decided before the packet is touched; the next hop itself stays in the
+    // backend's entry (no copy on the stack).
+    let way = if hop_fresh(&be.hop, ip_len, now) {
+        Way::Hop
+    } else {
+        // Written in place; a racing writer on another CPU writes the same data.
+        let hop: *mut NextHop = &mut be.hop;
+        // SAFETY: `hop` is a field of the map value `be`, disjoint from the address.
+        match fib::lookup(
+            ctx,
+            key.family,
+            key.proto,
+            &snat,
+            &be.addr,
+            to.snat_port,
+            be.port,
+            ip_len as u16,
+            unsafe { &mut *hop },
+        ) {
+            Route::Via => {
+                be.hop.expires = (now + u64::from(cfg.hz)) as u32;
+                Way::Hop
+            }
+            Route::NoNeigh => Way::PassNoNeigh,
+            Route::TooBig(mtu) => {
+                if !h.may_fragment() {
+                    return TOO_BIG | mtu.min(0xffff);
+                }
+                Way::PassToFragment
+            }
+            Route::None => {
+                st.add(stat::DROP_NO_ROUTE, 1);
+                return xdp_action::XDP_DROP;
+            }
+        }
+    };
+    rewrite(h, key, &snat, &be.addr, to.snat_port, be.port);
     // Per backend only: the loader adds a service's backends up for its counters.
-    count(&maps::BACKEND_STATS, to.backend_id, bytes, to.new_flow);
-
-    // Cached next hop, else the FIB (and cache it for a second).
-    if be.hop.expires > now {
-        return Ok(fib::send(ctx, st, &be.hop));
-    }
-    // The rewrite left the length alone.
-    let tot_len = ip_tot_len(ctx, p)?;
-    match fib::lookup(
-        ctx,
-        key.family,
-        key.proto,
-        &snat,
-        &be.addr,
-        to.snat_port,
-        be.port,
-        tot_len,
-    ) {
-        Route::Via(mut hop) => {
-            hop.expires = now + u64::from(cfg.hz);
-            // A racing writer on another CPU writes the same data.
-            be.hop = hop;
-            Ok(fib::send(ctx, st, &hop))
-        }
-        Route::NoNeigh => {
+    count(
+        &maps::BACKEND_STATS,
+        to.backend_id,
+        p.ip_end as u64,
+        to.new_flow,
+    );
+    // Each arm counts under a constant: a reason carried as data would be a distinct
+    // verifier state per value through the rewrite above.
+    match way {
+        Way::Hop => fib::send(ctx, st, &be.hop),
+        Way::PassNoNeigh => {
             st.add(stat::PASS_NO_NEIGH, 1);
-            Ok(xdp_action::XDP_PASS)
+            xdp_action::XDP_PASS
         }
-        Route::None => {
-            st.add(stat::DROP_NO_ROUTE, 1);
-            Ok(xdp_action::XDP_DROP)
+        Way::PassToFragment => {
+            st.add(stat::PASS_NEEDS_FRAG, 1);
+            xdp_action::XDP_PASS
         }
     }
 }
 
-/// Backend → node SNAT port: translate back to VIP → client and send. `None` when the
-/// packet is not a reply to a translated flow.
+/// Where a rewritten packet goes, once its route is known.
+enum Way {
+    /// Out by the cached next hop.
+    Hop,
+    /// To the stack, which resolves the neighbour.
+    PassNoNeigh,
+    /// To the stack, which fragments it (IPv4 without DF, bigger than the MTU).
+    PassToFragment,
+}
+
+/// Backend → node SNAT port: translated back to VIP → client and sent; [`NOT_MINE`] when
+/// the packet is not a reply to a translated flow.
 ///
 /// Packets without SYN, FIN or RST are served from this CPU's reply cache (entry and next
 /// hop) while its copy is under a second old; the others go to `REV_NAT`, refresh its age
 /// and next hop, and re-cache it.
 #[inline(always)]
-pub fn reply(
+pub fn reply_packet(ctx: &XdpContext, p: &Parsed, tcp_flags: u8) -> u32 {
+    let (hdr, meta) = p.pack(tcp_flags);
+    let v4 = p.family == family::V4;
+    let verdict = match p.proto {
+        proto::TCP if v4 => portico_reply_tcp4(ctx.ctx, hdr, meta),
+        proto::TCP => portico_reply_tcp6(ctx.ctx, hdr, meta),
+        proto::UDP if v4 => portico_reply_udp4(ctx.ctx, hdr, meta),
+        proto::UDP => portico_reply_udp6(ctx.ctx, hdr, meta),
+        _ => NOT_MINE,
+    };
+    answer_too_big(ctx, p, verdict)
+}
+
+/// The reply path's global functions, one per family and transport.
+macro_rules! reply_fn {
+    ($name:ident, $v4:literal, $tcp:literal) => {
+        #[no_mangle]
+        #[inline(never)]
+        pub extern "C" fn $name(ctx: *mut xdp_md, hdr: u64, meta: u64) -> u32 {
+            let ctx = XdpContext::new(ctx);
+            let (hdr, meta) = (used(hdr), used(meta));
+            let (Some(st), Some(cfg)) = (Stats::get(), maps::CONFIG.get(0)) else {
+                return xdp_action::XDP_PASS;
+            };
+            let (p, tcp_flags) = Parsed::unpack(hdr, meta);
+            reply::<$v4, $tcp>(&ctx, &st, &p, tcp_flags, cfg)
+        }
+    };
+}
+reply_fn!(portico_reply_tcp4, true, true);
+reply_fn!(portico_reply_udp4, true, false);
+reply_fn!(portico_reply_tcp6, false, true);
+reply_fn!(portico_reply_udp6, false, false);
+
+#[inline(always)]
+fn reply<const V4: bool, const TCP: bool>(
     ctx: &XdpContext,
     st: &Stats,
     p: &Parsed,
-    t: &Tuple,
+    tcp_flags: u8,
     cfg: &Config,
-    bytes: u64,
-) -> Result<Option<u32>, Skip> {
-    let key = &t.key;
+) -> u32 {
+    let Ok(h) = Headers::<V4, TCP>::of(ctx, p) else {
+        return NOT_MINE;
+    };
+    let key = &key_of(&h);
     let now = now();
     let hz = u64::from(cfg.hz);
     let slot = maps::REPLY_CACHE.get_ptr_mut(cache_index(key, cfg));
     let mut cached: Option<&ReplyCacheEntry> = None;
-    if t.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
+    if tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
         if let Some(c) = slot {
             // SAFETY: per-CPU slot.
             let c = unsafe { &*c };
             if c.key == *key
                 && c.epoch == cfg.cache_epoch
                 && now.saturating_sub(c.rev.last_seen) <= hz
+                && p.ip_len() <= c.hop.mtu as usize
             {
                 cached = Some(c);
             }
         }
     }
     // Map values are used in place: the stack is 512 bytes for the whole program.
-    let (rev, route): (&RevNat, Route) = match cached {
-        Some(c) => (&c.rev, Route::Via(c.hop)),
+    let (rev, hop, route): (&RevNat, &NextHop, Route) = match cached {
+        Some(c) => (&c.rev, &c.hop, Route::Via),
         None => {
             let Some(r) = maps::REV_NAT.get_ptr_mut(key) else {
-                return Ok(None);
+                return NOT_MINE;
             };
             // SAFETY: valid map value pointer; racing writers write plain integers, or the
             // same next hop.
             let r = unsafe { &mut *r };
-            r.last_seen = now;
-            let tot_len = ip_tot_len(ctx, p)?;
-            let route = fib::lookup(
-                ctx,
-                key.family,
-                key.proto,
-                &r.vip,
-                &r.client,
-                r.vip_port,
-                r.client_port,
-                tot_len,
-            );
+            if now.saturating_sub(r.last_seen) >= refresh(cfg) {
+                r.last_seen = now;
+            }
             // Work from a copy in this CPU's slot: LRU entries are recycled at once when
             // evicted, so the shared one may change under us. Valid for the fast path only
-            // with a resolved next hop.
+            // with a resolved next hop (written into the slot by the lookup).
             let Some(c) = slot else {
-                return Ok(None);
+                return NOT_MINE;
             };
             // SAFETY: per-CPU slot.
             let c = unsafe { &mut *c };
             c.rev = *r;
-            if let Route::Via(hop) = &route {
+            let route = fib::lookup(
+                ctx,
+                key.family,
+                key.proto,
+                &c.rev.vip,
+                &c.rev.client,
+                c.rev.vip_port,
+                c.rev.client_port,
+                p.ip_len() as u16,
+                &mut c.hop,
+            );
+            if let Route::Via = route {
                 c.key = *key;
-                c.hop = *hop;
                 c.epoch = cfg.cache_epoch;
             } else {
                 c.key = FlowKey::default();
             }
-            (&c.rev, route)
+            (&c.rev, &c.hop, route)
         }
     };
-    if hop_limit(ctx, p)? <= 1 {
+    if h.hop_limit() <= 1 {
         st.add(stat::PASS_TTL, 1);
-        return Ok(Some(xdp_action::XDP_PASS));
+        return xdp_action::XDP_PASS;
     }
+    let way = match route {
+        Route::Via => Way::Hop,
+        Route::NoNeigh => Way::PassNoNeigh,
+        Route::TooBig(mtu) => {
+            if !h.may_fragment() {
+                return TOO_BIG | mtu.min(0xffff);
+            }
+            Way::PassToFragment
+        }
+        Route::None => {
+            st.add(stat::DROP_NO_ROUTE, 1);
+            return xdp_action::XDP_DROP;
+        }
+    };
     rewrite(
-        ctx,
-        p,
+        &h,
         key,
         &rev.vip,
         &rev.client,
         rev.vip_port,
         rev.client_port,
-    )?;
+    );
     st.add(stat::REPLY_NAT, 1);
     count(
         &maps::SERVICE_STATS,
         u32::from(rev.service_id),
-        bytes,
+        p.ip_end as u64,
         false,
     );
-    let verdict = match route {
-        Route::Via(hop) => fib::send(ctx, st, &hop),
-        Route::NoNeigh => {
+    match way {
+        Way::Hop => fib::send(ctx, st, hop),
+        Way::PassToFragment => {
+            st.add(stat::PASS_NEEDS_FRAG, 1);
+            xdp_action::XDP_PASS
+        }
+        Way::PassNoNeigh => {
             st.add(stat::PASS_NO_NEIGH, 1);
             xdp_action::XDP_PASS
         }
-        Route::None => {
-            st.add(stat::DROP_NO_ROUTE, 1);
-            xdp_action::XDP_DROP
-        }
-    };
-    Ok(Some(verdict))
+    }
 }

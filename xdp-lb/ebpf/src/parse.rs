@@ -20,10 +20,12 @@ const IPV6_DSTOPTS: u8 = 60;
 /// Extension headers walked at most before giving up (passed as malformed).
 const IPV6_MAX_EXT: usize = 4;
 
-/// Offsets stay below this, so the verifier can bound every variable offset.
-const MAX_OFFSET: usize = 512;
+/// Every header field the program reads or writes ends within this many bytes of the frame
+/// start, so the verifier can bound every variable offset.
+pub const MAX_OFFSET: usize = 512;
 
-/// Why a packet is not balanced.
+/// Why a packet is passed to the stack untouched. Every check that can refuse a packet
+/// happens before the program's first write to it or to a map.
 #[derive(Clone, Copy)]
 pub enum Skip {
     /// Not IPv4/IPv6.
@@ -32,6 +34,16 @@ pub enum Skip {
     Malformed,
     /// A fragment.
     Fragment,
+    /// A length field disagrees with the frame.
+    BadLength,
+    /// IPv4 header checksum wrong.
+    BadChecksum,
+    /// IPv6 routing header with segments left.
+    RoutingHeader,
+    /// A header the program needs ends past [`MAX_OFFSET`].
+    LongHeaders,
+    /// Not handled in XDP (a possible IPv6 jumbogram).
+    Unsupported,
 }
 
 impl Skip {
@@ -42,19 +54,86 @@ impl Skip {
             Skip::NotIp => stat::PASS_NOT_VIP,
             Skip::Malformed => stat::PASS_MALFORMED,
             Skip::Fragment => stat::PASS_FRAGMENT,
+            Skip::BadLength => stat::PASS_BAD_LENGTH,
+            Skip::BadChecksum => stat::PASS_BAD_CSUM,
+            Skip::RoutingHeader => stat::PASS_ROUTING_HEADER,
+            Skip::LongHeaders => stat::PASS_LONG_HEADERS,
+            Skip::Unsupported => stat::PASS_UNSUPPORTED,
         }
     }
 }
 
-/// Returns a pointer to a `T` at `offset`, or `Err` when it does not fit in the linear data.
+/// Returns a pointer to a `T` at `offset`, or `Err` when it does not end within
+/// [`MAX_OFFSET`] (`LongHeaders`) or within the linear data (`Malformed`).
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Skip> {
     let start = ctx.data();
     let end = ctx.data_end();
-    if offset > MAX_OFFSET || start + offset + size_of::<T>() > end {
+    if offset + size_of::<T>() > MAX_OFFSET {
+        return Err(Skip::LongHeaders);
+    }
+    if start + offset + size_of::<T>() > end {
         return Err(Skip::Malformed);
     }
     Ok((start + offset) as *mut T)
+}
+
+/// Marks a global function's argument as used. The compiler may otherwise pass nothing for
+/// an argument a callee ignores, and the verifier refuses a call with an unset argument
+/// register.
+#[inline(always)]
+pub fn used(v: u64) -> u64 {
+    let mut v = v;
+    // SAFETY: a register move; not `pure`, so the compiler keeps it (and the argument) even
+    // when the value goes unused.
+    unsafe {
+        core::arch::asm!(
+            "{0} = {0}",
+            inout(reg) v,
+            options(nomem, nostack, preserves_flags)
+        );
+    }
+    v
+}
+
+/// As [`ptr_at`], with a bounds check the compiler cannot drop. It drops a check it can
+/// prove from an earlier one, say `data + 12` from `data + l3 + 20` with `l3 >= 0`; the
+/// verifier tracks bounds per derived pointer and cannot follow that proof. Used where a
+/// constant offset follows checks at variable ones (in the global functions).
+#[inline(always)]
+pub fn ptr_at_fresh<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Skip> {
+    let mut start = ctx.data();
+    // SAFETY: a register move: the value is unchanged, but the compiler no longer knows
+    // where it came from. (Not an empty template: that leaves two line-info records at one
+    // instruction, which the kernel refuses.)
+    unsafe {
+        core::arch::asm!(
+            "{0} = {0}",
+            inout(reg) start,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    let end = ctx.data_end();
+    if offset + size_of::<T>() > MAX_OFFSET {
+        return Err(Skip::LongHeaders);
+    }
+    if start + offset + size_of::<T>() > end {
+        return Err(Skip::Malformed);
+    }
+    Ok((start + offset) as *mut T)
+}
+
+/// The frame's length: the linear part, plus the fragments of a multi-buffer frame (one
+/// helper call, made only when the linear part is too short for what the IP header says).
+#[inline(always)]
+fn frame_len_at_least(ctx: &XdpContext, want: usize) -> bool {
+    let linear = ctx.data_end() - ctx.data();
+    if want <= linear {
+        return true;
+    }
+    // SAFETY: ctx.ctx is this invocation's xdp_md.
+    let total = unsafe { aya_ebpf::helpers::generated::bpf_xdp_get_buff_len(ctx.ctx as *mut _) };
+    want as u64 <= total
 }
 
 /// Loads the 4 bytes at `p` in one instruction, whatever their alignment. IP addresses
@@ -144,9 +223,110 @@ pub struct Parsed {
     pub family: u8,
     /// L4 protocol.
     pub proto: u8,
-    /// Frame length: L2 header plus the IP header's length field, so fragments (xdp.frags)
-    /// count without a helper call; the real buffer length for IPv6 jumbograms.
-    pub len: u64,
+    /// Offset of the end of the IP packet: L2 header plus the IP length field, checked
+    /// against the frame (fragments of multi-buffer frames included). Bytes after it are
+    /// an Ethernet trailer, never read, written or summed.
+    pub ip_end: usize,
+}
+
+impl Parsed {
+    /// Length of the IP packet (header included).
+    #[inline(always)]
+    pub fn ip_len(&self) -> usize {
+        self.ip_end - self.l3
+    }
+
+    /// The offsets, family, protocol and TCP flags as two integers: how the entry point
+    /// hands a packet to a global BPF function (whose arguments must be plain integers).
+    #[inline(always)]
+    pub fn pack(&self, tcp_flags: u8) -> (u64, u64) {
+        (
+            self.l3 as u64 | (self.l4 as u64) << 16 | (self.ip_end as u64) << 32,
+            u64::from(self.family) | u64::from(self.proto) << 8 | u64::from(tcp_flags) << 16,
+        )
+    }
+
+    /// The other end of [`Parsed::pack`]: the offsets are whatever the caller said, so every
+    /// access through them is bounds-checked again (as every access is).
+    #[inline(always)]
+    pub fn unpack(hdr: u64, meta: u64) -> (Self, u8) {
+        (
+            Self {
+                l3: (hdr & 0xffff) as usize,
+                l4: ((hdr >> 16) & 0xffff) as usize,
+                ip_end: ((hdr >> 32) & 0x1_ffff) as usize,
+                family: meta as u8,
+                proto: (meta >> 8) as u8,
+            },
+            (meta >> 16) as u8,
+        )
+    }
+}
+
+/// Checked pointers to the IP header (20 bytes for IPv4, 40 for IPv6) and the transport
+/// header (20 bytes for TCP, 8 otherwise). Every access after the parser goes through them
+/// at a constant offset: a header reached by a variable offset is derived once, so the
+/// compiler cannot reuse one bounds check for a pointer the verifier knows nothing about.
+///
+/// Family (`V4`) and transport (`TCP`) are type parameters: code past the dispatch on them
+/// is one copy per combination, with nothing left to re-check (the verifier cannot tell that
+/// a value read again from a function's arguments is the one it checked before).
+pub struct Headers<const V4: bool, const TCP: bool> {
+    /// The IP header.
+    pub ip: *mut u8,
+    /// The transport header.
+    pub l4: *mut u8,
+}
+
+impl<const V4: bool, const TCP: bool> Headers<V4, TCP> {
+    /// The header pointers of `p`.
+    #[inline(always)]
+    pub fn of(ctx: &XdpContext, p: &Parsed) -> Result<Self, Skip> {
+        let ip: *mut u8 = if V4 {
+            ptr_at::<[u8; 20]>(ctx, p.l3)?.cast()
+        } else {
+            ptr_at::<[u8; 40]>(ctx, p.l3)?.cast()
+        };
+        let l4: *mut u8 = if TCP {
+            ptr_at::<[u8; 20]>(ctx, p.l4)?.cast()
+        } else {
+            ptr_at::<[u8; 8]>(ctx, p.l4)?.cast()
+        };
+        Ok(Self { ip, l4 })
+    }
+
+    /// The TTL / hop limit.
+    #[inline(always)]
+    pub fn hop_limit(&self) -> u8 {
+        // SAFETY: within the checked IP header.
+        unsafe { *self.ip.add(if V4 { 8 } else { 7 }) }
+    }
+
+    /// Whether routers may fragment the packet: IPv4 without DF (IPv6 never).
+    #[inline(always)]
+    pub fn may_fragment(&self) -> bool {
+        // SAFETY: within the checked IP header.
+        V4 && unsafe { *self.ip.add(6) } & 0x40 == 0
+    }
+
+    /// Source and destination addresses.
+    #[inline(always)]
+    pub fn addrs(&self) -> (Addr, Addr) {
+        // SAFETY: within the checked IP header.
+        unsafe {
+            if V4 {
+                (
+                    load_addr(self.ip.add(12), true),
+                    load_addr(self.ip.add(16), true),
+                )
+            } else {
+                (
+                    load_addr(self.ip.add(8), false),
+                    load_addr(self.ip.add(24), false),
+                )
+            }
+        }
+    }
 }
 
 /// Parses L2 and L3 up to the L4 header.
@@ -170,10 +350,10 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Skip> {
 
 #[inline(always)]
 fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Skip> {
-    let first: *const u8 = ptr_at(ctx, l3)?;
-    // Make sure the fixed header is there before reading fields.
-    let _: *const [u8; 20] = ptr_at(ctx, l3)?;
-    let vihl = unsafe { *first };
+    let ip: *const [u8; 20] = ptr_at(ctx, l3)?;
+    // SAFETY: 20 bytes checked.
+    let ip = unsafe { &*ip };
+    let vihl = ip[0];
     if vihl >> 4 != 4 {
         return Err(Skip::Malformed);
     }
@@ -181,44 +361,85 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Skip> {
     if ihl < 20 {
         return Err(Skip::Malformed);
     }
-    let frag = u16::from_be(unsafe { *ptr_at::<u16>(ctx, l3 + 6)? });
+    let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if tot_len < ihl || !frame_len_at_least(ctx, l3 + tot_len) {
+        return Err(Skip::BadLength);
+    }
+    let frag = u16::from_be_bytes([ip[6], ip[7]]);
     // More-fragments set or a non-zero offset: no ports to balance on.
     if frag & 0x3fff != 0 {
         return Err(Skip::Fragment);
     }
-    let proto = unsafe { *ptr_at::<u8>(ctx, l3 + 9)? };
-    let tot_len = u16::from_be(unsafe { *ptr_at::<u16>(ctx, l3 + 2)? });
     Ok(Parsed {
         l3,
         l4: l3 + ihl,
         family: family::V4,
-        proto,
-        len: (l3 + tot_len as usize) as u64,
+        proto: ip[9],
+        ip_end: l3 + tot_len,
     })
+}
+
+/// Whether the IPv4 header of `p` (options included) sums to all ones. Checked only for
+/// packets the program would rewrite or answer: others pass untouched anyway.
+#[inline(always)]
+pub fn ipv4_header_ok(ctx: &XdpContext, p: &Parsed) -> Result<bool, Skip> {
+    let h: *const [u8; 20] = ptr_at(ctx, p.l3)?;
+    let h = h.cast::<u8>();
+    // SAFETY: 20 bytes checked.
+    let mut sum = unsafe {
+        u64::from(load32(h))
+            + u64::from(load32(h.add(4)))
+            + u64::from(load32(h.add(8)))
+            + u64::from(load32(h.add(12)))
+            + u64::from(load32(h.add(16)))
+    };
+    let ihl = p.l4 - p.l3;
+    for i in 0..10 {
+        let off = 20 + 4 * i;
+        if off >= ihl {
+            break;
+        }
+        let w: *const [u8; 4] = ptr_at(ctx, p.l3 + off)?;
+        // SAFETY: 4 bytes checked.
+        sum += u64::from(unsafe { load32(w.cast()) });
+    }
+    Ok(crate::csum::fold(sum) == 0xffff)
 }
 
 #[inline(always)]
 fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Skip> {
-    let _: *const [u8; 40] = ptr_at(ctx, l3)?;
-    let version = unsafe { *ptr_at::<u8>(ctx, l3)? } >> 4;
-    if version != 6 {
+    let ip: *const [u8; 40] = ptr_at(ctx, l3)?;
+    // SAFETY: 40 bytes checked.
+    let ip = unsafe { &*ip };
+    if ip[0] >> 4 != 6 {
         return Err(Skip::Malformed);
     }
-    let mut next = unsafe { *ptr_at::<u8>(ctx, l3 + 6)? };
-    let payload = u16::from_be(unsafe { *ptr_at::<u16>(ctx, l3 + 4)? });
-    let len = if payload == 0 {
-        // A jumbogram (RFC 2675): only the buffer knows.
-        // SAFETY: ctx.ctx is this invocation's xdp_md.
-        unsafe { aya_ebpf::helpers::generated::bpf_xdp_get_buff_len(ctx.ctx as *mut _) }
-    } else {
-        (l3 + 40 + payload as usize) as u64
-    };
+    let mut next = ip[6];
+    let payload = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+    if payload == 0 {
+        // A jumbogram (RFC 2675) needs a hop-by-hop header with a jumbo payload option: left
+        // to the stack. Without one, the length is simply wrong.
+        return Err(if next == IPV6_HOP {
+            Skip::Unsupported
+        } else {
+            Skip::BadLength
+        });
+    }
+    let ip_end = l3 + 40 + payload;
+    if !frame_len_at_least(ctx, ip_end) {
+        return Err(Skip::BadLength);
+    }
     let mut off = l3 + 40;
     for _ in 0..IPV6_MAX_EXT {
         match next {
             IPV6_HOP | IPV6_ROUTING | IPV6_DSTOPTS => {
-                let hdr: *const [u8; 2] = ptr_at(ctx, off)?;
-                let (nh, len) = unsafe { ((*hdr)[0], (*hdr)[1]) };
+                let hdr: *const [u8; 4] = ptr_at(ctx, off)?;
+                // SAFETY: 4 bytes checked.
+                let (nh, len, segments_left) = unsafe { ((*hdr)[0], (*hdr)[1], (*hdr)[3]) };
+                // Segments left: the VIP is a waypoint, not the final destination.
+                if next == IPV6_ROUTING && segments_left != 0 {
+                    return Err(Skip::RoutingHeader);
+                }
                 next = nh;
                 off += (len as usize + 1) * 8;
             }
@@ -239,7 +460,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Skip> {
                     l4: off,
                     family: family::V6,
                     proto: next,
-                    len,
+                    ip_end,
                 });
             }
         }
@@ -252,7 +473,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Skip> {
             l4: off,
             family: family::V6,
             proto: next,
-            len,
+            ip_end,
         }),
     }
 }

@@ -1,0 +1,1892 @@
+//! A BPF_PROG_TEST_RUN fuzzer for the XDP balancer, with an output checker of its own.
+//!
+//! Packets: random bytes, and valid TCP, UDP, SCTP, ICMP and ICMPv6 packets over IPv4 and
+//! IPv6 (to VIPs, as replies to tracked flows, as errors quoting them, to other addresses),
+//! then mutated: truncated, bytes flipped, lengths changed, IPv4 options, IPv6 extension
+//! chains (routing headers with segments left, fragments), VLAN and QinQ tags, TCP flags,
+//! TTL, Ethernet trailers, bad checksums, oversized. A sweep first truncates a set of packets
+//! at every offset.
+//!
+//! The checker does not ask the program what it did. It parses the input itself, decides
+//! from the policy docs/xdp.md states what must happen (passed untouched, translated toward
+//! a backend or back to a client, an ICMP answer), and checks the output against that:
+//! lengths, IPv4 header checksums, L4 checksums (valid exactly when they were), TTL, the
+//! backend and SNAT port, payload and trailer untouched. A model of the flows seen so far
+//! checks that a flow keeps its backend and port and that no two flows share a port.
+//!
+//! Runs as part of the test suite with a bounded count (a minute at most); more with
+//! `PORTICO_XDP_FUZZ_PACKETS` (see the README). `PORTICO_XDP_FUZZ_SEED` replays a run.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, Instant},
+};
+
+use etherparse::{IpNumber, PacketBuilder};
+use portico_integration::{fibnet, TestNet};
+use portico_xdp::{
+    verdict, BackendSpec, Balancer, LoadOptions, NodeConfig, Protocol, ServiceKey, ServiceSpec,
+    TestRunOutput, XdpBalancer, XdpProgram,
+};
+
+use fibnet::{CLIENT_MAC, LB0_MAC, LB1_MAC};
+
+const VIP4: [u8; 4] = [203, 0, 113, 10];
+const VIP6: [u8; 16] = [0xfd, 0, 0x02, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+const SNAT4: [u8; 4] = fibnet::SNAT4;
+const SNAT6: [u8; 16] = [0xfd, 0, 0, 0x18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xfe];
+const CLIENTS4: [[u8; 4]; 2] = [[198, 18, 0, 1], [198, 18, 0, 2]];
+const CLIENT6: [u8; 16] = [0xfd, 0, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const BACKEND_PORT: u16 = 8080;
+const SNAT_PORTS: (u16, u16) = (20000, 29999);
+/// Client ports are drawn from this many values, so flows come back and the tables never
+/// fill (nothing is evicted or expires during a run: every flow seen stays in the model).
+const CLIENT_PORTS: u16 = 2048;
+/// Both sides' MTU (the namespace's interfaces keep the default).
+const MTU: usize = 1500;
+/// Listeners: (VIP is v6, port, protocol number).
+const LISTENERS: [(bool, u16, u8); 5] = [
+    (false, 80, TCP),
+    (false, 53, UDP),
+    (false, 2905, SCTP),
+    (true, 443, TCP),
+    (true, 53, UDP),
+];
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const SCTP: u8 = 132;
+const ICMP4: u8 = 1;
+const ICMP6: u8 = 58;
+
+fn backend4(i: usize) -> [u8; 4] {
+    [198, 18, 1, i as u8 + 1]
+}
+fn backend6(i: usize) -> [u8; 16] {
+    let mut a = SNAT6;
+    a[15] = i as u8 + 1;
+    a
+}
+fn backend_addrs(v6: bool) -> Vec<IpAddr> {
+    (0..3)
+        .map(|i| {
+            if v6 {
+                IpAddr::V6(Ipv6Addr::from(backend6(i)))
+            } else {
+                IpAddr::V4(Ipv4Addr::from(backend4(i)))
+            }
+        })
+        .collect()
+}
+fn backend_mac(a: IpAddr) -> Option<[u8; 6]> {
+    let last = match a {
+        IpAddr::V4(a) => a.octets()[3],
+        IpAddr::V6(a) => a.octets()[15],
+    };
+    backend_addrs(a.is_ipv6())
+        .contains(&a)
+        .then(|| fibnet::backend_mac(last))
+}
+fn vip(v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::from(VIP6))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(VIP4))
+    }
+}
+fn snat(v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::from(SNAT6))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(SNAT4))
+    }
+}
+fn octets(a: IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+// ---------- a small deterministic random source ----------
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // SplitMix64.
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+    fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+        from[self.below(from.len())]
+    }
+}
+
+// ---------- checksums (computed from scratch) ----------
+
+fn ones_sum(data: &[u8], mut acc: u64) -> u64 {
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        acc += u64::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        acc += u64::from(*last) << 8;
+    }
+    acc
+}
+
+fn fold(mut acc: u64) -> u16 {
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+/// Whether `data` (with its checksum field in place) sums to all ones.
+fn sums_to_ones(data: &[u8], acc: u64) -> bool {
+    fold(ones_sum(data, acc)) == 0xffff
+}
+
+/// The pseudo-header sum of an L4 segment.
+fn pseudo(src: &[u8], dst: &[u8], proto: u8, len: usize) -> u64 {
+    let mut acc = ones_sum(src, 0);
+    acc = ones_sum(dst, acc);
+    acc + u64::from(proto) + len as u64
+}
+
+fn fix_ipv4_checksum(p: &mut [u8], l3: usize) {
+    let ihl = usize::from(p[l3] & 0xf) * 4;
+    p[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+    let c = !fold(ones_sum(&p[l3..l3 + ihl], 0));
+    p[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+}
+
+// ---------- the checker's own parser ----------
+
+/// An IP packet as the checker reads it: offsets from the frame start.
+#[derive(Clone, Debug)]
+struct Ip {
+    l3: usize,
+    v6: bool,
+    l4: usize,
+    ip_end: usize,
+    proto: u8,
+    src: IpAddr,
+    dst: IpAddr,
+    ttl: u8,
+    df: bool,
+}
+
+/// Offsets the program never reads past.
+const WINDOW: usize = 512;
+
+/// Parses a frame the way the policy in docs/xdp.md reads one. `None`: the program must pass
+/// it untouched, whatever it is addressed to (not IP; truncated; a length that disagrees
+/// with the frame; a fragment; a routing header with segments left; headers past the
+/// window; an IPv6 jumbogram).
+fn parse(p: &[u8]) -> Option<Ip> {
+    if p.len() < 14 {
+        return None;
+    }
+    let mut l3 = 14;
+    let mut et = u16::from_be_bytes([p[12], p[13]]);
+    for _ in 0..2 {
+        if et == 0x8100 || et == 0x88a8 {
+            if p.len() < l3 + 4 {
+                return None;
+            }
+            et = u16::from_be_bytes([p[l3 + 2], p[l3 + 3]]);
+            l3 += 4;
+        }
+    }
+    match et {
+        0x0800 => {
+            if p.len() < l3 + 20 || p[l3] >> 4 != 4 {
+                return None;
+            }
+            let ihl = usize::from(p[l3] & 0xf) * 4;
+            let tot = usize::from(u16::from_be_bytes([p[l3 + 2], p[l3 + 3]]));
+            if ihl < 20 || tot < ihl || l3 + tot > p.len() {
+                return None;
+            }
+            let frag = u16::from_be_bytes([p[l3 + 6], p[l3 + 7]]);
+            if frag & 0x3fff != 0 {
+                return None;
+            }
+            Some(Ip {
+                l3,
+                v6: false,
+                l4: l3 + ihl,
+                ip_end: l3 + tot,
+                proto: p[l3 + 9],
+                src: IpAddr::V4(Ipv4Addr::new(
+                    p[l3 + 12],
+                    p[l3 + 13],
+                    p[l3 + 14],
+                    p[l3 + 15],
+                )),
+                dst: IpAddr::V4(Ipv4Addr::new(
+                    p[l3 + 16],
+                    p[l3 + 17],
+                    p[l3 + 18],
+                    p[l3 + 19],
+                )),
+                ttl: p[l3 + 8],
+                df: frag & 0x4000 != 0,
+            })
+        }
+        0x86dd => {
+            if p.len() < l3 + 40 || p[l3] >> 4 != 6 {
+                return None;
+            }
+            let plen = usize::from(u16::from_be_bytes([p[l3 + 4], p[l3 + 5]]));
+            if plen == 0 || l3 + 40 + plen > p.len() {
+                return None;
+            }
+            let mut next = p[l3 + 6];
+            let mut off = l3 + 40;
+            let mut walked = 0;
+            while matches!(next, 0 | 43 | 60 | 44) {
+                if walked == 4 {
+                    return None;
+                }
+                walked += 1;
+                if next == 44 {
+                    if off + 8 > WINDOW || off + 8 > p.len() {
+                        return None;
+                    }
+                    if u16::from_be_bytes([p[off + 2], p[off + 3]]) & 0xfff9 != 0 {
+                        return None;
+                    }
+                    next = p[off];
+                    off += 8;
+                } else {
+                    if off + 4 > WINDOW || off + 4 > p.len() {
+                        return None;
+                    }
+                    if next == 43 && p[off + 3] != 0 {
+                        return None;
+                    }
+                    next = p[off];
+                    off += (usize::from(p[off + 1]) + 1) * 8;
+                }
+            }
+            let a =
+                |o: usize| IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&p[o..o + 16]).unwrap()));
+            Some(Ip {
+                l3,
+                v6: true,
+                l4: off,
+                ip_end: l3 + 40 + plen,
+                proto: next,
+                src: a(l3 + 8),
+                dst: a(l3 + 24),
+                ttl: p[l3 + 7],
+                df: true,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Whether the transport header is whole (within the frame, the window and the IP packet)
+/// and its lengths agree. `false`: passed untouched.
+fn l4_ok(p: &[u8], ip: &Ip) -> bool {
+    let need = match ip.proto {
+        TCP => 20,
+        UDP | SCTP | ICMP4 | ICMP6 => 8,
+        _ => return false,
+    };
+    if ip.l4 + need > WINDOW || ip.l4 + need > p.len() || ip.l4 + need > ip.ip_end {
+        return false;
+    }
+    match ip.proto {
+        TCP => {
+            let doff = usize::from(p[ip.l4 + 12] >> 4) * 4;
+            doff >= 20 && ip.l4 + doff <= ip.ip_end
+        }
+        UDP => {
+            let ulen = usize::from(u16::from_be_bytes([p[ip.l4 + 4], p[ip.l4 + 5]]));
+            ulen >= 8 && ip.l4 + ulen <= ip.ip_end
+        }
+        _ => true,
+    }
+}
+
+fn ipv4_header_ok(p: &[u8], ip: &Ip) -> bool {
+    ip.v6 || sums_to_ones(&p[ip.l3..ip.l4], 0)
+}
+
+/// The L4 checksum's state: `None` for IPv4 UDP without one, else whether it is right.
+fn l4_checksum_ok(p: &[u8], ip: &Ip) -> Option<bool> {
+    let (src, dst) = (octets(ip.src), octets(ip.dst));
+    let end = if ip.proto == UDP {
+        ip.l4 + usize::from(u16::from_be_bytes([p[ip.l4 + 4], p[ip.l4 + 5]]))
+    } else {
+        ip.ip_end
+    };
+    if ip.proto == UDP && !ip.v6 && p[ip.l4 + 6] == 0 && p[ip.l4 + 7] == 0 {
+        return None;
+    }
+    let acc = pseudo(&src, &dst, ip.proto, end - ip.l4);
+    Some(sums_to_ones(&p[ip.l4..end], acc))
+}
+
+fn ports(p: &[u8], ip: &Ip) -> (u16, u16) {
+    (
+        u16::from_be_bytes([p[ip.l4], p[ip.l4 + 1]]),
+        u16::from_be_bytes([p[ip.l4 + 2], p[ip.l4 + 3]]),
+    )
+}
+
+fn tcp_flags(p: &[u8], ip: &Ip) -> u8 {
+    if ip.proto == TCP {
+        p[ip.l4 + 13]
+    } else {
+        0
+    }
+}
+
+// ---------- the model of the flows seen ----------
+
+/// A client's flow: (client, client port, VIP, VIP port, protocol).
+type Tuple = (IpAddr, u16, IpAddr, u16, u8);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Mapping {
+    backend: IpAddr,
+    snat_port: u16,
+}
+
+#[derive(Default)]
+struct Model {
+    /// Client flow → where it went (ordered: a seed replays the same choices).
+    forward: BTreeMap<Tuple, Mapping>,
+    /// (backend, SNAT port, protocol) → the flow it belongs to (its reverse-NAT entry).
+    reverse: BTreeMap<(IpAddr, u16, u8), Tuple>,
+    /// Flows that saw FIN or RST.
+    closing: HashMap<Tuple, bool>,
+    /// Closed flows a fresh SYN re-opened: they may come back with another port, and until
+    /// one of their packets shows which, the model does not know it.
+    may_move: HashMap<Tuple, bool>,
+    /// Counts by what happened, for the summary.
+    outcomes: HashMap<&'static str, u64>,
+}
+
+impl Model {
+    fn count(&mut self, what: &'static str) {
+        *self.outcomes.entry(what).or_default() += 1;
+    }
+
+    /// Whether the port `snat_port` toward `backend`, last seen held by `t`, was released
+    /// by it since (its flow moved to another port): the program may have given it to a
+    /// flow the model never saw forwarded (one answered with ICMP too-big), so a reply to
+    /// it may go to that flow.
+    fn stale(&self, t: Tuple, backend: IpAddr, snat_port: u16) -> bool {
+        self.forward.get(&t) != Some(&Mapping { backend, snat_port })
+            || self.may_move.contains_key(&t)
+    }
+
+    /// What a client → VIP packet does to its flow's state before anything else happens to
+    /// it (TTL, size): FIN or RST closes a tracked flow; a fresh SYN on a closed one starts
+    /// it afresh (it may then get another port).
+    fn note(&mut self, t: Tuple, flags: u8, ttl: u8) {
+        let fresh_syn = flags & 0x12 == 0x02;
+        if !self.forward.contains_key(&t) {
+            return;
+        }
+        let closing = self.closing.get(&t).copied().unwrap_or(false);
+        if fresh_syn && closing {
+            if ttl > 1 {
+                self.may_move.insert(t, true);
+                self.closing.insert(t, flags & 0x05 != 0);
+            }
+        } else if flags & 0x05 != 0 {
+            self.closing.insert(t, true);
+        }
+    }
+
+    /// Records that `t` went to `m`; fails if that moves a live flow or shares a port.
+    fn learn(&mut self, t: Tuple, m: Mapping, flags: u8) -> Result<(), String> {
+        let known = self.forward.get(&t).copied();
+        let may_move = self.may_move.remove(&t).is_some();
+        if let Some(old) = known {
+            if old != m && !may_move {
+                return Err(format!("flow {t:?} moved from {old:?} to {m:?}"));
+            }
+        } else {
+            self.closing.insert(t, flags & 0x05 != 0);
+        }
+        if let Some(owner) = self.reverse.get(&(m.backend, m.snat_port, t.4)) {
+            if *owner != t && self.forward.get(owner) == Some(&m) {
+                return Err(format!(
+                    "flow {t:?} got {m:?}, which live flow {owner:?} holds"
+                ));
+            }
+        }
+        self.forward.insert(t, m);
+        self.reverse.insert((m.backend, m.snat_port, t.4), t);
+        Ok(())
+    }
+}
+
+// ---------- packet construction ----------
+
+fn l4_build(
+    b: etherparse::PacketBuilderStep<etherparse::IpHeaders>,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    match proto {
+        TCP => {
+            let mut t = b.tcp(sport, dport, 1000, 64240);
+            if flags & 0x02 != 0 {
+                t = t.syn();
+            }
+            if flags & 0x10 != 0 {
+                t = t.ack(7);
+            }
+            if flags & 0x01 != 0 {
+                t = t.fin();
+            }
+            if flags & 0x04 != 0 {
+                t = t.rst();
+            }
+            if flags & 0x08 != 0 {
+                t = t.psh();
+            }
+            t.write(&mut out, payload).unwrap();
+        }
+        UDP => b.udp(sport, dport).write(&mut out, payload).unwrap(),
+        _ => {
+            // SCTP common header (ports, tag, CRC32c left zero) and the payload.
+            let mut sctp = Vec::new();
+            sctp.extend_from_slice(&sport.to_be_bytes());
+            sctp.extend_from_slice(&dport.to_be_bytes());
+            sctp.extend_from_slice(&[0; 8]);
+            sctp.extend_from_slice(payload);
+            b.write(&mut out, IpNumber(proto), &sctp).unwrap();
+        }
+    }
+    out
+}
+
+fn ip_builder(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: IpAddr,
+    dst: IpAddr,
+    ttl: u8,
+) -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
+    let eth = PacketBuilder::ethernet2(smac, dmac);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), ttl),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), ttl),
+        _ => unreachable!(),
+    }
+}
+
+#[allow(clippy::too_many_arguments, reason = "one argument per header field")]
+fn packet(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: IpAddr,
+    dst: IpAddr,
+    ttl: u8,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    l4_build(
+        ip_builder(smac, dmac, src, dst, ttl),
+        proto,
+        sport,
+        dport,
+        flags,
+        payload,
+    )
+}
+
+#[allow(clippy::too_many_arguments, reason = "one argument per header field")]
+fn icmp_packet(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: IpAddr,
+    dst: IpAddr,
+    ttl: u8,
+    ty: u8,
+    code: u8,
+    rest: [u8; 4],
+    payload: &[u8],
+) -> Vec<u8> {
+    let b = ip_builder(smac, dmac, src, dst, ttl);
+    let mut out = Vec::new();
+    if src.is_ipv6() {
+        b.icmpv6_raw(ty, code, rest)
+            .write(&mut out, payload)
+            .unwrap();
+    } else {
+        b.icmpv4_raw(ty, code, rest)
+            .write(&mut out, payload)
+            .unwrap();
+    }
+    out
+}
+
+/// Inserts VLAN tags after the MAC addresses.
+fn with_vlans(p: &[u8], tags: &[u16]) -> Vec<u8> {
+    let mut out = p[..12].to_vec();
+    for (i, tag) in tags.iter().enumerate() {
+        out.extend_from_slice(if i == 0 && tags.len() == 2 {
+            &[0x88, 0xa8]
+        } else {
+            &[0x81, 0x00]
+        });
+        out.extend_from_slice(&tag.to_be_bytes());
+    }
+    out.extend_from_slice(&p[12..]);
+    out
+}
+
+/// Inserts IPv4 options (a multiple of 4 bytes, NOPs) in an untagged frame; fixes lengths
+/// and the header checksum.
+fn with_ipv4_options(p: &[u8], words: usize) -> Vec<u8> {
+    let mut out = p[..34].to_vec();
+    out.extend(std::iter::repeat_n(1u8, words * 4));
+    out.extend_from_slice(&p[34..]);
+    out[14] = 0x40 | (5 + words) as u8;
+    let tot = u16::from_be_bytes([out[16], out[17]]) + (words * 4) as u16;
+    out[16..18].copy_from_slice(&tot.to_be_bytes());
+    fix_ipv4_checksum(&mut out, 14);
+    out
+}
+
+/// Inserts IPv6 extension headers (type, bytes) in an untagged frame.
+fn with_ipv6_ext(p: &[u8], exts: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    let mut out = p[..54].to_vec();
+    let upper = out[20];
+    out[20] = exts[0].0;
+    let mut added = 0;
+    for (i, (_, bytes)) in exts.iter().enumerate() {
+        let mut b = bytes.clone();
+        b[0] = exts.get(i + 1).map_or(upper, |e| e.0);
+        added += b.len();
+        out.extend_from_slice(&b);
+    }
+    out.extend_from_slice(&p[54..]);
+    let plen = u16::from_be_bytes([out[18], out[19]]) + added as u16;
+    out[18..20].copy_from_slice(&plen.to_be_bytes());
+    out
+}
+
+/// A random IPv6 extension header: hop-by-hop or destination options (PadN), routing
+/// (segments left sometimes non-zero), or fragment (sometimes a real one).
+fn random_ext(rng: &mut Rng) -> (u8, Vec<u8>) {
+    match rng.below(4) {
+        0 | 1 => {
+            let len8 = if rng.chance(5) {
+                50 + rng.below(10)
+            } else {
+                rng.below(3)
+            };
+            let total = (len8 + 1) * 8;
+            let mut b = vec![0u8; total];
+            b[1] = len8 as u8;
+            b[2] = 1;
+            b[3] = (total - 4) as u8;
+            (if rng.chance(50) { 0 } else { 60 }, b)
+        }
+        2 => {
+            let mut b = vec![0, 2, 4, if rng.chance(30) { 1 } else { 0 }, 0, 0, 0, 0];
+            b.extend_from_slice(&rng.bytes(16));
+            (43, b)
+        }
+        _ => {
+            let mut b = vec![0, 0, 0, 0, 0, 0, 0, 1];
+            if rng.chance(30) {
+                b[3] = rng.pick(&[1u8, 8, 9]);
+            }
+            (44, b)
+        }
+    }
+}
+
+// ---------- the generator ----------
+
+struct Case {
+    input: Vec<u8>,
+    ingress: &'static str,
+}
+
+fn client_tuple(rng: &mut Rng, v6: bool) -> (IpAddr, u16) {
+    let client = if v6 {
+        IpAddr::V6(Ipv6Addr::from(CLIENT6))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(rng.pick(&CLIENTS4)))
+    };
+    (client, 1024 + rng.below(usize::from(CLIENT_PORTS)) as u16)
+}
+
+fn payload(rng: &mut Rng) -> Vec<u8> {
+    let n = match rng.below(10) {
+        0 => 1400 + rng.below(250),
+        1 => rng.below(600),
+        _ => rng.below(40),
+    };
+    rng.bytes(n)
+}
+
+/// Client → VIP (or to another port/address of the VIP). Packets too big for the backend
+/// side only for flows the model knows: a new flow answered with ICMP too-big is tracked
+/// without the checker seeing where it went.
+fn to_vip(rng: &mut Rng, model: &Model) -> Case {
+    let (v6, port, proto) = if rng.chance(90) {
+        rng.pick(&LISTENERS)
+    } else {
+        (rng.chance(50), rng.below(100) as u16, rng.pick(&[TCP, UDP]))
+    };
+    let (client, cport) = client_tuple(rng, v6);
+    let flags = if rng.chance(60) {
+        rng.pick(&[0x02u8, 0x10, 0x18, 0x11, 0x14, 0x04, 0x12])
+    } else {
+        rng.next() as u8
+    };
+    let ttl = if rng.chance(3) {
+        rng.below(3) as u8
+    } else {
+        64
+    };
+    let mut body = payload(rng);
+    let known = model
+        .forward
+        .contains_key(&(client, cport, vip(v6), port, proto));
+    if body.len() > 1000 && (!known || flags & 0x02 != 0) {
+        body.truncate(100);
+    }
+    let input = packet(
+        CLIENT_MAC,
+        LB0_MAC,
+        client,
+        vip(v6),
+        ttl,
+        proto,
+        cport,
+        port,
+        flags,
+        &body,
+    );
+    Case {
+        input,
+        ingress: "eth0",
+    }
+}
+
+/// Backend → SNAT address and port, of a flow the model knows (or a random port).
+fn reply(rng: &mut Rng, model: &Model) -> Case {
+    let known: Vec<_> = model.reverse.keys().copied().collect();
+    let (backend, sport, proto) = if !known.is_empty() && rng.chance(85) {
+        known[rng.below(known.len())]
+    } else {
+        let v6 = rng.chance(50);
+        // A port the program never hands out: no reply can be its.
+        (
+            backend_addrs(v6)[rng.below(3)],
+            SNAT_PORTS.1 + 1 + rng.below(100) as u16,
+            rng.pick(&[TCP, UDP]),
+        )
+    };
+    let flags = rng.pick(&[0x12u8, 0x10, 0x18, 0x11, 0x04]);
+    let input = packet(
+        backend_mac(backend).unwrap(),
+        LB1_MAC,
+        backend,
+        snat(backend.is_ipv6()),
+        64,
+        proto,
+        BACKEND_PORT,
+        sport,
+        flags,
+        &payload(rng),
+    );
+    Case {
+        input,
+        ingress: "eth1",
+    }
+}
+
+/// An echo request to a VIP (or elsewhere).
+fn echo(rng: &mut Rng) -> Case {
+    let v6 = rng.chance(50);
+    let (client, _) = client_tuple(rng, v6);
+    let to = if rng.chance(80) { vip(v6) } else { snat(v6) };
+    let ty = if v6 { 128 } else { 8 };
+    let input = icmp_packet(
+        CLIENT_MAC,
+        LB0_MAC,
+        client,
+        to,
+        64,
+        ty,
+        0,
+        [0, 1, 0, rng.next() as u8],
+        &{
+            let n = rng.below(64);
+            rng.bytes(n)
+        },
+    );
+    Case {
+        input,
+        ingress: "eth0",
+    }
+}
+
+/// An ICMP error quoting a known flow: from the backend side about a packet the node sent,
+/// or from the client side about a reply.
+fn icmp_error(rng: &mut Rng, model: &Model) -> Case {
+    let flows: Vec<_> = model.forward.iter().map(|(t, m)| (*t, *m)).collect();
+    let Some(&((client, cport, vipa, vport, proto), m)) = flows.get(rng.below(flows.len().max(1)))
+    else {
+        return to_vip(rng, model);
+    };
+    let v6 = client.is_ipv6();
+    let (ty, code, rest) = if v6 {
+        rng.pick(&[(1u8, 4u8, [0u8; 4]), (2, 0, [0, 0, 5, 0]), (3, 0, [0; 4])])
+    } else {
+        rng.pick(&[
+            (3u8, 3u8, [0u8; 4]),
+            (3, 4, [0, 0, 5, 0]),
+            (11, 0, [0; 4]),
+            (3, 1, [0; 4]),
+        ])
+    };
+    let n = rng.below(32);
+    let body = rng.bytes(n);
+    let quote_len = |q: &[u8], rng: &mut Rng| -> usize {
+        match rng.below(4) {
+            0 => q.len(),
+            1 => (if v6 { 40 } else { 20 }) + 8,
+            _ => (if v6 { 40 } else { 20 }) + rng.below(q.len() - if v6 { 40 } else { 20 } + 1),
+        }
+    };
+    let (input, ingress) = if rng.chance(60) {
+        // The backend (or a router on its side) about SNAT → backend.
+        let q = packet(
+            LB1_MAC,
+            backend_mac(m.backend).unwrap(),
+            snat(v6),
+            m.backend,
+            63,
+            proto,
+            m.snat_port,
+            BACKEND_PORT,
+            0x10,
+            &body,
+        );
+        let q = q[14..].to_vec();
+        let n = quote_len(&q, rng).min(q.len());
+        let from = match rng.below(3) {
+            0 => m.backend,
+            1 => client,
+            _ => {
+                if v6 {
+                    IpAddr::V6(Ipv6Addr::from(backend6(7)))
+                } else {
+                    IpAddr::V4(Ipv4Addr::from(backend4(7)))
+                }
+            }
+        };
+        (
+            icmp_packet(
+                backend_mac(m.backend).unwrap(),
+                LB1_MAC,
+                from,
+                snat(v6),
+                64,
+                ty,
+                code,
+                rest,
+                &q[..n],
+            ),
+            "eth1",
+        )
+    } else {
+        // The client about VIP → client.
+        let q = packet(
+            LB0_MAC, CLIENT_MAC, vipa, client, 63, proto, vport, cport, 0x10, &body,
+        );
+        let q = q[14..].to_vec();
+        let n = quote_len(&q, rng).min(q.len());
+        (
+            icmp_packet(
+                CLIENT_MAC,
+                LB0_MAC,
+                client,
+                vipa,
+                64,
+                ty,
+                code,
+                rest,
+                &q[..n],
+            ),
+            "eth0",
+        )
+    };
+    Case { input, ingress }
+}
+
+/// Traffic that is none of the balancer's business.
+fn elsewhere(rng: &mut Rng) -> Case {
+    let v6 = rng.chance(50);
+    let (client, cport) = client_tuple(rng, v6);
+    let dst = if v6 {
+        IpAddr::V6(Ipv6Addr::from({
+            let mut a = VIP6;
+            a[15] = rng.next() as u8 | 0x20;
+            a
+        }))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(198, 18, 0, 200 + rng.below(50) as u8))
+    };
+    let proto = rng.pick(&[TCP, UDP, SCTP, 47]);
+    let input = packet(
+        CLIENT_MAC,
+        LB0_MAC,
+        client,
+        dst,
+        64,
+        proto,
+        cport,
+        rng.next() as u16,
+        0x10,
+        &payload(rng),
+    );
+    Case {
+        input,
+        ingress: "eth0",
+    }
+}
+
+fn random_bytes(rng: &mut Rng) -> Case {
+    let max = if rng.chance(80) { 120 } else { 1600 };
+    let n = rng.below(max);
+    let mut input = rng.bytes(n);
+    if rng.chance(70) && input.len() >= 14 {
+        input[12..14].copy_from_slice(&rng.pick(&[[0x08u8, 0x00], [0x86, 0xdd], [0x81, 0x00]]));
+        if input.len() > 14 && rng.chance(50) {
+            input[14] = rng.pick(&[0x45u8, 0x46, 0x60]);
+        }
+    }
+    Case {
+        input,
+        ingress: rng.pick(&["eth0", "eth1"]),
+    }
+}
+
+/// Structured changes: options and extension headers, tags, lengths, flags, bytes.
+fn mutate(rng: &mut Rng, case: &mut Case) {
+    let p = &mut case.input;
+    let v6 = p.len() > 13 && p[12..14] == [0x86, 0xdd];
+    let v4 = p.len() > 13 && p[12..14] == [0x08, 0x00];
+    if v4 && rng.chance(15) && p.len() >= 34 {
+        *p = with_ipv4_options(p, 1 + rng.below(10));
+    }
+    if v6 && rng.chance(25) && p.len() >= 54 {
+        let exts: Vec<_> = (0..1 + rng.below(5)).map(|_| random_ext(rng)).collect();
+        *p = with_ipv6_ext(p, &exts);
+    }
+    let l3 = 14;
+    let changes = rng.below(3);
+    for _ in 0..changes {
+        // The changes below read and write the first IP header's fields.
+        if p.len() < l3 + 40 {
+            break;
+        }
+        match rng.below(9) {
+            0 => {
+                // A byte anywhere in the first 96.
+                let i = rng.below(p.len().min(96));
+                p[i] ^= 1 << rng.below(8);
+            }
+            1 if v4 => {
+                let tot = u16::from_be_bytes([p[16], p[17]]);
+                let new = match rng.below(3) {
+                    0 => tot.wrapping_add(rng.below(64) as u16),
+                    1 => tot.saturating_sub(rng.below(40) as u16),
+                    _ => rng.next() as u16,
+                };
+                p[16..18].copy_from_slice(&new.to_be_bytes());
+            }
+            1 if v6 => {
+                let plen = u16::from_be_bytes([p[18], p[19]]);
+                let new = if rng.chance(20) {
+                    0
+                } else {
+                    plen.wrapping_add(rng.below(80) as u16).wrapping_sub(40)
+                };
+                p[18..20].copy_from_slice(&new.to_be_bytes());
+            }
+            2 if v4 => p[14] = 0x40 | rng.below(16) as u8,
+            3 if v4 => {
+                // Fragments: MF, an offset, or DF flipped.
+                p[20] ^= rng.pick(&[0x20u8, 0x40, 0x01]);
+            }
+            4 => {
+                // Somewhere in a transport header: ports, lengths, data offset, flags.
+                if let Some(ip) = parse(p) {
+                    let i = ip.l4 + rng.below(14);
+                    if i < p.len() {
+                        p[i] = rng.next() as u8;
+                    }
+                }
+            }
+            5 if v4 => p[22] = rng.below(3) as u8,
+            5 if v6 => p[21] = rng.below(3) as u8,
+            6 => {
+                let cut = rng.below(p.len());
+                p.truncate(cut);
+            }
+            7 => {
+                let n = 1 + rng.below(30);
+                p.extend_from_slice(&rng.bytes(n));
+            }
+            _ => {}
+        }
+    }
+    // Usually keep the IPv4 header checksum right, to get past it.
+    if v4 && p.len() >= 34 && rng.chance(80) {
+        let ihl = usize::from(p[14] & 0xf) * 4;
+        if ihl >= 20 && p.len() >= 14 + ihl {
+            fix_ipv4_checksum(p, 14);
+        }
+    }
+    if rng.chance(8) && p.len() >= 14 {
+        let tags: Vec<u16> = (0..1 + rng.below(2))
+            .map(|_| rng.below(4094) as u16 + 1)
+            .collect();
+        *p = with_vlans(p, &tags);
+    }
+}
+
+fn generate(rng: &mut Rng, model: &Model) -> Case {
+    let mut case = match rng.below(100) {
+        0..8 => return random_bytes(rng),
+        8..45 => to_vip(rng, model),
+        45..62 => reply(rng, model),
+        62..70 => echo(rng),
+        70..84 => icmp_error(rng, model),
+        _ => elsewhere(rng),
+    };
+    if rng.chance(40) {
+        mutate(rng, &mut case);
+    }
+    case
+}
+
+// ---------- the checker ----------
+
+fn unchanged(input: &[u8], out: &TestRunOutput) -> Result<(), String> {
+    if out.verdict != verdict::PASS {
+        return Err(format!("want XDP_PASS, got {}", verdict::name(out.verdict)));
+    }
+    if out.packet != input {
+        return Err("passed, but changed".into());
+    }
+    Ok(())
+}
+
+/// Checks a translated TCP/UDP packet: everything but addresses, ports, TTL and checksums
+/// (and MACs) is as it came; the IPv4 header sums right; the L4 checksum is right exactly
+/// when it was.
+fn translated(
+    input: &[u8],
+    inp: &Ip,
+    out: &[u8],
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+) -> Result<(), String> {
+    let Some(o) = parse(out) else {
+        return Err("output does not parse".into());
+    };
+    if out.len() != input.len() || o.l4 != inp.l4 || o.ip_end != inp.ip_end || o.proto != inp.proto
+    {
+        return Err("output's layout differs".into());
+    }
+    if (o.src, o.dst) != (src, dst) {
+        return Err(format!(
+            "addresses {} → {}, want {src} → {dst}",
+            o.src, o.dst
+        ));
+    }
+    if ports(out, &o) != (sport, dport) {
+        return Err(format!(
+            "ports {:?}, want ({sport}, {dport})",
+            ports(out, &o)
+        ));
+    }
+    if o.ttl != inp.ttl - 1 {
+        return Err(format!("TTL {} from {}", o.ttl, inp.ttl));
+    }
+    if !ipv4_header_ok(out, &o) {
+        return Err("IPv4 header checksum".into());
+    }
+    if l4_checksum_ok(input, inp) != l4_checksum_ok(out, &o) {
+        return Err(format!(
+            "L4 checksum: {:?} in, {:?} out",
+            l4_checksum_ok(input, inp),
+            l4_checksum_ok(out, &o)
+        ));
+    }
+    // Tags, and everything after the checksum field (payload, trailer), as they were.
+    let csum_end = inp.l4 + if inp.proto == TCP { 18 } else { 8 };
+    if out[12..inp.l3] != input[12..inp.l3] || out[csum_end..] != input[csum_end..] {
+        return Err("bytes outside the rewritten fields changed".into());
+    }
+    Ok(())
+}
+
+/// The next hop toward an address, as the namespace's routes and permanent neighbours
+/// (integration/src/fibnet.rs) make it.
+enum Hop {
+    /// A neighbour with a known MAC: (destination MAC, source MAC).
+    Via([u8; 6], [u8; 6]),
+    /// On a connected subnet, no neighbour entry: the stack resolves it.
+    NoNeigh,
+    /// One of the node's own addresses, or no route at all.
+    NoRoute,
+    /// An IPv4 network or broadcast address: not forwarded, or left to the stack.
+    Unsure,
+}
+
+fn hop_to(a: IpAddr) -> Hop {
+    let (v6, o) = match a {
+        IpAddr::V4(a) => (false, a.octets().to_vec()),
+        IpAddr::V6(a) => (true, a.octets().to_vec()),
+    };
+    let (client_side, backend_side) = if v6 {
+        (
+            o[..8] == [0xfd, 0, 0, 0x18, 0, 0, 0, 0],
+            o[..8] == [0xfd, 0, 0, 0x18, 0, 1, 0, 0],
+        )
+    } else {
+        (o[..3] == [198, 18, 0], o[..3] == [198, 18, 1])
+    };
+    if !client_side && !backend_side {
+        return Hop::NoRoute;
+    }
+    let last = o[o.len() - 1];
+    // IPv6 host parts other than ::<one byte> have no neighbour entry.
+    if v6 && o[8..15].iter().any(|&b| b != 0) {
+        return Hop::NoNeigh;
+    }
+    // The node's own addresses: ::fe and .254, and the subnet-router anycast address.
+    if last == 0xfe || (v6 && last == 0) {
+        return Hop::NoRoute;
+    }
+    if !v6 && (last == 0 || last == 255) {
+        return Hop::Unsure;
+    }
+    if backend_side {
+        return if (1..=fibnet::BACKENDS).contains(&last) {
+            Hop::Via(fibnet::backend_mac(last), LB1_MAC)
+        } else {
+            Hop::NoNeigh
+        };
+    }
+    // Client side: the clients, the backend on eth0, the one-armed backends (198.18.0.101
+    // to .116, fd00:18::65 to ::74: 101 to 116 written in hex).
+    match (v6, last) {
+        (_, 1) | (false, 2) => Hop::Via(CLIENT_MAC, LB0_MAC),
+        (false, 10) => Hop::Via(fibnet::BACKEND_ON_ETH0_MAC, LB0_MAC),
+        (false, 101..=116) => Hop::Via([0x02, 0xbe, 0, 0, 1, last - 100], LB0_MAC),
+        (true, 0x65..=0x74) => Hop::Via([0x02, 0xbe, 0, 0, 1, last - 0x64], LB0_MAC),
+        _ => Hop::NoNeigh,
+    }
+}
+
+/// Not a unicast address one could route from.
+fn martian(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(a) => {
+            a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast()
+                || a.is_broadcast()
+                || a.octets()[0] >= 240
+        }
+        IpAddr::V6(a) => a.is_unspecified() || a.is_loopback() || a.is_multicast(),
+    }
+}
+
+/// The verdict and MACs of a translated frame sent toward `to` (not too big).
+fn check_sent(out: &TestRunOutput, to: IpAddr) -> Result<&'static str, String> {
+    match hop_to(to) {
+        Hop::Via(dmac, smac) => {
+            if !matches!(out.verdict, verdict::TX | verdict::REDIRECT) {
+                return Err(format!(
+                    "toward {to}: want TX or REDIRECT, got {}",
+                    verdict::name(out.verdict)
+                ));
+            }
+            let o = &out.packet;
+            if o[0..6] != dmac || o[6..12] != smac {
+                return Err(format!(
+                    "MACs {:02x?} {:02x?} toward {to}",
+                    &o[0..6],
+                    &o[6..12]
+                ));
+            }
+            Ok("sent")
+        }
+        Hop::NoNeigh => {
+            if out.verdict != verdict::PASS {
+                return Err(format!(
+                    "toward {to} (no neighbour): want XDP_PASS, got {}",
+                    verdict::name(out.verdict)
+                ));
+            }
+            Ok("passed_no_neighbour")
+        }
+        Hop::NoRoute => {
+            if out.verdict != verdict::DROP {
+                return Err(format!(
+                    "toward {to} (no route): want XDP_DROP, got {}",
+                    verdict::name(out.verdict)
+                ));
+            }
+            Ok("dropped_no_route")
+        }
+        Hop::Unsure => match out.verdict {
+            verdict::PASS => Ok("passed_no_neighbour"),
+            verdict::DROP => Ok("dropped_no_route"),
+            v => Err(format!("toward {to}: got {}", verdict::name(v))),
+        },
+    }
+}
+
+/// A packet whose translation the program would forward: checks the verdict and output.
+/// `big`: bigger than the next hop's MTU.
+#[allow(clippy::too_many_arguments, reason = "the translation's fields")]
+fn forwarded(
+    input: &[u8],
+    inp: &Ip,
+    out: &TestRunOutput,
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    model: &mut Model,
+) -> Result<&'static str, String> {
+    let big = inp.ip_end - inp.l3 > MTU;
+    // No route: dropped before anything is written (`dport` 0: toward some backend, all
+    // routed).
+    if dport != 0
+        && (matches!(hop_to(dst), Hop::NoRoute)
+            || matches!(hop_to(dst), Hop::Unsure) && out.verdict == verdict::DROP)
+    {
+        if out.verdict != verdict::DROP {
+            return Err(format!(
+                "toward {dst} (no route): want XDP_DROP, got {}",
+                verdict::name(out.verdict)
+            ));
+        }
+        return Ok("dropped_no_route");
+    }
+    if big && inp.df {
+        return match out.verdict {
+            verdict::TX => {
+                too_big(input, inp, &out.packet)?;
+                Ok("icmp_too_big")
+            }
+            verdict::DROP => Ok("too_big_rate_limited"),
+            v => Err(format!("too big with DF: got {}", verdict::name(v))),
+        };
+    }
+    translated(input, inp, &out.packet, src, sport, dst, dport)?;
+    if big {
+        // IPv4 without DF: left to the stack to fragment.
+        if out.verdict != verdict::PASS {
+            return Err(format!(
+                "too big without DF: got {}",
+                verdict::name(out.verdict)
+            ));
+        }
+        return Ok("passed_to_fragment");
+    }
+    let _ = model;
+    match check_sent(out, dst)? {
+        "sent" => Ok("translated"),
+        other => Ok(other),
+    }
+}
+
+/// An ICMP fragmentation-needed / packet-too-big answering `input`.
+fn too_big(input: &[u8], inp: &Ip, out: &[u8]) -> Result<(), String> {
+    let l3 = inp.l3;
+    if out[0..6] != input[6..12] || out[6..12] != input[0..6] || out[12..l3] != input[12..l3] {
+        return Err("too big: link layer".into());
+    }
+    let Some(o) = parse(out) else {
+        return Err("too big: does not parse".into());
+    };
+    if o.proto != if inp.v6 { ICMP6 } else { ICMP4 } || (o.src, o.dst) != (inp.dst, inp.src) {
+        return Err("too big: header".into());
+    }
+    let icmp = &out[o.l4..o.ip_end];
+    let quote = &input[l3..inp.ip_end];
+    let quote = &quote[..quote.len().min(if inp.v6 { 1232 } else { 548 })];
+    if &icmp[8..] != quote || out.len() != o.ip_end {
+        return Err("too big: quote".into());
+    }
+    let mtu_ok = if inp.v6 {
+        icmp[..2] == [2, 0]
+            && u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]) as usize == MTU
+    } else {
+        icmp[..2] == [3, 4] && usize::from(u16::from_be_bytes([icmp[6], icmp[7]])) == MTU
+    };
+    let acc = if inp.v6 {
+        pseudo(&octets(o.src), &octets(o.dst), ICMP6, icmp.len())
+    } else {
+        0
+    };
+    if !mtu_ok || !sums_to_ones(icmp, acc) || !ipv4_header_ok(out, &o) {
+        return Err("too big: type, MTU or checksums".into());
+    }
+    Ok(())
+}
+
+/// Checks one run against the policy and the model; returns what happened.
+fn check(case: &Case, out: &TestRunOutput, model: &mut Model) -> Result<&'static str, String> {
+    let input = &case.input;
+    if out.verdict == verdict::ABORTED {
+        return Err("XDP_ABORTED".into());
+    }
+    let Some(ip) = parse(input) else {
+        unchanged(input, out)?;
+        return Ok("passed_unparsed");
+    };
+    if !l4_ok(input, &ip) {
+        unchanged(input, out)?;
+        return Ok("passed_bad_l4");
+    }
+    let v6 = ip.v6;
+    let ours = ip.dst == vip(v6) || ip.dst == snat(v6);
+    if ours && !ipv4_header_ok(input, &ip) {
+        unchanged(input, out)?;
+        return Ok("passed_bad_ip_checksum");
+    }
+    match ip.proto {
+        TCP | UDP if ip.dst == snat(v6) => {
+            let (sport, dport) = ports(input, &ip);
+            let Some(&t) = (sport == BACKEND_PORT)
+                .then(|| model.reverse.get(&(ip.src, dport, ip.proto)))
+                .flatten()
+            else {
+                unchanged(input, out)?;
+                return Ok("passed_not_a_reply");
+            };
+            if model.stale(t, ip.src, dport) {
+                return Ok("reply_to_a_released_port");
+            }
+            if ip.ttl <= 1 {
+                unchanged(input, out)?;
+                return Ok("passed_ttl");
+            }
+            let (client, cport, vipa, vport, _) = t;
+            forwarded(input, &ip, out, vipa, vport, client, cport, model)
+        }
+        TCP | UDP if ip.dst == vip(v6) => {
+            let (sport, dport) = ports(input, &ip);
+            if !LISTENERS.contains(&(v6, dport, ip.proto)) {
+                unchanged(input, out)?;
+                return Ok("passed_no_listener");
+            }
+            let flags = tcp_flags(input, &ip);
+            model.note((ip.src, sport, ip.dst, dport, ip.proto), flags, ip.ttl);
+            if ip.ttl <= 1 {
+                unchanged(input, out)?;
+                return Ok("passed_ttl");
+            }
+            if ip.ip_end - ip.l3 > MTU && ip.df {
+                // Answered with ICMP too-big (or dropped over the rate limit).
+                let none = snat(v6);
+                return forwarded(input, &ip, out, none, 0, none, 0, model);
+            }
+            // Where it went.
+            let what = match parse(&out.packet) {
+                Some(o) if o.proto == ip.proto && out.packet.len() == input.len() => {
+                    let (osport, odport) = ports(&out.packet, &o);
+                    if !backend_addrs(v6).contains(&o.dst) || odport != BACKEND_PORT {
+                        return Err(format!("went to {}:{odport}, not a backend", o.dst));
+                    }
+                    if !(SNAT_PORTS.0..=SNAT_PORTS.1).contains(&osport) {
+                        return Err(format!("SNAT port {osport} outside the range"));
+                    }
+                    let what = forwarded(
+                        input,
+                        &ip,
+                        out,
+                        snat(v6),
+                        osport,
+                        o.dst,
+                        BACKEND_PORT,
+                        model,
+                    )?;
+                    model.learn(
+                        (ip.src, sport, ip.dst, dport, ip.proto),
+                        Mapping {
+                            backend: o.dst,
+                            snat_port: osport,
+                        },
+                        flags,
+                    )?;
+                    what
+                }
+                _ => {
+                    let none = snat(v6);
+                    forwarded(input, &ip, out, none, 0, none, 0, model)?
+                }
+            };
+            Ok(what)
+        }
+        ICMP4 | ICMP6 if ip.proto == if v6 { ICMP6 } else { ICMP4 } => {
+            check_icmp(input, &ip, out, model)
+        }
+        _ => {
+            unchanged(input, out)?;
+            Ok("passed_other")
+        }
+    }
+}
+
+fn check_icmp(
+    input: &[u8],
+    ip: &Ip,
+    out: &TestRunOutput,
+    model: &mut Model,
+) -> Result<&'static str, String> {
+    let v6 = ip.v6;
+    let ty = input[ip.l4];
+    let echo = if v6 { ty == 128 } else { ty == 8 };
+    let error = if v6 {
+        matches!(ty, 1..=3)
+    } else {
+        matches!(ty, 3 | 11)
+    };
+    if echo && ip.dst == vip(v6) {
+        return echo_reply(input, ip, out);
+    }
+    if !error {
+        unchanged(input, out)?;
+        return Ok("passed_icmp_other");
+    }
+    // The quoted packet.
+    let q3 = ip.l4 + 8;
+    let (qsrc, qdst, q4, qproto) = if v6 {
+        if q3 + 40 > ip.ip_end || q3 + 40 > WINDOW {
+            unchanged(input, out)?;
+            return Ok("passed_icmp_short_quote");
+        }
+        let a = |o: usize| {
+            IpAddr::V6(Ipv6Addr::from(
+                <[u8; 16]>::try_from(&input[o..o + 16]).unwrap(),
+            ))
+        };
+        (a(q3 + 8), a(q3 + 24), q3 + 40, input[q3 + 6])
+    } else {
+        let ihl = usize::from(input[q3.min(input.len() - 1)] & 0xf) * 4;
+        if q3 + 20 > ip.ip_end || q3 + 20 > WINDOW || ihl < 20 || q3 + ihl > ip.ip_end {
+            unchanged(input, out)?;
+            return Ok("passed_icmp_short_quote");
+        }
+        let a = |o: usize| {
+            IpAddr::V4(Ipv4Addr::new(
+                input[o],
+                input[o + 1],
+                input[o + 2],
+                input[o + 3],
+            ))
+        };
+        (a(q3 + 12), a(q3 + 16), q3 + ihl, input[q3 + 9])
+    };
+    if !matches!(qproto, TCP | UDP) || q4 + 4 > ip.ip_end || q4 + 4 > WINDOW {
+        unchanged(input, out)?;
+        return Ok("passed_icmp_quote_not_tcp_udp");
+    }
+    let qsport = u16::from_be_bytes([input[q4], input[q4 + 1]]);
+    let qdport = u16::from_be_bytes([input[q4 + 2], input[q4 + 3]]);
+    // What it becomes: (outer src, outer dst, quoted src, sport, quoted dst, dport).
+    let want = if ip.dst == snat(v6) && qsrc == snat(v6) {
+        if let Some(&t) = model.reverse.get(&(qdst, qsport, qproto)) {
+            if model.stale(t, qdst, qsport) {
+                return Ok("icmp_about_a_released_port");
+            }
+        }
+        model
+            .reverse
+            .get(&(qdst, qsport, qproto))
+            .filter(|_| qdport == BACKEND_PORT)
+            .map(|&(client, cport, vipa, vport, _)| {
+                let from = if ip.src == qdst || ip.src == client {
+                    vipa
+                } else {
+                    ip.src
+                };
+                (from, client, client, cport, vipa, vport)
+            })
+    } else if ip.dst == qsrc {
+        let t = (qdst, qdport, qsrc, qsport, qproto);
+        if model.may_move.contains_key(&t) {
+            // Re-opened, its new port not seen yet: the model cannot tell.
+            return Ok("icmp_about_a_reopened_flow");
+        }
+        model.forward.get(&t).map(|m| {
+            (
+                snat(v6),
+                m.backend,
+                m.backend,
+                BACKEND_PORT,
+                snat(v6),
+                m.snat_port,
+            )
+        })
+    } else {
+        None
+    };
+    let Some((osrc, odst, isrc, isport, idst, idport)) = want else {
+        unchanged(input, out)?;
+        return Ok("passed_icmp_not_ours");
+    };
+    if !ipv4_header_ok(input, ip) || ip.ttl <= 1 {
+        unchanged(input, out)?;
+        return Ok("passed_icmp_checks");
+    }
+    // A router's address that is no unicast address: the FIB refuses that source.
+    if osrc == ip.src && martian(osrc) && out.verdict == verdict::DROP {
+        return Ok("dropped_martian_source");
+    }
+    if matches!(hop_to(odst), Hop::NoRoute)
+        || matches!(hop_to(odst), Hop::Unsure) && out.verdict == verdict::DROP
+    {
+        if out.verdict != verdict::DROP {
+            return Err(format!(
+                "ICMP toward {odst} (no route): want XDP_DROP, got {}",
+                verdict::name(out.verdict)
+            ));
+        }
+        return Ok("dropped_no_route");
+    }
+    let o = &out.packet;
+    let Some(op) = parse(o) else {
+        return Err("translated ICMP does not parse".into());
+    };
+    if o.len() != input.len() || (op.src, op.dst) != (osrc, odst) || op.ttl != ip.ttl - 1 {
+        return Err(format!(
+            "ICMP outer {} → {} ttl {}, want {osrc} → {odst}",
+            op.src, op.dst, op.ttl
+        ));
+    }
+    if !ipv4_header_ok(o, &op) {
+        return Err("ICMP outer IPv4 header checksum".into());
+    }
+    // The quote's new addresses and ports.
+    let (a_src, a_dst) = if v6 {
+        (q3 + 8, q3 + 24)
+    } else {
+        (q3 + 12, q3 + 16)
+    };
+    let alen = if v6 { 16 } else { 4 };
+    if o[a_src..a_src + alen] != octets(isrc)[..] || o[a_dst..a_dst + alen] != octets(idst)[..] {
+        return Err("ICMP quoted addresses".into());
+    }
+    if o[q4..q4 + 4] != [isport.to_be_bytes(), idport.to_be_bytes()].concat()[..] {
+        return Err(format!(
+            "ICMP quoted ports {:02x?}, want {isport} → {idport}",
+            &o[q4..q4 + 4]
+        ));
+    }
+    // Checksums: ICMP, quoted IPv4 header and quoted L4, right exactly as before (the
+    // quoted L4 one as an incremental update, RFC 1624, when it is inside the packet).
+    let icmp_sum = |p: &[u8], x: &Ip| {
+        let acc = if v6 {
+            pseudo(&octets(x.src), &octets(x.dst), ICMP6, x.ip_end - x.l4)
+        } else {
+            0
+        };
+        sums_to_ones(&p[x.l4..x.ip_end], acc)
+    };
+    if icmp_sum(input, ip) != icmp_sum(o, &op) {
+        return Err("ICMP checksum".into());
+    }
+    if !v6 && sums_to_ones(&input[q3..q4], 0) != sums_to_ones(&o[q3..q4], 0) {
+        return Err("quoted IPv4 header checksum".into());
+    }
+    let qcsum = q4 + if qproto == TCP { 16 } else { 6 };
+    let qcsum_in = qcsum + 2 <= ip.ip_end && qcsum + 2 <= WINDOW;
+    if qcsum_in {
+        let old = u16::from_be_bytes([input[qcsum], input[qcsum + 1]]);
+        let new = u16::from_be_bytes([o[qcsum], o[qcsum + 1]]);
+        let unchanged_zero = !v6 && qproto == UDP && old == 0;
+        // Sum of the changed words, old and new: HC' = ~(~HC + ~m + m') (RFC 1624).
+        let mut acc = u64::from(!old);
+        for (at, len) in [(a_src, alen), (a_dst, alen), (q4, 4)] {
+            for w in (0..len).step_by(2) {
+                acc += u64::from(!u16::from_be_bytes([input[at + w], input[at + w + 1]]));
+                acc += u64::from(u16::from_be_bytes([o[at + w], o[at + w + 1]]));
+            }
+        }
+        let mut want = !fold(acc);
+        if qproto == UDP && want == 0 {
+            want = 0xffff;
+        }
+        if unchanged_zero {
+            want = 0;
+        }
+        if new != want {
+            return Err(format!("quoted L4 checksum {new:#06x}, want {want:#06x}"));
+        }
+    }
+    // Everything else (the rest of the quote, a trailer) as it was.
+    let rest = q4 + 4;
+    let skip = |i: usize| (qcsum..qcsum + 2).contains(&i) && qcsum_in;
+    if (rest..o.len()).any(|i| !skip(i) && o[i] != input[i]) {
+        return Err("ICMP: bytes outside the translated fields changed".into());
+    }
+    if ip.ip_end - ip.l3 > MTU {
+        if out.verdict != verdict::PASS {
+            return Err(format!(
+                "big ICMP error: got {}",
+                verdict::name(out.verdict)
+            ));
+        }
+        return Ok("icmp_error_passed_to_fragment");
+    }
+    match check_sent(out, odst)? {
+        "sent" => Ok("icmp_error_translated"),
+        other => Ok(other),
+    }
+}
+
+fn echo_reply(input: &[u8], ip: &Ip, out: &TestRunOutput) -> Result<&'static str, String> {
+    if out.verdict != verdict::TX {
+        return Err(format!(
+            "echo: want XDP_TX, got {}",
+            verdict::name(out.verdict)
+        ));
+    }
+    let o = &out.packet;
+    let Some(op) = parse(o) else {
+        return Err("echo reply does not parse".into());
+    };
+    if o.len() != input.len() || (op.src, op.dst) != (ip.dst, ip.src) || op.ttl != 64 {
+        return Err("echo reply header".into());
+    }
+    if o[0..6] != input[6..12] || o[6..12] != input[0..6] {
+        return Err("echo reply MACs".into());
+    }
+    if o[op.l4] != if ip.v6 { 129 } else { 0 } || o[op.l4 + 4..] != input[ip.l4 + 4..] {
+        return Err("echo reply body".into());
+    }
+    let sum = |p: &[u8], x: &Ip| {
+        let acc = if x.v6 {
+            pseudo(&octets(x.src), &octets(x.dst), ICMP6, x.ip_end - x.l4)
+        } else {
+            0
+        };
+        sums_to_ones(&p[x.l4..x.ip_end], acc)
+    };
+    if sum(input, ip) != sum(o, &op) || !ipv4_header_ok(o, &op) {
+        return Err("echo reply checksums".into());
+    }
+    Ok("echo_reply")
+}
+
+// ---------- the run ----------
+
+fn balancer() -> XdpBalancer {
+    let program = XdpProgram::load_with(LoadOptions {
+        max_services: 16,
+        max_backends: 64,
+        ring_size: 251,
+        conntrack_entries: 65536,
+        flow_cache_entries: 1024,
+    })
+    .expect("loading the XDP program (needs root)");
+    let mut b = XdpBalancer::new(program);
+    let hour = Duration::from_secs(3600);
+    b.configure_node(&NodeConfig {
+        snat_v4: Some(Ipv4Addr::from(SNAT4)),
+        snat_v6: Some(Ipv6Addr::from(SNAT6)),
+        snat_ports: SNAT_PORTS,
+        tcp_timeout: hour,
+        udp_timeout: hour,
+        tcp_closing_timeout: hour,
+        ..NodeConfig::default()
+    })
+    .unwrap();
+    for (v6, port, proto) in LISTENERS {
+        b.upsert_service(&ServiceSpec {
+            key: ServiceKey {
+                vip: vip(v6),
+                port,
+                proto: match proto {
+                    TCP => Protocol::Tcp,
+                    UDP => Protocol::Udp,
+                    _ => Protocol::Sctp,
+                },
+            },
+            backends: backend_addrs(v6)
+                .into_iter()
+                .map(|addr| BackendSpec {
+                    addr,
+                    port: BACKEND_PORT,
+                    weight: 1,
+                })
+                .collect(),
+            hash_source_only: false,
+        })
+        .unwrap();
+    }
+    b
+}
+
+/// Packets for the truncation sweep: each is cut at every offset.
+fn sweep_packets(rng: &mut Rng) -> Vec<Case> {
+    let c4 = IpAddr::V4(Ipv4Addr::from(CLIENTS4[0]));
+    let c6 = IpAddr::V6(Ipv6Addr::from(CLIENT6));
+    let mut cases = vec![
+        packet(
+            CLIENT_MAC,
+            LB0_MAC,
+            c4,
+            vip(false),
+            64,
+            TCP,
+            3000,
+            80,
+            0x02,
+            b"sweep",
+        ),
+        with_ipv4_options(
+            &packet(
+                CLIENT_MAC,
+                LB0_MAC,
+                c4,
+                vip(false),
+                64,
+                UDP,
+                3001,
+                53,
+                0,
+                b"sweep",
+            ),
+            3,
+        ),
+        with_vlans(
+            &packet(
+                CLIENT_MAC,
+                LB0_MAC,
+                c4,
+                vip(false),
+                64,
+                TCP,
+                3002,
+                80,
+                0x10,
+                b"sweep",
+            ),
+            &[7, 9],
+        ),
+        with_ipv6_ext(
+            &packet(
+                CLIENT_MAC,
+                LB0_MAC,
+                c6,
+                vip(true),
+                64,
+                UDP,
+                3003,
+                53,
+                0,
+                b"sweep",
+            ),
+            &[
+                (0, vec![0, 0, 1, 4, 0, 0, 0, 0]),
+                (44, vec![0, 0, 0, 0, 0, 0, 0, 1]),
+            ],
+        ),
+        packet(
+            CLIENT_MAC,
+            LB0_MAC,
+            c6,
+            vip(true),
+            64,
+            TCP,
+            3004,
+            443,
+            0x02,
+            b"sweep",
+        ),
+        icmp_packet(
+            CLIENT_MAC,
+            LB0_MAC,
+            c4,
+            vip(false),
+            64,
+            8,
+            0,
+            [0, 1, 0, 1],
+            b"ping",
+        ),
+    ]
+    .into_iter()
+    .map(|input| Case {
+        input,
+        ingress: "eth0",
+    })
+    .collect::<Vec<_>>();
+    let _ = rng;
+    cases.push(Case {
+        input: packet(
+            LB1_MAC,
+            LB1_MAC,
+            IpAddr::V4(Ipv4Addr::from(backend4(0))),
+            snat(false),
+            64,
+            TCP,
+            8080,
+            20000,
+            0x12,
+            b"sweep",
+        ),
+        ingress: "eth1",
+    });
+    cases
+}
+
+#[test]
+fn xdp_fuzz_checked_by_an_independent_model() {
+    let packets: u64 = std::env::var("PORTICO_XDP_FUZZ_PACKETS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(150_000);
+    let seed: u64 = std::env::var("PORTICO_XDP_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    // A bounded run: stop early rather than run past a minute in a slow (debug) build.
+    let budget = Duration::from_secs(
+        std::env::var("PORTICO_XDP_FUZZ_SECONDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if cfg!(debug_assertions) { 50 } else { 3600 }),
+    );
+    println!("PORTICO_XDP_FUZZ_SEED={seed} PORTICO_XDP_FUZZ_PACKETS={packets}");
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let balancer = balancer();
+    let prog = balancer.program();
+    let _in_lb = lb.enter().unwrap();
+    // Per-CPU LRU lists and rate limits: one CPU for the whole run.
+    pin_to_cpu(0);
+    let ifindex = |name: &str| fibnet::ifindex(name).unwrap();
+    let (eth0, eth1) = (ifindex("eth0"), ifindex("eth1"));
+    let mut rng = Rng(seed);
+    let mut model = Model::default();
+    let run = |case: &Case, model: &mut Model, n: u64| {
+        if case.input.len() < 14 {
+            // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header.
+            model.count("refused_by_test_run");
+            return;
+        }
+        let ingress = if case.ingress == "eth0" { eth0 } else { eth1 };
+        let out = prog.test_run_on(&case.input, Some(ingress)).unwrap();
+        match check(case, &out, model) {
+            Ok(what) => model.count(what),
+            Err(why) => panic!(
+                "packet {n} (seed {seed}): {why}\n ingress {}, verdict {}\n  in ({} B): {}\n out ({} B): {}",
+                case.ingress,
+                verdict::name(out.verdict),
+                case.input.len(),
+                hex(&case.input),
+                out.packet.len(),
+                hex(&out.packet)
+            ),
+        }
+    };
+    let mut n = 0;
+    for case in sweep_packets(&mut rng) {
+        for cut in 0..=case.input.len() {
+            let c = Case {
+                input: case.input[..cut].to_vec(),
+                ingress: case.ingress,
+            };
+            run(&c, &mut model, n);
+            n += 1;
+        }
+    }
+    let started = Instant::now();
+    while n < packets && started.elapsed() < budget {
+        let case = generate(&mut rng, &model);
+        run(&case, &mut model, n);
+        n += 1;
+    }
+    let mut outcomes: Vec<_> = model.outcomes.iter().collect();
+    outcomes.sort();
+    println!("{n} packets, {} flows: {outcomes:?}", model.forward.len());
+    for must in [
+        "translated",
+        "icmp_too_big",
+        "echo_reply",
+        "icmp_error_translated",
+        "passed_unparsed",
+    ] {
+        assert!(
+            model.outcomes.get(must).copied().unwrap_or(0) > 0 || n < 20_000,
+            "no packet ended as {must}: {outcomes:?}"
+        );
+    }
+}
+
+fn hex(p: &[u8]) -> String {
+    p.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Keeps the calling thread on one CPU.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity only touch it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning the test thread to CPU {cpu}"
+        );
+    }
+}
