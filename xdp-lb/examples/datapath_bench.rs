@@ -250,7 +250,6 @@ fn main() -> Result<()> {
         // used, are what the LRU evicts.
         conntrack_entries: 262_144,
         flow_cache_entries,
-        ..LoadOptions::default()
     })?;
     let mut balancer = XdpBalancer::new(program);
     balancer.configure_node(&NodeConfig {
