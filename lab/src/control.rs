@@ -638,20 +638,31 @@ pub struct Throughput {
     pub target: SocketAddr,
     /// Parallel connections.
     pub streams: usize,
-    /// Bytes the backends received.
+    /// Bytes the backends received on the streams that completed.
     pub bytes: u64,
     /// Seconds from the first connect to the last byte count.
     pub secs: f64,
+    /// Streams that broke (reset, timed out), with the error; not counted in `bytes`.
+    pub failed: Vec<String>,
 }
 
 impl Throughput {
-    /// Gbit/s the backends received.
+    /// Gbit/s the backends received on the streams that completed, scaled to all streams
+    /// (zero when none completed).
     pub fn gbit_per_sec(&self) -> f64 {
-        self.bytes as f64 * 8.0 / self.secs.max(1e-9) / 1e9
+        let done = self.streams - self.failed.len();
+        if done == 0 {
+            return 0.0;
+        }
+        self.bytes as f64 * 8.0 / self.secs.max(1e-9) / 1e9 * self.streams as f64 / done as f64
     }
 }
 
-/// `streams` parallel bulk transfers through `target` for `secs` seconds each.
+/// `streams` parallel bulk transfers through `target` for `secs` seconds each; a stream
+/// that breaks is recorded, not fatal.
+///
+/// # Errors
+/// A stream's thread cannot run in the client's namespace.
 fn bulk(
     client: &crate::NetNs,
     service: &str,
@@ -665,16 +676,21 @@ fn bulk(
             let client = client.clone();
             std::thread::spawn(move || {
                 traffic::in_ns(&client, move || {
-                    traffic::tcp_bulk(target, Duration::from_secs(secs))
+                    Ok(traffic::tcp_bulk(target, Duration::from_secs(secs)))
                 })
             })
         })
         .collect();
     let mut bytes = 0;
+    let mut failed = Vec::new();
     for h in handles {
-        bytes += h
+        match h
             .join()
-            .map_err(|_| anyhow::anyhow!("a bulk stream panicked"))??;
+            .map_err(|_| anyhow::anyhow!("a bulk stream panicked"))??
+        {
+            Ok(n) => bytes += n,
+            Err(e) => failed.push(format!("{e:#}")),
+        }
     }
     Ok(Throughput {
         service: service.to_owned(),
@@ -682,6 +698,7 @@ fn bulk(
         streams,
         bytes,
         secs: start.elapsed().as_secs_f64(),
+        failed,
     })
 }
 
@@ -857,7 +874,11 @@ fn demo_on(
             })
             .collect();
         if !failed.is_empty() {
-            bail!("{}", failed.join("; "));
+            bail!(
+                "{} (XDP counters {})",
+                failed.join("; "),
+                handle.datapath_exceptions()
+            );
         }
         Ok(rows)
     })?;
@@ -881,6 +902,7 @@ fn demo_on(
                     .max_by_key(|(svc, a)| (hops(a), std::cmp::Reverse(svc.clone())))
             })
             .collect();
+        let resets_before = handle.tcp_resets_sent();
         report.throughput = progress.step("throughput: bulk TCP through the lab", || {
             targets
                 .iter()
@@ -895,6 +917,26 @@ fn demo_on(
                 })
                 .collect()
         })?;
+        // A stream that breaks is a datapath anomaly worth seeing, not a reason to throw
+        // the measurement away: say which host sent the reset and what XDP counted.
+        for t in report.throughput.iter().filter(|t| !t.failed.is_empty()) {
+            let sent: Vec<String> = handle
+                .tcp_resets_sent()
+                .iter()
+                .map(|(host, n)| (host, n - resets_before.get(host).copied().unwrap_or(0)))
+                .filter(|(_, n)| *n > 0)
+                .map(|(host, n)| format!("{host}={n}"))
+                .collect();
+            progress.note(&format!(
+                "WARNING: {} of {} bulk streams to {} broke: {}; TCP resets sent during the step: {}; XDP counters {}",
+                t.failed.len(),
+                t.streams,
+                t.target,
+                t.failed.join("; "),
+                if sent.is_empty() { "none".to_owned() } else { sent.join(" ") },
+                handle.datapath_exceptions()
+            ));
+        }
     }
     Ok(report)
 }
@@ -997,12 +1039,17 @@ impl DemoReport {
             out.push_str("\nthroughput: bulk TCP, client → router → node (XDP) → backend\n");
             for t in &self.throughput {
                 out.push_str(&format!(
-                    "  {:<16} {:<28} {} streams, {:.1} s: {:.2} Gbit/s\n",
+                    "  {:<16} {:<28} {} streams, {:.1} s: {:.2} Gbit/s{}\n",
                     t.service,
                     t.target.to_string(),
                     t.streams,
                     t.secs,
-                    t.gbit_per_sec()
+                    t.gbit_per_sec(),
+                    if t.failed.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({} streams broke; see the warning above)", t.failed.len())
+                    }
                 ));
             }
         }
@@ -1027,6 +1074,7 @@ impl DemoReport {
                 "backends": f.backends,
             })).collect::<Vec<_>>(),
             "throughput_gbps": self.throughput.iter().map(|t| (t.target.to_string(), (t.gbit_per_sec() * 100.0).round() / 100.0)).collect::<BTreeMap<_, _>>(),
+            "throughput_broken_streams": self.throughput.iter().map(|t| t.failed.len()).sum::<usize>(),
             "kept": self.kept,
         })
     }

@@ -188,6 +188,9 @@ pub struct NodeStatus {
     pub problems: Vec<String>,
     /// Reconcile passes so far.
     pub passes: u64,
+    /// The XDP program's global counters by name.
+    #[serde(default)]
+    pub datapath: Vec<(String, u64)>,
 }
 
 /// One address pool as a node sees it.
@@ -426,6 +429,53 @@ impl LabHandle {
         let mut line = String::new();
         BufReader::new(&s).read_line(&mut line)?;
         serde_json::from_str(&line).with_context(|| format!("{node}'s status: {line:?}"))
+    }
+
+    /// Every node's XDP counters of packets passed to its stack or dropped, where not
+    /// zero (`n1: pass_not_vip=59 drop_no_snat_port=1; n2: …`), to explain failed traffic.
+    pub fn datapath_exceptions(&self) -> String {
+        self.node_statuses()
+            .into_iter()
+            .map(|(node, st)| match st {
+                Ok(st) => {
+                    let counters: Vec<String> = st
+                        .datapath
+                        .iter()
+                        .filter(|(k, v)| *v > 0 && (k.starts_with("pass") || k.starts_with("drop")))
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    format!("{node}: {}", counters.join(" "))
+                }
+                Err(e) => format!("{node}: {e:#}"),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// TCP resets each host's kernel has sent so far (`OutRsts` of `/proc/net/snmp` in its
+    /// namespace), by role; hosts that cannot be read are left out.
+    pub fn tcp_resets_sent(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for (role, name) in &self.namespaces {
+            if role == "switch" {
+                continue;
+            }
+            let Ok(text) = NetNs::named(name).run(&["cat", "/proc/net/snmp"]) else {
+                continue;
+            };
+            let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+            if let (Some(head), Some(values)) = (tcp.next(), tcp.next()) {
+                let value = head
+                    .split_whitespace()
+                    .zip(values.split_whitespace())
+                    .find(|(k, _)| *k == "OutRsts")
+                    .and_then(|(_, v)| v.parse().ok());
+                if let Some(v) = value {
+                    out.insert(role.clone(), v);
+                }
+            }
+        }
+        out
     }
 
     /// The status of every node that answers, by name.
