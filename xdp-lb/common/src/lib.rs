@@ -185,7 +185,7 @@ pub mod map_name {
 /// caches), which a restarted loader reuses. Sizes are checked on their own; bump this when
 /// a pinned map's key or value changes meaning at the same size, so that a new build refuses
 /// the old pins instead of misreading them.
-pub const PINNED_LAYOUT_VERSION: u32 = 1;
+pub const PINNED_LAYOUT_VERSION: u32 = 2;
 
 /// Name of the XDP entry point in the object file.
 pub const PROGRAM_NAME: &str = "portico_xdp";
