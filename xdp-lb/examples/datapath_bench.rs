@@ -126,7 +126,10 @@ impl Timing {
     }
     fn median_ratio(&mut self) -> f64 {
         self.ratios.sort_by(f64::total_cmp);
-        self.ratios.get(self.ratios.len() / 2).copied().unwrap_or(f64::NAN)
+        self.ratios
+            .get(self.ratios.len() / 2)
+            .copied()
+            .unwrap_or(f64::NAN)
     }
 }
 
@@ -138,7 +141,10 @@ struct Bench {
 
 impl Bench {
     fn run(&self, packet: &[u8], want: u32, what: &str) -> Result<Duration> {
-        let out = self.balancer.program().test_run_on(packet, Some(self.eth0))?;
+        let out = self
+            .balancer
+            .program()
+            .test_run_on(packet, Some(self.eth0))?;
         if out.verdict != want {
             bail!(
                 "{what}: verdict {} (want {})",
@@ -154,7 +160,11 @@ impl Bench {
             .balancer
             .program_mut()
             .test_run_floor(&self.floor_packet, Some(self.eth0))?;
-        ensure!(out.verdict == verdict::TX, "floor: {}", verdict::name(out.verdict));
+        ensure!(
+            out.verdict == verdict::TX,
+            "floor: {}",
+            verdict::name(out.verdict)
+        );
         Ok(out.duration)
     }
 
@@ -180,7 +190,8 @@ impl Bench {
             t.floor_total += f;
             t.calls += per_round as u64;
             t.floor_calls += per_round as u64;
-            t.ratios.push(c.as_nanos() as f64 / f.as_nanos().max(1) as f64);
+            t.ratios
+                .push(c.as_nanos() as f64 / f.as_nanos().max(1) as f64);
         }
         Ok(t)
     }
@@ -239,7 +250,6 @@ fn main() -> Result<()> {
         // used, are what the LRU evicts.
         conntrack_entries: 262_144,
         flow_cache_entries,
-        ..LoadOptions::default()
     })?;
     let mut balancer = XdpBalancer::new(program);
     balancer.configure_node(&NodeConfig {
@@ -314,7 +324,13 @@ fn main() -> Result<()> {
     // ---- 1. one flow ----
     let established_81 = tcp(client4, vip(false), 40000, 81, false);
     let udp = udp6(50000);
-    let not_vip = tcp(client4, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 254)), 40001, 80, true);
+    let not_vip = tcp(
+        client4,
+        IpAddr::V4(Ipv4Addr::new(198, 18, 0, 254)),
+        40001,
+        80,
+        true,
+    );
     for p in [&tcp(client4, vip(false), 40000, 81, true), &udp, &udp] {
         bench.balancer.program().test_run_on(p, Some(eth0))?;
     }
@@ -323,12 +339,20 @@ fn main() -> Result<()> {
         .balancer
         .program()
         .test_run_on(&tcp(client4, vip(false), 40000, 80, true), Some(eth0))?;
-    ensure!(syn.verdict == verdict::TX, "the warm-up SYN was not forwarded");
+    ensure!(
+        syn.verdict == verdict::TX,
+        "the warm-up SYN was not forwarded"
+    );
     for p in [&established, &established_81] {
         bench.balancer.program().test_run_on(p, Some(eth0))?;
     }
     let (backend, snat_port) = (
-        [syn.packet[30], syn.packet[31], syn.packet[32], syn.packet[33]],
+        [
+            syn.packet[30],
+            syn.packet[31],
+            syn.packet[32],
+            syn.packet[33],
+        ],
         u16::from_be_bytes([syn.packet[34], syn.packet[35]]),
     );
     let reply = {
@@ -341,9 +365,15 @@ fn main() -> Result<()> {
         out
     };
     let mut new_flow_ratio = (f64::NAN, f64::NAN);
-    type Case<'a> = (&'static str, Box<dyn FnMut(&mut Bench, usize) -> Result<Duration> + 'a>);
+    type Case<'a> = (
+        &'static str,
+        Box<dyn FnMut(&mut Bench, usize) -> Result<Duration> + 'a>,
+    );
     let one_flow: Vec<Case> = vec![
-        ("tcp4_ct_hit", Box::new(|b, _| b.run(&established, verdict::TX, "tcp4_ct_hit"))),
+        (
+            "tcp4_ct_hit",
+            Box::new(|b, _| b.run(&established, verdict::TX, "tcp4_ct_hit")),
+        ),
         (
             "tcp4_new_flow",
             Box::new(|b, i| {
@@ -364,7 +394,10 @@ fn main() -> Result<()> {
                 b.run(&p, verdict::TX, "tcp6_new_flow")
             }),
         ),
-        ("udp6_ct_hit", Box::new(|b, _| b.run(&udp, verdict::TX, "udp6_ct_hit"))),
+        (
+            "udp6_ct_hit",
+            Box::new(|b, _| b.run(&udp, verdict::TX, "udp6_ct_hit")),
+        ),
         (
             "non_vip_pass",
             Box::new(|b, _| b.run(&not_vip, verdict::PASS, "non_vip_pass")),
@@ -373,7 +406,10 @@ fn main() -> Result<()> {
             "tcp4_ct_hit_redirect",
             Box::new(|b, _| b.run(&established_81, verdict::REDIRECT, "redirect")),
         ),
-        ("tcp4_reply", Box::new(|b, _| b.run(&reply, verdict::TX, "tcp4_reply"))),
+        (
+            "tcp4_reply",
+            Box::new(|b, _| b.run(&reply, verdict::TX, "tcp4_reply")),
+        ),
     ];
     for (name, mut case) in one_flow {
         if !wanted(name) {
@@ -417,7 +453,11 @@ fn main() -> Result<()> {
             let hits = bench.stat(stat::CT_HIT)? - hits;
             let slow = bench.stat(stat::CT_SLOW)? - slow;
             let hit_rate = 1.0 - slow as f64 / hits.max(1) as f64;
-            many[f][k] = report(&name, &mut t, &format!(",\"flow_cache_hit_rate\":{hit_rate:.3}"));
+            many[f][k] = report(
+                &name,
+                &mut t,
+                &format!(",\"flow_cache_hit_rate\":{hit_rate:.3}"),
+            );
         }
     }
 
@@ -429,16 +469,28 @@ fn main() -> Result<()> {
             // Fill the one backend's ports to the level, then time new flows (2 % more).
             while filled < range * percent / 100 {
                 let (src, sport) = rng.client(false);
-                bench.run(&tcp(src, vip(false), sport, PICK_PORT, true), verdict::TX, "filling")?;
+                bench.run(
+                    &tcp(src, vip(false), sport, PICK_PORT, true),
+                    verdict::TX,
+                    "filling",
+                )?;
                 filled += 1;
             }
             let per_round = range / 50 / ROUNDS;
             let mut t = bench.time(per_round, |b, _| {
                 let (src, sport) = rng.client(false);
-                b.run(&tcp(src, vip(false), sport, PICK_PORT, true), verdict::TX, "port_pick")
+                b.run(
+                    &tcp(src, vip(false), sport, PICK_PORT, true),
+                    verdict::TX,
+                    "port_pick",
+                )
             })?;
             filled += per_round * ROUNDS;
-            report(&format!("tcp4_new_flow_ports_{percent}pct_taken"), &mut t, "");
+            report(
+                &format!("tcp4_new_flow_ports_{percent}pct_taken"),
+                &mut t,
+                "",
+            );
         }
     }
 

@@ -128,7 +128,8 @@ pub struct LoadOptions {
     pub max_backends: u32,
     /// Maglev table size M, a prime in [251, 131071].
     pub ring_size: u32,
-    /// Connection-tracking entries (LRU); the reverse-NAT map has as many.
+    /// Connection-tracking entries (LRU); the reverse-NAT map, and the two maps of
+    /// unconfirmed flows (docs/xdp.md, "Floods"), have as many each.
     pub conntrack_entries: u32,
     /// Entries of each per-CPU cache, in front of conntrack (64 bytes each) and of reverse
     /// NAT (128 bytes each), per possible CPU; a power of two.
@@ -803,7 +804,9 @@ fn map_sizes(options: &LoadOptions) -> Result<Vec<(&'static str, u32)>, XdpError
         (map_name::BACKENDS, options.max_backends),
         (map_name::BACKEND_STATS, options.max_backends),
         (map_name::CONNTRACK, options.conntrack_entries),
+        (map_name::CONNTRACK_NEW, options.conntrack_entries),
         (map_name::REV_NAT, options.conntrack_entries),
+        (map_name::REV_NAT_NEW, options.conntrack_entries),
         (map_name::FLOW_CACHE, cache_entries),
         (map_name::REPLY_CACHE, cache_entries),
     ])

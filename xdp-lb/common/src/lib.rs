@@ -71,7 +71,8 @@ pub mod stat {
     pub const REPLY_NAT: u32 = 5;
     /// Conntrack: lookup missed (new flow, or evicted/expired entry).
     pub const CT_MISS: u32 = 6;
-    /// Conntrack: a new entry was inserted.
+    /// Conntrack: a new flow was tracked (in `CONNTRACK_NEW` until confirmed, in
+    /// `CONNTRACK` at once when it re-opened a closed 5-tuple on its port).
     pub const CT_INSERT: u32 = 7;
     /// Passed: not IP, or not addressed to a VIP or a SNAT port.
     pub const PASS_NOT_VIP: u32 = 8;
@@ -117,8 +118,11 @@ pub mod stat {
     /// Of the `ct_hit` packets, those that missed this CPU's flow cache and were looked up
     /// in `CONNTRACK`: the cache's hit rate is `1 - ct_slow / ct_hit`.
     pub const CT_SLOW: u32 = 26;
+    /// Conntrack: an unconfirmed flow was confirmed (its second packet, a TCP packet other
+    /// than a SYN) and moved to `CONNTRACK`.
+    pub const CT_CONFIRM: u32 = 27;
     /// Number of counters in a [`crate::StatBlock`].
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 28;
 
     /// Each counter's name, by index, as status and metrics show it.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -149,6 +153,7 @@ pub mod stat {
         "drop_too_big",
         "pass_needs_frag",
         "ct_slow",
+        "ct_confirm",
     ];
 }
 
@@ -166,8 +171,12 @@ pub mod map_name {
     pub const BACKENDS: &str = "BACKENDS";
     /// Connection tracking: [`crate::FlowKey`] → [`crate::Flow`] (LRU).
     pub const CONNTRACK: &str = "CONNTRACK";
-    /// Reverse NAT: reply [`crate::FlowKey`] → [`crate::RevNat`] (LRU).
+    /// Connection tracking of unconfirmed flows: as `CONNTRACK`.
+    pub const CONNTRACK_NEW: &str = "CONNTRACK_NEW";
+    /// Reverse NAT: reply [`crate::FlowKey`] → [`crate::RevNat`] (LRU), confirmed flows.
     pub const REV_NAT: &str = "REV_NAT";
+    /// Reverse NAT of unconfirmed flows (one packet seen from the client): as `REV_NAT`.
+    pub const REV_NAT_NEW: &str = "REV_NAT_NEW";
     /// Per-service per-CPU counters: [`crate::Counters`] by service id.
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     /// Per-backend per-CPU counters: [`crate::Counters`] by backend id.

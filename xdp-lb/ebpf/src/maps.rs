@@ -55,6 +55,14 @@ const BPF_F_NO_COMMON_LRU: u32 = 2;
 pub static CONNTRACK: LruHashMap<FlowKey, Flow> =
     LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
 
+/// Connection tracking of unconfirmed flows (the client has sent one packet, or only SYNs):
+/// as `CONNTRACK`. The flow's confirming packet moves its entry to `CONNTRACK`, so a flood
+/// of new flows churns this table (and `REV_NAT_NEW`) only, never the two that established
+/// flows live in.
+#[map(name = "CONNTRACK_NEW")]
+pub static CONNTRACK_NEW: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
+
 /// Per-CPU exact-match cache in front of `CONNTRACK`: CPU `c` owns entries
 /// `[c·N, (c+1)·N)`, indexed by a hash of the 5-tuple. A plain array in page-aligned
 /// (mmapable) memory rather than a per-CPU array, so each 64-byte entry is one cache line.
@@ -98,6 +106,13 @@ pub struct Scratch {
 /// reservation: a port is taken exactly when its entry exists (inserted with BPF_NOEXIST).
 #[map(name = "REV_NAT")]
 pub static REV_NAT: LruHashMap<FlowKey, RevNat> =
+    LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
+
+/// Reverse NAT of unconfirmed flows (those in `CONNTRACK_NEW`): same keys and values as
+/// `REV_NAT`, and like it the reservation of the SNAT port. Confirming a flow moves its
+/// entry to `REV_NAT`.
+#[map(name = "REV_NAT_NEW")]
+pub static REV_NAT_NEW: LruHashMap<FlowKey, RevNat> =
     LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
 
 /// Per-service per-CPU counters by service id.

@@ -31,6 +31,13 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 /// What [`reply_packet`] returns for a packet that is not a reply to a translated flow.
 pub const NOT_MINE: u32 = u32::MAX;
+/// What [`tracked`] returns for a flow whose `CONNTRACK` entry went stale: [`establish`]
+/// removes it if the flow is balanced again as an unconfirmed one, which it would shadow.
+const STALE: u32 = u32::MAX - 1;
+/// [`establish`]'s argument: set when the flow is confirmed.
+const CONFIRMED: u64 = 1 << 48;
+/// [`establish`]'s argument: set when the flow has a stale `CONNTRACK` entry.
+const STALE_ENTRY: u64 = 1 << 49;
 /// [`pick`]'s answer when a backend was picked (its id in the low bits).
 const PICKED: u32 = 0x2000_0000;
 /// A slow path's answer for a packet too big for its next hop: this bit, and the MTU in the
@@ -434,7 +441,7 @@ pub fn balance_packet(ctx: &XdpContext, st: &Stats, p: &Parsed, tcp_flags: u8) -
             return xdp_action::XDP_PASS;
         }
     };
-    if verdict != NOT_MINE {
+    if verdict != NOT_MINE && verdict != STALE {
         return answer_too_big(ctx, p, verdict);
     }
     // A new flow: pick a backend, reserve a SNAT port toward it, track and send. Three
@@ -452,7 +459,10 @@ pub fn balance_packet(ctx: &XdpContext, st: &Stats, p: &Parsed, tcp_flags: u8) -
         st.add(stat::DROP_NO_SNAT_PORT, 1);
         return xdp_action::XDP_DROP;
     };
-    let picked = u64::from(picked) | u64::from(port) << 32;
+    let picked = u64::from(picked)
+        | u64::from(port.port) << 32
+        | if port.confirmed { CONFIRMED } else { 0 }
+        | if verdict == STALE { STALE_ENTRY } else { 0 };
     let verdict = match p.proto {
         proto::TCP if v4 => portico_establish_tcp4(ctx.ctx, hdr, meta, picked),
         proto::TCP => portico_establish_tcp6(ctx.ctx, hdr, meta, picked),
@@ -530,9 +540,9 @@ slow_path_fn!(portico_establish_udp4, establish, true, false, picked);
 slow_path_fn!(portico_establish_tcp6, establish, false, true, picked);
 slow_path_fn!(portico_establish_udp6, establish, false, false, picked);
 
-/// A tracked flow's packet, from `CONNTRACK`: refreshes the entry's age and LRU position,
-/// keeps its SNAT port, re-caches it, and sends the packet. [`NOT_MINE`] when the flow is
-/// not tracked or its entry went stale.
+/// A tracked flow's packet, from `CONNTRACK` (else [`unconfirmed`]): refreshes the entry's
+/// age and LRU position, keeps its SNAT port, re-caches it, and sends the packet.
+/// [`NOT_MINE`] when the flow is not tracked, [`STALE`] when its entry went stale.
 #[inline(always)]
 fn tracked<const V4: bool, const TCP: bool>(
     ctx: &XdpContext,
@@ -557,18 +567,23 @@ fn tracked_flow<const V4: bool, const TCP: bool>(
 ) -> Option<u32> {
     let key = &t.key;
     let now = now();
-    let f = maps::CONNTRACK.get_ptr_mut(key)?;
+    let Some(f) = maps::CONNTRACK.get_ptr_mut(key) else {
+        return unconfirmed(ctx, st, p, h, t, cfg, now);
+    };
     // SAFETY: valid map value pointer; racing writers only touch plain integers.
     let f = unsafe { &mut *f };
     let fresh_syn = t.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // A stale entry stays until the flow is balanced again (an ICMP error about the flow
+    // still finds it if this packet is not forwarded).
     if (fresh_syn && f.state == flow_state::CLOSING) || expired(f, cfg, key.proto, now) {
-        return None;
+        return Some(STALE);
     }
-    let be = backend_ptr(f.backend_id)?;
-    // SAFETY: valid map value pointer.
-    if !still_assigned(unsafe { &*be }, f) {
-        return None;
-    }
+    let Some(be) = backend_ptr(f.backend_id).filter(|&be| {
+        // SAFETY: valid map value pointer.
+        still_assigned(unsafe { &*be }, f)
+    }) else {
+        return Some(STALE);
+    };
     // The shared entries are written at most every REFRESH (and on a state change): the
     // entry's age, and the reverse-NAT entry's (which keeps the SNAT port). A packet that
     // only missed this CPU's flow cache (collisions, many flows) reads and copies.
@@ -581,7 +596,7 @@ fn tracked_flow<const V4: bool, const TCP: bool>(
         // SAFETY: valid map value pointer.
         if !snat::hold(key, unsafe { &*be }, f, cfg, now) {
             // The port went to another flow: balance this one again.
-            return None;
+            return Some(STALE);
         }
     }
     let mut flow = *f;
@@ -597,6 +612,77 @@ fn tracked_flow<const V4: bool, const TCP: bool>(
         be,
         backend_id: flow.backend_id,
         snat_port: flow.snat_port,
+        new_flow: false,
+    };
+    Some(send_to_backend(ctx, st, p, h, key, cfg, &to, now))
+}
+
+/// A packet of a flow in `CONNTRACK_NEW`: sent to its backend on its port. A TCP packet
+/// other than a SYN, or any second UDP packet, confirms the flow: its entries move to
+/// `CONNTRACK` and `REV_NAT`, and it is cached. [`NOT_MINE`] when the flow is not there or
+/// its entry went stale.
+#[inline(always)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the packet's context, parsed once"
+)]
+fn unconfirmed<const V4: bool, const TCP: bool>(
+    ctx: &XdpContext,
+    st: &Stats,
+    p: &Parsed,
+    h: &Headers<V4, TCP>,
+    t: &Tuple,
+    cfg: &Config,
+    now: u64,
+) -> Option<u32> {
+    let key = &t.key;
+    let n = maps::CONNTRACK_NEW.get_ptr_mut(key)?;
+    // SAFETY: valid map value pointer; racing writers only touch plain integers.
+    let n = unsafe { &mut *n };
+    let Some(be) = backend_ptr(n.backend_id).filter(|&be| {
+        now.saturating_sub(n.last_seen) <= snat::unconfirmed_timeout(cfg, key.proto)
+            // SAFETY: valid map value pointer.
+            && still_assigned(unsafe { &*be }, n)
+    }) else {
+        // Balanced again; the new entry replaces this one.
+        return None;
+    };
+    // Read now: the entry goes when the flow is confirmed.
+    let (backend_id, snat_port) = (n.backend_id, n.snat_port);
+    if h.hop_limit() <= 1 {
+        st.add(stat::PASS_TTL, 1);
+        return Some(xdp_action::XDP_PASS);
+    }
+    let confirms = !TCP || t.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN;
+    if confirms {
+        let mut flow = *n;
+        flow.last_seen = now;
+        flow.epoch = cfg.cache_epoch;
+        if t.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            flow.state = flow_state::CLOSING;
+        }
+        // SAFETY: valid map value pointer.
+        if !snat::hold(key, unsafe { &*be }, &flow, cfg, now) {
+            return None;
+        }
+        if maps::CONNTRACK.insert(key, flow, 0).is_ok() {
+            st.add(stat::CT_CONFIRM, 1);
+            let _ = maps::CONNTRACK_NEW.remove(key);
+            cache_store(cache_slot(key, cfg), key, &flow);
+        }
+    } else if now.saturating_sub(n.last_seen) >= refresh(cfg) {
+        n.last_seen = now;
+        // SAFETY: valid map value pointer.
+        if !snat::hold_unconfirmed(key, unsafe { &*be }, n, cfg, now) {
+            return None;
+        }
+    }
+    st.add(stat::CT_HIT, 1);
+    st.add(stat::CT_SLOW, 1);
+    let to = To {
+        be,
+        backend_id,
+        snat_port,
         new_flow: false,
     };
     Some(send_to_backend(ctx, st, p, h, key, cfg, &to, now))
@@ -643,8 +729,9 @@ fn pick<const V4: bool, const TCP: bool>(
     PICKED | id
 }
 
-/// Second half, once the SNAT port is reserved: the flow is tracked and cached and the
-/// packet sent. `picked` is [`pick`]'s backend id, and the port (network order) above bit 32.
+/// Second half, once the SNAT port is reserved: the flow is tracked and the packet sent.
+/// `picked` is [`pick`]'s backend id, the port (network order) in bits 32 to 47,
+/// [`CONFIRMED`] and [`STALE_ENTRY`].
 #[inline(always)]
 fn establish<const V4: bool, const TCP: bool>(
     ctx: &XdpContext,
@@ -659,6 +746,7 @@ fn establish<const V4: bool, const TCP: bool>(
     let now = now();
     let id = (picked as u32) & !PICKED;
     let port = (picked >> 32) as u16;
+    let confirmed = picked & CONFIRMED != 0;
     let Some(be) = backend_ptr(id) else {
         st.add(stat::DROP_NO_BACKEND, 1);
         return xdp_action::XDP_DROP;
@@ -679,12 +767,18 @@ fn establish<const V4: bool, const TCP: bool>(
         _pad: 0,
         epoch: cfg.cache_epoch,
     };
-    if maps::CONNTRACK.insert(key, flow, 0).is_ok() {
+    // Unconfirmed (docs/xdp.md, "Floods"), unless its port was still its own in `REV_NAT`.
+    let table = if confirmed {
+        &maps::CONNTRACK
+    } else {
+        &maps::CONNTRACK_NEW
+    };
+    if table.insert(key, flow, 0).is_ok() {
         st.add(stat::CT_INSERT, 1);
     }
-    // Not cached yet: the flow's second packet looks its entry up, which marks it used, so
-    // the LRU moves it to its active list; a flood of one-packet flows only churns the
-    // inactive list (docs/xdp.md, "Floods").
+    if !confirmed && picked & STALE_ENTRY != 0 {
+        let _ = maps::CONNTRACK.remove(key);
+    }
     let to = To {
         be,
         backend_id: id,
@@ -871,7 +965,11 @@ fn reply<const V4: bool, const TCP: bool>(
     let (rev, hop, route): (&RevNat, &NextHop, Route) = match cached {
         Some(c) => (&c.rev, &c.hop, Route::Via),
         None => {
-            let Some(r) = maps::REV_NAT.get_ptr_mut(key) else {
+            // A confirmed flow's entry, else an unconfirmed one's.
+            let Some(r) = maps::REV_NAT
+                .get_ptr_mut(key)
+                .or_else(|| maps::REV_NAT_NEW.get_ptr_mut(key))
+            else {
                 return NOT_MINE;
             };
             // SAFETY: valid map value pointer; racing writers write plain integers, or the
