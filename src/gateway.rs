@@ -221,6 +221,24 @@ impl GatewayWorld {
     }
 }
 
+/// Listeners of `gw` that Portico serves but that share their port and transport with
+/// another one: every one of them is conflicted, none is programmed (L4 listeners have no
+/// hostname to tell them apart).
+fn conflicted_listeners(gw: &Gateway) -> BTreeSet<String> {
+    let mut by_port: BTreeMap<(i32, &str), Vec<&str>> = BTreeMap::new();
+    for l in &gw.spec.listeners {
+        if let Some(proto) = listener_protocol(&l.protocol) {
+            by_port.entry((l.port, proto)).or_default().push(&l.name);
+        }
+    }
+    by_port
+        .into_values()
+        .filter(|names| names.len() > 1)
+        .flatten()
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The protocol a listener is served with, or `None` when Portico does not serve it.
 fn listener_protocol(protocol: &str) -> Option<&'static str> {
     match protocol {
@@ -295,10 +313,12 @@ pub fn synthetic_service(namespace: &str, gw: &Gateway) -> Option<Service> {
         (true, true) => vec!["IPv4".into(), "IPv6".into()],
         _ => vec!["IPv4".into()],
     };
+    let conflicted = conflicted_listeners(gw);
     let ports = gw
         .spec
         .listeners
         .iter()
+        .filter(|l| !conflicted.contains(&l.name))
         .filter_map(|l| {
             Some(ServicePort {
                 name: Some(l.name.clone()),
@@ -408,7 +428,13 @@ fn attach(world: &World, gws: &GatewayWorld, route: &Route, p: &ParentRef) -> At
     };
     let mut matched_ref = false;
     let mut listeners = Vec::new();
-    for l in &gw.spec.listeners {
+    let conflicted = conflicted_listeners(gw);
+    for l in gw
+        .spec
+        .listeners
+        .iter()
+        .filter(|l| !conflicted.contains(&l.name))
+    {
         if p.section_name.as_ref().is_some_and(|s| *s != l.name)
             || p.port.is_some_and(|port| port != l.port)
         {
@@ -429,13 +455,27 @@ fn attach(world: &World, gws: &GatewayWorld, route: &Route, p: &ParentRef) -> At
                 let labels = namespace_labels(world, &route.namespace);
                 namespaces
                     .and_then(|n| n.selector.as_ref())
-                    .is_some_and(|s| {
-                        s.match_expressions.as_ref().is_none_or(Vec::is_empty)
-                            && s.match_labels
-                                .iter()
-                                .flatten()
-                                .all(|(k, v)| labels.get(k) == Some(v))
+                    .and_then(|s| {
+                        let mut sel = portico_ipam::LabelSelector::everything();
+                        for (k, v) in s.match_labels.iter().flatten() {
+                            sel = sel.with_label(k, v);
+                        }
+                        for e in s.match_expressions.iter().flatten() {
+                            let op = match e.operator.as_str() {
+                                "In" => portico_ipam::Operator::In,
+                                "NotIn" => portico_ipam::Operator::NotIn,
+                                "Exists" => portico_ipam::Operator::Exists,
+                                "DoesNotExist" => portico_ipam::Operator::DoesNotExist,
+                                // An operator Kubernetes does not define selects nothing.
+                                _ => return None,
+                            };
+                            let values: Vec<&str> =
+                                e.values.iter().flatten().map(String::as_str).collect();
+                            sel = sel.with_expression(&e.key, op, &values);
+                        }
+                        Some(sel)
                     })
+                    .is_some_and(|sel| sel.matches(&labels))
             }
         };
         if let Some(kinds) = l.allowed_routes.as_ref().and_then(|a| a.kinds.as_ref()) {
@@ -795,11 +835,13 @@ pub fn decide_gateways(
                 .tap_message(message)
             }
         };
+        let conflicted = conflicted_listeners(gw);
         let listeners: Vec<GatewayStatusListeners> = gw
             .spec
             .listeners
             .iter()
             .map(|l| {
+                let conflict = conflicted.contains(&l.name);
                 let prev: Vec<Condition> = gw
                     .status
                     .as_ref()
@@ -825,15 +867,27 @@ pub fn decide_gateways(
                     },
                     condition(
                         "Programmed",
-                        supported && programmed.status == "True",
-                        if supported && programmed.status == "True" { "Programmed" } else { "Invalid" },
+                        supported && !conflict && programmed.status == "True",
+                        if supported && !conflict && programmed.status == "True" { "Programmed" } else { "Invalid" },
                         String::new(),
                         generation,
                         &prev,
                         now,
                     ),
                     condition("ResolvedRefs", true, "ResolvedRefs", String::new(), generation, &prev, now),
-                    condition("Conflicted", false, "NoConflicts", String::new(), generation, &prev, now),
+                    if conflict {
+                        condition(
+                            "Conflicted",
+                            true,
+                            "ProtocolConflict",
+                            format!("another listener also uses port {} for {}", l.port, l.protocol),
+                            generation,
+                            &prev,
+                            now,
+                        )
+                    } else {
+                        condition("Conflicted", false, "NoConflicts", String::new(), generation, &prev, now)
+                    },
                 ];
                 GatewayStatusListeners {
                     attached_routes: attached.get(&(ns.clone(), name.clone(), l.name.clone())).copied().unwrap_or(0),

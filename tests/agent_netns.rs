@@ -169,6 +169,9 @@ fn the_agent_turns_what_it_watches_into_an_announced_route_and_xdp_traffic() -> 
             "eth0",
             "--xdp-mode",
             "generic",
+            // `ip netns exec` hides /sys/fs/bpf; restarts are tested in standalone_e2e.
+            "--bpf-pin-dir",
+            "none",
             "--metrics-address",
             "none",
         ])?,

@@ -621,3 +621,92 @@ endpoints:
     assert_eq!(weight("10.2.0.1"), weight("10.2.0.2"));
     assert!(weight("10.2.0.1") > 0);
 }
+
+#[test]
+fn a_listener_admits_routes_from_namespaces_its_selector_matches() {
+    let mut w = world();
+    w.apply_all(
+        parse_text(
+            "ns.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: data, labels: {team: data, env: prod}}\n",
+        )
+        .0,
+    );
+    let r = route(
+        RouteKind::Tcp,
+        "far",
+        "data",
+        json!({"name": "edge", "namespace": "shop"}),
+        json!([{"name": "other", "port": 9000}]),
+    );
+    let listener = |selector: Value| {
+        gateway(
+            "edge",
+            json!({"spec": {"listeners": [
+                {"name": "app", "port": 9000, "protocol": "TCP",
+                 "allowedRoutes": {"namespaces": {"from": "Selector", "selector": selector}}}
+            ]}}),
+        )
+    };
+    let accepted = |selector: Value| {
+        let (_, d) = pass(&w, &gws(vec![listener(selector)], vec![r.clone()]));
+        cond(&route_conditions(&d, "far"), "Accepted")
+            .status
+            .clone()
+    };
+    assert_eq!(accepted(json!({"matchLabels": {"team": "data"}})), "True");
+    assert_eq!(
+        accepted(
+            json!({"matchExpressions": [{"key": "env", "operator": "In", "values": ["prod", "stage"]}]})
+        ),
+        "True"
+    );
+    assert_eq!(
+        accepted(
+            json!({"matchExpressions": [{"key": "env", "operator": "NotIn", "values": ["prod"]}]})
+        ),
+        "False"
+    );
+    assert_eq!(accepted(json!({"matchLabels": {"team": "web"}})), "False");
+}
+
+#[test]
+fn two_listeners_on_one_port_and_transport_are_conflicted_and_take_no_routes() {
+    let g = gateway(
+        "edge",
+        json!({"spec": {"listeners": [
+            {"name": "a", "port": 9000, "protocol": "TCP"},
+            {"name": "b", "port": 9000, "protocol": "TCP"},
+            {"name": "u", "port": 9000, "protocol": "UDP"},
+        ]}}),
+    );
+    let r = route(
+        RouteKind::Tcp,
+        "app",
+        "shop",
+        parent(None),
+        json!([{"name": "backend", "port": 9000}]),
+    );
+    let (_, d) = pass(&world(), &gws(vec![g], vec![r]));
+    let listeners = status_of(&d, "edge").listeners.clone().unwrap();
+    for name in ["a", "b"] {
+        let l = listeners.iter().find(|l| l.name == name).unwrap();
+        let c = cond(&l.conditions, "Conflicted");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "ProtocolConflict")
+        );
+        assert_eq!(cond(&l.conditions, "Programmed").status, "False");
+        assert_eq!(l.attached_routes, 0);
+    }
+    let u = listeners.iter().find(|l| l.name == "u").unwrap();
+    assert_eq!(
+        cond(&u.conditions, "Conflicted").status,
+        "False",
+        "UDP on 9000 is fine"
+    );
+    assert_eq!(
+        cond(&route_conditions(&d, "app"), "Accepted").reason,
+        "NotAllowedByListeners"
+    );
+}
