@@ -370,6 +370,31 @@ impl FlowKey {
             ..*self
         }
     }
+
+    /// The hash that picks the 5-tuple's slot in the per-CPU caches: every bit of each
+    /// address (folded to 64 bits), port and the protocol reaches every bit of the result,
+    /// and for one destination (a VIP and port) IPv4 sources and ports map one to one onto
+    /// 64-bit hashes, so slots collide only as chance has it.
+    #[inline(always)]
+    pub fn cache_hash(&self) -> u64 {
+        #[inline(always)]
+        fn fold(a: &Addr) -> u64 {
+            (u64::from(a[0]) | u64::from(a[1]) << 32) ^ (u64::from(a[2]) << 32 | u64::from(a[3]))
+        }
+        let ports = u64::from(self.sport) << 48 | u64::from(self.dport) << 32;
+        let dst = fold(&self.dst) ^ u64::from(self.proto);
+        fmix64(fold(&self.src) ^ ports ^ dst.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+}
+
+/// MurmurHash3's 64-bit finalizer: a bijection that spreads each input bit over the output.
+#[inline(always)]
+pub fn fmix64(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^ (k >> 33)
 }
 
 /// A tracked flow (value of `CONNTRACK`).
@@ -501,9 +526,84 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use core::mem::size_of;
 
     use super::*;
+
+    /// Of `keys` hashed into `slots` slots, the share alone in its slot.
+    fn alone(keys: impl Iterator<Item = FlowKey>, slots: u64) -> f64 {
+        let mut count = std::collections::HashMap::<u64, u32>::new();
+        let mut n = 0;
+        for k in keys {
+            *count.entry(k.cache_hash() & (slots - 1)).or_default() += 1;
+            n += 1;
+        }
+        count.values().filter(|&&c| c == 1).count() as f64 / f64::from(n)
+    }
+
+    #[test]
+    fn cache_slots_spread_flows_to_one_vip_as_chance_would() {
+        let vip = addr_from_v4([203, 0, 113, 10]);
+        let key = |src: Addr, sport: u16| FlowKey {
+            src,
+            dst: vip,
+            sport: sport.to_be(),
+            dport: 443u16.to_be(),
+            proto: proto::TCP,
+            family: family::V4,
+            _pad: [0; 2],
+        };
+        let rng = |mut x: u64| {
+            move || {
+                x = fmix64(x.wrapping_add(0x9e37_79b9_7f4a_7c15));
+                x
+            }
+        };
+        let mut rand = rng(1);
+        // 100,000 flows in 2^20 slots: e^(-100000/2^20) = 0.909 are alone by chance.
+        let slots = 1 << 20;
+        let random = (0..100_000).map(|_| {
+            let r = rand();
+            key(addr_from_v4((r as u32).to_be_bytes()), (r >> 48) as u16)
+        });
+        // Structured sources: two clients' sequential ports; a /16 on one port; a /24
+        // times 400 ports.
+        let two_clients = (0..100_000u32).map(|i| {
+            key(
+                addr_from_v4([198, 18, 0, 1 + (i & 1) as u8]),
+                1024 + (i / 2) as u16,
+            )
+        });
+        let slash16 =
+            (0..65_536u32).map(|i| key(addr_from_v4([10, 1, (i >> 8) as u8, i as u8]), 40_000));
+        let grid = (0..100_000u32).map(|i| {
+            key(
+                addr_from_v4([10, 2, 3, (i % 250) as u8]),
+                20_000 + (i / 250) as u16,
+            )
+        });
+        let mut rand = rng(2);
+        let v6 = (0..100_000u64).map(move |_| {
+            let mut src = vip;
+            src[0] = 0x00fd;
+            src[2] = rand() as u32;
+            src[3] = rand() as u32;
+            FlowKey {
+                family: family::V6,
+                ..key(src, rand() as u16)
+            }
+        });
+        for (what, share) in [
+            ("random", alone(random, slots)),
+            ("two clients", alone(two_clients, slots)),
+            ("a /16", alone(slash16, slots)),
+            ("a /24 × 400 ports", alone(grid, slots)),
+            ("random IPv6", alone(v6, slots)),
+        ] {
+            assert!(share > 0.89, "{what}: {share:.3} alone in their slot");
+        }
+    }
 
     #[test]
     fn addresses_round_trip_through_words() {

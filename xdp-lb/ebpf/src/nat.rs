@@ -287,12 +287,7 @@ pub(crate) fn snat_addr(cfg: &Config, fam: u8) -> Addr {
 /// Index of a 5-tuple in this CPU's block of the caches.
 #[inline(always)]
 fn cache_index(key: &FlowKey, cfg: &Config) -> u32 {
-    let (s, d) = (&key.src, &key.dst);
-    let h = (s[0] ^ s[1] ^ s[2] ^ s[3])
-        ^ (d[0] ^ d[1] ^ d[2] ^ d[3]).rotate_left(16)
-        ^ ((u32::from(key.sport) << 16) | u32::from(key.dport)).wrapping_mul(0x9e37_79b1)
-        ^ u32::from(key.proto);
-    cpu_base(cfg) + (murmur_fin(h) & cfg.flow_cache_mask)
+    cpu_base(cfg) + (key.cache_hash() as u32 & cfg.flow_cache_mask)
 }
 
 /// Slot of the per-CPU flow cache for a 5-tuple.
@@ -662,7 +657,7 @@ fn unconfirmed<const V4: bool, const TCP: bool>(
             flow.state = flow_state::CLOSING;
         }
         // SAFETY: valid map value pointer.
-        if !snat::hold(key, unsafe { &*be }, &flow, cfg, now) {
+        if !snat::confirm(key, unsafe { &*be }, &flow, cfg, now) {
             return None;
         }
         if maps::CONNTRACK.insert(key, flow, 0).is_ok() {

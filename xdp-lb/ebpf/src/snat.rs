@@ -7,11 +7,16 @@
 //! The search is a global BPF function: the verifier checks its loop once, not once per
 //! way the packet path can reach it. It takes its request from this CPU's `SCRATCH` entry.
 
+#![allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "keys and values are passed to the helpers where they are, in the scratch map"
+)]
+
 use aya_ebpf::bindings::BPF_NOEXIST;
 use portico_xdp_common::{proto, Addr, Backend, Config, Flow, FlowKey, RevNat};
 
 use crate::{
-    maps,
+    maps::{self, Scratch},
     nat::{backend, expired, flow_hash, snat_addr, still_assigned},
 };
 
@@ -120,10 +125,6 @@ fn own(r: &RevNat, want: &RevNat) -> bool {
 /// A port in neither is reserved in `REV_NAT_NEW`.
 #[no_mangle]
 #[inline(never)]
-#[allow(
-    clippy::needless_borrows_for_generic_args,
-    reason = "keys and values are passed to the helpers where they are, in the scratch map"
-)]
 pub extern "C" fn portico_claim_snat_port() -> u32 {
     let (Some(cfg), Some(sc)) = (maps::CONFIG.get(0), maps::SCRATCH.get_ptr_mut(0)) else {
         return 0;
@@ -149,7 +150,7 @@ pub extern "C" fn portico_claim_snat_port() -> u32 {
     let range = max - min + 1;
     for i in 0..SNAT_PROBES {
         let port = ((min + probe(start, i, range)) as u16).to_be();
-        let r = portico_try_snat_port(u64::from(port));
+        let r = portico_try_snat_port(u64::from(port), u64::from(i == 0));
         if r & FOUND != 0 {
             return r;
         }
@@ -157,74 +158,125 @@ pub extern "C" fn portico_claim_snat_port() -> u32 {
     0
 }
 
+/// Who holds a port in `REV_NAT`.
+enum Holder {
+    /// Nobody.
+    None,
+    /// The flow the request is for (its entry is refreshed).
+    Own,
+    /// A flow that no longer does: its entry may go.
+    Released,
+    /// Another flow.
+    Other,
+}
+
 /// One port of [`portico_claim_snat_port`]'s search (network order), the request in this
 /// CPU's scratch entry: the [`FOUND`] | [`CONFIRMED`]? | port answer, or 0 when it is
-/// held. A global function of its own: the verifier checks it once, not once per try.
+/// held. `first`: the search's first try, which most often finds the port free, so it
+/// reserves before it looks (an insert and a lookup); later tries look first (a lookup,
+/// when the port is held). A global function of its own: the verifier checks it once, not
+/// once per try.
+///
+/// A port is reserved in `REV_NAT_NEW` (with BPF_NOEXIST) and then looked up in
+/// `REV_NAT`: a flow confirmed on another CPU is inserted there before its reservation goes
+/// (and [`hold`], putting back an evicted entry, looks at `REV_NAT_NEW` after its insert),
+/// so of two flows that race for a port, at most one keeps it.
 #[no_mangle]
 #[inline(never)]
-#[allow(
-    clippy::needless_borrows_for_generic_args,
-    reason = "keys and values are passed to the helpers where they are, in the scratch map"
-)]
-pub extern "C" fn portico_try_snat_port(port: u64) -> u32 {
+pub extern "C" fn portico_try_snat_port(port: u64, first: u64) -> u32 {
     let port = crate::parse::used(port) as u16;
+    let first = crate::parse::used(first) != 0;
     let (Some(cfg), Some(sc)) = (maps::CONFIG.get(0), maps::SCRATCH.get_ptr_mut(0)) else {
         return 0;
     };
     // SAFETY: this CPU's scratch entry; nothing else uses it while the program runs.
     let sc = unsafe { &mut *sc };
-    let now = sc.rev.last_seen;
-    let proto_ = sc.rkey.proto;
     sc.rkey.dport = port;
-    // Confirmed flows.
-    if let Some(old) = maps::REV_NAT.get_ptr_mut(&sc.rkey) {
-        // SAFETY: valid map value pointer; plain integers.
-        let old = unsafe { &mut *old };
-        if own(old, &sc.rev) {
-            old.last_seen = now;
-            return FOUND | CONFIRMED | u32::from(port);
+    let found = FOUND | u32::from(port);
+    if !first {
+        match holder(sc, cfg, port) {
+            Holder::Own => return found | CONFIRMED,
+            Holder::Other => return 0,
+            Holder::Released => {
+                let _ = maps::REV_NAT.remove(&sc.rkey);
+            }
+            Holder::None => {}
         }
-        if !released(
-            old,
-            &mut sc.owner,
-            sc.rkey.src,
-            sc.rkey.sport,
-            port,
-            cfg,
-            now,
-            proto_,
-        ) {
-            return 0;
-        }
-        let _ = maps::REV_NAT.remove(&sc.rkey);
     }
-    // Unconfirmed flows.
-    if let Some(old) = maps::REV_NAT_NEW.get_ptr_mut(&sc.rkey) {
+    if !reserve(sc) {
+        // Reserved already: this flow's own reservation, a live one of another flow, or a
+        // stale one, which goes.
+        let now = sc.rev.last_seen;
+        let Some(old) = maps::REV_NAT_NEW.get_ptr_mut(&sc.rkey) else {
+            return 0;
+        };
         // SAFETY: valid map value pointer; plain integers.
         let old = unsafe { &mut *old };
         if own(old, &sc.rev) {
             old.last_seen = now;
-            return FOUND | u32::from(port);
+            return found;
         }
-        if now.saturating_sub(old.last_seen) <= unconfirmed_timeout(cfg, proto_) {
+        if now.saturating_sub(old.last_seen) <= unconfirmed_timeout(cfg, sc.rkey.proto) {
             return 0;
         }
         let _ = maps::REV_NAT_NEW.remove(&sc.rkey);
+        if !reserve(sc) {
+            return 0;
+        }
     }
-    // Free: reserved, unconfirmed.
-    if maps::REV_NAT_NEW
+    match holder(sc, cfg, port) {
+        Holder::None => found,
+        Holder::Own => {
+            let _ = maps::REV_NAT_NEW.remove(&sc.rkey);
+            found | CONFIRMED
+        }
+        Holder::Released => {
+            let _ = maps::REV_NAT.remove(&sc.rkey);
+            found
+        }
+        Holder::Other => {
+            let _ = maps::REV_NAT_NEW.remove(&sc.rkey);
+            0
+        }
+    }
+}
+
+/// Reserves the requested port in `REV_NAT_NEW` if no entry holds it there.
+#[inline(always)]
+fn reserve(sc: &Scratch) -> bool {
+    maps::REV_NAT_NEW
         .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
-        return 0;
+        .is_ok()
+}
+
+/// Who holds the requested port (`port`, network order) in `REV_NAT`; refreshes the entry
+/// when it is the requesting flow's.
+#[inline(always)]
+fn holder(sc: &mut Scratch, cfg: &Config, port: u16) -> Holder {
+    let Some(old) = maps::REV_NAT.get_ptr_mut(&sc.rkey) else {
+        return Holder::None;
+    };
+    // SAFETY: valid map value pointer; plain integers.
+    let old = unsafe { &mut *old };
+    let now = sc.rev.last_seen;
+    if own(old, &sc.rev) {
+        old.last_seen = now;
+        return Holder::Own;
     }
-    // Another CPU may have confirmed a flow on this port between the look at REV_NAT and
-    // the insert: then the port is that flow's.
-    if maps::REV_NAT.get_ptr_mut(&sc.rkey).is_some() {
-        let _ = maps::REV_NAT_NEW.remove(&sc.rkey);
-        return 0;
+    if released(
+        old,
+        &mut sc.owner,
+        sc.rkey.src,
+        sc.rkey.sport,
+        port,
+        cfg,
+        now,
+        sc.rkey.proto,
+    ) {
+        Holder::Released
+    } else {
+        Holder::Other
     }
-    FOUND | u32::from(port)
 }
 
 /// Whether a confirmed flow's port (its entry `old`) is free for the taking: unseen for two
@@ -235,10 +287,6 @@ pub extern "C" fn portico_try_snat_port(port: u64) -> u32 {
 #[allow(
     clippy::too_many_arguments,
     reason = "the search's state, in registers"
-)]
-#[allow(
-    clippy::needless_borrows_for_generic_args,
-    reason = "keys are passed to the helpers where they are, in the scratch map"
 )]
 fn released(
     old: &RevNat,
@@ -295,23 +343,32 @@ fn probe(start: u32, i: u32, range: u32) -> u32 {
     h % range
 }
 
-/// Keeps a confirmed flow's SNAT port reserved (its `REV_NAT` entry fresh, so the port is
-/// not reclaimed while copies of the flow are cached); also confirms a flow, moving its
-/// reservation from `REV_NAT_NEW` to `REV_NAT`, and puts back an entry the LRU evicted.
-/// `false` when the port now belongs to another flow.
+/// Points this CPU's scratch entry at the flow `key`'s port: `rkey` its reverse-NAT key,
+/// `rev` its entry as of `now`.
 #[inline(always)]
-#[allow(
-    clippy::needless_borrows_for_generic_args,
-    reason = "keys and values are passed to the helpers where they are, in the scratch map"
-)]
-pub fn hold(key: &FlowKey, be: &Backend, flow: &Flow, cfg: &Config, now: u64) -> bool {
-    let Some(sc) = maps::SCRATCH.get_ptr_mut(0) else {
-        return false;
-    };
+fn request_for(
+    key: &FlowKey,
+    be: &Backend,
+    flow: &Flow,
+    cfg: &Config,
+    now: u64,
+) -> Option<&'static mut Scratch> {
+    let sc = maps::SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's scratch entry; nothing else uses it while the program runs.
     let sc = unsafe { &mut *sc };
     sc.rkey = reply_key(key, be, &snat_addr(cfg, key.family), flow.snat_port);
     sc.rev = rev_nat(key, flow.service_id, now);
+    Some(sc)
+}
+
+/// Keeps a confirmed flow's SNAT port reserved (its `REV_NAT` entry fresh, so the port is
+/// not reclaimed while copies of the flow are cached), putting back an entry the LRU
+/// evicted. `false` when the port now belongs to another flow.
+#[inline(always)]
+pub fn hold(key: &FlowKey, be: &Backend, flow: &Flow, cfg: &Config, now: u64) -> bool {
+    let Some(sc) = request_for(key, be, flow, cfg, now) else {
+        return false;
+    };
     if let Some(r) = maps::REV_NAT.get_ptr_mut(&sc.rkey) {
         // SAFETY: valid map value pointer; plain integers.
         let r = unsafe { &mut *r };
@@ -321,23 +378,60 @@ pub fn hold(key: &FlowKey, be: &Backend, flow: &Flow, cfg: &Config, now: u64) ->
         }
         return ours;
     }
-    // Not in REV_NAT (unconfirmed, or evicted): in, unless another flow's live unconfirmed
-    // reservation holds the port; then out of REV_NAT_NEW. In that order: a search for the
-    // port on another CPU always finds one of the two.
-    if let Some(r) = maps::REV_NAT_NEW.get_ptr_mut(&sc.rkey) {
-        // SAFETY: valid map value pointer; plain integers.
-        let r = unsafe { &*r };
-        if !own(r, &sc.rev)
-            && now.saturating_sub(r.last_seen) <= unconfirmed_timeout(cfg, key.proto)
-        {
-            return false;
-        }
+    put_back(sc, cfg)
+}
+
+/// Puts the requested entry back into `REV_NAT`, unless another flow reserved its port in
+/// `REV_NAT_NEW` (before, or while this runs: a reservation looks at `REV_NAT` after it is
+/// made, and this looks at `REV_NAT_NEW` after the insert, so one of the two sees the
+/// other).
+#[inline(always)]
+fn put_back(sc: &Scratch, cfg: &Config) -> bool {
+    let reserved_by_another = |sc: &Scratch| {
+        maps::REV_NAT_NEW.get_ptr_mut(&sc.rkey).is_some_and(|r| {
+            // SAFETY: valid map value pointer; read only.
+            let r = unsafe { &*r };
+            !own(r, &sc.rev)
+                && sc.rev.last_seen.saturating_sub(r.last_seen)
+                    <= unconfirmed_timeout(cfg, sc.rkey.proto)
+        })
+    };
+    if reserved_by_another(sc)
+        || maps::REV_NAT
+            .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
+            .is_err()
+    {
+        return false;
+    }
+    if reserved_by_another(sc) {
+        let _ = maps::REV_NAT.remove(&sc.rkey);
+        return false;
+    }
+    true
+}
+
+/// Confirms an unconfirmed flow: its port's reservation moves from `REV_NAT_NEW` to
+/// `REV_NAT` (inserted there first: a search for the port on another CPU always finds one
+/// of the two). `false` when the port now belongs to another flow.
+#[inline(always)]
+pub fn confirm(key: &FlowKey, be: &Backend, flow: &Flow, cfg: &Config, now: u64) -> bool {
+    let Some(sc) = request_for(key, be, flow, cfg, now) else {
+        return false;
+    };
+    let reserved = maps::REV_NAT_NEW.get_ptr_mut(&sc.rkey).is_some_and(|r| {
+        // SAFETY: valid map value pointer; read only.
+        own(unsafe { &*r }, &sc.rev)
+    });
+    if !reserved {
+        // The reservation went (evicted, or reclaimed after the unconfirmed timeout).
+        return hold(key, be, flow, cfg, now);
     }
     if maps::REV_NAT
         .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
         .is_err()
     {
-        return false;
+        // Confirmed meanwhile on another CPU, or (if not its own) held by another flow.
+        return hold(key, be, flow, cfg, now);
     }
     let _ = maps::REV_NAT_NEW.remove(&sc.rkey);
     true
@@ -346,18 +440,10 @@ pub fn hold(key: &FlowKey, be: &Backend, flow: &Flow, cfg: &Config, now: u64) ->
 /// Keeps an unconfirmed flow's SNAT port reserved (its `REV_NAT_NEW` entry fresh). `false`
 /// when the reservation is gone (evicted, or reclaimed by another flow).
 #[inline(always)]
-#[allow(
-    clippy::needless_borrows_for_generic_args,
-    reason = "keys are passed to the helpers where they are, in the scratch map"
-)]
 pub fn hold_unconfirmed(key: &FlowKey, be: &Backend, flow: &Flow, cfg: &Config, now: u64) -> bool {
-    let Some(sc) = maps::SCRATCH.get_ptr_mut(0) else {
+    let Some(sc) = request_for(key, be, flow, cfg, now) else {
         return false;
     };
-    // SAFETY: this CPU's scratch entry; nothing else uses it while the program runs.
-    let sc = unsafe { &mut *sc };
-    sc.rkey = reply_key(key, be, &snat_addr(cfg, key.family), flow.snat_port);
-    sc.rev = rev_nat(key, flow.service_id, now);
     let Some(r) = maps::REV_NAT_NEW.get_ptr_mut(&sc.rkey) else {
         return false;
     };
