@@ -303,9 +303,9 @@ fn established_flows_keep_their_backend_through_a_flood_of_new_flows() {
         assert_eq!(sent_to(&out), (to, port));
         flows.push((sport, to, port));
     }
-    // Cached copies run out; a fourth backend changes the ring, so a flow whose entry was
-    // lost would be balanced anew, a quarter of them elsewhere.
-    std::thread::sleep(Duration::from_millis(1100));
+    // Cached copies run out (two seconds); a fourth backend changes the ring, so a flow
+    // whose entry was lost would be balanced anew, a quarter of them elsewhere.
+    std::thread::sleep(Duration::from_millis(2100));
     b.upsert_service(&service(&[1, 2, 3, 4])).unwrap();
     let prog = b.program();
     // The flood: SYNs from as many sources, as fast as test-run goes.

@@ -186,7 +186,7 @@ fn the_loader_measures_the_kernel_tick_rate() {
 }
 
 #[test]
-fn a_snat_port_is_reclaimed_only_two_seconds_after_its_flow_was_last_seen() {
+fn a_snat_port_is_reclaimed_only_three_seconds_after_its_flow_was_last_seen() {
     let mut net = TestNet::new().unwrap();
     let lb = fibnet::lb_namespace(&mut net).unwrap();
     let mut b = balancer();
@@ -220,9 +220,9 @@ fn a_snat_port_is_reclaimed_only_two_seconds_after_its_flow_was_last_seen() {
     let (v, dropped, _) = new_flow(&b, 43002);
     assert_eq!((v, dropped), ("XDP_DROP", true));
 
-    // Both have expired, but per-CPU cached copies of them may live a second past their
-    // last lookup: the ports stay reserved until two seconds after that.
-    std::thread::sleep(Duration::from_millis(1300));
+    // Both have expired, but per-CPU cached copies of them may live two seconds past their
+    // last lookup: the ports stay reserved until three seconds after that.
+    std::thread::sleep(Duration::from_millis(2300));
     let (v, dropped, _) = new_flow(&b, 43002);
     assert_eq!((v, dropped), ("XDP_DROP", true));
 
@@ -279,11 +279,14 @@ fn an_idle_flow_keeps_its_snat_port_against_another_service_of_the_same_backend(
     b.upsert_service(&spec(VIP_B, &[X])).unwrap();
     let _in = lb.enter().unwrap();
 
-    let (v, out) = run(&b, &tcp(VIP_A, 44000, SYN));
-    assert_eq!(verdict::name(v), "XDP_REDIRECT");
-    assert_eq!(u16::from_be_bytes([out[34], out[35]]), 20000);
-    // Idle past the two seconds, but tracked and unexpired: the port is still its own.
-    std::thread::sleep(Duration::from_millis(2300));
+    for flags in [SYN, ACK] {
+        let (v, out) = run(&b, &tcp(VIP_A, 44000, flags));
+        assert_eq!(verdict::name(v), "XDP_REDIRECT");
+        assert_eq!(u16::from_be_bytes([out[34], out[35]]), 20000);
+    }
+    // Idle past the three seconds a port is held for an unseen flow, but tracked and
+    // unexpired: the port is still its own.
+    std::thread::sleep(Duration::from_millis(3300));
     let (v, _) = run(&b, &tcp(VIP_B, 44001, SYN));
     assert_eq!(
         verdict::name(v),

@@ -720,6 +720,34 @@ impl XdpProgram {
         run_once(prog, packet, ingress_ifindex)
     }
 
+    /// Attaches one of the object's benchmark programs
+    /// (`portico_xdp_common::FORWARD_FLOOR_PROGRAM_NAME`, `SINK_PROGRAM_NAME`) to `iface` in
+    /// `mode`, in place of the balancer; it shares this program's maps. Loaded on first use,
+    /// detached when `self` is dropped. For `forward_bench`.
+    ///
+    /// # Errors
+    /// No such program in the object, it does not load, or the attachment fails.
+    pub fn attach_bench_program(
+        &mut self,
+        name: &str,
+        iface: &str,
+        mode: AttachMode,
+    ) -> Result<(), XdpError> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(ProgramError::NotLoaded)?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        match prog.attach(iface, mode.xdp_mode()) {
+            Ok(_link) => Ok(()),
+            Err(ProgramError::UnknownInterface { name }) => Err(XdpError::NoSuchInterface(name)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// A global counter (see `portico_xdp_common::stat`), summed over all CPUs.
     ///
     /// # Errors

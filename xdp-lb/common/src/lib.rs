@@ -202,6 +202,12 @@ pub const PROGRAM_NAME: &str = "portico_xdp";
 pub const FLOOR_PROGRAM_NAME: &str = "xdp_floor";
 /// Name of the probe that returns the kernel's jiffies (the loader measures HZ with it).
 pub const JIFFIES_PROGRAM_NAME: &str = "xdp_jiffies";
+/// Name of the forwarding benchmark's floor (`forward_bench`): a minimal XDP NAT that
+/// rewrites IPv4 UDP toward backend ids 1 to 3 and redirects, with no flow state.
+pub const FORWARD_FLOOR_PROGRAM_NAME: &str = "xdp_forward_floor";
+/// Name of the forwarding benchmark's sink: counts each packet (`stat::PACKETS`) and drops
+/// it.
+pub const SINK_PROGRAM_NAME: &str = "xdp_sink";
 
 /// Default number of service slots (ids 1..MAX_SERVICES-1; id 0 means unset).
 pub const DEFAULT_MAX_SERVICES: u32 = 256;

@@ -66,13 +66,15 @@ pub static CONNTRACK_NEW: LruHashMap<FlowKey, Flow> =
 /// Per-CPU exact-match cache in front of `CONNTRACK`: CPU `c` owns entries
 /// `[c·N, (c+1)·N)`, indexed by a hash of the 5-tuple. A plain array in page-aligned
 /// (mmapable) memory rather than a per-CPU array, so each 64-byte entry is one cache line.
-/// Entries are refreshed from `CONNTRACK` at least once a second (which also keeps its
-/// `last_seen` and LRU position current), and on every SYN, FIN or RST.
+/// Two-way sets: a 5-tuple may sit in either of two adjacent entries. A copy serves for two
+/// seconds past the `CONNTRACK` age it copies, then the flow's next packet refreshes the
+/// entry (its `last_seen` and LRU position, at most once a second) and the copy; so does
+/// every SYN, FIN or RST.
 #[map(name = "FLOW_CACHE")]
 pub static FLOW_CACHE: Array<FlowCacheEntry> = Array::with_max_entries(4096, BPF_F_MMAPABLE);
 
-/// Per-CPU exact-match cache in front of `REV_NAT` (with the next hop to the client),
-/// refreshed from it at least once a second and on every SYN, FIN or RST.
+/// Per-CPU exact-match cache in front of `REV_NAT` (with the next hop to the client), one
+/// entry per slot, refreshed as `FLOW_CACHE` is.
 #[map(name = "REPLY_CACHE")]
 pub static REPLY_CACHE: Array<ReplyCacheEntry> = Array::with_max_entries(4096, BPF_F_MMAPABLE);
 

@@ -290,10 +290,30 @@ fn cache_index(key: &FlowKey, cfg: &Config) -> u32 {
     cpu_base(cfg) + (key.cache_hash() as u32 & cfg.flow_cache_mask)
 }
 
-/// Slot of the per-CPU flow cache for a 5-tuple.
+/// The two slots of this CPU's flow cache a 5-tuple may occupy (a two-way set: adjacent
+/// entries, the same one if the cache has a single slot per CPU).
 #[inline(always)]
-fn cache_slot(key: &FlowKey, cfg: &Config) -> Option<*mut FlowCacheEntry> {
-    maps::FLOW_CACHE.get_ptr_mut(cache_index(key, cfg))
+fn cache_ways(key: &FlowKey, cfg: &Config) -> (u32, u32) {
+    let h = key.cache_hash() as u32;
+    let base = cpu_base(cfg);
+    (
+        base + (h & cfg.flow_cache_mask & !1),
+        base + ((h | 1) & cfg.flow_cache_mask),
+    )
+}
+
+/// The slot of this CPU's flow cache that holds the 5-tuple, if one does.
+#[inline(always)]
+fn cache_find(key: &FlowKey, cfg: &Config) -> Option<*mut FlowCacheEntry> {
+    let (a, b) = cache_ways(key, cfg);
+    for i in [a, b] {
+        let c = maps::FLOW_CACHE.get_ptr_mut(i)?;
+        // SAFETY: per-CPU slot; only this CPU writes it.
+        if unsafe { (*c).key == *key } {
+            return Some(c);
+        }
+    }
+    None
 }
 
 /// This CPU's block of the cache arrays starts here (the verifier inlines the helper).
@@ -304,25 +324,69 @@ fn cpu_base(cfg: &Config) -> u32 {
     cpu.wrapping_mul(cfg.flow_cache_mask + 1)
 }
 
-/// Remembers a tracked flow in this CPU's cache slot for it.
+/// Remembers a tracked flow in this CPU's flow cache: in the slot of its set that holds
+/// it already (a flow never has two copies), else in one that holds nothing valid, else in
+/// place of the copy refreshed longer ago.
 #[inline(always)]
-fn cache_store(slot: Option<*mut FlowCacheEntry>, key: &FlowKey, flow: &Flow) {
-    if let Some(c) = slot {
-        // SAFETY: per-CPU slot; only this CPU touches it while the program runs.
-        unsafe {
-            (*c).key = *key;
-            (*c).flow = *flow;
-        }
+fn cache_store(key: &FlowKey, flow: &Flow, cfg: &Config, now: u64) {
+    let (a, b) = cache_ways(key, cfg);
+    let (Some(a), Some(b)) = (
+        maps::FLOW_CACHE.get_ptr_mut(a),
+        maps::FLOW_CACHE.get_ptr_mut(b),
+    ) else {
+        return;
+    };
+    // SAFETY: per-CPU slots; only this CPU touches them while the program runs.
+    let (ra, rb) = unsafe { (&*a, &*b) };
+    let invalid = |c: &FlowCacheEntry| {
+        c.flow.epoch != cfg.cache_epoch || now.saturating_sub(c.flow.last_seen) > copy_life(cfg)
+    };
+    let c = if ra.key == *key {
+        a
+    } else if rb.key == *key {
+        b
+    } else if invalid(ra) {
+        a
+    } else if invalid(rb) || rb.flow.last_seen < ra.flow.last_seen {
+        b
+    } else {
+        a
+    };
+    // SAFETY: as above.
+    unsafe {
+        (*c).key = *key;
+        (*c).flow = *flow;
     }
 }
 
-/// How often a flow's shared entries (`CONNTRACK`, `REV_NAT`) are written: their ages, and
-/// with them the LRU position and the SNAT port's hold. A cached copy lives a second from
-/// the age it copies, the port is reclaimed two seconds after it: so every copy is gone by
-/// then.
+/// Drops the copy of a flow from this CPU's flow cache, if there is one.
+#[inline(always)]
+fn cache_forget(key: &FlowKey, cfg: &Config) {
+    if let Some(c) = cache_find(key, cfg) {
+        // SAFETY: per-CPU slot; only this CPU touches it while the program runs.
+        unsafe { (*c).key = FlowKey::default() };
+    }
+}
+
+/// How often a flow's shared entries (`CONNTRACK`, `REV_NAT`) are written, at most: their
+/// ages, and with them the LRU position and the SNAT port's hold. Once a second.
 #[inline(always)]
 fn refresh(cfg: &Config) -> u64 {
-    u64::from(cfg.hz / 2)
+    u64::from(cfg.hz)
+}
+
+/// How long a cached copy (flow cache, reply cache) serves packets past the age it copies:
+/// two seconds. An active flow takes the slow path about once per copy life.
+#[inline(always)]
+pub(crate) fn copy_life(cfg: &Config) -> u64 {
+    2 * u64::from(cfg.hz)
+}
+
+/// How long a port stays its flow's after the flow was last seen, whatever became of the
+/// flow: a second past the life of its last cached copy.
+#[inline(always)]
+pub(crate) fn port_hold(cfg: &Config) -> u64 {
+    copy_life(cfg) + u64::from(cfg.hz)
 }
 
 /// Whether a tracked flow still goes to `be`: the id is live and still the same backend of
@@ -333,7 +397,7 @@ pub(crate) fn still_assigned(be: &Backend, flow: &Flow) -> bool {
 }
 
 /// Fast path, inline in the entry point: a packet without SYN, FIN or RST of a flow in this
-/// CPU's flow cache (a copy under a second old), whose backend's next hop is cached and fits
+/// CPU's flow cache (a copy within its [`copy_life`]), whose backend's next hop is cached and fits
 /// the packet. No hash lookup, no helper call. `None` sends the packet to
 /// [`balance_packet`].
 #[inline(always)]
@@ -349,14 +413,13 @@ pub fn cached(
     }
     let key = &t.key;
     let now = now();
-    let Some(c) = cache_slot(key, cfg) else {
+    let Some(c) = cache_find(key, cfg) else {
         return Ok(None);
     };
-    // SAFETY: per-CPU slot.
+    // SAFETY: per-CPU slot; only this CPU writes it.
     let c = unsafe { &*c };
-    if c.key != *key
-        || c.flow.epoch != cfg.cache_epoch
-        || now.saturating_sub(c.flow.last_seen) > u64::from(cfg.hz)
+    if c.flow.epoch != cfg.cache_epoch
+        || now.saturating_sub(c.flow.last_seen) > copy_life(cfg)
         || expired(&c.flow, cfg, key.proto, now)
     {
         return Ok(None);
@@ -596,7 +659,7 @@ fn tracked_flow<const V4: bool, const TCP: bool>(
     }
     let mut flow = *f;
     flow.epoch = cfg.cache_epoch;
-    cache_store(cache_slot(key, cfg), key, &flow);
+    cache_store(key, &flow, cfg, now);
     if h.hop_limit() <= 1 {
         st.add(stat::PASS_TTL, 1);
         return Some(xdp_action::XDP_PASS);
@@ -663,7 +726,7 @@ fn unconfirmed<const V4: bool, const TCP: bool>(
         if maps::CONNTRACK.insert(key, flow, 0).is_ok() {
             st.add(stat::CT_CONFIRM, 1);
             let _ = maps::CONNTRACK_NEW.remove(key);
-            cache_store(cache_slot(key, cfg), key, &flow);
+            cache_store(key, &flow, cfg, now);
         }
     } else if now.saturating_sub(n.last_seen) >= refresh(cfg) {
         n.last_seen = now;
@@ -773,6 +836,13 @@ fn establish<const V4: bool, const TCP: bool>(
     }
     if !confirmed && picked & STALE_ENTRY != 0 {
         let _ = maps::CONNTRACK.remove(key);
+    }
+    // A copy of the flow's previous life (re-opened after FIN or RST) must not serve its
+    // next packets: they confirm it, or find it cached anew.
+    if confirmed {
+        cache_store(key, &flow, cfg, now);
+    } else {
+        cache_forget(key, cfg);
     }
     let to = To {
         be,
@@ -890,7 +960,7 @@ enum Way {
 /// the packet is not a reply to a translated flow.
 ///
 /// Packets without SYN, FIN or RST are served from this CPU's reply cache (entry and next
-/// hop) while its copy is under a second old; the others go to `REV_NAT`, refresh its age
+/// hop) while its copy is within its [`copy_life`]; the others go to `REV_NAT`, refresh its age
 /// and next hop, and re-cache it.
 #[inline(always)]
 pub fn reply_packet(ctx: &XdpContext, p: &Parsed, tcp_flags: u8) -> u32 {
@@ -940,7 +1010,6 @@ fn reply<const V4: bool, const TCP: bool>(
     };
     let key = &key_of(&h);
     let now = now();
-    let hz = u64::from(cfg.hz);
     let slot = maps::REPLY_CACHE.get_ptr_mut(cache_index(key, cfg));
     let mut cached: Option<&ReplyCacheEntry> = None;
     if tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
@@ -949,7 +1018,7 @@ fn reply<const V4: bool, const TCP: bool>(
             let c = unsafe { &*c };
             if c.key == *key
                 && c.epoch == cfg.cache_epoch
-                && now.saturating_sub(c.rev.last_seen) <= hz
+                && now.saturating_sub(c.rev.last_seen) <= copy_life(cfg)
                 && p.ip_len() <= c.hop.mtu as usize
             {
                 cached = Some(c);

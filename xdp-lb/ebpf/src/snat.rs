@@ -17,7 +17,7 @@ use portico_xdp_common::{proto, Addr, Backend, Config, Flow, FlowKey, RevNat};
 
 use crate::{
     maps::{self, Scratch},
-    nat::{backend, expired, flow_hash, snat_addr, still_assigned},
+    nat::{backend, expired, flow_hash, port_hold, snat_addr, still_assigned},
 };
 
 /// SNAT ports tried before the new flow is dropped. With ports taken at random, all of them
@@ -92,8 +92,8 @@ pub fn claim() -> Option<Port> {
 /// How long an unconfirmed flow (its `CONNTRACK_NEW` entry, its port's reservation) lasts
 /// with no packet: its protocol's idle timeout for UDP (a request and its replies are often
 /// all a UDP flow has), the closing one (10 s by default) for TCP, a handshake takes less,
-/// or the idle timeout if shorter. At least two seconds: cached copies of the reservation
-/// live one.
+/// or the idle timeout if shorter. At least [`port_hold`]: cached copies of the reservation
+/// must be gone.
 #[inline(always)]
 pub fn unconfirmed_timeout(cfg: &Config, proto_: u8) -> u64 {
     let t = if proto_ == proto::UDP {
@@ -101,7 +101,7 @@ pub fn unconfirmed_timeout(cfg: &Config, proto_: u8) -> u64 {
     } else {
         cfg.tcp_closing_timeout.min(cfg.tcp_timeout)
     };
-    u64::from(t.max(2 * cfg.hz))
+    u64::from(t).max(port_hold(cfg))
 }
 
 /// Whether `r` is the reverse-NAT entry of the flow the request is for.
@@ -279,9 +279,9 @@ fn holder(sc: &mut Scratch, cfg: &Config, port: u16) -> Holder {
     }
 }
 
-/// Whether a confirmed flow's port (its entry `old`) is free for the taking: unseen for two
-/// seconds (its cached copies live one past their copy) and its flow no longer tracked on
-/// it: gone, expired, or on another port or backend. `owner` is scratch space for the
+/// Whether a confirmed flow's port (its entry `old`) is free for the taking: unseen for
+/// [`port_hold`] (its cached copies are gone) and its flow no longer tracked on it: gone,
+/// expired, or on another port or backend. `owner` is scratch space for the
 /// owner's key; (`backend`, `backend_port`) and `port` are the port's.
 #[inline(always)]
 #[allow(
@@ -298,7 +298,7 @@ fn released(
     now: u64,
     proto_: u8,
 ) -> bool {
-    if now.saturating_sub(old.last_seen) <= 2 * u64::from(cfg.hz) {
+    if now.saturating_sub(old.last_seen) <= port_hold(cfg) {
         return false;
     }
     owner.src = old.client;
