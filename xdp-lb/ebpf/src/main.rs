@@ -134,6 +134,8 @@ mod program {
             st.add(stat::PASS_NOT_VIP, 1);
             return Ok(xdp_action::XDP_PASS);
         }
+        // Replies, and SYN, FIN or RST, do not use the flow cache.
+        let set = (!to_snat && nat::may_be_cached(t.tcp_flags)).then(|| nat::cache_set(key, cfg));
         // Ours to rewrite: the stack would drop an IPv4 header with a bad checksum.
         if p.family == family::V4 && !parse::ipv4_header_ok(ctx, p)? {
             return Err(Skip::BadChecksum);
@@ -142,8 +144,10 @@ mod program {
         if to_snat {
             return Ok(SLOW_REPLY | flags | if maybe_vip { MAYBE_VIP } else { 0 });
         }
-        if let Some(verdict) = nat::cached(ctx, st, p, &t, cfg)? {
-            return Ok(verdict);
+        if let Some(set) = set {
+            if let Some(verdict) = nat::cached(ctx, st, p, &t, cfg, &set)? {
+                return Ok(verdict);
+            }
         }
         Ok(SLOW_BALANCE | flags)
     }

@@ -302,11 +302,43 @@ fn cache_ways(key: &FlowKey, cfg: &Config) -> (u32, u32) {
     )
 }
 
+/// Whether a client → VIP packet with these TCP flags may take the fast path: not a SYN,
+/// FIN or RST, which change the flow's state.
+#[inline(always)]
+pub fn may_be_cached(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
+}
+
+/// A 5-tuple's set in this CPU's flow cache, its memory already on its way: see
+/// [`cache_set`].
+pub struct CacheSet(u32, u32);
+
+/// The 5-tuple's set in this CPU's flow cache. Its first slot is read here, early: with
+/// many flows the read misses the TLB and the CPU caches, and the checks before the fast
+/// path run while it completes.
+#[inline(always)]
+pub fn cache_set(key: &FlowKey, cfg: &Config) -> CacheSet {
+    let (a, b) = cache_ways(key, cfg);
+    if let Some(c) = maps::FLOW_CACHE.get_ptr(a) {
+        // SAFETY: a valid slot; a plain read, kept by `used`.
+        used(u64::from(unsafe {
+            core::ptr::read_volatile(&raw const (*c).flow.epoch)
+        }));
+    }
+    CacheSet(a, b)
+}
+
 /// The slot of this CPU's flow cache that holds the 5-tuple, if one does.
 #[inline(always)]
 fn cache_find(key: &FlowKey, cfg: &Config) -> Option<*mut FlowCacheEntry> {
     let (a, b) = cache_ways(key, cfg);
-    for i in [a, b] {
+    cache_find_in(&CacheSet(a, b), key)
+}
+
+/// The slot of the set `set` that holds the 5-tuple, if one does.
+#[inline(always)]
+fn cache_find_in(set: &CacheSet, key: &FlowKey) -> Option<*mut FlowCacheEntry> {
+    for i in [set.0, set.1] {
         let c = maps::FLOW_CACHE.get_ptr_mut(i)?;
         // SAFETY: per-CPU slot; only this CPU writes it.
         if unsafe { (*c).key == *key } {
@@ -407,13 +439,14 @@ pub fn cached(
     p: &Parsed,
     t: &Tuple,
     cfg: &Config,
+    set: &CacheSet,
 ) -> Result<Option<u32>, Skip> {
-    if t.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+    if !may_be_cached(t.tcp_flags) {
         return Ok(None);
     }
     let key = &t.key;
     let now = now();
-    let Some(c) = cache_find(key, cfg) else {
+    let Some(c) = cache_find_in(set, key) else {
         return Ok(None);
     };
     // SAFETY: per-CPU slot; only this CPU writes it.
@@ -837,11 +870,13 @@ fn establish<const V4: bool, const TCP: bool>(
     if !confirmed && picked & STALE_ENTRY != 0 {
         let _ = maps::CONNTRACK.remove(key);
     }
-    // A copy of the flow's previous life (re-opened after FIN or RST) must not serve its
-    // next packets: they confirm it, or find it cached anew.
+    // A copy of the flow's previous life (a stale entry: re-opened after FIN or RST, its
+    // backend gone) must not serve its next packets: they confirm it, or find it cached
+    // anew. (A flow without an entry has no copy, unless the LRU evicted its entry within
+    // the copy's life; then the new entry most often has its old backend and port.)
     if confirmed {
         cache_store(key, &flow, cfg, now);
-    } else {
+    } else if picked & STALE_ENTRY != 0 {
         cache_forget(key, cfg);
     }
     let to = To {
