@@ -1818,6 +1818,9 @@ fn xdp_fuzz_checked_by_an_independent_model() {
     let (eth0, eth1) = (ifindex("eth0"), ifindex("eth1"));
     let mut rng = Rng(seed);
     let mut model = Model::default();
+    // Replaying a seed: prints every packet whose hex dump contains this (a flow's ports,
+    // say) with what the program and the model made of it.
+    let trace = std::env::var("PORTICO_XDP_FUZZ_TRACE").ok();
     let run = |case: &Case, model: &mut Model, n: u64| {
         if case.input.len() < 14 {
             // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header.
@@ -1826,7 +1829,21 @@ fn xdp_fuzz_checked_by_an_independent_model() {
         }
         let ingress = if case.ingress == "eth0" { eth0 } else { eth1 };
         let out = prog.test_run_on(&case.input, Some(ingress)).unwrap();
-        match check(case, &out, model) {
+        let checked = check(case, &out, model);
+        if trace
+            .as_deref()
+            .is_some_and(|t| hex(&case.input).contains(t) || hex(&out.packet).contains(t))
+        {
+            println!(
+                "{n}: {} {:?} {}\n  in  {}\n  out {}",
+                case.ingress,
+                checked,
+                verdict::name(out.verdict),
+                hex(&case.input),
+                hex(&out.packet)
+            );
+        }
+        match checked {
             Ok(what) => model.count(what),
             Err(why) => panic!(
                 "packet {n} (seed {seed}): {why}\n ingress {}, verdict {}\n  in ({} B): {}\n out ({} B): {}",

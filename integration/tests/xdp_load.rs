@@ -1,5 +1,6 @@
 //! The XDP balancer under load, with BPF_PROG_TEST_RUN (needs root): SNAT ports at high
-//! occupancy, and 5-tuples opened again right after they closed.
+//! occupancy, 5-tuples opened again right after they closed, and established flows through
+//! a flood of new ones.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -79,6 +80,31 @@ fn balancer(conntrack_entries: u32, ports: (u16, u16), backends: &[u8]) -> XdpBa
     .unwrap();
     b.upsert_service(&service(backends)).unwrap();
     b
+}
+
+/// The backend's SYN-ACK to a flow it saw from the SNAT address's `port`.
+fn reply(backend: Ipv4Addr, port: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(fibnet::backend_mac(backend.octets()[3]), fibnet::LB1_MAC)
+        .ipv4(backend.octets(), fibnet::SNAT4, 64)
+        .tcp(8080, port, 5000, 64240)
+        .syn()
+        .ack(1001)
+        .write(&mut out, b"")
+        .unwrap();
+    out
+}
+
+/// Sets an IPv4 frame's header checksum after its header changed.
+fn fix_ipv4_checksum(frame: &mut [u8]) {
+    frame[24..26].fill(0);
+    let sum = frame[14..34]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>();
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    frame[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
 }
 
 /// Where a forwarded frame went: (backend, SNAT port).
@@ -240,4 +266,92 @@ fn a_closed_five_tuple_opens_again_at_once_on_its_own_port() {
         started.elapsed()
     );
     assert_eq!(prog.stat(stat::DROP_NO_SNAT_PORT).unwrap(), 0);
+}
+
+/// What protects established flows from a flood of new ones: a new flow lives in tables of
+/// its own (`CONNTRACK_NEW`, `REV_NAT_NEW`) until its client's second packet (for TCP, one
+/// other than a SYN) confirms it; a flood of SYNs churns those only.
+#[test]
+fn established_flows_keep_their_backend_through_a_flood_of_new_flows() {
+    const ESTABLISHED: u32 = 1_000;
+    const FLOOD: u32 = 100_000;
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    // 8192 entries per CPU: the flood replaces them twelve times over.
+    let mut b = balancer(16_384, (1024, 65535), &[1, 2, 3]);
+    let _in = lb.enter().unwrap();
+    pin_to_cpu(0);
+    let (eth0, eth1) = (
+        fibnet::ifindex("eth0").unwrap(),
+        fibnet::ifindex("eth1").unwrap(),
+    );
+    // Established: SYN, the backend's SYN-ACK, the client's ACK.
+    let mut flows = Vec::new();
+    for n in 0..ESTABLISHED {
+        let sport = 20_000 + n as u16;
+        let prog = b.program();
+        let out = prog
+            .test_run_on(&tcp([198, 18, 0, 1], sport, SYN), Some(eth0))
+            .unwrap();
+        assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
+        let (to, port) = sent_to(&out);
+        let out = prog.test_run_on(&reply(to, port), Some(eth1)).unwrap();
+        assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
+        let out = prog
+            .test_run_on(&tcp([198, 18, 0, 1], sport, ACK), Some(eth0))
+            .unwrap();
+        assert_eq!(sent_to(&out), (to, port));
+        flows.push((sport, to, port));
+    }
+    // Cached copies run out (two seconds); a fourth backend changes the ring, so a flow
+    // whose entry was lost would be balanced anew, a quarter of them elsewhere.
+    std::thread::sleep(Duration::from_millis(2100));
+    b.upsert_service(&service(&[1, 2, 3, 4])).unwrap();
+    let prog = b.program();
+    // The flood: SYNs from as many sources, as fast as test-run goes.
+    let inserts = prog.stat(stat::CT_INSERT).unwrap();
+    let confirmed = prog.stat(stat::CT_CONFIRM).unwrap();
+    let mut syn = tcp([100, 64, 0, 0], 1, SYN);
+    let started = Instant::now();
+    for n in 0..FLOOD {
+        syn[26..30].copy_from_slice(&(0x6440_0000 | n).to_be_bytes());
+        syn[34..36].copy_from_slice(&(1024 + (n % 50_000) as u16).to_be_bytes());
+        fix_ipv4_checksum(&mut syn);
+        let out = prog.test_run_on(&syn, Some(eth0)).unwrap();
+        assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{FLOOD} new flows in {elapsed:?} ({:.0} per second)",
+        f64::from(FLOOD) / elapsed.as_secs_f64()
+    );
+    assert!(prog.stat(stat::CT_INSERT).unwrap() - inserts >= u64::from(FLOOD));
+    assert_eq!(prog.stat(stat::CT_CONFIRM).unwrap(), confirmed);
+    // The first flood flows are long gone from the tables: an ACK of one is a new flow.
+    let misses = prog.stat(stat::CT_MISS).unwrap();
+    let early = tcp([100, 64, 0, 0], 1024, ACK);
+    prog.test_run_on(&early, Some(eth0)).unwrap();
+    assert_eq!(
+        prog.stat(stat::CT_MISS).unwrap(),
+        misses + 1,
+        "the flood did not churn the tables"
+    );
+    // Every established flow still goes where it went, on its port, and its replies come
+    // back to the client.
+    let mut moved = 0;
+    for &(sport, to, port) in &flows {
+        let out = prog
+            .test_run_on(&tcp([198, 18, 0, 1], sport, ACK), Some(eth0))
+            .unwrap();
+        assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
+        if sent_to(&out) != (to, port) {
+            moved += 1;
+            continue;
+        }
+        let out = prog.test_run_on(&reply(to, port), Some(eth1)).unwrap();
+        assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
+        let p = &out.packet;
+        assert_eq!(u16::from_be_bytes([p[36], p[37]]), sport, "reply to {port}");
+    }
+    assert_eq!(moved, 0, "{moved} of {ESTABLISHED} established flows moved");
 }

@@ -186,45 +186,55 @@ fn the_loader_measures_the_kernel_tick_rate() {
 }
 
 #[test]
-fn a_snat_port_is_reclaimed_only_two_seconds_after_its_flow_was_last_seen() {
+fn a_snat_port_is_reclaimed_only_three_seconds_after_its_flow_was_last_seen() {
     let mut net = TestNet::new().unwrap();
     let lb = fibnet::lb_namespace(&mut net).unwrap();
     let mut b = balancer();
-    // One SNAT port, and flows that expire after a second.
+    // Two SNAT ports, and flows that expire after a second.
     b.configure_node(&NodeConfig {
         snat_v4: Some(Ipv4Addr::from(fibnet::SNAT4)),
-        snat_ports: (20000, 20000),
+        snat_ports: (20000, 20001),
         tcp_timeout: Duration::from_secs(1),
         ..NodeConfig::default()
     })
     .unwrap();
     b.upsert_service(&spec(VIP_A, &[X])).unwrap();
     let _in = lb.enter().unwrap();
-    let second_flow = |b: &XdpBalancer| {
+    let new_flow = |b: &XdpBalancer, sport: u16| {
         let drops = b.program().stat(stat::DROP_NO_SNAT_PORT).unwrap();
-        let (v, out) = run(b, &tcp(VIP_A, 43001, SYN));
+        let (v, out) = run(b, &tcp(VIP_A, sport, SYN));
         let dropped = b.program().stat(stat::DROP_NO_SNAT_PORT).unwrap() == drops + 1;
         (verdict::name(v), dropped, out)
     };
+    let port_of = |out: &[u8]| u16::from_be_bytes([out[34], out[35]]);
 
-    let (v, out) = run(&b, &tcp(VIP_A, 43000, SYN));
+    // One flow confirmed (SYN, ACK), one not (a SYN only): each holds a port.
+    let (v, _, out) = new_flow(&b, 43000);
+    assert_eq!(v, "XDP_REDIRECT");
+    let (v, ack) = run(&b, &tcp(VIP_A, 43000, ACK));
     assert_eq!(verdict::name(v), "XDP_REDIRECT");
-    assert_eq!(u16::from_be_bytes([out[34], out[35]]), 20000);
-
-    // The first flow holds the only port.
-    let (v, dropped, _) = second_flow(&b);
+    assert_eq!(port_of(&ack), port_of(&out));
+    assert_eq!(b.program().stat(stat::CT_CONFIRM).unwrap(), 1);
+    let (v, _, _) = new_flow(&b, 43001);
+    assert_eq!(v, "XDP_REDIRECT");
+    let (v, dropped, _) = new_flow(&b, 43002);
     assert_eq!((v, dropped), ("XDP_DROP", true));
 
-    // It has expired, but per-CPU cached copies of it may live a second past its last
-    // lookup: the port stays reserved until two seconds after that.
-    std::thread::sleep(Duration::from_millis(1300));
-    let (v, dropped, _) = second_flow(&b);
+    // Both have expired, but per-CPU cached copies of them may live two seconds past their
+    // last lookup: the ports stay reserved until three seconds after that.
+    std::thread::sleep(Duration::from_millis(2300));
+    let (v, dropped, _) = new_flow(&b, 43002);
     assert_eq!((v, dropped), ("XDP_DROP", true));
 
     std::thread::sleep(Duration::from_millis(1000));
-    let (v, _, out) = second_flow(&b);
-    assert_eq!(v, "XDP_REDIRECT", "the port is reclaimed");
-    assert_eq!(u16::from_be_bytes([out[34], out[35]]), 20000);
+    let mut ports = Vec::new();
+    for sport in [43002, 43003] {
+        let (v, _, out) = new_flow(&b, sport);
+        assert_eq!(v, "XDP_REDIRECT", "a port is reclaimed");
+        ports.push(port_of(&out));
+    }
+    ports.sort_unstable();
+    assert_eq!(ports, [20000, 20001]);
 }
 
 #[test]
@@ -269,11 +279,14 @@ fn an_idle_flow_keeps_its_snat_port_against_another_service_of_the_same_backend(
     b.upsert_service(&spec(VIP_B, &[X])).unwrap();
     let _in = lb.enter().unwrap();
 
-    let (v, out) = run(&b, &tcp(VIP_A, 44000, SYN));
-    assert_eq!(verdict::name(v), "XDP_REDIRECT");
-    assert_eq!(u16::from_be_bytes([out[34], out[35]]), 20000);
-    // Idle past the two seconds, but tracked and unexpired: the port is still its own.
-    std::thread::sleep(Duration::from_millis(2300));
+    for flags in [SYN, ACK] {
+        let (v, out) = run(&b, &tcp(VIP_A, 44000, flags));
+        assert_eq!(verdict::name(v), "XDP_REDIRECT");
+        assert_eq!(u16::from_be_bytes([out[34], out[35]]), 20000);
+    }
+    // Idle past the three seconds a port is held for an unseen flow, but tracked and
+    // unexpired: the port is still its own.
+    std::thread::sleep(Duration::from_millis(3300));
     let (v, _) = run(&b, &tcp(VIP_B, 44001, SYN));
     assert_eq!(
         verdict::name(v),

@@ -28,7 +28,7 @@ use crate::program::{map_err, LoadOptions, XdpError};
 /// live in, and the per-CPU caches: their size is in `CONFIG::flow_cache_mask`, which the old
 /// and the new program share until the new one is swapped into the links, so both must use
 /// caches of the same size. Not pinned: `SCRATCH`, each packet's scratch space.
-pub(crate) const PINNED_MAPS: [&str; 12] = [
+pub(crate) const PINNED_MAPS: [&str; 14] = [
     map_name::STATS,
     map_name::VIP_FILTER,
     map_name::CONFIG,
@@ -36,7 +36,9 @@ pub(crate) const PINNED_MAPS: [&str; 12] = [
     map_name::RINGS,
     map_name::BACKENDS,
     map_name::CONNTRACK,
+    map_name::CONNTRACK_NEW,
     map_name::REV_NAT,
+    map_name::REV_NAT_NEW,
     map_name::SERVICE_STATS,
     map_name::BACKEND_STATS,
     map_name::FLOW_CACHE,
@@ -137,7 +139,10 @@ fn sized_by(name: &str) -> &'static str {
         map_name::SERVICES => "LoadOptions::max_services × 4",
         map_name::SERVICE_STATS | RETIRED => "LoadOptions::max_services",
         map_name::BACKENDS | map_name::BACKEND_STATS | BACKEND_META => "LoadOptions::max_backends",
-        map_name::CONNTRACK | map_name::REV_NAT => "LoadOptions::conntrack_entries",
+        map_name::CONNTRACK
+        | map_name::CONNTRACK_NEW
+        | map_name::REV_NAT
+        | map_name::REV_NAT_NEW => "LoadOptions::conntrack_entries",
         map_name::FLOW_CACHE | map_name::REPLY_CACHE => {
             "LoadOptions::flow_cache_entries × possible CPUs"
         }

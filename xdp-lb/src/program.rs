@@ -128,7 +128,8 @@ pub struct LoadOptions {
     pub max_backends: u32,
     /// Maglev table size M, a prime in [251, 131071].
     pub ring_size: u32,
-    /// Connection-tracking entries (LRU); the reverse-NAT map has as many.
+    /// Connection-tracking entries (LRU); the reverse-NAT map, and the two maps of
+    /// unconfirmed flows (docs/xdp.md, "Floods"), have as many each.
     pub conntrack_entries: u32,
     /// Entries of each per-CPU cache, in front of conntrack (64 bytes each) and of reverse
     /// NAT (128 bytes each), per possible CPU; a power of two.
@@ -719,6 +720,34 @@ impl XdpProgram {
         run_once(prog, packet, ingress_ifindex)
     }
 
+    /// Attaches one of the object's benchmark programs
+    /// (`portico_xdp_common::FORWARD_FLOOR_PROGRAM_NAME`, `SINK_PROGRAM_NAME`) to `iface` in
+    /// `mode`, in place of the balancer; it shares this program's maps. Loaded on first use,
+    /// detached when `self` is dropped. For `forward_bench`.
+    ///
+    /// # Errors
+    /// No such program in the object, it does not load, or the attachment fails.
+    pub fn attach_bench_program(
+        &mut self,
+        name: &str,
+        iface: &str,
+        mode: AttachMode,
+    ) -> Result<(), XdpError> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(ProgramError::NotLoaded)?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        match prog.attach(iface, mode.xdp_mode()) {
+            Ok(_link) => Ok(()),
+            Err(ProgramError::UnknownInterface { name }) => Err(XdpError::NoSuchInterface(name)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// A global counter (see `portico_xdp_common::stat`), summed over all CPUs.
     ///
     /// # Errors
@@ -803,7 +832,9 @@ fn map_sizes(options: &LoadOptions) -> Result<Vec<(&'static str, u32)>, XdpError
         (map_name::BACKENDS, options.max_backends),
         (map_name::BACKEND_STATS, options.max_backends),
         (map_name::CONNTRACK, options.conntrack_entries),
+        (map_name::CONNTRACK_NEW, options.conntrack_entries),
         (map_name::REV_NAT, options.conntrack_entries),
+        (map_name::REV_NAT_NEW, options.conntrack_entries),
         (map_name::FLOW_CACHE, cache_entries),
         (map_name::REPLY_CACHE, cache_entries),
     ])

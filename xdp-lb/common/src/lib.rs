@@ -71,7 +71,8 @@ pub mod stat {
     pub const REPLY_NAT: u32 = 5;
     /// Conntrack: lookup missed (new flow, or evicted/expired entry).
     pub const CT_MISS: u32 = 6;
-    /// Conntrack: a new entry was inserted.
+    /// Conntrack: a new flow was tracked (in `CONNTRACK_NEW` until confirmed, in
+    /// `CONNTRACK` at once when it re-opened a closed 5-tuple on its port).
     pub const CT_INSERT: u32 = 7;
     /// Passed: not IP, or not addressed to a VIP or a SNAT port.
     pub const PASS_NOT_VIP: u32 = 8;
@@ -117,8 +118,11 @@ pub mod stat {
     /// Of the `ct_hit` packets, those that missed this CPU's flow cache and were looked up
     /// in `CONNTRACK`: the cache's hit rate is `1 - ct_slow / ct_hit`.
     pub const CT_SLOW: u32 = 26;
+    /// Conntrack: an unconfirmed flow was confirmed (its second packet, a TCP packet other
+    /// than a SYN) and moved to `CONNTRACK`.
+    pub const CT_CONFIRM: u32 = 27;
     /// Number of counters in a [`crate::StatBlock`].
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 28;
 
     /// Each counter's name, by index, as status and metrics show it.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -149,6 +153,7 @@ pub mod stat {
         "drop_too_big",
         "pass_needs_frag",
         "ct_slow",
+        "ct_confirm",
     ];
 }
 
@@ -166,8 +171,12 @@ pub mod map_name {
     pub const BACKENDS: &str = "BACKENDS";
     /// Connection tracking: [`crate::FlowKey`] → [`crate::Flow`] (LRU).
     pub const CONNTRACK: &str = "CONNTRACK";
-    /// Reverse NAT: reply [`crate::FlowKey`] → [`crate::RevNat`] (LRU).
+    /// Connection tracking of unconfirmed flows: as `CONNTRACK`.
+    pub const CONNTRACK_NEW: &str = "CONNTRACK_NEW";
+    /// Reverse NAT: reply [`crate::FlowKey`] → [`crate::RevNat`] (LRU), confirmed flows.
     pub const REV_NAT: &str = "REV_NAT";
+    /// Reverse NAT of unconfirmed flows (one packet seen from the client): as `REV_NAT`.
+    pub const REV_NAT_NEW: &str = "REV_NAT_NEW";
     /// Per-service per-CPU counters: [`crate::Counters`] by service id.
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     /// Per-backend per-CPU counters: [`crate::Counters`] by backend id.
@@ -185,7 +194,7 @@ pub mod map_name {
 /// caches), which a restarted loader reuses. Sizes are checked on their own; bump this when
 /// a pinned map's key or value changes meaning at the same size, so that a new build refuses
 /// the old pins instead of misreading them.
-pub const PINNED_LAYOUT_VERSION: u32 = 1;
+pub const PINNED_LAYOUT_VERSION: u32 = 2;
 
 /// Name of the XDP entry point in the object file.
 pub const PROGRAM_NAME: &str = "portico_xdp";
@@ -193,6 +202,12 @@ pub const PROGRAM_NAME: &str = "portico_xdp";
 pub const FLOOR_PROGRAM_NAME: &str = "xdp_floor";
 /// Name of the probe that returns the kernel's jiffies (the loader measures HZ with it).
 pub const JIFFIES_PROGRAM_NAME: &str = "xdp_jiffies";
+/// Name of the forwarding benchmark's floor (`forward_bench`): a minimal XDP NAT that
+/// rewrites IPv4 UDP toward backend ids 1 to 3 and redirects, with no flow state.
+pub const FORWARD_FLOOR_PROGRAM_NAME: &str = "xdp_forward_floor";
+/// Name of the forwarding benchmark's sink: counts each packet (`stat::PACKETS`) and drops
+/// it.
+pub const SINK_PROGRAM_NAME: &str = "xdp_sink";
 
 /// Default number of service slots (ids 1..MAX_SERVICES-1; id 0 means unset).
 pub const DEFAULT_MAX_SERVICES: u32 = 256;
@@ -361,6 +376,31 @@ impl FlowKey {
             ..*self
         }
     }
+
+    /// The hash that picks the 5-tuple's slot in the per-CPU caches: every bit of each
+    /// address (folded to 64 bits), port and the protocol reaches every bit of the result,
+    /// and for one destination (a VIP and port) IPv4 sources and ports map one to one onto
+    /// 64-bit hashes, so slots collide only as chance has it.
+    #[inline(always)]
+    pub fn cache_hash(&self) -> u64 {
+        #[inline(always)]
+        fn fold(a: &Addr) -> u64 {
+            (u64::from(a[0]) | u64::from(a[1]) << 32) ^ (u64::from(a[2]) << 32 | u64::from(a[3]))
+        }
+        let ports = u64::from(self.sport) << 48 | u64::from(self.dport) << 32;
+        let dst = fold(&self.dst) ^ u64::from(self.proto);
+        fmix64(fold(&self.src) ^ ports ^ dst.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+}
+
+/// MurmurHash3's 64-bit finalizer: a bijection that spreads each input bit over the output.
+#[inline(always)]
+pub fn fmix64(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^ (k >> 33)
 }
 
 /// A tracked flow (value of `CONNTRACK`).
@@ -492,9 +532,84 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use core::mem::size_of;
 
     use super::*;
+
+    /// Of `keys` hashed into `slots` slots, the share alone in its slot.
+    fn alone(keys: impl Iterator<Item = FlowKey>, slots: u64) -> f64 {
+        let mut count = std::collections::HashMap::<u64, u32>::new();
+        let mut n = 0;
+        for k in keys {
+            *count.entry(k.cache_hash() & (slots - 1)).or_default() += 1;
+            n += 1;
+        }
+        count.values().filter(|&&c| c == 1).count() as f64 / f64::from(n)
+    }
+
+    #[test]
+    fn cache_slots_spread_flows_to_one_vip_as_chance_would() {
+        let vip = addr_from_v4([203, 0, 113, 10]);
+        let key = |src: Addr, sport: u16| FlowKey {
+            src,
+            dst: vip,
+            sport: sport.to_be(),
+            dport: 443u16.to_be(),
+            proto: proto::TCP,
+            family: family::V4,
+            _pad: [0; 2],
+        };
+        let rng = |mut x: u64| {
+            move || {
+                x = fmix64(x.wrapping_add(0x9e37_79b9_7f4a_7c15));
+                x
+            }
+        };
+        let mut rand = rng(1);
+        // 100,000 flows in 2^20 slots: e^(-100000/2^20) = 0.909 are alone by chance.
+        let slots = 1 << 20;
+        let random = (0..100_000).map(|_| {
+            let r = rand();
+            key(addr_from_v4((r as u32).to_be_bytes()), (r >> 48) as u16)
+        });
+        // Structured sources: two clients' sequential ports; a /16 on one port; a /24
+        // times 400 ports.
+        let two_clients = (0..100_000u32).map(|i| {
+            key(
+                addr_from_v4([198, 18, 0, 1 + (i & 1) as u8]),
+                1024 + (i / 2) as u16,
+            )
+        });
+        let slash16 =
+            (0..65_536u32).map(|i| key(addr_from_v4([10, 1, (i >> 8) as u8, i as u8]), 40_000));
+        let grid = (0..100_000u32).map(|i| {
+            key(
+                addr_from_v4([10, 2, 3, (i % 250) as u8]),
+                20_000 + (i / 250) as u16,
+            )
+        });
+        let mut rand = rng(2);
+        let v6 = (0..100_000u64).map(move |_| {
+            let mut src = vip;
+            src[0] = 0x00fd;
+            src[2] = rand() as u32;
+            src[3] = rand() as u32;
+            FlowKey {
+                family: family::V6,
+                ..key(src, rand() as u16)
+            }
+        });
+        for (what, share) in [
+            ("random", alone(random, slots)),
+            ("two clients", alone(two_clients, slots)),
+            ("a /16", alone(slash16, slots)),
+            ("a /24 × 400 ports", alone(grid, slots)),
+            ("random IPv6", alone(v6, slots)),
+        ] {
+            assert!(share > 0.89, "{what}: {share:.3} alone in their slot");
+        }
+    }
 
     #[test]
     fn addresses_round_trip_through_words() {

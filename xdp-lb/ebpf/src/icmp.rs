@@ -272,7 +272,11 @@ fn translate_error<const V4: bool>(
     if outer_dst == snat && sc.owner.src == snat {
         // From the backend side, about a packet the node sent to a backend.
         // SAFETY: read-only use of the value.
-        let Some(rev) = (unsafe { maps::REV_NAT.get(&sc.rkey) }) else {
+        let Some(rev) = (unsafe {
+            maps::REV_NAT
+                .get(&sc.rkey)
+                .or_else(|| maps::REV_NAT_NEW.get(&sc.rkey))
+        }) else {
             return Ok(None);
         };
         // The backend's own report comes from the VIP; a router's keeps its address, unless
@@ -290,7 +294,11 @@ fn translate_error<const V4: bool>(
     } else if outer_dst == sc.owner.src {
         // From the client side, about a reply the node sent from a VIP.
         // SAFETY: read-only use of the value.
-        let Some(flow) = (unsafe { maps::CONNTRACK.get(&sc.rkey) }) else {
+        let Some(flow) = (unsafe {
+            maps::CONNTRACK
+                .get(&sc.rkey)
+                .or_else(|| maps::CONNTRACK_NEW.get(&sc.rkey))
+        }) else {
             return Ok(None);
         };
         let Some(be) = backend(flow.backend_id) else {

@@ -55,16 +55,26 @@ const BPF_F_NO_COMMON_LRU: u32 = 2;
 pub static CONNTRACK: LruHashMap<FlowKey, Flow> =
     LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
 
+/// Connection tracking of unconfirmed flows (the client has sent one packet, or only SYNs):
+/// as `CONNTRACK`. The flow's confirming packet moves its entry to `CONNTRACK`, so a flood
+/// of new flows churns this table (and `REV_NAT_NEW`) only, never the two that established
+/// flows live in.
+#[map(name = "CONNTRACK_NEW")]
+pub static CONNTRACK_NEW: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
+
 /// Per-CPU exact-match cache in front of `CONNTRACK`: CPU `c` owns entries
 /// `[c·N, (c+1)·N)`, indexed by a hash of the 5-tuple. A plain array in page-aligned
 /// (mmapable) memory rather than a per-CPU array, so each 64-byte entry is one cache line.
-/// Entries are refreshed from `CONNTRACK` at least once a second (which also keeps its
-/// `last_seen` and LRU position current), and on every SYN, FIN or RST.
+/// Two-way sets: a 5-tuple may sit in either of two adjacent entries. A copy serves for two
+/// seconds past the `CONNTRACK` age it copies, then the flow's next packet refreshes the
+/// entry (its `last_seen` and LRU position, at most once a second) and the copy; so does
+/// every SYN, FIN or RST.
 #[map(name = "FLOW_CACHE")]
 pub static FLOW_CACHE: Array<FlowCacheEntry> = Array::with_max_entries(4096, BPF_F_MMAPABLE);
 
-/// Per-CPU exact-match cache in front of `REV_NAT` (with the next hop to the client),
-/// refreshed from it at least once a second and on every SYN, FIN or RST.
+/// Per-CPU exact-match cache in front of `REV_NAT` (with the next hop to the client), one
+/// entry per slot, refreshed as `FLOW_CACHE` is.
 #[map(name = "REPLY_CACHE")]
 pub static REPLY_CACHE: Array<ReplyCacheEntry> = Array::with_max_entries(4096, BPF_F_MMAPABLE);
 
@@ -98,6 +108,13 @@ pub struct Scratch {
 /// reservation: a port is taken exactly when its entry exists (inserted with BPF_NOEXIST).
 #[map(name = "REV_NAT")]
 pub static REV_NAT: LruHashMap<FlowKey, RevNat> =
+    LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
+
+/// Reverse NAT of unconfirmed flows (those in `CONNTRACK_NEW`): same keys and values as
+/// `REV_NAT`, and like it the reservation of the SNAT port. Confirming a flow moves its
+/// entry to `REV_NAT`.
+#[map(name = "REV_NAT_NEW")]
+pub static REV_NAT_NEW: LruHashMap<FlowKey, RevNat> =
     LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
 
 /// Per-service per-CPU counters by service id.

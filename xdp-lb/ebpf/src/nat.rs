@@ -31,6 +31,13 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 /// What [`reply_packet`] returns for a packet that is not a reply to a translated flow.
 pub const NOT_MINE: u32 = u32::MAX;
+/// What [`tracked`] returns for a flow whose `CONNTRACK` entry went stale: [`establish`]
+/// removes it if the flow is balanced again as an unconfirmed one, which it would shadow.
+const STALE: u32 = u32::MAX - 1;
+/// [`establish`]'s argument: set when the flow is confirmed.
+const CONFIRMED: u64 = 1 << 48;
+/// [`establish`]'s argument: set when the flow has a stale `CONNTRACK` entry.
+const STALE_ENTRY: u64 = 1 << 49;
 /// [`pick`]'s answer when a backend was picked (its id in the low bits).
 const PICKED: u32 = 0x2000_0000;
 /// A slow path's answer for a packet too big for its next hop: this bit, and the MTU in the
@@ -280,18 +287,65 @@ pub(crate) fn snat_addr(cfg: &Config, fam: u8) -> Addr {
 /// Index of a 5-tuple in this CPU's block of the caches.
 #[inline(always)]
 fn cache_index(key: &FlowKey, cfg: &Config) -> u32 {
-    let (s, d) = (&key.src, &key.dst);
-    let h = (s[0] ^ s[1] ^ s[2] ^ s[3])
-        ^ (d[0] ^ d[1] ^ d[2] ^ d[3]).rotate_left(16)
-        ^ ((u32::from(key.sport) << 16) | u32::from(key.dport)).wrapping_mul(0x9e37_79b1)
-        ^ u32::from(key.proto);
-    cpu_base(cfg) + (murmur_fin(h) & cfg.flow_cache_mask)
+    cpu_base(cfg) + (key.cache_hash() as u32 & cfg.flow_cache_mask)
 }
 
-/// Slot of the per-CPU flow cache for a 5-tuple.
+/// The two slots of this CPU's flow cache a 5-tuple may occupy (a two-way set: adjacent
+/// entries, the same one if the cache has a single slot per CPU).
 #[inline(always)]
-fn cache_slot(key: &FlowKey, cfg: &Config) -> Option<*mut FlowCacheEntry> {
-    maps::FLOW_CACHE.get_ptr_mut(cache_index(key, cfg))
+fn cache_ways(key: &FlowKey, cfg: &Config) -> (u32, u32) {
+    let h = key.cache_hash() as u32;
+    let base = cpu_base(cfg);
+    (
+        base + (h & cfg.flow_cache_mask & !1),
+        base + ((h | 1) & cfg.flow_cache_mask),
+    )
+}
+
+/// Whether a client → VIP packet with these TCP flags may take the fast path: not a SYN,
+/// FIN or RST, which change the flow's state.
+#[inline(always)]
+pub fn may_be_cached(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
+}
+
+/// A 5-tuple's set in this CPU's flow cache, its memory already on its way: see
+/// [`cache_set`].
+pub struct CacheSet(u32, u32);
+
+/// The 5-tuple's set in this CPU's flow cache. Its first slot is read here, early: with
+/// many flows the read misses the TLB and the CPU caches, and the checks before the fast
+/// path run while it completes.
+#[inline(always)]
+pub fn cache_set(key: &FlowKey, cfg: &Config) -> CacheSet {
+    let (a, b) = cache_ways(key, cfg);
+    if let Some(c) = maps::FLOW_CACHE.get_ptr(a) {
+        // SAFETY: a valid slot; a plain read, kept by `used`.
+        used(u64::from(unsafe {
+            core::ptr::read_volatile(&raw const (*c).flow.epoch)
+        }));
+    }
+    CacheSet(a, b)
+}
+
+/// The slot of this CPU's flow cache that holds the 5-tuple, if one does.
+#[inline(always)]
+fn cache_find(key: &FlowKey, cfg: &Config) -> Option<*mut FlowCacheEntry> {
+    let (a, b) = cache_ways(key, cfg);
+    cache_find_in(&CacheSet(a, b), key)
+}
+
+/// The slot of the set `set` that holds the 5-tuple, if one does.
+#[inline(always)]
+fn cache_find_in(set: &CacheSet, key: &FlowKey) -> Option<*mut FlowCacheEntry> {
+    for i in [set.0, set.1] {
+        let c = maps::FLOW_CACHE.get_ptr_mut(i)?;
+        // SAFETY: per-CPU slot; only this CPU writes it.
+        if unsafe { (*c).key == *key } {
+            return Some(c);
+        }
+    }
+    None
 }
 
 /// This CPU's block of the cache arrays starts here (the verifier inlines the helper).
@@ -302,25 +356,69 @@ fn cpu_base(cfg: &Config) -> u32 {
     cpu.wrapping_mul(cfg.flow_cache_mask + 1)
 }
 
-/// Remembers a tracked flow in this CPU's cache slot for it.
+/// Remembers a tracked flow in this CPU's flow cache: in the slot of its set that holds
+/// it already (a flow never has two copies), else in one that holds nothing valid, else in
+/// place of the copy refreshed longer ago.
 #[inline(always)]
-fn cache_store(slot: Option<*mut FlowCacheEntry>, key: &FlowKey, flow: &Flow) {
-    if let Some(c) = slot {
-        // SAFETY: per-CPU slot; only this CPU touches it while the program runs.
-        unsafe {
-            (*c).key = *key;
-            (*c).flow = *flow;
-        }
+fn cache_store(key: &FlowKey, flow: &Flow, cfg: &Config, now: u64) {
+    let (a, b) = cache_ways(key, cfg);
+    let (Some(a), Some(b)) = (
+        maps::FLOW_CACHE.get_ptr_mut(a),
+        maps::FLOW_CACHE.get_ptr_mut(b),
+    ) else {
+        return;
+    };
+    // SAFETY: per-CPU slots; only this CPU touches them while the program runs.
+    let (ra, rb) = unsafe { (&*a, &*b) };
+    let invalid = |c: &FlowCacheEntry| {
+        c.flow.epoch != cfg.cache_epoch || now.saturating_sub(c.flow.last_seen) > copy_life(cfg)
+    };
+    let c = if ra.key == *key {
+        a
+    } else if rb.key == *key {
+        b
+    } else if invalid(ra) {
+        a
+    } else if invalid(rb) || rb.flow.last_seen < ra.flow.last_seen {
+        b
+    } else {
+        a
+    };
+    // SAFETY: as above.
+    unsafe {
+        (*c).key = *key;
+        (*c).flow = *flow;
     }
 }
 
-/// How often a flow's shared entries (`CONNTRACK`, `REV_NAT`) are written: their ages, and
-/// with them the LRU position and the SNAT port's hold. A cached copy lives a second from
-/// the age it copies, the port is reclaimed two seconds after it: so every copy is gone by
-/// then.
+/// Drops the copy of a flow from this CPU's flow cache, if there is one.
+#[inline(always)]
+fn cache_forget(key: &FlowKey, cfg: &Config) {
+    if let Some(c) = cache_find(key, cfg) {
+        // SAFETY: per-CPU slot; only this CPU touches it while the program runs.
+        unsafe { (*c).key = FlowKey::default() };
+    }
+}
+
+/// How often a flow's shared entries (`CONNTRACK`, `REV_NAT`) are written, at most: their
+/// ages, and with them the LRU position and the SNAT port's hold. Once a second.
 #[inline(always)]
 fn refresh(cfg: &Config) -> u64 {
-    u64::from(cfg.hz / 2)
+    u64::from(cfg.hz)
+}
+
+/// How long a cached copy (flow cache, reply cache) serves packets past the age it copies:
+/// two seconds. An active flow takes the slow path about once per copy life.
+#[inline(always)]
+pub(crate) fn copy_life(cfg: &Config) -> u64 {
+    2 * u64::from(cfg.hz)
+}
+
+/// How long a port stays its flow's after the flow was last seen, whatever became of the
+/// flow: a second past the life of its last cached copy.
+#[inline(always)]
+pub(crate) fn port_hold(cfg: &Config) -> u64 {
+    copy_life(cfg) + u64::from(cfg.hz)
 }
 
 /// Whether a tracked flow still goes to `be`: the id is live and still the same backend of
@@ -331,7 +429,7 @@ pub(crate) fn still_assigned(be: &Backend, flow: &Flow) -> bool {
 }
 
 /// Fast path, inline in the entry point: a packet without SYN, FIN or RST of a flow in this
-/// CPU's flow cache (a copy under a second old), whose backend's next hop is cached and fits
+/// CPU's flow cache (a copy within its [`copy_life`]), whose backend's next hop is cached and fits
 /// the packet. No hash lookup, no helper call. `None` sends the packet to
 /// [`balance_packet`].
 #[inline(always)]
@@ -341,20 +439,20 @@ pub fn cached(
     p: &Parsed,
     t: &Tuple,
     cfg: &Config,
+    set: &CacheSet,
 ) -> Result<Option<u32>, Skip> {
-    if t.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+    if !may_be_cached(t.tcp_flags) {
         return Ok(None);
     }
     let key = &t.key;
     let now = now();
-    let Some(c) = cache_slot(key, cfg) else {
+    let Some(c) = cache_find_in(set, key) else {
         return Ok(None);
     };
-    // SAFETY: per-CPU slot.
+    // SAFETY: per-CPU slot; only this CPU writes it.
     let c = unsafe { &*c };
-    if c.key != *key
-        || c.flow.epoch != cfg.cache_epoch
-        || now.saturating_sub(c.flow.last_seen) > u64::from(cfg.hz)
+    if c.flow.epoch != cfg.cache_epoch
+        || now.saturating_sub(c.flow.last_seen) > copy_life(cfg)
         || expired(&c.flow, cfg, key.proto, now)
     {
         return Ok(None);
@@ -434,7 +532,7 @@ pub fn balance_packet(ctx: &XdpContext, st: &Stats, p: &Parsed, tcp_flags: u8) -
             return xdp_action::XDP_PASS;
         }
     };
-    if verdict != NOT_MINE {
+    if verdict != NOT_MINE && verdict != STALE {
         return answer_too_big(ctx, p, verdict);
     }
     // A new flow: pick a backend, reserve a SNAT port toward it, track and send. Three
@@ -452,7 +550,10 @@ pub fn balance_packet(ctx: &XdpContext, st: &Stats, p: &Parsed, tcp_flags: u8) -
         st.add(stat::DROP_NO_SNAT_PORT, 1);
         return xdp_action::XDP_DROP;
     };
-    let picked = u64::from(picked) | u64::from(port) << 32;
+    let picked = u64::from(picked)
+        | u64::from(port.port) << 32
+        | if port.confirmed { CONFIRMED } else { 0 }
+        | if verdict == STALE { STALE_ENTRY } else { 0 };
     let verdict = match p.proto {
         proto::TCP if v4 => portico_establish_tcp4(ctx.ctx, hdr, meta, picked),
         proto::TCP => portico_establish_tcp6(ctx.ctx, hdr, meta, picked),
@@ -530,9 +631,9 @@ slow_path_fn!(portico_establish_udp4, establish, true, false, picked);
 slow_path_fn!(portico_establish_tcp6, establish, false, true, picked);
 slow_path_fn!(portico_establish_udp6, establish, false, false, picked);
 
-/// A tracked flow's packet, from `CONNTRACK`: refreshes the entry's age and LRU position,
-/// keeps its SNAT port, re-caches it, and sends the packet. [`NOT_MINE`] when the flow is
-/// not tracked or its entry went stale.
+/// A tracked flow's packet, from `CONNTRACK` (else [`unconfirmed`]): refreshes the entry's
+/// age and LRU position, keeps its SNAT port, re-caches it, and sends the packet.
+/// [`NOT_MINE`] when the flow is not tracked, [`STALE`] when its entry went stale.
 #[inline(always)]
 fn tracked<const V4: bool, const TCP: bool>(
     ctx: &XdpContext,
@@ -557,18 +658,23 @@ fn tracked_flow<const V4: bool, const TCP: bool>(
 ) -> Option<u32> {
     let key = &t.key;
     let now = now();
-    let f = maps::CONNTRACK.get_ptr_mut(key)?;
+    let Some(f) = maps::CONNTRACK.get_ptr_mut(key) else {
+        return unconfirmed(ctx, st, p, h, t, cfg, now);
+    };
     // SAFETY: valid map value pointer; racing writers only touch plain integers.
     let f = unsafe { &mut *f };
     let fresh_syn = t.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // A stale entry stays until the flow is balanced again (an ICMP error about the flow
+    // still finds it if this packet is not forwarded).
     if (fresh_syn && f.state == flow_state::CLOSING) || expired(f, cfg, key.proto, now) {
-        return None;
+        return Some(STALE);
     }
-    let be = backend_ptr(f.backend_id)?;
-    // SAFETY: valid map value pointer.
-    if !still_assigned(unsafe { &*be }, f) {
-        return None;
-    }
+    let Some(be) = backend_ptr(f.backend_id).filter(|&be| {
+        // SAFETY: valid map value pointer.
+        still_assigned(unsafe { &*be }, f)
+    }) else {
+        return Some(STALE);
+    };
     // The shared entries are written at most every REFRESH (and on a state change): the
     // entry's age, and the reverse-NAT entry's (which keeps the SNAT port). A packet that
     // only missed this CPU's flow cache (collisions, many flows) reads and copies.
@@ -581,12 +687,12 @@ fn tracked_flow<const V4: bool, const TCP: bool>(
         // SAFETY: valid map value pointer.
         if !snat::hold(key, unsafe { &*be }, f, cfg, now) {
             // The port went to another flow: balance this one again.
-            return None;
+            return Some(STALE);
         }
     }
     let mut flow = *f;
     flow.epoch = cfg.cache_epoch;
-    cache_store(cache_slot(key, cfg), key, &flow);
+    cache_store(key, &flow, cfg, now);
     if h.hop_limit() <= 1 {
         st.add(stat::PASS_TTL, 1);
         return Some(xdp_action::XDP_PASS);
@@ -597,6 +703,77 @@ fn tracked_flow<const V4: bool, const TCP: bool>(
         be,
         backend_id: flow.backend_id,
         snat_port: flow.snat_port,
+        new_flow: false,
+    };
+    Some(send_to_backend(ctx, st, p, h, key, cfg, &to, now))
+}
+
+/// A packet of a flow in `CONNTRACK_NEW`: sent to its backend on its port. A TCP packet
+/// other than a SYN, or any second UDP packet, confirms the flow: its entries move to
+/// `CONNTRACK` and `REV_NAT`, and it is cached. [`NOT_MINE`] when the flow is not there or
+/// its entry went stale.
+#[inline(always)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the packet's context, parsed once"
+)]
+fn unconfirmed<const V4: bool, const TCP: bool>(
+    ctx: &XdpContext,
+    st: &Stats,
+    p: &Parsed,
+    h: &Headers<V4, TCP>,
+    t: &Tuple,
+    cfg: &Config,
+    now: u64,
+) -> Option<u32> {
+    let key = &t.key;
+    let n = maps::CONNTRACK_NEW.get_ptr_mut(key)?;
+    // SAFETY: valid map value pointer; racing writers only touch plain integers.
+    let n = unsafe { &mut *n };
+    let Some(be) = backend_ptr(n.backend_id).filter(|&be| {
+        now.saturating_sub(n.last_seen) <= snat::unconfirmed_timeout(cfg, key.proto)
+            // SAFETY: valid map value pointer.
+            && still_assigned(unsafe { &*be }, n)
+    }) else {
+        // Balanced again; the new entry replaces this one.
+        return None;
+    };
+    // Read now: the entry goes when the flow is confirmed.
+    let (backend_id, snat_port) = (n.backend_id, n.snat_port);
+    if h.hop_limit() <= 1 {
+        st.add(stat::PASS_TTL, 1);
+        return Some(xdp_action::XDP_PASS);
+    }
+    let confirms = !TCP || t.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN;
+    if confirms {
+        let mut flow = *n;
+        flow.last_seen = now;
+        flow.epoch = cfg.cache_epoch;
+        if t.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            flow.state = flow_state::CLOSING;
+        }
+        // SAFETY: valid map value pointer.
+        if !snat::confirm(key, unsafe { &*be }, &flow, cfg, now) {
+            return None;
+        }
+        if maps::CONNTRACK.insert(key, flow, 0).is_ok() {
+            st.add(stat::CT_CONFIRM, 1);
+            let _ = maps::CONNTRACK_NEW.remove(key);
+            cache_store(key, &flow, cfg, now);
+        }
+    } else if now.saturating_sub(n.last_seen) >= refresh(cfg) {
+        n.last_seen = now;
+        // SAFETY: valid map value pointer.
+        if !snat::hold_unconfirmed(key, unsafe { &*be }, n, cfg, now) {
+            return None;
+        }
+    }
+    st.add(stat::CT_HIT, 1);
+    st.add(stat::CT_SLOW, 1);
+    let to = To {
+        be,
+        backend_id,
+        snat_port,
         new_flow: false,
     };
     Some(send_to_backend(ctx, st, p, h, key, cfg, &to, now))
@@ -643,8 +820,9 @@ fn pick<const V4: bool, const TCP: bool>(
     PICKED | id
 }
 
-/// Second half, once the SNAT port is reserved: the flow is tracked and cached and the
-/// packet sent. `picked` is [`pick`]'s backend id, and the port (network order) above bit 32.
+/// Second half, once the SNAT port is reserved: the flow is tracked and the packet sent.
+/// `picked` is [`pick`]'s backend id, the port (network order) in bits 32 to 47,
+/// [`CONFIRMED`] and [`STALE_ENTRY`].
 #[inline(always)]
 fn establish<const V4: bool, const TCP: bool>(
     ctx: &XdpContext,
@@ -659,6 +837,7 @@ fn establish<const V4: bool, const TCP: bool>(
     let now = now();
     let id = (picked as u32) & !PICKED;
     let port = (picked >> 32) as u16;
+    let confirmed = picked & CONFIRMED != 0;
     let Some(be) = backend_ptr(id) else {
         st.add(stat::DROP_NO_BACKEND, 1);
         return xdp_action::XDP_DROP;
@@ -679,12 +858,27 @@ fn establish<const V4: bool, const TCP: bool>(
         _pad: 0,
         epoch: cfg.cache_epoch,
     };
-    if maps::CONNTRACK.insert(key, flow, 0).is_ok() {
+    // Unconfirmed (docs/xdp.md, "Floods"), unless its port was still its own in `REV_NAT`.
+    let table = if confirmed {
+        &maps::CONNTRACK
+    } else {
+        &maps::CONNTRACK_NEW
+    };
+    if table.insert(key, flow, 0).is_ok() {
         st.add(stat::CT_INSERT, 1);
     }
-    // Not cached yet: the flow's second packet looks its entry up, which marks it used, so
-    // the LRU moves it to its active list; a flood of one-packet flows only churns the
-    // inactive list (docs/xdp.md, "Floods").
+    if !confirmed && picked & STALE_ENTRY != 0 {
+        let _ = maps::CONNTRACK.remove(key);
+    }
+    // A copy of the flow's previous life (a stale entry: re-opened after FIN or RST, its
+    // backend gone) must not serve its next packets: they confirm it, or find it cached
+    // anew. (A flow without an entry has no copy, unless the LRU evicted its entry within
+    // the copy's life; then the new entry most often has its old backend and port.)
+    if confirmed {
+        cache_store(key, &flow, cfg, now);
+    } else if picked & STALE_ENTRY != 0 {
+        cache_forget(key, cfg);
+    }
     let to = To {
         be,
         backend_id: id,
@@ -801,7 +995,7 @@ enum Way {
 /// the packet is not a reply to a translated flow.
 ///
 /// Packets without SYN, FIN or RST are served from this CPU's reply cache (entry and next
-/// hop) while its copy is under a second old; the others go to `REV_NAT`, refresh its age
+/// hop) while its copy is within its [`copy_life`]; the others go to `REV_NAT`, refresh its age
 /// and next hop, and re-cache it.
 #[inline(always)]
 pub fn reply_packet(ctx: &XdpContext, p: &Parsed, tcp_flags: u8) -> u32 {
@@ -851,7 +1045,6 @@ fn reply<const V4: bool, const TCP: bool>(
     };
     let key = &key_of(&h);
     let now = now();
-    let hz = u64::from(cfg.hz);
     let slot = maps::REPLY_CACHE.get_ptr_mut(cache_index(key, cfg));
     let mut cached: Option<&ReplyCacheEntry> = None;
     if tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
@@ -860,7 +1053,7 @@ fn reply<const V4: bool, const TCP: bool>(
             let c = unsafe { &*c };
             if c.key == *key
                 && c.epoch == cfg.cache_epoch
-                && now.saturating_sub(c.rev.last_seen) <= hz
+                && now.saturating_sub(c.rev.last_seen) <= copy_life(cfg)
                 && p.ip_len() <= c.hop.mtu as usize
             {
                 cached = Some(c);
@@ -871,7 +1064,11 @@ fn reply<const V4: bool, const TCP: bool>(
     let (rev, hop, route): (&RevNat, &NextHop, Route) = match cached {
         Some(c) => (&c.rev, &c.hop, Route::Via),
         None => {
-            let Some(r) = maps::REV_NAT.get_ptr_mut(key) else {
+            // A confirmed flow's entry, else an unconfirmed one's.
+            let Some(r) = maps::REV_NAT
+                .get_ptr_mut(key)
+                .or_else(|| maps::REV_NAT_NEW.get_ptr_mut(key))
+            else {
                 return NOT_MINE;
             };
             // SAFETY: valid map value pointer; racing writers write plain integers, or the

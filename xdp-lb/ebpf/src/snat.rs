@@ -1,17 +1,23 @@
 //! SNAT source ports. A port toward a backend (SNAT address, backend address and port,
-//! protocol) is taken exactly when its reverse-NAT entry exists: it is inserted with
-//! BPF_NOEXIST, so two flows never share one. Entries whose flow is gone (evicted, expired
-//! or moved) are reclaimed.
+//! protocol) is taken exactly when a reverse-NAT entry exists for it: in `REV_NAT` for a
+//! confirmed flow, in `REV_NAT_NEW` for one whose client has sent a single packet. Entries
+//! are inserted with BPF_NOEXIST, so two flows never share a port. Ports whose flow is gone
+//! (evicted, expired, moved; unconfirmed and idle) are reclaimed.
 //!
 //! The search is a global BPF function: the verifier checks its loop once, not once per
 //! way the packet path can reach it. It takes its request from this CPU's `SCRATCH` entry.
 
+#![allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "keys and values are passed to the helpers where they are, in the scratch map"
+)]
+
 use aya_ebpf::bindings::BPF_NOEXIST;
-use portico_xdp_common::{Addr, Backend, Config, Flow, FlowKey, RevNat};
+use portico_xdp_common::{proto, Addr, Backend, Config, Flow, FlowKey, RevNat};
 
 use crate::{
-    maps,
-    nat::{backend, expired, flow_hash, snat_addr, still_assigned},
+    maps::{self, Scratch},
+    nat::{backend, expired, flow_hash, port_hold, snat_addr, still_assigned},
 };
 
 /// SNAT ports tried before the new flow is dropped. With ports taken at random, all of them
@@ -19,6 +25,17 @@ use crate::{
 const SNAT_PROBES: u32 = 128;
 /// Set in [`portico_claim_snat_port`]'s result when a port was found.
 const FOUND: u32 = 1 << 16;
+/// Set with [`FOUND`] when the flow is confirmed: its entry is (now) in `REV_NAT`.
+const CONFIRMED: u32 = 1 << 17;
+
+/// A reserved port: network order, and whether the flow is confirmed (`REV_NAT` had its
+/// entry: a closed 5-tuple opened again; it then goes to `CONNTRACK` at once).
+pub struct Port {
+    /// The port, network order.
+    pub port: u16,
+    /// The flow's entry is in `REV_NAT` (else in `REV_NAT_NEW`).
+    pub confirmed: bool,
+}
 
 /// The key of a flow's reverse-NAT entry: backend → node SNAT address and port.
 #[inline(always)]
@@ -62,23 +79,52 @@ pub fn request(key: &FlowKey, be: &Backend, cfg: &Config, service_id: u16, now: 
     true
 }
 
-/// Reserves the SNAT port [`request`] asked for: the port, network order, or `None` when
-/// every port tried is held.
+/// Reserves the SNAT port [`request`] asked for. `None` when every port tried is held.
 #[inline(always)]
-pub fn claim() -> Option<u16> {
+pub fn claim() -> Option<Port> {
     let r = portico_claim_snat_port();
-    (r & FOUND != 0).then_some(r as u16)
+    (r & FOUND != 0).then_some(Port {
+        port: r as u16,
+        confirmed: r & CONFIRMED != 0,
+    })
+}
+
+/// How long an unconfirmed flow (its `CONNTRACK_NEW` entry, its port's reservation) lasts
+/// with no packet: its protocol's idle timeout for UDP (a request and its replies are often
+/// all a UDP flow has), the closing one (10 s by default) for TCP, a handshake takes less,
+/// or the idle timeout if shorter. At least [`port_hold`]: cached copies of the reservation
+/// must be gone.
+#[inline(always)]
+pub fn unconfirmed_timeout(cfg: &Config, proto_: u8) -> u64 {
+    let t = if proto_ == proto::UDP {
+        cfg.udp_timeout
+    } else {
+        cfg.tcp_closing_timeout.min(cfg.tcp_timeout)
+    };
+    u64::from(t).max(port_hold(cfg))
+}
+
+/// Whether `r` is the reverse-NAT entry of the flow the request is for.
+#[inline(always)]
+fn own(r: &RevNat, want: &RevNat) -> bool {
+    r.client == want.client
+        && r.vip == want.vip
+        && r.client_port == want.client_port
+        && r.vip_port == want.vip_port
 }
 
 /// The search behind [`claim`]: the request (`SCRATCH.rkey` with the backend and SNAT
 /// address, `SCRATCH.rev` the entry to insert) is in this CPU's scratch entry. Returns
-/// [`FOUND`] | port (network order), or 0.
+/// [`FOUND`] | [`CONFIRMED`]? | port (network order), or 0.
+///
+/// For each port tried: a `REV_NAT` entry of this very flow (a closed 5-tuple opened again,
+/// or a flow whose conntrack entry went away) makes it the flow's at once, confirmed; one
+/// of another flow, reclaimable when that flow is gone and its copies have expired. Then a
+/// `REV_NAT_NEW` entry of this flow (whose `CONNTRACK_NEW` entry went away) is its again,
+/// unconfirmed; one of another flow is reclaimable once idle for the unconfirmed timeout.
+/// A port in neither is reserved in `REV_NAT_NEW`.
 #[no_mangle]
 #[inline(never)]
-#[allow(
-    clippy::needless_borrows_for_generic_args,
-    reason = "keys and values are passed to the helpers where they are, in the scratch map"
-)]
 pub extern "C" fn portico_claim_snat_port() -> u32 {
     let (Some(cfg), Some(sc)) = (maps::CONFIG.get(0), maps::SCRATCH.get_ptr_mut(0)) else {
         return 0;
@@ -102,83 +148,180 @@ pub extern "C" fn portico_claim_snat_port() -> u32 {
         return 0;
     }
     let range = max - min + 1;
-    let now = sc.rev.last_seen;
     for i in 0..SNAT_PROBES {
-        let port = (min + probe(start, i, range)) as u16;
-        let port = port.to_be();
-        sc.rkey.dport = port;
-        // The first port is tried by inserting at once (the common case: free); the
-        // others are looked up first (an insert that fails still takes, and on a full LRU
-        // map evicts, an entry for the attempt).
-        if i == 0
-            && maps::REV_NAT
-                .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
-                .is_ok()
-        {
-            return FOUND | u32::from(port);
-        }
-        let Some(old) = maps::REV_NAT.get_ptr_mut(&sc.rkey) else {
-            if maps::REV_NAT
-                .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
-                .is_ok()
-            {
-                return FOUND | u32::from(port);
-            }
-            continue;
-        };
-        // SAFETY: valid map value pointer; plain integers.
-        let old = unsafe { &mut *old };
-        // This very flow held it (a closed 5-tuple opened again, or a flow whose entry
-        // went away): the port is its own, at once.
-        if old.client == sc.rev.client
-            && old.vip == sc.rev.vip
-            && old.client_port == sc.rev.client_port
-            && old.vip_port == sc.rev.vip_port
-        {
-            *old = sc.rev;
-            return FOUND | u32::from(port);
-        }
-        // Cached copies of a flow live a second past its last refresh: wait two.
-        if now.saturating_sub(old.last_seen) <= 2 * u64::from(cfg.hz) {
-            continue;
-        }
-        sc.owner = FlowKey {
-            src: old.client,
-            dst: old.vip,
-            sport: old.client_port,
-            dport: old.vip_port,
-            proto: sc.rkey.proto,
-            family: sc.rkey.family,
-            _pad: [0; 2],
-        };
-        // The owner holds the port while its flow is tracked, unexpired, on this port, and
-        // still on a backend with this address and port: of any service, since services
-        // that share a backend share its SNAT port space.
-        // SAFETY: read-only use of the value.
-        let live = match unsafe { maps::CONNTRACK.get(&sc.owner) } {
-            Some(f) => {
-                f.snat_port == port
-                    && !expired(f, cfg, sc.rkey.proto, now)
-                    && backend(f.backend_id).is_some_and(|owner_be| {
-                        owner_be.addr == sc.rkey.src
-                            && owner_be.port == sc.rkey.sport
-                            && still_assigned(owner_be, f)
-                    })
-            }
-            None => false,
-        };
-        if live {
-            continue;
-        }
-        let _ = maps::REV_NAT.remove(&sc.rkey);
-        if maps::REV_NAT
-            .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
-            return FOUND | u32::from(port);
+        let port = ((min + probe(start, i, range)) as u16).to_be();
+        let r = portico_try_snat_port(u64::from(port), u64::from(i == 0));
+        if r & FOUND != 0 {
+            return r;
         }
     }
     0
+}
+
+/// Who holds a port in `REV_NAT`.
+enum Holder {
+    /// Nobody.
+    None,
+    /// The flow the request is for (its entry is refreshed).
+    Own,
+    /// A flow that no longer does: its entry may go.
+    Released,
+    /// Another flow.
+    Other,
+}
+
+/// One port of [`portico_claim_snat_port`]'s search (network order), the request in this
+/// CPU's scratch entry: the [`FOUND`] | [`CONFIRMED`]? | port answer, or 0 when it is
+/// held. `first`: the search's first try, which most often finds the port free, so it
+/// reserves before it looks (an insert and a lookup); later tries look first (a lookup,
+/// when the port is held). A global function of its own: the verifier checks it once, not
+/// once per try.
+///
+/// A port is reserved in `REV_NAT_NEW` (with BPF_NOEXIST) and then looked up in
+/// `REV_NAT`: a flow confirmed on another CPU is inserted there before its reservation goes
+/// (and [`hold`], putting back an evicted entry, looks at `REV_NAT_NEW` after its insert),
+/// so of two flows that race for a port, at most one keeps it.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn portico_try_snat_port(port: u64, first: u64) -> u32 {
+    let port = crate::parse::used(port) as u16;
+    let first = crate::parse::used(first) != 0;
+    let (Some(cfg), Some(sc)) = (maps::CONFIG.get(0), maps::SCRATCH.get_ptr_mut(0)) else {
+        return 0;
+    };
+    // SAFETY: this CPU's scratch entry; nothing else uses it while the program runs.
+    let sc = unsafe { &mut *sc };
+    sc.rkey.dport = port;
+    let found = FOUND | u32::from(port);
+    if !first {
+        match holder(sc, cfg, port) {
+            Holder::Own => return found | CONFIRMED,
+            Holder::Other => return 0,
+            Holder::Released => {
+                let _ = maps::REV_NAT.remove(&sc.rkey);
+            }
+            Holder::None => {}
+        }
+    }
+    if !reserve(sc) {
+        // Reserved already: this flow's own reservation, a live one of another flow, or a
+        // stale one, which goes.
+        let now = sc.rev.last_seen;
+        let Some(old) = maps::REV_NAT_NEW.get_ptr_mut(&sc.rkey) else {
+            return 0;
+        };
+        // SAFETY: valid map value pointer; plain integers.
+        let old = unsafe { &mut *old };
+        if own(old, &sc.rev) {
+            old.last_seen = now;
+            return found;
+        }
+        if now.saturating_sub(old.last_seen) <= unconfirmed_timeout(cfg, sc.rkey.proto) {
+            return 0;
+        }
+        let _ = maps::REV_NAT_NEW.remove(&sc.rkey);
+        if !reserve(sc) {
+            return 0;
+        }
+    }
+    match holder(sc, cfg, port) {
+        Holder::None => found,
+        Holder::Own => {
+            let _ = maps::REV_NAT_NEW.remove(&sc.rkey);
+            found | CONFIRMED
+        }
+        Holder::Released => {
+            let _ = maps::REV_NAT.remove(&sc.rkey);
+            found
+        }
+        Holder::Other => {
+            let _ = maps::REV_NAT_NEW.remove(&sc.rkey);
+            0
+        }
+    }
+}
+
+/// Reserves the requested port in `REV_NAT_NEW` if no entry holds it there.
+#[inline(always)]
+fn reserve(sc: &Scratch) -> bool {
+    maps::REV_NAT_NEW
+        .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
+        .is_ok()
+}
+
+/// Who holds the requested port (`port`, network order) in `REV_NAT`; refreshes the entry
+/// when it is the requesting flow's.
+#[inline(always)]
+fn holder(sc: &mut Scratch, cfg: &Config, port: u16) -> Holder {
+    let Some(old) = maps::REV_NAT.get_ptr_mut(&sc.rkey) else {
+        return Holder::None;
+    };
+    // SAFETY: valid map value pointer; plain integers.
+    let old = unsafe { &mut *old };
+    let now = sc.rev.last_seen;
+    if own(old, &sc.rev) {
+        old.last_seen = now;
+        return Holder::Own;
+    }
+    if released(
+        old,
+        &mut sc.owner,
+        sc.rkey.src,
+        sc.rkey.sport,
+        port,
+        cfg,
+        now,
+        sc.rkey.proto,
+    ) {
+        Holder::Released
+    } else {
+        Holder::Other
+    }
+}
+
+/// Whether a confirmed flow's port (its entry `old`) is free for the taking: unseen for
+/// [`port_hold`] (its cached copies are gone) and its flow no longer tracked on it: gone,
+/// expired, or on another port or backend. `owner` is scratch space for the
+/// owner's key; (`backend`, `backend_port`) and `port` are the port's.
+#[inline(always)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the search's state, in registers"
+)]
+fn released(
+    old: &RevNat,
+    owner: &mut FlowKey,
+    backend_addr: Addr,
+    backend_port: u16,
+    port: u16,
+    cfg: &Config,
+    now: u64,
+    proto_: u8,
+) -> bool {
+    if now.saturating_sub(old.last_seen) <= port_hold(cfg) {
+        return false;
+    }
+    owner.src = old.client;
+    owner.dst = old.vip;
+    owner.sport = old.client_port;
+    owner.dport = old.vip_port;
+    // The owner holds the port while its flow is tracked, unexpired, on this port, and
+    // still on a backend with this address and port: of any service, since services that
+    // share a backend share its SNAT port space.
+    // SAFETY: read-only use of the value.
+    let live = match unsafe { maps::CONNTRACK.get(&*owner) } {
+        Some(f) => {
+            f.snat_port == port
+                && !expired(f, cfg, proto_, now)
+                && backend(f.backend_id).is_some_and(|owner_be| {
+                    owner_be.addr == backend_addr
+                        && owner_be.port == backend_port
+                        && still_assigned(owner_be, f)
+                })
+        }
+        None => false,
+    };
+    !live
 }
 
 /// The `i`-th port (an offset in a range of `range` ports) a flow whose hash is `start`
@@ -200,35 +343,115 @@ fn probe(start: u32, i: u32, range: u32) -> u32 {
     h % range
 }
 
-/// Keeps a tracked flow's SNAT port reserved (its `REV_NAT` entry fresh, so the port is
-/// not reclaimed while copies of the flow are cached), putting the entry back if the LRU
-/// evicted it. `false` when the port now belongs to another flow.
+/// Points this CPU's scratch entry at the flow `key`'s port: `rkey` its reverse-NAT key,
+/// `rev` its entry as of `now`.
 #[inline(always)]
-#[allow(
-    clippy::needless_borrows_for_generic_args,
-    reason = "keys and values are passed to the helpers where they are, in the scratch map"
-)]
-pub fn hold(key: &FlowKey, be: &Backend, flow: &Flow, cfg: &Config, now: u64) -> bool {
-    let Some(sc) = maps::SCRATCH.get_ptr_mut(0) else {
-        return false;
-    };
+fn request_for(
+    key: &FlowKey,
+    be: &Backend,
+    flow: &Flow,
+    cfg: &Config,
+    now: u64,
+) -> Option<&'static mut Scratch> {
+    let sc = maps::SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's scratch entry; nothing else uses it while the program runs.
     let sc = unsafe { &mut *sc };
     sc.rkey = reply_key(key, be, &snat_addr(cfg, key.family), flow.snat_port);
+    sc.rev = rev_nat(key, flow.service_id, now);
+    Some(sc)
+}
+
+/// Keeps a confirmed flow's SNAT port reserved (its `REV_NAT` entry fresh, so the port is
+/// not reclaimed while copies of the flow are cached), putting back an entry the LRU
+/// evicted. `false` when the port now belongs to another flow.
+#[inline(always)]
+pub fn hold(key: &FlowKey, be: &Backend, flow: &Flow, cfg: &Config, now: u64) -> bool {
+    let Some(sc) = request_for(key, be, flow, cfg, now) else {
+        return false;
+    };
     if let Some(r) = maps::REV_NAT.get_ptr_mut(&sc.rkey) {
         // SAFETY: valid map value pointer; plain integers.
         let r = unsafe { &mut *r };
-        let ours = r.client == key.src
-            && r.vip == key.dst
-            && r.client_port == key.sport
-            && r.vip_port == key.dport;
+        let ours = own(r, &sc.rev);
         if ours {
             r.last_seen = now;
         }
         return ours;
     }
-    sc.rev = rev_nat(key, flow.service_id, now);
-    maps::REV_NAT
+    put_back(sc, cfg)
+}
+
+/// Puts the requested entry back into `REV_NAT`, unless another flow reserved its port in
+/// `REV_NAT_NEW` (before, or while this runs: a reservation looks at `REV_NAT` after it is
+/// made, and this looks at `REV_NAT_NEW` after the insert, so one of the two sees the
+/// other).
+#[inline(always)]
+fn put_back(sc: &Scratch, cfg: &Config) -> bool {
+    let reserved_by_another = |sc: &Scratch| {
+        maps::REV_NAT_NEW.get_ptr_mut(&sc.rkey).is_some_and(|r| {
+            // SAFETY: valid map value pointer; read only.
+            let r = unsafe { &*r };
+            !own(r, &sc.rev)
+                && sc.rev.last_seen.saturating_sub(r.last_seen)
+                    <= unconfirmed_timeout(cfg, sc.rkey.proto)
+        })
+    };
+    if reserved_by_another(sc)
+        || maps::REV_NAT
+            .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
+            .is_err()
+    {
+        return false;
+    }
+    if reserved_by_another(sc) {
+        let _ = maps::REV_NAT.remove(&sc.rkey);
+        return false;
+    }
+    true
+}
+
+/// Confirms an unconfirmed flow: its port's reservation moves from `REV_NAT_NEW` to
+/// `REV_NAT` (inserted there first: a search for the port on another CPU always finds one
+/// of the two). `false` when the port now belongs to another flow.
+#[inline(always)]
+pub fn confirm(key: &FlowKey, be: &Backend, flow: &Flow, cfg: &Config, now: u64) -> bool {
+    let Some(sc) = request_for(key, be, flow, cfg, now) else {
+        return false;
+    };
+    let reserved = maps::REV_NAT_NEW.get_ptr_mut(&sc.rkey).is_some_and(|r| {
+        // SAFETY: valid map value pointer; read only.
+        own(unsafe { &*r }, &sc.rev)
+    });
+    if !reserved {
+        // The reservation went (evicted, or reclaimed after the unconfirmed timeout).
+        return hold(key, be, flow, cfg, now);
+    }
+    if maps::REV_NAT
         .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
-        .is_ok()
+        .is_err()
+    {
+        // Confirmed meanwhile on another CPU, or (if not its own) held by another flow.
+        return hold(key, be, flow, cfg, now);
+    }
+    let _ = maps::REV_NAT_NEW.remove(&sc.rkey);
+    true
+}
+
+/// Keeps an unconfirmed flow's SNAT port reserved (its `REV_NAT_NEW` entry fresh). `false`
+/// when the reservation is gone (evicted, or reclaimed by another flow).
+#[inline(always)]
+pub fn hold_unconfirmed(key: &FlowKey, be: &Backend, flow: &Flow, cfg: &Config, now: u64) -> bool {
+    let Some(sc) = request_for(key, be, flow, cfg, now) else {
+        return false;
+    };
+    let Some(r) = maps::REV_NAT_NEW.get_ptr_mut(&sc.rkey) else {
+        return false;
+    };
+    // SAFETY: valid map value pointer; plain integers.
+    let r = unsafe { &mut *r };
+    let ours = own(r, &sc.rev);
+    if ours {
+        r.last_seen = now;
+    }
+    ours
 }
