@@ -1115,6 +1115,36 @@ fn default_routes(ns: &NetNs, v4: Option<Ipv4Addr>, v6: Ipv6Addr) -> Result<()> 
     Ok(())
 }
 
+/// The lab router's forwarding and ECMP settings: it forwards both families and picks a
+/// path by a hash of the packet's 5-tuple (source and destination address and port,
+/// protocol), as a router across a wire does, so one client's flows spread over the nodes
+/// and each flow stays on one node for its whole life.
+///
+/// Not `fib_multipath_hash_policy=1`: for a packet that already carries a layer-4 hash that
+/// policy uses it instead of the packet's fields, and across veth a TCP segment carries its
+/// socket's `sk_txhash`, which the client's kernel draws anew on every retransmission
+/// timeout (`net.core.txrehash`). A bulk stream then moved to the other node after a timeout,
+/// which balanced it as a new flow from its own SNAT address; the backend did not know that
+/// source and reset the stream (docs/lab.md, "A stream moved to the other node"). Policy 3
+/// hashes the fields listed in `fib_multipath_hash_fields` (0x37: both addresses, protocol,
+/// both ports; not the IPv6 flow label, which the client also changes on a timeout).
+///
+/// # Errors
+/// A sysctl cannot be set.
+pub fn configure_router(rt: &NetNs) -> Result<()> {
+    for sysctl in [
+        "net.ipv4.ip_forward=1",
+        "net.ipv6.conf.all.forwarding=1",
+        "net.ipv4.fib_multipath_hash_policy=3",
+        "net.ipv4.fib_multipath_hash_fields=0x37",
+        "net.ipv6.fib_multipath_hash_policy=3",
+        "net.ipv6.fib_multipath_hash_fields=0x37",
+    ] {
+        rt.run(&["sysctl", "-qw", sysctl])?;
+    }
+    Ok(())
+}
+
 /// Namespaces, veth pairs, the bridge, addresses, routes and sysctls.
 fn build_network() -> Result<(TestNet, BTreeMap<String, String>)> {
     let mut net = TestNet::new()?;
@@ -1138,15 +1168,7 @@ fn build_network() -> Result<(TestNet, BTreeMap<String, String>)> {
     addr(&rt, &format!("{ROUTER_CLIENT_V6}/64"), "eth0")?;
     addr(&rt, &format!("{ROUTER_LAN_V4}/24"), "lan")?;
     addr(&rt, &format!("{ROUTER_LAN_V6}/64"), "lan")?;
-    for sysctl in [
-        "net.ipv4.ip_forward=1",
-        "net.ipv6.conf.all.forwarding=1",
-        // ECMP on the 5-tuple, so one client's flows spread over the nodes.
-        "net.ipv4.fib_multipath_hash_policy=1",
-        "net.ipv6.fib_multipath_hash_policy=1",
-    ] {
-        rt.run(&["sysctl", "-qw", sysctl])?;
-    }
+    configure_router(&rt)?;
 
     for n in NODES {
         let ns = net.add_ns(n.name)?;
