@@ -46,22 +46,23 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 #[map(name = "BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, BPF_F_MMAPABLE);
 
-/// Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): inserts do not contend on one global list;
-/// lookups still see every CPU's entries.
-const BPF_F_NO_COMMON_LRU: u32 = 2;
-
+/// The four LRU tables share one LRU list each across CPUs (no `BPF_F_NO_COMMON_LRU`):
+/// every CPU may use the whole table, and an insert takes a node from this CPU's local free
+/// list, refilled 128 nodes at a time, where a per-CPU list rotates and scans its own list on
+/// every insert (measured: a new flow's SYN about 15 % and its confirming ACK about 20 %
+/// cheaper).
+///
 /// Connection tracking: client → VIP 5-tuple → backend, SNAT port, state.
 #[map(name = "CONNTRACK")]
-pub static CONNTRACK: LruHashMap<FlowKey, Flow> =
-    LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
+pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(65536, 0);
 
-/// Connection tracking of unconfirmed flows (the client has sent one packet, or only SYNs):
-/// as `CONNTRACK`. The flow's confirming packet moves its entry to `CONNTRACK`, so a flood
-/// of new flows churns this table (and `REV_NAT_NEW`) only, never the two that established
-/// flows live in.
+/// Connection tracking of unconfirmed flows (the client has sent one packet, or only SYNs)
+/// whose SNAT port is not the first of their port search (the others are found again by
+/// their search, in `REV_NAT_NEW`): as `CONNTRACK`. The flow's confirming packet moves its
+/// entry to `CONNTRACK`, so a flood of new flows churns this table and `REV_NAT_NEW` only,
+/// never the two that established flows live in.
 #[map(name = "CONNTRACK_NEW")]
-pub static CONNTRACK_NEW: LruHashMap<FlowKey, Flow> =
-    LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
+pub static CONNTRACK_NEW: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(65536, 0);
 
 /// Per-CPU exact-match cache in front of `CONNTRACK`: CPU `c` owns entries
 /// `[c·N, (c+1)·N)`, indexed by a hash of the 5-tuple. A plain array in page-aligned
@@ -107,15 +108,14 @@ pub struct Scratch {
 /// Reverse NAT: backend → SNAT address:port 5-tuple → client and VIP. Also the SNAT port
 /// reservation: a port is taken exactly when its entry exists (inserted with BPF_NOEXIST).
 #[map(name = "REV_NAT")]
-pub static REV_NAT: LruHashMap<FlowKey, RevNat> =
-    LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
+pub static REV_NAT: LruHashMap<FlowKey, RevNat> = LruHashMap::with_max_entries(65536, 0);
 
-/// Reverse NAT of unconfirmed flows (those in `CONNTRACK_NEW`): same keys and values as
-/// `REV_NAT`, and like it the reservation of the SNAT port. Confirming a flow moves its
-/// entry to `REV_NAT`.
+/// Reverse NAT of unconfirmed flows: same keys and values as `REV_NAT`, and like it the
+/// reservation of the SNAT port. For most unconfirmed flows (port the first of their
+/// search) this entry is all there is of them. Confirming a flow moves its entry to
+/// `REV_NAT`.
 #[map(name = "REV_NAT_NEW")]
-pub static REV_NAT_NEW: LruHashMap<FlowKey, RevNat> =
-    LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
+pub static REV_NAT_NEW: LruHashMap<FlowKey, RevNat> = LruHashMap::with_max_entries(65536, 0);
 
 /// Per-service per-CPU counters by service id.
 #[map(name = "SERVICE_STATS")]

@@ -38,6 +38,12 @@ const STALE: u32 = u32::MAX - 1;
 const CONFIRMED: u64 = 1 << 48;
 /// [`establish`]'s argument: set when the flow has a stale `CONNTRACK` entry.
 const STALE_ENTRY: u64 = 1 << 49;
+/// [`establish`]'s argument: set when the port was the flow's own reservation already (an
+/// unconfirmed flow's later packet).
+const OWN_RESERVATION: u64 = 1 << 50;
+/// [`establish`]'s argument: set when the port is the first of the flow's search, where
+/// its later packets find the reservation again (no `CONNTRACK_NEW` entry needed).
+const FIRST_PORT: u64 = 1 << 51;
 /// [`pick`]'s answer when a backend was picked (its id in the low bits).
 const PICKED: u32 = 0x2000_0000;
 /// A slow path's answer for a packet too big for its next hop: this bit, and the MTU in the
@@ -546,13 +552,17 @@ pub fn balance_packet(ctx: &XdpContext, st: &Stats, p: &Parsed, tcp_flags: u8) -
     if picked & PICKED == 0 {
         return picked;
     }
-    let Some(port) = snat::claim() else {
+    // A packet other than a SYN most likely belongs to an unconfirmed flow, whose
+    // reservation its search finds at once.
+    let Some(port) = snat::claim(tcp_flags & TCP_SYN == 0) else {
         st.add(stat::DROP_NO_SNAT_PORT, 1);
         return xdp_action::XDP_DROP;
     };
     let picked = u64::from(picked)
         | u64::from(port.port) << 32
         | if port.confirmed { CONFIRMED } else { 0 }
+        | if port.own { OWN_RESERVATION } else { 0 }
+        | if port.first { FIRST_PORT } else { 0 }
         | if verdict == STALE { STALE_ENTRY } else { 0 };
     let verdict = match p.proto {
         proto::TCP if v4 => portico_establish_tcp4(ctx.ctx, hdr, meta, picked),
@@ -659,6 +669,11 @@ fn tracked_flow<const V4: bool, const TCP: bool>(
     let key = &t.key;
     let now = now();
     let Some(f) = maps::CONNTRACK.get_ptr_mut(key) else {
+        if TCP && t.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            // A SYN: a new flow, or an unconfirmed one's retransmission, whose port search
+            // finds its reservation.
+            return None;
+        }
         return unconfirmed(ctx, st, p, h, t, cfg, now);
     };
     // SAFETY: valid map value pointer; racing writers only touch plain integers.
@@ -708,10 +723,10 @@ fn tracked_flow<const V4: bool, const TCP: bool>(
     Some(send_to_backend(ctx, st, p, h, key, cfg, &to, now))
 }
 
-/// A packet of a flow in `CONNTRACK_NEW`: sent to its backend on its port. A TCP packet
-/// other than a SYN, or any second UDP packet, confirms the flow: its entries move to
-/// `CONNTRACK` and `REV_NAT`, and it is cached. [`NOT_MINE`] when the flow is not there or
-/// its entry went stale.
+/// A packet (not a SYN) of a flow in `CONNTRACK_NEW` (an unconfirmed flow whose port is
+/// not the first of its search): sent to its backend on its port. It confirms the flow:
+/// its entries move to `CONNTRACK` and `REV_NAT`, and it is cached. [`NOT_MINE`] when the
+/// flow is not there or its entry went stale.
 #[inline(always)]
 #[allow(
     clippy::too_many_arguments,
@@ -744,29 +759,21 @@ fn unconfirmed<const V4: bool, const TCP: bool>(
         st.add(stat::PASS_TTL, 1);
         return Some(xdp_action::XDP_PASS);
     }
-    let confirms = !TCP || t.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN;
-    if confirms {
-        let mut flow = *n;
-        flow.last_seen = now;
-        flow.epoch = cfg.cache_epoch;
-        if t.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-            flow.state = flow_state::CLOSING;
-        }
-        // SAFETY: valid map value pointer.
-        if !snat::confirm(key, unsafe { &*be }, &flow, cfg, now) {
-            return None;
-        }
-        if maps::CONNTRACK.insert(key, flow, 0).is_ok() {
-            st.add(stat::CT_CONFIRM, 1);
-            let _ = maps::CONNTRACK_NEW.remove(key);
-            cache_store(key, &flow, cfg, now);
-        }
-    } else if now.saturating_sub(n.last_seen) >= refresh(cfg) {
-        n.last_seen = now;
-        // SAFETY: valid map value pointer.
-        if !snat::hold_unconfirmed(key, unsafe { &*be }, n, cfg, now) {
-            return None;
-        }
+    // Not a SYN (those go to the port search): it confirms the flow.
+    let mut flow = *n;
+    flow.last_seen = now;
+    flow.epoch = cfg.cache_epoch;
+    if t.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        flow.state = flow_state::CLOSING;
+    }
+    // SAFETY: valid map value pointer.
+    if !snat::confirm(key, unsafe { &*be }, &flow, cfg, now) {
+        return None;
+    }
+    if maps::CONNTRACK.insert(key, flow, 0).is_ok() {
+        st.add(stat::CT_CONFIRM, 1);
+        let _ = maps::CONNTRACK_NEW.remove(key);
+        cache_store(key, &flow, cfg, now);
     }
     st.add(stat::CT_HIT, 1);
     st.add(stat::CT_SLOW, 1);
@@ -808,7 +815,6 @@ fn pick<const V4: bool, const TCP: bool>(
         st.add(stat::PASS_TTL, 1);
         return xdp_action::XDP_PASS;
     }
-    st.add(stat::CT_MISS, 1);
     let id = maglev_pick(svc, cfg, key);
     let Some(be) = backend(id).filter(|b| b.service_id == svc.id as u16) else {
         st.add(stat::DROP_NO_BACKEND, 1);
@@ -822,7 +828,14 @@ fn pick<const V4: bool, const TCP: bool>(
 
 /// Second half, once the SNAT port is reserved: the flow is tracked and the packet sent.
 /// `picked` is [`pick`]'s backend id, the port (network order) in bits 32 to 47,
-/// [`CONFIRMED`] and [`STALE_ENTRY`].
+/// [`CONFIRMED`], [`STALE_ENTRY`], [`OWN_RESERVATION`] and [`FIRST_PORT`].
+///
+/// A new flow is unconfirmed (docs/xdp.md, "Floods"): its reservation in `REV_NAT_NEW` is
+/// all there is of it when its port is the first of its search (its next packet's search
+/// finds it there again, one lookup), else it also gets a `CONNTRACK_NEW` entry. A later
+/// packet of an unconfirmed flow (its reservation found, `OWN_RESERVATION`) confirms it,
+/// unless it is a SYN again: the reservation moves to `REV_NAT`, the flow into
+/// `CONNTRACK`. A flow whose port was still its own in `REV_NAT` goes to `CONNTRACK` at once.
 #[inline(always)]
 fn establish<const V4: bool, const TCP: bool>(
     ctx: &XdpContext,
@@ -838,6 +851,8 @@ fn establish<const V4: bool, const TCP: bool>(
     let id = (picked as u32) & !PICKED;
     let port = (picked >> 32) as u16;
     let confirmed = picked & CONFIRMED != 0;
+    let own = picked & OWN_RESERVATION != 0;
+    let first = picked & FIRST_PORT != 0;
     let Some(be) = backend_ptr(id) else {
         st.add(stat::DROP_NO_BACKEND, 1);
         return xdp_action::XDP_DROP;
@@ -858,23 +873,44 @@ fn establish<const V4: bool, const TCP: bool>(
         _pad: 0,
         epoch: cfg.cache_epoch,
     };
-    // Unconfirmed (docs/xdp.md, "Floods"), unless its port was still its own in `REV_NAT`.
-    let table = if confirmed {
-        &maps::CONNTRACK
+    let confirms = own && !confirmed && (!TCP || t.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN);
+    if confirms {
+        // SAFETY: valid map value pointer.
+        if !snat::confirm_claimed(key, unsafe { &*be }, &flow, cfg, now) {
+            st.add(stat::DROP_NO_SNAT_PORT, 1);
+            return xdp_action::XDP_DROP;
+        }
+        if maps::CONNTRACK.insert(key, flow, 0).is_ok() {
+            st.add(stat::CT_CONFIRM, 1);
+        }
+        if !first {
+            let _ = maps::CONNTRACK_NEW.remove(key);
+        }
+        st.add(stat::CT_HIT, 1);
+        st.add(stat::CT_SLOW, 1);
     } else {
-        &maps::CONNTRACK_NEW
-    };
-    if table.insert(key, flow, 0).is_ok() {
-        st.add(stat::CT_INSERT, 1);
-    }
-    if !confirmed && picked & STALE_ENTRY != 0 {
-        let _ = maps::CONNTRACK.remove(key);
+        if !own {
+            st.add(stat::CT_MISS, 1);
+        }
+        let inserted = if confirmed {
+            maps::CONNTRACK.insert(key, flow, 0).is_ok()
+        } else if !first {
+            maps::CONNTRACK_NEW.insert(key, flow, 0).is_ok()
+        } else {
+            true
+        };
+        if inserted && !own {
+            st.add(stat::CT_INSERT, 1);
+        }
+        if !confirmed && picked & STALE_ENTRY != 0 {
+            let _ = maps::CONNTRACK.remove(key);
+        }
     }
     // A copy of the flow's previous life (a stale entry: re-opened after FIN or RST, its
     // backend gone) must not serve its next packets: they confirm it, or find it cached
     // anew. (A flow without an entry has no copy, unless the LRU evicted its entry within
     // the copy's life; then the new entry most often has its old backend and port.)
-    if confirmed {
+    if confirmed || confirms {
         cache_store(key, &flow, cfg, now);
     } else if picked & STALE_ENTRY != 0 {
         cache_forget(key, cfg);
@@ -883,7 +919,7 @@ fn establish<const V4: bool, const TCP: bool>(
         be,
         backend_id: id,
         snat_port: port,
-        new_flow: true,
+        new_flow: !own,
     };
     send_to_backend(ctx, st, p, h, key, cfg, &to, now)
 }

@@ -27,6 +27,17 @@ const SNAT_PROBES: u32 = 128;
 const FOUND: u32 = 1 << 16;
 /// Set with [`FOUND`] when the flow is confirmed: its entry is (now) in `REV_NAT`.
 const CONFIRMED: u32 = 1 << 17;
+/// Set with [`FOUND`] when the port was this flow's reservation already (in `REV_NAT_NEW`):
+/// the packet is not the flow's first.
+const OWN: u32 = 1 << 18;
+/// Set with [`FOUND`] when the port is the first of the flow's search: the flow's later
+/// packets find it again there, without a `CONNTRACK_NEW` entry.
+const FIRST: u32 = 1 << 19;
+/// [`portico_try_snat_port`]'s mode: the search's first try.
+const TRY_FIRST: u64 = 1;
+/// [`portico_try_snat_port`]'s mode: the flow most likely holds a reservation already (its
+/// packet is not a SYN), so its first try looks before it reserves.
+const TRY_LOOK_FIRST: u64 = 2;
 
 /// A reserved port: network order, and whether the flow is confirmed (`REV_NAT` had its
 /// entry: a closed 5-tuple opened again; it then goes to `CONNTRACK` at once).
@@ -35,6 +46,11 @@ pub struct Port {
     pub port: u16,
     /// The flow's entry is in `REV_NAT` (else in `REV_NAT_NEW`).
     pub confirmed: bool,
+    /// The port was the flow's reservation in `REV_NAT_NEW` already: an unconfirmed flow's
+    /// later packet.
+    pub own: bool,
+    /// The first port of the flow's search.
+    pub first: bool,
 }
 
 /// The key of a flow's reverse-NAT entry: backend → node SNAT address and port.
@@ -80,12 +96,15 @@ pub fn request(key: &FlowKey, be: &Backend, cfg: &Config, service_id: u16, now: 
 }
 
 /// Reserves the SNAT port [`request`] asked for. `None` when every port tried is held.
+/// `look_first`: the packet is not a SYN, so the flow most likely has its reservation.
 #[inline(always)]
-pub fn claim() -> Option<Port> {
-    let r = portico_claim_snat_port();
+pub fn claim(look_first: bool) -> Option<Port> {
+    let r = portico_claim_snat_port(u64::from(look_first));
     (r & FOUND != 0).then_some(Port {
         port: r as u16,
         confirmed: r & CONFIRMED != 0,
+        own: r & OWN != 0,
+        first: r & FIRST != 0,
     })
 }
 
@@ -115,7 +134,8 @@ fn own(r: &RevNat, want: &RevNat) -> bool {
 
 /// The search behind [`claim`]: the request (`SCRATCH.rkey` with the backend and SNAT
 /// address, `SCRATCH.rev` the entry to insert) is in this CPU's scratch entry. Returns
-/// [`FOUND`] | [`CONFIRMED`]? | port (network order), or 0.
+/// [`FOUND`] | [`CONFIRMED`]? | [`OWN`]? | [`FIRST`]? | port (network order), or 0.
+/// `look_first` (not 0): the packet is not a SYN (see [`TRY_LOOK_FIRST`]).
 ///
 /// For each port tried: a `REV_NAT` entry of this very flow (a closed 5-tuple opened again,
 /// or a flow whose conntrack entry went away) makes it the flow's at once, confirmed; one
@@ -125,7 +145,12 @@ fn own(r: &RevNat, want: &RevNat) -> bool {
 /// A port in neither is reserved in `REV_NAT_NEW`.
 #[no_mangle]
 #[inline(never)]
-pub extern "C" fn portico_claim_snat_port() -> u32 {
+pub extern "C" fn portico_claim_snat_port(look_first: u64) -> u32 {
+    let look_first = if crate::parse::used(look_first) != 0 {
+        TRY_LOOK_FIRST
+    } else {
+        0
+    };
     let (Some(cfg), Some(sc)) = (maps::CONFIG.get(0), maps::SCRATCH.get_ptr_mut(0)) else {
         return 0;
     };
@@ -150,7 +175,14 @@ pub extern "C" fn portico_claim_snat_port() -> u32 {
     let range = max - min + 1;
     for i in 0..SNAT_PROBES {
         let port = ((min + probe(start, i, range)) as u16).to_be();
-        let r = portico_try_snat_port(u64::from(port), u64::from(i == 0));
+        if i == 0 {
+            let r = portico_try_snat_port(u64::from(port), TRY_FIRST | look_first);
+            if r & FOUND != 0 {
+                return r | FIRST;
+            }
+            continue;
+        }
+        let r = portico_try_snat_port(u64::from(port), 0);
         if r & FOUND != 0 {
             return r;
         }
@@ -183,9 +215,10 @@ enum Holder {
 /// so of two flows that race for a port, at most one keeps it.
 #[no_mangle]
 #[inline(never)]
-pub extern "C" fn portico_try_snat_port(port: u64, first: u64) -> u32 {
+pub extern "C" fn portico_try_snat_port(port: u64, mode: u64) -> u32 {
     let port = crate::parse::used(port) as u16;
-    let first = crate::parse::used(first) != 0;
+    let mode = crate::parse::used(mode);
+    let first = mode & TRY_FIRST != 0;
     let (Some(cfg), Some(sc)) = (maps::CONFIG.get(0), maps::SCRATCH.get_ptr_mut(0)) else {
         return 0;
     };
@@ -193,6 +226,17 @@ pub extern "C" fn portico_try_snat_port(port: u64, first: u64) -> u32 {
     let sc = unsafe { &mut *sc };
     sc.rkey.dport = port;
     let found = FOUND | u32::from(port);
+    if first && mode & TRY_LOOK_FIRST != 0 {
+        // Most likely the flow's own reservation: one lookup finds it.
+        if let Some(old) = maps::REV_NAT_NEW.get_ptr_mut(&sc.rkey) {
+            // SAFETY: valid map value pointer; plain integers.
+            let old = unsafe { &mut *old };
+            if own(old, &sc.rev) {
+                old.last_seen = sc.rev.last_seen;
+                return found | OWN;
+            }
+        }
+    }
     if !first {
         match holder(sc, cfg, port) {
             Holder::Own => return found | CONFIRMED,
@@ -214,7 +258,7 @@ pub extern "C" fn portico_try_snat_port(port: u64, first: u64) -> u32 {
         let old = unsafe { &mut *old };
         if own(old, &sc.rev) {
             old.last_seen = now;
-            return found;
+            return found | OWN;
         }
         if now.saturating_sub(old.last_seen) <= unconfirmed_timeout(cfg, sc.rkey.proto) {
             return 0;
@@ -437,21 +481,28 @@ pub fn confirm(key: &FlowKey, be: &Backend, flow: &Flow, cfg: &Config, now: u64)
     true
 }
 
-/// Keeps an unconfirmed flow's SNAT port reserved (its `REV_NAT_NEW` entry fresh). `false`
-/// when the reservation is gone (evicted, or reclaimed by another flow).
+/// Confirms the unconfirmed flow whose own reservation [`claim`] has just found (its key and
+/// entry still in this CPU's scratch entry): the reservation moves from `REV_NAT_NEW` to
+/// `REV_NAT`, inserted there first, as in [`confirm`]. `false` when another flow holds the
+/// port in `REV_NAT`; the reservation is then dropped.
 #[inline(always)]
-pub fn hold_unconfirmed(key: &FlowKey, be: &Backend, flow: &Flow, cfg: &Config, now: u64) -> bool {
-    let Some(sc) = request_for(key, be, flow, cfg, now) else {
+pub fn confirm_claimed(key: &FlowKey, be: &Backend, flow: &Flow, cfg: &Config, now: u64) -> bool {
+    let Some(sc) = maps::SCRATCH.get_ptr_mut(0) else {
         return false;
     };
-    let Some(r) = maps::REV_NAT_NEW.get_ptr_mut(&sc.rkey) else {
-        return false;
-    };
-    // SAFETY: valid map value pointer; plain integers.
-    let r = unsafe { &mut *r };
-    let ours = own(r, &sc.rev);
-    if ours {
-        r.last_seen = now;
+    // SAFETY: this CPU's scratch entry; nothing else uses it while the program runs.
+    let sc = unsafe { &mut *sc };
+    if maps::REV_NAT
+        .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        let _ = maps::REV_NAT_NEW.remove(&sc.rkey);
+        return true;
     }
-    ours
+    // Confirmed meanwhile on another CPU, or held by another flow.
+    if hold(key, be, flow, cfg, now) {
+        return true;
+    }
+    let _ = maps::REV_NAT_NEW.remove(&sc.rkey);
+    false
 }
