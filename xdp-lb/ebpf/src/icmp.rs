@@ -292,16 +292,22 @@ fn translate_error<const V4: bool>(
         sc.rkey.dst = rev.vip;
         sc.rkey.dport = rev.vip_port;
     } else if outer_dst == sc.owner.src {
-        // From the client side, about a reply the node sent from a VIP.
+        // From the client side, about a reply the node sent from a VIP: a tracked flow, or
+        // an unconfirmed one (in `CONNTRACK_NEW`, or only its reservation at the first port
+        // of its search).
         // SAFETY: read-only use of the value.
-        let Some(flow) = (unsafe {
+        let (backend_id, snat_port) = match unsafe {
             maps::CONNTRACK
                 .get(&sc.rkey)
                 .or_else(|| maps::CONNTRACK_NEW.get(&sc.rkey))
-        }) else {
-            return Ok(None);
+        } {
+            Some(flow) => (flow.backend_id, flow.snat_port),
+            None => {
+                let found = crate::snat::portico_unconfirmed_flow();
+                (found as u32, (found >> 32) as u16)
+            }
         };
-        let Some(be) = backend(flow.backend_id) else {
+        let Some(be) = backend(backend_id) else {
             return Ok(None);
         };
         sc.owner.src = snat;
@@ -309,7 +315,7 @@ fn translate_error<const V4: bool>(
         sc.rkey.src = be.addr;
         sc.rkey.sport = be.port;
         sc.rkey.dst = snat;
-        sc.rkey.dport = flow.snat_port;
+        sc.rkey.dport = snat_port;
     } else {
         return Ok(None);
     }

@@ -95,6 +95,10 @@ pub struct Scratch {
     pub owner: FlowKey,
     /// The reverse-NAT entry to insert.
     pub rev: RevNat,
+    /// A reverse-NAT key looked up on the side (`snat::portico_unconfirmed_flow`).
+    pub look: FlowKey,
+    /// A listener looked up on the side (`snat::portico_unconfirmed_flow`).
+    pub vip: VipKey,
     /// Start (jiffies) of this CPU's current one-second window of ICMP too-big answers.
     pub too_big_window: u64,
     /// ICMP too-big answers sent by this CPU in that window.

@@ -194,7 +194,7 @@ pub(crate) fn backend(id: u32) -> Option<&'static Backend> {
 
 /// Picks a backend for a new flow from the service's live Maglev ring.
 #[inline(always)]
-fn maglev_pick(svc: &Service, cfg: &Config, key: &FlowKey) -> u32 {
+pub(crate) fn maglev_pick(svc: &Service, cfg: &Config, key: &FlowKey) -> u32 {
     let m = cfg.ring_size;
     if m == 0 {
         return 0;

@@ -13,11 +13,11 @@
 )]
 
 use aya_ebpf::bindings::BPF_NOEXIST;
-use portico_xdp_common::{proto, Addr, Backend, Config, Flow, FlowKey, RevNat};
+use portico_xdp_common::{family, proto, Addr, Backend, Config, Flow, FlowKey, RevNat};
 
 use crate::{
     maps::{self, Scratch},
-    nat::{backend, expired, flow_hash, port_hold, snat_addr, still_assigned},
+    nat::{backend, expired, flow_hash, maglev_pick, port_hold, snat_addr, still_assigned},
 };
 
 /// SNAT ports tried before the new flow is dropped. With ports taken at random, all of them
@@ -166,7 +166,7 @@ pub extern "C" fn portico_claim_snat_port(look_first: u64) -> u32 {
         family: sc.rkey.family,
         _pad: [0; 2],
     };
-    let start = flow_hash(&sc.owner, cfg.hash_seed ^ 0x5bd1_e995, false);
+    let start = search_start(&sc.owner, cfg);
     let min = u32::from(cfg.snat_port_min);
     let max = u32::from(cfg.snat_port_max);
     if max < min {
@@ -188,6 +188,79 @@ pub extern "C" fn portico_claim_snat_port(look_first: u64) -> u32 {
         }
     }
     0
+}
+
+/// Where a flow's port search starts: a hash of the flow, the same on every node.
+#[inline(always)]
+fn search_start(key: &FlowKey, cfg: &Config) -> u32 {
+    flow_hash(key, cfg.hash_seed ^ 0x5bd1_e995, false)
+}
+
+/// The first port (network order) of the search of the flow `key` (client → VIP).
+#[inline(always)]
+fn first_port(key: &FlowKey, cfg: &Config) -> Option<u16> {
+    let min = u32::from(cfg.snat_port_min);
+    let max = u32::from(cfg.snat_port_max);
+    if max < min {
+        return None;
+    }
+    Some(((min + probe(search_start(key, cfg), 0, max - min + 1)) as u16).to_be())
+}
+
+/// An unconfirmed flow without a `CONNTRACK_NEW` entry, its 5-tuple (client → VIP) in this
+/// CPU's `SCRATCH.rkey`: its backend (Maglev's pick) and port (the first of its search),
+/// if its reservation is there. Returns the backend id | port (network order) << 32, or 0.
+/// A global function: its frame is not stacked on its caller's.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn portico_unconfirmed_flow() -> u64 {
+    let (Some(cfg), Some(sc)) = (maps::CONFIG.get(0), maps::SCRATCH.get_ptr_mut(0)) else {
+        return 0;
+    };
+    // SAFETY: this CPU's scratch entry; nothing else uses it while the program runs. Keys
+    // are built there field by field, not on the stack, which this call's caller has used
+    // most of; few values live across the helper calls.
+    let sc = unsafe { &mut *sc };
+    let Some(port) = first_port(&sc.rkey, cfg) else {
+        return 0;
+    };
+    sc.look.dport = port;
+    sc.look.proto = sc.rkey.proto;
+    sc.look.family = sc.rkey.family;
+    if sc.rkey.family == family::V4 {
+        sc.look.dst[0] = cfg.snat_v4;
+        sc.look.dst[1] = 0;
+        sc.look.dst[2] = 0;
+        sc.look.dst[3] = 0;
+    } else {
+        sc.look.dst = cfg.snat_v6;
+    }
+    sc.vip.addr = sc.rkey.dst;
+    sc.vip.port = sc.rkey.dport;
+    sc.vip.proto = sc.rkey.proto;
+    sc.vip.family = sc.rkey.family;
+    // SAFETY: read-only use of the value.
+    let Some(svc) = (unsafe { maps::SERVICES.get(&sc.vip) }) else {
+        return 0;
+    };
+    let id = maglev_pick(svc, cfg, &sc.rkey);
+    let Some(be) = backend(id) else {
+        return 0;
+    };
+    sc.look.src = be.addr;
+    sc.look.sport = be.port;
+    // SAFETY: read-only use of the value.
+    match unsafe { maps::REV_NAT_NEW.get(&sc.look) } {
+        Some(r)
+            if r.client == sc.rkey.src
+                && r.vip == sc.rkey.dst
+                && r.client_port == sc.rkey.sport
+                && r.vip_port == sc.rkey.dport =>
+        {
+            u64::from(id) | u64::from(sc.look.dport) << 32
+        }
+        _ => 0,
+    }
 }
 
 /// Who holds a port in `REV_NAT`.
