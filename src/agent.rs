@@ -654,14 +654,19 @@ impl Agent {
                 }
             })
             .collect();
-        let datapath = if self.xdp {
-            self.balancer
+        let (datapath, conntrack) = if self.xdp {
+            let counters = self
+                .balancer
                 .balancer()
                 .datapath_counters()
                 .map(|c| c.into_iter().map(|(n, v)| (n.to_owned(), v)).collect())
-                .unwrap_or_default()
+                .unwrap_or_default();
+            (
+                counters,
+                crate::status::tracked_flows(self.balancer.balancer()),
+            )
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
         StatusReport {
             node: self.opts.node.clone(),
@@ -669,6 +674,7 @@ impl Agent {
             services,
             peers,
             datapath,
+            conntrack,
             appliers: self.appliers(),
             problems: self
                 .plan

@@ -422,10 +422,13 @@ impl Runtime {
                 .collect(),
             None => Vec::new(),
         };
-        let datapath = if self.xdp {
-            self.datapath_counters()
+        let (datapath, conntrack) = if self.xdp {
+            (
+                self.datapath_counters(),
+                crate::status::tracked_flows(self.balancer.balancer()),
+            )
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
         let mut appliers = vec![(&self.balancer.health).into()];
         if let Some(s) = &self.speaker {
@@ -440,6 +443,7 @@ impl Runtime {
             services,
             peers,
             datapath,
+            conntrack,
             appliers,
             problems: self.problems.clone(),
             passes: self.passes,
