@@ -107,6 +107,9 @@ pub struct StatusReport {
     /// Tracked flows by conntrack table (`established`, `unconfirmed`; empty without XDP).
     #[serde(default)]
     pub conntrack: Vec<(String, u64)>,
+    /// Interfaces with BIG TCP, as the kernel reports them (`--big-tcp`).
+    #[serde(default)]
+    pub big_tcp: Vec<crate::bigtcp::LinkSizes>,
     /// Appliers' health.
     pub appliers: Vec<ApplierHealthRow>,
     /// Problems with files and objects.
@@ -309,6 +312,26 @@ impl StatusReport {
                 .map(|(n, v)| vec![n.clone(), v.to_string()])
                 .collect();
             table(&mut out, &["TRACKED FLOWS", "ENTRIES"], &rows);
+        }
+        if !self.big_tcp.is_empty() {
+            out.push('\n');
+            let rows: Vec<Vec<String>> = self
+                .big_tcp
+                .iter()
+                .map(|b| {
+                    vec![
+                        b.interface.clone(),
+                        format!("{}/{}", b.gso_max_size, b.gro_max_size),
+                        format!("{}/{}", b.gso_ipv4_max_size, b.gro_ipv4_max_size),
+                        b.tso_max_size.to_string(),
+                    ]
+                })
+                .collect();
+            table(
+                &mut out,
+                &["BIG TCP", "IPV6 GSO/GRO", "IPV4 GSO/GRO", "DRIVER MAX"],
+                &rows,
+            );
         }
         out.push('\n');
         let appliers: Vec<Vec<String>> = self

@@ -51,6 +51,7 @@ fn report() -> StatusReport {
         }],
         datapath: vec![("packets".into(), 1000), ("drop_no_backend".into(), 3)],
         conntrack: vec![("established".into(), 42), ("unconfirmed".into(), 5)],
+        big_tcp: Vec::new(),
         appliers: vec![ApplierHealthRow::from(&ApplierHealth::default())],
         problems: vec!["x.yaml: bad".into()],
         passes: 3,
