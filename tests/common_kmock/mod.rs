@@ -42,10 +42,24 @@ impl Kmock {
     /// # Panics
     /// As [`Kmock::start`].
     pub fn start_with(command: impl FnOnce(&str) -> Command) -> Self {
+        Self::spawn(command, &[])
+    }
+
+    /// Starts the emulator recording every request, as one JSON line, into `file` (who
+    /// sent it and what kube-apiserver's authorizer would see: `tests/kmock/portico_kmock.py`).
+    ///
+    /// # Panics
+    /// As [`Kmock::start`].
+    pub fn start_recording(file: &std::path::Path) -> Self {
+        Self::spawn(|p| Command::new(p), &["--record".as_ref(), file.as_os_str()])
+    }
+
+    fn spawn(command: impl FnOnce(&str) -> Command, args: &[&std::ffi::OsStr]) -> Self {
         let python = Self::python();
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kmock/portico_kmock.py");
         let mut child = command(&python)
             .arg(script)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -88,10 +102,25 @@ impl Kmock {
 
     /// A client of it.
     pub fn client(&self) -> Client {
+        Client::try_from(self.config()).expect("a client of kmock")
+    }
+
+    /// A client of it that authenticates as `user` (a bearer token with the user name,
+    /// which a recording kmock writes down with each request).
+    pub fn client_as(&self, user: &str) -> Client {
+        let mut config = self.config();
+        config.headers.push((
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_str(&format!("Bearer {user}")).unwrap(),
+        ));
+        Client::try_from(config).expect("a client of kmock")
+    }
+
+    fn config(&self) -> Config {
         let mut config = Config::new(self.url().parse().unwrap());
         config.default_namespace = "default".into();
         config.read_timeout = Some(Duration::from_secs(300));
-        Client::try_from(config).expect("a client of kmock")
+        config
     }
 }
 
