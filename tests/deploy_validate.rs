@@ -165,9 +165,7 @@ fn typed(doc: &Value) -> Result<Value, String> {
         }
         ("rbac.authorization.k8s.io/v1", "Role") => round_trip::<rbac::v1::Role>(doc),
         ("rbac.authorization.k8s.io/v1", "RoleBinding") => round_trip::<rbac::v1::RoleBinding>(doc),
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
-            round_trip::<discovery::v1::EndpointSlice>(doc)
-        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => round_trip::<discovery::v1::EndpointSlice>(doc),
         ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
             round_trip::<apiext::CustomResourceDefinition>(doc)
         }
@@ -262,7 +260,10 @@ fn the_base_holds_the_crds_workloads_and_rbac_and_no_example() {
         "two replicas need leader election: {args}"
     );
     let gc = &common_deploy::of_kind(&docs, "GatewayClass")[0];
-    assert_eq!(gc["spec"]["controllerName"], "portico.io/gateway-controller");
+    assert_eq!(
+        gc["spec"]["controllerName"],
+        "portico.io/gateway-controller"
+    );
 
     let ds = &common_deploy::of_kind(&docs, "DaemonSet")[0]["spec"]["template"]["spec"];
     assert_eq!(ds["hostNetwork"], true);

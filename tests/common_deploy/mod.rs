@@ -10,7 +10,9 @@ use serde_json::Value;
 /// `deploy/` (or a folder under it) in the repository.
 #[must_use]
 pub fn deploy_dir(sub: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(sub)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(sub)
 }
 
 /// The output of `kubectl kustomize <dir>`.

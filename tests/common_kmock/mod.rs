@@ -51,7 +51,10 @@ impl Kmock {
     /// # Panics
     /// As [`Kmock::start`].
     pub fn start_recording(file: &std::path::Path) -> Self {
-        Self::spawn(|p| Command::new(p), &["--record".as_ref(), file.as_os_str()])
+        Self::spawn(
+            |p| Command::new(p),
+            &["--record".as_ref(), file.as_os_str()],
+        )
     }
 
     fn spawn(command: impl FnOnce(&str) -> Command, args: &[&std::ffi::OsStr]) -> Self {
