@@ -5,6 +5,8 @@
 //!   Portico supports (`scripts/bootstrap.sh` installs the validator, pinned, in the kmock
 //!   virtual environment); the kinds it has no schema for are exactly the custom ones,
 //!   which the next test checks;
+//! - Portico's custom resources validate against the schemas of `deploy/crds/`, strictly
+//!   (no field the schema does not list; `tests/kmock/validate_custom_resources.py`);
 //! - parse into their k8s-openapi, Gateway API and Portico types with nothing left over:
 //!   serializing the typed value again gives back every field of the manifest, unchanged
 //!   (a misspelt or misplaced field is dropped by the type, and fails here).
@@ -117,6 +119,38 @@ fn rendered_base_examples_and_lab_validate_strictly_against_every_supported_kube
                 "kubernetes-validate has no schema for {kind} and no typed check covers it: {line}"
             );
         }
+    }
+}
+
+#[test]
+fn portico_custom_resources_in_examples_validate_against_the_crd_schemas_strictly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for (i, (_, yaml)) in sources().iter().enumerate() {
+        let f = dir.path().join(format!("{i}.yaml"));
+        std::fs::write(&f, yaml).unwrap();
+        files.push(f);
+    }
+    let python = std::env::var("PORTICO_KMOCK_PYTHON")
+        .unwrap_or_else(|_| "/opt/portico-kmock/bin/python".to_owned());
+    let out = Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kmock/validate_custom_resources.py"))
+        .arg(common_deploy::deploy_dir("crds"))
+        .args(&files)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python} (run scripts/bootstrap.sh): {e}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "custom resources that their CRD's schema refuses:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for kind in ["AddressPool", "BGPPeer", "BGPAdvertisement"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("valid {kind}/"))),
+            "no {kind} validated:\n{text}"
+        );
     }
 }
 
