@@ -36,10 +36,14 @@ const CUSTOM_KINDS: &[&str] = &[
     "UDPRoute",
 ];
 
+/// Python of the kmock virtual environment (kubernetes-validate, jsonschema).
+fn python() -> String {
+    std::env::var("PORTICO_KMOCK_PYTHON")
+        .unwrap_or_else(|_| "/opt/portico-kmock/bin/python".to_owned())
+}
+
 fn validator() -> PathBuf {
-    let python = std::env::var("PORTICO_KMOCK_PYTHON")
-        .unwrap_or_else(|_| "/opt/portico-kmock/bin/python".to_owned());
-    Path::new(&python).with_file_name("kubernetes-validate")
+    Path::new(&python()).with_file_name("kubernetes-validate")
 }
 
 fn lab_files() -> Vec<PathBuf> {
@@ -75,15 +79,23 @@ fn sources() -> Vec<(String, String)> {
     out
 }
 
+/// [`sources`] written into `dir`, one file each.
+fn written_sources(dir: &Path) -> Vec<PathBuf> {
+    sources()
+        .iter()
+        .enumerate()
+        .map(|(i, (_, yaml))| {
+            let f = dir.join(format!("{i}.yaml"));
+            std::fs::write(&f, yaml).unwrap();
+            f
+        })
+        .collect()
+}
+
 #[test]
 fn rendered_base_examples_and_lab_validate_strictly_against_every_supported_kubernetes() {
     let dir = tempfile::tempdir().unwrap();
-    let mut files = Vec::new();
-    for (i, (_, yaml)) in sources().iter().enumerate() {
-        let f = dir.path().join(format!("{i}.yaml"));
-        std::fs::write(&f, yaml).unwrap();
-        files.push(f);
-    }
+    let files = written_sources(dir.path());
     let tool = validator();
     for version in VERSIONS {
         let out = Command::new(&tool)
@@ -125,14 +137,8 @@ fn rendered_base_examples_and_lab_validate_strictly_against_every_supported_kube
 #[test]
 fn portico_custom_resources_in_examples_validate_against_the_crd_schemas_strictly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut files = Vec::new();
-    for (i, (_, yaml)) in sources().iter().enumerate() {
-        let f = dir.path().join(format!("{i}.yaml"));
-        std::fs::write(&f, yaml).unwrap();
-        files.push(f);
-    }
-    let python = std::env::var("PORTICO_KMOCK_PYTHON")
-        .unwrap_or_else(|_| "/opt/portico-kmock/bin/python".to_owned());
+    let files = written_sources(dir.path());
+    let python = python();
     let out = Command::new(&python)
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kmock/validate_custom_resources.py"))
         .arg(common_deploy::deploy_dir("crds"))

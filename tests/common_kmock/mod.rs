@@ -195,3 +195,18 @@ pub async fn create_json(client: &Client, obj: serde_json::Value) {
         .await
         .unwrap_or_else(|e| panic!("creating {kind}: {e}"));
 }
+
+/// An IPv4 EndpointSlice `name` of Service `service` in `shop` with one TCP port `http` on
+/// 8080 and a ready endpoint per (address, node).
+#[must_use]
+pub fn web_endpoints(name: &str, service: &str, endpoints: &[(&str, &str)]) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints.iter().map(|(a, n)| serde_json::json!(
+            {"addresses": [a], "nodeName": n, "conditions": {"ready": true}})).collect::<Vec<_>>(),
+    })
+}
