@@ -608,7 +608,10 @@ impl XdpProgram {
         // stack to resolve it. Its IPv4 source is then the node's own SNAT address, which
         // the stack drops as a martian unless the interface accepts local sources. Set
         // first, so that a failure leaves nothing attached.
-        let conf = format!("/proc/sys/net/ipv4/conf/{iface}");
+        // In a container /proc/sys is read-only: the agent's DaemonSet mounts the host's
+        // /proc/sys/net elsewhere and names it in PORTICO_PROC_SYS_NET.
+        let net = std::env::var("PORTICO_PROC_SYS_NET").unwrap_or_else(|_| "/proc/sys/net".into());
+        let conf = format!("{net}/ipv4/conf/{iface}");
         let special = matches!(iface, "all" | "default") || iface.contains('/');
         if special || !std::path::Path::new(&conf).is_dir() {
             return Err(XdpError::NoSuchInterface(iface.to_owned()));
