@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test demo bootstrap fmt-check clippy clippy-ebpf unit-and-kernel-tests fuzz-smoke fuzz-smoke-maglev
+.PHONY: test demo image bootstrap fmt-check clippy clippy-ebpf unit-and-kernel-tests fuzz-smoke fuzz-smoke-maglev
 
 test: bootstrap fmt-check clippy clippy-ebpf unit-and-kernel-tests fuzz-smoke fuzz-smoke-maglev
 
@@ -46,3 +46,10 @@ fuzz-smoke-maglev:
 # XDP, four backends, a client; traffic to every address; tables; torn down at the end.
 demo: bootstrap
 	$(CARGO) run --release --locked -- lab demo
+
+# The container image (OCI archive, localhost/portico:<version>) with the release binary, and
+# the SBOMs of the binary and the image, in target/image/ (scripts/image.sh; no registry).
+# `make test` builds and checks the same image from the test binary (tests/image.rs).
+image: bootstrap
+	$(CARGO) build --release --locked --bin portico
+	scripts/image.sh --binary target/release/portico --out target/image

@@ -16,6 +16,8 @@ packages=(
   pkg-config
   python3-venv                # kmock and kubernetes-validate (tests/kmock/requirements.txt)
   prometheus                  # promtool checks the metrics exposition in tests
+  mmdebstrap binutils         # the container image's Debian root; objcopy (scripts/image.sh)
+  podman runc                 # runs the image in tests (runc: crun refuses hybrid cgroups)
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -53,12 +55,19 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked
 fi
 
+# cargo-cyclonedx, for the binary's SBOM (scripts/image.sh).
+if ! cargo cyclonedx --version 2>/dev/null | grep -q ' 0\.5\.9$'; then
+  log "installing cargo-cyclonedx 0.5.9"
+  cargo install cargo-cyclonedx@0.5.9 --locked
+fi
+
 # kmock (the emulated Kubernetes API of the controller and agent end-to-end tests) and
-# kubernetes-validate (offline schema checks of deploy/), pinned, in their own virtual
-# environment: tests/common_kmock finds it at /opt/portico-kmock.
+# kubernetes-validate (offline schema checks of deploy/) and cyclonedx-python-lib (SBOM
+# validation, schemas included), pinned, in their own virtual environment:
+# tests/common_kmock finds it at /opt/portico-kmock.
 KMOCK_VENV=/opt/portico-kmock
 KMOCK_PINS="$(dirname "$0")/../tests/kmock/requirements.txt"
-if ! "$KMOCK_VENV/bin/python" -c 'import kmock, kubernetes_validate, sys; sys.exit(kmock.__version__ != "0.8")' 2>/dev/null \
+if ! "$KMOCK_VENV/bin/python" -c 'import kmock, kubernetes_validate, cyclonedx, sys; sys.exit(kmock.__version__ != "0.8")' 2>/dev/null \
     || ! cmp -s "$KMOCK_PINS" "$KMOCK_VENV/requirements.txt"; then
   log "installing kmock and kubernetes-validate into $KMOCK_VENV"
   python3 -m venv "$KMOCK_VENV"

@@ -59,6 +59,10 @@ pub struct Options {
     pub bgp_listen: Option<SocketAddr>,
     /// Link that holds announced addresses (`None`: hold none).
     pub hold_link: Option<String>,
+    /// Interfaces to enable BIG TCP on ([`crate::bigtcp`]), at `big_tcp_size` bytes.
+    pub big_tcp: Vec<String>,
+    /// GSO/GRO size for `big_tcp`.
+    pub big_tcp_size: u32,
     /// Serve Services without a loadBalancerClass.
     pub default_class: bool,
     /// The namespace whose Secrets hold BGP MD5 passwords (the only Secrets read).
@@ -85,6 +89,8 @@ impl Options {
             snat_v6: None,
             bgp_listen: None,
             hold_link: None,
+            big_tcp: Vec::new(),
+            big_tcp_size: crate::bigtcp::DEFAULT_SIZE,
             default_class: false,
             secret_namespace: "portico-system".into(),
             metrics: None,
@@ -275,6 +281,7 @@ struct Agent {
     outcome: IpamOutcome,
     plan: NodePlan,
     xdp: bool,
+    big_tcp: Vec<crate::bigtcp::LinkSizes>,
     established: BTreeMap<IpAddr, Time>,
     written: Option<PorticoNodeStatus>,
     created: bool,
@@ -299,6 +306,7 @@ pub async fn run(client: Client, opts: Options, mut stop: watch::Receiver<bool>)
         snat_v6: opts.snat_v6.or(detected.v6),
         ..NodeConfig::default()
     };
+    let big_tcp = crate::bigtcp::enable_all(&opts.big_tcp, opts.big_tcp_size).await?;
     let (balancer, xdp, adopted) = crate::standalone::open_datapath(&opts.datapath)?;
     let speaker = Speaker::bind(SpeakerConfig {
         listen: opts.bgp_listen,
@@ -375,6 +383,7 @@ pub async fn run(client: Client, opts: Options, mut stop: watch::Receiver<bool>)
         outcome: IpamOutcome::default(),
         plan: NodePlan::default(),
         xdp,
+        big_tcp,
         established: BTreeMap::new(),
         written: None,
         created: false,
@@ -654,14 +663,19 @@ impl Agent {
                 }
             })
             .collect();
-        let datapath = if self.xdp {
-            self.balancer
+        let (datapath, conntrack) = if self.xdp {
+            let counters = self
+                .balancer
                 .balancer()
                 .datapath_counters()
                 .map(|c| c.into_iter().map(|(n, v)| (n.to_owned(), v)).collect())
-                .unwrap_or_default()
+                .unwrap_or_default();
+            (
+                counters,
+                crate::status::tracked_flows(self.balancer.balancer()),
+            )
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
         StatusReport {
             node: self.opts.node.clone(),
@@ -669,6 +683,8 @@ impl Agent {
             services,
             peers,
             datapath,
+            conntrack,
+            big_tcp: self.big_tcp.clone(),
             appliers: self.appliers(),
             problems: self
                 .plan

@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod apply;
+pub mod bigtcp;
 pub mod controller;
 pub mod gateway;
 pub mod k8s;

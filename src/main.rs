@@ -168,6 +168,13 @@ enum Command {
         /// Local link that holds announced addresses; "none" holds none.
         #[arg(long, default_value = "portico0")]
         hold_link: String,
+        /// Enable BIG TCP (GSO/GRO above 64 KiB, IPv4 and IPv6) on these interfaces
+        /// (repeat); the sizes the kernel reports show in `portico status`.
+        #[arg(long, value_name = "IFACE")]
+        big_tcp: Vec<String>,
+        /// GSO/GRO size for --big-tcp, in bytes (clamped to the driver's limit).
+        #[arg(long, value_name = "BYTES", default_value_t = portico::bigtcp::DEFAULT_SIZE)]
+        big_tcp_size: u32,
         /// Serve LoadBalancer Services without a loadBalancerClass.
         #[arg(long)]
         default_class: bool,
@@ -236,6 +243,13 @@ enum Command {
         /// Local link that holds announced addresses; "none" holds none.
         #[arg(long, default_value = "portico0")]
         hold_link: String,
+        /// Enable BIG TCP (GSO/GRO above 64 KiB, IPv4 and IPv6) on these interfaces
+        /// (repeat); the sizes the kernel reports show in `portico status`.
+        #[arg(long, value_name = "IFACE")]
+        big_tcp: Vec<String>,
+        /// GSO/GRO size for --big-tcp, in bytes (clamped to the driver's limit).
+        #[arg(long, value_name = "BYTES", default_value_t = portico::bigtcp::DEFAULT_SIZE)]
+        big_tcp_size: u32,
         /// Serve LoadBalancer Services without a loadBalancerClass.
         #[arg(long)]
         default_class: bool,
@@ -334,6 +348,8 @@ fn main() -> Result<()> {
             snat_v6,
             bgp_listen,
             hold_link,
+            big_tcp,
+            big_tcp_size,
             default_class,
             shutdown,
             metrics_address,
@@ -359,6 +375,9 @@ fn main() -> Result<()> {
             opts.snat_v6 = snat_v6;
             opts.bgp_listen = bgp_listen;
             opts.hold_link = (hold_link != "none").then_some(hold_link);
+            portico::bigtcp::check_size(big_tcp_size)?;
+            opts.big_tcp = big_tcp;
+            opts.big_tcp_size = big_tcp_size;
             opts.default_class = default_class;
             opts.metrics = if metrics_address == "none" {
                 None
@@ -424,6 +443,8 @@ fn main() -> Result<()> {
             snat_v6,
             bgp_listen,
             hold_link,
+            big_tcp,
+            big_tcp_size,
             default_class,
             secret_namespace,
             shutdown,
@@ -448,6 +469,9 @@ fn main() -> Result<()> {
             opts.snat_v6 = snat_v6;
             opts.bgp_listen = bgp_listen;
             opts.hold_link = (hold_link != "none").then_some(hold_link);
+            portico::bigtcp::check_size(big_tcp_size)?;
+            opts.big_tcp = big_tcp;
+            opts.big_tcp_size = big_tcp_size;
             opts.default_class = default_class;
             opts.secret_namespace = secret_namespace;
             opts.metrics = parse_metrics_address(&metrics_address)?;

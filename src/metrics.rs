@@ -229,6 +229,15 @@ pub fn render(report: &StatusReport, reconcile: &ReconcileMetrics) -> String {
             .inc_by(*v);
     }
 
+    let tracked = gauge_family(
+        &mut r,
+        "portico_xdp_conntrack_entries",
+        "Flows the XDP balancer tracks, by table (established, unconfirmed)",
+    );
+    for (table, v) in &report.conntrack {
+        set(&tracked, &[("table", table)], *v);
+    }
+
     let appliers = gauge_family(
         &mut r,
         "portico_applier_ok",

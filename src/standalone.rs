@@ -77,6 +77,10 @@ pub struct Options {
     pub bgp_listen: Option<SocketAddr>,
     /// Link that holds announced addresses (`None`: hold none).
     pub hold_link: Option<String>,
+    /// Interfaces to enable BIG TCP on ([`crate::bigtcp`]), at `big_tcp_size` bytes.
+    pub big_tcp: Vec<String>,
+    /// GSO/GRO size for `big_tcp`.
+    pub big_tcp_size: u32,
     /// Serve Services without a loadBalancerClass.
     pub default_class: bool,
     /// SIGTERM behaviour.
@@ -104,6 +108,8 @@ impl Options {
             snat_v6: None,
             bgp_listen: None,
             hold_link: None,
+            big_tcp: Vec::new(),
+            big_tcp_size: crate::bigtcp::DEFAULT_SIZE,
             default_class: false,
             shutdown: ShutdownMode::Keep,
             metrics: None,
@@ -131,6 +137,7 @@ struct Runtime {
     last_pass: Duration,
     problems: Vec<String>,
     xdp: bool,
+    big_tcp: Vec<crate::bigtcp::LinkSizes>,
     reconcile_metrics: ReconcileMetrics,
 }
 
@@ -159,6 +166,7 @@ pub async fn run(opts: Options) -> Result<()> {
         snat_v6: opts.snat_v6.or(detected.v6),
         ..NodeConfig::default()
     };
+    let big_tcp = crate::bigtcp::enable_all(&opts.big_tcp, opts.big_tcp_size).await?;
     let (balancer, xdp, adopted) = open_datapath(&opts.datapath)?;
     let speaker = Speaker::bind(SpeakerConfig {
         listen: opts.bgp_listen,
@@ -208,6 +216,7 @@ pub async fn run(opts: Options) -> Result<()> {
         last_pass: Duration::ZERO,
         problems: Vec::new(),
         xdp,
+        big_tcp,
         reconcile_metrics: ReconcileMetrics::default(),
         opts,
     };
@@ -422,10 +431,13 @@ impl Runtime {
                 .collect(),
             None => Vec::new(),
         };
-        let datapath = if self.xdp {
-            self.datapath_counters()
+        let (datapath, conntrack) = if self.xdp {
+            (
+                self.datapath_counters(),
+                crate::status::tracked_flows(self.balancer.balancer()),
+            )
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
         let mut appliers = vec![(&self.balancer.health).into()];
         if let Some(s) = &self.speaker {
@@ -440,6 +452,8 @@ impl Runtime {
             services,
             peers,
             datapath,
+            conntrack,
+            big_tcp: self.big_tcp.clone(),
             appliers,
             problems: self.problems.clone(),
             passes: self.passes,

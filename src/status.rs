@@ -104,6 +104,12 @@ pub struct StatusReport {
     pub peers: Vec<PeerRow>,
     /// Global datapath counters by name (empty without XDP).
     pub datapath: Vec<(String, u64)>,
+    /// Tracked flows by conntrack table (`established`, `unconfirmed`; empty without XDP).
+    #[serde(default)]
+    pub conntrack: Vec<(String, u64)>,
+    /// Interfaces with BIG TCP, as the kernel reports them (`--big-tcp`).
+    #[serde(default)]
+    pub big_tcp: Vec<crate::bigtcp::LinkSizes>,
     /// Appliers' health.
     pub appliers: Vec<ApplierHealthRow>,
     /// Problems with files and objects.
@@ -154,6 +160,18 @@ pub fn query(socket: &Path) -> anyhow::Result<StatusReport> {
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
     serde_json::from_str(&line).context("reading the status answer")
+}
+
+/// The balancer's tracked flows by table, for the report; empty (and logged) when the
+/// tables cannot be read, so a status request never fails on them.
+pub fn tracked_flows(balancer: &(dyn portico_xdp::Balancer + Send)) -> Vec<(String, u64)> {
+    match balancer.tracked_flows() {
+        Ok(t) => t.into_iter().map(|(n, v)| (n.to_owned(), v)).collect(),
+        Err(e) => {
+            tracing::debug!("counting tracked flows: {e}");
+            Vec::new()
+        }
+    }
 }
 
 fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
@@ -285,6 +303,35 @@ impl StatusReport {
                 .map(|(n, v)| vec![n.clone(), v.to_string()])
                 .collect();
             table(&mut out, &["DATAPATH COUNTER", "VALUE"], &rows);
+        }
+        if !self.conntrack.is_empty() {
+            out.push('\n');
+            let rows: Vec<Vec<String>> = self
+                .conntrack
+                .iter()
+                .map(|(n, v)| vec![n.clone(), v.to_string()])
+                .collect();
+            table(&mut out, &["TRACKED FLOWS", "ENTRIES"], &rows);
+        }
+        if !self.big_tcp.is_empty() {
+            out.push('\n');
+            let rows: Vec<Vec<String>> = self
+                .big_tcp
+                .iter()
+                .map(|b| {
+                    vec![
+                        b.interface.clone(),
+                        format!("{}/{}", b.gso_max_size, b.gro_max_size),
+                        format!("{}/{}", b.gso_ipv4_max_size, b.gro_ipv4_max_size),
+                        b.tso_max_size.to_string(),
+                    ]
+                })
+                .collect();
+            table(
+                &mut out,
+                &["BIG TCP", "IPV6 GSO/GRO", "IPV4 GSO/GRO", "DRIVER MAX"],
+                &rows,
+            );
         }
         out.push('\n');
         let appliers: Vec<Vec<String>> = self

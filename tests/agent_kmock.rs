@@ -60,15 +60,7 @@ async fn the_agent_plans_what_it_watches_and_reports_it_in_its_portico_node() {
         json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
                "spec": {"type": "LoadBalancer", "loadBalancerClass": "portico.io/lb",
                         "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}),
-        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-               "metadata": {"name": "web-1", "namespace": "shop",
-                            "labels": {"kubernetes.io/service-name": "web"}},
-               "addressType": "IPv4",
-               "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-               "endpoints": [{"addresses": ["10.1.0.5"], "nodeName": "n1",
-                              "conditions": {"ready": true}},
-                             {"addresses": ["10.1.0.6"], "nodeName": "n2",
-                              "conditions": {"ready": true}}]}),
+        common_kmock::web_endpoints("web-1", "web", &[("10.1.0.5", "n1"), ("10.1.0.6", "n2")]),
     ] {
         create(&client, obj).await;
     }

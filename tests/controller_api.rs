@@ -246,7 +246,7 @@ async fn service_status_goes_through_server_side_apply_on_the_status_subresource
         json!([{"ip": "198.51.100.0", "ipMode": "VIP"}])
     );
     let cond = &patch.body["status"]["conditions"][0];
-    assert_eq!(cond["type"], "portico.io/AddressAllocated");
+    assert_eq!(cond["type"], "portico.io/IPAMRequestSatisfied");
     assert_eq!(cond["status"], "True");
     assert!(
         patch.body.get("spec").is_none(),

@@ -121,7 +121,7 @@ async fn a_created_service_gets_an_address_in_status_and_an_ip_allocated_event()
     let cond = &status.conditions.unwrap()[0];
     assert_eq!(
         (cond.type_.as_str(), cond.status.as_str()),
-        ("portico.io/AddressAllocated", "True")
+        ("portico.io/IPAMRequestSatisfied", "True")
     );
     let events = Api::<Event>::namespaced(client.clone(), "shop");
     let allocated = eventually(5, "the IPAllocated Event", || async {

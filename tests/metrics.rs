@@ -50,6 +50,8 @@ fn report() -> StatusReport {
             last_error: None,
         }],
         datapath: vec![("packets".into(), 1000), ("drop_no_backend".into(), 3)],
+        conntrack: vec![("established".into(), 42), ("unconfirmed".into(), 5)],
+        big_tcp: Vec::new(),
         appliers: vec![ApplierHealthRow::from(&ApplierHealth::default())],
         problems: vec!["x.yaml: bad".into()],
         passes: 3,
@@ -81,6 +83,10 @@ fn the_exposition_passes_promtool_and_names_every_family() {
     }
     assert!(
         text.contains("portico_xdp_datapath_total{counter=\"drop_no_backend\"} 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("portico_xdp_conntrack_entries{table=\"established\"} 42"),
         "{text}"
     );
 }

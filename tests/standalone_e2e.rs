@@ -98,6 +98,8 @@ impl Lab {
                 NODE_IP,
                 "--bpf-pin-dir",
                 &self.pin_dir().display().to_string(),
+                "--big-tcp",
+                "eth0",
             ])
             .args(extra)
             .env("RUST_LOG", "info")
@@ -228,6 +230,21 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
         .find(|(n, _)| n == "tx")
         .map_or(0, |(_, v)| *v);
     assert!(tx > 0, "XDP_TX counter: {:?}", report.datapath);
+    // BIG TCP on the uplink, as the kernel reports it.
+    assert!(
+        report.big_tcp.len() == 1
+            && report.big_tcp[0].interface == "eth0"
+            && report.big_tcp[0].enabled(),
+        "{:?}",
+        report.big_tcp
+    );
+    // The flows just made are tracked (read back from the conntrack tables).
+    let tracked: u64 = report.conntrack.iter().map(|(_, v)| v).sum();
+    assert!(
+        tracked >= 1 && report.conntrack.iter().any(|(t, _)| t == "established"),
+        "tracked flows: {:?}",
+        report.conntrack
+    );
     // Metrics: ready, and an exposition promtool accepts.
     let metrics: SocketAddr = "127.0.0.1:9464".parse()?;
     let (ready, _) = traffic::in_ns(&lab.topo.node, move || common::http_get(metrics, "/readyz"))?;
@@ -239,6 +256,10 @@ fn standalone_turns_manifests_into_an_announced_address_that_carries_traffic() -
     common::promtool_check(&body);
     assert!(
         body.contains("portico_bgp_session_established{peer=\"tor\",address=\"198.18.1.254\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("portico_xdp_conntrack_entries{table=\"established\"}"),
         "{body}"
     );
 

@@ -189,7 +189,7 @@ pub fn ingress(allocation: &Allocation) -> Vec<LoadBalancerIngress> {
 }
 
 /// The condition type saying whether a Service has its addresses.
-pub const ALLOCATED_CONDITION: &str = "portico.io/AddressAllocated";
+pub const ALLOCATED_CONDITION: &str = "portico.io/IPAMRequestSatisfied";
 
 /// The condition type of each kind of [`Notice`].
 fn notice_condition_type(notice: &Notice) -> &'static str {

@@ -178,6 +178,16 @@ fn fifty_thousand_concurrent_flows_to_one_backend_each_get_a_port() {
         assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
         assert_eq!(ports[&sent_to(&out).1], n, "flow {n} changed port");
     }
+    // What status and metrics report: every seventh flow confirmed by its ACK, the rest
+    // still unconfirmed, none lost.
+    let tracked: HashMap<&str, u64> = b.tracked_flows().unwrap().into_iter().collect();
+    let confirmed = u64::from(FLOWS.div_ceil(7));
+    assert_eq!(tracked["established"], confirmed, "{tracked:?}");
+    assert_eq!(
+        tracked["unconfirmed"],
+        u64::from(FLOWS) - confirmed,
+        "{tracked:?}"
+    );
 }
 
 #[test]

@@ -365,6 +365,24 @@ fn a_pinned_map_of_another_size_is_refused_with_its_name() {
 }
 
 #[test]
+fn a_second_load_of_a_pin_directory_in_use_is_refused_until_the_first_is_gone() {
+    require_root("loading XDP programs with pinned maps").unwrap();
+    let pins = PinDir::new("busy");
+    let first = XdpProgram::load_pinned(options(), &pins.0).unwrap();
+    let err = XdpProgram::load_pinned(options(), &pins.0)
+        .err()
+        .expect("two programs loaded the same pin directory at once")
+        .to_string();
+    assert!(
+        err.contains("in use by another process") && err.contains(&*pins.0.to_string_lossy()),
+        "{err}"
+    );
+    drop(first);
+    let second = XdpProgram::load_pinned(options(), &pins.0).unwrap();
+    assert!(second.reused_pins());
+}
+
+#[test]
 fn unpin_detaches_and_leaves_nothing_under_the_directory() {
     let mut net = TestNet::new().unwrap();
     let a = net.add_ns("a").unwrap();

@@ -625,6 +625,9 @@ pub struct DemoReport {
     pub flows: Vec<FlowRow>,
     /// Bulk TCP through the lab, per address.
     pub throughput: Vec<Throughput>,
+    /// A UDP flood through the lab, per address: (Service, address and port, result).
+    #[serde(default)]
+    pub udp_flood: Vec<(String, SocketAddr, traffic::Flood)>,
     /// The lab was left up.
     pub kept: bool,
 }
@@ -663,6 +666,11 @@ impl Throughput {
 ///
 /// # Errors
 /// A stream's thread cannot run in the client's namespace.
+/// Client sockets (flows) of the UDP flood step.
+const UDP_FLOOD_FLOWS: usize = 256;
+/// Upper bound of datagrams per address in the UDP flood step.
+const UDP_FLOOD_MAX: u64 = 5_000_000;
+
 fn bulk(
     client: &crate::NetNs,
     service: &str,
@@ -917,6 +925,24 @@ fn demo_on(
                 })
                 .collect()
         })?;
+        report.udp_flood = progress.step("throughput: UDP flood through the lab", || {
+            targets
+                .iter()
+                .map(|(svc, ip)| {
+                    let target = SocketAddr::new(*ip, SERVICE_PORT);
+                    let secs = opts.throughput_secs.min(2);
+                    let flood = traffic::in_ns(&client, move || {
+                        traffic::udp_flood(
+                            target,
+                            UDP_FLOOD_FLOWS,
+                            Duration::from_secs(secs),
+                            UDP_FLOOD_MAX,
+                        )
+                    })?;
+                    Ok((svc.clone(), target, flood))
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
         // A stream that breaks is a datapath anomaly worth seeing, not a reason to throw
         // the measurement away: say which host sent the reset and what XDP counted.
         for t in report.throughput.iter().filter(|t| !t.failed.is_empty()) {
@@ -1053,6 +1079,24 @@ impl DemoReport {
                 ));
             }
         }
+        if !self.udp_flood.is_empty() {
+            out.push_str(
+                "\nthroughput: UDP flood, 32-byte datagrams, each answered by the backend \
+                 (request and answer both through XDP)\n",
+            );
+            for (svc, target, f) in &self.udp_flood {
+                out.push_str(&format!(
+                    "  {:<16} {:<28} {} flows, {:.1} s: sent {:.0}/s, answered {:.0}/s ({:.1} %)\n",
+                    svc,
+                    target.to_string(),
+                    f.flows,
+                    f.secs,
+                    f.sent_per_sec(),
+                    f.answered_per_sec(),
+                    100.0 * f.answered as f64 / (f.sent.max(1)) as f64,
+                ));
+            }
+        }
         out
     }
 
@@ -1075,6 +1119,8 @@ impl DemoReport {
             })).collect::<Vec<_>>(),
             "throughput_gbps": self.throughput.iter().map(|t| (t.target.to_string(), (t.gbit_per_sec() * 100.0).round() / 100.0)).collect::<BTreeMap<_, _>>(),
             "throughput_broken_streams": self.throughput.iter().map(|t| t.failed.len()).sum::<usize>(),
+            "udp_answered_pps": self.udp_flood.iter().map(|(_, t, f)| (t.to_string(), f.answered_per_sec().round())).collect::<BTreeMap<_, _>>(),
+            "udp_sent_pps": self.udp_flood.iter().map(|(_, t, f)| (t.to_string(), f.sent_per_sec().round())).collect::<BTreeMap<_, _>>(),
             "kept": self.kept,
         })
     }

@@ -354,6 +354,97 @@ pub fn tcp_bulk(vip: SocketAddr, duration: Duration) -> Result<u64> {
         .with_context(|| format!("not a byte count: {line:?}"))
 }
 
+/// What [`udp_flood`] measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Flood {
+    /// Flows (client sockets, each with its own source port).
+    pub flows: usize,
+    /// Datagrams sent.
+    pub sent: u64,
+    /// Answers received (each a round trip through the balancer both ways).
+    pub answered: u64,
+    /// Seconds of sending.
+    pub secs: f64,
+}
+
+impl Flood {
+    /// Datagrams sent per second.
+    pub fn sent_per_sec(&self) -> f64 {
+        self.sent as f64 / self.secs.max(1e-9)
+    }
+
+    /// Answers per second: request and answer both crossed the balancer.
+    pub fn answered_per_sec(&self) -> f64 {
+        self.answered as f64 / self.secs.max(1e-9)
+    }
+}
+
+/// Floods `vip` from `flows` UDP sockets (one source port each, chosen by the kernel) with
+/// 32-byte datagrams for `duration` or until `max_datagrams` are sent, round-robin,
+/// without waiting for answers; answers are drained as they come and for 300 ms after.
+/// Run it inside the client's namespace (see [`in_ns`]). Bounded in count and time.
+///
+/// # Errors
+/// A socket cannot be created or connected, or a send fails with anything but a full
+/// buffer.
+pub fn udp_flood(
+    vip: SocketAddr,
+    flows: usize,
+    duration: Duration,
+    max_datagrams: u64,
+) -> Result<Flood> {
+    let local: SocketAddr = if vip.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let sockets = (0..flows.max(1))
+        .map(|_| {
+            let s = UdpSocket::bind(local)?;
+            s.connect(vip)?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+        .collect::<Result<Vec<_>>>()
+        .with_context(|| format!("opening {flows} UDP sockets toward {vip}"))?;
+    let payload = [0x5a_u8; 32];
+    let mut buf = [0_u8; 512];
+    let mut out = Flood {
+        flows: sockets.len(),
+        ..Flood::default()
+    };
+    let drain = |out: &mut Flood, buf: &mut [u8]| {
+        for s in &sockets {
+            while s.recv(buf).is_ok() {
+                out.answered += 1;
+            }
+        }
+    };
+    let start = Instant::now();
+    'send: while out.sent < max_datagrams {
+        for s in &sockets {
+            match s.send(&payload) {
+                Ok(_) => out.sent += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // An ICMP error from a lost earlier datagram surfaces on the next send.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                Err(e) => return Err(e).with_context(|| format!("sending to {vip}")),
+            }
+        }
+        drain(&mut out, &mut buf);
+        if start.elapsed() >= duration {
+            break 'send;
+        }
+    }
+    out.secs = start.elapsed().as_secs_f64();
+    let tail = Instant::now();
+    while tail.elapsed() < Duration::from_millis(300) {
+        drain(&mut out, &mut buf);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(out)
+}
+
 /// Runs `count` exchanges of `exchange` against `vip` on `threads` threads inside `ns` and
 /// returns every answer; a failed exchange is kept as its error text, so one lost flow does
 /// not hide what the others saw.

@@ -42,10 +42,27 @@ impl Kmock {
     /// # Panics
     /// As [`Kmock::start`].
     pub fn start_with(command: impl FnOnce(&str) -> Command) -> Self {
+        Self::spawn(command, &[])
+    }
+
+    /// Starts the emulator recording every request, as one JSON line, into `file` (who
+    /// sent it and what kube-apiserver's authorizer would see: `tests/kmock/portico_kmock.py`).
+    ///
+    /// # Panics
+    /// As [`Kmock::start`].
+    pub fn start_recording(file: &std::path::Path) -> Self {
+        Self::spawn(
+            |p| Command::new(p),
+            &["--record".as_ref(), file.as_os_str()],
+        )
+    }
+
+    fn spawn(command: impl FnOnce(&str) -> Command, args: &[&std::ffi::OsStr]) -> Self {
         let python = Self::python();
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kmock/portico_kmock.py");
         let mut child = command(&python)
             .arg(script)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -88,10 +105,25 @@ impl Kmock {
 
     /// A client of it.
     pub fn client(&self) -> Client {
+        Client::try_from(self.config()).expect("a client of kmock")
+    }
+
+    /// A client of it that authenticates as `user` (a bearer token with the user name,
+    /// which a recording kmock writes down with each request).
+    pub fn client_as(&self, user: &str) -> Client {
+        let mut config = self.config();
+        config.headers.push((
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_str(&format!("Bearer {user}")).unwrap(),
+        ));
+        Client::try_from(config).expect("a client of kmock")
+    }
+
+    fn config(&self) -> Config {
         let mut config = Config::new(self.url().parse().unwrap());
         config.default_namespace = "default".into();
         config.read_timeout = Some(Duration::from_secs(300));
-        Client::try_from(config).expect("a client of kmock")
+        config
     }
 }
 
@@ -162,4 +194,19 @@ pub async fn create_json(client: &Client, obj: serde_json::Value) {
     api.create(&PostParams::default(), &o)
         .await
         .unwrap_or_else(|e| panic!("creating {kind}: {e}"));
+}
+
+/// An IPv4 EndpointSlice `name` of Service `service` in `shop` with one TCP port `http` on
+/// 8080 and a ready endpoint per (address, node).
+#[must_use]
+pub fn web_endpoints(name: &str, service: &str, endpoints: &[(&str, &str)]) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints.iter().map(|(a, n)| serde_json::json!(
+            {"addresses": [a], "nodeName": n, "conditions": {"ready": true}})).collect::<Vec<_>>(),
+    })
 }

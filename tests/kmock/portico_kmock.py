@@ -22,7 +22,15 @@ Still not a real API server: no field ownership (apply is a merge; lists in a pa
 replace the stored list), no validation against the CRD schemas, no admission, no
 garbage collection of owned objects.
 
-Run: `python portico_kmock.py [--port N]`; prints `listening on PORT` once serving.
+With `--record FILE` it also appends one JSON line per request to FILE: who sent it (the
+bearer token, which the RBAC test sets to the ServiceAccount's user name), the
+authorization verb (get, list, watch, create, update, patch, delete, deletecollection),
+apiGroup, resource, subresource, namespace and name, as kube-apiserver's authorizer would
+see them. A server-side apply that creates its object is recorded as a patch and a create
+(kube-apiserver checks both).
+
+Run: `python portico_kmock.py [--port N] [--record FILE]`; prints `listening on PORT` once
+serving.
 """
 
 import argparse
@@ -85,6 +93,37 @@ def rv_of(obj) -> int:
         return 0
 
 
+def request_attributes(method: str, path: str, query) -> dict:
+    """What kube-apiserver's authorizer sees of a request (its RequestInfo)."""
+    parts = [p for p in path.split('/') if p]
+    if parts[:1] == ['api'] and len(parts) >= 2:
+        group, rest = '', parts[2:]
+    elif parts[:1] == ['apis'] and len(parts) >= 3:
+        group, rest = parts[1], parts[3:]
+    else:
+        return {'nonResourcePath': path, 'verb': method.lower()}
+    namespace = None
+    if len(rest) >= 3 and rest[0] == 'namespaces':
+        namespace, rest = rest[1], rest[2:]
+    resource = rest[0] if rest else ''
+    name = rest[1] if len(rest) > 1 else None
+    subresource = rest[2] if len(rest) > 2 else None
+    if resource == 'namespaces' and name is not None:
+        namespace = name
+    verb = {
+        'GET': 'get' if name else 'list',
+        'POST': 'create',
+        'PUT': 'update',
+        'PATCH': 'patch',
+        'DELETE': 'delete' if name else 'deletecollection',
+    }.get(method, method.lower())
+    if method == 'GET' and query.get('watch') in ('true', '1'):
+        verb = 'watch'
+    return {'verb': verb, 'apiGroup': group, 'resource': resource, 'subresource': subresource,
+            'namespace': namespace, 'name': name,
+            'fieldSelector': query.get('fieldSelector') or None}
+
+
 def spec_part(obj) -> dict:
     return {k: v for k, v in obj.items() if k not in ('metadata', 'status')}
 
@@ -110,7 +149,32 @@ class PorticoEmulator(kmock.KubernetesEmulator):
             return status_error(exc.status, reason, exc.message or reason)
         return await super()._render_error(exc)
 
+    record_to = None  # a file object, with --record
+
+    def _record(self, raw_request, verb=None) -> None:
+        if self.record_to is None:
+            return
+        auth = raw_request.headers.get('Authorization', '')
+        entry = {'user': auth.removeprefix('Bearer ').strip() or None}
+        entry.update(request_attributes(raw_request.method, raw_request.path, raw_request.query))
+        if verb is not None:
+            entry['verb'] = verb
+        self.record_to.write(json.dumps(entry) + '\n')
+        self.record_to.flush()
+
     async def __call__(self, raw_request):
+        # Recorded before it is served (a watch may never end); a PATCH after, when its
+        # status shows whether server-side apply created the object.
+        if raw_request.method != 'PATCH':
+            self._record(raw_request)
+        response = await self._serve(raw_request)
+        if raw_request.method == 'PATCH':
+            self._record(raw_request)
+            if getattr(response, 'status', None) == 201:
+                self._record(raw_request, verb='create')
+        return response
+
+    async def _serve(self, raw_request):
         # kmock 0.8 cannot parse /api/v1/namespaces (it takes "namespaces" for the start of
         # a namespaced path): serve the Namespace kind here, from a plain dict, without
         # watch events (the tests create no Namespaces).
@@ -313,8 +377,11 @@ class PorticoEmulator(kmock.KubernetesEmulator):
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument('--port', type=int, default=0)
+    parser.add_argument('--record', metavar='FILE')
     args = parser.parse_args()
     async with PorticoEmulator() as emulator, kmock.Server(emulator, port=args.port or None) as server:
+        if args.record:
+            emulator.record_to = open(args.record, 'a', encoding='utf-8')
         print(f'listening on {server.port}', flush=True)
         await asyncio.Event().wait()
 

@@ -238,6 +238,15 @@ pub trait Balancer {
         Ok(Vec::new())
     }
 
+    /// Tracked flows by table (`established`, `unconfirmed`); none for a balancer without
+    /// a datapath.
+    ///
+    /// # Errors
+    /// The tables cannot be read.
+    fn tracked_flows(&self) -> Result<Vec<(&'static str, u64)>, BalancerError> {
+        Ok(Vec::new())
+    }
+
     /// Changes one backend's weight (0 drains it).
     ///
     /// # Errors
@@ -991,6 +1000,16 @@ impl Balancer for XdpBalancer {
             out.push((*name, self.program.stat(i as u32)?));
         }
         Ok(out)
+    }
+
+    fn tracked_flows(&self) -> Result<Vec<(&'static str, u64)>, BalancerError> {
+        Ok(vec![
+            ("established", self.program.map_len(map_name::CONNTRACK)?),
+            (
+                "unconfirmed",
+                self.program.map_len(map_name::CONNTRACK_NEW)?,
+            ),
+        ])
     }
 
     fn service_stats(&self, key: &ServiceKey) -> Result<Option<ServiceStats>, BalancerError> {

@@ -207,6 +207,27 @@ pub(crate) fn pin_io(e: PinError) -> io::Error {
 /// # Errors
 /// The directory cannot be created (not on bpffs?), the pins come from another layout, or a
 /// pinned map differs from what this load needs (the error names the map).
+/// Creates `dir` and takes an exclusive, non-blocking `flock` on it, held while the
+/// returned file is open: one balancer per pin directory. The kernel drops the lock when
+/// the process dies, so a crash never leaves the directory locked.
+pub(crate) fn lock(dir: &Path) -> Result<std::fs::File, XdpError> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(dir).map_err(io_err("creating the pin directory", dir))?;
+    let file = std::fs::File::open(dir).map_err(io_err("opening the pin directory", dir))?;
+    // SAFETY: flock only takes the descriptor, which `file` keeps open for the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(XdpError::PinDirBusy {
+                dir: dir.to_owned(),
+            });
+        }
+        return Err(io_err("locking the pin directory", dir)(err));
+    }
+    Ok(file)
+}
+
 pub(crate) fn prepare(dir: &Path, expected: &[(&'static str, Geometry)]) -> Result<bool, XdpError> {
     std::fs::create_dir_all(dir).map_err(io_err("creating the pin directory", dir))?;
     let present: Vec<&(&str, Geometry)> = expected

@@ -90,6 +90,17 @@ pub enum XdpError {
         /// Where the wanted value comes from.
         cause: &'static str,
     },
+    /// Another live process (or another load in this one) holds the pin directory: two
+    /// balancers writing the same maps would undo each other's services and rings.
+    #[error(
+        "pin directory {} is in use by another process (a second `portico` for the same \
+         node?); stop it first, or give this one its own --bpf-pin-dir",
+        .dir.display()
+    )]
+    PinDirBusy {
+        /// The pin directory.
+        dir: PathBuf,
+    },
     /// The pins were written by a build with another map layout (or by something else).
     #[error(
         "pins in {} have map layout version {pinned} (0: unknown), this build uses {wanted}; \
@@ -284,6 +295,8 @@ pub struct XdpProgram {
 /// Where a pinned program's maps and links live, and its userspace state.
 struct Pins {
     dir: PathBuf,
+    /// The directory, open and `flock`ed for as long as this program lives.
+    _lock: std::fs::File,
     state: pin::State,
     reused: bool,
 }
@@ -403,6 +416,7 @@ impl XdpProgram {
             loader.map_max_entries(name, entries);
         }
         let mut reused = false;
+        let lock = pin_dir.map(pin::lock).transpose()?;
         if let Some(dir) = pin_dir {
             let expected = pin::expected(PROGRAM_OBJECT, &sizes, &options)?;
             reused = pin::prepare(dir, &expected)?;
@@ -419,13 +433,14 @@ impl XdpProgram {
             &ebpf,
             options.max_services as usize * 2 * options.ring_size as usize,
         )?;
-        let pins = match pin_dir {
-            Some(dir) => Some(Pins {
+        let pins = match (pin_dir, lock) {
+            (Some(dir), Some(lock)) => Some(Pins {
                 dir: dir.to_owned(),
+                _lock: lock,
                 state: pin::State::open(dir, &options)?,
                 reused,
             }),
-            None => None,
+            _ => None,
         };
         Ok(Self {
             ebpf,
@@ -593,7 +608,10 @@ impl XdpProgram {
         // stack to resolve it. Its IPv4 source is then the node's own SNAT address, which
         // the stack drops as a martian unless the interface accepts local sources. Set
         // first, so that a failure leaves nothing attached.
-        let conf = format!("/proc/sys/net/ipv4/conf/{iface}");
+        // In a container /proc/sys is read-only: the agent's DaemonSet mounts the host's
+        // /proc/sys/net elsewhere and names it in PORTICO_PROC_SYS_NET.
+        let net = std::env::var("PORTICO_PROC_SYS_NET").unwrap_or_else(|_| "/proc/sys/net".into());
+        let conf = format!("{net}/ipv4/conf/{iface}");
         let special = matches!(iface, "all" | "default") || iface.contains('/');
         if special || !std::path::Path::new(&conf).is_dir() {
             return Err(XdpError::NoSuchInterface(iface.to_owned()));
@@ -780,6 +798,96 @@ impl XdpProgram {
             .iter()
             .copied()
             .fold(Counters::default(), add_counters))
+    }
+
+    /// Entries in the hash map `name` (conntrack and reverse-NAT tables), read in batches of
+    /// 4,096 with `BPF_MAP_LOOKUP_BATCH`: about 130 system calls for a full 524,288-entry
+    /// table, rather than one per entry. Entries come and go meanwhile, so the figure is a
+    /// snapshot, good for a gauge.
+    ///
+    /// # Errors
+    /// The map is missing, is not a hash map, or the kernel refuses the batch read.
+    pub fn map_len(&self, name: &'static str) -> Result<u64, XdpError> {
+        use std::os::fd::{AsFd, AsRawFd};
+        const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+        const BATCH: u32 = 4096;
+        /// The batch part of `union bpf_attr`.
+        #[repr(C)]
+        #[derive(Default)]
+        struct BatchAttr {
+            in_batch: u64,
+            out_batch: u64,
+            keys: u64,
+            values: u64,
+            count: u32,
+            map_fd: u32,
+            elem_flags: u64,
+            flags: u64,
+        }
+        let map = self.ebpf.map(name).ok_or(XdpError::Map {
+            name,
+            source: MapError::InvalidName { name: name.into() },
+        })?;
+        let data = match map {
+            aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) => d,
+            _ => {
+                return Err(XdpError::Os {
+                    what: "counting the entries of a map that is not a hash map",
+                    source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+                })
+            }
+        };
+        let info = data.info().map_err(map_err(name))?;
+        let (key_size, value_size) = (info.key_size() as usize, info.value_size() as usize);
+        let mut keys = vec![0u8; key_size * BATCH as usize];
+        let mut values = vec![0u8; value_size * BATCH as usize];
+        // The batch position token: a bucket index for hash maps; sized as a key to be safe.
+        let mut token_in = vec![0u8; key_size.max(8)];
+        let mut token_out = vec![0u8; key_size.max(8)];
+        let fd = data.fd().as_fd().as_raw_fd();
+        let mut total = 0u64;
+        let mut first = true;
+        loop {
+            let mut attr = BatchAttr {
+                in_batch: if first {
+                    0
+                } else {
+                    token_in.as_mut_ptr() as u64
+                },
+                out_batch: token_out.as_mut_ptr() as u64,
+                keys: keys.as_mut_ptr() as u64,
+                values: values.as_mut_ptr() as u64,
+                count: BATCH,
+                map_fd: fd as u32,
+                ..BatchAttr::default()
+            };
+            // SAFETY: `attr` points at buffers of `count` keys and values of the map's own
+            // sizes and at two tokens of at least the key size, all alive for the call; the
+            // kernel writes only within them.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_LOOKUP_BATCH,
+                    &mut attr as *mut BatchAttr,
+                    std::mem::size_of::<BatchAttr>(),
+                )
+            };
+            let err = (rc < 0).then(std::io::Error::last_os_error);
+            // On ENOENT (the end) `count` still holds the last batch's entries.
+            total += u64::from(attr.count);
+            match err {
+                None => {}
+                Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(total),
+                Some(source) => {
+                    return Err(XdpError::Os {
+                        what: "BPF_MAP_LOOKUP_BATCH",
+                        source,
+                    })
+                }
+            }
+            std::mem::swap(&mut token_in, &mut token_out);
+            first = false;
+        }
     }
 
     /// A typed view of map `name`.

@@ -228,18 +228,37 @@ fn render_config(cfg: &super::PeerConfig, announcements: &[Announcement]) -> Str
 }
 
 /// Runs `commands` (one `-c` each) in one vtysh call.
+///
+/// vtysh says "bgpd is not running" whenever its connect to bgpd's vty socket fails, which
+/// also happens to a running bgpd whose listen backlog is full on a loaded machine: such a
+/// call is tried again, up to [`VTYSH_ATTEMPTS`] times, 200 ms apart. Other failures are
+/// returned at once.
 fn vtysh(ctl: &Ctl<'_>, commands: &[String]) -> Result<String> {
     let socket_dir = ctl.dir.display().to_string();
     let mut argv = vec!["vtysh", "--vty_socket", &socket_dir];
     for c in commands {
         argv.extend(["-c", c]);
     }
-    let out = ctl.run(&argv)?;
-    if let Some(line) = out.lines().find(|l| l.starts_with('%')) {
-        bail!("vtysh {commands:?}: {line}");
+    let mut attempt = 1;
+    loop {
+        let result =
+            ctl.run(&argv)
+                .and_then(|out| match out.lines().find(|l| l.starts_with('%')) {
+                    Some(line) => bail!("vtysh {commands:?}: {line}"),
+                    None => Ok(out),
+                });
+        match result {
+            Err(e) if attempt < VTYSH_ATTEMPTS && format!("{e:#}").contains("is not running") => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            other => return other,
+        }
     }
-    Ok(out)
 }
+
+/// Tries of one vtysh call whose connect to bgpd failed (see [`vtysh`]).
+const VTYSH_ATTEMPTS: u32 = 10;
 
 /// Succeeds once bgpd's vty answers.
 pub(super) fn probe(ctl: &Ctl<'_>) -> Result<()> {
