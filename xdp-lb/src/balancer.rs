@@ -1003,12 +1003,11 @@ impl Balancer for XdpBalancer {
     }
 
     fn tracked_flows(&self) -> Result<Vec<(&'static str, u64)>, BalancerError> {
+        // Every unconfirmed flow holds one reservation in REV_NAT_NEW; most have no
+        // CONNTRACK_NEW entry (docs/xdp.md, "Floods").
         Ok(vec![
             ("established", self.program.map_len(map_name::CONNTRACK)?),
-            (
-                "unconfirmed",
-                self.program.map_len(map_name::CONNTRACK_NEW)?,
-            ),
+            ("unconfirmed", self.program.map_len(map_name::REV_NAT_NEW)?),
         ])
     }
 
