@@ -23,7 +23,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use portico_integration::{
-    require_root, topology,
+    require_root,
+    topology::{self, addr, default_routes},
     traffic::{self, Backend, WHO_REQUEST},
     NetNs, TestNet,
 };
@@ -58,8 +59,11 @@ fn build() -> Result<Net> {
     ] {
         addr(ns, &cidr, dev)?;
     }
-    client.run(&["ip", "route", "add", "default", "via", "198.51.100.254"])?;
-    client.run(&["ip", "-6", "route", "add", "default", "via", "fd00:ec::fe"])?;
+    default_routes(
+        &client,
+        Some(Ipv4Addr::new(198, 51, 100, 254)),
+        "fd00:ec::fe".parse()?,
+    )?;
     // The code under test: the lab router's forwarding and ECMP settings.
     topology::configure_router(&rt)?;
     let mut servers = Vec::new();
@@ -72,23 +76,11 @@ fn build() -> Result<Net> {
         addr(&h, &format!("fd00:ec:{i}::1/64"), "eth0")?;
         addr(&rt, &format!("198.51.{i}.254/24"), &dev)?;
         addr(&rt, &format!("fd00:ec:{i}::fe/64"), &dev)?;
-        h.run(&[
-            "ip",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("198.51.{i}.254"),
-        ])?;
-        h.run(&[
-            "ip",
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("fd00:ec:{i}::fe"),
-        ])?;
+        default_routes(
+            &h,
+            Some(Ipv4Addr::new(198, 51, i, 254)),
+            format!("fd00:ec:{i}::fe").parse()?,
+        )?;
         addr(&h, &format!("{VIP_V4}/32"), "lo")?;
         addr(&h, &format!("{VIP_V6}/128"), "lo")?;
         via4.push(format!("198.51.{i}.1"));
@@ -118,17 +110,6 @@ fn build() -> Result<Net> {
     })
 }
 
-fn addr(ns: &NetNs, cidr: &str, dev: &str) -> Result<()> {
-    let family = if cidr.contains(':') { "-6" } else { "-4" };
-    let mut args = vec!["ip", family, "addr", "add", cidr, "dev", dev];
-    if family == "-6" {
-        args.push("nodad");
-    }
-    ns.run(&args)?;
-    ns.run(&["ip", "link", "set", dev, "up"])?;
-    Ok(())
-}
-
 /// Connects from `from` to `to` (the calling thread in the client's namespace), asks which
 /// host answers, and closes with a reset (linger 0), so that no TIME_WAIT entry keeps the
 /// 5-tuple from being used again at once.
@@ -145,31 +126,15 @@ fn who_from(from: SocketAddr, to: SocketAddr) -> Result<String> {
     }
     // SAFETY: `fd` is a fresh socket nothing else owns; the stream closes it.
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: valid descriptor; the option values live across the calls, sizes match.
-    let ok = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&raw const one).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        ) == 0
-            && libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&raw const linger).cast(),
-                size_of::<libc::linger>() as libc::socklen_t,
-            ) == 0
-    };
-    if !ok {
-        bail!("setsockopt: {}", std::io::Error::last_os_error());
-    }
+    set_option(fd, libc::SO_REUSEADDR, &(1 as libc::c_int))?;
+    set_option(
+        fd,
+        libc::SO_LINGER,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )?;
     let (sa, len) = sockaddr(from);
     // SAFETY: valid descriptor; `sa` holds a sockaddr of `len` bytes.
     if unsafe { libc::bind(fd, (&raw const sa).cast(), len) } != 0 {
@@ -197,6 +162,24 @@ fn who_from(from: SocketAddr, to: SocketAddr) -> Result<String> {
         .read_line(&mut line)
         .context("reading the answer")?;
     Ok(traffic::Answer::parse(&line)?.backend)
+}
+
+/// Sets the socket option `name` (level `SOL_SOCKET`) of `fd` to `value`.
+fn set_option<T>(fd: libc::c_int, name: libc::c_int, value: &T) -> Result<()> {
+    // SAFETY: valid descriptor; `value` is a live `T` of the size passed.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            name,
+            (value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        bail!("setsockopt {name}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `a` as a `sockaddr_storage` and its length.

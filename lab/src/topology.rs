@@ -1080,8 +1080,12 @@ pub fn unmount_bpffs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn addr(ns: &NetNs, cidr: &str, dev: &str) -> Result<()> {
-    // nodad: usable at once, no duplicate address detection delay.
+/// Adds the address `cidr` (IPv4 or IPv6) to `dev` in `ns`; IPv6 without duplicate address
+/// detection, so it is usable at once.
+///
+/// # Errors
+/// `ip addr add` fails.
+pub fn addr(ns: &NetNs, cidr: &str, dev: &str) -> Result<()> {
     let family = if cidr.contains(':') { "-6" } else { "-4" };
     let mut args = vec!["ip", family, "addr", "add", cidr, "dev", dev];
     if family == "-6" {
@@ -1091,7 +1095,11 @@ fn addr(ns: &NetNs, cidr: &str, dev: &str) -> Result<()> {
     Ok(())
 }
 
-fn default_routes(ns: &NetNs, v4: Option<Ipv4Addr>, v6: Ipv6Addr) -> Result<()> {
+/// Default routes in `ns`: via `v4` (if any) and via `v6`.
+///
+/// # Errors
+/// `ip route add` fails.
+pub fn default_routes(ns: &NetNs, v4: Option<Ipv4Addr>, v6: Ipv6Addr) -> Result<()> {
     if let Some(gw) = v4 {
         ns.run(&[
             "ip",
