@@ -994,7 +994,7 @@ fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
 }
 
 /// One `BPF_PROG_TEST_RUN` with repeat = 1, optionally as if arriving on `ingress_ifindex`.
-fn run_once(
+pub(crate) fn run_once(
     prog: &Xdp,
     packet: &[u8],
     ingress_ifindex: Option<u32>,
