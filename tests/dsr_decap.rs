@@ -18,7 +18,6 @@ use anyhow::{bail, Context as _, Result};
 use etherparse::PacketBuilder;
 use portico_integration::{traffic, NetNs, TestNet};
 
-const LB: [u8; 4] = [198, 18, 5, 1];
 const BACKEND: [u8; 4] = [198, 18, 5, 2];
 const CLIENT: [u8; 4] = [198, 18, 6, 1];
 const VIP: [u8; 4] = [203, 0, 113, 50];
@@ -104,7 +103,7 @@ fn a_backend_decapsulates_and_answers_the_client_directly() -> Result<()> {
         ])?;
     }
 
-    let mut decap = be
+    let decap = be
         .command(env!("CARGO_BIN_EXE_portico"))
         .args([
             "decap",
