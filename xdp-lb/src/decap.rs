@@ -57,7 +57,7 @@ impl Decap {
                 .program_mut(decap::PROGRAM_NAME)
                 .ok_or(aya::programs::ProgramError::NotLoaded)?
                 .try_into()?;
-            prog.load()?;
+            crate::program::load_retrying(prog)?;
         }
         let mut d = Self { ebpf };
         d.configure(config)?;
