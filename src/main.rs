@@ -279,6 +279,29 @@ enum Command {
         #[command(subcommand)]
         command: LabCommand,
     },
+    /// Direct server return, on a backend: strip the outer header (IPIP, 6in4, 4in6,
+    /// IP6IP6 or GUE) that Portico's balancers put around clients' packets, with an XDP
+    /// program on the interface toward them, so the backend's stack sees each client's
+    /// packet to the VIP (hold the VIPs on `lo`) and answers the client directly. Only
+    /// packets from --peer addresses to --local addresses are touched. Runs until SIGTERM;
+    /// prints the counters as JSON when it stops.
+    Decap {
+        /// The backend's interface toward the balancers.
+        #[arg(long, value_name = "IFACE")]
+        interface: String,
+        /// This backend's tunnel address (outer destination; repeat).
+        #[arg(long, value_name = "ADDR", required = true)]
+        local: Vec<std::net::IpAddr>,
+        /// A balancer's address (outer source; repeat).
+        #[arg(long = "peer", value_name = "ADDR", required = true)]
+        peers: Vec<std::net::IpAddr>,
+        /// UDP port of GUE encapsulation (off unless given).
+        #[arg(long, value_name = "PORT")]
+        gue_port: Option<u16>,
+        /// XDP attach mode.
+        #[arg(long, value_enum, default_value_t = XdpMode::Native)]
+        xdp_mode: XdpMode,
+    },
     /// Print Portico's CustomResourceDefinitions as YAML, generated from the Rust types,
     /// or write one file per CRD into a directory (the checked-in copies live in
     /// `deploy/crds/`).
@@ -499,6 +522,38 @@ fn main() -> Result<()> {
             }
         }
         Command::Lab { command } => lab(command)?,
+        Command::Decap {
+            interface,
+            local,
+            peers,
+            gue_port,
+            xdp_mode,
+        } => {
+            let mut d = portico_xdp::Decap::load(&portico_xdp::DecapConfig {
+                local,
+                peers,
+                gue_port,
+            })
+            .context("loading the decapsulation program (needs root and BPF)")?;
+            let mode = match xdp_mode {
+                XdpMode::Native => AttachMode::Native,
+                XdpMode::Generic => AttachMode::Generic,
+            };
+            d.attach(&interface, mode)
+                .with_context(|| format!("attaching the decapsulation program to {interface}"))?;
+            tracing::info!(iface = %interface, "decapsulating; SIGTERM stops");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let mut stop = stop_on_signal()?;
+                let _ = stop.changed().await;
+                anyhow::Ok(())
+            })?;
+            let counters: std::collections::BTreeMap<&str, u64> =
+                d.counters()?.into_iter().collect();
+            println!("{}", serde_json::to_string(&counters)?);
+        }
         Command::Crds { out_dir } => {
             let files = portico_crds::crd_files()?;
             match out_dir {

@@ -3,6 +3,7 @@
 //! [`Balancer`] API that the controller drives (with an in-memory fake for its tests).
 
 pub mod balancer;
+pub mod decap;
 pub mod maglev;
 mod pin;
 pub mod program;
@@ -11,4 +12,5 @@ pub use balancer::{
     stable_key, BackendSpec, Balancer, BalancerError, FakeBalancer, NodeConfig, Protocol,
     ServiceKey, ServiceSpec, XdpBalancer,
 };
+pub use decap::{Decap, DecapConfig};
 pub use program::{verdict, AttachMode, LoadOptions, Stats, TestRunOutput, XdpError, XdpProgram};

@@ -427,7 +427,7 @@ impl XdpProgram {
         }
         let mut ebpf = loader.load(PROGRAM_OBJECT)?;
         let prog: &mut Xdp = program_mut(&mut ebpf)?;
-        prog.load()?;
+        load_retrying(prog)?;
         let hz = kernel_hz(&mut ebpf)?;
         let rings = RingsMap::new(
             &ebpf,
@@ -728,7 +728,7 @@ impl XdpProgram {
             .ok_or(ProgramError::NotLoaded)?
             .try_into()?;
         if prog.fd().is_err() {
-            prog.load()?;
+            load_retrying(prog)?;
         }
         let prog: &Xdp = self
             .ebpf
@@ -757,7 +757,7 @@ impl XdpProgram {
             .ok_or(ProgramError::NotLoaded)?
             .try_into()?;
         if prog.fd().is_err() {
-            prog.load()?;
+            load_retrying(prog)?;
         }
         match prog.attach(iface, mode.xdp_mode()) {
             Ok(_link) => Ok(()),
@@ -959,7 +959,7 @@ fn kernel_hz(ebpf: &mut Ebpf) -> Result<u32, XdpError> {
         .program_mut(JIFFIES_PROGRAM_NAME)
         .ok_or(ProgramError::NotLoaded)?
         .try_into()?;
-    prog.load()?;
+    load_retrying(prog)?;
     let probe = [0u8; 64];
     let (j0, t0) = (run_once(prog, &probe, None)?.verdict, Instant::now());
     std::thread::sleep(Duration::from_millis(100));
@@ -994,7 +994,24 @@ fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
 }
 
 /// One `BPF_PROG_TEST_RUN` with repeat = 1, optionally as if arriving on `ingress_ifindex`.
-fn run_once(
+/// Loads `prog`, again when BPF_PROG_LOAD answers EAGAIN: the verifier gives up with
+/// EAGAIN when a signal reaches the loading thread during a long verification (seen on a
+/// loaded machine); libbpf retries the same way. Up to five tries.
+pub(crate) fn load_retrying(prog: &mut Xdp) -> Result<(), ProgramError> {
+    let mut attempt = 1;
+    loop {
+        match prog.load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < 5 =>
+            {
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+pub(crate) fn run_once(
     prog: &Xdp,
     packet: &[u8],
     ingress_ifindex: Option<u32>,

@@ -276,6 +276,40 @@ pub mod config_flags {
     pub const ECHO_REPLY: u32 = 1;
 }
 
+/// The backends' decapsulation program (`portico_decap`, its own object) and its counters
+/// (per-CPU array `DECAP_STATS`).
+pub mod decap {
+    /// Program name in the decapsulation object.
+    pub const PROGRAM_NAME: &str = "portico_decap";
+    /// Decapsulated and passed to the stack.
+    pub const DECAPSULATED: u32 = 0;
+    /// Not a tunnel packet (or GUE to another port): passed untouched.
+    pub const PASS_NOT_TUNNEL: u32 = 1;
+    /// A tunnel packet to an address that is not one of this host's tunnel addresses.
+    pub const PASS_NOT_LOCAL: u32 = 2;
+    /// A tunnel packet from a source that is not a known balancer.
+    pub const PASS_UNKNOWN_PEER: u32 = 3;
+    /// Outer header this program does not strip (IPv4 options, bad version or length).
+    pub const PASS_MALFORMED: u32 = 4;
+    /// A fragment of an outer IPv4 packet (the stack reassembles; no tunnel module here).
+    pub const PASS_FRAGMENT: u32 = 5;
+    /// From a known balancer, but the inner packet is not a whole IPv4/IPv6 packet of the
+    /// family the outer header announces: dropped.
+    pub const DROP_MALFORMED: u32 = 6;
+    /// Number of counters.
+    pub const COUNT: u32 = 7;
+    /// Counter names by index.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "decapsulated",
+        "pass_not_tunnel",
+        "pass_not_local",
+        "pass_unknown_peer",
+        "pass_malformed",
+        "pass_fragment",
+        "drop_malformed",
+    ];
+}
+
 /// Service lookup key: a VIP listener.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
