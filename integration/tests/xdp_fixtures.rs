@@ -842,27 +842,46 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         Unchanged,
     );
     t.add(
-        "ipv4 first fragment (MF) to VIP: passed",
+        "ipv4 first fragment (MF) to VIP: balanced as a whole packet, its ports remembered",
         {
             let mut p = udp4(CLIENT4, VIP4, 50004, 53, b"frag");
             p[20] |= 0x20;
+            fix_ipv4_checksum(&mut p);
             p
         },
         "eth0",
-        PASS,
-        Unchanged,
-    );
+        REDIRECT,
+        nat_to(&be4, "u4frag", None),
+    )
+    .counts(&[(stat::FRAG_HEAD, 1)]);
     t.add(
-        "ipv4 later fragment (offset 8) to VIP: passed",
+        "ipv4 later fragment (offset 8) to VIP, its first fragment never seen: dropped",
         {
             let mut p = udp4(CLIENT4, VIP4, 50005, 53, b"frag");
+            // Another datagram than the first fragment's above (identification 0).
+            p[18..20].copy_from_slice(&0x0777u16.to_be_bytes());
             p[21] = 1;
+            fix_ipv4_checksum(&mut p);
+            p
+        },
+        "eth0",
+        DROP,
+        Unchanged,
+    )
+    .counts(&[(stat::DROP_FRAG_NO_HEAD, 1)]);
+    t.add(
+        "ipv4 later fragment (offset 8) to an address that is not a VIP: passed",
+        {
+            let mut p = udp4(CLIENT4, [203, 0, 113, 99], 50005, 53, b"frag");
+            p[21] = 1;
+            fix_ipv4_checksum(&mut p);
             p
         },
         "eth0",
         PASS,
         Unchanged,
-    );
+    )
+    .counts(&[(stat::PASS_FRAGMENT, 1)]);
     t.add(
         "ARP request: passed",
         {
@@ -966,15 +985,27 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         nat_to(&be6, "t6f", None),
     );
     t.add(
-        "udp6 real fragment (M=1): passed",
+        "udp6 first fragment (offset 0, M=1): balanced as a whole packet",
         with_ipv6_ext(
             &udp6(CLIENT6, VIP6, 51002, 53, b"frag"),
             &[(44, vec![0, 0, 0, 1, 0, 0, 0, 2])],
         ),
         "eth0",
+        REDIRECT,
+        nat_to(&be6, "u6frag", None),
+    )
+    .counts(&[(stat::FRAG_HEAD, 1)]);
+    t.add(
+        "udp6 later fragment (offset 8) to an address that is not a VIP: passed",
+        with_ipv6_ext(
+            &udp6(CLIENT6, ip6("fd00:203::99"), 51002, 53, b"frag"),
+            &[(44, vec![0, 0, 0, 8, 0, 0, 0, 2])],
+        ),
+        "eth0",
         PASS,
         Unchanged,
-    );
+    )
+    .counts(&[(stat::PASS_FRAGMENT, 1)]);
     t.add(
         "tcp6 behind five extension headers (over the walk limit): passed",
         with_ipv6_ext(
@@ -1953,4 +1984,218 @@ fn pin_to_cpu(cpu: usize) {
             "pinning the test thread to CPU {cpu}"
         );
     }
+}
+
+// ---------- fragments ----------
+
+/// Splits an untagged IPv4 frame without options into fragments with identification `id`:
+/// piece `i` is the IP payload's bytes `cuts[i]..cuts[i + 1]` (multiples of 8 but the last),
+/// DF clear, MF on all but the last piece, every header checksum recomputed.
+fn fragment4(frame: &[u8], id: u16, cuts: &[usize]) -> Vec<Vec<u8>> {
+    assert_eq!(frame[14], 0x45, "no IPv4 options");
+    let tot = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    let payload = &frame[34..14 + tot];
+    assert_eq!(*cuts.last().unwrap(), payload.len());
+    cuts.windows(2)
+        .map(|w| {
+            let (a, b) = (w[0], w[1]);
+            assert_eq!(a % 8, 0);
+            let mut p = frame[..34].to_vec();
+            p[16..18].copy_from_slice(&((20 + b - a) as u16).to_be_bytes());
+            p[18..20].copy_from_slice(&id.to_be_bytes());
+            let more = if b < payload.len() { 0x2000 } else { 0 };
+            p[20..22].copy_from_slice(&(more | (a / 8) as u16).to_be_bytes());
+            fix_ipv4_checksum(&mut p);
+            p.extend_from_slice(&payload[a..b]);
+            p
+        })
+        .collect()
+}
+
+/// As [`fragment4`], for an untagged IPv6 frame without extension headers: each piece gets
+/// a fragment header (identification `id`).
+fn fragment6(frame: &[u8], id: u32, cuts: &[usize]) -> Vec<Vec<u8>> {
+    let payload = &frame[54..];
+    assert_eq!(*cuts.last().unwrap(), payload.len());
+    let upper = frame[20];
+    cuts.windows(2)
+        .map(|w| {
+            let (a, b) = (w[0], w[1]);
+            assert_eq!(a % 8, 0);
+            let mut p = frame[..54].to_vec();
+            p[18..20].copy_from_slice(&((8 + b - a) as u16).to_be_bytes());
+            p[20] = 44;
+            let more = u16::from(b < payload.len());
+            p.extend_from_slice(&[upper, 0]);
+            p.extend_from_slice(&(a as u16 | more).to_be_bytes());
+            p.extend_from_slice(&id.to_be_bytes());
+            p.extend_from_slice(&payload[a..b]);
+            p
+        })
+        .collect()
+}
+
+/// Issue 13: the fragments after the first reach the first fragment's backend (and a
+/// fragmented reply its client), translated as it was, in order or not; a fragment ahead of
+/// its first fragment is dropped, then passes once the first fragment was seen. The
+/// expected fragments are the fragments of the whole datagram as the backend must see it,
+/// built with its checksums computed from scratch.
+#[test]
+fn fragments_follow_their_first_fragment() {
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let balancer = balancer();
+    let prog = balancer.program();
+    let _in_lb = lb.enter().unwrap();
+    let (eth0, eth1) = (ifindex("eth0"), ifindex("eth1"));
+    let be_mac = |backend: IpAddr| {
+        let i = BACKENDS4
+            .iter()
+            .map(|a| v4(*a))
+            .chain(BACKENDS6.iter().map(|a| v6(*a)))
+            .position(|b| b == backend)
+            .unwrap_or_else(|| panic!("{backend} is not a backend"));
+        BE_MAC[i % 3]
+    };
+    let payload: Vec<u8> = (0..600u32).map(|i| (i * 7 + 3) as u8).collect();
+    let stat = |i| prog.stat(i).unwrap();
+    let send = |what: &str, input: &[u8], ingress: u32, want_verdict: u32| {
+        let out = prog.test_run_on(input, Some(ingress)).unwrap();
+        assert_eq!(
+            verdict::name(out.verdict),
+            verdict::name(want_verdict),
+            "{what}: verdict"
+        );
+        out.packet
+    };
+
+    for v6 in [false, true] {
+        let fam = if v6 { "ipv6" } else { "ipv4" };
+        let (client, vip, snat) = if v6 {
+            (self::v6(CLIENT6), self::v6(VIP6), self::v6(SNAT6))
+        } else {
+            (v4(CLIENT4), v4(VIP4), v4(SNAT4))
+        };
+        // UDP header and 600 bytes: pieces of 200, 200 and 208 bytes.
+        let cuts = [0, 200, 400, 608];
+        let split = |frame: &[u8], id: u32| {
+            if v6 {
+                fragment6(frame, id, &cuts)
+            } else {
+                fragment4(frame, id as u16, &cuts)
+            }
+        };
+        let udp = |smac, dmac, src, dst, ttl, sport, dport| {
+            build(
+                smac,
+                dmac,
+                Vlan::None,
+                src,
+                dst,
+                ttl,
+                L4::Udp,
+                sport,
+                dport,
+                &payload,
+            )
+        };
+        for (id, order, cport) in [
+            (0x1001u32, [0usize, 1, 2], 52001u16),
+            (0x1002, [2, 0, 1], 52002),
+            (0x1003, [1, 2, 0], 52003),
+        ] {
+            let input = split(&udp(CLIENT_MAC, LB0_MAC, client, vip, 64, cport, 53), id);
+            let what = format!("{fam} UDP datagram {id:#x}, fragments in order {order:?}");
+            let (heads, nats, headless) = (
+                stat(stat::FRAG_HEAD),
+                stat(stat::FRAG_NAT),
+                stat(stat::DROP_FRAG_NO_HEAD),
+            );
+            let mut early = 0;
+            let mut outs: Vec<Option<Vec<u8>>> = vec![None; 3];
+            let mut head_seen = false;
+            for &i in &order {
+                let w = format!("{what}: fragment {i}");
+                if i == 0 {
+                    outs[0] = Some(send(&w, &input[0], eth0, verdict::REDIRECT));
+                    head_seen = true;
+                } else if head_seen {
+                    outs[i] = Some(send(&w, &input[i], eth0, verdict::REDIRECT));
+                } else {
+                    // Ahead of its first fragment: dropped, and sent again (as a host's
+                    // retransmission would) after it.
+                    let out = send(&w, &input[i], eth0, verdict::DROP);
+                    assert_eq!(out, input[i], "{w}: dropped unchanged");
+                    early += 1;
+                }
+            }
+            for (i, out) in outs.iter_mut().enumerate() {
+                if out.is_none() {
+                    let w = format!("{what}: fragment {i} again, after its first fragment");
+                    *out = Some(send(&w, &input[i], eth0, verdict::REDIRECT));
+                }
+            }
+            let outs: Vec<Vec<u8>> = outs.into_iter().map(Option::unwrap).collect();
+            let (backend, _) = endpoint(&outs[0], false);
+            let (_, snat_port) = endpoint(&outs[0], true);
+            let want = split(
+                &udp(LB1_MAC, be_mac(backend), snat, backend, 63, snat_port, 8080),
+                id,
+            );
+            for (i, (got, want)) in outs.iter().zip(&want).enumerate() {
+                check_output(&format!("{what}: fragment {i}"), want, got);
+            }
+            assert_eq!(stat(stat::FRAG_HEAD) - heads, 1, "{what}: frag_head");
+            assert_eq!(stat(stat::FRAG_NAT) - nats, 2, "{what}: frag_nat");
+            assert_eq!(
+                stat(stat::DROP_FRAG_NO_HEAD) - headless,
+                early,
+                "{what}: drop_frag_no_head"
+            );
+
+            // The backend's reply, fragmented the same way, reaches the client as from the
+            // VIP, every fragment.
+            let reply = split(
+                &udp(be_mac(backend), LB1_MAC, backend, snat, 64, 8080, snat_port),
+                id ^ 0xff,
+            );
+            let want = split(
+                &udp(LB0_MAC, CLIENT_MAC, vip, client, 63, 53, cport),
+                id ^ 0xff,
+            );
+            for i in [0, 2, 1] {
+                let w = format!("{what}: reply fragment {i}");
+                let got = send(&w, &reply[i], eth1, verdict::REDIRECT);
+                check_output(&w, &want[i], &got);
+            }
+        }
+    }
+
+    // A fragment to the SNAT address ahead of its first fragment may be the node's own
+    // traffic: passed untouched.
+    let input = fragment4(
+        &build(
+            BE_MAC[0],
+            LB1_MAC,
+            Vlan::None,
+            v4(BACKENDS4[0]),
+            v4(SNAT4),
+            64,
+            L4::Udp,
+            8080,
+            20050,
+            &payload,
+        ),
+        0x2001,
+        &[0, 200, 400, 608],
+    );
+    let passed = stat(stat::PASS_FRAGMENT);
+    let out = send(
+        "headless fragment to the SNAT address",
+        &input[1],
+        eth1,
+        verdict::PASS,
+    );
+    assert_eq!(out, input[1]);
+    assert_eq!(stat(stat::PASS_FRAGMENT) - passed, 1);
 }

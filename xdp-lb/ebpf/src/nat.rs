@@ -151,7 +151,7 @@ pub(crate) fn flow_hash(k: &FlowKey, seed: u32, src_only: bool) -> u32 {
 
 /// Now, in jiffies (the verifier inlines the helper into one load).
 #[inline(always)]
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     // SAFETY: plain helper call.
     unsafe { bpf_jiffies64() }
 }
@@ -170,7 +170,7 @@ pub(crate) fn expired(f: &Flow, cfg: &Config, proto_: u8, now: u64) -> bool {
 
 /// A live backend by id, as a pointer (the program caches its next hop in it).
 #[inline(always)]
-fn backend_ptr(id: u32) -> Option<*mut Backend> {
+pub(crate) fn backend_ptr(id: u32) -> Option<*mut Backend> {
     if id == 0 {
         return None;
     }
