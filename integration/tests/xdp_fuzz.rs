@@ -188,6 +188,9 @@ struct Ip {
     dst: IpAddr,
     ttl: u8,
     df: bool,
+    /// A fragment: its identification, and whether it is a later one (offset non-zero: no
+    /// transport header, `l4` is where its payload starts).
+    frag: Option<(u32, bool)>,
 }
 
 /// Offsets the program never reads past.
@@ -195,8 +198,8 @@ const WINDOW: usize = 512;
 
 /// Parses a frame the way the policy in docs/xdp.md reads one. `None`: the program must pass
 /// it untouched, whatever it is addressed to (not IP; truncated; a length that disagrees
-/// with the frame; a fragment; a routing header with segments left; headers past the
-/// window; an IPv6 jumbogram).
+/// with the frame; a routing header with segments left; headers past the window; an IPv6
+/// jumbogram). Fragments parse, with [`Ip::frag`] set.
 fn parse(p: &[u8]) -> Option<Ip> {
     if p.len() < 14 {
         return None;
@@ -223,9 +226,7 @@ fn parse(p: &[u8]) -> Option<Ip> {
                 return None;
             }
             let frag = u16::from_be_bytes([p[l3 + 6], p[l3 + 7]]);
-            if frag & 0x3fff != 0 {
-                return None;
-            }
+            let id = u32::from(u16::from_be_bytes([p[l3 + 4], p[l3 + 5]]));
             Some(Ip {
                 l3,
                 v6: false,
@@ -246,6 +247,7 @@ fn parse(p: &[u8]) -> Option<Ip> {
                 )),
                 ttl: p[l3 + 8],
                 df: frag & 0x4000 != 0,
+                frag: (frag & 0x3fff != 0).then_some((id, frag & 0x1fff != 0)),
             })
         }
         0x86dd => {
@@ -259,7 +261,8 @@ fn parse(p: &[u8]) -> Option<Ip> {
             let mut next = p[l3 + 6];
             let mut off = l3 + 40;
             let mut walked = 0;
-            while matches!(next, 0 | 43 | 60 | 44) {
+            let mut frag = None;
+            while matches!(next, 0 | 43 | 60 | 44) && !frag.is_some_and(|(_, later)| later) {
                 if walked == 4 {
                     return None;
                 }
@@ -268,8 +271,11 @@ fn parse(p: &[u8]) -> Option<Ip> {
                     if off + 8 > WINDOW || off + 8 > p.len() {
                         return None;
                     }
-                    if u16::from_be_bytes([p[off + 2], p[off + 3]]) & 0xfff9 != 0 {
-                        return None;
+                    let offset_and_m = u16::from_be_bytes([p[off + 2], p[off + 3]]);
+                    if offset_and_m & 0xfff9 != 0 {
+                        let id =
+                            u32::from_be_bytes([p[off + 4], p[off + 5], p[off + 6], p[off + 7]]);
+                        frag = Some((id, offset_and_m & 0xfff8 != 0));
                     }
                     next = p[off];
                     off += 8;
@@ -296,6 +302,7 @@ fn parse(p: &[u8]) -> Option<Ip> {
                 dst: a(l3 + 24),
                 ttl: p[l3 + 7],
                 df: true,
+                frag,
             })
         }
         _ => None,
@@ -318,6 +325,8 @@ fn l4_ok(p: &[u8], ip: &Ip) -> bool {
             let doff = usize::from(p[ip.l4 + 12] >> 4) * 4;
             doff >= 20 && ip.l4 + doff <= ip.ip_end
         }
+        // A first fragment's UDP length is the whole datagram's: not checked.
+        UDP if ip.frag.is_some() => true,
         UDP => {
             let ulen = usize::from(u16::from_be_bytes([p[ip.l4 + 4], p[ip.l4 + 5]]));
             ulen >= 8 && ip.l4 + ulen <= ip.ip_end
@@ -334,7 +343,7 @@ fn ipv4_header_ok(p: &[u8], ip: &Ip) -> bool {
 fn l4_checksum_ok(p: &[u8], ip: &Ip) -> Option<bool> {
     let (src, dst) = (octets(ip.src), octets(ip.dst));
     let end = if ip.proto == UDP {
-        ip.l4 + usize::from(u16::from_be_bytes([p[ip.l4 + 4], p[ip.l4 + 5]]))
+        (ip.l4 + usize::from(u16::from_be_bytes([p[ip.l4 + 4], p[ip.l4 + 5]]))).min(ip.ip_end)
     } else {
         ip.ip_end
     };
@@ -382,6 +391,11 @@ struct Model {
     /// Closed flows a fresh SYN re-opened: they may come back with another port, and until
     /// one of their packets shows which, the model does not know it.
     may_move: HashMap<Tuple, bool>,
+    /// First fragments the program must have remembered: (source, destination, protocol,
+    /// identification) → their ports, and when.
+    frags: BTreeMap<(IpAddr, IpAddr, u8, u32), ((u16, u16), Instant)>,
+    /// Fragments of a datagram still to send (the last one first).
+    pending: Vec<Case>,
     /// Counts by what happened, for the summary.
     outcomes: HashMap<&'static str, u64>,
 }
@@ -986,6 +1000,70 @@ fn mutate(rng: &mut Rng, case: &mut Case) {
     }
 }
 
+/// A datagram to a VIP (or a reply) cut into two to four fragments with a random
+/// identification, in a random order: the first to send now, the others after it.
+fn fragmented(rng: &mut Rng, model: &Model) -> Vec<Case> {
+    let case = if rng.chance(70) {
+        to_vip(rng, model)
+    } else {
+        reply(rng, model)
+    };
+    let Some(ip) = parse(&case.input) else {
+        return vec![case];
+    };
+    let p = &case.input;
+    let hdr_end = if ip.v6 { ip.l3 + 40 } else { ip.l4 };
+    let n = ip.ip_end - hdr_end;
+    if ip.frag.is_some() || n < 16 || (ip.v6 && ip.l4 != hdr_end) {
+        return vec![case];
+    }
+    let mut cuts: Vec<usize> = (0..1 + rng.below(3))
+        .map(|_| 8 * (1 + rng.below((n - 1) / 8)))
+        .collect();
+    cuts.extend([0, n]);
+    cuts.sort_unstable();
+    cuts.dedup();
+    let id = rng.next() as u32;
+    let mut pieces: Vec<Case> = cuts
+        .windows(2)
+        .map(|w| {
+            let (a, b) = (w[0], w[1]);
+            let more = b < n;
+            let mut f = p[..hdr_end].to_vec();
+            if ip.v6 {
+                f[ip.l3 + 4..ip.l3 + 6].copy_from_slice(&((8 + b - a) as u16).to_be_bytes());
+                f[ip.l3 + 6] = 44;
+                f.extend_from_slice(&[ip.proto, 0]);
+                f.extend_from_slice(&(a as u16 | u16::from(more)).to_be_bytes());
+                f.extend_from_slice(&id.to_be_bytes());
+            } else {
+                let l3 = ip.l3;
+                f[l3 + 2..l3 + 4].copy_from_slice(&((hdr_end - l3 + b - a) as u16).to_be_bytes());
+                f[l3 + 4..l3 + 6].copy_from_slice(&(id as u16).to_be_bytes());
+                let mf = if more { 0x2000 } else { 0 };
+                f[l3 + 6..l3 + 8].copy_from_slice(&(mf | (a / 8) as u16).to_be_bytes());
+                fix_ipv4_checksum(&mut f, l3);
+            }
+            f.extend_from_slice(&p[hdr_end + a..hdr_end + b]);
+            Case {
+                input: f,
+                ingress: case.ingress,
+            }
+        })
+        .collect();
+    if rng.chance(50) {
+        for i in (1..pieces.len()).rev() {
+            pieces.swap(i, rng.below(i + 1));
+        }
+    }
+    for piece in &mut pieces {
+        if rng.chance(10) {
+            mutate(rng, piece);
+        }
+    }
+    pieces
+}
+
 fn generate(rng: &mut Rng, model: &Model) -> Case {
     let mut case = match rng.below(100) {
         0..8 => return random_bytes(rng),
@@ -1038,7 +1116,8 @@ fn translated(
             o.src, o.dst
         ));
     }
-    if ports(out, &o) != (sport, dport) {
+    let later = inp.frag.is_some_and(|(_, later)| later);
+    if !later && ports(out, &o) != (sport, dport) {
         return Err(format!(
             "ports {:?}, want ({sport}, {dport})",
             ports(out, &o)
@@ -1049,6 +1128,14 @@ fn translated(
     }
     if !ipv4_header_ok(out, &o) {
         return Err("IPv4 header checksum".into());
+    }
+    if later {
+        // Only the IP header changes.
+        return if out[12..inp.l3] != input[12..inp.l3] || out[inp.l4..] != input[inp.l4..] {
+            Err("bytes outside the IP header changed".into())
+        } else {
+            Ok(())
+        };
     }
     if l4_checksum_ok(input, inp) != l4_checksum_ok(out, &o) {
         return Err(format!(
@@ -1285,15 +1372,31 @@ fn check(case: &Case, out: &TestRunOutput, model: &mut Model) -> Result<&'static
         unchanged(input, out)?;
         return Ok("passed_unparsed");
     };
-    if !l4_ok(input, &ip) {
+    if ip.frag.is_some_and(|(_, later)| later) {
+        // No transport header to check.
+    } else if !l4_ok(input, &ip) {
         unchanged(input, out)?;
         return Ok("passed_bad_l4");
     }
     let v6 = ip.v6;
     let ours = ip.dst == vip(v6) || ip.dst == snat(v6);
+    if ip.frag.is_some() && !(ours && matches!(ip.proto, TCP | UDP | SCTP)) {
+        unchanged(input, out)?;
+        return Ok("passed_fragment");
+    }
     if ours && !ipv4_header_ok(input, &ip) {
         unchanged(input, out)?;
         return Ok("passed_bad_ip_checksum");
+    }
+    if let Some((id, later)) = ip.frag {
+        if later {
+            return check_later_fragment(input, &ip, id, out, model);
+        }
+        // A first fragment: its ports are remembered, then it goes as a whole packet would.
+        model.frags.insert(
+            (ip.src, ip.dst, ip.proto, id),
+            (ports(input, &ip), Instant::now()),
+        );
     }
     match ip.proto {
         TCP | UDP if ip.dst == snat(v6) => {
@@ -1376,6 +1479,77 @@ fn check(case: &Case, out: &TestRunOutput, model: &mut Model) -> Result<&'static
             unchanged(input, out)?;
             Ok("passed_other")
         }
+    }
+}
+
+/// A later fragment to a VIP or the SNAT address, its IPv4 header sound: translated as its
+/// first fragment's flow was; without a first fragment seen, dropped (to a VIP) or passed
+/// (to the SNAT address).
+fn check_later_fragment(
+    input: &[u8],
+    ip: &Ip,
+    id: u32,
+    out: &TestRunOutput,
+    model: &mut Model,
+) -> Result<&'static str, String> {
+    let v6 = ip.v6;
+    let to_vip = ip.dst == vip(v6);
+    let head = model.frags.get(&(ip.src, ip.dst, ip.proto, id)).copied();
+    // The program forgets a first fragment after five seconds (of jiffies): near that,
+    // either outcome.
+    if head.is_some_and(|(_, seen)| seen.elapsed() > Duration::from_millis(4500)) {
+        return Ok("fragment_head_expiring");
+    }
+    let Some(((sport, dport), _)) = head else {
+        if to_vip {
+            if out.verdict != verdict::DROP || out.packet != input {
+                return Err(format!(
+                    "fragment without its first fragment: want XDP_DROP, got {}",
+                    verdict::name(out.verdict)
+                ));
+            }
+            return Ok("dropped_fragment_no_head");
+        }
+        unchanged(input, out)?;
+        return Ok("passed_fragment");
+    };
+    // Where the first fragment's flow goes, as the model knows it.
+    let target = if to_vip {
+        let t = (ip.src, sport, ip.dst, dport, ip.proto);
+        match model.forward.get(&t) {
+            Some(_) if model.may_move.contains_key(&t) => {
+                return Ok("fragment_of_a_moving_flow");
+            }
+            Some(m) => Some((snat(v6), m.backend)),
+            None => None,
+        }
+    } else {
+        match (sport == BACKEND_PORT)
+            .then(|| model.reverse.get(&(ip.src, dport, ip.proto)))
+            .flatten()
+        {
+            Some(&t) if model.stale(t, ip.src, dport) => {
+                return Ok("fragment_of_a_released_port");
+            }
+            Some(&(client, _, vipa, _, _)) => Some((vipa, client)),
+            None => None,
+        }
+    };
+    let Some((src, dst)) = target else {
+        // A flow the model never saw forwarded: passed untouched; or, tracked without the
+        // model seeing it (a new flow answered with ICMP too-big), translated.
+        if out.verdict == verdict::PASS && out.packet == input {
+            return Ok("passed_fragment_untracked");
+        }
+        return Ok("fragment_of_an_unseen_flow");
+    };
+    if ip.ttl <= 1 {
+        unchanged(input, out)?;
+        return Ok("passed_ttl");
+    }
+    match forwarded(input, ip, out, src, 0, dst, 1, model)? {
+        "translated" => Ok("fragment_translated"),
+        other => Ok(other),
     }
 }
 
@@ -1869,7 +2043,17 @@ fn xdp_fuzz_checked_by_an_independent_model() {
     }
     let started = Instant::now();
     while n < packets && started.elapsed() < budget {
-        let case = generate(&mut rng, &model);
+        let case = if let Some(case) = model.pending.pop() {
+            case
+        } else if rng.chance(3) {
+            let mut pieces = fragmented(&mut rng, &model);
+            let first = pieces.remove(0);
+            pieces.reverse();
+            model.pending = pieces;
+            first
+        } else {
+            generate(&mut rng, &model)
+        };
         run(&case, &mut model, n);
         n += 1;
     }
@@ -1882,6 +2066,8 @@ fn xdp_fuzz_checked_by_an_independent_model() {
         "echo_reply",
         "icmp_error_translated",
         "passed_unparsed",
+        "fragment_translated",
+        "dropped_fragment_no_head",
     ] {
         assert!(
             model.outcomes.get(must).copied().unwrap_or(0) > 0 || n < 20_000,
