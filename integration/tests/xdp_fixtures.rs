@@ -9,7 +9,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, Icmpv6Type, PacketBuilder, VlanId};
+use etherparse::{
+    icmpv4::DestUnreachableHeader, Icmpv4Type, Icmpv6Type, IpNumber, PacketBuilder, VlanId,
+};
 use portico_integration::{fibnet, TestNet};
 use portico_xdp::{
     verdict, BackendSpec, Balancer, LoadOptions, NodeConfig, Protocol, ServiceKey, ServiceSpec,
@@ -613,7 +615,11 @@ fn balancer() -> XdpBalancer {
         .unwrap();
     b.upsert_service(&svc(v6(VIP6), 443, Protocol::Tcp, b6.clone()))
         .unwrap();
-    b.upsert_service(&svc(v6(VIP6), 53, Protocol::Udp, b6))
+    b.upsert_service(&svc(v6(VIP6), 53, Protocol::Udp, b6.clone()))
+        .unwrap();
+    b.upsert_service(&svc(v4(VIP4), 2905, Protocol::Sctp, b4.clone()))
+        .unwrap();
+    b.upsert_service(&svc(v6(VIP6), 2905, Protocol::Sctp, b6))
         .unwrap();
     b
 }
@@ -2198,4 +2204,260 @@ fn fragments_follow_their_first_fragment() {
     );
     assert_eq!(out, input[1]);
     assert_eq!(stat(stat::PASS_FRAGMENT) - passed, 1);
+}
+
+// ---------- SCTP ----------
+
+/// CRC32c (Castagnoli), bit by bit: the test's own, independent of the program's update.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0x82f6_3b78
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+/// An SCTP chunk: type, flags, value (padded to 4 bytes).
+fn chunk(ty: u8, flags: u8, value: &[u8]) -> Vec<u8> {
+    let mut c = vec![ty, flags];
+    c.extend_from_slice(&((4 + value.len()) as u16).to_be_bytes());
+    c.extend_from_slice(value);
+    while c.len() % 4 != 0 {
+        c.push(0);
+    }
+    c
+}
+
+/// INIT (or INIT ACK, type 2) with initiate tag `tag`: a_rwnd, streams, initial TSN.
+fn init_chunk(ty: u8, tag: u32) -> Vec<u8> {
+    let mut v = tag.to_be_bytes().to_vec();
+    v.extend_from_slice(&65536u32.to_be_bytes());
+    v.extend_from_slice(&[0, 10, 0, 10]);
+    v.extend_from_slice(&1u32.to_be_bytes());
+    chunk(ty, 0, &v)
+}
+
+/// DATA chunk (unordered, whole message) carrying `data`.
+fn data_chunk(tsn: u32, data: &[u8]) -> Vec<u8> {
+    let mut v = tsn.to_be_bytes().to_vec();
+    v.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
+    v.extend_from_slice(data);
+    chunk(0, 0x07, &v)
+}
+
+/// An SCTP packet in an untagged frame: common header (CRC32c computed here, little-endian
+/// on the wire as Linux writes it) and `chunks`.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one argument per header field a fixture varies"
+)]
+fn sctp_frame(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: IpAddr,
+    dst: IpAddr,
+    ttl: u8,
+    sport: u16,
+    dport: u16,
+    vtag: u32,
+    chunks: &[u8],
+) -> Vec<u8> {
+    let mut sctp = sport.to_be_bytes().to_vec();
+    sctp.extend_from_slice(&dport.to_be_bytes());
+    sctp.extend_from_slice(&vtag.to_be_bytes());
+    sctp.extend_from_slice(&[0; 4]);
+    sctp.extend_from_slice(chunks);
+    let crc = crc32c(&sctp);
+    sctp[8..12].copy_from_slice(&crc.to_le_bytes());
+    let eth = PacketBuilder::ethernet2(smac, dmac);
+    let b = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), ttl),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), ttl),
+        _ => unreachable!(),
+    };
+    let mut out = Vec::new();
+    b.write(&mut out, IpNumber(132), &sctp).unwrap();
+    out
+}
+
+/// Whether the SCTP packet of an untagged frame carries a right CRC32c.
+fn sctp_crc_ok(frame: &[u8]) -> bool {
+    let l = layout(frame);
+    let mut sctp = frame[l.l4..].to_vec();
+    let stored = u32::from_le_bytes(sctp[8..12].try_into().unwrap());
+    sctp[8..12].copy_from_slice(&[0; 4]);
+    crc32c(&sctp) == stored
+}
+
+/// Issue 13: SCTP to a VIP is balanced and tracked by ports (INIT opens, ABORT closes, a new
+/// INIT re-opens); the backend's INIT ACK and DATA go back to the client; the new ports'
+/// CRC32c is right (checked against expected packets whose CRC the test computes from
+/// scratch), a wrong one stays wrong; a 1,400-byte DATA chunk too.
+#[test]
+fn sctp_is_balanced_by_ports_with_its_crc32c_updated() {
+    assert_eq!(crc32c(b"123456789"), 0xe306_9283, "the test's own CRC32c");
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let balancer = balancer();
+    let prog = balancer.program();
+    let _in_lb = lb.enter().unwrap();
+    let (eth0, eth1) = (ifindex("eth0"), ifindex("eth1"));
+    let stat = |i| prog.stat(i).unwrap();
+    let be_mac = |backend: IpAddr| {
+        let i = BACKENDS4
+            .iter()
+            .map(|a| v4(*a))
+            .chain(BACKENDS6.iter().map(|a| v6(*a)))
+            .position(|b| b == backend)
+            .unwrap_or_else(|| panic!("{backend} is not a backend"));
+        BE_MAC[i % 3]
+    };
+    let send = |what: &str, input: &[u8], ingress: u32, want: u32| {
+        let out = prog.test_run_on(input, Some(ingress)).unwrap();
+        assert_eq!(
+            verdict::name(out.verdict),
+            verdict::name(want),
+            "{what}: verdict"
+        );
+        out.packet
+    };
+    let big: Vec<u8> = (0..1400u32).map(|i| (i * 13 + 5) as u8).collect();
+    for v6 in [false, true] {
+        let fam = if v6 { "ipv6" } else { "ipv4" };
+        let (client, vip, snat, backends) = if v6 {
+            (
+                self::v6(CLIENT6),
+                self::v6(VIP6),
+                self::v6(SNAT6),
+                BACKENDS6.iter().map(|a| self::v6(*a)).collect::<Vec<_>>(),
+            )
+        } else {
+            (
+                v4(CLIENT4),
+                v4(VIP4),
+                v4(SNAT4),
+                BACKENDS4.iter().map(|a| v4(*a)).collect::<Vec<_>>(),
+            )
+        };
+        let cport = 33000;
+        let crcs = stat(stat::SCTP_CRC);
+        // Client → VIP, and what the backend must receive.
+        let to_vip = |vtag, chunks: &[u8]| {
+            sctp_frame(
+                CLIENT_MAC, LB0_MAC, client, vip, 64, cport, 2905, vtag, chunks,
+            )
+        };
+        let at_backend = |backend, snat_port, vtag, chunks: &[u8]| {
+            sctp_frame(
+                LB1_MAC,
+                be_mac(backend),
+                snat,
+                backend,
+                63,
+                snat_port,
+                8080,
+                vtag,
+                chunks,
+            )
+        };
+        let what = format!("{fam} SCTP INIT to the VIP");
+        let out = send(
+            &what,
+            &to_vip(0, &init_chunk(1, 0x1111)),
+            eth0,
+            verdict::REDIRECT,
+        );
+        let (backend, _) = endpoint(&out, false);
+        let (_, snat_port) = endpoint(&out, true);
+        assert!(backends.contains(&backend), "{what}: went to {backend}");
+        assert!((20000..=20099).contains(&snat_port), "{what}: SNAT port");
+        check_output(
+            &what,
+            &at_backend(backend, snat_port, 0, &init_chunk(1, 0x1111)),
+            &out,
+        );
+        assert!(sctp_crc_ok(&out), "{what}: CRC32c");
+
+        // The backend's INIT ACK reaches the client from the VIP.
+        let what = format!("{fam} SCTP INIT ACK from the backend");
+        let reply = sctp_frame(
+            be_mac(backend),
+            LB1_MAC,
+            backend,
+            snat,
+            64,
+            8080,
+            snat_port,
+            0x1111,
+            &init_chunk(2, 0x2222),
+        );
+        let out = send(&what, &reply, eth1, verdict::REDIRECT);
+        let want = sctp_frame(
+            LB0_MAC,
+            CLIENT_MAC,
+            vip,
+            client,
+            63,
+            2905,
+            cport,
+            0x1111,
+            &init_chunk(2, 0x2222),
+        );
+        check_output(&what, &want, &out);
+
+        // DATA of the association (a small chunk, then 1,400 bytes): same backend, port.
+        for (n, data) in [(1u32, &b"hello"[..]), (2, &big[..])] {
+            let what = format!("{fam} SCTP DATA of {} bytes", data.len());
+            let chunks = data_chunk(n, data);
+            let out = send(&what, &to_vip(0x2222, &chunks), eth0, verdict::REDIRECT);
+            check_output(
+                &what,
+                &at_backend(backend, snat_port, 0x2222, &chunks),
+                &out,
+            );
+        }
+
+        // A wrong CRC stays wrong, by as much.
+        let what = format!("{fam} SCTP DATA with a wrong CRC32c");
+        let chunks = data_chunk(3, b"bad");
+        let mut input = to_vip(0x2222, &chunks);
+        let at = input.len() - chunks.len() - 4;
+        input[at] ^= 0x5a;
+        let out = send(&what, &input, eth0, verdict::REDIRECT);
+        let mut want = at_backend(backend, snat_port, 0x2222, &chunks);
+        let at = want.len() - chunks.len() - 4;
+        want[at] ^= 0x5a;
+        check_output(&what, &want, &out);
+        assert!(!sctp_crc_ok(&out), "{what}: still wrong");
+        assert_eq!(stat(stat::SCTP_CRC) - crcs, 5, "{fam}: sctp_crc");
+
+        // ABORT closes the association; a new INIT on the same ports opens a new one.
+        let what = format!("{fam} SCTP ABORT");
+        let abort = chunk(6, 0, &[]);
+        let out = send(&what, &to_vip(0x2222, &abort), eth0, verdict::REDIRECT);
+        check_output(&what, &at_backend(backend, snat_port, 0x2222, &abort), &out);
+        let inserts = stat(stat::CT_INSERT);
+        let what = format!("{fam} SCTP INIT after ABORT");
+        let out = send(
+            &what,
+            &to_vip(0, &init_chunk(1, 0x3333)),
+            eth0,
+            verdict::REDIRECT,
+        );
+        let (backend2, _) = endpoint(&out, false);
+        let (_, snat_port2) = endpoint(&out, true);
+        check_output(
+            &what,
+            &at_backend(backend2, snat_port2, 0, &init_chunk(1, 0x3333)),
+            &out,
+        );
+        assert_eq!(stat(stat::CT_INSERT) - inserts, 1, "{what}: a new entry");
+    }
 }

@@ -91,7 +91,8 @@ pub mod stat {
     pub const DROP_NO_SNAT_PORT: u32 = 14;
     /// Dropped: no route to the backend or client.
     pub const DROP_NO_ROUTE: u32 = 15;
-    /// Passed: a VIP packet with an unsupported protocol or a fragment-less SCTP oddity.
+    /// Passed: a VIP packet the program does not handle (an IPv6 jumbogram; a backend of the
+    /// other family).
     pub const PASS_UNSUPPORTED: u32 = 16;
     /// ICMP errors quoting a tracked flow, translated.
     pub const ICMP_ERROR_NAT: u32 = 17;
@@ -132,8 +133,10 @@ pub mod stat {
     /// Dropped: a later fragment to a VIP whose first fragment was not seen (yet): its ports,
     /// and so its backend, are unknown (docs/xdp.md, "Fragments").
     pub const DROP_FRAG_NO_HEAD: u32 = 30;
+    /// SCTP packets whose ports were rewritten, their CRC32c updated.
+    pub const SCTP_CRC: u32 = 31;
     /// Number of counters in a [`crate::StatBlock`].
-    pub const COUNT: u32 = 31;
+    pub const COUNT: u32 = 32;
 
     /// Each counter's name, by index, as status and metrics show it.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -168,6 +171,7 @@ pub mod stat {
         "frag_head",
         "frag_nat",
         "drop_frag_no_head",
+        "sctp_crc",
     ];
 }
 

@@ -292,6 +292,9 @@ fn head(
         if p.l4 + 8 > p.ip_end {
             return Err(Skip::BadLength);
         }
+        if p.proto == proto::SCTP {
+            tcp_flags = crate::sctp::flags(ctx, p)?;
+        }
     }
     let ports: *const [u16; 2] = ptr_at(ctx, p.l4)?;
     // SAFETY: checked above.

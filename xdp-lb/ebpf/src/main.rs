@@ -23,6 +23,8 @@ mod parse;
 #[cfg(target_arch = "bpf")]
 mod pmtu;
 #[cfg(target_arch = "bpf")]
+mod sctp;
+#[cfg(target_arch = "bpf")]
 mod snat;
 
 #[cfg(target_arch = "bpf")]

@@ -49,7 +49,7 @@ const TOO_BIG: u32 = 0x4000_0000;
 pub struct Tuple {
     /// 5-tuple as a map key.
     pub key: FlowKey,
-    /// TCP flags (0 for other protocols).
+    /// TCP flags (0 for UDP; what the first chunk stands for in SCTP, see `sctp::flags`).
     pub tcp_flags: u8,
 }
 
@@ -95,6 +95,9 @@ pub fn read_tuple(ctx: &XdpContext, p: &Parsed) -> Result<Tuple, Skip> {
             if ulen < 8 || p.l4 + ulen > p.ip_end {
                 return Err(Skip::BadLength);
             }
+        } else {
+            // SCTP: its first chunk stands for TCP flags.
+            tcp_flags = crate::sctp::flags(ctx, p)?;
         }
     }
     let ports: *const [u16; 2] = ptr_at(ctx, p.l4)?;
@@ -160,7 +163,8 @@ pub(crate) fn now() -> u64 {
 pub(crate) fn expired(f: &Flow, cfg: &Config, proto_: u8, now: u64) -> bool {
     let timeout = if f.state == flow_state::CLOSING {
         cfg.tcp_closing_timeout
-    } else if proto_ == proto::TCP {
+    } else if proto_ != proto::UDP {
+        // TCP, and SCTP associations.
         cfg.tcp_timeout
     } else {
         cfg.udp_timeout
@@ -202,9 +206,9 @@ fn maglev_pick(svc: &Service, cfg: &Config, key: &FlowKey) -> u32 {
     maps::RINGS.get(base + h % m).copied().unwrap_or(0)
 }
 
-/// The 5-tuple of a packet, from its checked headers.
+/// The 5-tuple of a packet, from its checked headers (`proto_`: UDP or SCTP when not `TCP`).
 #[inline(always)]
-fn key_of<const V4: bool, const TCP: bool>(h: &Headers<V4, TCP>) -> FlowKey {
+fn key_of<const V4: bool, const TCP: bool>(h: &Headers<V4, TCP>, proto_: u8) -> FlowKey {
     let (src, dst) = h.addrs();
     // SAFETY: the transport header's first 4 bytes are checked.
     let [sport, dport] = unsafe { *(h.l4 as *const [u16; 2]) };
@@ -213,7 +217,7 @@ fn key_of<const V4: bool, const TCP: bool>(h: &Headers<V4, TCP>) -> FlowKey {
         dst,
         sport,
         dport,
-        proto: if TCP { proto::TCP } else { proto::UDP },
+        proto: if TCP { proto::TCP } else { proto_ },
         family: if V4 { family::V4 } else { family::V6 },
         _pad: [0; 2],
     }
@@ -258,14 +262,59 @@ fn rewrite<const V4: bool, const TCP: bool>(
         if TCP {
             let c = h.l4.add(16) as *mut u16;
             *c = csum::apply(*c, l4_delta);
-        } else {
+        } else if old.proto == proto::UDP {
             let c = h.l4.add(6) as *mut u16;
             // IPv4 UDP without checksum stays without one.
             if !(V4 && *c == 0) {
                 *c = csum::apply_udp(*c, l4_delta);
             }
         }
+        // SCTP: its CRC32c is updated by the caller (`sctp_crc`).
     }
+}
+
+/// [`rewrite`], on the slow paths: an SCTP packet's CRC32c is updated too. `false` (counted)
+/// when the SCTP header is not within the packet, which `read_tuple` checked already: the
+/// check here is the verifier's.
+#[inline(always)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the packet's context and its translation"
+)]
+fn rewrite_slow<const V4: bool, const TCP: bool>(
+    ctx: &XdpContext,
+    st: &Stats,
+    p: &Parsed,
+    h: &Headers<V4, TCP>,
+    old: &FlowKey,
+    new_src: &Addr,
+    new_dst: &Addr,
+    new_sport: u16,
+    new_dport: u16,
+) -> bool {
+    let sctp = if !TCP && old.proto == proto::SCTP {
+        let Ok(c) = crate::sctp::crc_field(ctx, p) else {
+            st.add(stat::PASS_MALFORMED, 1);
+            return false;
+        };
+        Some(c)
+    } else {
+        None
+    };
+    rewrite(h, old, new_src, new_dst, new_sport, new_dport);
+    if let Some(c) = sctp {
+        // SAFETY: `c` is the checked SCTP common header.
+        unsafe {
+            crate::sctp::update_crc(
+                st,
+                c,
+                [old.sport, old.dport],
+                [new_sport, new_dport],
+                p.ip_end - p.l4,
+            )
+        };
+    }
+    true
 }
 
 /// Whether a cached next hop may carry a packet of `ip_len` bytes at `now`.
@@ -361,6 +410,10 @@ fn cpu_base(cfg: &Config) -> u32 {
 /// place of the copy refreshed longer ago.
 #[inline(always)]
 fn cache_store(key: &FlowKey, flow: &Flow, cfg: &Config, now: u64) {
+    // SCTP takes the slow path only (its CRC32c is updated there).
+    if key.proto == proto::SCTP {
+        return;
+    }
     let (a, b) = cache_ways(key, cfg);
     let (Some(a), Some(b)) = (
         maps::FLOW_CACHE.get_ptr_mut(a),
@@ -524,13 +577,9 @@ pub fn balance_packet(ctx: &XdpContext, st: &Stats, p: &Parsed, tcp_flags: u8) -
     let verdict = match p.proto {
         proto::TCP if v4 => portico_tracked_tcp4(ctx.ctx, hdr, meta),
         proto::TCP => portico_tracked_tcp6(ctx.ctx, hdr, meta),
-        proto::UDP if v4 => portico_tracked_udp4(ctx.ctx, hdr, meta),
-        proto::UDP => portico_tracked_udp6(ctx.ctx, hdr, meta),
-        _ => {
-            // SCTP: its CRC32c covers the whole packet; not rewritten in XDP (yet).
-            st.add(stat::PASS_UNSUPPORTED, 1);
-            return xdp_action::XDP_PASS;
-        }
+        // UDP and SCTP.
+        _ if v4 => portico_tracked_udp4(ctx.ctx, hdr, meta),
+        _ => portico_tracked_udp6(ctx.ctx, hdr, meta),
     };
     if verdict != NOT_MINE && verdict != STALE {
         return answer_too_big(ctx, p, verdict);
@@ -540,7 +589,7 @@ pub fn balance_packet(ctx: &XdpContext, st: &Stats, p: &Parsed, tcp_flags: u8) -
     let picked = match p.proto {
         proto::TCP if v4 => portico_pick_tcp4(ctx.ctx, hdr, meta),
         proto::TCP => portico_pick_tcp6(ctx.ctx, hdr, meta),
-        proto::UDP if v4 => portico_pick_udp4(ctx.ctx, hdr, meta),
+        _ if v4 => portico_pick_udp4(ctx.ctx, hdr, meta),
         _ => portico_pick_udp6(ctx.ctx, hdr, meta),
     };
     if picked & PICKED == 0 {
@@ -557,7 +606,7 @@ pub fn balance_packet(ctx: &XdpContext, st: &Stats, p: &Parsed, tcp_flags: u8) -
     let verdict = match p.proto {
         proto::TCP if v4 => portico_establish_tcp4(ctx.ctx, hdr, meta, picked),
         proto::TCP => portico_establish_tcp6(ctx.ctx, hdr, meta, picked),
-        proto::UDP if v4 => portico_establish_udp4(ctx.ctx, hdr, meta, picked),
+        _ if v4 => portico_establish_udp4(ctx.ctx, hdr, meta, picked),
         _ => portico_establish_udp6(ctx.ctx, hdr, meta, picked),
     };
     answer_too_big(ctx, p, verdict)
@@ -613,7 +662,7 @@ fn slow_path<const V4: bool, const TCP: bool>(
         return xdp_action::XDP_PASS;
     };
     let t = Tuple {
-        key: key_of(&h),
+        key: key_of(&h, p.proto),
         tcp_flags,
     };
     body(&ctx, &st, &p, &h, &t, cfg, arg)
@@ -744,7 +793,8 @@ fn unconfirmed<const V4: bool, const TCP: bool>(
         st.add(stat::PASS_TTL, 1);
         return Some(xdp_action::XDP_PASS);
     }
-    let confirms = !TCP || t.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN;
+    // Anything but a SYN (UDP has no flags; an SCTP INIT stands for a SYN).
+    let confirms = t.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN;
     if confirms {
         let mut flow = *n;
         flow.last_seen = now;
@@ -958,7 +1008,9 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
             }
         }
     };
-    rewrite(h, key, &snat, &be.addr, to.snat_port, be.port);
+    if !rewrite_slow(ctx, st, p, h, key, &snat, &be.addr, to.snat_port, be.port) {
+        return xdp_action::XDP_PASS;
+    }
     // Per backend only: the loader adds a service's backends up for its counters.
     count(
         &maps::BACKEND_STATS,
@@ -1004,9 +1056,9 @@ pub fn reply_packet(ctx: &XdpContext, p: &Parsed, tcp_flags: u8) -> u32 {
     let verdict = match p.proto {
         proto::TCP if v4 => portico_reply_tcp4(ctx.ctx, hdr, meta),
         proto::TCP => portico_reply_tcp6(ctx.ctx, hdr, meta),
-        proto::UDP if v4 => portico_reply_udp4(ctx.ctx, hdr, meta),
-        proto::UDP => portico_reply_udp6(ctx.ctx, hdr, meta),
-        _ => NOT_MINE,
+        // UDP and SCTP.
+        _ if v4 => portico_reply_udp4(ctx.ctx, hdr, meta),
+        _ => portico_reply_udp6(ctx.ctx, hdr, meta),
     };
     answer_too_big(ctx, p, verdict)
 }
@@ -1043,7 +1095,7 @@ fn reply<const V4: bool, const TCP: bool>(
     let Ok(h) = Headers::<V4, TCP>::of(ctx, p) else {
         return NOT_MINE;
     };
-    let key = &key_of(&h);
+    let key = &key_of(&h, p.proto);
     let now = now();
     let slot = maps::REPLY_CACHE.get_ptr_mut(cache_index(key, cfg));
     let mut cached: Option<&ReplyCacheEntry> = None;
@@ -1124,14 +1176,19 @@ fn reply<const V4: bool, const TCP: bool>(
             return xdp_action::XDP_DROP;
         }
     };
-    rewrite(
+    if !rewrite_slow(
+        ctx,
+        st,
+        p,
         &h,
         key,
         &rev.vip,
         &rev.client,
         rev.vip_port,
         rev.client_port,
-    );
+    ) {
+        return xdp_action::XDP_PASS;
+    }
     st.add(stat::REPLY_NAT, 1);
     count(
         &maps::SERVICE_STATS,
