@@ -314,7 +314,9 @@ fn parse(p: &[u8]) -> Option<Ip> {
 fn l4_ok(p: &[u8], ip: &Ip) -> bool {
     let need = match ip.proto {
         TCP => 20,
-        UDP | SCTP | ICMP4 | ICMP6 => 8,
+        // SCTP: the common header and the first chunk's header.
+        SCTP => 16,
+        UDP | ICMP4 | ICMP6 => 8,
         _ => return false,
     };
     if ip.l4 + need > WINDOW || ip.l4 + need > p.len() || ip.l4 + need > ip.ip_end {
@@ -341,6 +343,12 @@ fn ipv4_header_ok(p: &[u8], ip: &Ip) -> bool {
 
 /// The L4 checksum's state: `None` for IPv4 UDP without one, else whether it is right.
 fn l4_checksum_ok(p: &[u8], ip: &Ip) -> Option<bool> {
+    if ip.proto == SCTP {
+        let mut sctp = p[ip.l4..ip.ip_end].to_vec();
+        let stored = u32::from_le_bytes(sctp[8..12].try_into().unwrap());
+        sctp[8..12].copy_from_slice(&[0; 4]);
+        return Some(crc32c(&sctp) == stored);
+    }
     let (src, dst) = (octets(ip.src), octets(ip.dst));
     let end = if ip.proto == UDP {
         (ip.l4 + usize::from(u16::from_be_bytes([p[ip.l4 + 4], p[ip.l4 + 5]]))).min(ip.ip_end)
@@ -361,12 +369,34 @@ fn ports(p: &[u8], ip: &Ip) -> (u16, u16) {
     )
 }
 
+/// TCP flags; for SCTP, the ones its first chunk stands for (INIT: SYN; ABORT, SHUTDOWN
+/// COMPLETE: RST; any other: ACK).
 fn tcp_flags(p: &[u8], ip: &Ip) -> u8 {
-    if ip.proto == TCP {
-        p[ip.l4 + 13]
-    } else {
-        0
+    match ip.proto {
+        TCP => p[ip.l4 + 13],
+        SCTP => match p[ip.l4 + 12] {
+            1 => 0x02,
+            6 | 14 => 0x04,
+            _ => 0x10,
+        },
+        _ => 0,
     }
+}
+
+/// CRC32c (Castagnoli), bit by bit.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0x82f6_3b78
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
 }
 
 // ---------- the model of the flows seen ----------
@@ -489,6 +519,33 @@ fn l4_build(
             t.write(&mut out, payload).unwrap();
         }
         UDP => b.udp(sport, dport).write(&mut out, payload).unwrap(),
+        SCTP => {
+            // Common header, one chunk of the type the flags stand for (INIT for a SYN,
+            // ABORT for an RST, SHUTDOWN COMPLETE for a FIN, else DATA) with the payload,
+            // and a right CRC32c (mutations may break it).
+            let ty = if flags & 0x04 != 0 {
+                6
+            } else if flags & 0x12 == 0x02 {
+                1
+            } else if flags & 0x01 != 0 {
+                14
+            } else {
+                0
+            };
+            let mut sctp = Vec::new();
+            sctp.extend_from_slice(&sport.to_be_bytes());
+            sctp.extend_from_slice(&dport.to_be_bytes());
+            sctp.extend_from_slice(&[0x5c, 0x7a, 0x90, 0x01, 0, 0, 0, 0]);
+            sctp.extend_from_slice(&[ty, 0]);
+            sctp.extend_from_slice(&((4 + payload.len()) as u16).to_be_bytes());
+            sctp.extend_from_slice(payload);
+            while sctp.len() % 4 != 0 {
+                sctp.push(0);
+            }
+            let crc = crc32c(&sctp);
+            sctp[8..12].copy_from_slice(&crc.to_le_bytes());
+            b.write(&mut out, IpNumber(proto), &sctp).unwrap();
+        }
         _ => {
             // SCTP common header (ports, tag, CRC32c left zero) and the payload.
             let mut sctp = Vec::new();
@@ -676,7 +733,7 @@ fn to_vip(rng: &mut Rng, model: &Model) -> Case {
     let (v6, port, proto) = if rng.chance(90) {
         rng.pick(&LISTENERS)
     } else {
-        (rng.chance(50), rng.below(100) as u16, rng.pick(&[TCP, UDP]))
+        (rng.chance(50), rng.below(100) as u16, rng.pick(&[TCP, UDP, SCTP]))
     };
     let (client, cport) = client_tuple(rng, v6);
     let flags = if rng.chance(60) {
@@ -725,7 +782,7 @@ fn reply(rng: &mut Rng, model: &Model) -> Case {
         (
             backend_addrs(v6)[rng.below(3)],
             SNAT_PORTS.1 + 1 + rng.below(100) as u16,
-            rng.pick(&[TCP, UDP]),
+            rng.pick(&[TCP, UDP, SCTP]),
         )
     };
     let flags = rng.pick(&[0x12u8, 0x10, 0x18, 0x11, 0x04]);
@@ -1145,7 +1202,12 @@ fn translated(
         ));
     }
     // Tags, and everything after the checksum field (payload, trailer), as they were.
-    let csum_end = inp.l4 + if inp.proto == TCP { 18 } else { 8 };
+    let csum_end = inp.l4
+        + match inp.proto {
+            TCP => 18,
+            SCTP => 12,
+            _ => 8,
+        };
     if out[12..inp.l3] != input[12..inp.l3] || out[csum_end..] != input[csum_end..] {
         return Err("bytes outside the rewritten fields changed".into());
     }
@@ -1398,8 +1460,26 @@ fn check(case: &Case, out: &TestRunOutput, model: &mut Model) -> Result<&'static
             (ports(input, &ip), Instant::now()),
         );
     }
+    let what = check_l4(input, &ip, out, model)?;
+    // SCTP's own count: its CRC32c was checked.
+    Ok(match (ip.proto, what) {
+        (SCTP, "translated") => "sctp_translated",
+        _ => what,
+    })
+}
+
+/// [`check`], for a packet that parsed, whose transport header is sound, and which is not a
+/// later fragment.
+fn check_l4(
+    input: &[u8],
+    ip: &Ip,
+    out: &TestRunOutput,
+    model: &mut Model,
+) -> Result<&'static str, String> {
+    let ip = ip.clone();
+    let v6 = ip.v6;
     match ip.proto {
-        TCP | UDP if ip.dst == snat(v6) => {
+        TCP | UDP | SCTP if ip.dst == snat(v6) => {
             let (sport, dport) = ports(input, &ip);
             let Some(&t) = (sport == BACKEND_PORT)
                 .then(|| model.reverse.get(&(ip.src, dport, ip.proto)))
@@ -1418,7 +1498,7 @@ fn check(case: &Case, out: &TestRunOutput, model: &mut Model) -> Result<&'static
             let (client, cport, vipa, vport, _) = t;
             forwarded(input, &ip, out, vipa, vport, client, cport, model)
         }
-        TCP | UDP if ip.dst == vip(v6) => {
+        TCP | UDP | SCTP if ip.dst == vip(v6) => {
             let (sport, dport) = ports(input, &ip);
             if !LISTENERS.contains(&(v6, dport, ip.proto)) {
                 unchanged(input, out)?;
@@ -2068,6 +2148,7 @@ fn xdp_fuzz_checked_by_an_independent_model() {
         "passed_unparsed",
         "fragment_translated",
         "dropped_fragment_no_head",
+        "sctp_translated",
     ] {
         assert!(
             model.outcomes.get(must).copied().unwrap_or(0) > 0 || n < 20_000,
