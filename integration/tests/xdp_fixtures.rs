@@ -12,7 +12,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use etherparse::{
     icmpv4::DestUnreachableHeader, Icmpv4Type, Icmpv6Type, IpNumber, PacketBuilder, VlanId,
 };
-use portico_integration::{fibnet, TestNet};
+use portico_integration::{
+    fibnet,
+    sctp::{self, chunk, data_chunk, init_chunk},
+    TestNet,
+};
 use portico_xdp::{
     verdict, BackendSpec, Balancer, LoadOptions, NodeConfig, Protocol, ServiceKey, ServiceSpec,
     XdpBalancer, XdpProgram,
@@ -2208,50 +2212,6 @@ fn fragments_follow_their_first_fragment() {
 
 // ---------- SCTP ----------
 
-/// CRC32c (Castagnoli), bit by bit: the test's own, independent of the program's update.
-fn crc32c(data: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &b in data {
-        c ^= u32::from(b);
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0x82f6_3b78
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
-}
-
-/// An SCTP chunk: type, flags, value (padded to 4 bytes).
-fn chunk(ty: u8, flags: u8, value: &[u8]) -> Vec<u8> {
-    let mut c = vec![ty, flags];
-    c.extend_from_slice(&((4 + value.len()) as u16).to_be_bytes());
-    c.extend_from_slice(value);
-    while c.len() % 4 != 0 {
-        c.push(0);
-    }
-    c
-}
-
-/// INIT (or INIT ACK, type 2) with initiate tag `tag`: a_rwnd, streams, initial TSN.
-fn init_chunk(ty: u8, tag: u32) -> Vec<u8> {
-    let mut v = tag.to_be_bytes().to_vec();
-    v.extend_from_slice(&65536u32.to_be_bytes());
-    v.extend_from_slice(&[0, 10, 0, 10]);
-    v.extend_from_slice(&1u32.to_be_bytes());
-    chunk(ty, 0, &v)
-}
-
-/// DATA chunk (unordered, whole message) carrying `data`.
-fn data_chunk(tsn: u32, data: &[u8]) -> Vec<u8> {
-    let mut v = tsn.to_be_bytes().to_vec();
-    v.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
-    v.extend_from_slice(data);
-    chunk(0, 0x07, &v)
-}
-
 /// An SCTP packet in an untagged frame: common header (CRC32c computed here, little-endian
 /// on the wire as Linux writes it) and `chunks`.
 #[allow(
@@ -2269,13 +2229,7 @@ fn sctp_frame(
     vtag: u32,
     chunks: &[u8],
 ) -> Vec<u8> {
-    let mut sctp = sport.to_be_bytes().to_vec();
-    sctp.extend_from_slice(&dport.to_be_bytes());
-    sctp.extend_from_slice(&vtag.to_be_bytes());
-    sctp.extend_from_slice(&[0; 4]);
-    sctp.extend_from_slice(chunks);
-    let crc = crc32c(&sctp);
-    sctp[8..12].copy_from_slice(&crc.to_le_bytes());
+    let sctp = sctp::packet(sport, dport, vtag, chunks);
     let eth = PacketBuilder::ethernet2(smac, dmac);
     let b = match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), ttl),
@@ -2289,11 +2243,7 @@ fn sctp_frame(
 
 /// Whether the SCTP packet of an untagged frame carries a right CRC32c.
 fn sctp_crc_ok(frame: &[u8]) -> bool {
-    let l = layout(frame);
-    let mut sctp = frame[l.l4..].to_vec();
-    let stored = u32::from_le_bytes(sctp[8..12].try_into().unwrap());
-    sctp[8..12].copy_from_slice(&[0; 4]);
-    crc32c(&sctp) == stored
+    sctp::crc_ok(&frame[layout(frame).l4..])
 }
 
 /// Issue 13: SCTP to a VIP is balanced and tracked by ports (INIT opens, ABORT closes, a new
@@ -2302,7 +2252,6 @@ fn sctp_crc_ok(frame: &[u8]) -> bool {
 /// scratch), a wrong one stays wrong; a 1,400-byte DATA chunk too.
 #[test]
 fn sctp_is_balanced_by_ports_with_its_crc32c_updated() {
-    assert_eq!(crc32c(b"123456789"), 0xe306_9283, "the test's own CRC32c");
     let mut net = TestNet::new().unwrap();
     let lb = fibnet::lb_namespace(&mut net).unwrap();
     let balancer = balancer();

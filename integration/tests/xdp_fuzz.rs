@@ -24,7 +24,11 @@ use std::{
 };
 
 use etherparse::{IpNumber, PacketBuilder};
-use portico_integration::{fibnet, TestNet};
+use portico_integration::{
+    fibnet,
+    sctp::{self, crc32c},
+    TestNet,
+};
 use portico_xdp::{
     verdict, BackendSpec, Balancer, LoadOptions, NodeConfig, Protocol, ServiceKey, ServiceSpec,
     TestRunOutput, XdpBalancer, XdpProgram,
@@ -344,10 +348,7 @@ fn ipv4_header_ok(p: &[u8], ip: &Ip) -> bool {
 /// The L4 checksum's state: `None` for IPv4 UDP without one, else whether it is right.
 fn l4_checksum_ok(p: &[u8], ip: &Ip) -> Option<bool> {
     if ip.proto == SCTP {
-        let mut sctp = p[ip.l4..ip.ip_end].to_vec();
-        let stored = u32::from_le_bytes(sctp[8..12].try_into().unwrap());
-        sctp[8..12].copy_from_slice(&[0; 4]);
-        return Some(crc32c(&sctp) == stored);
+        return Some(sctp::crc_ok(&p[ip.l4..ip.ip_end]));
     }
     let (src, dst) = (octets(ip.src), octets(ip.dst));
     let end = if ip.proto == UDP {
@@ -381,22 +382,6 @@ fn tcp_flags(p: &[u8], ip: &Ip) -> u8 {
         },
         _ => 0,
     }
-}
-
-/// CRC32c (Castagnoli), bit by bit.
-fn crc32c(data: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &b in data {
-        c ^= u32::from(b);
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0x82f6_3b78
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
 }
 
 // ---------- the model of the flows seen ----------
@@ -733,7 +718,11 @@ fn to_vip(rng: &mut Rng, model: &Model) -> Case {
     let (v6, port, proto) = if rng.chance(90) {
         rng.pick(&LISTENERS)
     } else {
-        (rng.chance(50), rng.below(100) as u16, rng.pick(&[TCP, UDP, SCTP]))
+        (
+            rng.chance(50),
+            rng.below(100) as u16,
+            rng.pick(&[TCP, UDP, SCTP]),
+        )
     };
     let (client, cport) = client_tuple(rng, v6);
     let flags = if rng.chance(60) {
