@@ -389,6 +389,9 @@ fn tcp_flags(p: &[u8], ip: &Ip) -> u8 {
 /// A client's flow: (client, client port, VIP, VIP port, protocol).
 type Tuple = (IpAddr, u16, IpAddr, u16, u8);
 
+/// A fragmented datagram: (source, destination, protocol, identification).
+type FragKey = (IpAddr, IpAddr, u8, u32);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Mapping {
     backend: IpAddr,
@@ -408,7 +411,7 @@ struct Model {
     may_move: HashMap<Tuple, bool>,
     /// First fragments the program must have remembered: (source, destination, protocol,
     /// identification) → their ports, and when.
-    frags: BTreeMap<(IpAddr, IpAddr, u8, u32), ((u16, u16), Instant)>,
+    frags: BTreeMap<FragKey, ((u16, u16), Instant)>,
     /// Fragments of a datagram still to send (the last one first).
     pending: Vec<Case>,
     /// Counts by what happened, for the summary.

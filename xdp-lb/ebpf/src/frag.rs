@@ -128,7 +128,7 @@ fn is_vip(fam: u8, a: &Addr) -> bool {
         family: fam,
     };
     // SAFETY: only tested for presence.
-    unsafe { maps::SERVICES.get(&k) }.is_some()
+    unsafe { maps::SERVICES.get(k) }.is_some()
 }
 
 #[inline(always)]
@@ -205,8 +205,8 @@ fn later_fragment(
         // SAFETY: read only; copied out at once.
         let rev = unsafe {
             maps::REV_NAT
-                .get(&flow)
-                .or_else(|| maps::REV_NAT_NEW.get(&flow))
+                .get(flow)
+                .or_else(|| maps::REV_NAT_NEW.get(flow))
         };
         let Some(rev) = rev.copied() else {
             return Err(Skip::Fragment);
@@ -216,8 +216,8 @@ fn later_fragment(
         // SAFETY: read only; copied out at once.
         let tracked = unsafe {
             maps::CONNTRACK
-                .get(&flow)
-                .or_else(|| maps::CONNTRACK_NEW.get(&flow))
+                .get(flow)
+                .or_else(|| maps::CONNTRACK_NEW.get(flow))
         };
         let Some(tracked) = tracked.copied() else {
             return Err(Skip::Fragment);
@@ -307,7 +307,7 @@ fn head(
     };
     // A full table evicts its oldest entries (LRU): fragments of those datagrams are then
     // dropped as headless.
-    let _ = maps::FRAGS.insert(key, &entry, 0);
+    let _ = maps::FRAGS.insert(key, entry, 0);
     st.add(stat::FRAG_HEAD, 1);
     Ok(pack_head(p, tcp_flags, to_snat, vip))
 }
