@@ -2409,4 +2409,24 @@ fn sctp_is_balanced_by_ports_with_its_crc32c_updated() {
         );
         assert_eq!(stat(stat::CT_INSERT) - inserts, 1, "{what}: a new entry");
     }
+
+    // A first fragment of an SCTP packet: its CRC32c covers a datagram of unknown length,
+    // so it is passed untouched.
+    let mut head = sctp_frame(
+        CLIENT_MAC,
+        LB0_MAC,
+        v4(CLIENT4),
+        v4(VIP4),
+        64,
+        33001,
+        2905,
+        0,
+        &init_chunk(1, 0x4444),
+    );
+    head[20] |= 0x20;
+    fix_ipv4_checksum(&mut head);
+    let unsupported = stat(stat::PASS_UNSUPPORTED);
+    let out = send("SCTP first fragment", &head, eth0, verdict::PASS);
+    assert_eq!(out, head, "SCTP first fragment: untouched");
+    assert_eq!(stat(stat::PASS_UNSUPPORTED) - unsupported, 1);
 }

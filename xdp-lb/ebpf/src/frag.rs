@@ -11,6 +11,9 @@
 //!   and with them the flow's `CONNTRACK` (or `REV_NAT`) entry: the fragment gets the same
 //!   addresses as its first fragment (nothing else of it changes), a TTL / hop limit one
 //!   lower, and the next hop from the FIB.
+//! - SCTP's first fragments are passed (`pass_unsupported`): the CRC32c covers the whole
+//!   datagram, whose length a first fragment does not tell, so new ports cannot be
+//!   accounted for in it. Its later fragments are then headless.
 //! - A later fragment before its first fragment: to a VIP it is dropped (`drop_frag_no_head`):
 //!   the backend depends on the ports it lacks, and the stack can do nothing better with
 //!   it. To the SNAT address it is passed (the node's own traffic uses that address too).
@@ -292,8 +295,10 @@ fn head(
         if p.l4 + 8 > p.ip_end {
             return Err(Skip::BadLength);
         }
+        // SCTP's CRC32c covers the whole datagram, whose length a first fragment does not
+        // tell: new ports cannot be accounted for. Its fragments are not balanced.
         if p.proto == proto::SCTP {
-            tcp_flags = crate::sctp::flags(ctx, p)?;
+            return Err(Skip::Unsupported);
         }
     }
     let ports: *const [u16; 2] = ptr_at(ctx, p.l4)?;
