@@ -37,12 +37,16 @@ const VIP4: [u8; 4] = [203, 0, 113, 10];
 const VIP4_TX: [u8; 4] = [203, 0, 113, 11];
 const VIP4_DRAINED: [u8; 4] = [203, 0, 113, 12];
 const VIP4_EMPTY: [u8; 4] = [203, 0, 113, 13];
+/// NAT46: its backends are `BACKENDS6`.
+const VIP4_46: [u8; 4] = [203, 0, 113, 46];
 const SNAT4: [u8; 4] = [198, 18, 1, 254];
 const BACKENDS4: [[u8; 4]; 3] = [[198, 18, 1, 1], [198, 18, 1, 2], [198, 18, 1, 3]];
 const BACKEND4_ETH0: [u8; 4] = [198, 18, 0, 10];
 
 const CLIENT6: [u8; 16] = ip6("fd00:18::1");
 const VIP6: [u8; 16] = ip6("fd00:203::10");
+/// NAT64: its backends are `BACKENDS4`.
+const VIP6_64: [u8; 16] = ip6("fd00:203::64");
 const SNAT6: [u8; 16] = ip6("fd00:18:1::fe");
 const BACKENDS6: [[u8; 16]; 3] = [
     ip6("fd00:18:1::1"),
@@ -623,8 +627,15 @@ fn balancer() -> XdpBalancer {
         .unwrap();
     b.upsert_service(&svc(v4(VIP4), 2905, Protocol::Sctp, b4.clone()))
         .unwrap();
-    b.upsert_service(&svc(v6(VIP6), 2905, Protocol::Sctp, b6))
+    b.upsert_service(&svc(v6(VIP6), 2905, Protocol::Sctp, b6.clone()))
         .unwrap();
+    // NAT46: an IPv4 VIP with IPv6 backends; NAT64: the other way.
+    for proto in [Protocol::Tcp, Protocol::Udp] {
+        b.upsert_service(&svc(v4(VIP4_46), 80, proto, b6.clone()))
+            .unwrap();
+        b.upsert_service(&svc(v6(VIP6_64), 80, proto, b4.clone()))
+            .unwrap();
+    }
     b
 }
 
@@ -2428,5 +2439,167 @@ fn sctp_is_balanced_by_ports_with_its_crc32c_updated() {
     let unsupported = stat(stat::PASS_UNSUPPORTED);
     let out = send("SCTP first fragment", &head, eth0, verdict::PASS);
     assert_eq!(out, head, "SCTP first fragment: untouched");
+    assert_eq!(stat(stat::PASS_UNSUPPORTED) - unsupported, 1);
+}
+
+// ---------- NAT46 / NAT64 ----------
+
+/// Sets an untagged frame's TOS / traffic class; for IPv4 also DF, identification 0 and the
+/// header checksum (what the translator writes toward IPv4: an atomic datagram).
+fn with_tos(mut p: Vec<u8>, tos: u8, atomic_v4: bool) -> Vec<u8> {
+    if p[12..14] == [0x08, 0x00] {
+        p[15] = tos;
+        if atomic_v4 {
+            p[18..22].copy_from_slice(&[0, 0, 0x40, 0]);
+        }
+        fix_ipv4_checksum(&mut p);
+    } else {
+        p[14] = 0x60 | tos >> 4;
+        p[15] = (tos << 4) | (p[15] & 0x0f);
+    }
+    p
+}
+
+/// Issue 13: an IPv4 VIP with IPv6 backends (NAT46) and an IPv6 VIP with IPv4 backends
+/// (NAT64), TCP and UDP, both ways: the translated packet is compared byte for byte with
+/// one built from scratch in the other family (etherparse computes its checksums): the
+/// SNAT address of the backend's family, TOS ↔ traffic class, TTL ↔ hop limit less one,
+/// DF and identification 0 toward IPv4. IPv4 UDP without a checksum is not translated.
+#[test]
+fn nat46_and_nat64_translate_headers_and_checksums() {
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let balancer = balancer();
+    let prog = balancer.program();
+    let _in_lb = lb.enter().unwrap();
+    let (eth0, eth1) = (ifindex("eth0"), ifindex("eth1"));
+    let stat = |i| prog.stat(i).unwrap();
+    let be_mac = |backend: IpAddr| {
+        let i = BACKENDS4
+            .iter()
+            .map(|a| v4(*a))
+            .chain(BACKENDS6.iter().map(|a| v6(*a)))
+            .position(|b| b == backend)
+            .unwrap_or_else(|| panic!("{backend} is not a backend"));
+        BE_MAC[i % 3]
+    };
+    let send = |what: &str, input: &[u8], ingress: u32, want: u32| {
+        let out = prog.test_run_on(input, Some(ingress)).unwrap();
+        assert_eq!(
+            verdict::name(out.verdict),
+            verdict::name(want),
+            "{what}: verdict"
+        );
+        out.packet
+    };
+    let xlats = stat(stat::XLAT);
+    let mut translated = 0;
+    for (nat, client, vip, snat, backends) in [
+        (
+            "NAT46",
+            v4(CLIENT4),
+            v4(VIP4_46),
+            v6(SNAT6),
+            BACKENDS6.iter().map(|a| v6(*a)).collect::<Vec<_>>(),
+        ),
+        (
+            "NAT64",
+            v6(CLIENT6),
+            v6(VIP6_64),
+            v4(SNAT4),
+            BACKENDS4.iter().map(|a| v4(*a)).collect::<Vec<_>>(),
+        ),
+    ] {
+        for (l4, reply_l4, payload) in [
+            (L4::Tcp { flags: SYN }, L4::Tcp { flags: SYNACK }, &b""[..]),
+            (L4::Udp, L4::Udp, &b"a query of some length"[..]),
+        ] {
+            let what = format!("{nat} {}", if payload.is_empty() { "TCP" } else { "UDP" });
+            let cport = 42000 + translated as u16;
+            let input = with_tos(
+                build(
+                    CLIENT_MAC,
+                    LB0_MAC,
+                    Vlan::None,
+                    client,
+                    vip,
+                    64,
+                    l4,
+                    cport,
+                    80,
+                    payload,
+                ),
+                0xb8,
+                false,
+            );
+            let out = send(&what, &input, eth0, verdict::REDIRECT);
+            let (backend, bport) = endpoint(&out, false);
+            let (src, snat_port) = endpoint(&out, true);
+            assert!(backends.contains(&backend), "{what}: went to {backend}");
+            assert_eq!((src, bport), (snat, 8080), "{what}: from the SNAT address");
+            let want = with_tos(
+                build(
+                    LB1_MAC,
+                    be_mac(backend),
+                    Vlan::None,
+                    snat,
+                    backend,
+                    63,
+                    l4,
+                    snat_port,
+                    8080,
+                    payload,
+                ),
+                0xb8,
+                true,
+            );
+            check_output(&what, &want, &out);
+
+            let what = format!("{what} reply");
+            let reply = with_tos(
+                build(
+                    be_mac(backend),
+                    LB1_MAC,
+                    Vlan::None,
+                    backend,
+                    snat,
+                    64,
+                    reply_l4,
+                    8080,
+                    snat_port,
+                    payload,
+                ),
+                0x28,
+                false,
+            );
+            let out = send(&what, &reply, eth1, verdict::REDIRECT);
+            let want = with_tos(
+                build(
+                    LB0_MAC,
+                    CLIENT_MAC,
+                    Vlan::None,
+                    vip,
+                    client,
+                    63,
+                    reply_l4,
+                    80,
+                    cport,
+                    payload,
+                ),
+                0x28,
+                true,
+            );
+            check_output(&what, &want, &out);
+            translated += 2;
+        }
+    }
+    assert_eq!(stat(stat::XLAT) - xlats, translated);
+
+    // IPv4 UDP without a checksum: IPv6 needs one; passed untouched.
+    let mut input = udp4(CLIENT4, VIP4_46, 42100, 80, b"no checksum");
+    input[40..42].copy_from_slice(&[0, 0]);
+    let unsupported = stat(stat::PASS_UNSUPPORTED);
+    let out = send("NAT46 UDP without a checksum", &input, eth0, verdict::PASS);
+    assert_eq!(out, input, "NAT46 UDP without a checksum: untouched");
     assert_eq!(stat(stat::PASS_UNSUPPORTED) - unsupported, 1);
 }

@@ -135,8 +135,11 @@ pub mod stat {
     pub const DROP_FRAG_NO_HEAD: u32 = 30;
     /// SCTP packets whose ports were rewritten, their CRC32c updated.
     pub const SCTP_CRC: u32 = 31;
+    /// Packets translated between IPv4 and IPv6 (NAT46 toward an IPv6 backend of an IPv4
+    /// VIP, NAT64 the other way, and their replies).
+    pub const XLAT: u32 = 32;
     /// Number of counters in a [`crate::StatBlock`].
-    pub const COUNT: u32 = 32;
+    pub const COUNT: u32 = 33;
 
     /// Each counter's name, by index, as status and metrics show it.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -172,6 +175,7 @@ pub mod stat {
         "frag_nat",
         "drop_frag_no_head",
         "sctp_crc",
+        "xlat",
     ];
 }
 
@@ -238,10 +242,19 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
 /// Global counters of one CPU: the single entry of the per-CPU `STATS` map, so a packet
 /// looks its CPU's block up once and bumps counters by index.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StatBlock {
     /// Counters, indexed by [`stat`].
     pub counts: [u64; stat::COUNT as usize],
+}
+
+// By hand: `Default` is derived for arrays of at most 32 elements.
+impl Default for StatBlock {
+    fn default() -> Self {
+        Self {
+            counts: [0; stat::COUNT as usize],
+        }
+    }
 }
 
 /// Words (64 bits each) of the `VIP_FILTER` bitmap.
@@ -481,8 +494,12 @@ pub struct RevNat {
     pub vip_port: u16,
     /// Service id (for counters).
     pub service_id: u16,
+    /// The client's [`family`] when it differs from the backend's (NAT46/NAT64: the reply is
+    /// translated to it); 0 when they are the same (entries written before NAT46/64 existed
+    /// hold 0 here too).
+    pub client_family: u8,
     /// Explicit padding.
-    pub _pad: u16,
+    pub _pad: u8,
     /// Last time either direction of the flow looked this entry up (jiffies, refreshed at
     /// most once a second per CPU). The SNAT port is not reclaimed within two seconds of it,
     /// so no per-CPU cached copy of the flow outlives its port.

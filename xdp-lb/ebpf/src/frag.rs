@@ -211,7 +211,8 @@ fn later_fragment(
                 .get(flow)
                 .or_else(|| maps::REV_NAT_NEW.get(flow))
         };
-        let Some(rev) = rev.copied() else {
+        // Not a NAT46/64 flow's (its fragments are not translated).
+        let Some(rev) = rev.copied().filter(|r| r.client_family == 0) else {
             return Err(Skip::Fragment);
         };
         (rev.vip, rev.client, 0, u32::from(rev.service_id))

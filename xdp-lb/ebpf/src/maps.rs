@@ -102,6 +102,8 @@ pub struct Scratch {
     pub _pad: u32,
     /// `bpf_fib_lookup`'s parameter block (64 bytes).
     pub fib: bpf_fib_lookup,
+    /// A NAT46/64 translation asked for by a slow path, done by `nat46::translate`.
+    pub xlat: crate::nat46::Xlat,
 }
 
 /// Reverse NAT: backend → SNAT address:port 5-tuple → client and VIP. Also the SNAT port

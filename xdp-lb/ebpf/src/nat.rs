@@ -21,6 +21,7 @@ use crate::{
     csum,
     fib::{self, Route},
     maps::{self, count, Stats},
+    nat46,
     parse::{load_addr, ptr_at, store32, store_addr, used, Headers, Parsed, Skip},
     snat,
 };
@@ -315,6 +316,17 @@ fn rewrite_slow<const V4: bool, const TCP: bool>(
         };
     }
     true
+}
+
+/// The MTU to tell the sender of an IPv4 (`V4`) or IPv6 packet whose next hop's MTU is
+/// `mtu`: translated (`xlat`), the packet grows by 20 bytes (to IPv6) or shrinks by 20.
+#[inline(always)]
+fn client_mtu<const V4: bool>(mtu: u32, xlat: bool) -> u32 {
+    match (xlat, V4) {
+        (false, _) => mtu,
+        (true, true) => mtu.saturating_sub(20),
+        (true, false) => mtu + 20,
+    }
 }
 
 /// Whether a cached next hop may carry a packet of `ip_len` bytes at `now`.
@@ -615,10 +627,34 @@ pub fn balance_packet(ctx: &XdpContext, st: &Stats, p: &Parsed, tcp_flags: u8) -
 /// A slow path's verdict, or, when it asked for it, the ICMP too-big answer.
 #[inline(always)]
 fn answer_too_big(ctx: &XdpContext, p: &Parsed, verdict: u32) -> u32 {
-    if verdict != NOT_MINE && verdict & TOO_BIG != 0 {
+    if verdict == NOT_MINE {
+        verdict
+    } else if verdict & TOO_BIG != 0 {
         crate::pmtu::too_big(ctx, p, verdict & 0xffff)
+    } else if verdict & nat46::XLAT != 0 {
+        nat46::translate(ctx, p)
     } else {
         verdict
+    }
+}
+
+/// The client's family of a reverse-NAT entry found under a reply of family `fam`.
+#[inline(always)]
+fn client_family(rev: &RevNat, fam: u8) -> u8 {
+    if rev.client_family != 0 {
+        rev.client_family
+    } else {
+        fam
+    }
+}
+
+/// The length of the reply `p` as it leaves toward the client (translated if NAT46/64).
+#[inline(always)]
+fn reply_len<const V4: bool>(p: &Parsed, rev: &RevNat) -> usize {
+    if rev.client_family != 0 {
+        nat46::translated_len(p, V4)
+    } else {
+        p.ip_len()
     }
 }
 
@@ -966,12 +1002,18 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
 ) -> u32 {
     // SAFETY: valid map value pointer; only the next-hop cache is written below.
     let be = unsafe { &mut *to.be };
-    if be.family != key.family {
+    // NAT46 / NAT64: the backend's family differs from the VIP's.
+    let xlat = be.family != key.family;
+    if xlat && !nat46::eligible(p, h) {
         st.add(stat::PASS_UNSUPPORTED, 1);
         return xdp_action::XDP_PASS;
     }
-    let snat = snat_addr(cfg, key.family);
-    let ip_len = p.ip_len();
+    let snat = snat_addr(cfg, be.family);
+    let ip_len = if xlat {
+        nat46::translated_len(p, V4)
+    } else {
+        p.ip_len()
+    };
     // Where it goes, decided before the packet is touched; the next hop itself stays in the
     // backend's entry (no copy on the stack).
     let way = if hop_fresh(&be.hop, ip_len, now) {
@@ -982,7 +1024,7 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
         // SAFETY: `hop` is a field of the map value `be`, disjoint from the address.
         match fib::lookup(
             ctx,
-            key.family,
+            be.family,
             key.proto,
             &snat,
             &be.addr,
@@ -998,7 +1040,7 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
             Route::NoNeigh => Way::PassNoNeigh,
             Route::TooBig(mtu) => {
                 if !h.may_fragment() {
-                    return TOO_BIG | mtu.min(0xffff);
+                    return TOO_BIG | client_mtu::<V4>(mtu, xlat).min(0xffff);
                 }
                 Way::PassToFragment
             }
@@ -1008,6 +1050,28 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
             }
         }
     };
+    if xlat {
+        return match way {
+            Way::Hop => {
+                count(
+                    &maps::BACKEND_STATS,
+                    to.backend_id,
+                    p.ip_end as u64,
+                    to.new_flow,
+                );
+                nat46::request(&snat, &be.addr, to.snat_port, be.port, be.family, &be.hop)
+            }
+            // Left to the stack untranslated, which cannot forward it: counted.
+            Way::PassNoNeigh => {
+                st.add(stat::PASS_NO_NEIGH, 1);
+                xdp_action::XDP_PASS
+            }
+            Way::PassToFragment => {
+                st.add(stat::PASS_UNSUPPORTED, 1);
+                xdp_action::XDP_PASS
+            }
+        };
+    }
     if !rewrite_slow(ctx, st, p, h, key, &snat, &be.addr, to.snat_port, be.port) {
         return xdp_action::XDP_PASS;
     }
@@ -1106,7 +1170,7 @@ fn reply<const V4: bool, const TCP: bool>(
             if c.key == *key
                 && c.epoch == cfg.cache_epoch
                 && now.saturating_sub(c.rev.last_seen) <= copy_life(cfg)
-                && p.ip_len() <= c.hop.mtu as usize
+                && reply_len::<V4>(p, &c.rev) <= c.hop.mtu as usize
             {
                 cached = Some(c);
             }
@@ -1140,13 +1204,13 @@ fn reply<const V4: bool, const TCP: bool>(
             c.rev = *r;
             let route = fib::lookup(
                 ctx,
-                key.family,
+                client_family(&c.rev, key.family),
                 key.proto,
                 &c.rev.vip,
                 &c.rev.client,
                 c.rev.vip_port,
                 c.rev.client_port,
-                p.ip_len() as u16,
+                reply_len::<V4>(p, &c.rev) as u16,
                 &mut c.hop,
             );
             if let Route::Via = route {
@@ -1162,12 +1226,17 @@ fn reply<const V4: bool, const TCP: bool>(
         st.add(stat::PASS_TTL, 1);
         return xdp_action::XDP_PASS;
     }
+    let xlat = rev.client_family != 0;
+    if xlat && !nat46::eligible(p, &h) {
+        st.add(stat::PASS_UNSUPPORTED, 1);
+        return xdp_action::XDP_PASS;
+    }
     let way = match route {
         Route::Via => Way::Hop,
         Route::NoNeigh => Way::PassNoNeigh,
         Route::TooBig(mtu) => {
             if !h.may_fragment() {
-                return TOO_BIG | mtu.min(0xffff);
+                return TOO_BIG | client_mtu::<V4>(mtu, xlat).min(0xffff);
             }
             Way::PassToFragment
         }
@@ -1176,6 +1245,35 @@ fn reply<const V4: bool, const TCP: bool>(
             return xdp_action::XDP_DROP;
         }
     };
+    if xlat {
+        return match way {
+            Way::Hop => {
+                st.add(stat::REPLY_NAT, 1);
+                count(
+                    &maps::SERVICE_STATS,
+                    u32::from(rev.service_id),
+                    p.ip_end as u64,
+                    false,
+                );
+                nat46::request(
+                    &rev.vip,
+                    &rev.client,
+                    rev.vip_port,
+                    rev.client_port,
+                    rev.client_family,
+                    hop,
+                )
+            }
+            Way::PassNoNeigh => {
+                st.add(stat::PASS_NO_NEIGH, 1);
+                xdp_action::XDP_PASS
+            }
+            Way::PassToFragment => {
+                st.add(stat::PASS_UNSUPPORTED, 1);
+                xdp_action::XDP_PASS
+            }
+        };
+    }
     if !rewrite_slow(
         ctx,
         st,
