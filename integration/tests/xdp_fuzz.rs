@@ -37,6 +37,10 @@ use portico_xdp::{
 use fibnet::{CLIENT_MAC, LB0_MAC, LB1_MAC};
 
 const VIP4: [u8; 4] = [203, 0, 113, 10];
+const XLAT_VIP4: [u8; 4] = [203, 0, 113, 46];
+const XLAT_VIP6: [u8; 16] = [0xfd, 0, 0x02, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x46];
+/// The port of the NAT46/64 VIPs' TCP and UDP listeners.
+const XLAT_PORT: u16 = 80;
 const VIP6: [u8; 16] = [0xfd, 0, 0x02, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
 const SNAT4: [u8; 4] = fibnet::SNAT4;
 const SNAT6: [u8; 16] = [0xfd, 0, 0, 0x18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xfe];
@@ -96,6 +100,15 @@ fn vip(v6: bool) -> IpAddr {
         IpAddr::V6(Ipv6Addr::from(VIP6))
     } else {
         IpAddr::V4(Ipv4Addr::from(VIP4))
+    }
+}
+/// The NAT46 (IPv4, backends `backend_addrs(true)`) or NAT64 (IPv6, backends
+/// `backend_addrs(false)`) VIP: TCP and UDP on [`XLAT_PORT`].
+fn xlat_vip(v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::from(XLAT_VIP6))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(XLAT_VIP4))
     }
 }
 fn snat(v6: bool) -> IpAddr {
@@ -718,6 +731,9 @@ fn payload(rng: &mut Rng) -> Vec<u8> {
 /// side only for flows the model knows: a new flow answered with ICMP too-big is tracked
 /// without the checker seeing where it went.
 fn to_vip(rng: &mut Rng, model: &Model) -> Case {
+    if rng.chance(15) {
+        return to_xlat_vip(rng);
+    }
     let (v6, port, proto) = if rng.chance(90) {
         rng.pick(&LISTENERS)
     } else {
@@ -757,6 +773,42 @@ fn to_vip(rng: &mut Rng, model: &Model) -> Case {
         flags,
         &body,
     );
+    Case {
+        input,
+        ingress: "eth0",
+    }
+}
+
+/// Client → a NAT46/64 VIP: TCP or UDP, sometimes another port or protocol, a TOS.
+fn to_xlat_vip(rng: &mut Rng) -> Case {
+    let v6 = rng.chance(50);
+    let (client, cport) = client_tuple(rng, v6);
+    let proto = rng.pick(&[TCP, UDP, TCP, UDP, SCTP]);
+    let port = if rng.chance(90) { XLAT_PORT } else { 81 };
+    let flags = rng.pick(&[0x02u8, 0x10, 0x18, 0x11, 0x04]);
+    let ttl = if rng.chance(3) { 1 } else { 64 };
+    let mut body = payload(rng);
+    body.truncate(900);
+    let mut input = packet(
+        CLIENT_MAC,
+        LB0_MAC,
+        client,
+        xlat_vip(v6),
+        ttl,
+        proto,
+        cport,
+        port,
+        flags,
+        &body,
+    );
+    let tos = rng.next() as u8;
+    if v6 {
+        input[14] = 0x60 | tos >> 4;
+        input[15] = (tos << 4) | (input[15] & 0x0f);
+    } else {
+        input[15] = tos;
+        fix_ipv4_checksum(&mut input, 14);
+    }
     Case {
         input,
         ingress: "eth0",
@@ -825,7 +877,13 @@ fn echo(rng: &mut Rng) -> Case {
 /// An ICMP error quoting a known flow: from the backend side about a packet the node sent,
 /// or from the client side about a reply.
 fn icmp_error(rng: &mut Rng, model: &Model) -> Case {
-    let flows: Vec<_> = model.forward.iter().map(|(t, m)| (*t, *m)).collect();
+    // Errors about NAT46/64 flows are not translated: left out here.
+    let flows: Vec<_> = model
+        .forward
+        .iter()
+        .filter(|(t, m)| t.0.is_ipv6() == m.backend.is_ipv6())
+        .map(|(t, m)| (*t, *m))
+        .collect();
     let Some(&((client, cport, vipa, vport, proto), m)) = flows.get(rng.below(flows.len().max(1)))
     else {
         return to_vip(rng, model);
@@ -1433,7 +1491,7 @@ fn check(case: &Case, out: &TestRunOutput, model: &mut Model) -> Result<&'static
         return Ok("passed_bad_l4");
     }
     let v6 = ip.v6;
-    let ours = ip.dst == vip(v6) || ip.dst == snat(v6);
+    let ours = ip.dst == vip(v6) || ip.dst == snat(v6) || ip.dst == xlat_vip(v6);
     if ip.frag.is_some() && !(ours && matches!(ip.proto, TCP | UDP | SCTP)) {
         unchanged(input, out)?;
         return Ok("passed_fragment");
@@ -1493,7 +1551,53 @@ fn check_l4(
                 return Ok("passed_ttl");
             }
             let (client, cport, vipa, vport, _) = t;
+            if client.is_ipv6() != v6 {
+                return check_xlat(input, &ip, out, vipa, vport, client, cport);
+            }
             forwarded(input, &ip, out, vipa, vport, client, cport, model)
+        }
+        TCP | UDP if ip.dst == xlat_vip(v6) => {
+            let (sport, dport) = ports(input, &ip);
+            if dport != XLAT_PORT {
+                unchanged(input, out)?;
+                return Ok("passed_no_listener");
+            }
+            let flags = tcp_flags(input, &ip);
+            let t = (ip.src, sport, ip.dst, dport, ip.proto);
+            model.note(t, flags, ip.ttl);
+            if ip.ttl <= 1 {
+                unchanged(input, out)?;
+                return Ok("passed_ttl");
+            }
+            if !xlat_eligible(input, &ip) {
+                unchanged(input, out)?;
+                return Ok("passed_xlat_unsupported");
+            }
+            let Some(o) = parse(&out.packet).filter(|o| o.v6 != v6) else {
+                return Err(format!(
+                    "not translated: {} (in {} B, out {} B)",
+                    verdict::name(out.verdict),
+                    input.len(),
+                    out.packet.len()
+                ));
+            };
+            let (osport, _) = ports(&out.packet, &o);
+            if !backend_addrs(!v6).contains(&o.dst) {
+                return Err(format!("went to {}, not a backend", o.dst));
+            }
+            if !(SNAT_PORTS.0..=SNAT_PORTS.1).contains(&osport) {
+                return Err(format!("SNAT port {osport} outside the range"));
+            }
+            let what = check_xlat(input, &ip, out, snat(!v6), osport, o.dst, BACKEND_PORT)?;
+            model.learn(
+                t,
+                Mapping {
+                    backend: o.dst,
+                    snat_port: osport,
+                },
+                flags,
+            )?;
+            Ok(what)
         }
         TCP | UDP | SCTP if ip.dst == vip(v6) => {
             let (sport, dport) = ports(input, &ip);
@@ -1559,6 +1663,121 @@ fn check_l4(
     }
 }
 
+/// Whether a packet of a NAT46/64 flow can be translated: untagged, IPv4 without options,
+/// IPv6 without extension headers, not a fragment, UDP with a checksum.
+fn xlat_eligible(p: &[u8], ip: &Ip) -> bool {
+    ip.frag.is_none()
+        && ip.l3 == 14
+        && ip.l4 == ip.l3 + if ip.v6 { 40 } else { 20 }
+        && (ip.proto == TCP || p[ip.l4 + 6..ip.l4 + 8] != [0, 0])
+}
+
+/// A packet translated to the other family: addresses, ports, TTL / hop limit, TOS /
+/// traffic class, IPv4's DF and identification 0 and header checksum, the transport
+/// checksum right exactly when it was, and everything after it as it came; sent to the
+/// next hop of `dst`.
+fn check_xlat(
+    input: &[u8],
+    inp: &Ip,
+    out: &TestRunOutput,
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+) -> Result<&'static str, String> {
+    if !xlat_eligible(input, inp) {
+        unchanged(input, out)?;
+        return Ok("passed_xlat_unsupported");
+    }
+    // Without a neighbour the stack gets it untranslated (counted); without a route it is
+    // dropped; neither is written.
+    match hop_to(dst) {
+        Hop::Via(..) => {}
+        Hop::NoNeigh => {
+            unchanged(input, out)?;
+            return Ok("passed_no_neighbour");
+        }
+        Hop::NoRoute | Hop::Unsure => {
+            if out.packet != input || !matches!(out.verdict, verdict::DROP | verdict::PASS) {
+                return Err(format!(
+                    "toward {dst} (no route): got {}",
+                    verdict::name(out.verdict)
+                ));
+            }
+            return Ok("dropped_no_route");
+        }
+    }
+    let grows = !inp.v6;
+    let new_len = if grows {
+        inp.ip_end - inp.l3 + 20
+    } else {
+        inp.ip_end - inp.l3 - 20
+    };
+    if new_len > MTU {
+        // Answered with ICMP too-big (its MTU adjusted by 20), dropped over the rate limit,
+        // or (IPv4 without DF) passed untranslated.
+        return match out.verdict {
+            verdict::TX | verdict::DROP => Ok("xlat_too_big"),
+            verdict::PASS if !inp.df => {
+                unchanged(input, out)?;
+                Ok("passed_xlat_unsupported")
+            }
+            v => Err(format!("too big to translate: {}", verdict::name(v))),
+        };
+    }
+    let o = &out.packet;
+    let Some(op) = parse(o) else {
+        return Err("translated packet does not parse".into());
+    };
+    let want_len = if grows {
+        input.len() + 20
+    } else {
+        input.len() - 20
+    };
+    if op.v6 == inp.v6 || o.len() != want_len || op.proto != inp.proto {
+        return Err("not translated to the other family".into());
+    }
+    if (op.src, op.dst) != (src, dst) || ports(o, &op) != (sport, dport) {
+        return Err(format!(
+            "{}:{:?} → {}, want {src}:{sport} → {dst}:{dport}",
+            op.src,
+            ports(o, &op),
+            op.dst
+        ));
+    }
+    if op.ttl != inp.ttl - 1 {
+        return Err(format!("TTL {} from {}", op.ttl, inp.ttl));
+    }
+    let tos = |p: &[u8], ip: &Ip| {
+        if ip.v6 {
+            (p[ip.l3] << 4) | (p[ip.l3 + 1] >> 4)
+        } else {
+            p[ip.l3 + 1]
+        }
+    };
+    if tos(o, &op) != tos(input, inp) {
+        return Err("TOS / traffic class".into());
+    }
+    if !op.v6 && (o[op.l3 + 4..op.l3 + 8] != [0, 0, 0x40, 0] || !ipv4_header_ok(o, &op)) {
+        return Err("IPv4 header: identification, DF or checksum".into());
+    }
+    if l4_checksum_ok(input, inp) != l4_checksum_ok(o, &op) {
+        return Err(format!(
+            "L4 checksum: {:?} in, {:?} out",
+            l4_checksum_ok(input, inp),
+            l4_checksum_ok(o, &op)
+        ));
+    }
+    let after = if inp.proto == TCP { 18 } else { 8 };
+    if o[op.l4 + after..] != input[inp.l4 + after..] {
+        return Err("bytes after the transport checksum changed".into());
+    }
+    match check_sent(out, dst)? {
+        "sent" => Ok("xlat_translated"),
+        other => Ok(other),
+    }
+}
+
 /// A later fragment to a VIP or the SNAT address, its IPv4 header sound: translated as its
 /// first fragment's flow was; without a first fragment seen, dropped (to a VIP) or passed
 /// (to the SNAT address).
@@ -1570,7 +1789,7 @@ fn check_later_fragment(
     model: &mut Model,
 ) -> Result<&'static str, String> {
     let v6 = ip.v6;
-    let to_vip = ip.dst == vip(v6);
+    let to_vip = ip.dst == vip(v6) || ip.dst == xlat_vip(v6);
     let head = model.frags.get(&(ip.src, ip.dst, ip.proto, id)).copied();
     // The program forgets a first fragment after five seconds (of jiffies): near that,
     // either outcome.
@@ -1597,6 +1816,11 @@ fn check_later_fragment(
             Some(_) if model.may_move.contains_key(&t) => {
                 return Ok("fragment_of_a_moving_flow");
             }
+            // A NAT46/64 flow's fragments are not translated.
+            Some(m) if m.backend.is_ipv6() != v6 => {
+                unchanged(input, out)?;
+                return Ok("passed_fragment_xlat");
+            }
             Some(m) => Some((snat(v6), m.backend)),
             None => None,
         }
@@ -1607,6 +1831,10 @@ fn check_later_fragment(
         {
             Some(&t) if model.stale(t, ip.src, dport) => {
                 return Ok("fragment_of_a_released_port");
+            }
+            Some(&(client, _, _, _, _)) if client.is_ipv6() != v6 => {
+                unchanged(input, out)?;
+                return Ok("passed_fragment_xlat");
             }
             Some(&(client, _, vipa, _, _)) => Some((vipa, client)),
             None => None,
@@ -1696,7 +1924,7 @@ fn check_icmp(
         model
             .reverse
             .get(&(qdst, qsport, qproto))
-            .filter(|_| qdport == BACKEND_PORT)
+            .filter(|&&(client, ..)| qdport == BACKEND_PORT && client.is_ipv6() == v6)
             .map(|&(client, cport, vipa, vport, _)| {
                 let from = if ip.src == qdst || ip.src == client {
                     vipa
@@ -1711,16 +1939,20 @@ fn check_icmp(
             // Re-opened, its new port not seen yet: the model cannot tell.
             return Ok("icmp_about_a_reopened_flow");
         }
-        model.forward.get(&t).map(|m| {
-            (
-                snat(v6),
-                m.backend,
-                m.backend,
-                BACKEND_PORT,
-                snat(v6),
-                m.snat_port,
-            )
-        })
+        model
+            .forward
+            .get(&t)
+            .filter(|m| m.backend.is_ipv6() == v6)
+            .map(|m| {
+                (
+                    snat(v6),
+                    m.backend,
+                    m.backend,
+                    BACKEND_PORT,
+                    snat(v6),
+                    m.snat_port,
+                )
+            })
     } else {
         None
     };
@@ -1917,6 +2149,28 @@ fn balancer() -> XdpBalancer {
             hash_source_only: false,
         })
         .unwrap();
+    }
+    // NAT46 and NAT64: each VIP's backends are of the other family.
+    for v6 in [false, true] {
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            b.upsert_service(&ServiceSpec {
+                key: ServiceKey {
+                    vip: xlat_vip(v6),
+                    port: XLAT_PORT,
+                    proto,
+                },
+                backends: backend_addrs(!v6)
+                    .into_iter()
+                    .map(|addr| BackendSpec {
+                        addr,
+                        port: BACKEND_PORT,
+                        weight: 1,
+                    })
+                    .collect(),
+                hash_source_only: false,
+            })
+            .unwrap();
+        }
     }
     b
 }
@@ -2146,6 +2400,7 @@ fn xdp_fuzz_checked_by_an_independent_model() {
         "fragment_translated",
         "dropped_fragment_no_head",
         "sctp_translated",
+        "xlat_translated",
     ] {
         assert!(
             model.outcomes.get(must).copied().unwrap_or(0) > 0 || n < 20_000,
