@@ -1490,15 +1490,6 @@ fn xdp_fixture_table() {
         });
     }
     // ICMP errors quoting tracked flows, translated outer and inner.
-    let be_mac = |backend: IpAddr| {
-        let i = BACKENDS4
-            .iter()
-            .map(|a| v4(*a))
-            .chain(BACKENDS6.iter().map(|a| v6(*a)))
-            .position(|b| b == backend)
-            .unwrap();
-        BE_MAC[i % 3]
-    };
     // (description, input, ingress, verdict, expected output)
     type IcmpCase = (String, Vec<u8>, &'static str, u32, Vec<u8>);
     let mut icmp_cases: Vec<IcmpCase> = Vec::new();
@@ -2009,6 +2000,28 @@ fn pin_to_cpu(cpu: usize) {
 
 // ---------- fragments ----------
 
+/// The MAC address of a backend (`BACKENDS4`, then `BACKENDS6`).
+fn be_mac(backend: IpAddr) -> [u8; 6] {
+    let i = BACKENDS4
+        .iter()
+        .map(|a| v4(*a))
+        .chain(BACKENDS6.iter().map(|a| v6(*a)))
+        .position(|b| b == backend)
+        .unwrap_or_else(|| panic!("{backend} is not a backend"));
+    BE_MAC[i % 3]
+}
+
+/// Runs `input` arriving on `ingress`; checks the verdict is `want`; the output packet.
+fn run_expecting(prog: &XdpProgram, what: &str, input: &[u8], ingress: u32, want: u32) -> Vec<u8> {
+    let out = prog.test_run_on(input, Some(ingress)).unwrap();
+    assert_eq!(
+        verdict::name(out.verdict),
+        verdict::name(want),
+        "{what}: verdict"
+    );
+    out.packet
+}
+
 /// Splits an untagged IPv4 frame without options into fragments with identification `id`:
 /// piece `i` is the IP payload's bytes `cuts[i]..cuts[i + 1]` (multiples of 8 but the last),
 /// DF clear, MF on all but the last piece, every header checksum recomputed.
@@ -2069,25 +2082,10 @@ fn fragments_follow_their_first_fragment() {
     let prog = balancer.program();
     let _in_lb = lb.enter().unwrap();
     let (eth0, eth1) = (ifindex("eth0"), ifindex("eth1"));
-    let be_mac = |backend: IpAddr| {
-        let i = BACKENDS4
-            .iter()
-            .map(|a| v4(*a))
-            .chain(BACKENDS6.iter().map(|a| v6(*a)))
-            .position(|b| b == backend)
-            .unwrap_or_else(|| panic!("{backend} is not a backend"));
-        BE_MAC[i % 3]
-    };
     let payload: Vec<u8> = (0..600u32).map(|i| (i * 7 + 3) as u8).collect();
     let stat = |i| prog.stat(i).unwrap();
-    let send = |what: &str, input: &[u8], ingress: u32, want_verdict: u32| {
-        let out = prog.test_run_on(input, Some(ingress)).unwrap();
-        assert_eq!(
-            verdict::name(out.verdict),
-            verdict::name(want_verdict),
-            "{what}: verdict"
-        );
-        out.packet
+    let send = |what: &str, input: &[u8], ingress: u32, want: u32| {
+        run_expecting(prog, what, input, ingress, want)
     };
 
     for v6 in [false, true] {
@@ -2270,23 +2268,8 @@ fn sctp_is_balanced_by_ports_with_its_crc32c_updated() {
     let _in_lb = lb.enter().unwrap();
     let (eth0, eth1) = (ifindex("eth0"), ifindex("eth1"));
     let stat = |i| prog.stat(i).unwrap();
-    let be_mac = |backend: IpAddr| {
-        let i = BACKENDS4
-            .iter()
-            .map(|a| v4(*a))
-            .chain(BACKENDS6.iter().map(|a| v6(*a)))
-            .position(|b| b == backend)
-            .unwrap_or_else(|| panic!("{backend} is not a backend"));
-        BE_MAC[i % 3]
-    };
     let send = |what: &str, input: &[u8], ingress: u32, want: u32| {
-        let out = prog.test_run_on(input, Some(ingress)).unwrap();
-        assert_eq!(
-            verdict::name(out.verdict),
-            verdict::name(want),
-            "{what}: verdict"
-        );
-        out.packet
+        run_expecting(prog, what, input, ingress, want)
     };
     let big: Vec<u8> = (0..1400u32).map(|i| (i * 13 + 5) as u8).collect();
     for v6 in [false, true] {
@@ -2474,23 +2457,8 @@ fn nat46_and_nat64_translate_headers_and_checksums() {
     let _in_lb = lb.enter().unwrap();
     let (eth0, eth1) = (ifindex("eth0"), ifindex("eth1"));
     let stat = |i| prog.stat(i).unwrap();
-    let be_mac = |backend: IpAddr| {
-        let i = BACKENDS4
-            .iter()
-            .map(|a| v4(*a))
-            .chain(BACKENDS6.iter().map(|a| v6(*a)))
-            .position(|b| b == backend)
-            .unwrap_or_else(|| panic!("{backend} is not a backend"));
-        BE_MAC[i % 3]
-    };
     let send = |what: &str, input: &[u8], ingress: u32, want: u32| {
-        let out = prog.test_run_on(input, Some(ingress)).unwrap();
-        assert_eq!(
-            verdict::name(out.verdict),
-            verdict::name(want),
-            "{what}: verdict"
-        );
-        out.packet
+        run_expecting(prog, what, input, ingress, want)
     };
     let xlats = stat(stat::XLAT);
     let mut translated = 0;

@@ -2106,6 +2106,22 @@ fn echo_reply(input: &[u8], ip: &Ip, out: &TestRunOutput) -> Result<&'static str
 
 // ---------- the run ----------
 
+/// A listener with `backends` on [`BACKEND_PORT`], weight 1 each.
+fn service(vip: IpAddr, port: u16, proto: Protocol, backends: Vec<IpAddr>) -> ServiceSpec {
+    ServiceSpec {
+        key: ServiceKey { vip, port, proto },
+        backends: backends
+            .into_iter()
+            .map(|addr| BackendSpec {
+                addr,
+                port: BACKEND_PORT,
+                weight: 1,
+            })
+            .collect(),
+        hash_source_only: false,
+    }
+}
+
 fn balancer() -> XdpBalancer {
     let program = XdpProgram::load_with(LoadOptions {
         max_services: 16,
@@ -2128,48 +2144,19 @@ fn balancer() -> XdpBalancer {
     })
     .unwrap();
     for (v6, port, proto) in LISTENERS {
-        b.upsert_service(&ServiceSpec {
-            key: ServiceKey {
-                vip: vip(v6),
-                port,
-                proto: match proto {
-                    TCP => Protocol::Tcp,
-                    UDP => Protocol::Udp,
-                    _ => Protocol::Sctp,
-                },
-            },
-            backends: backend_addrs(v6)
-                .into_iter()
-                .map(|addr| BackendSpec {
-                    addr,
-                    port: BACKEND_PORT,
-                    weight: 1,
-                })
-                .collect(),
-            hash_source_only: false,
-        })
-        .unwrap();
+        let proto = match proto {
+            TCP => Protocol::Tcp,
+            UDP => Protocol::Udp,
+            _ => Protocol::Sctp,
+        };
+        b.upsert_service(&service(vip(v6), port, proto, backend_addrs(v6)))
+            .unwrap();
     }
     // NAT46 and NAT64: each VIP's backends are of the other family.
     for v6 in [false, true] {
         for proto in [Protocol::Tcp, Protocol::Udp] {
-            b.upsert_service(&ServiceSpec {
-                key: ServiceKey {
-                    vip: xlat_vip(v6),
-                    port: XLAT_PORT,
-                    proto,
-                },
-                backends: backend_addrs(!v6)
-                    .into_iter()
-                    .map(|addr| BackendSpec {
-                        addr,
-                        port: BACKEND_PORT,
-                        weight: 1,
-                    })
-                    .collect(),
-                hash_source_only: false,
-            })
-            .unwrap();
+            b.upsert_service(&service(xlat_vip(v6), XLAT_PORT, proto, backend_addrs(!v6)))
+                .unwrap();
         }
     }
     b

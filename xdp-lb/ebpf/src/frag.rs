@@ -33,7 +33,7 @@ use crate::{
     csum,
     fib::{self, Route},
     maps::{self, count, Stats},
-    nat,
+    nat::{self, Way},
     parse::{self, load_addr, ptr_at, store32, store_addr, Parsed, Skip},
 };
 
@@ -279,16 +279,7 @@ fn head(
 ) -> Result<u64, Skip> {
     let mut tcp_flags = 0;
     if p.proto == proto::TCP {
-        let t: *const [u8; 20] = ptr_at(ctx, p.l4)?;
-        // SAFETY: 20 bytes checked.
-        let (doff, flags) = unsafe { ((*t)[12] >> 4, (*t)[13]) };
-        if doff < 5 {
-            return Err(Skip::Malformed);
-        }
-        if p.l4 + (doff as usize) * 4 > p.ip_end {
-            return Err(Skip::BadLength);
-        }
-        tcp_flags = flags;
+        tcp_flags = nat::tcp_header(ctx, p)?;
     } else {
         let _: *const [u8; 8] = ptr_at(ctx, p.l4)?;
         // The UDP length is the datagram's, longer than this fragment: not checked against
@@ -386,28 +377,7 @@ fn later(
     } else {
         count(&maps::SERVICE_STATS, service_id, p.ip_end as u64, false);
     }
-    // Each arm counts under a constant (as `nat` does).
-    Ok(match way {
-        Way::Hop => fib::send(ctx, st, &hop),
-        Way::PassNoNeigh => {
-            st.add(stat::PASS_NO_NEIGH, 1);
-            xdp_action::XDP_PASS
-        }
-        Way::PassToFragment => {
-            st.add(stat::PASS_NEEDS_FRAG, 1);
-            xdp_action::XDP_PASS
-        }
-    })
-}
-
-/// Where a rewritten fragment goes, once its route is known.
-enum Way {
-    /// Out by the FIB's next hop.
-    Hop,
-    /// To the stack, which resolves the neighbour.
-    PassNoNeigh,
-    /// To the stack, which fragments it further (IPv4 without DF).
-    PassToFragment,
+    Ok(nat::go(ctx, st, way, &hop))
 }
 
 /// Writes the new addresses and the TTL / hop limit one lower; for IPv4, updates the header

@@ -73,16 +73,7 @@ pub fn read_tuple(ctx: &XdpContext, p: &Parsed) -> Result<Tuple, Skip> {
     // looked up or written: a packet refused later would be half rewritten.
     let mut tcp_flags = 0;
     if p.proto == proto::TCP {
-        let t: *const [u8; 20] = ptr_at(ctx, p.l4)?;
-        // SAFETY: 20 bytes checked.
-        let (doff, flags) = unsafe { ((*t)[12] >> 4, (*t)[13]) };
-        if doff < 5 {
-            return Err(Skip::Malformed);
-        }
-        if p.l4 + (doff as usize) * 4 > p.ip_end {
-            return Err(Skip::BadLength);
-        }
-        tcp_flags = flags;
+        tcp_flags = tcp_header(ctx, p)?;
     } else {
         let u: *const [u8; 8] = ptr_at(ctx, p.l4)?;
         // UDP (and SCTP's common header): 8 bytes within the IP payload; UDP's own length
@@ -116,6 +107,21 @@ pub fn read_tuple(ctx: &XdpContext, p: &Parsed) -> Result<Tuple, Skip> {
         },
         tcp_flags,
     })
+}
+
+/// The TCP header of `p`, checked whole (data offset within the IP payload): its flags.
+#[inline(always)]
+pub(crate) fn tcp_header(ctx: &XdpContext, p: &Parsed) -> Result<u8, Skip> {
+    let t: *const [u8; 20] = ptr_at(ctx, p.l4)?;
+    // SAFETY: 20 bytes checked.
+    let (doff, flags) = unsafe { ((*t)[12] >> 4, (*t)[13]) };
+    if doff < 5 {
+        return Err(Skip::Malformed);
+    }
+    if p.l4 + (doff as usize) * 4 > p.ip_end {
+        return Err(Skip::BadLength);
+    }
+    Ok(flags)
 }
 
 #[inline(always)]
@@ -1082,10 +1088,16 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
         p.ip_end as u64,
         to.new_flow,
     );
-    // Each arm counts under a constant: a reason carried as data would be a distinct
-    // verifier state per value through the rewrite above.
+    go(ctx, st, way, &be.hop)
+}
+
+/// Sends a rewritten packet the way its route says: out by `hop`, or to the stack. Each arm
+/// counts under a constant: a reason carried as data would be a distinct verifier state per
+/// value through the rewrite before.
+#[inline(always)]
+pub(crate) fn go(ctx: &XdpContext, st: &Stats, way: Way, hop: &NextHop) -> u32 {
     match way {
-        Way::Hop => fib::send(ctx, st, &be.hop),
+        Way::Hop => fib::send(ctx, st, hop),
         Way::PassNoNeigh => {
             st.add(stat::PASS_NO_NEIGH, 1);
             xdp_action::XDP_PASS
@@ -1098,7 +1110,7 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
 }
 
 /// Where a rewritten packet goes, once its route is known.
-enum Way {
+pub(crate) enum Way {
     /// Out by the cached next hop.
     Hop,
     /// To the stack, which resolves the neighbour.
@@ -1294,15 +1306,5 @@ fn reply<const V4: bool, const TCP: bool>(
         p.ip_end as u64,
         false,
     );
-    match way {
-        Way::Hop => fib::send(ctx, st, hop),
-        Way::PassToFragment => {
-            st.add(stat::PASS_NEEDS_FRAG, 1);
-            xdp_action::XDP_PASS
-        }
-        Way::PassNoNeigh => {
-            st.add(stat::PASS_NO_NEIGH, 1);
-            xdp_action::XDP_PASS
-        }
-    }
+    go(ctx, st, way, hop)
 }

@@ -159,6 +159,16 @@ fn frame<const TCP: bool>(ctx: &XdpContext, tcp_len: usize, udp_len: usize) -> O
     Some(h)
 }
 
+/// The transport checksum `old` with the change `delta` (UDP's 0 goes out as 0xffff).
+#[inline(always)]
+fn l4_csum<const TCP: bool>(old: u16, delta: u64) -> u16 {
+    if TCP {
+        csum::apply(old, delta)
+    } else {
+        csum::apply_udp(old, delta)
+    }
+}
+
 /// Offset of the transport checksum in its header.
 const fn csum_at(tcp: bool) -> usize {
     if tcp {
@@ -204,11 +214,7 @@ fn to_v6<const TCP: bool>(ctx: &XdpContext, x: &Xlat) -> Option<()> {
         + words(&x.dst, false, false)
         + csum::diff16(ports[0], x.sport)
         + csum::diff16(ports[1], x.dport);
-    let new_csum = if TCP {
-        csum::apply(old_csum, delta)
-    } else {
-        csum::apply_udp(old_csum, delta)
-    };
+    let new_csum = l4_csum::<TCP>(old_csum, delta);
     // SAFETY: ctx.ctx is this invocation's xdp_md; every packet pointer is derived again.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx as *mut _, -20) } != 0 {
         return None;
@@ -266,11 +272,7 @@ fn to_v4<const TCP: bool>(ctx: &XdpContext, x: &Xlat) -> Option<()> {
         + words(&x.dst, true, false)
         + csum::diff16(ports[0], x.sport)
         + csum::diff16(ports[1], x.dport);
-    let new_csum = if TCP {
-        csum::apply(old_csum, delta)
-    } else {
-        csum::apply_udp(old_csum, delta)
-    };
+    let new_csum = l4_csum::<TCP>(old_csum, delta);
     let tos = (b0 << 4) | (b1 >> 4);
     let tot = plen.saturating_add(20).to_be_bytes();
     let mut ip: [u8; 12] = [

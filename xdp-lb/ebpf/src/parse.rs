@@ -510,46 +510,29 @@ fn parse_v6<const FRAGS: bool>(ctx: &XdpContext, l3: usize) -> Result<(Parsed, F
                     };
                     if later {
                         // What follows is payload, not headers.
-                        return Ok((
-                            Parsed {
-                                l3,
-                                l4: off,
-                                family: family::V6,
-                                proto: next,
-                                ip_end,
-                            },
-                            f,
-                        ));
+                        return Ok((parsed_v6(l3, off, next, ip_end), f));
                     }
                 }
             }
-            _ => {
-                return Ok((
-                    Parsed {
-                        l3,
-                        l4: off,
-                        family: family::V6,
-                        proto: next,
-                        ip_end,
-                    },
-                    f,
-                ));
-            }
+            _ => return Ok((parsed_v6(l3, off, next, ip_end), f)),
         }
     }
     // Too many extension headers, or the chain ended on one: let the stack decide.
     match next {
         IPV6_HOP | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_FRAGMENT => Err(Skip::Malformed),
-        _ => Ok((
-            Parsed {
-                l3,
-                l4: off,
-                family: family::V6,
-                proto: next,
-                ip_end,
-            },
-            f,
-        )),
+        _ => Ok((parsed_v6(l3, off, next, ip_end), f)),
+    }
+}
+
+/// An IPv6 packet's [`Parsed`].
+#[inline(always)]
+fn parsed_v6(l3: usize, l4: usize, proto: u8, ip_end: usize) -> Parsed {
+    Parsed {
+        l3,
+        l4,
+        family: family::V6,
+        proto,
+        ip_end,
     }
 }
 
