@@ -9,8 +9,14 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, Icmpv6Type, PacketBuilder, VlanId};
-use portico_integration::{fibnet, TestNet};
+use etherparse::{
+    icmpv4::DestUnreachableHeader, Icmpv4Type, Icmpv6Type, IpNumber, PacketBuilder, VlanId,
+};
+use portico_integration::{
+    fibnet,
+    sctp::{self, chunk, data_chunk, init_chunk},
+    TestNet,
+};
 use portico_xdp::{
     verdict, BackendSpec, Balancer, LoadOptions, NodeConfig, Protocol, ServiceKey, ServiceSpec,
     XdpBalancer, XdpProgram,
@@ -31,12 +37,16 @@ const VIP4: [u8; 4] = [203, 0, 113, 10];
 const VIP4_TX: [u8; 4] = [203, 0, 113, 11];
 const VIP4_DRAINED: [u8; 4] = [203, 0, 113, 12];
 const VIP4_EMPTY: [u8; 4] = [203, 0, 113, 13];
+/// NAT46: its backends are `BACKENDS6`.
+const VIP4_46: [u8; 4] = [203, 0, 113, 46];
 const SNAT4: [u8; 4] = [198, 18, 1, 254];
 const BACKENDS4: [[u8; 4]; 3] = [[198, 18, 1, 1], [198, 18, 1, 2], [198, 18, 1, 3]];
 const BACKEND4_ETH0: [u8; 4] = [198, 18, 0, 10];
 
 const CLIENT6: [u8; 16] = ip6("fd00:18::1");
 const VIP6: [u8; 16] = ip6("fd00:203::10");
+/// NAT64: its backends are `BACKENDS4`.
+const VIP6_64: [u8; 16] = ip6("fd00:203::64");
 const SNAT6: [u8; 16] = ip6("fd00:18:1::fe");
 const BACKENDS6: [[u8; 16]; 3] = [
     ip6("fd00:18:1::1"),
@@ -613,8 +623,19 @@ fn balancer() -> XdpBalancer {
         .unwrap();
     b.upsert_service(&svc(v6(VIP6), 443, Protocol::Tcp, b6.clone()))
         .unwrap();
-    b.upsert_service(&svc(v6(VIP6), 53, Protocol::Udp, b6))
+    b.upsert_service(&svc(v6(VIP6), 53, Protocol::Udp, b6.clone()))
         .unwrap();
+    b.upsert_service(&svc(v4(VIP4), 2905, Protocol::Sctp, b4.clone()))
+        .unwrap();
+    b.upsert_service(&svc(v6(VIP6), 2905, Protocol::Sctp, b6.clone()))
+        .unwrap();
+    // NAT46: an IPv4 VIP with IPv6 backends; NAT64: the other way.
+    for proto in [Protocol::Tcp, Protocol::Udp] {
+        b.upsert_service(&svc(v4(VIP4_46), 80, proto, b6.clone()))
+            .unwrap();
+        b.upsert_service(&svc(v6(VIP6_64), 80, proto, b4.clone()))
+            .unwrap();
+    }
     b
 }
 
@@ -842,27 +863,46 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         Unchanged,
     );
     t.add(
-        "ipv4 first fragment (MF) to VIP: passed",
+        "ipv4 first fragment (MF) to VIP: balanced as a whole packet, its ports remembered",
         {
             let mut p = udp4(CLIENT4, VIP4, 50004, 53, b"frag");
             p[20] |= 0x20;
+            fix_ipv4_checksum(&mut p);
             p
         },
         "eth0",
-        PASS,
-        Unchanged,
-    );
+        REDIRECT,
+        nat_to(&be4, "u4frag", None),
+    )
+    .counts(&[(stat::FRAG_HEAD, 1)]);
     t.add(
-        "ipv4 later fragment (offset 8) to VIP: passed",
+        "ipv4 later fragment (offset 8) to VIP, its first fragment never seen: dropped",
         {
             let mut p = udp4(CLIENT4, VIP4, 50005, 53, b"frag");
+            // Another datagram than the first fragment's above (identification 0).
+            p[18..20].copy_from_slice(&0x0777u16.to_be_bytes());
             p[21] = 1;
+            fix_ipv4_checksum(&mut p);
+            p
+        },
+        "eth0",
+        DROP,
+        Unchanged,
+    )
+    .counts(&[(stat::DROP_FRAG_NO_HEAD, 1)]);
+    t.add(
+        "ipv4 later fragment (offset 8) to an address that is not a VIP: passed",
+        {
+            let mut p = udp4(CLIENT4, [203, 0, 113, 99], 50005, 53, b"frag");
+            p[21] = 1;
+            fix_ipv4_checksum(&mut p);
             p
         },
         "eth0",
         PASS,
         Unchanged,
-    );
+    )
+    .counts(&[(stat::PASS_FRAGMENT, 1)]);
     t.add(
         "ARP request: passed",
         {
@@ -966,15 +1006,27 @@ fn fixtures() -> (Vec<Fixture>, Vec<(usize, ReplyOf)>) {
         nat_to(&be6, "t6f", None),
     );
     t.add(
-        "udp6 real fragment (M=1): passed",
+        "udp6 first fragment (offset 0, M=1): balanced as a whole packet",
         with_ipv6_ext(
             &udp6(CLIENT6, VIP6, 51002, 53, b"frag"),
             &[(44, vec![0, 0, 0, 1, 0, 0, 0, 2])],
         ),
         "eth0",
+        REDIRECT,
+        nat_to(&be6, "u6frag", None),
+    )
+    .counts(&[(stat::FRAG_HEAD, 1)]);
+    t.add(
+        "udp6 later fragment (offset 8) to an address that is not a VIP: passed",
+        with_ipv6_ext(
+            &udp6(CLIENT6, ip6("fd00:203::99"), 51002, 53, b"frag"),
+            &[(44, vec![0, 0, 0, 8, 0, 0, 0, 2])],
+        ),
+        "eth0",
         PASS,
         Unchanged,
-    );
+    )
+    .counts(&[(stat::PASS_FRAGMENT, 1)]);
     t.add(
         "tcp6 behind five extension headers (over the walk limit): passed",
         with_ipv6_ext(
@@ -1438,15 +1490,6 @@ fn xdp_fixture_table() {
         });
     }
     // ICMP errors quoting tracked flows, translated outer and inner.
-    let be_mac = |backend: IpAddr| {
-        let i = BACKENDS4
-            .iter()
-            .map(|a| v4(*a))
-            .chain(BACKENDS6.iter().map(|a| v6(*a)))
-            .position(|b| b == backend)
-            .unwrap();
-        BE_MAC[i % 3]
-    };
     // (description, input, ingress, verdict, expected output)
     type IcmpCase = (String, Vec<u8>, &'static str, u32, Vec<u8>);
     let mut icmp_cases: Vec<IcmpCase> = Vec::new();
@@ -1953,4 +1996,578 @@ fn pin_to_cpu(cpu: usize) {
             "pinning the test thread to CPU {cpu}"
         );
     }
+}
+
+// ---------- fragments ----------
+
+/// The MAC address of a backend (`BACKENDS4`, then `BACKENDS6`).
+fn be_mac(backend: IpAddr) -> [u8; 6] {
+    let i = BACKENDS4
+        .iter()
+        .map(|a| v4(*a))
+        .chain(BACKENDS6.iter().map(|a| v6(*a)))
+        .position(|b| b == backend)
+        .unwrap_or_else(|| panic!("{backend} is not a backend"));
+    BE_MAC[i % 3]
+}
+
+/// Runs `input` arriving on `ingress`; checks the verdict is `want`; the output packet.
+fn run_expecting(prog: &XdpProgram, what: &str, input: &[u8], ingress: u32, want: u32) -> Vec<u8> {
+    let out = prog.test_run_on(input, Some(ingress)).unwrap();
+    assert_eq!(
+        verdict::name(out.verdict),
+        verdict::name(want),
+        "{what}: verdict"
+    );
+    out.packet
+}
+
+/// Splits an untagged IPv4 frame without options into fragments with identification `id`:
+/// piece `i` is the IP payload's bytes `cuts[i]..cuts[i + 1]` (multiples of 8 but the last),
+/// DF clear, MF on all but the last piece, every header checksum recomputed.
+fn fragment4(frame: &[u8], id: u16, cuts: &[usize]) -> Vec<Vec<u8>> {
+    assert_eq!(frame[14], 0x45, "no IPv4 options");
+    let tot = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    let payload = &frame[34..14 + tot];
+    assert_eq!(*cuts.last().unwrap(), payload.len());
+    cuts.windows(2)
+        .map(|w| {
+            let (a, b) = (w[0], w[1]);
+            assert_eq!(a % 8, 0);
+            let mut p = frame[..34].to_vec();
+            p[16..18].copy_from_slice(&((20 + b - a) as u16).to_be_bytes());
+            p[18..20].copy_from_slice(&id.to_be_bytes());
+            let more = if b < payload.len() { 0x2000 } else { 0 };
+            p[20..22].copy_from_slice(&(more | (a / 8) as u16).to_be_bytes());
+            fix_ipv4_checksum(&mut p);
+            p.extend_from_slice(&payload[a..b]);
+            p
+        })
+        .collect()
+}
+
+/// As [`fragment4`], for an untagged IPv6 frame without extension headers: each piece gets
+/// a fragment header (identification `id`).
+fn fragment6(frame: &[u8], id: u32, cuts: &[usize]) -> Vec<Vec<u8>> {
+    let payload = &frame[54..];
+    assert_eq!(*cuts.last().unwrap(), payload.len());
+    let upper = frame[20];
+    cuts.windows(2)
+        .map(|w| {
+            let (a, b) = (w[0], w[1]);
+            assert_eq!(a % 8, 0);
+            let mut p = frame[..54].to_vec();
+            p[18..20].copy_from_slice(&((8 + b - a) as u16).to_be_bytes());
+            p[20] = 44;
+            let more = u16::from(b < payload.len());
+            p.extend_from_slice(&[upper, 0]);
+            p.extend_from_slice(&(a as u16 | more).to_be_bytes());
+            p.extend_from_slice(&id.to_be_bytes());
+            p.extend_from_slice(&payload[a..b]);
+            p
+        })
+        .collect()
+}
+
+/// Issue 13: the fragments after the first reach the first fragment's backend (and a
+/// fragmented reply its client), translated as it was, in order or not; a fragment ahead of
+/// its first fragment is dropped, then passes once the first fragment was seen. The
+/// expected fragments are the fragments of the whole datagram as the backend must see it,
+/// built with its checksums computed from scratch.
+#[test]
+fn fragments_follow_their_first_fragment() {
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let balancer = balancer();
+    let prog = balancer.program();
+    let _in_lb = lb.enter().unwrap();
+    let (eth0, eth1) = (ifindex("eth0"), ifindex("eth1"));
+    let payload: Vec<u8> = (0..600u32).map(|i| (i * 7 + 3) as u8).collect();
+    let stat = |i| prog.stat(i).unwrap();
+    let send = |what: &str, input: &[u8], ingress: u32, want: u32| {
+        run_expecting(prog, what, input, ingress, want)
+    };
+
+    for v6 in [false, true] {
+        let fam = if v6 { "ipv6" } else { "ipv4" };
+        let (client, vip, snat) = if v6 {
+            (self::v6(CLIENT6), self::v6(VIP6), self::v6(SNAT6))
+        } else {
+            (v4(CLIENT4), v4(VIP4), v4(SNAT4))
+        };
+        // UDP header and 600 bytes: pieces of 200, 200 and 208 bytes.
+        let cuts = [0, 200, 400, 608];
+        let split = |frame: &[u8], id: u32| {
+            if v6 {
+                fragment6(frame, id, &cuts)
+            } else {
+                fragment4(frame, id as u16, &cuts)
+            }
+        };
+        let udp = |smac, dmac, src, dst, ttl, sport, dport| {
+            build(
+                smac,
+                dmac,
+                Vlan::None,
+                src,
+                dst,
+                ttl,
+                L4::Udp,
+                sport,
+                dport,
+                &payload,
+            )
+        };
+        for (id, order, cport) in [
+            (0x1001u32, [0usize, 1, 2], 52001u16),
+            (0x1002, [2, 0, 1], 52002),
+            (0x1003, [1, 2, 0], 52003),
+        ] {
+            let input = split(&udp(CLIENT_MAC, LB0_MAC, client, vip, 64, cport, 53), id);
+            let what = format!("{fam} UDP datagram {id:#x}, fragments in order {order:?}");
+            let (heads, nats, headless) = (
+                stat(stat::FRAG_HEAD),
+                stat(stat::FRAG_NAT),
+                stat(stat::DROP_FRAG_NO_HEAD),
+            );
+            let mut early = 0;
+            let mut outs: Vec<Option<Vec<u8>>> = vec![None; 3];
+            let mut head_seen = false;
+            for &i in &order {
+                let w = format!("{what}: fragment {i}");
+                if i == 0 {
+                    outs[0] = Some(send(&w, &input[0], eth0, verdict::REDIRECT));
+                    head_seen = true;
+                } else if head_seen {
+                    outs[i] = Some(send(&w, &input[i], eth0, verdict::REDIRECT));
+                } else {
+                    // Ahead of its first fragment: dropped, and sent again (as a host's
+                    // retransmission would) after it.
+                    let out = send(&w, &input[i], eth0, verdict::DROP);
+                    assert_eq!(out, input[i], "{w}: dropped unchanged");
+                    early += 1;
+                }
+            }
+            for (i, out) in outs.iter_mut().enumerate() {
+                if out.is_none() {
+                    let w = format!("{what}: fragment {i} again, after its first fragment");
+                    *out = Some(send(&w, &input[i], eth0, verdict::REDIRECT));
+                }
+            }
+            let outs: Vec<Vec<u8>> = outs.into_iter().map(Option::unwrap).collect();
+            let (backend, _) = endpoint(&outs[0], false);
+            let (_, snat_port) = endpoint(&outs[0], true);
+            let want = split(
+                &udp(LB1_MAC, be_mac(backend), snat, backend, 63, snat_port, 8080),
+                id,
+            );
+            for (i, (got, want)) in outs.iter().zip(&want).enumerate() {
+                check_output(&format!("{what}: fragment {i}"), want, got);
+            }
+            assert_eq!(stat(stat::FRAG_HEAD) - heads, 1, "{what}: frag_head");
+            assert_eq!(stat(stat::FRAG_NAT) - nats, 2, "{what}: frag_nat");
+            assert_eq!(
+                stat(stat::DROP_FRAG_NO_HEAD) - headless,
+                early,
+                "{what}: drop_frag_no_head"
+            );
+
+            // The backend's reply, fragmented the same way, reaches the client as from the
+            // VIP, every fragment.
+            let reply = split(
+                &udp(be_mac(backend), LB1_MAC, backend, snat, 64, 8080, snat_port),
+                id ^ 0xff,
+            );
+            let want = split(
+                &udp(LB0_MAC, CLIENT_MAC, vip, client, 63, 53, cport),
+                id ^ 0xff,
+            );
+            for i in [0, 2, 1] {
+                let w = format!("{what}: reply fragment {i}");
+                let got = send(&w, &reply[i], eth1, verdict::REDIRECT);
+                check_output(&w, &want[i], &got);
+            }
+        }
+    }
+
+    // A fragment to the SNAT address ahead of its first fragment may be the node's own
+    // traffic: passed untouched.
+    let input = fragment4(
+        &build(
+            BE_MAC[0],
+            LB1_MAC,
+            Vlan::None,
+            v4(BACKENDS4[0]),
+            v4(SNAT4),
+            64,
+            L4::Udp,
+            8080,
+            20050,
+            &payload,
+        ),
+        0x2001,
+        &[0, 200, 400, 608],
+    );
+    let passed = stat(stat::PASS_FRAGMENT);
+    let out = send(
+        "headless fragment to the SNAT address",
+        &input[1],
+        eth1,
+        verdict::PASS,
+    );
+    assert_eq!(out, input[1]);
+    assert_eq!(stat(stat::PASS_FRAGMENT) - passed, 1);
+}
+
+// ---------- SCTP ----------
+
+/// An SCTP packet in an untagged frame: common header (CRC32c computed here, little-endian
+/// on the wire as Linux writes it) and `chunks`.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one argument per header field a fixture varies"
+)]
+fn sctp_frame(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: IpAddr,
+    dst: IpAddr,
+    ttl: u8,
+    sport: u16,
+    dport: u16,
+    vtag: u32,
+    chunks: &[u8],
+) -> Vec<u8> {
+    let sctp = sctp::packet(sport, dport, vtag, chunks);
+    let eth = PacketBuilder::ethernet2(smac, dmac);
+    let b = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), ttl),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), ttl),
+        _ => unreachable!(),
+    };
+    let mut out = Vec::new();
+    b.write(&mut out, IpNumber(132), &sctp).unwrap();
+    out
+}
+
+/// Whether the SCTP packet of an untagged frame carries a right CRC32c.
+fn sctp_crc_ok(frame: &[u8]) -> bool {
+    sctp::crc_ok(&frame[layout(frame).l4..])
+}
+
+/// Issue 13: SCTP to a VIP is balanced and tracked by ports (INIT opens, ABORT closes, a new
+/// INIT re-opens); the backend's INIT ACK and DATA go back to the client; the new ports'
+/// CRC32c is right (checked against expected packets whose CRC the test computes from
+/// scratch), a wrong one stays wrong; a 1,400-byte DATA chunk too.
+#[test]
+fn sctp_is_balanced_by_ports_with_its_crc32c_updated() {
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let balancer = balancer();
+    let prog = balancer.program();
+    let _in_lb = lb.enter().unwrap();
+    let (eth0, eth1) = (ifindex("eth0"), ifindex("eth1"));
+    let stat = |i| prog.stat(i).unwrap();
+    let send = |what: &str, input: &[u8], ingress: u32, want: u32| {
+        run_expecting(prog, what, input, ingress, want)
+    };
+    let big: Vec<u8> = (0..1400u32).map(|i| (i * 13 + 5) as u8).collect();
+    for v6 in [false, true] {
+        let fam = if v6 { "ipv6" } else { "ipv4" };
+        let (client, vip, snat, backends) = if v6 {
+            (
+                self::v6(CLIENT6),
+                self::v6(VIP6),
+                self::v6(SNAT6),
+                BACKENDS6.iter().map(|a| self::v6(*a)).collect::<Vec<_>>(),
+            )
+        } else {
+            (
+                v4(CLIENT4),
+                v4(VIP4),
+                v4(SNAT4),
+                BACKENDS4.iter().map(|a| v4(*a)).collect::<Vec<_>>(),
+            )
+        };
+        let cport = 33000;
+        let crcs = stat(stat::SCTP_CRC);
+        // Client → VIP, and what the backend must receive.
+        let to_vip = |vtag, chunks: &[u8]| {
+            sctp_frame(
+                CLIENT_MAC, LB0_MAC, client, vip, 64, cport, 2905, vtag, chunks,
+            )
+        };
+        let at_backend = |backend, snat_port, vtag, chunks: &[u8]| {
+            sctp_frame(
+                LB1_MAC,
+                be_mac(backend),
+                snat,
+                backend,
+                63,
+                snat_port,
+                8080,
+                vtag,
+                chunks,
+            )
+        };
+        let what = format!("{fam} SCTP INIT to the VIP");
+        let out = send(
+            &what,
+            &to_vip(0, &init_chunk(1, 0x1111)),
+            eth0,
+            verdict::REDIRECT,
+        );
+        let (backend, _) = endpoint(&out, false);
+        let (_, snat_port) = endpoint(&out, true);
+        assert!(backends.contains(&backend), "{what}: went to {backend}");
+        assert!((20000..=20099).contains(&snat_port), "{what}: SNAT port");
+        check_output(
+            &what,
+            &at_backend(backend, snat_port, 0, &init_chunk(1, 0x1111)),
+            &out,
+        );
+        assert!(sctp_crc_ok(&out), "{what}: CRC32c");
+
+        // The backend's INIT ACK reaches the client from the VIP.
+        let what = format!("{fam} SCTP INIT ACK from the backend");
+        let reply = sctp_frame(
+            be_mac(backend),
+            LB1_MAC,
+            backend,
+            snat,
+            64,
+            8080,
+            snat_port,
+            0x1111,
+            &init_chunk(2, 0x2222),
+        );
+        let out = send(&what, &reply, eth1, verdict::REDIRECT);
+        let want = sctp_frame(
+            LB0_MAC,
+            CLIENT_MAC,
+            vip,
+            client,
+            63,
+            2905,
+            cport,
+            0x1111,
+            &init_chunk(2, 0x2222),
+        );
+        check_output(&what, &want, &out);
+
+        // DATA of the association (a small chunk, then 1,400 bytes): same backend, port.
+        for (n, data) in [(1u32, &b"hello"[..]), (2, &big[..])] {
+            let what = format!("{fam} SCTP DATA of {} bytes", data.len());
+            let chunks = data_chunk(n, data);
+            let out = send(&what, &to_vip(0x2222, &chunks), eth0, verdict::REDIRECT);
+            check_output(
+                &what,
+                &at_backend(backend, snat_port, 0x2222, &chunks),
+                &out,
+            );
+        }
+
+        // A wrong CRC stays wrong, by as much.
+        let what = format!("{fam} SCTP DATA with a wrong CRC32c");
+        let chunks = data_chunk(3, b"bad");
+        let mut input = to_vip(0x2222, &chunks);
+        let at = input.len() - chunks.len() - 4;
+        input[at] ^= 0x5a;
+        let out = send(&what, &input, eth0, verdict::REDIRECT);
+        let mut want = at_backend(backend, snat_port, 0x2222, &chunks);
+        let at = want.len() - chunks.len() - 4;
+        want[at] ^= 0x5a;
+        check_output(&what, &want, &out);
+        assert!(!sctp_crc_ok(&out), "{what}: still wrong");
+        assert_eq!(stat(stat::SCTP_CRC) - crcs, 5, "{fam}: sctp_crc");
+
+        // ABORT closes the association; a new INIT on the same ports opens a new one.
+        let what = format!("{fam} SCTP ABORT");
+        let abort = chunk(6, 0, &[]);
+        let out = send(&what, &to_vip(0x2222, &abort), eth0, verdict::REDIRECT);
+        check_output(&what, &at_backend(backend, snat_port, 0x2222, &abort), &out);
+        let inserts = stat(stat::CT_INSERT);
+        let what = format!("{fam} SCTP INIT after ABORT");
+        let out = send(
+            &what,
+            &to_vip(0, &init_chunk(1, 0x3333)),
+            eth0,
+            verdict::REDIRECT,
+        );
+        let (backend2, _) = endpoint(&out, false);
+        let (_, snat_port2) = endpoint(&out, true);
+        check_output(
+            &what,
+            &at_backend(backend2, snat_port2, 0, &init_chunk(1, 0x3333)),
+            &out,
+        );
+        assert_eq!(stat(stat::CT_INSERT) - inserts, 1, "{what}: a new entry");
+    }
+
+    // A first fragment of an SCTP packet: its CRC32c covers a datagram of unknown length,
+    // so it is passed untouched.
+    let mut head = sctp_frame(
+        CLIENT_MAC,
+        LB0_MAC,
+        v4(CLIENT4),
+        v4(VIP4),
+        64,
+        33001,
+        2905,
+        0,
+        &init_chunk(1, 0x4444),
+    );
+    head[20] |= 0x20;
+    fix_ipv4_checksum(&mut head);
+    let unsupported = stat(stat::PASS_UNSUPPORTED);
+    let out = send("SCTP first fragment", &head, eth0, verdict::PASS);
+    assert_eq!(out, head, "SCTP first fragment: untouched");
+    assert_eq!(stat(stat::PASS_UNSUPPORTED) - unsupported, 1);
+}
+
+// ---------- NAT46 / NAT64 ----------
+
+/// Sets an untagged frame's TOS / traffic class; for IPv4 also DF, identification 0 and the
+/// header checksum (what the translator writes toward IPv4: an atomic datagram).
+fn with_tos(mut p: Vec<u8>, tos: u8, atomic_v4: bool) -> Vec<u8> {
+    if p[12..14] == [0x08, 0x00] {
+        p[15] = tos;
+        if atomic_v4 {
+            p[18..22].copy_from_slice(&[0, 0, 0x40, 0]);
+        }
+        fix_ipv4_checksum(&mut p);
+    } else {
+        p[14] = 0x60 | tos >> 4;
+        p[15] = (tos << 4) | (p[15] & 0x0f);
+    }
+    p
+}
+
+/// Issue 13: an IPv4 VIP with IPv6 backends (NAT46) and an IPv6 VIP with IPv4 backends
+/// (NAT64), TCP and UDP, both ways: the translated packet is compared byte for byte with
+/// one built from scratch in the other family (etherparse computes its checksums): the
+/// SNAT address of the backend's family, TOS ↔ traffic class, TTL ↔ hop limit less one,
+/// DF and identification 0 toward IPv4. IPv4 UDP without a checksum is not translated.
+#[test]
+fn nat46_and_nat64_translate_headers_and_checksums() {
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let balancer = balancer();
+    let prog = balancer.program();
+    let _in_lb = lb.enter().unwrap();
+    let (eth0, eth1) = (ifindex("eth0"), ifindex("eth1"));
+    let stat = |i| prog.stat(i).unwrap();
+    let send = |what: &str, input: &[u8], ingress: u32, want: u32| {
+        run_expecting(prog, what, input, ingress, want)
+    };
+    let xlats = stat(stat::XLAT);
+    let mut translated = 0;
+    for (nat, client, vip, snat, backends) in [
+        (
+            "NAT46",
+            v4(CLIENT4),
+            v4(VIP4_46),
+            v6(SNAT6),
+            BACKENDS6.iter().map(|a| v6(*a)).collect::<Vec<_>>(),
+        ),
+        (
+            "NAT64",
+            v6(CLIENT6),
+            v6(VIP6_64),
+            v4(SNAT4),
+            BACKENDS4.iter().map(|a| v4(*a)).collect::<Vec<_>>(),
+        ),
+    ] {
+        for (l4, reply_l4, payload) in [
+            (L4::Tcp { flags: SYN }, L4::Tcp { flags: SYNACK }, &b""[..]),
+            (L4::Udp, L4::Udp, &b"a query of some length"[..]),
+        ] {
+            let what = format!("{nat} {}", if payload.is_empty() { "TCP" } else { "UDP" });
+            let cport = 42000 + translated as u16;
+            let input = with_tos(
+                build(
+                    CLIENT_MAC,
+                    LB0_MAC,
+                    Vlan::None,
+                    client,
+                    vip,
+                    64,
+                    l4,
+                    cport,
+                    80,
+                    payload,
+                ),
+                0xb8,
+                false,
+            );
+            let out = send(&what, &input, eth0, verdict::REDIRECT);
+            let (backend, bport) = endpoint(&out, false);
+            let (src, snat_port) = endpoint(&out, true);
+            assert!(backends.contains(&backend), "{what}: went to {backend}");
+            assert_eq!((src, bport), (snat, 8080), "{what}: from the SNAT address");
+            let want = with_tos(
+                build(
+                    LB1_MAC,
+                    be_mac(backend),
+                    Vlan::None,
+                    snat,
+                    backend,
+                    63,
+                    l4,
+                    snat_port,
+                    8080,
+                    payload,
+                ),
+                0xb8,
+                true,
+            );
+            check_output(&what, &want, &out);
+
+            let what = format!("{what} reply");
+            let reply = with_tos(
+                build(
+                    be_mac(backend),
+                    LB1_MAC,
+                    Vlan::None,
+                    backend,
+                    snat,
+                    64,
+                    reply_l4,
+                    8080,
+                    snat_port,
+                    payload,
+                ),
+                0x28,
+                false,
+            );
+            let out = send(&what, &reply, eth1, verdict::REDIRECT);
+            let want = with_tos(
+                build(
+                    LB0_MAC,
+                    CLIENT_MAC,
+                    Vlan::None,
+                    vip,
+                    client,
+                    63,
+                    reply_l4,
+                    80,
+                    cport,
+                    payload,
+                ),
+                0x28,
+                true,
+            );
+            check_output(&what, &want, &out);
+            translated += 2;
+        }
+    }
+    assert_eq!(stat(stat::XLAT) - xlats, translated);
+
+    // IPv4 UDP without a checksum: IPv6 needs one; passed untouched.
+    let mut input = udp4(CLIENT4, VIP4_46, 42100, 80, b"no checksum");
+    input[40..42].copy_from_slice(&[0, 0]);
+    let unsupported = stat(stat::PASS_UNSUPPORTED);
+    let out = send("NAT46 UDP without a checksum", &input, eth0, verdict::PASS);
+    assert_eq!(out, input, "NAT46 UDP without a checksum: untouched");
+    assert_eq!(stat(stat::PASS_UNSUPPORTED) - unsupported, 1);
 }

@@ -24,7 +24,11 @@ use std::{
 };
 
 use etherparse::{IpNumber, PacketBuilder};
-use portico_integration::{fibnet, TestNet};
+use portico_integration::{
+    fibnet,
+    sctp::{self, crc32c},
+    TestNet,
+};
 use portico_xdp::{
     verdict, BackendSpec, Balancer, LoadOptions, NodeConfig, Protocol, ServiceKey, ServiceSpec,
     TestRunOutput, XdpBalancer, XdpProgram,
@@ -33,6 +37,10 @@ use portico_xdp::{
 use fibnet::{CLIENT_MAC, LB0_MAC, LB1_MAC};
 
 const VIP4: [u8; 4] = [203, 0, 113, 10];
+const XLAT_VIP4: [u8; 4] = [203, 0, 113, 46];
+const XLAT_VIP6: [u8; 16] = [0xfd, 0, 0x02, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x46];
+/// The port of the NAT46/64 VIPs' TCP and UDP listeners.
+const XLAT_PORT: u16 = 80;
 const VIP6: [u8; 16] = [0xfd, 0, 0x02, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
 const SNAT4: [u8; 4] = fibnet::SNAT4;
 const SNAT6: [u8; 16] = [0xfd, 0, 0, 0x18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xfe];
@@ -92,6 +100,15 @@ fn vip(v6: bool) -> IpAddr {
         IpAddr::V6(Ipv6Addr::from(VIP6))
     } else {
         IpAddr::V4(Ipv4Addr::from(VIP4))
+    }
+}
+/// The NAT46 (IPv4, backends `backend_addrs(true)`) or NAT64 (IPv6, backends
+/// `backend_addrs(false)`) VIP: TCP and UDP on [`XLAT_PORT`].
+fn xlat_vip(v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::from(XLAT_VIP6))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(XLAT_VIP4))
     }
 }
 fn snat(v6: bool) -> IpAddr {
@@ -188,6 +205,9 @@ struct Ip {
     dst: IpAddr,
     ttl: u8,
     df: bool,
+    /// A fragment: its identification, and whether it is a later one (offset non-zero: no
+    /// transport header, `l4` is where its payload starts).
+    frag: Option<(u32, bool)>,
 }
 
 /// Offsets the program never reads past.
@@ -195,8 +215,8 @@ const WINDOW: usize = 512;
 
 /// Parses a frame the way the policy in docs/xdp.md reads one. `None`: the program must pass
 /// it untouched, whatever it is addressed to (not IP; truncated; a length that disagrees
-/// with the frame; a fragment; a routing header with segments left; headers past the
-/// window; an IPv6 jumbogram).
+/// with the frame; a routing header with segments left; headers past the window; an IPv6
+/// jumbogram). Fragments parse, with [`Ip::frag`] set.
 fn parse(p: &[u8]) -> Option<Ip> {
     if p.len() < 14 {
         return None;
@@ -223,9 +243,7 @@ fn parse(p: &[u8]) -> Option<Ip> {
                 return None;
             }
             let frag = u16::from_be_bytes([p[l3 + 6], p[l3 + 7]]);
-            if frag & 0x3fff != 0 {
-                return None;
-            }
+            let id = u32::from(u16::from_be_bytes([p[l3 + 4], p[l3 + 5]]));
             Some(Ip {
                 l3,
                 v6: false,
@@ -246,6 +264,7 @@ fn parse(p: &[u8]) -> Option<Ip> {
                 )),
                 ttl: p[l3 + 8],
                 df: frag & 0x4000 != 0,
+                frag: (frag & 0x3fff != 0).then_some((id, frag & 0x1fff != 0)),
             })
         }
         0x86dd => {
@@ -259,7 +278,8 @@ fn parse(p: &[u8]) -> Option<Ip> {
             let mut next = p[l3 + 6];
             let mut off = l3 + 40;
             let mut walked = 0;
-            while matches!(next, 0 | 43 | 60 | 44) {
+            let mut frag = None;
+            while matches!(next, 0 | 43 | 60 | 44) && !frag.is_some_and(|(_, later)| later) {
                 if walked == 4 {
                     return None;
                 }
@@ -268,8 +288,11 @@ fn parse(p: &[u8]) -> Option<Ip> {
                     if off + 8 > WINDOW || off + 8 > p.len() {
                         return None;
                     }
-                    if u16::from_be_bytes([p[off + 2], p[off + 3]]) & 0xfff9 != 0 {
-                        return None;
+                    let offset_and_m = u16::from_be_bytes([p[off + 2], p[off + 3]]);
+                    if offset_and_m & 0xfff9 != 0 {
+                        let id =
+                            u32::from_be_bytes([p[off + 4], p[off + 5], p[off + 6], p[off + 7]]);
+                        frag = Some((id, offset_and_m & 0xfff8 != 0));
                     }
                     next = p[off];
                     off += 8;
@@ -296,6 +319,7 @@ fn parse(p: &[u8]) -> Option<Ip> {
                 dst: a(l3 + 24),
                 ttl: p[l3 + 7],
                 df: true,
+                frag,
             })
         }
         _ => None,
@@ -307,7 +331,9 @@ fn parse(p: &[u8]) -> Option<Ip> {
 fn l4_ok(p: &[u8], ip: &Ip) -> bool {
     let need = match ip.proto {
         TCP => 20,
-        UDP | SCTP | ICMP4 | ICMP6 => 8,
+        // SCTP: the common header and the first chunk's header.
+        SCTP => 16,
+        UDP | ICMP4 | ICMP6 => 8,
         _ => return false,
     };
     if ip.l4 + need > WINDOW || ip.l4 + need > p.len() || ip.l4 + need > ip.ip_end {
@@ -318,6 +344,8 @@ fn l4_ok(p: &[u8], ip: &Ip) -> bool {
             let doff = usize::from(p[ip.l4 + 12] >> 4) * 4;
             doff >= 20 && ip.l4 + doff <= ip.ip_end
         }
+        // A first fragment's UDP length is the whole datagram's: not checked.
+        UDP if ip.frag.is_some() => true,
         UDP => {
             let ulen = usize::from(u16::from_be_bytes([p[ip.l4 + 4], p[ip.l4 + 5]]));
             ulen >= 8 && ip.l4 + ulen <= ip.ip_end
@@ -332,9 +360,12 @@ fn ipv4_header_ok(p: &[u8], ip: &Ip) -> bool {
 
 /// The L4 checksum's state: `None` for IPv4 UDP without one, else whether it is right.
 fn l4_checksum_ok(p: &[u8], ip: &Ip) -> Option<bool> {
+    if ip.proto == SCTP {
+        return Some(sctp::crc_ok(&p[ip.l4..ip.ip_end]));
+    }
     let (src, dst) = (octets(ip.src), octets(ip.dst));
     let end = if ip.proto == UDP {
-        ip.l4 + usize::from(u16::from_be_bytes([p[ip.l4 + 4], p[ip.l4 + 5]]))
+        (ip.l4 + usize::from(u16::from_be_bytes([p[ip.l4 + 4], p[ip.l4 + 5]]))).min(ip.ip_end)
     } else {
         ip.ip_end
     };
@@ -352,11 +383,17 @@ fn ports(p: &[u8], ip: &Ip) -> (u16, u16) {
     )
 }
 
+/// TCP flags; for SCTP, the ones its first chunk stands for (INIT: SYN; ABORT, SHUTDOWN
+/// COMPLETE: RST; any other: ACK).
 fn tcp_flags(p: &[u8], ip: &Ip) -> u8 {
-    if ip.proto == TCP {
-        p[ip.l4 + 13]
-    } else {
-        0
+    match ip.proto {
+        TCP => p[ip.l4 + 13],
+        SCTP => match p[ip.l4 + 12] {
+            1 => 0x02,
+            6 | 14 => 0x04,
+            _ => 0x10,
+        },
+        _ => 0,
     }
 }
 
@@ -364,6 +401,9 @@ fn tcp_flags(p: &[u8], ip: &Ip) -> u8 {
 
 /// A client's flow: (client, client port, VIP, VIP port, protocol).
 type Tuple = (IpAddr, u16, IpAddr, u16, u8);
+
+/// A fragmented datagram: (source, destination, protocol, identification).
+type FragKey = (IpAddr, IpAddr, u8, u32);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Mapping {
@@ -382,6 +422,11 @@ struct Model {
     /// Closed flows a fresh SYN re-opened: they may come back with another port, and until
     /// one of their packets shows which, the model does not know it.
     may_move: HashMap<Tuple, bool>,
+    /// First fragments the program must have remembered: (source, destination, protocol,
+    /// identification) → their ports, and when.
+    frags: BTreeMap<FragKey, ((u16, u16), Instant)>,
+    /// Fragments of a datagram still to send (the last one first).
+    pending: Vec<Case>,
     /// Counts by what happened, for the summary.
     outcomes: HashMap<&'static str, u64>,
 }
@@ -475,6 +520,33 @@ fn l4_build(
             t.write(&mut out, payload).unwrap();
         }
         UDP => b.udp(sport, dport).write(&mut out, payload).unwrap(),
+        SCTP => {
+            // Common header, one chunk of the type the flags stand for (INIT for a SYN,
+            // ABORT for an RST, SHUTDOWN COMPLETE for a FIN, else DATA) with the payload,
+            // and a right CRC32c (mutations may break it).
+            let ty = if flags & 0x04 != 0 {
+                6
+            } else if flags & 0x12 == 0x02 {
+                1
+            } else if flags & 0x01 != 0 {
+                14
+            } else {
+                0
+            };
+            let mut sctp = Vec::new();
+            sctp.extend_from_slice(&sport.to_be_bytes());
+            sctp.extend_from_slice(&dport.to_be_bytes());
+            sctp.extend_from_slice(&[0x5c, 0x7a, 0x90, 0x01, 0, 0, 0, 0]);
+            sctp.extend_from_slice(&[ty, 0]);
+            sctp.extend_from_slice(&((4 + payload.len()) as u16).to_be_bytes());
+            sctp.extend_from_slice(payload);
+            while sctp.len() % 4 != 0 {
+                sctp.push(0);
+            }
+            let crc = crc32c(&sctp);
+            sctp[8..12].copy_from_slice(&crc.to_le_bytes());
+            b.write(&mut out, IpNumber(proto), &sctp).unwrap();
+        }
         _ => {
             // SCTP common header (ports, tag, CRC32c left zero) and the payload.
             let mut sctp = Vec::new();
@@ -659,10 +731,17 @@ fn payload(rng: &mut Rng) -> Vec<u8> {
 /// side only for flows the model knows: a new flow answered with ICMP too-big is tracked
 /// without the checker seeing where it went.
 fn to_vip(rng: &mut Rng, model: &Model) -> Case {
+    if rng.chance(15) {
+        return to_xlat_vip(rng);
+    }
     let (v6, port, proto) = if rng.chance(90) {
         rng.pick(&LISTENERS)
     } else {
-        (rng.chance(50), rng.below(100) as u16, rng.pick(&[TCP, UDP]))
+        (
+            rng.chance(50),
+            rng.below(100) as u16,
+            rng.pick(&[TCP, UDP, SCTP]),
+        )
     };
     let (client, cport) = client_tuple(rng, v6);
     let flags = if rng.chance(60) {
@@ -700,6 +779,42 @@ fn to_vip(rng: &mut Rng, model: &Model) -> Case {
     }
 }
 
+/// Client → a NAT46/64 VIP: TCP or UDP, sometimes another port or protocol, a TOS.
+fn to_xlat_vip(rng: &mut Rng) -> Case {
+    let v6 = rng.chance(50);
+    let (client, cport) = client_tuple(rng, v6);
+    let proto = rng.pick(&[TCP, UDP, TCP, UDP, SCTP]);
+    let port = if rng.chance(90) { XLAT_PORT } else { 81 };
+    let flags = rng.pick(&[0x02u8, 0x10, 0x18, 0x11, 0x04]);
+    let ttl = if rng.chance(3) { 1 } else { 64 };
+    let mut body = payload(rng);
+    body.truncate(900);
+    let mut input = packet(
+        CLIENT_MAC,
+        LB0_MAC,
+        client,
+        xlat_vip(v6),
+        ttl,
+        proto,
+        cport,
+        port,
+        flags,
+        &body,
+    );
+    let tos = rng.next() as u8;
+    if v6 {
+        input[14] = 0x60 | tos >> 4;
+        input[15] = (tos << 4) | (input[15] & 0x0f);
+    } else {
+        input[15] = tos;
+        fix_ipv4_checksum(&mut input, 14);
+    }
+    Case {
+        input,
+        ingress: "eth0",
+    }
+}
+
 /// Backend → SNAT address and port, of a flow the model knows (or a random port).
 fn reply(rng: &mut Rng, model: &Model) -> Case {
     let known: Vec<_> = model.reverse.keys().copied().collect();
@@ -711,7 +826,7 @@ fn reply(rng: &mut Rng, model: &Model) -> Case {
         (
             backend_addrs(v6)[rng.below(3)],
             SNAT_PORTS.1 + 1 + rng.below(100) as u16,
-            rng.pick(&[TCP, UDP]),
+            rng.pick(&[TCP, UDP, SCTP]),
         )
     };
     let flags = rng.pick(&[0x12u8, 0x10, 0x18, 0x11, 0x04]);
@@ -762,7 +877,13 @@ fn echo(rng: &mut Rng) -> Case {
 /// An ICMP error quoting a known flow: from the backend side about a packet the node sent,
 /// or from the client side about a reply.
 fn icmp_error(rng: &mut Rng, model: &Model) -> Case {
-    let flows: Vec<_> = model.forward.iter().map(|(t, m)| (*t, *m)).collect();
+    // Errors about NAT46/64 flows are not translated: left out here.
+    let flows: Vec<_> = model
+        .forward
+        .iter()
+        .filter(|(t, m)| t.0.is_ipv6() == m.backend.is_ipv6())
+        .map(|(t, m)| (*t, *m))
+        .collect();
     let Some(&((client, cport, vipa, vport, proto), m)) = flows.get(rng.below(flows.len().max(1)))
     else {
         return to_vip(rng, model);
@@ -986,6 +1107,70 @@ fn mutate(rng: &mut Rng, case: &mut Case) {
     }
 }
 
+/// A datagram to a VIP (or a reply) cut into two to four fragments with a random
+/// identification, in a random order: the first to send now, the others after it.
+fn fragmented(rng: &mut Rng, model: &Model) -> Vec<Case> {
+    let case = if rng.chance(70) {
+        to_vip(rng, model)
+    } else {
+        reply(rng, model)
+    };
+    let Some(ip) = parse(&case.input) else {
+        return vec![case];
+    };
+    let p = &case.input;
+    let hdr_end = if ip.v6 { ip.l3 + 40 } else { ip.l4 };
+    let n = ip.ip_end - hdr_end;
+    if ip.frag.is_some() || n < 16 || (ip.v6 && ip.l4 != hdr_end) {
+        return vec![case];
+    }
+    let mut cuts: Vec<usize> = (0..1 + rng.below(3))
+        .map(|_| 8 * (1 + rng.below((n - 1) / 8)))
+        .collect();
+    cuts.extend([0, n]);
+    cuts.sort_unstable();
+    cuts.dedup();
+    let id = rng.next() as u32;
+    let mut pieces: Vec<Case> = cuts
+        .windows(2)
+        .map(|w| {
+            let (a, b) = (w[0], w[1]);
+            let more = b < n;
+            let mut f = p[..hdr_end].to_vec();
+            if ip.v6 {
+                f[ip.l3 + 4..ip.l3 + 6].copy_from_slice(&((8 + b - a) as u16).to_be_bytes());
+                f[ip.l3 + 6] = 44;
+                f.extend_from_slice(&[ip.proto, 0]);
+                f.extend_from_slice(&(a as u16 | u16::from(more)).to_be_bytes());
+                f.extend_from_slice(&id.to_be_bytes());
+            } else {
+                let l3 = ip.l3;
+                f[l3 + 2..l3 + 4].copy_from_slice(&((hdr_end - l3 + b - a) as u16).to_be_bytes());
+                f[l3 + 4..l3 + 6].copy_from_slice(&(id as u16).to_be_bytes());
+                let mf = if more { 0x2000 } else { 0 };
+                f[l3 + 6..l3 + 8].copy_from_slice(&(mf | (a / 8) as u16).to_be_bytes());
+                fix_ipv4_checksum(&mut f, l3);
+            }
+            f.extend_from_slice(&p[hdr_end + a..hdr_end + b]);
+            Case {
+                input: f,
+                ingress: case.ingress,
+            }
+        })
+        .collect();
+    if rng.chance(50) {
+        for i in (1..pieces.len()).rev() {
+            pieces.swap(i, rng.below(i + 1));
+        }
+    }
+    for piece in &mut pieces {
+        if rng.chance(10) {
+            mutate(rng, piece);
+        }
+    }
+    pieces
+}
+
 fn generate(rng: &mut Rng, model: &Model) -> Case {
     let mut case = match rng.below(100) {
         0..8 => return random_bytes(rng),
@@ -1038,7 +1223,8 @@ fn translated(
             o.src, o.dst
         ));
     }
-    if ports(out, &o) != (sport, dport) {
+    let later = inp.frag.is_some_and(|(_, later)| later);
+    if !later && ports(out, &o) != (sport, dport) {
         return Err(format!(
             "ports {:?}, want ({sport}, {dport})",
             ports(out, &o)
@@ -1050,6 +1236,14 @@ fn translated(
     if !ipv4_header_ok(out, &o) {
         return Err("IPv4 header checksum".into());
     }
+    if later {
+        // Only the IP header changes.
+        return if out[12..inp.l3] != input[12..inp.l3] || out[inp.l4..] != input[inp.l4..] {
+            Err("bytes outside the IP header changed".into())
+        } else {
+            Ok(())
+        };
+    }
     if l4_checksum_ok(input, inp) != l4_checksum_ok(out, &o) {
         return Err(format!(
             "L4 checksum: {:?} in, {:?} out",
@@ -1058,7 +1252,12 @@ fn translated(
         ));
     }
     // Tags, and everything after the checksum field (payload, trailer), as they were.
-    let csum_end = inp.l4 + if inp.proto == TCP { 18 } else { 8 };
+    let csum_end = inp.l4
+        + match inp.proto {
+            TCP => 18,
+            SCTP => 12,
+            _ => 8,
+        };
     if out[12..inp.l3] != input[12..inp.l3] || out[csum_end..] != input[csum_end..] {
         return Err("bytes outside the rewritten fields changed".into());
     }
@@ -1285,18 +1484,57 @@ fn check(case: &Case, out: &TestRunOutput, model: &mut Model) -> Result<&'static
         unchanged(input, out)?;
         return Ok("passed_unparsed");
     };
-    if !l4_ok(input, &ip) {
+    if ip.frag.is_some_and(|(_, later)| later) {
+        // No transport header to check.
+    } else if !l4_ok(input, &ip) {
         unchanged(input, out)?;
         return Ok("passed_bad_l4");
     }
     let v6 = ip.v6;
-    let ours = ip.dst == vip(v6) || ip.dst == snat(v6);
+    let ours = ip.dst == vip(v6) || ip.dst == snat(v6) || ip.dst == xlat_vip(v6);
+    if ip.frag.is_some() && !(ours && matches!(ip.proto, TCP | UDP | SCTP)) {
+        unchanged(input, out)?;
+        return Ok("passed_fragment");
+    }
     if ours && !ipv4_header_ok(input, &ip) {
         unchanged(input, out)?;
         return Ok("passed_bad_ip_checksum");
     }
+    if let Some((id, later)) = ip.frag {
+        if later {
+            return check_later_fragment(input, &ip, id, out, model);
+        }
+        if ip.proto == SCTP {
+            // Its CRC32c covers a datagram of a length the fragment does not tell.
+            unchanged(input, out)?;
+            return Ok("passed_sctp_fragment");
+        }
+        // A first fragment: its ports are remembered, then it goes as a whole packet would.
+        model.frags.insert(
+            (ip.src, ip.dst, ip.proto, id),
+            (ports(input, &ip), Instant::now()),
+        );
+    }
+    let what = check_l4(input, &ip, out, model)?;
+    // SCTP's own count: its CRC32c was checked.
+    Ok(match (ip.proto, what) {
+        (SCTP, "translated") => "sctp_translated",
+        _ => what,
+    })
+}
+
+/// [`check`], for a packet that parsed, whose transport header is sound, and which is not a
+/// later fragment.
+fn check_l4(
+    input: &[u8],
+    ip: &Ip,
+    out: &TestRunOutput,
+    model: &mut Model,
+) -> Result<&'static str, String> {
+    let ip = ip.clone();
+    let v6 = ip.v6;
     match ip.proto {
-        TCP | UDP if ip.dst == snat(v6) => {
+        TCP | UDP | SCTP if ip.dst == snat(v6) => {
             let (sport, dport) = ports(input, &ip);
             let Some(&t) = (sport == BACKEND_PORT)
                 .then(|| model.reverse.get(&(ip.src, dport, ip.proto)))
@@ -1313,9 +1551,55 @@ fn check(case: &Case, out: &TestRunOutput, model: &mut Model) -> Result<&'static
                 return Ok("passed_ttl");
             }
             let (client, cport, vipa, vport, _) = t;
+            if client.is_ipv6() != v6 {
+                return check_xlat(input, &ip, out, vipa, vport, client, cport);
+            }
             forwarded(input, &ip, out, vipa, vport, client, cport, model)
         }
-        TCP | UDP if ip.dst == vip(v6) => {
+        TCP | UDP if ip.dst == xlat_vip(v6) => {
+            let (sport, dport) = ports(input, &ip);
+            if dport != XLAT_PORT {
+                unchanged(input, out)?;
+                return Ok("passed_no_listener");
+            }
+            let flags = tcp_flags(input, &ip);
+            let t = (ip.src, sport, ip.dst, dport, ip.proto);
+            model.note(t, flags, ip.ttl);
+            if ip.ttl <= 1 {
+                unchanged(input, out)?;
+                return Ok("passed_ttl");
+            }
+            if !xlat_eligible(input, &ip) {
+                unchanged(input, out)?;
+                return Ok("passed_xlat_unsupported");
+            }
+            let Some(o) = parse(&out.packet).filter(|o| o.v6 != v6) else {
+                return Err(format!(
+                    "not translated: {} (in {} B, out {} B)",
+                    verdict::name(out.verdict),
+                    input.len(),
+                    out.packet.len()
+                ));
+            };
+            let (osport, _) = ports(&out.packet, &o);
+            if !backend_addrs(!v6).contains(&o.dst) {
+                return Err(format!("went to {}, not a backend", o.dst));
+            }
+            if !(SNAT_PORTS.0..=SNAT_PORTS.1).contains(&osport) {
+                return Err(format!("SNAT port {osport} outside the range"));
+            }
+            let what = check_xlat(input, &ip, out, snat(!v6), osport, o.dst, BACKEND_PORT)?;
+            model.learn(
+                t,
+                Mapping {
+                    backend: o.dst,
+                    snat_port: osport,
+                },
+                flags,
+            )?;
+            Ok(what)
+        }
+        TCP | UDP | SCTP if ip.dst == vip(v6) => {
             let (sport, dport) = ports(input, &ip);
             if !LISTENERS.contains(&(v6, dport, ip.proto)) {
                 unchanged(input, out)?;
@@ -1376,6 +1660,201 @@ fn check(case: &Case, out: &TestRunOutput, model: &mut Model) -> Result<&'static
             unchanged(input, out)?;
             Ok("passed_other")
         }
+    }
+}
+
+/// Whether a packet of a NAT46/64 flow can be translated: untagged, IPv4 without options,
+/// IPv6 without extension headers, not a fragment, UDP with a checksum.
+fn xlat_eligible(p: &[u8], ip: &Ip) -> bool {
+    ip.frag.is_none()
+        && ip.l3 == 14
+        && ip.l4 == ip.l3 + if ip.v6 { 40 } else { 20 }
+        && (ip.proto == TCP || p[ip.l4 + 6..ip.l4 + 8] != [0, 0])
+}
+
+/// A packet translated to the other family: addresses, ports, TTL / hop limit, TOS /
+/// traffic class, IPv4's DF and identification 0 and header checksum, the transport
+/// checksum right exactly when it was, and everything after it as it came; sent to the
+/// next hop of `dst`.
+fn check_xlat(
+    input: &[u8],
+    inp: &Ip,
+    out: &TestRunOutput,
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+) -> Result<&'static str, String> {
+    if !xlat_eligible(input, inp) {
+        unchanged(input, out)?;
+        return Ok("passed_xlat_unsupported");
+    }
+    // Without a neighbour the stack gets it untranslated (counted); without a route it is
+    // dropped; neither is written.
+    match hop_to(dst) {
+        Hop::Via(..) => {}
+        Hop::NoNeigh => {
+            unchanged(input, out)?;
+            return Ok("passed_no_neighbour");
+        }
+        Hop::NoRoute | Hop::Unsure => {
+            if out.packet != input || !matches!(out.verdict, verdict::DROP | verdict::PASS) {
+                return Err(format!(
+                    "toward {dst} (no route): got {}",
+                    verdict::name(out.verdict)
+                ));
+            }
+            return Ok("dropped_no_route");
+        }
+    }
+    let grows = !inp.v6;
+    let new_len = if grows {
+        inp.ip_end - inp.l3 + 20
+    } else {
+        inp.ip_end - inp.l3 - 20
+    };
+    if new_len > MTU {
+        // Answered with ICMP too-big (its MTU adjusted by 20), dropped over the rate limit,
+        // or (IPv4 without DF) passed untranslated.
+        return match out.verdict {
+            verdict::TX | verdict::DROP => Ok("xlat_too_big"),
+            verdict::PASS if !inp.df => {
+                unchanged(input, out)?;
+                Ok("passed_xlat_unsupported")
+            }
+            v => Err(format!("too big to translate: {}", verdict::name(v))),
+        };
+    }
+    let o = &out.packet;
+    let Some(op) = parse(o) else {
+        return Err("translated packet does not parse".into());
+    };
+    let want_len = if grows {
+        input.len() + 20
+    } else {
+        input.len() - 20
+    };
+    if op.v6 == inp.v6 || o.len() != want_len || op.proto != inp.proto {
+        return Err("not translated to the other family".into());
+    }
+    if (op.src, op.dst) != (src, dst) || ports(o, &op) != (sport, dport) {
+        return Err(format!(
+            "{}:{:?} → {}, want {src}:{sport} → {dst}:{dport}",
+            op.src,
+            ports(o, &op),
+            op.dst
+        ));
+    }
+    if op.ttl != inp.ttl - 1 {
+        return Err(format!("TTL {} from {}", op.ttl, inp.ttl));
+    }
+    let tos = |p: &[u8], ip: &Ip| {
+        if ip.v6 {
+            (p[ip.l3] << 4) | (p[ip.l3 + 1] >> 4)
+        } else {
+            p[ip.l3 + 1]
+        }
+    };
+    if tos(o, &op) != tos(input, inp) {
+        return Err("TOS / traffic class".into());
+    }
+    if !op.v6 && (o[op.l3 + 4..op.l3 + 8] != [0, 0, 0x40, 0] || !ipv4_header_ok(o, &op)) {
+        return Err("IPv4 header: identification, DF or checksum".into());
+    }
+    if l4_checksum_ok(input, inp) != l4_checksum_ok(o, &op) {
+        return Err(format!(
+            "L4 checksum: {:?} in, {:?} out",
+            l4_checksum_ok(input, inp),
+            l4_checksum_ok(o, &op)
+        ));
+    }
+    let after = if inp.proto == TCP { 18 } else { 8 };
+    if o[op.l4 + after..] != input[inp.l4 + after..] {
+        return Err("bytes after the transport checksum changed".into());
+    }
+    match check_sent(out, dst)? {
+        "sent" => Ok("xlat_translated"),
+        other => Ok(other),
+    }
+}
+
+/// A later fragment to a VIP or the SNAT address, its IPv4 header sound: translated as its
+/// first fragment's flow was; without a first fragment seen, dropped (to a VIP) or passed
+/// (to the SNAT address).
+fn check_later_fragment(
+    input: &[u8],
+    ip: &Ip,
+    id: u32,
+    out: &TestRunOutput,
+    model: &mut Model,
+) -> Result<&'static str, String> {
+    let v6 = ip.v6;
+    let to_vip = ip.dst == vip(v6) || ip.dst == xlat_vip(v6);
+    let head = model.frags.get(&(ip.src, ip.dst, ip.proto, id)).copied();
+    // The program forgets a first fragment after five seconds (of jiffies): near that,
+    // either outcome.
+    if head.is_some_and(|(_, seen)| seen.elapsed() > Duration::from_millis(4500)) {
+        return Ok("fragment_head_expiring");
+    }
+    let Some(((sport, dport), _)) = head else {
+        if to_vip {
+            if out.verdict != verdict::DROP || out.packet != input {
+                return Err(format!(
+                    "fragment without its first fragment: want XDP_DROP, got {}",
+                    verdict::name(out.verdict)
+                ));
+            }
+            return Ok("dropped_fragment_no_head");
+        }
+        unchanged(input, out)?;
+        return Ok("passed_fragment");
+    };
+    // Where the first fragment's flow goes, as the model knows it.
+    let target = if to_vip {
+        let t = (ip.src, sport, ip.dst, dport, ip.proto);
+        match model.forward.get(&t) {
+            Some(_) if model.may_move.contains_key(&t) => {
+                return Ok("fragment_of_a_moving_flow");
+            }
+            // A NAT46/64 flow's fragments are not translated.
+            Some(m) if m.backend.is_ipv6() != v6 => {
+                unchanged(input, out)?;
+                return Ok("passed_fragment_xlat");
+            }
+            Some(m) => Some((snat(v6), m.backend)),
+            None => None,
+        }
+    } else {
+        match (sport == BACKEND_PORT)
+            .then(|| model.reverse.get(&(ip.src, dport, ip.proto)))
+            .flatten()
+        {
+            Some(&t) if model.stale(t, ip.src, dport) => {
+                return Ok("fragment_of_a_released_port");
+            }
+            Some(&(client, _, _, _, _)) if client.is_ipv6() != v6 => {
+                unchanged(input, out)?;
+                return Ok("passed_fragment_xlat");
+            }
+            Some(&(client, _, vipa, _, _)) => Some((vipa, client)),
+            None => None,
+        }
+    };
+    let Some((src, dst)) = target else {
+        // A flow the model never saw forwarded: passed untouched; or, tracked without the
+        // model seeing it (a new flow answered with ICMP too-big), translated.
+        if out.verdict == verdict::PASS && out.packet == input {
+            return Ok("passed_fragment_untracked");
+        }
+        return Ok("fragment_of_an_unseen_flow");
+    };
+    if ip.ttl <= 1 {
+        unchanged(input, out)?;
+        return Ok("passed_ttl");
+    }
+    match forwarded(input, ip, out, src, 0, dst, 1, model)? {
+        "translated" => Ok("fragment_translated"),
+        other => Ok(other),
     }
 }
 
@@ -1445,7 +1924,7 @@ fn check_icmp(
         model
             .reverse
             .get(&(qdst, qsport, qproto))
-            .filter(|_| qdport == BACKEND_PORT)
+            .filter(|&&(client, ..)| qdport == BACKEND_PORT && client.is_ipv6() == v6)
             .map(|&(client, cport, vipa, vport, _)| {
                 let from = if ip.src == qdst || ip.src == client {
                     vipa
@@ -1460,16 +1939,20 @@ fn check_icmp(
             // Re-opened, its new port not seen yet: the model cannot tell.
             return Ok("icmp_about_a_reopened_flow");
         }
-        model.forward.get(&t).map(|m| {
-            (
-                snat(v6),
-                m.backend,
-                m.backend,
-                BACKEND_PORT,
-                snat(v6),
-                m.snat_port,
-            )
-        })
+        model
+            .forward
+            .get(&t)
+            .filter(|m| m.backend.is_ipv6() == v6)
+            .map(|m| {
+                (
+                    snat(v6),
+                    m.backend,
+                    m.backend,
+                    BACKEND_PORT,
+                    snat(v6),
+                    m.snat_port,
+                )
+            })
     } else {
         None
     };
@@ -1623,6 +2106,22 @@ fn echo_reply(input: &[u8], ip: &Ip, out: &TestRunOutput) -> Result<&'static str
 
 // ---------- the run ----------
 
+/// A listener with `backends` on [`BACKEND_PORT`], weight 1 each.
+fn service(vip: IpAddr, port: u16, proto: Protocol, backends: Vec<IpAddr>) -> ServiceSpec {
+    ServiceSpec {
+        key: ServiceKey { vip, port, proto },
+        backends: backends
+            .into_iter()
+            .map(|addr| BackendSpec {
+                addr,
+                port: BACKEND_PORT,
+                weight: 1,
+            })
+            .collect(),
+        hash_source_only: false,
+    }
+}
+
 fn balancer() -> XdpBalancer {
     let program = XdpProgram::load_with(LoadOptions {
         max_services: 16,
@@ -1645,27 +2144,20 @@ fn balancer() -> XdpBalancer {
     })
     .unwrap();
     for (v6, port, proto) in LISTENERS {
-        b.upsert_service(&ServiceSpec {
-            key: ServiceKey {
-                vip: vip(v6),
-                port,
-                proto: match proto {
-                    TCP => Protocol::Tcp,
-                    UDP => Protocol::Udp,
-                    _ => Protocol::Sctp,
-                },
-            },
-            backends: backend_addrs(v6)
-                .into_iter()
-                .map(|addr| BackendSpec {
-                    addr,
-                    port: BACKEND_PORT,
-                    weight: 1,
-                })
-                .collect(),
-            hash_source_only: false,
-        })
-        .unwrap();
+        let proto = match proto {
+            TCP => Protocol::Tcp,
+            UDP => Protocol::Udp,
+            _ => Protocol::Sctp,
+        };
+        b.upsert_service(&service(vip(v6), port, proto, backend_addrs(v6)))
+            .unwrap();
+    }
+    // NAT46 and NAT64: each VIP's backends are of the other family.
+    for v6 in [false, true] {
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            b.upsert_service(&service(xlat_vip(v6), XLAT_PORT, proto, backend_addrs(!v6)))
+                .unwrap();
+        }
     }
     b
 }
@@ -1869,7 +2361,17 @@ fn xdp_fuzz_checked_by_an_independent_model() {
     }
     let started = Instant::now();
     while n < packets && started.elapsed() < budget {
-        let case = generate(&mut rng, &model);
+        let case = if let Some(case) = model.pending.pop() {
+            case
+        } else if rng.chance(3) {
+            let mut pieces = fragmented(&mut rng, &model);
+            let first = pieces.remove(0);
+            pieces.reverse();
+            model.pending = pieces;
+            first
+        } else {
+            generate(&mut rng, &model)
+        };
         run(&case, &mut model, n);
         n += 1;
     }
@@ -1882,6 +2384,10 @@ fn xdp_fuzz_checked_by_an_independent_model() {
         "echo_reply",
         "icmp_error_translated",
         "passed_unparsed",
+        "fragment_translated",
+        "dropped_fragment_no_head",
+        "sctp_translated",
+        "xlat_translated",
     ] {
         assert!(
             model.outcomes.get(must).copied().unwrap_or(0) > 0 || n < 20_000,

@@ -312,11 +312,17 @@ fn validate(spec: &ServiceSpec, node: &NodeConfig) -> Result<(), BalancerError> 
     }
     let mut seen = BTreeSet::new();
     for (i, b) in spec.backends.iter().enumerate() {
-        if b.addr.is_ipv4() != spec.key.vip.is_ipv4() {
+        // NAT46 / NAT64: the packets reach the backend from the node's SNAT address of the
+        // backend's family.
+        let snat_missing = match b.addr {
+            IpAddr::V4(_) => node.snat_v4.is_none(),
+            IpAddr::V6(_) => node.snat_v6.is_none(),
+        };
+        if snat_missing {
             return Err(bad(
                 "backends[].addr",
                 format!("[{i}] {}", b.addr),
-                "backend family differs from the VIP's (NAT46/64 is not supported yet)",
+                "no SNAT address of the backend's family configured on this node",
             ));
         }
         if b.port == 0 {
@@ -1095,7 +1101,7 @@ mod tests {
     }
 
     #[test]
-    fn a_backend_of_another_family_is_refused_with_its_index_and_address() {
+    fn a_backend_of_a_family_without_a_snat_address_is_refused_with_its_index_and_address() {
         let mut fake = FakeBalancer::default();
         fake.configure_node(&node()).unwrap();
         let spec = ServiceSpec {

@@ -78,7 +78,8 @@ pub mod stat {
     pub const PASS_NOT_VIP: u32 = 8;
     /// Passed: truncated or malformed header (the stack decides).
     pub const PASS_MALFORMED: u32 = 9;
-    /// Passed: IP fragment (no L4 ports to balance on).
+    /// Passed: IP fragment not to a VIP or the SNAT address, or whose first fragment's flow is
+    /// not tracked (not balanced, or not a reply).
     pub const PASS_FRAGMENT: u32 = 10;
     /// Passed: TTL/hop limit would expire (the stack sends Time Exceeded).
     pub const PASS_TTL: u32 = 11;
@@ -90,7 +91,8 @@ pub mod stat {
     pub const DROP_NO_SNAT_PORT: u32 = 14;
     /// Dropped: no route to the backend or client.
     pub const DROP_NO_ROUTE: u32 = 15;
-    /// Passed: a VIP packet with an unsupported protocol or a fragment-less SCTP oddity.
+    /// Passed: a VIP packet the program does not handle (an IPv6 jumbogram; a backend of the
+    /// other family).
     pub const PASS_UNSUPPORTED: u32 = 16;
     /// ICMP errors quoting a tracked flow, translated.
     pub const ICMP_ERROR_NAT: u32 = 17;
@@ -121,8 +123,23 @@ pub mod stat {
     /// Conntrack: an unconfirmed flow was confirmed (its second packet, a TCP packet other
     /// than a SYN) and moved to `CONNTRACK`.
     pub const CT_CONFIRM: u32 = 27;
+    /// A first fragment (offset 0, more to come) to a VIP or the SNAT address: its ports
+    /// were remembered in `FRAGS` for the fragments after it, and it went the way of an
+    /// unfragmented packet.
+    pub const FRAG_HEAD: u32 = 28;
+    /// A later fragment translated as its first fragment's flow was (addresses, TTL / hop
+    /// limit) and sent.
+    pub const FRAG_NAT: u32 = 29;
+    /// Dropped: a later fragment to a VIP whose first fragment was not seen (yet): its ports,
+    /// and so its backend, are unknown (docs/xdp.md, "Fragments").
+    pub const DROP_FRAG_NO_HEAD: u32 = 30;
+    /// SCTP packets whose ports were rewritten, their CRC32c updated.
+    pub const SCTP_CRC: u32 = 31;
+    /// Packets translated between IPv4 and IPv6 (NAT46 toward an IPv6 backend of an IPv4
+    /// VIP, NAT64 the other way, and their replies).
+    pub const XLAT: u32 = 32;
     /// Number of counters in a [`crate::StatBlock`].
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 33;
 
     /// Each counter's name, by index, as status and metrics show it.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -154,6 +171,11 @@ pub mod stat {
         "pass_needs_frag",
         "ct_slow",
         "ct_confirm",
+        "frag_head",
+        "frag_nat",
+        "drop_frag_no_head",
+        "sctp_crc",
+        "xlat",
     ];
 }
 
@@ -188,6 +210,9 @@ pub mod map_name {
     /// Bitmap of VIP addresses: [`crate::VIP_FILTER_WORDS`] words, see
     /// [`crate::vip_filter_bit`].
     pub const VIP_FILTER: &str = "VIP_FILTER";
+    /// Fragment tracking: [`crate::FragKey`] → [`crate::FragEntry`] (LRU), filled from first
+    /// fragments.
+    pub const FRAGS: &str = "FRAGS";
 }
 
 /// Layout version of the maps the loader pins in bpffs (all but the per-CPU scratch and
@@ -217,10 +242,19 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
 /// Global counters of one CPU: the single entry of the per-CPU `STATS` map, so a packet
 /// looks its CPU's block up once and bumps counters by index.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StatBlock {
     /// Counters, indexed by [`stat`].
     pub counts: [u64; stat::COUNT as usize],
+}
+
+// By hand: `Default` is derived for arrays of at most 32 elements.
+impl Default for StatBlock {
+    fn default() -> Self {
+        Self {
+            counts: [0; stat::COUNT as usize],
+        }
+    }
 }
 
 /// Words (64 bits each) of the `VIP_FILTER` bitmap.
@@ -494,8 +528,12 @@ pub struct RevNat {
     pub vip_port: u16,
     /// Service id (for counters).
     pub service_id: u16,
+    /// The client's [`family`] when it differs from the backend's (NAT46/NAT64: the reply is
+    /// translated to it); 0 when they are the same (entries written before NAT46/64 existed
+    /// hold 0 here too).
+    pub client_family: u8,
     /// Explicit padding.
-    pub _pad: u16,
+    pub _pad: u8,
     /// Last time either direction of the flow looked this entry up (jiffies, refreshed at
     /// most once a second per CPU). The SNAT port is not reclaimed within two seconds of it,
     /// so no per-CPU cached copy of the flow outlives its port.
@@ -517,6 +555,40 @@ pub struct ReplyCacheEntry {
     pub epoch: u32,
     /// Padding to two cache lines.
     pub _pad: [u32; 3],
+}
+
+/// A fragmented datagram (key of `FRAGS`): addresses, protocol and identification (the
+/// IPv4 header's 16 bits, or the IPv6 fragment header's 32, as they sit in the packet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    /// Source address.
+    pub src: Addr,
+    /// Destination address.
+    pub dst: Addr,
+    /// Identification, network order (IPv4: the low 16 bits in memory order).
+    pub id: u32,
+    /// IP protocol (of the transport header the first fragment carries).
+    pub proto: u8,
+    /// [`family`].
+    pub family: u8,
+    /// Explicit padding (always zero).
+    pub _pad: [u8; 2],
+}
+
+/// What the fragments after the first of a datagram need (value of `FRAGS`): the ports the
+/// first fragment carried, which with the [`FragKey`] make the flow's 5-tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragEntry {
+    /// When the first fragment was seen (jiffies).
+    pub seen: u64,
+    /// Source port, network order.
+    pub sport: u16,
+    /// Destination port, network order.
+    pub dport: u16,
+    /// Explicit padding.
+    pub _pad: u32,
 }
 
 /// Packet, byte and new-flow counters (per CPU) of a service or a backend.
@@ -562,6 +634,8 @@ mod pod {
     unsafe impl aya::Pod for super::StatBlock {}
     unsafe impl aya::Pod for super::FlowCacheEntry {}
     unsafe impl aya::Pod for super::ReplyCacheEntry {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragEntry {}
 }
 
 #[cfg(test)]
@@ -677,6 +751,8 @@ mod tests {
         assert_eq!(size_of::<ReplyCacheEntry>(), 128);
         assert_eq!(size_of::<Counters>(), 24);
         assert_eq!(size_of::<NextHop>(), 24);
+        assert_eq!(size_of::<FragKey>(), 40);
+        assert_eq!(size_of::<FragEntry>(), 16);
         assert_eq!(size_of::<StatBlock>(), 8 * stat::COUNT as usize);
     }
 }

@@ -279,6 +279,10 @@ fn translate_error<const V4: bool>(
         }) else {
             return Ok(None);
         };
+        // A NAT46/64 flow's errors are not translated (passed).
+        if rev.client_family != 0 {
+            return Ok(None);
+        }
         // The backend's own report comes from the VIP; a router's keeps its address, unless
         // it is the client's own (the client would see a packet from itself).
         sc.owner.src = if outer_src == sc.owner.dst || outer_src == rev.client {
@@ -307,7 +311,7 @@ fn translate_error<const V4: bool>(
                 (found as u32, (found >> 32) as u16)
             }
         };
-        let Some(be) = backend(backend_id) else {
+        let Some(be) = backend(backend_id).filter(|be| be.family == p.family) else {
             return Ok(None);
         };
         sc.owner.src = snat;

@@ -11,15 +11,21 @@ mod csum;
 #[cfg(target_arch = "bpf")]
 mod fib;
 #[cfg(target_arch = "bpf")]
+mod frag;
+#[cfg(target_arch = "bpf")]
 mod icmp;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod nat;
 #[cfg(target_arch = "bpf")]
+mod nat46;
+#[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod pmtu;
+#[cfg(target_arch = "bpf")]
+mod sctp;
 #[cfg(target_arch = "bpf")]
 mod snat;
 
@@ -29,7 +35,7 @@ mod program {
     use portico_xdp_common::{family, proto, stat};
 
     use crate::{
-        csum, icmp,
+        csum, frag, icmp,
         maps::{self, Stats},
         nat,
         parse::{self, Parsed, Skip},
@@ -54,20 +60,37 @@ mod program {
             return xdp_action::XDP_PASS;
         };
         st.add(stat::PACKETS, 1);
-        let p = match parse::parse(&ctx) {
-            Ok(p) => p,
+        let (p, step) = match parse::parse(&ctx) {
+            Ok(p) => {
+                st.add(stat::BYTES, p.ip_end as u64);
+                let step = front(&ctx, &p);
+                if step < SLOW_BALANCE {
+                    return step;
+                }
+                (p, step)
+            }
             Err(skip) => {
                 // Not parsed: the linear part is what there is to count.
                 st.add(stat::BYTES, (ctx.data_end() - ctx.data()) as u64);
-                st.add(skip.stat(), 1);
-                return xdp_action::XDP_PASS;
+                let Skip::Fragment = skip else {
+                    st.add(skip.stat(), 1);
+                    return xdp_action::XDP_PASS;
+                };
+                // A fragment: a verdict, or a first fragment for the slow paths below.
+                match frag::handle(&ctx) {
+                    Ok(verdict) => return verdict,
+                    Err(head) => {
+                        let flags = u32::from(head.tcp_flags) << 24;
+                        let step = match (head.to_snat, head.vip) {
+                            (true, true) => SLOW_REPLY | MAYBE_VIP | flags,
+                            (true, false) => SLOW_REPLY | flags,
+                            _ => SLOW_BALANCE | flags,
+                        };
+                        (head.p, step)
+                    }
+                }
             }
         };
-        st.add(stat::BYTES, p.ip_end as u64);
-        let step = front(&ctx, &p);
-        if step < SLOW_BALANCE {
-            return step;
-        }
         let tcp_flags = (step >> 24) as u8;
         match step & 0xf00 {
             SLOW_ICMP => {

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use portico_xdp_common::{
-    vip_filter_bit, Addr, Backend, Config, Counters, Flow, FlowCacheEntry, FlowKey,
-    ReplyCacheEntry, RevNat, Service, StatBlock, VipKey, DEFAULT_MAX_BACKENDS,
+    vip_filter_bit, Addr, Backend, Config, Counters, Flow, FlowCacheEntry, FlowKey, FragEntry,
+    FragKey, ReplyCacheEntry, RevNat, Service, StatBlock, VipKey, DEFAULT_MAX_BACKENDS,
     DEFAULT_MAX_SERVICES, VIP_FILTER_WORDS,
 };
 
@@ -107,6 +107,8 @@ pub struct Scratch {
     pub _pad: u32,
     /// `bpf_fib_lookup`'s parameter block (64 bytes).
     pub fib: bpf_fib_lookup,
+    /// A NAT46/64 translation asked for by a slow path, done by `nat46::translate`.
+    pub xlat: crate::nat46::Xlat,
 }
 
 /// Reverse NAT: backend → SNAT address:port 5-tuple → client and VIP. Also the SNAT port
@@ -120,6 +122,17 @@ pub static REV_NAT: LruHashMap<FlowKey, RevNat> = LruHashMap::with_max_entries(6
 /// `REV_NAT`.
 #[map(name = "REV_NAT_NEW")]
 pub static REV_NAT_NEW: LruHashMap<FlowKey, RevNat> = LruHashMap::with_max_entries(65536, 0);
+
+/// Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`), for `FRAGS`: a datagram's fragments most
+/// often reach the CPU its first one did.
+const BPF_F_NO_COMMON_LRU: u32 = 2;
+
+/// Fragment tracking: a first fragment's (source, destination, protocol, identification) →
+/// its ports, for the fragments after it (`frag`). Entries serve for a few seconds; not
+/// pinned (a restart loses the datagrams in flight at most).
+#[map(name = "FRAGS")]
+pub static FRAGS: LruHashMap<FragKey, FragEntry> =
+    LruHashMap::with_max_entries(16384, BPF_F_NO_COMMON_LRU);
 
 /// Per-service per-CPU counters by service id.
 #[map(name = "SERVICE_STATS")]

@@ -21,6 +21,7 @@ use crate::{
     csum,
     fib::{self, Route},
     maps::{self, count, Stats},
+    nat46,
     parse::{load_addr, ptr_at, store32, store_addr, used, Headers, Parsed, Skip},
     snat,
 };
@@ -55,7 +56,7 @@ const TOO_BIG: u32 = 0x4000_0000;
 pub struct Tuple {
     /// 5-tuple as a map key.
     pub key: FlowKey,
-    /// TCP flags (0 for other protocols).
+    /// TCP flags (0 for UDP; what the first chunk stands for in SCTP, see `sctp::flags`).
     pub tcp_flags: u8,
 }
 
@@ -78,16 +79,7 @@ pub fn read_tuple(ctx: &XdpContext, p: &Parsed) -> Result<Tuple, Skip> {
     // looked up or written: a packet refused later would be half rewritten.
     let mut tcp_flags = 0;
     if p.proto == proto::TCP {
-        let t: *const [u8; 20] = ptr_at(ctx, p.l4)?;
-        // SAFETY: 20 bytes checked.
-        let (doff, flags) = unsafe { ((*t)[12] >> 4, (*t)[13]) };
-        if doff < 5 {
-            return Err(Skip::Malformed);
-        }
-        if p.l4 + (doff as usize) * 4 > p.ip_end {
-            return Err(Skip::BadLength);
-        }
-        tcp_flags = flags;
+        tcp_flags = tcp_header(ctx, p)?;
     } else {
         let u: *const [u8; 8] = ptr_at(ctx, p.l4)?;
         // UDP (and SCTP's common header): 8 bytes within the IP payload; UDP's own length
@@ -101,6 +93,9 @@ pub fn read_tuple(ctx: &XdpContext, p: &Parsed) -> Result<Tuple, Skip> {
             if ulen < 8 || p.l4 + ulen > p.ip_end {
                 return Err(Skip::BadLength);
             }
+        } else {
+            // SCTP: its first chunk stands for TCP flags.
+            tcp_flags = crate::sctp::flags(ctx, p)?;
         }
     }
     let ports: *const [u16; 2] = ptr_at(ctx, p.l4)?;
@@ -118,6 +113,21 @@ pub fn read_tuple(ctx: &XdpContext, p: &Parsed) -> Result<Tuple, Skip> {
         },
         tcp_flags,
     })
+}
+
+/// The TCP header of `p`, checked whole (data offset within the IP payload): its flags.
+#[inline(always)]
+pub(crate) fn tcp_header(ctx: &XdpContext, p: &Parsed) -> Result<u8, Skip> {
+    let t: *const [u8; 20] = ptr_at(ctx, p.l4)?;
+    // SAFETY: 20 bytes checked.
+    let (doff, flags) = unsafe { ((*t)[12] >> 4, (*t)[13]) };
+    if doff < 5 {
+        return Err(Skip::Malformed);
+    }
+    if p.l4 + (doff as usize) * 4 > p.ip_end {
+        return Err(Skip::BadLength);
+    }
+    Ok(flags)
 }
 
 #[inline(always)]
@@ -157,7 +167,7 @@ pub(crate) fn flow_hash(k: &FlowKey, seed: u32, src_only: bool) -> u32 {
 
 /// Now, in jiffies (the verifier inlines the helper into one load).
 #[inline(always)]
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     // SAFETY: plain helper call.
     unsafe { bpf_jiffies64() }
 }
@@ -166,7 +176,8 @@ fn now() -> u64 {
 pub(crate) fn expired(f: &Flow, cfg: &Config, proto_: u8, now: u64) -> bool {
     let timeout = if f.state == flow_state::CLOSING {
         cfg.tcp_closing_timeout
-    } else if proto_ == proto::TCP {
+    } else if proto_ != proto::UDP {
+        // TCP, and SCTP associations.
         cfg.tcp_timeout
     } else {
         cfg.udp_timeout
@@ -176,7 +187,7 @@ pub(crate) fn expired(f: &Flow, cfg: &Config, proto_: u8, now: u64) -> bool {
 
 /// A live backend by id, as a pointer (the program caches its next hop in it).
 #[inline(always)]
-fn backend_ptr(id: u32) -> Option<*mut Backend> {
+pub(crate) fn backend_ptr(id: u32) -> Option<*mut Backend> {
     if id == 0 {
         return None;
     }
@@ -208,9 +219,9 @@ pub(crate) fn maglev_pick(svc: &Service, cfg: &Config, key: &FlowKey) -> u32 {
     maps::RINGS.get(base + h % m).copied().unwrap_or(0)
 }
 
-/// The 5-tuple of a packet, from its checked headers.
+/// The 5-tuple of a packet, from its checked headers (`proto_`: UDP or SCTP when not `TCP`).
 #[inline(always)]
-fn key_of<const V4: bool, const TCP: bool>(h: &Headers<V4, TCP>) -> FlowKey {
+fn key_of<const V4: bool, const TCP: bool>(h: &Headers<V4, TCP>, proto_: u8) -> FlowKey {
     let (src, dst) = h.addrs();
     // SAFETY: the transport header's first 4 bytes are checked.
     let [sport, dport] = unsafe { *(h.l4 as *const [u16; 2]) };
@@ -219,7 +230,7 @@ fn key_of<const V4: bool, const TCP: bool>(h: &Headers<V4, TCP>) -> FlowKey {
         dst,
         sport,
         dport,
-        proto: if TCP { proto::TCP } else { proto::UDP },
+        proto: if TCP { proto::TCP } else { proto_ },
         family: if V4 { family::V4 } else { family::V6 },
         _pad: [0; 2],
     }
@@ -264,13 +275,69 @@ fn rewrite<const V4: bool, const TCP: bool>(
         if TCP {
             let c = h.l4.add(16) as *mut u16;
             *c = csum::apply(*c, l4_delta);
-        } else {
+        } else if old.proto == proto::UDP {
             let c = h.l4.add(6) as *mut u16;
             // IPv4 UDP without checksum stays without one.
             if !(V4 && *c == 0) {
                 *c = csum::apply_udp(*c, l4_delta);
             }
         }
+        // SCTP: its CRC32c is updated by the caller (`sctp_crc`).
+    }
+}
+
+/// [`rewrite`], on the slow paths: an SCTP packet's CRC32c is updated too. `false` (counted)
+/// when the SCTP header is not within the packet, which `read_tuple` checked already: the
+/// check here is the verifier's.
+#[inline(always)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the packet's context and its translation"
+)]
+fn rewrite_slow<const V4: bool, const TCP: bool>(
+    ctx: &XdpContext,
+    st: &Stats,
+    p: &Parsed,
+    h: &Headers<V4, TCP>,
+    old: &FlowKey,
+    new_src: &Addr,
+    new_dst: &Addr,
+    new_sport: u16,
+    new_dport: u16,
+) -> bool {
+    let sctp = if !TCP && old.proto == proto::SCTP {
+        let Ok(c) = crate::sctp::crc_field(ctx, p) else {
+            st.add(stat::PASS_MALFORMED, 1);
+            return false;
+        };
+        Some(c)
+    } else {
+        None
+    };
+    rewrite(h, old, new_src, new_dst, new_sport, new_dport);
+    if let Some(c) = sctp {
+        // SAFETY: `c` is the checked SCTP common header.
+        unsafe {
+            crate::sctp::update_crc(
+                st,
+                c,
+                [old.sport, old.dport],
+                [new_sport, new_dport],
+                p.ip_end - p.l4,
+            )
+        };
+    }
+    true
+}
+
+/// The MTU to tell the sender of an IPv4 (`V4`) or IPv6 packet whose next hop's MTU is
+/// `mtu`: translated (`xlat`), the packet grows by 20 bytes (to IPv6) or shrinks by 20.
+#[inline(always)]
+fn client_mtu<const V4: bool>(mtu: u32, xlat: bool) -> u32 {
+    match (xlat, V4) {
+        (false, _) => mtu,
+        (true, true) => mtu.saturating_sub(20),
+        (true, false) => mtu + 20,
     }
 }
 
@@ -367,6 +434,10 @@ fn cpu_base(cfg: &Config) -> u32 {
 /// place of the copy refreshed longer ago.
 #[inline(always)]
 fn cache_store(key: &FlowKey, flow: &Flow, cfg: &Config, now: u64) {
+    // SCTP takes the slow path only (its CRC32c is updated there).
+    if key.proto == proto::SCTP {
+        return;
+    }
     let (a, b) = cache_ways(key, cfg);
     let (Some(a), Some(b)) = (
         maps::FLOW_CACHE.get_ptr_mut(a),
@@ -530,13 +601,9 @@ pub fn balance_packet(ctx: &XdpContext, st: &Stats, p: &Parsed, tcp_flags: u8) -
     let verdict = match p.proto {
         proto::TCP if v4 => portico_tracked_tcp4(ctx.ctx, hdr, meta),
         proto::TCP => portico_tracked_tcp6(ctx.ctx, hdr, meta),
-        proto::UDP if v4 => portico_tracked_udp4(ctx.ctx, hdr, meta),
-        proto::UDP => portico_tracked_udp6(ctx.ctx, hdr, meta),
-        _ => {
-            // SCTP: its CRC32c covers the whole packet; not rewritten in XDP (yet).
-            st.add(stat::PASS_UNSUPPORTED, 1);
-            return xdp_action::XDP_PASS;
-        }
+        // UDP and SCTP.
+        _ if v4 => portico_tracked_udp4(ctx.ctx, hdr, meta),
+        _ => portico_tracked_udp6(ctx.ctx, hdr, meta),
     };
     if verdict != NOT_MINE && verdict != STALE {
         return answer_too_big(ctx, p, verdict);
@@ -546,7 +613,7 @@ pub fn balance_packet(ctx: &XdpContext, st: &Stats, p: &Parsed, tcp_flags: u8) -
     let picked = match p.proto {
         proto::TCP if v4 => portico_pick_tcp4(ctx.ctx, hdr, meta),
         proto::TCP => portico_pick_tcp6(ctx.ctx, hdr, meta),
-        proto::UDP if v4 => portico_pick_udp4(ctx.ctx, hdr, meta),
+        _ if v4 => portico_pick_udp4(ctx.ctx, hdr, meta),
         _ => portico_pick_udp6(ctx.ctx, hdr, meta),
     };
     if picked & PICKED == 0 {
@@ -567,7 +634,7 @@ pub fn balance_packet(ctx: &XdpContext, st: &Stats, p: &Parsed, tcp_flags: u8) -
     let verdict = match p.proto {
         proto::TCP if v4 => portico_establish_tcp4(ctx.ctx, hdr, meta, picked),
         proto::TCP => portico_establish_tcp6(ctx.ctx, hdr, meta, picked),
-        proto::UDP if v4 => portico_establish_udp4(ctx.ctx, hdr, meta, picked),
+        _ if v4 => portico_establish_udp4(ctx.ctx, hdr, meta, picked),
         _ => portico_establish_udp6(ctx.ctx, hdr, meta, picked),
     };
     answer_too_big(ctx, p, verdict)
@@ -576,10 +643,34 @@ pub fn balance_packet(ctx: &XdpContext, st: &Stats, p: &Parsed, tcp_flags: u8) -
 /// A slow path's verdict, or, when it asked for it, the ICMP too-big answer.
 #[inline(always)]
 fn answer_too_big(ctx: &XdpContext, p: &Parsed, verdict: u32) -> u32 {
-    if verdict != NOT_MINE && verdict & TOO_BIG != 0 {
+    if verdict == NOT_MINE {
+        verdict
+    } else if verdict & TOO_BIG != 0 {
         crate::pmtu::too_big(ctx, p, verdict & 0xffff)
+    } else if verdict & nat46::XLAT != 0 {
+        nat46::translate(ctx, p)
     } else {
         verdict
+    }
+}
+
+/// The client's family of a reverse-NAT entry found under a reply of family `fam`.
+#[inline(always)]
+fn client_family(rev: &RevNat, fam: u8) -> u8 {
+    if rev.client_family != 0 {
+        rev.client_family
+    } else {
+        fam
+    }
+}
+
+/// The length of the reply `p` as it leaves toward the client (translated if NAT46/64).
+#[inline(always)]
+fn reply_len<const V4: bool>(p: &Parsed, rev: &RevNat) -> usize {
+    if rev.client_family != 0 {
+        nat46::translated_len(p, V4)
+    } else {
+        p.ip_len()
     }
 }
 
@@ -623,7 +714,7 @@ fn slow_path<const V4: bool, const TCP: bool>(
         return xdp_action::XDP_PASS;
     };
     let t = Tuple {
-        key: key_of(&h),
+        key: key_of(&h, p.proto),
         tcp_flags,
     };
     body(&ctx, &st, &p, &h, &t, cfg, arg)
@@ -669,9 +760,9 @@ fn tracked_flow<const V4: bool, const TCP: bool>(
     let key = &t.key;
     let now = now();
     let Some(f) = maps::CONNTRACK.get_ptr_mut(key) else {
-        if TCP && t.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-            // A SYN: a new flow, or an unconfirmed one's retransmission, whose port search
-            // finds its reservation.
+        if t.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            // A SYN (or an SCTP INIT): a new flow, or an unconfirmed one's retransmission,
+            // whose port search finds its reservation.
             return None;
         }
         return unconfirmed(ctx, st, p, h, t, cfg, now);
@@ -759,7 +850,8 @@ fn unconfirmed<const V4: bool, const TCP: bool>(
         st.add(stat::PASS_TTL, 1);
         return Some(xdp_action::XDP_PASS);
     }
-    // Not a SYN (those go to the port search): it confirms the flow.
+    // Not a SYN (those go to the port search; UDP has no flags, an SCTP INIT stands for a
+    // SYN): it confirms the flow.
     let mut flow = *n;
     flow.last_seen = now;
     flow.epoch = cfg.cache_epoch;
@@ -873,7 +965,8 @@ fn establish<const V4: bool, const TCP: bool>(
         _pad: 0,
         epoch: cfg.cache_epoch,
     };
-    let confirms = own && !confirmed && (!TCP || t.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN);
+    // Anything but a SYN (UDP has no flags; an SCTP INIT stands for a SYN).
+    let confirms = own && !confirmed && t.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN;
     if confirms {
         // SAFETY: valid map value pointer.
         if !snat::confirm_claimed(key, unsafe { &*be }, &flow, cfg, now) {
@@ -952,12 +1045,18 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
 ) -> u32 {
     // SAFETY: valid map value pointer; only the next-hop cache is written below.
     let be = unsafe { &mut *to.be };
-    if be.family != key.family {
+    // NAT46 / NAT64: the backend's family differs from the VIP's.
+    let xlat = be.family != key.family;
+    if xlat && !nat46::eligible(p, h) {
         st.add(stat::PASS_UNSUPPORTED, 1);
         return xdp_action::XDP_PASS;
     }
-    let snat = snat_addr(cfg, key.family);
-    let ip_len = p.ip_len();
+    let snat = snat_addr(cfg, be.family);
+    let ip_len = if xlat {
+        nat46::translated_len(p, V4)
+    } else {
+        p.ip_len()
+    };
     // Where it goes, decided before the packet is touched; the next hop itself stays in the
     // backend's entry (no copy on the stack).
     let way = if hop_fresh(&be.hop, ip_len, now) {
@@ -968,7 +1067,7 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
         // SAFETY: `hop` is a field of the map value `be`, disjoint from the address.
         match fib::lookup(
             ctx,
-            key.family,
+            be.family,
             key.proto,
             &snat,
             &be.addr,
@@ -984,7 +1083,7 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
             Route::NoNeigh => Way::PassNoNeigh,
             Route::TooBig(mtu) => {
                 if !h.may_fragment() {
-                    return TOO_BIG | mtu.min(0xffff);
+                    return TOO_BIG | client_mtu::<V4>(mtu, xlat).min(0xffff);
                 }
                 Way::PassToFragment
             }
@@ -994,7 +1093,31 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
             }
         }
     };
-    rewrite(h, key, &snat, &be.addr, to.snat_port, be.port);
+    if xlat {
+        return match way {
+            Way::Hop => {
+                count(
+                    &maps::BACKEND_STATS,
+                    to.backend_id,
+                    p.ip_end as u64,
+                    to.new_flow,
+                );
+                nat46::request(&snat, &be.addr, to.snat_port, be.port, be.family, &be.hop)
+            }
+            // Left to the stack untranslated, which cannot forward it: counted.
+            Way::PassNoNeigh => {
+                st.add(stat::PASS_NO_NEIGH, 1);
+                xdp_action::XDP_PASS
+            }
+            Way::PassToFragment => {
+                st.add(stat::PASS_UNSUPPORTED, 1);
+                xdp_action::XDP_PASS
+            }
+        };
+    }
+    if !rewrite_slow(ctx, st, p, h, key, &snat, &be.addr, to.snat_port, be.port) {
+        return xdp_action::XDP_PASS;
+    }
     // Per backend only: the loader adds a service's backends up for its counters.
     count(
         &maps::BACKEND_STATS,
@@ -1002,10 +1125,16 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
         p.ip_end as u64,
         to.new_flow,
     );
-    // Each arm counts under a constant: a reason carried as data would be a distinct
-    // verifier state per value through the rewrite above.
+    go(ctx, st, way, &be.hop)
+}
+
+/// Sends a rewritten packet the way its route says: out by `hop`, or to the stack. Each arm
+/// counts under a constant: a reason carried as data would be a distinct verifier state per
+/// value through the rewrite before.
+#[inline(always)]
+pub(crate) fn go(ctx: &XdpContext, st: &Stats, way: Way, hop: &NextHop) -> u32 {
     match way {
-        Way::Hop => fib::send(ctx, st, &be.hop),
+        Way::Hop => fib::send(ctx, st, hop),
         Way::PassNoNeigh => {
             st.add(stat::PASS_NO_NEIGH, 1);
             xdp_action::XDP_PASS
@@ -1018,7 +1147,7 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
 }
 
 /// Where a rewritten packet goes, once its route is known.
-enum Way {
+pub(crate) enum Way {
     /// Out by the cached next hop.
     Hop,
     /// To the stack, which resolves the neighbour.
@@ -1040,9 +1169,9 @@ pub fn reply_packet(ctx: &XdpContext, p: &Parsed, tcp_flags: u8) -> u32 {
     let verdict = match p.proto {
         proto::TCP if v4 => portico_reply_tcp4(ctx.ctx, hdr, meta),
         proto::TCP => portico_reply_tcp6(ctx.ctx, hdr, meta),
-        proto::UDP if v4 => portico_reply_udp4(ctx.ctx, hdr, meta),
-        proto::UDP => portico_reply_udp6(ctx.ctx, hdr, meta),
-        _ => NOT_MINE,
+        // UDP and SCTP.
+        _ if v4 => portico_reply_udp4(ctx.ctx, hdr, meta),
+        _ => portico_reply_udp6(ctx.ctx, hdr, meta),
     };
     answer_too_big(ctx, p, verdict)
 }
@@ -1079,7 +1208,7 @@ fn reply<const V4: bool, const TCP: bool>(
     let Ok(h) = Headers::<V4, TCP>::of(ctx, p) else {
         return NOT_MINE;
     };
-    let key = &key_of(&h);
+    let key = &key_of(&h, p.proto);
     let now = now();
     let slot = maps::REPLY_CACHE.get_ptr_mut(cache_index(key, cfg));
     let mut cached: Option<&ReplyCacheEntry> = None;
@@ -1090,7 +1219,7 @@ fn reply<const V4: bool, const TCP: bool>(
             if c.key == *key
                 && c.epoch == cfg.cache_epoch
                 && now.saturating_sub(c.rev.last_seen) <= copy_life(cfg)
-                && p.ip_len() <= c.hop.mtu as usize
+                && reply_len::<V4>(p, &c.rev) <= c.hop.mtu as usize
             {
                 cached = Some(c);
             }
@@ -1124,13 +1253,13 @@ fn reply<const V4: bool, const TCP: bool>(
             c.rev = *r;
             let route = fib::lookup(
                 ctx,
-                key.family,
+                client_family(&c.rev, key.family),
                 key.proto,
                 &c.rev.vip,
                 &c.rev.client,
                 c.rev.vip_port,
                 c.rev.client_port,
-                p.ip_len() as u16,
+                reply_len::<V4>(p, &c.rev) as u16,
                 &mut c.hop,
             );
             if let Route::Via = route {
@@ -1146,12 +1275,17 @@ fn reply<const V4: bool, const TCP: bool>(
         st.add(stat::PASS_TTL, 1);
         return xdp_action::XDP_PASS;
     }
+    let xlat = rev.client_family != 0;
+    if xlat && !nat46::eligible(p, &h) {
+        st.add(stat::PASS_UNSUPPORTED, 1);
+        return xdp_action::XDP_PASS;
+    }
     let way = match route {
         Route::Via => Way::Hop,
         Route::NoNeigh => Way::PassNoNeigh,
         Route::TooBig(mtu) => {
             if !h.may_fragment() {
-                return TOO_BIG | mtu.min(0xffff);
+                return TOO_BIG | client_mtu::<V4>(mtu, xlat).min(0xffff);
             }
             Way::PassToFragment
         }
@@ -1160,14 +1294,48 @@ fn reply<const V4: bool, const TCP: bool>(
             return xdp_action::XDP_DROP;
         }
     };
-    rewrite(
+    if xlat {
+        return match way {
+            Way::Hop => {
+                st.add(stat::REPLY_NAT, 1);
+                count(
+                    &maps::SERVICE_STATS,
+                    u32::from(rev.service_id),
+                    p.ip_end as u64,
+                    false,
+                );
+                nat46::request(
+                    &rev.vip,
+                    &rev.client,
+                    rev.vip_port,
+                    rev.client_port,
+                    rev.client_family,
+                    hop,
+                )
+            }
+            Way::PassNoNeigh => {
+                st.add(stat::PASS_NO_NEIGH, 1);
+                xdp_action::XDP_PASS
+            }
+            Way::PassToFragment => {
+                st.add(stat::PASS_UNSUPPORTED, 1);
+                xdp_action::XDP_PASS
+            }
+        };
+    }
+    if !rewrite_slow(
+        ctx,
+        st,
+        p,
         &h,
         key,
         &rev.vip,
         &rev.client,
         rev.vip_port,
         rev.client_port,
-    );
+    ) {
+        return xdp_action::XDP_PASS;
+    }
     st.add(stat::REPLY_NAT, 1);
     count(
         &maps::SERVICE_STATS,
@@ -1175,15 +1343,5 @@ fn reply<const V4: bool, const TCP: bool>(
         p.ip_end as u64,
         false,
     );
-    match way {
-        Way::Hop => fib::send(ctx, st, hop),
-        Way::PassToFragment => {
-            st.add(stat::PASS_NEEDS_FRAG, 1);
-            xdp_action::XDP_PASS
-        }
-        Way::PassNoNeigh => {
-            st.add(stat::PASS_NO_NEIGH, 1);
-            xdp_action::XDP_PASS
-        }
-    }
+    go(ctx, st, way, hop)
 }

@@ -329,9 +329,42 @@ impl<const V4: bool, const TCP: bool> Headers<V4, TCP> {
     }
 }
 
-/// Parses L2 and L3 up to the L4 header.
+/// Parses L2 and L3 up to the L4 header; a fragment is `Skip::Fragment`.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Parsed, Skip> {
+    parse_l2::<false>(ctx).map(|(p, _)| p)
+}
+
+/// A fragment's place in its datagram, as [`parse_fragment`] finds it.
+pub struct Frag {
+    /// Whether the packet is a fragment at all (offset or more-fragments set).
+    pub is: bool,
+    /// A later fragment (offset non-zero): no transport header; `Parsed::l4` is where its
+    /// payload starts.
+    pub later: bool,
+    /// Identification as it sits in the packet (IPv4: 16 bits, IPv6: the fragment header's
+    /// 32).
+    pub id: u32,
+}
+
+impl Frag {
+    const NONE: Self = Self {
+        is: false,
+        later: false,
+        id: 0,
+    };
+}
+
+/// As [`parse`], but a fragment is parsed too (for [`crate::frag`]): its first fragment up
+/// to the transport header, a later one up to its payload.
+#[inline(always)]
+pub fn parse_fragment(ctx: &XdpContext) -> Result<(Parsed, Frag), Skip> {
+    parse_l2::<true>(ctx)
+}
+
+/// Both parsers: `FRAGS` says whether fragments are parsed or refused.
+#[inline(always)]
+fn parse_l2<const FRAGS: bool>(ctx: &XdpContext) -> Result<(Parsed, Frag), Skip> {
     let mut off = ETH_HLEN;
     let mut ethertype = u16::from_be(unsafe { *ptr_at::<u16>(ctx, 12)? });
     // Up to two VLAN tags (802.1ad outer, 802.1Q inner).
@@ -342,14 +375,14 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Skip> {
         }
     }
     match ethertype {
-        ETH_P_IP => parse_v4(ctx, off),
-        ETH_P_IPV6 => parse_v6(ctx, off),
+        ETH_P_IP => parse_v4::<FRAGS>(ctx, off),
+        ETH_P_IPV6 => parse_v6::<FRAGS>(ctx, off),
         _ => Err(Skip::NotIp),
     }
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Skip> {
+fn parse_v4<const FRAGS: bool>(ctx: &XdpContext, l3: usize) -> Result<(Parsed, Frag), Skip> {
     let ip: *const [u8; 20] = ptr_at(ctx, l3)?;
     // SAFETY: 20 bytes checked.
     let ip = unsafe { &*ip };
@@ -366,17 +399,28 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Skip> {
         return Err(Skip::BadLength);
     }
     let frag = u16::from_be_bytes([ip[6], ip[7]]);
-    // More-fragments set or a non-zero offset: no ports to balance on.
+    // More-fragments set or a non-zero offset: a fragment.
+    let mut f = Frag::NONE;
     if frag & 0x3fff != 0 {
-        return Err(Skip::Fragment);
+        if !FRAGS {
+            return Err(Skip::Fragment);
+        }
+        f = Frag {
+            is: true,
+            later: frag & 0x1fff != 0,
+            id: u32::from(u16::from_ne_bytes([ip[4], ip[5]])),
+        };
     }
-    Ok(Parsed {
-        l3,
-        l4: l3 + ihl,
-        family: family::V4,
-        proto: ip[9],
-        ip_end: l3 + tot_len,
-    })
+    Ok((
+        Parsed {
+            l3,
+            l4: l3 + ihl,
+            family: family::V4,
+            proto: ip[9],
+            ip_end: l3 + tot_len,
+        },
+        f,
+    ))
 }
 
 /// Whether the IPv4 header of `p` (options included) sums to all ones. Checked only for
@@ -407,7 +451,7 @@ pub fn ipv4_header_ok(ctx: &XdpContext, p: &Parsed) -> Result<bool, Skip> {
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Skip> {
+fn parse_v6<const FRAGS: bool>(ctx: &XdpContext, l3: usize) -> Result<(Parsed, Frag), Skip> {
     let ip: *const [u8; 40] = ptr_at(ctx, l3)?;
     // SAFETY: 40 bytes checked.
     let ip = unsafe { &*ip };
@@ -430,6 +474,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Skip> {
         return Err(Skip::BadLength);
     }
     let mut off = l3 + 40;
+    let mut f = Frag::NONE;
     for _ in 0..IPV6_MAX_EXT {
         match next {
             IPV6_HOP | IPV6_ROUTING | IPV6_DSTOPTS => {
@@ -445,36 +490,49 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Skip> {
             }
             IPV6_FRAGMENT => {
                 let hdr: *const [u8; 8] = ptr_at(ctx, off)?;
+                // SAFETY: 8 bytes checked.
                 let (nh, fo_hi, fo_lo) = unsafe { ((*hdr)[0], (*hdr)[2], (*hdr)[3]) };
                 let offset_and_m = u16::from_be_bytes([fo_hi, fo_lo]);
-                // Offset non-zero or more-fragments set: a real fragment.
-                if offset_and_m & 0xfff9 != 0 {
-                    return Err(Skip::Fragment);
-                }
                 next = nh;
                 off += 8;
+                // Offset non-zero or more-fragments set: a real fragment.
+                if offset_and_m & 0xfff9 != 0 {
+                    if !FRAGS {
+                        return Err(Skip::Fragment);
+                    }
+                    // SAFETY: 8 bytes checked.
+                    let id = unsafe { load32(hdr.cast::<u8>().add(4)) };
+                    let later = offset_and_m & 0xfff8 != 0;
+                    f = Frag {
+                        is: true,
+                        later,
+                        id,
+                    };
+                    if later {
+                        // What follows is payload, not headers.
+                        return Ok((parsed_v6(l3, off, next, ip_end), f));
+                    }
+                }
             }
-            _ => {
-                return Ok(Parsed {
-                    l3,
-                    l4: off,
-                    family: family::V6,
-                    proto: next,
-                    ip_end,
-                });
-            }
+            _ => return Ok((parsed_v6(l3, off, next, ip_end), f)),
         }
     }
     // Too many extension headers, or the chain ended on one: let the stack decide.
     match next {
         IPV6_HOP | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_FRAGMENT => Err(Skip::Malformed),
-        _ => Ok(Parsed {
-            l3,
-            l4: off,
-            family: family::V6,
-            proto: next,
-            ip_end,
-        }),
+        _ => Ok((parsed_v6(l3, off, next, ip_end), f)),
+    }
+}
+
+/// An IPv6 packet's [`Parsed`].
+#[inline(always)]
+fn parsed_v6(l3: usize, l4: usize, proto: u8, ip_end: usize) -> Parsed {
+    Parsed {
+        l3,
+        l4,
+        family: family::V6,
+        proto,
+        ip_end,
     }
 }
 

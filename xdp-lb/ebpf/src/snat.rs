@@ -53,7 +53,8 @@ pub struct Port {
     pub first: bool,
 }
 
-/// The key of a flow's reverse-NAT entry: backend → node SNAT address and port.
+/// The key of a flow's reverse-NAT entry: backend → node SNAT address (of the backend's
+/// family: NAT46/64 flows change family) and port.
 #[inline(always)]
 pub fn reply_key(key: &FlowKey, be: &Backend, snat: &Addr, snat_port: u16) -> FlowKey {
     FlowKey {
@@ -62,20 +63,25 @@ pub fn reply_key(key: &FlowKey, be: &Backend, snat: &Addr, snat_port: u16) -> Fl
         sport: be.port,
         dport: snat_port,
         proto: key.proto,
-        family: key.family,
+        family: be.family,
         _pad: [0; 2],
     }
 }
 
-/// The reverse-NAT entry of the flow `key` (client → VIP), seen at `now`.
+/// The reverse-NAT entry of the flow `key` (client → VIP) toward `be`, seen at `now`.
 #[inline(always)]
-pub fn rev_nat(key: &FlowKey, service_id: u16, now: u64) -> RevNat {
+pub fn rev_nat(key: &FlowKey, be: &Backend, service_id: u16, now: u64) -> RevNat {
     RevNat {
         client: key.src,
         vip: key.dst,
         client_port: key.sport,
         vip_port: key.dport,
         service_id,
+        client_family: if be.family == key.family {
+            0
+        } else {
+            key.family
+        },
         _pad: 0,
         last_seen: now,
     }
@@ -90,8 +96,8 @@ pub fn request(key: &FlowKey, be: &Backend, cfg: &Config, service_id: u16, now: 
     };
     // SAFETY: this CPU's scratch entry; nothing else uses it while the program runs.
     let sc = unsafe { &mut *sc };
-    sc.rev = rev_nat(key, service_id, now);
-    sc.rkey = reply_key(key, be, &snat_addr(cfg, key.family), 0);
+    sc.rev = rev_nat(key, be, service_id, now);
+    sc.rkey = reply_key(key, be, &snat_addr(cfg, be.family), 0);
     true
 }
 
@@ -163,7 +169,12 @@ pub extern "C" fn portico_claim_snat_port(look_first: u64) -> u32 {
         sport: sc.rev.client_port,
         dport: sc.rev.vip_port,
         proto: sc.rkey.proto,
-        family: sc.rkey.family,
+        // The client's family (the backend's unless NAT46/64).
+        family: if sc.rev.client_family != 0 {
+            sc.rev.client_family
+        } else {
+            sc.rkey.family
+        },
         _pad: [0; 2],
     };
     let start = search_start(&sc.owner, cfg);
@@ -209,7 +220,8 @@ fn first_port(key: &FlowKey, cfg: &Config) -> Option<u16> {
 
 /// An unconfirmed flow without a `CONNTRACK_NEW` entry, its 5-tuple (client → VIP) in this
 /// CPU's `SCRATCH.rkey`: its backend (Maglev's pick) and port (the first of its search),
-/// if its reservation is there. Returns the backend id | port (network order) << 32, or 0.
+/// if its reservation is there (for ICMP errors from the client side and later fragments).
+/// Returns the backend id | port (network order) << 32, or 0.
 /// A global function: its frame is not stacked on its caller's.
 #[no_mangle]
 #[inline(never)]
@@ -226,15 +238,6 @@ pub extern "C" fn portico_unconfirmed_flow() -> u64 {
     };
     sc.look.dport = port;
     sc.look.proto = sc.rkey.proto;
-    sc.look.family = sc.rkey.family;
-    if sc.rkey.family == family::V4 {
-        sc.look.dst[0] = cfg.snat_v4;
-        sc.look.dst[1] = 0;
-        sc.look.dst[2] = 0;
-        sc.look.dst[3] = 0;
-    } else {
-        sc.look.dst = cfg.snat_v6;
-    }
     sc.vip.addr = sc.rkey.dst;
     sc.vip.port = sc.rkey.dport;
     sc.vip.proto = sc.rkey.proto;
@@ -247,8 +250,19 @@ pub extern "C" fn portico_unconfirmed_flow() -> u64 {
     let Some(be) = backend(id) else {
         return 0;
     };
+    // The reservation's key is in the backend's family (with NAT46/NAT64, not the
+    // client's), toward the node's SNAT address of that family.
     sc.look.src = be.addr;
     sc.look.sport = be.port;
+    sc.look.family = be.family;
+    if be.family == family::V4 {
+        sc.look.dst[0] = cfg.snat_v4;
+        sc.look.dst[1] = 0;
+        sc.look.dst[2] = 0;
+        sc.look.dst[3] = 0;
+    } else {
+        sc.look.dst = cfg.snat_v6;
+    }
     // SAFETY: read-only use of the value.
     match unsafe { maps::REV_NAT_NEW.get(&sc.look) } {
         Some(r)
@@ -389,6 +403,7 @@ fn holder(sc: &mut Scratch, cfg: &Config, port: u16) -> Holder {
         cfg,
         now,
         sc.rkey.proto,
+        sc.rkey.family,
     ) {
         Holder::Released
     } else {
@@ -399,7 +414,8 @@ fn holder(sc: &mut Scratch, cfg: &Config, port: u16) -> Holder {
 /// Whether a confirmed flow's port (its entry `old`) is free for the taking: unseen for
 /// [`port_hold`] (its cached copies are gone) and its flow no longer tracked on it: gone,
 /// expired, or on another port or backend. `owner` is scratch space for the
-/// owner's key; (`backend`, `backend_port`) and `port` are the port's.
+/// owner's key; (`backend`, `backend_port`) and `port` are the port's, `backend_family` the
+/// backend's family.
 #[inline(always)]
 #[allow(
     clippy::too_many_arguments,
@@ -414,10 +430,17 @@ fn released(
     cfg: &Config,
     now: u64,
     proto_: u8,
+    backend_family: u8,
 ) -> bool {
     if now.saturating_sub(old.last_seen) <= port_hold(cfg) {
         return false;
     }
+    // The holder's client family: the backend's, unless the holder is a NAT46/64 flow.
+    owner.family = if old.client_family != 0 {
+        old.client_family
+    } else {
+        backend_family
+    };
     owner.src = old.client;
     owner.dst = old.vip;
     owner.sport = old.client_port;
@@ -473,8 +496,8 @@ fn request_for(
     let sc = maps::SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's scratch entry; nothing else uses it while the program runs.
     let sc = unsafe { &mut *sc };
-    sc.rkey = reply_key(key, be, &snat_addr(cfg, key.family), flow.snat_port);
-    sc.rev = rev_nat(key, flow.service_id, now);
+    sc.rkey = reply_key(key, be, &snat_addr(cfg, be.family), flow.snat_port);
+    sc.rev = rev_nat(key, be, flow.service_id, now);
     Some(sc)
 }
 
