@@ -787,3 +787,58 @@ endpoints:
         "served as SCTP only"
     );
 }
+
+#[test]
+fn an_ipv6_gateway_routes_to_ipv4_backends_through_nat64() {
+    let mut w = world();
+    let (events, errors) = parse_text(
+        "edge6.yaml",
+        r#"
+apiVersion: portico.io/v1alpha1
+kind: AddressPool
+metadata: {name: edge6}
+spec:
+  blocks: [{cidr: "2001:db8:e::/126"}]
+  serviceSelector: {matchLabels: {tier: edge}}
+"#,
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    w.apply_all(events);
+    let tcp = route(
+        RouteKind::Tcp,
+        "app",
+        "shop",
+        parent(Some("app")),
+        json!([{"name": "backend", "port": 9000}]),
+    );
+    let edge = gateway(
+        "edge",
+        json!({"spec": {"addresses": [{"type": "IPAddress", "value": "2001:db8:e::1"}]}}),
+    );
+    let mut g = gws(vec![edge], vec![tcp]);
+    let (_, d) = pass(&w, &g);
+    for (key, status) in &d.gateways {
+        g.gateways.get_mut(key).unwrap().status = Some(status.clone());
+    }
+    let full = with_gateway_backends(&w, &g);
+    let outcome = portico::agent::outcome_from_status(&full, ClassPolicy::default());
+    let plan = node_plan(
+        &full,
+        &outcome,
+        &NodeIdentity {
+            name: "n1".into(),
+            labels: BTreeMap::new(),
+            router_id: Some("192.0.2.10".parse().unwrap()),
+        },
+    );
+    let vip: IpAddr = "2001:db8:e::1".parse().unwrap();
+    let app = &plan.services[&ServiceKey {
+        vip,
+        port: 9000,
+        proto: Protocol::Tcp,
+    }];
+    // The backend Service has IPv4 endpoints only: the IPv6 listener reaches them (NAT64).
+    assert_eq!(app.backends.len(), 1, "{app:?}");
+    assert_eq!(app.backends[0].addr, "10.1.0.5".parse::<IpAddr>().unwrap());
+    assert_eq!(app.backends[0].port, 9090);
+}
