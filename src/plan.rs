@@ -601,7 +601,10 @@ fn merge_attrs(into: &mut RouteAttrs, other: &RouteAttrs) {
     into.large_communities.dedup();
 }
 
-/// The backends of one Service port for the family of `vip`.
+/// The backends of one Service port for `vip`: those of the VIP's family; when the Service
+/// has no endpoint slice of that family for the port, those of the other family, which the
+/// XDP balancer reaches by NAT46/NAT64 (an IPv4 address in front of an IPv6-only workload,
+/// a Gateway of one family routing to Services of the other).
 fn endpoints(
     svc: &Service,
     port_name: &str,
@@ -611,7 +614,24 @@ fn endpoints(
     only_node: Option<&str>,
 ) -> Endpoints {
     let _ = svc;
-    let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
+    let same = endpoints_of(port_name, protocol, vip.is_ipv4(), slices, only_node);
+    if same.1 {
+        return same.0;
+    }
+    endpoints_of(port_name, protocol, !vip.is_ipv4(), slices, only_node).0
+}
+
+/// The backends of one Service port among the slices of one family, and whether any slice
+/// of that family has the port at all.
+fn endpoints_of(
+    port_name: &str,
+    protocol: &str,
+    v4: bool,
+    slices: &[&EndpointSlice],
+    only_node: Option<&str>,
+) -> (Endpoints, bool) {
+    let family = if v4 { "IPv4" } else { "IPv6" };
+    let mut has_port = false;
     let mut backends: BTreeMap<(IpAddr, u16), u32> = BTreeMap::new();
     let mut ready = 0;
     for slice in slices.iter().filter(|s| s.address_type == family) {
@@ -626,6 +646,7 @@ fn endpoints(
         }) else {
             continue;
         };
+        has_port = true;
         for ep in slice.endpoints.iter().flatten() {
             if only_node.is_some_and(|n| ep.node_name.as_deref() != Some(n)) {
                 continue;
@@ -645,7 +666,7 @@ fn endpoints(
                 let Ok(addr) = a.parse::<IpAddr>() else {
                     continue;
                 };
-                if addr.is_ipv4() != vip.is_ipv4() {
+                if addr.is_ipv4() != v4 {
                     continue;
                 }
                 let w = backends.entry((addr, target)).or_insert(0);
@@ -664,5 +685,5 @@ fn endpoints(
             BackendSpec { addr, port, weight }
         })
         .collect();
-    Endpoints { backends, ready }
+    (Endpoints { backends, ready }, has_port)
 }

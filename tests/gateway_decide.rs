@@ -710,3 +710,135 @@ fn two_listeners_on_one_port_and_transport_are_conflicted_and_take_no_routes() {
         "NotAllowedByListeners"
     );
 }
+
+#[test]
+fn an_sctp_listener_is_balanced_as_sctp_to_the_routes_backends() {
+    let mut w = world();
+    let (events, errors) = parse_text(
+        "diameter.yaml",
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: diameter, namespace: shop}
+spec:
+  type: ClusterIP
+  ports: [{name: diam, port: 3868, protocol: SCTP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: diameter-1, namespace: shop, labels: {kubernetes.io/service-name: diameter}}
+addressType: IPv4
+ports: [{name: diam, port: 3869, protocol: SCTP}]
+endpoints:
+  - {addresses: ["10.1.0.6"], nodeName: n1, conditions: {ready: true}}
+"#,
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    w.apply_all(events);
+    // SCTP listeners take TCPRoutes (there is no SCTPRoute).
+    let sctp = route(
+        RouteKind::Tcp,
+        "diameter",
+        "shop",
+        parent(Some("diam")),
+        json!([{"name": "diameter", "port": 3868}]),
+    );
+    let edge = gateway(
+        "edge",
+        json!({"spec": {"listeners": [{"name": "diam", "port": 3868, "protocol": "portico.io/SCTP"}]}}),
+    );
+    let mut g = gws(vec![edge], vec![sctp]);
+    let (_, d) = pass(&w, &g);
+    let status = status_of(&d, "edge");
+    let listener = &status.listeners.as_ref().unwrap()[0];
+    assert_eq!(listener.attached_routes, 1, "{listener:?}");
+    assert_eq!(cond(&listener.conditions, "Programmed").status, "True");
+    for (key, status) in &d.gateways {
+        g.gateways.get_mut(key).unwrap().status = Some(status.clone());
+    }
+    let full = with_gateway_backends(&w, &g);
+    let outcome = portico::agent::outcome_from_status(&full, ClassPolicy::default());
+    let plan = node_plan(
+        &full,
+        &outcome,
+        &NodeIdentity {
+            name: "n1".into(),
+            labels: BTreeMap::new(),
+            router_id: Some("192.0.2.10".parse().unwrap()),
+        },
+    );
+    let vip: IpAddr = "203.0.113.0".parse().unwrap();
+    let diam = &plan.services[&ServiceKey {
+        vip,
+        port: 3868,
+        proto: Protocol::Sctp,
+    }];
+    assert_eq!(diam.backends.len(), 1, "{diam:?}");
+    assert_eq!(diam.backends[0].addr, "10.1.0.6".parse::<IpAddr>().unwrap());
+    assert_eq!(
+        diam.backends[0].port, 3869,
+        "the backend Service's target port"
+    );
+    assert!(
+        !plan
+            .services
+            .keys()
+            .any(|k| k.port == 3868 && k.proto != Protocol::Sctp),
+        "served as SCTP only"
+    );
+}
+
+#[test]
+fn an_ipv6_gateway_routes_to_ipv4_backends_through_nat64() {
+    let mut w = world();
+    let (events, errors) = parse_text(
+        "edge6.yaml",
+        r#"
+apiVersion: portico.io/v1alpha1
+kind: AddressPool
+metadata: {name: edge6}
+spec:
+  blocks: [{cidr: "2001:db8:e::/126"}]
+  serviceSelector: {matchLabels: {tier: edge}}
+"#,
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    w.apply_all(events);
+    let tcp = route(
+        RouteKind::Tcp,
+        "app",
+        "shop",
+        parent(Some("app")),
+        json!([{"name": "backend", "port": 9000}]),
+    );
+    let edge = gateway(
+        "edge",
+        json!({"spec": {"addresses": [{"type": "IPAddress", "value": "2001:db8:e::1"}]}}),
+    );
+    let mut g = gws(vec![edge], vec![tcp]);
+    let (_, d) = pass(&w, &g);
+    for (key, status) in &d.gateways {
+        g.gateways.get_mut(key).unwrap().status = Some(status.clone());
+    }
+    let full = with_gateway_backends(&w, &g);
+    let outcome = portico::agent::outcome_from_status(&full, ClassPolicy::default());
+    let plan = node_plan(
+        &full,
+        &outcome,
+        &NodeIdentity {
+            name: "n1".into(),
+            labels: BTreeMap::new(),
+            router_id: Some("192.0.2.10".parse().unwrap()),
+        },
+    );
+    let vip: IpAddr = "2001:db8:e::1".parse().unwrap();
+    let app = &plan.services[&ServiceKey {
+        vip,
+        port: 9000,
+        proto: Protocol::Tcp,
+    }];
+    // The backend Service has IPv4 endpoints only: the IPv6 listener reaches them (NAT64).
+    assert_eq!(app.backends.len(), 1, "{app:?}");
+    assert_eq!(app.backends[0].addr, "10.1.0.5".parse::<IpAddr>().unwrap());
+    assert_eq!(app.backends[0].port, 9090);
+}
