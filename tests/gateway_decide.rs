@@ -160,6 +160,24 @@ fn pass(w: &World, g: &GatewayWorld) -> (portico::plan::IpamOutcome, GatewayDeci
     (outcome, d)
 }
 
+/// The agent's plan on node n1 once the controller's Gateway statuses are written back.
+fn agent_plan(w: &World, g: &mut GatewayWorld, d: &GatewayDecisions) -> portico::plan::NodePlan {
+    for (key, status) in &d.gateways {
+        g.gateways.get_mut(key).unwrap().status = Some(status.clone());
+    }
+    let full = with_gateway_backends(w, g);
+    let outcome = portico::agent::outcome_from_status(&full, ClassPolicy::default());
+    node_plan(
+        &full,
+        &outcome,
+        &NodeIdentity {
+            name: "n1".into(),
+            labels: BTreeMap::new(),
+            router_id: Some("192.0.2.10".parse().unwrap()),
+        },
+    )
+}
+
 fn status_of<'a>(d: &'a GatewayDecisions, name: &str) -> &'a GatewayStatus {
     &d.gateways
         .iter()
@@ -753,20 +771,7 @@ endpoints:
     let listener = &status.listeners.as_ref().unwrap()[0];
     assert_eq!(listener.attached_routes, 1, "{listener:?}");
     assert_eq!(cond(&listener.conditions, "Programmed").status, "True");
-    for (key, status) in &d.gateways {
-        g.gateways.get_mut(key).unwrap().status = Some(status.clone());
-    }
-    let full = with_gateway_backends(&w, &g);
-    let outcome = portico::agent::outcome_from_status(&full, ClassPolicy::default());
-    let plan = node_plan(
-        &full,
-        &outcome,
-        &NodeIdentity {
-            name: "n1".into(),
-            labels: BTreeMap::new(),
-            router_id: Some("192.0.2.10".parse().unwrap()),
-        },
-    );
+    let plan = agent_plan(&w, &mut g, &d);
     let vip: IpAddr = "203.0.113.0".parse().unwrap();
     let diam = &plan.services[&ServiceKey {
         vip,
@@ -817,20 +822,7 @@ spec:
     );
     let mut g = gws(vec![edge], vec![tcp]);
     let (_, d) = pass(&w, &g);
-    for (key, status) in &d.gateways {
-        g.gateways.get_mut(key).unwrap().status = Some(status.clone());
-    }
-    let full = with_gateway_backends(&w, &g);
-    let outcome = portico::agent::outcome_from_status(&full, ClassPolicy::default());
-    let plan = node_plan(
-        &full,
-        &outcome,
-        &NodeIdentity {
-            name: "n1".into(),
-            labels: BTreeMap::new(),
-            router_id: Some("192.0.2.10".parse().unwrap()),
-        },
-    );
+    let plan = agent_plan(&w, &mut g, &d);
     let vip: IpAddr = "2001:db8:e::1".parse().unwrap();
     let app = &plan.services[&ServiceKey {
         vip,

@@ -1188,9 +1188,14 @@ fn generate(rng: &mut Rng, model: &Model) -> Case {
 
 // ---------- the checker ----------
 
+#[track_caller]
 fn unchanged(input: &[u8], out: &TestRunOutput) -> Result<(), String> {
     if out.verdict != verdict::PASS {
-        return Err(format!("want XDP_PASS, got {}", verdict::name(out.verdict)));
+        return Err(format!(
+            "want XDP_PASS, got {} (checker line {})",
+            verdict::name(out.verdict),
+            std::panic::Location::caller().line()
+        ));
     }
     if out.packet != input {
         return Err("passed, but changed".into());
@@ -1689,24 +1694,18 @@ fn check_xlat(
         unchanged(input, out)?;
         return Ok("passed_xlat_unsupported");
     }
-    // Without a neighbour the stack gets it untranslated (counted); without a route it is
-    // dropped; neither is written.
-    match hop_to(dst) {
-        Hop::Via(..) => {}
-        Hop::NoNeigh => {
-            unchanged(input, out)?;
-            return Ok("passed_no_neighbour");
+    // Without a route it is dropped before anything is written.
+    if matches!(hop_to(dst), Hop::NoRoute | Hop::Unsure) {
+        if out.packet != input || !matches!(out.verdict, verdict::DROP | verdict::PASS) {
+            return Err(format!(
+                "toward {dst} (no route): got {}",
+                verdict::name(out.verdict)
+            ));
         }
-        Hop::NoRoute | Hop::Unsure => {
-            if out.packet != input || !matches!(out.verdict, verdict::DROP | verdict::PASS) {
-                return Err(format!(
-                    "toward {dst} (no route): got {}",
-                    verdict::name(out.verdict)
-                ));
-            }
-            return Ok("dropped_no_route");
-        }
+        return Ok("dropped_no_route");
     }
+    // Too big is known before the neighbour: the kernel's FIB lookup checks the MTU first
+    // (BPF_FIB_LKUP_RET_FRAG_NEEDED comes before NO_NEIGH), as on the same-family path.
     let grows = !inp.v6;
     let new_len = if grows {
         inp.ip_end - inp.l3 + 20
@@ -1724,6 +1723,11 @@ fn check_xlat(
             }
             v => Err(format!("too big to translate: {}", verdict::name(v))),
         };
+    }
+    // Without a neighbour the stack gets it untranslated (counted).
+    if matches!(hop_to(dst), Hop::NoNeigh) {
+        unchanged(input, out)?;
+        return Ok("passed_no_neighbour");
     }
     let o = &out.packet;
     let Some(op) = parse(o) else {
