@@ -21,9 +21,12 @@ clippy-ebpf:
 	$(CARGO) +nightly clippy -p portico-xdp-ebpf --target bpfel-unknown-none -Z build-std=core \
 		--release --locked --target-dir target/bpf-clippy -- -D warnings
 
-# Kernel tests need root; they fail (never skip) without it.
+# Kernel tests need root; they fail (never skip) without it. The XDP fuzz test replays one
+# fixed seed here, so a run is reproducible; unset, it draws a new seed each run (the README's
+# long fuzz command), and a failure prints the seed that replays it.
+XDP_FUZZ_SEED ?= 1796526597241270925
 unit-and-kernel-tests:
-	$(CARGO) test --workspace --locked
+	PORTICO_XDP_FUZZ_SEED=$(XDP_FUZZ_SEED) $(CARGO) test --workspace --locked
 
 # A bounded libFuzzer run of the BGP session target, seeded with the checked-in corpus.
 # New inputs go to a scratch directory, so the checked-in corpus stays as it is; a crash

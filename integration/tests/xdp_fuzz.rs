@@ -1694,8 +1694,17 @@ fn check_xlat(
         unchanged(input, out)?;
         return Ok("passed_xlat_unsupported");
     }
-    // Without a route it is dropped before anything is written.
-    if matches!(hop_to(dst), Hop::NoRoute | Hop::Unsure) {
+    let grows = !inp.v6;
+    let new_len = if grows {
+        inp.ip_end - inp.l3 + 20
+    } else {
+        inp.ip_end - inp.l3 - 20
+    };
+    // Without a route it is dropped before anything is written. (A network or broadcast
+    // address, `Unsure`, may have a route the kernel's FIB finds: then its MTU applies.)
+    let hop = hop_to(dst);
+    let routed_too_big = new_len > MTU && out.verdict == verdict::TX;
+    if matches!(hop, Hop::NoRoute) || matches!(hop, Hop::Unsure) && !routed_too_big {
         if out.packet != input || !matches!(out.verdict, verdict::DROP | verdict::PASS) {
             return Err(format!(
                 "toward {dst} (no route): got {}",
@@ -1706,12 +1715,6 @@ fn check_xlat(
     }
     // Too big is known before the neighbour: the kernel's FIB lookup checks the MTU first
     // (BPF_FIB_LKUP_RET_FRAG_NEEDED comes before NO_NEIGH), as on the same-family path.
-    let grows = !inp.v6;
-    let new_len = if grows {
-        inp.ip_end - inp.l3 + 20
-    } else {
-        inp.ip_end - inp.l3 - 20
-    };
     if new_len > MTU {
         // Answered with ICMP too-big (its MTU adjusted by 20), dropped over the rate limit,
         // or (IPv4 without DF) passed untranslated.
