@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{Xdp, XdpMode},
+    programs::Xdp,
     Ebpf,
 };
 use portico_xdp_common::{decap, Addr};
@@ -73,10 +73,10 @@ impl Decap {
             ("DECAP_LOCAL", &config.local),
             ("DECAP_PEERS", &config.peers),
         ] {
-            let map = self.ebpf.map_mut(name).ok_or(XdpError::Map {
-                name,
-                source: aya::maps::MapError::InvalidName { name: name.into() },
-            })?;
+            let map = self
+                .ebpf
+                .map_mut(name)
+                .ok_or_else(|| crate::program::no_such_map(name))?;
             let mut m: HashMap<&mut MapData, Addr, u32> =
                 HashMap::try_from(map).map_err(map_err(name))?;
             let old: Vec<Addr> = m.keys().filter_map(Result::ok).collect();
@@ -88,10 +88,10 @@ impl Decap {
             }
         }
         let name = "DECAP_CONFIG";
-        let map = self.ebpf.map_mut(name).ok_or(XdpError::Map {
-            name,
-            source: aya::maps::MapError::InvalidName { name: name.into() },
-        })?;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or_else(|| crate::program::no_such_map(name))?;
         let mut cfg: Array<&mut MapData, u32> = Array::try_from(map).map_err(map_err(name))?;
         let port = config
             .gue_port
@@ -118,11 +118,7 @@ impl Decap {
             .program_mut(decap::PROGRAM_NAME)
             .ok_or(aya::programs::ProgramError::NotLoaded)?
             .try_into()?;
-        let mode = match mode {
-            AttachMode::Native => XdpMode::Driver,
-            AttachMode::Generic => XdpMode::Skb,
-        };
-        match prog.attach(iface, mode) {
+        match prog.attach(iface, mode.xdp_mode()) {
             Ok(_link) => Ok(()),
             Err(aya::programs::ProgramError::UnknownInterface { name }) => {
                 Err(XdpError::NoSuchInterface(name))
@@ -145,10 +141,10 @@ impl Decap {
     /// The counters cannot be read.
     pub fn counters(&self) -> Result<Vec<(&'static str, u64)>, XdpError> {
         let name = "DECAP_STATS";
-        let map = self.ebpf.map(name).ok_or(XdpError::Map {
-            name,
-            source: aya::maps::MapError::InvalidName { name: name.into() },
-        })?;
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or_else(|| crate::program::no_such_map(name))?;
         let stats: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(map).map_err(map_err(name))?;
         let mut out = Vec::new();

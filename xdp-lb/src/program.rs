@@ -224,7 +224,7 @@ pub enum AttachMode {
 }
 
 impl AttachMode {
-    fn xdp_mode(self) -> XdpMode {
+    pub(crate) fn xdp_mode(self) -> XdpMode {
         match self {
             AttachMode::Native => XdpMode::Driver,
             AttachMode::Generic => XdpMode::Skb,
@@ -824,10 +824,7 @@ impl XdpProgram {
             elem_flags: u64,
             flags: u64,
         }
-        let map = self.ebpf.map(name).ok_or(XdpError::Map {
-            name,
-            source: MapError::InvalidName { name: name.into() },
-        })?;
+        let map = self.ebpf.map(name).ok_or_else(|| no_such_map(name))?;
         let data = match map {
             aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) => d,
             _ => {
@@ -895,10 +892,7 @@ impl XdpProgram {
     where
         M: TryFrom<&'a aya::maps::Map, Error = MapError>,
     {
-        let map = self.ebpf.map(name).ok_or(XdpError::Map {
-            name,
-            source: MapError::InvalidName { name: name.into() },
-        })?;
+        let map = self.ebpf.map(name).ok_or_else(|| no_such_map(name))?;
         M::try_from(map).map_err(map_err(name))
     }
 
@@ -907,10 +901,7 @@ impl XdpProgram {
     where
         M: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
     {
-        let map = self.ebpf.map_mut(name).ok_or(XdpError::Map {
-            name,
-            source: MapError::InvalidName { name: name.into() },
-        })?;
+        let map = self.ebpf.map_mut(name).ok_or_else(|| no_such_map(name))?;
         M::try_from(map).map_err(map_err(name))
     }
 }
@@ -982,6 +973,14 @@ pub(crate) fn add_counters(a: Counters, b: Counters) -> Counters {
 }
 
 /// Wraps a map error with the map's name.
+/// The error for a map the object lacks.
+pub(crate) fn no_such_map(name: &'static str) -> XdpError {
+    XdpError::Map {
+        name,
+        source: MapError::InvalidName { name: name.into() },
+    }
+}
+
 pub(crate) fn map_err(name: &'static str) -> impl Fn(MapError) -> XdpError {
     move |source| XdpError::Map { name, source }
 }
