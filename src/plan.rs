@@ -8,7 +8,8 @@
 //! - Backends come from the EndpointSlices labelled `kubernetes.io/service-name`: ready
 //!   endpoints carry new flows (weight 1), serving-but-terminating ones only drain (weight 0,
 //!   tracked flows continue), others are left out. With `externalTrafficPolicy: Local` only
-//!   this node's endpoints count.
+//!   this node's endpoints count, and the XDP service keeps the client's source
+//!   (`ServiceSpec::preserve_source`: no SNAT; the backends reply through this node).
 //! - An address is announced to a peer when some BGPAdvertisement selects it (its pool's
 //!   labels, the Service's labels, this node's labels, the peer's name) and the Service has
 //!   a ready endpoint: anywhere for `Cluster`, on this node for `Local` (as MetalLB does).
@@ -520,6 +521,9 @@ pub fn node_plan(world: &World, ipam: &IpamOutcome, node: &NodeIdentity) -> Node
                         key,
                         backends: eps.backends,
                         hash_source_only: spec.session_affinity.as_deref() == Some("ClientIP"),
+                        // Local: the backends are this node's, so their replies come back
+                        // through it, and the backend sees the client's address.
+                        preserve_source: local,
                     },
                 );
             }

@@ -217,6 +217,31 @@ fn local_policy_announces_only_from_a_node_with_a_ready_local_endpoint_and_keeps
 }
 
 #[test]
+fn local_policy_keeps_the_client_source_and_cluster_policy_does_not() {
+    let text = format!(
+        "{BASE}{}{}{}{}",
+        service("local", "  externalTrafficPolicy: Local"),
+        slice("local", "IPv4", &[ep("10.0.0.1", "n1", READY)]),
+        service("cluster", "  externalTrafficPolicy: Cluster"),
+        slice("cluster", "IPv4", &[ep("10.0.0.2", "n1", READY)])
+    );
+    let (outcome, plan) = plan_for(&text, "n1");
+    let spec = |name| {
+        &plan.services[&ServiceKey {
+            vip: addr_of(&outcome, name),
+            port: 80,
+            proto: Protocol::Tcp,
+        }]
+    };
+    assert!(
+        spec("local").preserve_source,
+        "Local keeps the client's source"
+    );
+    assert!(!spec("cluster").preserve_source, "Cluster is SNATed");
+    assert!(!spec("cluster").hash_source_only);
+}
+
+#[test]
 fn terminating_endpoints_drain_with_weight_zero_and_unready_ones_are_left_out() {
     let text = format!(
         "{BASE}{}{}",

@@ -598,6 +598,7 @@ fn balancer() -> XdpBalancer {
             })
             .collect(),
         hash_source_only: false,
+        preserve_source: false,
     };
     let b4: Vec<(IpAddr, u32)> = BACKENDS4.iter().map(|a| (v4(*a), 1)).collect();
     let b6: Vec<(IpAddr, u32)> = BACKENDS6.iter().map(|a| (v6(*a), 1)).collect();
@@ -1996,6 +1997,241 @@ fn pin_to_cpu(cpu: usize) {
             "pinning the test thread to CPU {cpu}"
         );
     }
+}
+
+// ---------- keeping the client's source (externalTrafficPolicy: Local) ----------
+
+/// VIPs of the services that keep their clients' sources.
+const PVIP4: [u8; 4] = [203, 0, 113, 20];
+const PVIP4_ONE: [u8; 4] = [203, 0, 113, 21];
+const PVIP4_ONE_AGAIN: [u8; 4] = [203, 0, 113, 22];
+const PVIP4_EMPTY: [u8; 4] = [203, 0, 113, 23];
+const PVIP6: [u8; 16] = ip6("fd00:203::20");
+
+/// A balancer whose services keep the client's source address and port.
+fn preserving_balancer() -> XdpBalancer {
+    let program = XdpProgram::load_with(LoadOptions {
+        max_services: 16,
+        max_backends: 64,
+        ring_size: 251,
+        conntrack_entries: 4096,
+        ..LoadOptions::default()
+    })
+    .expect("loading the XDP program (needs root)");
+    let mut b = XdpBalancer::new(program);
+    b.configure_node(&NodeConfig {
+        snat_v4: Some(Ipv4Addr::from(SNAT4)),
+        snat_v6: Some(Ipv6Addr::from(SNAT6)),
+        snat_ports: (20000, 20099),
+        ..NodeConfig::default()
+    })
+    .unwrap();
+    let svc = |vip: IpAddr, port, proto, backends: Vec<IpAddr>| ServiceSpec {
+        key: ServiceKey { vip, port, proto },
+        backends: backends
+            .into_iter()
+            .map(|addr| BackendSpec {
+                addr,
+                port: 8080,
+                weight: 1,
+            })
+            .collect(),
+        hash_source_only: false,
+        preserve_source: true,
+    };
+    let b4: Vec<IpAddr> = BACKENDS4.iter().map(|a| v4(*a)).collect();
+    let b6: Vec<IpAddr> = BACKENDS6.iter().map(|a| v6(*a)).collect();
+    for (vip, port, backends) in [
+        (v4(PVIP4), 80, b4.clone()),
+        (v4(PVIP4), 53, b4.clone()),
+        (v6(PVIP6), 443, b6.clone()),
+        (v6(PVIP6), 53, b6),
+    ] {
+        let proto = if port == 53 {
+            Protocol::Udp
+        } else {
+            Protocol::Tcp
+        };
+        b.upsert_service(&svc(vip, port, proto, backends)).unwrap();
+    }
+    // Two services with the same single backend, and one without backends.
+    for vip in [PVIP4_ONE, PVIP4_ONE_AGAIN] {
+        b.upsert_service(&svc(v4(vip), 80, Protocol::Tcp, vec![b4[0]]))
+            .unwrap();
+    }
+    b.upsert_service(&svc(v4(PVIP4_EMPTY), 80, Protocol::Tcp, vec![]))
+        .unwrap();
+    b
+}
+
+/// A client's packet: from `client:cport` via `eth0` to `vip:vport`.
+fn from_client(client: IpAddr, vip: IpAddr, l4: L4, cport: u16, vport: u16) -> Vec<u8> {
+    build(
+        CLIENT_MAC,
+        LB0_MAC,
+        Vlan::None,
+        client,
+        vip,
+        64,
+        l4,
+        cport,
+        vport,
+        b"ping",
+    )
+}
+
+/// A backend's packet: from `backend:8080` via `eth1` to `client:cport`.
+fn from_backend(backend: IpAddr, client: IpAddr, l4: L4, cport: u16) -> Vec<u8> {
+    build(
+        be_mac(backend),
+        LB1_MAC,
+        Vlan::None,
+        backend,
+        client,
+        64,
+        l4,
+        8080,
+        cport,
+        b"pong",
+    )
+}
+
+#[test]
+fn a_service_that_keeps_client_sources_only_rewrites_the_destination_and_translates_replies() {
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let balancer = preserving_balancer();
+    let prog = balancer.program();
+    let _in_lb = lb.enter().unwrap();
+    let (eth0, eth1) = (ifindex("eth0"), ifindex("eth1"));
+    let stat_of = |i| prog.stat(i).unwrap();
+    use verdict::{DROP, PASS, REDIRECT};
+
+    let cases = [
+        ("TCP/IPv4", v4(CLIENT4), v4(PVIP4), 80, true),
+        ("UDP/IPv4", v4(CLIENT4), v4(PVIP4), 53, false),
+        ("TCP/IPv6", v6(CLIENT6), v6(PVIP6), 443, true),
+        ("UDP/IPv6", v6(CLIENT6), v6(PVIP6), 53, false),
+    ];
+    for (what, client, vip, vport, tcp) in cases {
+        let cport = 41000;
+        let first = if tcp { L4::Tcp { flags: SYN } } else { L4::Udp };
+        let next = if tcp { L4::Tcp { flags: ACK } } else { L4::Udp };
+        let backends: Vec<IpAddr> = if client.is_ipv4() {
+            BACKENDS4.iter().map(|a| v4(*a)).collect()
+        } else {
+            BACKENDS6.iter().map(|a| v6(*a)).collect()
+        };
+        // Forward: only the destination changes (addresses, port, TTL, checksums).
+        let input = from_client(client, vip, first, cport, vport);
+        let snat_before = stat_of(stat::CT_INSERT);
+        let out = run_expecting(prog, what, &input, eth0, REDIRECT);
+        let (backend, bport) = endpoint(&out, false);
+        assert!(backends.contains(&backend), "{what}: went to {backend}");
+        assert_eq!(bport, 8080, "{what}: backend port");
+        assert_eq!(endpoint(&out, true), (client, cport), "{what}: source kept");
+        let want = reference_nat(
+            &input,
+            LB1_MAC,
+            be_mac(backend),
+            client,
+            backend,
+            cport,
+            8080,
+        );
+        check_output(what, &want, &out);
+        assert_eq!(stat_of(stat::CT_INSERT) - snat_before, 1, "{what}: tracked");
+
+        // The reply, addressed to the client: its source goes back to the VIP.
+        let reply_l4 = if tcp {
+            L4::Tcp { flags: SYNACK }
+        } else {
+            L4::Udp
+        };
+        for round in ["unconfirmed", "confirmed", "cached"] {
+            let reply = from_backend(backend, client, reply_l4, cport);
+            let out = run_expecting(
+                prog,
+                &format!("{what} reply ({round})"),
+                &reply,
+                eth1,
+                REDIRECT,
+            );
+            let want = reference_nat(&reply, LB0_MAC, CLIENT_MAC, vip, client, vport, cport);
+            check_output(&format!("{what} reply ({round})"), &want, &out);
+            // The client's next packet: same backend, source kept (it confirms the flow,
+            // then goes through the flow cache).
+            let input = from_client(client, vip, next, cport, vport);
+            let out = run_expecting(
+                prog,
+                &format!("{what} next ({round})"),
+                &input,
+                eth0,
+                REDIRECT,
+            );
+            let want = reference_nat(
+                &input,
+                LB1_MAC,
+                be_mac(backend),
+                client,
+                backend,
+                cport,
+                8080,
+            );
+            check_output(&format!("{what} next ({round})"), &want, &out);
+        }
+
+        // Traffic from the backend that is no reply (another port of the client) passes.
+        let stray = from_backend(backend, client, reply_l4, cport + 1);
+        let before = stat_of(stat::PASS_NOT_VIP);
+        let out = run_expecting(prog, &format!("{what} stray"), &stray, eth1, PASS);
+        check_output(&format!("{what} stray"), &stray, &out);
+        assert_eq!(
+            stat_of(stat::PASS_NOT_VIP) - before,
+            1,
+            "{what}: stray counted"
+        );
+    }
+    let cached = stat_of(stat::CT_HIT) - stat_of(stat::CT_SLOW);
+    assert!(cached >= 4, "the flow cache served {cached} packets");
+
+    // The same client address and port toward the same backend through a second VIP: the
+    // backend could not tell the two flows apart, so the second is dropped, counted against
+    // its service.
+    let key = |vip| ServiceKey {
+        vip: v4(vip),
+        port: 80,
+        proto: Protocol::Tcp,
+    };
+    let syn = |vip| from_client(v4(CLIENT4B), v4(vip), L4::Tcp { flags: SYN }, 42000, 80);
+    run_expecting(prog, "first VIP", &syn(PVIP4_ONE), eth0, REDIRECT);
+    let before = stat_of(stat::DROP_NO_SNAT_PORT);
+    run_expecting(
+        prog,
+        "second VIP, same 4-tuple",
+        &syn(PVIP4_ONE_AGAIN),
+        eth0,
+        DROP,
+    );
+    assert_eq!(stat_of(stat::DROP_NO_SNAT_PORT) - before, 1);
+    let drops = |vip| balancer.service_stats(&key(vip)).unwrap().unwrap().drops;
+    assert_eq!(drops(PVIP4_ONE_AGAIN), 1);
+    assert_eq!(drops(PVIP4_ONE), 0);
+    // Another port of that client goes through.
+    let other = from_client(
+        v4(CLIENT4B),
+        v4(PVIP4_ONE_AGAIN),
+        L4::Tcp { flags: SYN },
+        42001,
+        80,
+    );
+    run_expecting(prog, "second VIP, another port", &other, eth0, REDIRECT);
+
+    // No backend: dropped, counted against the service.
+    for _ in 0..3 {
+        run_expecting(prog, "no backend", &syn(PVIP4_EMPTY), eth0, DROP);
+    }
+    assert_eq!(drops(PVIP4_EMPTY), 3);
 }
 
 // ---------- fragments ----------

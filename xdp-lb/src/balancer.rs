@@ -11,8 +11,8 @@ use std::{
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use portico_xdp_common::{
     addr_from_octets, addr_from_v4, addr_octets, backend_state, config_flags, family, map_name,
-    proto, service_flags, vip_filter_bit, Addr, Backend, Config, Counters, NextHop, Service,
-    VipKey, VIP_FILTER_WORDS,
+    proto, service_flags, source_filter_bit, vip_filter_bit, Addr, Backend, Config, Counters,
+    NextHop, Service, VipKey, VIP_FILTER_WORDS,
 };
 
 use crate::{
@@ -96,6 +96,12 @@ pub struct ServiceSpec {
     pub backends: Vec<BackendSpec>,
     /// Hash on the client address only (session affinity).
     pub hash_source_only: bool,
+    /// Keep the client's source address and port toward backends of the VIP's family
+    /// (`externalTrafficPolicy: Local`): no SNAT, so the backend sees the client. The backend
+    /// must route its replies back through this node (its default route), which translates
+    /// their source back to the VIP. Backends of the other family are still reached through
+    /// the SNAT address (NAT46/64).
+    pub preserve_source: bool,
 }
 
 /// Node-wide settings.
@@ -141,6 +147,10 @@ pub struct ServiceStats {
     pub service: Counters,
     /// Per backend (address, port), client → backend direction.
     pub backends: Vec<((IpAddr, u16), Counters)>,
+    /// Packets of the service dropped: no backend with weight, no SNAT port (or, keeping the
+    /// client's source, its address and port taken toward the backend by another flow), no
+    /// route to the backend or the client.
+    pub drops: u64,
 }
 
 /// Errors of the balancer API; each names the object, field and value.
@@ -474,13 +484,22 @@ fn free_id(used: &BTreeSet<u32>, max: u32) -> Option<u32> {
 /// A backend's address and port.
 pub type BackendAddr = (IpAddr, u16);
 
-/// The `VIP_FILTER` bitmap for a set of VIP addresses.
-fn vip_filter<'a>(vips: impl Iterator<Item = &'a IpAddr>) -> Vec<u64> {
+/// The `VIP_FILTER` bitmap for a set of VIP addresses and the backend addresses of services
+/// that keep client sources (their replies are addressed to clients: the filter knows them by
+/// their source, [`source_filter_bit`]).
+fn vip_filter<'a>(
+    vips: impl Iterator<Item = &'a IpAddr>,
+    preserved_backends: impl Iterator<Item = &'a IpAddr>,
+) -> Vec<u64> {
     let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
+    let mut set = |bit: u32| words[(bit >> 6) as usize] |= 1 << (bit & 63);
     for vip in vips {
         let (addr, fam) = addr16(*vip);
-        let bit = vip_filter_bit(fam, &addr);
-        words[(bit >> 6) as usize] |= 1 << (bit & 63);
+        set(vip_filter_bit(fam, &addr));
+    }
+    for be in preserved_backends {
+        let (addr, fam) = addr16(*be);
+        set(source_filter_bit(fam, &addr));
     }
     words
 }
@@ -630,6 +649,7 @@ impl XdpBalancer {
                         key,
                         backends: listed.into_iter().map(|(_, be)| be).collect(),
                         hash_source_only: svc.flags & service_flags::HASH_SRC_ONLY != 0,
+                        preserve_source: svc.flags & service_flags::PRESERVE_SOURCE != 0,
                     },
                     backend_ids,
                     retired,
@@ -653,7 +673,7 @@ impl XdpBalancer {
                     .map_err(map_err(map_name::VIP_FILTER))?;
             }
         }
-        b.sync_vip_filter()?;
+        b.sync_vip_filter(None)?;
         let vips: BTreeSet<IpAddr> = b.services.keys().map(|k| k.vip).collect();
         let wanted: Vec<VipKey> = vips.iter().map(|v| presence_key(*v)).collect();
         let mut map: BpfHashMap<&mut MapData, VipKey, Service> =
@@ -746,9 +766,24 @@ impl XdpBalancer {
         Ok(())
     }
 
-    /// Brings the `VIP_FILTER` map in line with the installed services (changed words only).
-    fn sync_vip_filter(&mut self) -> Result<(), XdpError> {
-        let wanted = vip_filter(self.services.keys().map(|k| &k.vip));
+    /// Brings the `VIP_FILTER` map and `config_flags::PRESERVED_SOURCES` in line with the
+    /// installed services and `pending` (a service about to be installed: its replies are
+    /// recognised before its first flow can exist), changed words only.
+    fn sync_vip_filter(&mut self, pending: Option<&ServiceSpec>) -> Result<(), XdpError> {
+        let specs = || {
+            self.services
+                .values()
+                .map(|i| &i.spec)
+                .filter(|s| pending.is_none_or(|p| p.key != s.key))
+                .chain(pending)
+        };
+        let preserved = || {
+            specs()
+                .filter(|s| s.preserve_source)
+                .flat_map(|s| s.backends.iter().map(|b| &b.addr))
+        };
+        let wanted = vip_filter(specs().map(|s| &s.key.vip), preserved());
+        let any_preserved = preserved().next().is_some();
         let mut map: Array<&mut MapData, u64> = self.program.map_mut(map_name::VIP_FILTER)?;
         for (i, (&new, old)) in wanted.iter().zip(self.filter.iter_mut()).enumerate() {
             if new != *old {
@@ -756,6 +791,18 @@ impl XdpBalancer {
                     .map_err(map_err(map_name::VIP_FILTER))?;
                 *old = new;
             }
+        }
+        let flags = if any_preserved {
+            self.config.flags | config_flags::PRESERVED_SOURCES
+        } else {
+            self.config.flags & !config_flags::PRESERVED_SOURCES
+        };
+        if flags != self.config.flags {
+            self.config.flags = flags;
+            let mut array: Array<&mut MapData, Config> = self.program.map_mut(map_name::CONFIG)?;
+            array
+                .set(0, self.config, 0)
+                .map_err(map_err(map_name::CONFIG))?;
         }
         Ok(())
     }
@@ -768,6 +815,17 @@ impl XdpBalancer {
         array
             .set(0, self.config, 0)
             .map_err(map_err(map_name::CONFIG))
+    }
+
+    fn reset_drops(&mut self, id: u32) -> Result<(), XdpError> {
+        let os = |what| move |source| XdpError::Os { what, source };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| os("reading possible CPUs")(e))?;
+        let mut array: PerCpuArray<&mut MapData, u64> =
+            self.program.map_mut(map_name::SERVICE_DROPS)?;
+        let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(os("per-CPU values"))?;
+        array
+            .set(id, zeros, 0)
+            .map_err(map_err(map_name::SERVICE_DROPS))
     }
 
     fn reset_counters(&mut self, map: &'static str, id: u32) -> Result<(), XdpError> {
@@ -810,6 +868,7 @@ impl Balancer for XdpBalancer {
             cfg.snat_v6 = addr_from_octets(a.octets());
         }
         cfg.cache_epoch = self.config.cache_epoch;
+        cfg.flags |= self.config.flags & config_flags::PRESERVED_SOURCES;
         let mut array: Array<&mut MapData, Config> = self.program.map_mut(map_name::CONFIG)?;
         array.set(0, cfg, 0).map_err(map_err(map_name::CONFIG))?;
         self.config = cfg;
@@ -847,6 +906,7 @@ impl Balancer for XdpBalancer {
                 )?;
                 self.service_ids.insert(id);
                 self.reset_counters(map_name::SERVICE_STATS, id)?;
+                self.reset_drops(id)?;
                 if let Some(state) = self.program.pinned_state_mut() {
                     state.set_retired(id, Counters::default())?;
                 }
@@ -901,6 +961,12 @@ impl Balancer for XdpBalancer {
             }
         }
 
+        // Replies of flows that keep the client's source are recognised before the service
+        // can have any.
+        if spec.preserve_source {
+            self.sync_vip_filter(Some(spec))?;
+        }
+
         // Maglev over the wanted backends, written into the idle half of the ring.
         let table = maglev_table(spec, m)?;
         let new_gen = old_gen ^ 1;
@@ -920,6 +986,10 @@ impl Balancer for XdpBalancer {
             id,
             flags: if spec.hash_source_only {
                 service_flags::HASH_SRC_ONLY
+            } else {
+                0
+            } | if spec.preserve_source {
+                service_flags::PRESERVE_SOURCE
             } else {
                 0
             },
@@ -964,7 +1034,7 @@ impl Balancer for XdpBalancer {
                 }
             }
         }
-        self.sync_vip_filter()?;
+        self.sync_vip_filter(None)?;
         Ok(())
     }
 
@@ -984,7 +1054,7 @@ impl Balancer for XdpBalancer {
                     .map_err(map_err(map_name::SERVICES))?;
             }
         }
-        self.sync_vip_filter()?;
+        self.sync_vip_filter(None)?;
         for bid in installed.backend_ids.values() {
             self.release_backend(*bid)?;
         }
@@ -1034,7 +1104,12 @@ impl Balancer for XdpBalancer {
             service = add_counters(service, c);
             backends.push(((b.addr, b.port), c));
         }
-        Ok(Some(ServiceStats { service, backends }))
+        let drops = self.program.service_drops(installed.id)?;
+        Ok(Some(ServiceStats {
+            service,
+            backends,
+            drops,
+        }))
     }
 }
 
@@ -1077,6 +1152,7 @@ impl Balancer for FakeBalancer {
                 .iter()
                 .map(|b| ((b.addr, b.port), Counters::default()))
                 .collect(),
+            drops: 0,
         }))
     }
 }
@@ -1119,6 +1195,7 @@ mod tests {
                 },
             ],
             hash_source_only: false,
+            preserve_source: false,
         };
         let err = fake.upsert_service(&spec).unwrap_err().to_string();
         assert!(
@@ -1139,6 +1216,7 @@ mod tests {
             },
             backends: vec![],
             hash_source_only: false,
+            preserve_source: false,
         };
         let err = fake.upsert_service(&spec).unwrap_err().to_string();
         assert!(err.contains("no IPv6 SNAT address"), "{err}");
@@ -1170,6 +1248,7 @@ mod tests {
             key: key(),
             backends: vec![b],
             hash_source_only: false,
+            preserve_source: false,
         })
         .unwrap();
         fake.set_backend_weight(&key(), b.addr, b.port, 0).unwrap();

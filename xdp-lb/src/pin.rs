@@ -29,7 +29,7 @@ use crate::program::{map_err, LoadOptions, XdpError};
 /// and the new program share until the new one is swapped into the links, so both must use
 /// caches of the same size. Not pinned: `SCRATCH`, each packet's scratch space, and `FRAGS`,
 /// whose entries serve the fragments of a datagram for a few seconds.
-pub(crate) const PINNED_MAPS: [&str; 14] = [
+pub(crate) const PINNED_MAPS: [&str; 15] = [
     map_name::STATS,
     map_name::VIP_FILTER,
     map_name::CONFIG,
@@ -41,6 +41,7 @@ pub(crate) const PINNED_MAPS: [&str; 14] = [
     map_name::REV_NAT,
     map_name::REV_NAT_NEW,
     map_name::SERVICE_STATS,
+    map_name::SERVICE_DROPS,
     map_name::BACKEND_STATS,
     map_name::FLOW_CACHE,
     map_name::REPLY_CACHE,
@@ -138,7 +139,7 @@ fn sized_by(name: &str) -> &'static str {
     match name {
         map_name::RINGS => "LoadOptions::max_services × 2 × ring_size",
         map_name::SERVICES => "LoadOptions::max_services × 4",
-        map_name::SERVICE_STATS | RETIRED => "LoadOptions::max_services",
+        map_name::SERVICE_STATS | map_name::SERVICE_DROPS | RETIRED => "LoadOptions::max_services",
         map_name::BACKENDS | map_name::BACKEND_STATS | BACKEND_META => "LoadOptions::max_backends",
         map_name::CONNTRACK
         | map_name::CONNTRACK_NEW

@@ -800,6 +800,15 @@ impl XdpProgram {
             .fold(Counters::default(), add_counters))
     }
 
+    /// Packets of service id `id` dropped (`SERVICE_DROPS`), summed over all CPUs.
+    pub(crate) fn service_drops(&self, id: u32) -> Result<u64, XdpError> {
+        let array: PerCpuArray<&MapData, u64> = self.map(map_name::SERVICE_DROPS)?;
+        let values = array
+            .get(&id, 0)
+            .map_err(map_err(map_name::SERVICE_DROPS))?;
+        Ok(values.iter().sum())
+    }
+
     /// Entries in the hash map `name` (conntrack and reverse-NAT tables), read in batches of
     /// 4,096 with `BPF_MAP_LOOKUP_BATCH`: about 130 system calls for a full 524,288-entry
     /// table, rather than one per entry. Entries come and go meanwhile, so the figure is a
@@ -928,6 +937,7 @@ fn map_sizes(options: &LoadOptions) -> Result<Vec<(&'static str, u32)>, XdpError
         ),
         (map_name::SERVICES, options.max_services * 4),
         (map_name::SERVICE_STATS, options.max_services),
+        (map_name::SERVICE_DROPS, options.max_services),
         (map_name::BACKENDS, options.max_backends),
         (map_name::BACKEND_STATS, options.max_backends),
         (map_name::CONNTRACK, options.conntrack_entries),

@@ -203,6 +203,8 @@ pub mod map_name {
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     /// Per-backend per-CPU counters: [`crate::Counters`] by backend id.
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    /// Per-service per-CPU drop counters: `u64` packets by service id.
+    pub const SERVICE_DROPS: &str = "SERVICE_DROPS";
     /// Per-CPU exact-match cache of tracked flows: [`crate::FlowCacheEntry`] by hash.
     pub const FLOW_CACHE: &str = "FLOW_CACHE";
     /// Per-CPU exact-match cache of reverse NAT: [`crate::ReplyCacheEntry`] by hash.
@@ -270,6 +272,15 @@ pub fn vip_filter_bit(fam: u8, a: &Addr) -> u32 {
     x >> 16
 }
 
+/// The bit of the `VIP_FILTER` bitmap that stands for a backend address of a service that
+/// keeps client sources ([`service_flags::PRESERVE_SOURCE`]): its replies are addressed to
+/// the client, not to a VIP or the SNAT address, so the filter also knows their sources. A
+/// set bit means "maybe such a backend"; a VIP sharing the bit only costs a lookup.
+#[inline(always)]
+pub fn source_filter_bit(fam: u8, a: &Addr) -> u32 {
+    vip_filter_bit(fam | 0x80, a)
+}
+
 /// Node-wide configuration (map `CONFIG`, index 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -308,6 +319,10 @@ pub struct Config {
 pub mod config_flags {
     /// Answer ICMP/ICMPv6 echo requests to VIPs in XDP (otherwise they pass to the stack).
     pub const ECHO_REPLY: u32 = 1;
+    /// Some service keeps client sources ([`crate::service_flags::PRESERVE_SOURCE`]): packets
+    /// from an address whose [`crate::source_filter_bit`] is set in `VIP_FILTER` may be
+    /// replies of such a flow. Clear: that check costs nothing.
+    pub const PRESERVED_SOURCES: u32 = 2;
 }
 
 /// The backends' decapsulation program (`portico_decap`, its own object) and its counters
@@ -376,6 +391,11 @@ pub struct Service {
 pub mod service_flags {
     /// Hash on the source address only (session affinity).
     pub const HASH_SRC_ONLY: u32 = 1;
+    /// Keep the client's source address and port (`externalTrafficPolicy: Local`): the
+    /// balancer only rewrites the destination toward a backend of the VIP's family, and no
+    /// SNAT port is taken. The backend must route its replies back through this node, which
+    /// translates their source back to the VIP.
+    pub const PRESERVE_SOURCE: u32 = 2;
 }
 
 /// A backend (value of `BACKENDS`). `state == 0` means the slot is unused.
@@ -487,8 +507,8 @@ pub struct Flow {
     pub backend_gen: u16,
     /// [`flow_state`].
     pub state: u8,
-    /// Explicit padding.
-    pub _pad: u8,
+    /// [`flow_flags`] (0 in entries written before it existed: their meaning is unchanged).
+    pub flags: u8,
     /// In a per-CPU cached copy: [`Config::cache_epoch`] when it was made (a copy from
     /// another epoch is not used).
     pub epoch: u32,
@@ -504,6 +524,14 @@ pub struct FlowCacheEntry {
     pub key: FlowKey,
     /// The conntrack entry as of `flow.last_seen`.
     pub flow: Flow,
+}
+
+/// Bits of [`Flow::flags`].
+pub mod flow_flags {
+    /// The flow keeps the client's source address and port toward its backend
+    /// ([`crate::service_flags::PRESERVE_SOURCE`]); [`crate::Flow::snat_port`] is the client's
+    /// port, and the flow's reverse entry is keyed by (backend, client).
+    pub const PRESERVE_SOURCE: u8 = 1;
 }
 
 /// Values of [`Flow::state`].

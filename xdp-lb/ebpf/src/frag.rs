@@ -26,7 +26,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use portico_xdp_common::{
-    family, proto, stat, Addr, Config, FlowKey, FragEntry, FragKey, NextHop, VipKey,
+    family, flow_flags, proto, stat, Addr, Config, FlowKey, FragEntry, FragKey, NextHop, VipKey,
 };
 
 use crate::{
@@ -223,7 +223,10 @@ fn later_fragment(
                 .get(flow)
                 .or_else(|| maps::CONNTRACK_NEW.get(flow))
         };
-        let backend_id = match tracked.copied() {
+        let tracked = tracked.copied();
+        // A flow that keeps its client's source (its first fragment kept it too).
+        let preserved = tracked.is_some_and(|f| f.flags & flow_flags::PRESERVE_SOURCE != 0);
+        let backend_id = match tracked {
             Some(tracked) => nat::backend(tracked.backend_id)
                 .filter(|be| nat::still_assigned(be, &tracked))
                 .map(|_| tracked.backend_id),
@@ -245,7 +248,12 @@ fn later_fragment(
         else {
             return Err(Skip::Fragment);
         };
-        (nat::snat_addr(cfg, p.family), be.addr, backend_id, 0)
+        let new_src = if preserved {
+            src
+        } else {
+            nat::snat_addr(cfg, p.family)
+        };
+        (new_src, be.addr, backend_id, 0)
     };
     later(
         ctx,

@@ -9,7 +9,9 @@ use aya_ebpf::{
     bindings::{xdp_action, xdp_md},
     programs::XdpContext,
 };
-use portico_xdp_common::{config_flags, family, proto, stat, Config, FlowKey, NextHop, VipKey};
+use portico_xdp_common::{
+    config_flags, family, flow_flags, proto, stat, Config, FlowKey, NextHop, VipKey,
+};
 
 use crate::{
     csum,
@@ -300,25 +302,33 @@ fn translate_error<const V4: bool>(
         // an unconfirmed one (in `CONNTRACK_NEW`, or only its reservation at the first port
         // of its search).
         // SAFETY: read-only use of the value.
-        let (backend_id, snat_port) = match unsafe {
+        let (backend_id, snat_port, flags) = match unsafe {
             maps::CONNTRACK
                 .get(&sc.rkey)
                 .or_else(|| maps::CONNTRACK_NEW.get(&sc.rkey))
         } {
-            Some(flow) => (flow.backend_id, flow.snat_port),
+            Some(flow) => (flow.backend_id, flow.snat_port, flow.flags),
             None => {
                 let found = crate::snat::portico_unconfirmed_flow();
-                (found as u32, (found >> 32) as u16)
+                (found as u32, (found >> 32) as u16, 0)
             }
         };
         let Some(be) = backend(backend_id).filter(|be| be.family == p.family) else {
             return Ok(None);
         };
-        sc.owner.src = snat;
+        // A flow that keeps its client's source: the error keeps its own source, and the
+        // quoted reply went to the client (the quote's destination); else both are the
+        // node's SNAT address.
+        let (outer, quoted) = if flags & flow_flags::PRESERVE_SOURCE != 0 {
+            (outer_src, sc.owner.dst)
+        } else {
+            (snat, snat)
+        };
+        sc.owner.src = outer;
         sc.owner.dst = be.addr;
         sc.rkey.src = be.addr;
         sc.rkey.sport = be.port;
-        sc.rkey.dst = snat;
+        sc.rkey.dst = quoted;
         sc.rkey.dport = snat_port;
     } else {
         return Ok(None);

@@ -132,7 +132,8 @@ mod program {
         }
     }
 
-    /// Replies to the node's SNAT address go to the reply path; traffic to an address
+    /// Replies to the node's SNAT address, or from a backend of a service that keeps client
+    /// sources, go to the reply path; traffic to an address
     /// outside the VIP filter passes after one array read; VIP traffic of a cached flow goes
     /// to its backend here, the rest to the slow path.
     #[inline(always)]
@@ -154,6 +155,14 @@ mod program {
         let to_snat = key.dst == nat::snat_addr(cfg, key.family);
         let maybe_vip = maps::maybe_vip(key.family, &key.dst);
         if !to_snat && !maybe_vip {
+            // A reply of a flow that keeps its client's source comes from a backend of such
+            // a service to the client: a configuration bit, then a bitmap read.
+            if maps::maybe_preserved_backend(cfg, key.family, &key.src) {
+                if p.family == family::V4 && !parse::ipv4_header_ok(ctx, p)? {
+                    return Err(Skip::BadChecksum);
+                }
+                return Ok(SLOW_REPLY | u32::from(t.tcp_flags) << 24);
+            }
             st.add(stat::PASS_NOT_VIP, 1);
             return Ok(xdp_action::XDP_PASS);
         }

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use portico_xdp_common::{
-    vip_filter_bit, Addr, Backend, Config, Counters, Flow, FlowCacheEntry, FlowKey, FragEntry,
-    FragKey, ReplyCacheEntry, RevNat, Service, StatBlock, VipKey, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_SERVICES, VIP_FILTER_WORDS,
+    config_flags, source_filter_bit, vip_filter_bit, Addr, Backend, Config, Counters, Flow,
+    FlowCacheEntry, FlowKey, FragEntry, FragKey, ReplyCacheEntry, RevNat, Service, StatBlock,
+    VipKey, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, VIP_FILTER_WORDS,
 };
 
 /// Global counters and verdict reasons: one [`StatBlock`] per CPU, looked up once per packet.
@@ -139,6 +139,11 @@ pub static FRAGS: LruHashMap<FragKey, FragEntry> =
 pub static SERVICE_STATS: PerCpuArray<Counters> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 
+/// Per-service per-CPU drops by service id: packets of the service dropped for want of a
+/// backend, a SNAT port or a route (the global `STATS` count them by reason).
+#[map(name = "SERVICE_DROPS")]
+pub static SERVICE_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
 /// Per-backend per-CPU counters by backend id.
 #[map(name = "BACKEND_STATS")]
 pub static BACKEND_STATS: PerCpuArray<Counters> =
@@ -174,6 +179,31 @@ pub fn maybe_vip(fam: u8, a: &Addr) -> bool {
     VIP_FILTER
         .get(bit >> 6)
         .is_some_and(|w| w & (1u64 << (bit & 63)) != 0)
+}
+
+/// Whether `a` may be a backend address of a service that keeps client sources: the node
+/// has such a service and the address's source bit is set in `VIP_FILTER`.
+#[inline(always)]
+pub fn maybe_preserved_backend(cfg: &Config, fam: u8, a: &Addr) -> bool {
+    if cfg.flags & config_flags::PRESERVED_SOURCES == 0 {
+        return false;
+    }
+    let bit = source_filter_bit(fam, a);
+    VIP_FILTER
+        .get(bit >> 6)
+        .is_some_and(|w| w & (1u64 << (bit & 63)) != 0)
+}
+
+/// Counts a packet of service `id` dropped (`SERVICE_DROPS`); id 0 (unknown) is not counted.
+#[inline(always)]
+pub fn count_drop(id: u32) {
+    if id == 0 {
+        return;
+    }
+    if let Some(c) = SERVICE_DROPS.get_ptr_mut(id) {
+        // SAFETY: per-CPU slot; only this CPU writes it while the program runs.
+        unsafe { *c += 1 };
+    }
 }
 
 /// Counts a packet (and a new flow) against a service or backend.

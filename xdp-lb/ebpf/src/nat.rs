@@ -13,8 +13,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use portico_xdp_common::{
-    backend_state, family, flow_state, proto, service_flags, stat, Addr, Backend, Config, Flow,
-    FlowCacheEntry, FlowKey, NextHop, ReplyCacheEntry, RevNat, Service, VipKey,
+    backend_state, family, flow_flags, flow_state, proto, service_flags, stat, Addr, Backend,
+    Config, Flow, FlowCacheEntry, FlowKey, NextHop, ReplyCacheEntry, RevNat, Service, VipKey,
 };
 
 use crate::{
@@ -45,8 +45,13 @@ const OWN_RESERVATION: u64 = 1 << 50;
 /// [`establish`]'s argument: set when the port is the first of the flow's search, where
 /// its later packets find the reservation again (no `CONNTRACK_NEW` entry needed).
 const FIRST_PORT: u64 = 1 << 51;
+/// [`establish`]'s argument: set when the flow keeps its client's source
+/// (`service_flags::PRESERVE_SOURCE`).
+const PRESERVED: u64 = 1 << 52;
 /// [`pick`]'s answer when a backend was picked (its id in the low bits).
 const PICKED: u32 = 0x2000_0000;
+/// With [`PICKED`]: the flow keeps its client's source (no SNAT port is searched for).
+const PICKED_PRESERVED: u32 = 0x0800_0000;
 /// A slow path's answer for a packet too big for its next hop: this bit, and the MTU in the
 /// low 16 bits. The entry point then answers with ICMP ([`crate::pmtu`]): its frame is not
 /// stacked on the slow path's.
@@ -498,6 +503,19 @@ pub(crate) fn port_hold(cfg: &Config) -> u64 {
     copy_life(cfg) + u64::from(cfg.hz)
 }
 
+/// The source a cached flow's packets get toward its backend: the client's own address for a
+/// flow that keeps it (its port is the client's too), else the node's SNAT address.
+#[inline(always)]
+fn flow_source<const V4: bool>(key: &FlowKey, flow: &Flow, cfg: &Config) -> Addr {
+    if flow.flags & flow_flags::PRESERVE_SOURCE != 0 {
+        key.src
+    } else if V4 {
+        [cfg.snat_v4, 0, 0, 0]
+    } else {
+        cfg.snat_v6
+    }
+}
+
 /// Whether a tracked flow still goes to `be`: the id is live and still the same backend of
 /// the same service (ids are reused after a backend is removed).
 #[inline(always)]
@@ -574,7 +592,7 @@ fn send_cached<const V4: bool, const TCP: bool>(
     rewrite(
         &h,
         key,
-        &snat_addr(cfg, key.family),
+        &flow_source::<V4>(key, &c.flow, cfg),
         &be.addr,
         c.flow.snat_port,
         be.port,
@@ -619,13 +637,22 @@ pub fn balance_packet(ctx: &XdpContext, st: &Stats, p: &Parsed, tcp_flags: u8) -
     if picked & PICKED == 0 {
         return picked;
     }
+    let preserved = picked & PICKED_PRESERVED != 0;
     // A packet other than a SYN most likely belongs to an unconfirmed flow, whose
-    // reservation its search finds at once.
-    let Some(port) = snat::claim(tcp_flags & TCP_SYN == 0) else {
+    // reservation its search finds at once. A flow that keeps its client's source has one
+    // port to try, the client's.
+    let port = if preserved {
+        snat::claim_preserved()
+    } else {
+        snat::claim(tcp_flags & TCP_SYN == 0)
+    };
+    let Some(port) = port else {
         st.add(stat::DROP_NO_SNAT_PORT, 1);
+        maps::count_drop(snat::requested_service());
         return xdp_action::XDP_DROP;
     };
-    let picked = u64::from(picked)
+    let picked = u64::from(picked & !PICKED_PRESERVED)
+        | if preserved { PRESERVED } else { 0 }
         | u64::from(port.port) << 32
         | if port.confirmed { CONFIRMED } else { 0 }
         | if port.own { OWN_RESERVATION } else { 0 }
@@ -810,6 +837,7 @@ fn tracked_flow<const V4: bool, const TCP: bool>(
         backend_id: flow.backend_id,
         snat_port: flow.snat_port,
         new_flow: false,
+        preserved: flow.flags & flow_flags::PRESERVE_SOURCE != 0,
     };
     Some(send_to_backend(ctx, st, p, h, key, cfg, &to, now))
 }
@@ -845,7 +873,7 @@ fn unconfirmed<const V4: bool, const TCP: bool>(
         return None;
     };
     // Read now: the entry goes when the flow is confirmed.
-    let (backend_id, snat_port) = (n.backend_id, n.snat_port);
+    let (backend_id, snat_port, flags) = (n.backend_id, n.snat_port, n.flags);
     if h.hop_limit() <= 1 {
         st.add(stat::PASS_TTL, 1);
         return Some(xdp_action::XDP_PASS);
@@ -874,6 +902,7 @@ fn unconfirmed<const V4: bool, const TCP: bool>(
         backend_id,
         snat_port,
         new_flow: false,
+        preserved: flags & flow_flags::PRESERVE_SOURCE != 0,
     };
     Some(send_to_backend(ctx, st, p, h, key, cfg, &to, now))
 }
@@ -910,8 +939,17 @@ fn pick<const V4: bool, const TCP: bool>(
     let id = maglev_pick(svc, cfg, key);
     let Some(be) = backend(id).filter(|b| b.service_id == svc.id as u16) else {
         st.add(stat::DROP_NO_BACKEND, 1);
+        maps::count_drop(svc.id);
         return xdp_action::XDP_DROP;
     };
+    // The client's source is kept toward a backend of its own family only (NAT46/64 needs
+    // an address of the backend's family: the SNAT address).
+    if svc.flags & service_flags::PRESERVE_SOURCE != 0 && be.family == key.family {
+        if !snat::request_preserved(key, be, svc.id as u16, now()) {
+            return xdp_action::XDP_PASS;
+        }
+        return PICKED | PICKED_PRESERVED | id;
+    }
     if !snat::request(key, be, cfg, svc.id as u16, now()) {
         return xdp_action::XDP_PASS;
     }
@@ -942,6 +980,7 @@ fn establish<const V4: bool, const TCP: bool>(
     let now = now();
     let id = (picked as u32) & !PICKED;
     let port = (picked >> 32) as u16;
+    let preserved = picked & PRESERVED != 0;
     let confirmed = picked & CONFIRMED != 0;
     let own = picked & OWN_RESERVATION != 0;
     let first = picked & FIRST_PORT != 0;
@@ -962,7 +1001,11 @@ fn establish<const V4: bool, const TCP: bool>(
         } else {
             flow_state::OPEN
         },
-        _pad: 0,
+        flags: if preserved {
+            flow_flags::PRESERVE_SOURCE
+        } else {
+            0
+        },
         epoch: cfg.cache_epoch,
     };
     // Anything but a SYN (UDP has no flags; an SCTP INIT stands for a SYN).
@@ -971,6 +1014,7 @@ fn establish<const V4: bool, const TCP: bool>(
         // SAFETY: valid map value pointer.
         if !snat::confirm_claimed(key, unsafe { &*be }, &flow, cfg, now) {
             st.add(stat::DROP_NO_SNAT_PORT, 1);
+            maps::count_drop(u32::from(service_id));
             return xdp_action::XDP_DROP;
         }
         if maps::CONNTRACK.insert(key, flow, 0).is_ok() {
@@ -1013,6 +1057,7 @@ fn establish<const V4: bool, const TCP: bool>(
         backend_id: id,
         snat_port: port,
         new_flow: !own,
+        preserved,
     };
     send_to_backend(ctx, st, p, h, key, cfg, &to, now)
 }
@@ -1021,8 +1066,11 @@ fn establish<const V4: bool, const TCP: bool>(
 struct To {
     be: *mut Backend,
     backend_id: u32,
+    /// The SNAT port, or the client's port when `preserved`.
     snat_port: u16,
     new_flow: bool,
+    /// The flow keeps its client's source address (and port).
+    preserved: bool,
 }
 
 /// Rewrites a client → VIP packet toward its backend, counts it, and sends it to the cached
@@ -1051,7 +1099,11 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
         st.add(stat::PASS_UNSUPPORTED, 1);
         return xdp_action::XDP_PASS;
     }
-    let snat = snat_addr(cfg, be.family);
+    let snat = if to.preserved {
+        key.src
+    } else {
+        snat_addr(cfg, be.family)
+    };
     let ip_len = if xlat {
         nat46::translated_len(p, V4)
     } else {
@@ -1089,6 +1141,7 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
             }
             Route::None => {
                 st.add(stat::DROP_NO_ROUTE, 1);
+                maps::count_drop(u32::from(be.service_id));
                 return xdp_action::XDP_DROP;
             }
         }
@@ -1291,6 +1344,7 @@ fn reply<const V4: bool, const TCP: bool>(
         }
         Route::None => {
             st.add(stat::DROP_NO_ROUTE, 1);
+            maps::count_drop(u32::from(rev.service_id));
             return xdp_action::XDP_DROP;
         }
     };

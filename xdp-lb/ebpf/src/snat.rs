@@ -13,7 +13,7 @@
 )]
 
 use aya_ebpf::bindings::BPF_NOEXIST;
-use portico_xdp_common::{family, proto, Addr, Backend, Config, Flow, FlowKey, RevNat};
+use portico_xdp_common::{family, flow_flags, proto, Addr, Backend, Config, Flow, FlowKey, RevNat};
 
 use crate::{
     maps::{self, Scratch},
@@ -54,7 +54,8 @@ pub struct Port {
 }
 
 /// The key of a flow's reverse-NAT entry: backend → node SNAT address (of the backend's
-/// family: NAT46/64 flows change family) and port.
+/// family: NAT46/64 flows change family) and port; for a flow that keeps its client's
+/// source, backend → client address and port.
 #[inline(always)]
 pub fn reply_key(key: &FlowKey, be: &Backend, snat: &Addr, snat_port: u16) -> FlowKey {
     FlowKey {
@@ -99,6 +100,48 @@ pub fn request(key: &FlowKey, be: &Backend, cfg: &Config, service_id: u16, now: 
     sc.rev = rev_nat(key, be, service_id, now);
     sc.rkey = reply_key(key, be, &snat_addr(cfg, be.family), 0);
     true
+}
+
+/// Writes the request of a flow that keeps its client's source ([`request`]'s counterpart):
+/// its reverse entry is keyed by (backend, client address and port), and the only "port" it
+/// may hold is the client's own.
+#[inline(always)]
+pub fn request_preserved(key: &FlowKey, be: &Backend, service_id: u16, now: u64) -> bool {
+    let Some(sc) = maps::SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's scratch entry; nothing else uses it while the program runs.
+    let sc = unsafe { &mut *sc };
+    sc.rev = rev_nat(key, be, service_id, now);
+    sc.rkey = reply_key(key, be, &key.src, 0);
+    true
+}
+
+/// Takes the reverse entry [`request_preserved`] asked for, as one try of the port search
+/// at the client's own port: the flow's already (confirmed, or its own reservation), or
+/// free, or held by another live flow from the same client address and port toward the same
+/// backend (through another VIP), which the backend could not tell apart: `None`.
+#[inline(always)]
+pub fn claim_preserved() -> Option<Port> {
+    let sc = maps::SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch entry, read before the call that uses it.
+    let port = unsafe { (*sc).rev.client_port };
+    let r = portico_try_snat_port(u64::from(port), 0);
+    (r & FOUND != 0).then_some(Port {
+        port: r as u16,
+        confirmed: r & CONFIRMED != 0,
+        own: r & OWN != 0,
+        first: false,
+    })
+}
+
+/// The service of the request in this CPU's scratch entry (its drop counter).
+#[inline(always)]
+pub fn requested_service() -> u32 {
+    maps::SCRATCH
+        .get_ptr_mut(0)
+        // SAFETY: this CPU's scratch entry; a plain read.
+        .map_or(0, |sc| u32::from(unsafe { (*sc).rev.service_id }))
 }
 
 /// Reserves the SNAT port [`request`] asked for. `None` when every port tried is held.
@@ -496,7 +539,13 @@ fn request_for(
     let sc = maps::SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's scratch entry; nothing else uses it while the program runs.
     let sc = unsafe { &mut *sc };
-    sc.rkey = reply_key(key, be, &snat_addr(cfg, be.family), flow.snat_port);
+    // A flow that keeps its client's source is keyed by the client's address.
+    let src = if flow.flags & flow_flags::PRESERVE_SOURCE != 0 {
+        key.src
+    } else {
+        snat_addr(cfg, be.family)
+    };
+    sc.rkey = reply_key(key, be, &src, flow.snat_port);
     sc.rev = rev_nat(key, be, flow.service_id, now);
     Some(sc)
 }
