@@ -659,6 +659,7 @@ impl Agent {
                     notices: Vec::new(),
                     packets: 0,
                     new_flows: 0,
+                    drops: 0,
                     backends: Vec::new(),
                 }
             })

@@ -177,6 +177,11 @@ pub fn render(report: &StatusReport, reconcile: &ReconcileMetrics) -> String {
         "portico_xdp_service_new_flows",
         "New flows the XDP balancer balanced for a Service",
     );
+    let drops = counter_family(
+        &mut r,
+        "portico_xdp_service_drops",
+        "Packets the XDP balancer dropped for a Service: no backend, no SNAT port, no route",
+    );
     let backends = gauge_family(
         &mut r,
         "portico_xdp_service_backends",
@@ -189,6 +194,7 @@ pub fn render(report: &StatusReport, reconcile: &ReconcileMetrics) -> String {
         ];
         packets.get_or_create(&labels(&l)).inc_by(s.packets);
         flows.get_or_create(&labels(&l)).inc_by(s.new_flows);
+        drops.get_or_create(&labels(&l)).inc_by(s.drops);
         let mut ready = l.to_vec();
         ready.push(("state", "ready"));
         set(&backends, &ready, s.backends_ready);

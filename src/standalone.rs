@@ -368,12 +368,13 @@ impl Runtime {
                     .get(&(ns.clone(), name.clone()))
                     .cloned()
                     .unwrap_or_default();
-                let (mut packets, mut new_flows) = (0, 0);
+                let (mut packets, mut new_flows, mut drops) = (0, 0, 0);
                 let mut backends: BTreeMap<(IpAddr, u16), (u64, u64)> = BTreeMap::new();
                 for key in &view.listeners {
                     if let Ok(Some(s)) = self.balancer.balancer().service_stats(key) {
                         packets += s.service.packets;
                         new_flows += s.service.new_flows;
+                        drops += s.drops;
                         for (b, c) in s.backends {
                             let e = backends.entry(b).or_default();
                             e.0 += c.packets;
@@ -394,6 +395,7 @@ impl Runtime {
                     notices: a.notices.clone(),
                     packets,
                     new_flows,
+                    drops,
                     backends: backends
                         .into_iter()
                         .map(|((address, port), (packets, new_flows))| BackendRow {

@@ -56,6 +56,9 @@ pub struct ServiceRow {
     pub packets: u64,
     /// New flows the datapath balanced for it.
     pub new_flows: u64,
+    /// Packets the datapath dropped for it (no backend, no SNAT port, no route).
+    #[serde(default)]
+    pub drops: u64,
     /// Per backend.
     #[serde(default)]
     pub backends: Vec<BackendRow>,
@@ -252,6 +255,7 @@ impl StatusReport {
                     format!("{}/{}", s.backends_ready, s.backends_total),
                     if s.announced { "yes" } else { "no" }.into(),
                     s.packets.to_string(),
+                    s.drops.to_string(),
                 ]
             })
             .collect();
@@ -264,6 +268,7 @@ impl StatusReport {
                 "BACKENDS",
                 "ANNOUNCED",
                 "PACKETS",
+                "DROPS",
             ],
             &services,
         );

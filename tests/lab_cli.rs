@@ -214,6 +214,7 @@ fn the_lab_reads_the_status_portico_serves() {
             notices: Vec::new(),
             packets: 10,
             new_flows: 2,
+            drops: 0,
             backends: vec![BackendRow {
                 address: "198.18.1.1".parse().unwrap(),
                 port: 8080,

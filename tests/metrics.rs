@@ -34,6 +34,7 @@ fn report() -> StatusReport {
             notices: Vec::new(),
             packets: 1000,
             new_flows: 10,
+            drops: 7,
             backends: vec![portico::status::BackendRow {
                 address: "10.0.0.1".parse().unwrap(),
                 port: 8080,
@@ -72,6 +73,7 @@ fn the_exposition_passes_promtool_and_names_every_family() {
         "portico_bgp_session_established",
         "portico_bgp_prefixes_advertised",
         "portico_xdp_service_packets_total",
+        "portico_xdp_service_drops_total",
         "portico_xdp_datapath_total",
         "portico_reconcile_duration_seconds_bucket",
         "portico_reconcile_errors_total",
@@ -86,7 +88,26 @@ fn the_exposition_passes_promtool_and_names_every_family() {
         "{text}"
     );
     assert!(
+        text.contains("portico_xdp_service_drops_total{namespace=\"shop\",service=\"web\"} 7"),
+        "{text}"
+    );
+    assert!(
         text.contains("portico_xdp_conntrack_entries{table=\"established\"} 42"),
         "{text}"
     );
+}
+
+#[test]
+fn status_shows_each_service_s_drops() {
+    let text = report().render();
+    let header = text
+        .lines()
+        .find(|l| l.starts_with("SERVICE"))
+        .expect("services table");
+    assert!(header.trim_end().ends_with("DROPS"), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("shop/web"))
+        .expect("the service's row");
+    assert_eq!(row.split_whitespace().last(), Some("7"), "{text}");
 }

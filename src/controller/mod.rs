@@ -629,6 +629,7 @@ impl Controller {
                     notices: a.notices.clone(),
                     packets: 0,
                     new_flows: 0,
+                    drops: 0,
                     backends: Vec::new(),
                 })
                 .collect(),
