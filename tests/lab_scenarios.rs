@@ -305,24 +305,38 @@ fn only_nodes_with_a_ready_local_endpoint_announce_a_local_service() -> Result<(
     assert!(svc["n2"].local && svc["n2"].announced, "{svc:?}");
     assert!(!svc["n1"].announced, "n1 has no local endpoint: {svc:?}");
     assert_eq!(lab.route_nodes(vip)?, ["n2"]);
-    let answers = lab.answers(vip, 30, false)?;
-    assert_eq!(nodes_of(&answers), ["n2".to_owned()].into());
-    assert_eq!(backends_of(&answers), ["be3".to_owned()].into());
-    // Not implemented yet: with externalTrafficPolicy Local the XDP balancer still SNATs,
-    // so the backend sees the node, not the client.
-    eprintln!(
-        "eTP Local: the backend sees {} as the source (the client is {})",
-        answers[0].seen_from.ip(),
-        portico_integration::topology::CLIENT_V4
-    );
+    // Not SNATed: the backend sees the client's own address, TCP and UDP (be3 routes its
+    // replies through n2, which translates their source back to the VIP).
+    let client = IpAddr::V4(portico_integration::topology::CLIENT_V4);
+    for udp in [false, true] {
+        let answers = lab.answers(vip, 30, udp)?;
+        assert_eq!(nodes_of(&answers), [client.to_string()].into(), "udp={udp}");
+        assert_eq!(backends_of(&answers), ["be3".to_owned()].into());
+    }
+    let n2 = lab.h().node_status("n2")?;
+    let drops: u64 = n2
+        .services
+        .iter()
+        .filter(|s| s.name == "local")
+        .map(|s| s.drops)
+        .sum();
+    assert_eq!(drops, 0, "n2 dropped packets of demo/local");
 
-    // The endpoint moves to n1: so does the route.
+    // The endpoint moves to n1 (and be3 with it: its route goes through n1 now): so does
+    // the announcement, and the client's address still reaches the backend.
     lab.edit("30-local.yaml", |t| {
         t.replace("nodeName: n2", "nodeName: n1")
     })?;
+    let n1 = portico_integration::topology::node_named("n1")?
+        .v4
+        .to_string();
+    lab.h()
+        .ns("be3")?
+        .run(&["ip", "-4", "route", "replace", "default", "via", &n1])?;
     lab.wait_route(vip, &["n1"])?;
     let answers = lab.answers(vip, 20, true)?;
-    assert_eq!(nodes_of(&answers), ["n1".to_owned()].into());
+    assert_eq!(nodes_of(&answers), [client.to_string()].into());
+    assert_eq!(backends_of(&answers), ["be3".to_owned()].into());
 
     // No ready endpoint anywhere: nobody announces it.
     lab.edit("30-local.yaml", |t| {

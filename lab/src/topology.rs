@@ -12,6 +12,9 @@
 //! 5-tuple), the node's XDP program picks a backend (Maglev, the same on both nodes), NATs
 //! the packet to it with the node's own address as source and sends it back out of the same
 //! interface; the backend answers the node, which translates the reply back to the client.
+//! For the `externalTrafficPolicy: Local` Service the packet keeps the client's address;
+//! its endpoint be3 routes IPv4 through its node n2 ([`BackendSpec::local_node`]), whose
+//! program translates the replies' source back to the VIP.
 //!
 //! [`Lab`] owns everything and removes it when dropped (also on panic); [`LabHandle`] is
 //! the serializable description another process uses to look at and drive a running lab:
@@ -96,29 +99,38 @@ pub struct BackendSpec {
     pub v4: Option<Ipv4Addr>,
     /// Its IPv6 address.
     pub v6: Ipv6Addr,
+    /// The node it runs on as the endpoint of an `externalTrafficPolicy: Local` Service
+    /// (`deploy/examples/lab/30-local.yaml`): its IPv4 default route goes through that node,
+    /// as a pod's goes through its own node, so the replies of flows that keep the client's
+    /// address come back through the node that translates them. `None`: via the router.
+    pub local_node: Option<&'static str>,
 }
 
-/// The four backends: three dual-stack, one IPv6-only.
+/// The four backends: three dual-stack, one IPv6-only; be3 is `demo/local`'s endpoint on n2.
 pub const BACKENDS: [BackendSpec; 4] = [
     BackendSpec {
         name: "be1",
         v4: Some(Ipv4Addr::new(198, 18, 1, 1)),
         v6: Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 1),
+        local_node: None,
     },
     BackendSpec {
         name: "be2",
         v4: Some(Ipv4Addr::new(198, 18, 1, 2)),
         v6: Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 2),
+        local_node: None,
     },
     BackendSpec {
         name: "be3",
         v4: Some(Ipv4Addr::new(198, 18, 1, 3)),
         v6: Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 3),
+        local_node: Some("n2"),
     },
     BackendSpec {
         name: "be4",
         v4: None,
         v6: Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 4),
+        local_node: None,
     },
 ];
 
@@ -229,6 +241,9 @@ pub struct ServiceStatus {
     pub packets: u64,
     /// New flows this node's XDP program balanced for it.
     pub new_flows: u64,
+    /// Packets this node's XDP program dropped for it.
+    #[serde(default)]
+    pub drops: u64,
     /// Its backends with this node's counters.
     #[serde(default)]
     pub backends: Vec<BackendStatus>,
@@ -1203,7 +1218,11 @@ fn build_network() -> Result<(TestNet, BTreeMap<String, String>)> {
             addr(&ns, &format!("{v4}/24"), "eth0")?;
         }
         addr(&ns, &format!("{}/64", b.v6), "eth0")?;
-        default_routes(&ns, b.v4.map(|_| ROUTER_LAN_V4), ROUTER_LAN_V6)?;
+        let gateway_v4 = match b.local_node {
+            Some(node) => Some(node_named(node)?.v4),
+            None => Some(ROUTER_LAN_V4),
+        };
+        default_routes(&ns, b.v4.and(gateway_v4), ROUTER_LAN_V6)?;
         names.insert(b.name.to_owned(), ns.name().to_owned());
     }
     // Generic XDP sees frames before the stack finishes offloaded checksums: every sender
