@@ -2232,6 +2232,17 @@ fn a_service_that_keeps_client_sources_only_rewrites_the_destination_and_transla
         run_expecting(prog, "no backend", &syn(PVIP4_EMPTY), eth0, DROP);
     }
     assert_eq!(drops(PVIP4_EMPTY), 3);
+
+    // Without such services the source check is off again: a backend's packet to a client
+    // passes, whatever the tables hold.
+    let mut balancer = balancer;
+    let keys: Vec<ServiceKey> = balancer.services().map(|s| s.key).collect();
+    for key in &keys {
+        balancer.remove_service(key).unwrap();
+    }
+    let reply = from_backend(v4(BACKENDS4[0]), v4(CLIENT4), L4::Udp, 41000);
+    let out = run_expecting(balancer.program(), "after removal", &reply, eth1, PASS);
+    check_output("after removal", &reply, &out);
 }
 
 // ---------- fragments ----------

@@ -1292,6 +1292,20 @@ mod tests {
     }
 
     #[test]
+    fn the_filter_knows_vips_by_destination_and_preserved_backends_by_source() {
+        let vip: IpAddr = "203.0.113.10".parse().unwrap();
+        let be: IpAddr = "198.18.1.1".parse().unwrap();
+        let words = vip_filter([&vip].into_iter(), [&be].into_iter());
+        let has = |bit: u32| words[(bit >> 6) as usize] & (1 << (bit & 63)) != 0;
+        let (a, f) = addr16(vip);
+        assert!(has(vip_filter_bit(f, &a)));
+        let (a, f) = addr16(be);
+        assert!(has(source_filter_bit(f, &a)));
+        assert!(!has(vip_filter_bit(f, &a)), "a backend is no VIP");
+        assert_eq!(words.iter().map(|w| w.count_ones()).sum::<u32>(), 2);
+    }
+
+    #[test]
     fn stable_keys_differ_by_port_and_address() {
         let a: IpAddr = "198.18.2.1".parse().unwrap();
         let b: IpAddr = "198.18.2.2".parse().unwrap();
