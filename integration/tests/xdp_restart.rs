@@ -181,9 +181,15 @@ fn restart_keeps_connections(mode: AttachMode, v6: bool) {
     let _peers = t.start_peer_programs(mode).unwrap();
     let pins = PinDir::new("restart");
     let vip = SocketAddr::new(f.vip(), lab::VIP_PORT);
-    // Uneven weights and a draining backend: the adopted specs must carry them.
+    // Uneven weights and a draining backend: the adopted specs must carry them; so must a
+    // service that keeps client sources (its backends route back through the LB node).
     let tcp = lab::service(f, Protocol::Tcp, &[Some(1), Some(2), Some(1)]);
-    let udp = lab::service(f, Protocol::Udp, &[Some(1), Some(0), Some(1)]);
+    let mut udp = lab::service(f, Protocol::Udp, &[Some(1), Some(0), Some(1)]);
+    udp.preserve_source = true;
+    for be in &t.backends {
+        be.run(&["ip", f.ip(), "route", "add", "default", "via", f.snat()])
+            .unwrap();
+    }
 
     // First process.
     let mut first = start(&t, &pins, mode, &[&tcp, &udp]);
