@@ -12,7 +12,11 @@
 //! a backend or back to a client, an ICMP answer), and checks the output against that:
 //! lengths, IPv4 header checksums, L4 checksums (valid exactly when they were), TTL, the
 //! backend and SNAT port, payload and trailer untouched. A model of the flows seen so far
-//! checks that a flow keeps its backend and port and that no two flows share a port.
+//! checks that a flow keeps its backend and port and that no two flows share a port. Two
+//! VIPs keep their clients' sources (`preserve_source`): their packets must reach a backend
+//! with the client's address and port, and the backends' replies to clients of those flows
+//! come back from the VIP (other packets from backends pass untouched); those cases are not
+//! mutated.
 //!
 //! Runs as part of the test suite with a bounded count (a minute at most); more with
 //! `PORTICO_XDP_FUZZ_PACKETS` (see the README). `PORTICO_XDP_FUZZ_SEED` replays a run.
@@ -42,6 +46,13 @@ const XLAT_VIP6: [u8; 16] = [0xfd, 0, 0x02, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 
 /// The port of the NAT46/64 VIPs' TCP and UDP listeners.
 const XLAT_PORT: u16 = 80;
 const VIP6: [u8; 16] = [0xfd, 0, 0x02, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+/// The VIPs whose services keep the client's source (`preserve_source`), with
+/// [`KEEP_LISTENERS`] toward `backend_addrs` of their family. (Not a VIP6 address
+/// `elsewhere` draws: those have bit 5 of the last byte set.)
+const KEEP_VIP4: [u8; 4] = [203, 0, 113, 20];
+const KEEP_VIP6: [u8; 16] = [0xfd, 0, 0x02, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0f];
+/// Listeners of the VIPs that keep sources: (port, protocol number).
+const KEEP_LISTENERS: [(u16, u8); 2] = [(80, TCP), (53, UDP)];
 const SNAT4: [u8; 4] = fibnet::SNAT4;
 const SNAT6: [u8; 16] = [0xfd, 0, 0, 0x18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xfe];
 const CLIENTS4: [[u8; 4]; 2] = [[198, 18, 0, 1], [198, 18, 0, 2]];
@@ -109,6 +120,13 @@ fn xlat_vip(v6: bool) -> IpAddr {
         IpAddr::V6(Ipv6Addr::from(XLAT_VIP6))
     } else {
         IpAddr::V4(Ipv4Addr::from(XLAT_VIP4))
+    }
+}
+fn keep_vip(v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::from(KEEP_VIP6))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(KEEP_VIP4))
     }
 }
 fn snat(v6: bool) -> IpAddr {
@@ -429,6 +447,11 @@ struct Model {
     pending: Vec<Case>,
     /// Counts by what happened, for the summary.
     outcomes: HashMap<&'static str, u64>,
+    /// Flows to a VIP that keeps sources → their backend.
+    kept: BTreeMap<Tuple, IpAddr>,
+    /// (backend, client, client port, protocol) → the flow kept to that backend: what the
+    /// backend's reply to the client is translated for.
+    kept_replies: BTreeMap<(IpAddr, IpAddr, u16, u8), Tuple>,
 }
 
 impl Model {
@@ -848,6 +871,69 @@ fn reply(rng: &mut Rng, model: &Model) -> Case {
     }
 }
 
+/// Client → a VIP that keeps sources, or a backend's packet to a client: the reply of a
+/// flow the model kept, or (a port no client uses) no reply at all. Not mutated.
+fn kept(rng: &mut Rng, model: &Model) -> Case {
+    let flags = rng.pick(&[0x02u8, 0x10, 0x18, 0x11, 0x04, 0x12]);
+    if rng.chance(50) {
+        let known: Vec<_> = model.kept_replies.keys().copied().collect();
+        let (backend, client, cport, proto) = if !known.is_empty() && rng.chance(90) {
+            known[rng.below(known.len())]
+        } else {
+            let v6 = rng.chance(50);
+            let (client, _) = client_tuple(rng, v6);
+            (
+                backend_addrs(v6)[rng.below(3)],
+                client,
+                60000 + rng.below(1000) as u16,
+                rng.pick(&[TCP, UDP]),
+            )
+        };
+        let input = packet(
+            backend_mac(backend).unwrap(),
+            LB1_MAC,
+            backend,
+            client,
+            64,
+            proto,
+            BACKEND_PORT,
+            cport,
+            flags,
+            &payload(rng),
+        );
+        return Case {
+            input,
+            ingress: "eth1",
+        };
+    }
+    let v6 = rng.chance(50);
+    let (port, proto) = rng.pick(&KEEP_LISTENERS);
+    let (client, cport) = client_tuple(rng, v6);
+    let mut body = payload(rng);
+    let known = model
+        .kept
+        .contains_key(&(client, cport, keep_vip(v6), port, proto));
+    if body.len() > 1000 && (!known || flags & 0x02 != 0) {
+        body.truncate(100);
+    }
+    let input = packet(
+        CLIENT_MAC,
+        LB0_MAC,
+        client,
+        keep_vip(v6),
+        64,
+        proto,
+        cport,
+        port,
+        flags,
+        &body,
+    );
+    Case {
+        input,
+        ingress: "eth0",
+    }
+}
+
 /// An echo request to a VIP (or elsewhere).
 fn echo(rng: &mut Rng) -> Case {
     let v6 = rng.chance(50);
@@ -1174,7 +1260,8 @@ fn fragmented(rng: &mut Rng, model: &Model) -> Vec<Case> {
 fn generate(rng: &mut Rng, model: &Model) -> Case {
     let mut case = match rng.below(100) {
         0..8 => return random_bytes(rng),
-        8..45 => to_vip(rng, model),
+        8..14 => return kept(rng, model),
+        14..45 => to_vip(rng, model),
         45..62 => reply(rng, model),
         62..70 => echo(rng),
         70..84 => icmp_error(rng, model),
@@ -1496,7 +1583,8 @@ fn check(case: &Case, out: &TestRunOutput, model: &mut Model) -> Result<&'static
         return Ok("passed_bad_l4");
     }
     let v6 = ip.v6;
-    let ours = ip.dst == vip(v6) || ip.dst == snat(v6) || ip.dst == xlat_vip(v6);
+    let ours =
+        ip.dst == vip(v6) || ip.dst == snat(v6) || ip.dst == xlat_vip(v6) || ip.dst == keep_vip(v6);
     if ip.frag.is_some() && !(ours && matches!(ip.proto, TCP | UDP | SCTP)) {
         unchanged(input, out)?;
         return Ok("passed_fragment");
@@ -1658,6 +1746,27 @@ fn check_l4(
             };
             Ok(what)
         }
+        TCP | UDP | SCTP if ip.dst == keep_vip(v6) => check_kept(input, &ip, out, model),
+        TCP | UDP if backend_addrs(v6).contains(&ip.src) => {
+            // Maybe the reply of a flow that kept its client's source.
+            let (sport, dport) = ports(input, &ip);
+            let Some(&t) = (sport == BACKEND_PORT)
+                .then(|| model.kept_replies.get(&(ip.src, ip.dst, dport, ip.proto)))
+                .flatten()
+            else {
+                unchanged(input, out)?;
+                return Ok("passed_not_a_reply");
+            };
+            if ip.ttl <= 1 {
+                unchanged(input, out)?;
+                return Ok("passed_ttl");
+            }
+            let (client, cport, vipa, vport, _) = t;
+            match forwarded(input, &ip, out, vipa, vport, client, cport, model)? {
+                "translated" => Ok("kept_reply_translated"),
+                other => Ok(other),
+            }
+        }
         ICMP4 | ICMP6 if ip.proto == if v6 { ICMP6 } else { ICMP4 } => {
             check_icmp(input, &ip, out, model)
         }
@@ -1666,6 +1775,53 @@ fn check_l4(
             Ok("passed_other")
         }
     }
+}
+
+/// A client's packet to a VIP that keeps sources: to a backend of its family with only the
+/// destination rewritten (the source address and port stay the client's), always the same
+/// backend for the same flow (the ring never changes during a run).
+fn check_kept(
+    input: &[u8],
+    ip: &Ip,
+    out: &TestRunOutput,
+    model: &mut Model,
+) -> Result<&'static str, String> {
+    let v6 = ip.v6;
+    let (sport, dport) = ports(input, ip);
+    if !KEEP_LISTENERS.contains(&(dport, ip.proto)) {
+        unchanged(input, out)?;
+        return Ok("passed_no_listener");
+    }
+    if ip.ttl <= 1 {
+        unchanged(input, out)?;
+        return Ok("passed_ttl");
+    }
+    let none = snat(v6);
+    if ip.ip_end - ip.l3 > MTU && ip.df {
+        return forwarded(input, ip, out, none, 0, none, 0, model);
+    }
+    let Some(o) = parse(&out.packet).filter(|o| o.proto == ip.proto) else {
+        return forwarded(input, ip, out, none, 0, none, 0, model);
+    };
+    let (_, odport) = ports(&out.packet, &o);
+    if !backend_addrs(v6).contains(&o.dst) || odport != BACKEND_PORT {
+        return Err(format!("went to {}:{odport}, not a backend", o.dst));
+    }
+    // The client's own address and port.
+    let what = forwarded(input, ip, out, ip.src, sport, o.dst, BACKEND_PORT, model)?;
+    let t = (ip.src, sport, ip.dst, dport, ip.proto);
+    if let Some(old) = model.kept.insert(t, o.dst) {
+        if old != o.dst {
+            return Err(format!("kept flow {t:?} moved from {old} to {}", o.dst));
+        }
+    }
+    model
+        .kept_replies
+        .insert((o.dst, ip.src, sport, ip.proto), t);
+    Ok(match what {
+        "translated" => "kept_translated",
+        other => other,
+    })
 }
 
 /// Whether a packet of a NAT46/64 flow can be translated: untagged, IPv4 without options,
@@ -2160,6 +2316,19 @@ fn balancer() -> XdpBalancer {
         b.upsert_service(&service(vip(v6), port, proto, backend_addrs(v6)))
             .unwrap();
     }
+    // Keeping the client's source.
+    for v6 in [false, true] {
+        for (port, proto) in KEEP_LISTENERS {
+            let proto = if proto == TCP {
+                Protocol::Tcp
+            } else {
+                Protocol::Udp
+            };
+            let mut spec = service(keep_vip(v6), port, proto, backend_addrs(v6));
+            spec.preserve_source = true;
+            b.upsert_service(&spec).unwrap();
+        }
+    }
     // NAT46 and NAT64: each VIP's backends are of the other family.
     for v6 in [false, true] {
         for proto in [Protocol::Tcp, Protocol::Udp] {
@@ -2396,6 +2565,8 @@ fn xdp_fuzz_checked_by_an_independent_model() {
         "dropped_fragment_no_head",
         "sctp_translated",
         "xlat_translated",
+        "kept_translated",
+        "kept_reply_translated",
     ] {
         assert!(
             model.outcomes.get(must).copied().unwrap_or(0) > 0 || n < 20_000,
