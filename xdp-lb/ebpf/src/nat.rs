@@ -1,6 +1,9 @@
 //! NAT mode: client → VIP packets are DNATed to the backend and SNATed to the node, replies
 //! are translated back, both in XDP. Connection tracking pins flows to their backend; new
-//! flows consult the service's Maglev ring.
+//! flows consult the service's Maglev ring. A service that keeps client sources
+//! (`service_flags::PRESERVE_SOURCE`) is only DNATed: its flows carry
+//! `flow_flags::PRESERVE_SOURCE`, use the client's port where others hold a SNAT port, and
+//! their reverse entries are keyed by the backend's reply to the client.
 //!
 //! The packet path is split for the verifier, which walks a function once per way to reach
 //! it: the established-flow fast path ([`cached`]) is inline in the entry point; the slow
