@@ -171,3 +171,8 @@ fn native_ipv6_backends_see_the_client_address() {
 fn generic_ipv4_backends_see_the_client_address() {
     run(AttachMode::Generic, false);
 }
+
+#[test]
+fn generic_ipv6_backends_see_the_client_address() {
+    run(AttachMode::Generic, true);
+}

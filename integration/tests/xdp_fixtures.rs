@@ -2233,6 +2233,42 @@ fn a_service_that_keeps_client_sources_only_rewrites_the_destination_and_transla
     }
     assert_eq!(drops(PVIP4_EMPTY), 3);
 
+    // A fragmented datagram: every fragment keeps the client's address, the first its port.
+    let payload: Vec<u8> = (0..600u32).map(|i| (i * 7 + 3) as u8).collect();
+    let datagram = build(
+        CLIENT_MAC,
+        LB0_MAC,
+        Vlan::None,
+        v4(CLIENT4),
+        v4(PVIP4),
+        64,
+        L4::Udp,
+        43000,
+        53,
+        &payload,
+    );
+    let pieces = fragment4(&datagram, 0x2001, &[0, 200, 400, 608]);
+    let mut went_to = None;
+    for (i, piece) in pieces.iter().enumerate() {
+        let what = format!("fragment {i}");
+        let out = run_expecting(prog, &what, piece, eth0, REDIRECT);
+        let (src, dst) = (&out[26..30], &out[30..34]);
+        assert_eq!(src, CLIENT4, "{what}: source kept");
+        assert!(BACKENDS4.iter().any(|b| b == dst), "{what}: to {dst:?}");
+        assert_eq!(
+            *went_to.get_or_insert(dst.to_vec()),
+            dst,
+            "{what}: same backend"
+        );
+        if i == 0 {
+            assert_eq!(
+                endpoint(&out, true),
+                (v4(CLIENT4), 43000),
+                "{what}: port kept"
+            );
+        }
+    }
+
     // Without such services the source check is off again: a backend's packet to a client
     // passes, whatever the tables hold.
     let mut balancer = balancer;
