@@ -2191,6 +2191,83 @@ fn a_service_that_keeps_client_sources_only_rewrites_the_destination_and_transla
             1,
             "{what}: stray counted"
         );
+
+        // ICMP errors about the flow, both ways, translated with every checksum.
+        let l4 = if tcp { L4::Tcp { flags: ACK } } else { L4::Udp };
+        let quote = |smac, dmac, src, dst, sport, dport| {
+            l3_of(build(
+                smac,
+                dmac,
+                Vlan::None,
+                src,
+                dst,
+                63,
+                l4,
+                sport,
+                dport,
+                b"q",
+            ))
+        };
+        // An error as sent (TTL 64), or as the node forwards it (63).
+        let icmp = |smac, dmac, src: IpAddr, dst: IpAddr, ttl: u8, quoted: &[u8]| {
+            let eth = PacketBuilder::ethernet2(smac, dmac);
+            let mut out = Vec::new();
+            match (src, dst) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => eth
+                    .ipv4(s.octets(), d.octets(), ttl)
+                    .icmpv4(Icmpv4Type::DestinationUnreachable(
+                        DestUnreachableHeader::Port,
+                    ))
+                    .write(&mut out, quoted),
+                (IpAddr::V6(s), IpAddr::V6(d)) => eth
+                    .ipv6(s.octets(), d.octets(), ttl)
+                    .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1280 })
+                    .write(&mut out, quoted),
+                _ => unreachable!(),
+            }
+            .unwrap();
+            out
+        };
+        // From the backend to the client, about what it received from the client.
+        let input = icmp(
+            be_mac(backend),
+            LB1_MAC,
+            backend,
+            client,
+            64,
+            &quote(LB1_MAC, be_mac(backend), client, backend, cport, 8080),
+        );
+        let want = icmp(
+            LB0_MAC,
+            CLIENT_MAC,
+            vip,
+            client,
+            63,
+            &quote(CLIENT_MAC, LB0_MAC, client, vip, cport, vport),
+        );
+        let w = format!("{what}: ICMP error from the backend");
+        let out = run_expecting(prog, &w, &input, eth1, REDIRECT);
+        check_output(&w, &want, &out);
+        // From the client to the VIP, about a reply it received: the client's address stays.
+        let input = icmp(
+            CLIENT_MAC,
+            LB0_MAC,
+            client,
+            vip,
+            64,
+            &quote(LB0_MAC, CLIENT_MAC, vip, client, vport, cport),
+        );
+        let want = icmp(
+            LB1_MAC,
+            be_mac(backend),
+            client,
+            backend,
+            63,
+            &quote(be_mac(backend), LB1_MAC, backend, client, 8080, cport),
+        );
+        let w = format!("{what}: ICMP error from the client");
+        let out = run_expecting(prog, &w, &input, eth0, REDIRECT);
+        check_output(&w, &want, &out);
     }
     let cached = stat_of(stat::CT_HIT) - stat_of(stat::CT_SLOW);
     assert!(cached >= 4, "the flow cache served {cached} packets");

@@ -15,8 +15,8 @@
 //! checks that a flow keeps its backend and port and that no two flows share a port. Two
 //! VIPs keep their clients' sources (`preserve_source`): their packets must reach a backend
 //! with the client's address and port, and the backends' replies to clients of those flows
-//! come back from the VIP (other packets from backends pass untouched); those cases are not
-//! mutated.
+//! come back from the VIP (other packets from backends pass untouched), and ICMP errors
+//! about those flows are translated both ways; those cases are not mutated.
 //!
 //! Runs as part of the test suite with a bounded count (a minute at most); more with
 //! `PORTICO_XDP_FUZZ_PACKETS` (see the README). `PORTICO_XDP_FUZZ_SEED` replays a run.
@@ -874,6 +874,9 @@ fn reply(rng: &mut Rng, model: &Model) -> Case {
 /// Client → a VIP that keeps sources, or a backend's packet to a client: the reply of a
 /// flow the model kept, or (a port no client uses) no reply at all. Not mutated.
 fn kept(rng: &mut Rng, model: &Model) -> Case {
+    if !model.kept.is_empty() && rng.chance(20) {
+        return kept_icmp_error(rng, model);
+    }
     let flags = rng.pick(&[0x02u8, 0x10, 0x18, 0x11, 0x04, 0x12]);
     if rng.chance(50) {
         let known: Vec<_> = model.kept_replies.keys().copied().collect();
@@ -932,6 +935,63 @@ fn kept(rng: &mut Rng, model: &Model) -> Case {
         input,
         ingress: "eth0",
     }
+}
+
+/// An ICMP error about a flow that kept its client's source: from its backend (or a router
+/// on its side, or claiming the client's address) to the client, quoting what the backend
+/// received; or from the client to the VIP, quoting a reply.
+fn kept_icmp_error(rng: &mut Rng, model: &Model) -> Case {
+    let flows: Vec<_> = model.kept.iter().map(|(t, b)| (*t, *b)).collect();
+    let ((client, cport, vipa, vport, proto), backend) = flows[rng.below(flows.len())];
+    let v6 = client.is_ipv6();
+    let (ty, code, rest) = if v6 {
+        rng.pick(&[(1u8, 4u8, [0u8; 4]), (2, 0, [0, 0, 5, 0]), (3, 0, [0; 4])])
+    } else {
+        rng.pick(&[(3u8, 3u8, [0u8; 4]), (3, 4, [0, 0, 5, 0]), (11, 0, [0; 4])])
+    };
+    let n = rng.below(32);
+    let body = rng.bytes(n);
+    let ip_len = if v6 { 40 } else { 20 };
+    let (smac, dmac, from, to, q, ingress) = if rng.chance(60) {
+        let q = packet(
+            LB1_MAC,
+            backend_mac(backend).unwrap(),
+            client,
+            backend,
+            63,
+            proto,
+            cport,
+            BACKEND_PORT,
+            0x10,
+            &body,
+        );
+        let from = match rng.below(3) {
+            0 => backend,
+            1 => client,
+            _ => backend_addrs(v6)[rng.below(3)],
+        };
+        (
+            backend_mac(backend).unwrap(),
+            LB1_MAC,
+            from,
+            client,
+            q,
+            "eth1",
+        )
+    } else {
+        let q = packet(
+            LB0_MAC, CLIENT_MAC, vipa, client, 63, proto, vport, cport, 0x10, &body,
+        );
+        (CLIENT_MAC, LB0_MAC, client, vipa, q, "eth0")
+    };
+    let q = q[14..].to_vec();
+    let n = match rng.below(3) {
+        0 => q.len(),
+        1 => ip_len + 8,
+        _ => ip_len + rng.below(q.len() - ip_len + 1),
+    };
+    let input = icmp_packet(smac, dmac, from, to, 64, ty, code, rest, &q[..n]);
+    Case { input, ingress }
 }
 
 /// An echo request to a VIP (or elsewhere).
@@ -2078,6 +2138,7 @@ fn check_icmp(
     let qsport = u16::from_be_bytes([input[q4], input[q4 + 1]]);
     let qdport = u16::from_be_bytes([input[q4 + 2], input[q4 + 3]]);
     // What it becomes: (outer src, outer dst, quoted src, sport, quoted dst, dport).
+    let mut kept_flow = false;
     let want = if ip.dst == snat(v6) && qsrc == snat(v6) {
         if let Some(&t) = model.reverse.get(&(qdst, qsport, qproto)) {
             if model.stale(t, qdst, qsport) {
@@ -2096,6 +2157,29 @@ fn check_icmp(
                 };
                 (from, client, client, cport, vipa, vport)
             })
+    } else if let Some(&(client, cport, vipa, vport, _)) = (ip.dst == qsrc
+        && qdport == BACKEND_PORT)
+        .then(|| model.kept_replies.get(&(qdst, qsrc, qsport, qproto)))
+        .flatten()
+    {
+        // From the backend side about a flow that kept its client's source: to the client,
+        // from the VIP (the backend's own, or one claiming the client's address) or the
+        // router that sent it, quoting client → VIP.
+        let from = if ip.src == qdst || ip.src == client {
+            vipa
+        } else {
+            ip.src
+        };
+        kept_flow = true;
+        Some((from, client, client, cport, vipa, vport))
+    } else if let Some(&backend) = (ip.dst == qsrc)
+        .then(|| model.kept.get(&(qdst, qdport, qsrc, qsport, qproto)))
+        .flatten()
+    {
+        // From the client side about a reply of such a flow: to its backend, the error's
+        // source kept, quoting backend → client.
+        kept_flow = true;
+        Some((ip.src, backend, backend, BACKEND_PORT, qdst, qdport))
     } else if ip.dst == qsrc {
         let t = (qdst, qdport, qsrc, qsport, qproto);
         if model.may_move.contains_key(&t) {
@@ -2228,6 +2312,7 @@ fn check_icmp(
         return Ok("icmp_error_passed_to_fragment");
     }
     match check_sent(out, odst)? {
+        "sent" if kept_flow => Ok("kept_icmp_error_translated"),
         "sent" => Ok("icmp_error_translated"),
         other => Ok(other),
     }
@@ -2567,6 +2652,7 @@ fn xdp_fuzz_checked_by_an_independent_model() {
         "xlat_translated",
         "kept_translated",
         "kept_reply_translated",
+        "kept_icmp_error_translated",
     ] {
         assert!(
             model.outcomes.get(must).copied().unwrap_or(0) > 0 || n < 20_000,

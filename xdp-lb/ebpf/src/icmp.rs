@@ -271,8 +271,17 @@ fn translate_error<const V4: bool>(
     let (outer_src, outer_dst) = h.addrs();
     let snat = snat_addr(cfg, p.family);
     sc.rkey = sc.owner.reversed();
-    if outer_dst == snat && sc.owner.src == snat {
-        // From the backend side, about a packet the node sent to a backend.
+    // From the backend side, about a packet the node sent to a backend: from the SNAT
+    // address, or (a flow that keeps its client's source) from the client to a backend of
+    // such a service, the error then addressed to the client.
+    // (Only that flow's reverse entry tells the second kind from a client-side error; the
+    // keys are in the scratch entry, as the stack is nearly all used at this depth.)
+    let from_backend_side = (outer_dst == snat && sc.owner.src == snat)
+        || (outer_dst == sc.owner.src
+            && cfg.flags & config_flags::PRESERVED_SOURCES != 0
+            && (maps::REV_NAT.get_ptr(&sc.rkey).is_some()
+                || maps::REV_NAT_NEW.get_ptr(&sc.rkey).is_some()));
+    if from_backend_side {
         // SAFETY: read-only use of the value.
         let Some(rev) = (unsafe {
             maps::REV_NAT
