@@ -2054,6 +2054,8 @@ fn preserving_balancer() -> XdpBalancer {
         };
         b.upsert_service(&svc(vip, port, proto, backends)).unwrap();
     }
+    b.upsert_service(&svc(v4(PVIP4), 2905, Protocol::Sctp, b4.clone()))
+        .unwrap();
     // Two services with the same single backend, and one without backends.
     for vip in [PVIP4_ONE, PVIP4_ONE_AGAIN] {
         b.upsert_service(&svc(v4(vip), 80, Protocol::Tcp, vec![b4[0]]))
@@ -2309,6 +2311,62 @@ fn a_service_that_keeps_client_sources_only_rewrites_the_destination_and_transla
         run_expecting(prog, "no backend", &syn(PVIP4_EMPTY), eth0, DROP);
     }
     assert_eq!(drops(PVIP4_EMPTY), 3);
+
+    // SCTP: the association keeps the client's address and port; the CRC32c is right both
+    // ways (it changes with the destination port going in, the source port coming back).
+    let init = init_chunk(1, 0x1111);
+    let input = sctp_frame(
+        CLIENT_MAC,
+        LB0_MAC,
+        v4(CLIENT4),
+        v4(PVIP4),
+        64,
+        33000,
+        2905,
+        0,
+        &init,
+    );
+    let out = run_expecting(prog, "SCTP INIT", &input, eth0, REDIRECT);
+    let (backend, _) = endpoint(&out, false);
+    let want = sctp_frame(
+        LB1_MAC,
+        be_mac(backend),
+        v4(CLIENT4),
+        backend,
+        63,
+        33000,
+        8080,
+        0,
+        &init,
+    );
+    check_output("SCTP INIT", &want, &out);
+    assert!(sctp_crc_ok(&out), "SCTP INIT: CRC32c");
+    let ack = init_chunk(2, 0x2222);
+    let reply = sctp_frame(
+        be_mac(backend),
+        LB1_MAC,
+        backend,
+        v4(CLIENT4),
+        64,
+        8080,
+        33000,
+        0x1111,
+        &ack,
+    );
+    let out = run_expecting(prog, "SCTP INIT ACK", &reply, eth1, REDIRECT);
+    let want = sctp_frame(
+        LB0_MAC,
+        CLIENT_MAC,
+        v4(PVIP4),
+        v4(CLIENT4),
+        63,
+        2905,
+        33000,
+        0x1111,
+        &ack,
+    );
+    check_output("SCTP INIT ACK", &want, &out);
+    assert!(sctp_crc_ok(&out), "SCTP INIT ACK: CRC32c");
 
     // A fragmented datagram: every fragment keeps the client's address, the first its port.
     let payload: Vec<u8> = (0..600u32).map(|i| (i * 7 + 3) as u8).collect();
