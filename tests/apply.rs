@@ -22,6 +22,7 @@ fn spec(vip: &str, port: u16, backends: &[&str]) -> ServiceSpec {
             })
             .collect(),
         hash_source_only: false,
+        forwarding: Default::default(),
     }
 }
 

@@ -469,6 +469,7 @@ fn an_id_released_before_a_restart_comes_back_with_its_next_generation() {
             })
             .collect(),
         hash_source_only: false,
+        forwarding: Default::default(),
     };
     let packet = |syn: bool| {
         let b = PacketBuilder::ethernet2(fibnet::CLIENT_MAC, fibnet::LB0_MAC)
