@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use ipnet::{Ipv4Net, Ipv6Net};
 use portico::standalone::{self, Datapath, Options, ShutdownMode};
 use portico_xdp::AttachMode;
 
@@ -162,6 +163,8 @@ enum Command {
         /// IPv6 source of NAT toward backends (default: the first XDP interface's).
         #[arg(long)]
         snat_v6: Option<Ipv6Addr>,
+        #[command(flatten)]
+        dsr: DsrArgs,
         /// Also accept BGP connections here (e.g. 0.0.0.0:179).
         #[arg(long)]
         bgp_listen: Option<SocketAddr>,
@@ -237,6 +240,8 @@ enum Command {
         /// IPv6 source of NAT toward backends (default: the first XDP interface's).
         #[arg(long)]
         snat_v6: Option<Ipv6Addr>,
+        #[command(flatten)]
+        dsr: DsrArgs,
         /// Also accept BGP connections here (e.g. 0.0.0.0:179).
         #[arg(long)]
         bgp_listen: Option<SocketAddr>,
@@ -369,6 +374,7 @@ fn main() -> Result<()> {
             router_id,
             snat_v4,
             snat_v6,
+            dsr,
             bgp_listen,
             hold_link,
             big_tcp,
@@ -396,6 +402,7 @@ fn main() -> Result<()> {
             opts.router_id = router_id;
             opts.snat_v4 = snat_v4;
             opts.snat_v6 = snat_v6;
+            opts.dsr = dsr.config();
             opts.bgp_listen = bgp_listen;
             opts.hold_link = (hold_link != "none").then_some(hold_link);
             portico::bigtcp::check_size(big_tcp_size)?;
@@ -464,6 +471,7 @@ fn main() -> Result<()> {
             router_id,
             snat_v4,
             snat_v6,
+            dsr,
             bgp_listen,
             hold_link,
             big_tcp,
@@ -490,6 +498,7 @@ fn main() -> Result<()> {
             opts.router_id = router_id;
             opts.snat_v4 = snat_v4;
             opts.snat_v6 = snat_v6;
+            opts.dsr = dsr.config();
             opts.bgp_listen = bgp_listen;
             opts.hold_link = (hold_link != "none").then_some(hold_link);
             portico::bigtcp::check_size(big_tcp_size)?;
@@ -685,6 +694,49 @@ fn lab(command: LabCommand) -> Result<()> {
 }
 
 /// `--bpf-pin-dir`: a folder, "none", or the default under /sys/fs/bpf for `node`.
+/// Direct server return's outer header, the node's side (docs/dsr.md).
+#[derive(clap::Args, Debug)]
+struct DsrArgs {
+    /// Outer IPv4 source toward DSR backends: an address, or a prefix whose host bits come
+    /// from the flow hash (entropy for the backends' RSS) (default: the IPv4 SNAT address).
+    #[arg(long, value_name = "CIDR", value_parser = parse_source_v4)]
+    dsr_source_v4: Option<Ipv4Net>,
+    /// Outer IPv6 source toward DSR backends, as for IPv4 (at most the last 32 bits come from
+    /// the flow hash) (default: the IPv6 SNAT address).
+    #[arg(long, value_name = "CIDR", value_parser = parse_source_v6)]
+    dsr_source_v6: Option<Ipv6Net>,
+    /// GUE's UDP port at the backends (their `portico decap --gue-port`).
+    #[arg(long, value_name = "PORT", default_value_t = portico_xdp::DEFAULT_GUE_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    gue_port: u16,
+}
+
+impl DsrArgs {
+    fn config(&self) -> portico_xdp::DsrConfig {
+        portico_xdp::DsrConfig {
+            source_v4: self.dsr_source_v4.map(|n| (n.addr(), n.prefix_len())),
+            source_v6: self.dsr_source_v6.map(|n| (n.addr(), n.prefix_len())),
+            gue_port: self.gue_port,
+        }
+    }
+}
+
+/// An IPv4 prefix, or one address (a /32).
+fn parse_source_v4(s: &str) -> Result<Ipv4Net, String> {
+    match s.parse::<Ipv4Addr>() {
+        Ok(a) => Ok(Ipv4Net::from(a)),
+        Err(_) => s.parse::<Ipv4Net>().map_err(|e| e.to_string()),
+    }
+}
+
+/// An IPv6 prefix, or one address (a /128).
+fn parse_source_v6(s: &str) -> Result<Ipv6Net, String> {
+    match s.parse::<Ipv6Addr>() {
+        Ok(a) => Ok(Ipv6Net::from(a)),
+        Err(_) => s.parse::<Ipv6Net>().map_err(|e| e.to_string()),
+    }
+}
+
 fn pin_dir_arg(arg: Option<&str>, node: &str) -> Option<PathBuf> {
     match arg {
         Some("none") => None,

@@ -18,8 +18,8 @@ use etherparse::{
 };
 use portico_integration::{fibnet, TestNet};
 use portico_xdp::{
-    verdict, BackendSpec, Balancer, Encapsulation, Forwarding, LoadOptions, NodeConfig, Protocol,
-    ServiceKey, ServiceSpec, XdpBalancer, XdpProgram,
+    verdict, BackendSpec, Balancer, DsrConfig, Encapsulation, Forwarding, LoadOptions, NodeConfig,
+    Protocol, ServiceKey, ServiceSpec, XdpBalancer, XdpProgram,
 };
 use portico_xdp_common::stat;
 
@@ -70,9 +70,11 @@ fn balancer() -> XdpBalancer {
         snat_v4: Some(Ipv4Addr::from(fibnet::SNAT4)),
         snat_v6: Some(fibnet::SNAT6.parse().unwrap()),
         snat_ports: (20000, 20099),
-        dsr_source_v4: Some(SRC4),
-        dsr_source_v6: Some(SRC6),
-        gue_port: GUE_PORT,
+        dsr: DsrConfig {
+            source_v4: Some(SRC4),
+            source_v6: Some(SRC6),
+            gue_port: GUE_PORT,
+        },
         ..NodeConfig::default()
     })
     .unwrap();
@@ -435,9 +437,11 @@ fn a_fixed_outer_source_is_used_for_every_flow() {
             snat_v4: Some(Ipv4Addr::from(fibnet::SNAT4)),
             snat_v6: Some(fibnet::SNAT6.parse().unwrap()),
             snat_ports: (20000, 20099),
-            dsr_source_v4: Some((Ipv4Addr::new(198, 18, 200, 7), 32)),
-            dsr_source_v6: None,
-            gue_port: GUE_PORT,
+            dsr: DsrConfig {
+                source_v4: Some((Ipv4Addr::new(198, 18, 200, 7), 32)),
+                source_v6: None,
+                gue_port: GUE_PORT,
+            },
             ..NodeConfig::default()
         })
         .unwrap();

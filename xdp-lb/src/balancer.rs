@@ -172,15 +172,31 @@ pub struct NodeConfig {
     pub tcp_closing_timeout: Duration,
     /// Answer ICMP/ICMPv6 echo requests to VIPs in XDP (otherwise the stack sees them).
     pub echo_reply: bool,
-    /// Outer IPv4 source of direct server return: a prefix whose host bits come from the
-    /// flow hash (entropy for the backends' RSS), or one address (`/32`). `None`: the IPv4
-    /// SNAT address.
-    pub dsr_source_v4: Option<(Ipv4Addr, u8)>,
-    /// Outer IPv6 source of direct server return, as for IPv4; at most the last 32 bits
-    /// come from the flow hash. `None`: the IPv6 SNAT address.
-    pub dsr_source_v6: Option<(Ipv6Addr, u8)>,
+    /// Direct server return's outer header.
+    pub dsr: DsrConfig,
+}
+
+/// The node's side of direct server return's outer header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DsrConfig {
+    /// Outer IPv4 source: a prefix whose host bits come from the flow hash (entropy for the
+    /// backends' RSS), or one address (`/32`). `None`: the IPv4 SNAT address.
+    pub source_v4: Option<(Ipv4Addr, u8)>,
+    /// Outer IPv6 source, as for IPv4; at most the last 32 bits come from the flow hash.
+    /// `None`: the IPv6 SNAT address.
+    pub source_v6: Option<(Ipv6Addr, u8)>,
     /// GUE's UDP destination port at the backends (`portico decap --gue-port`).
     pub gue_port: u16,
+}
+
+impl Default for DsrConfig {
+    fn default() -> Self {
+        Self {
+            source_v4: None,
+            source_v6: None,
+            gue_port: DEFAULT_GUE_PORT,
+        }
+    }
 }
 
 /// The default GUE port, as `portico decap`'s.
@@ -197,9 +213,7 @@ impl Default for NodeConfig {
             udp_timeout: Duration::from_secs(60),
             tcp_closing_timeout: Duration::from_secs(10),
             echo_reply: true,
-            dsr_source_v4: None,
-            dsr_source_v6: None,
-            gue_port: DEFAULT_GUE_PORT,
+            dsr: DsrConfig::default(),
         }
     }
 }
@@ -448,26 +462,26 @@ fn validate_node(c: &NodeConfig) -> Result<(), BalancerError> {
             ));
         }
     }
-    if let Some((a, len)) = c.dsr_source_v4 {
+    if let Some((a, len)) = c.dsr.source_v4 {
         if len > 32 || a.is_unspecified() {
             return Err(bad(
-                "dsr_source_v4",
+                "dsr.source_v4",
                 format!("{a}/{len}"),
                 "must be an IPv4 address with a prefix length of at most 32",
             ));
         }
     }
-    if let Some((a, len)) = c.dsr_source_v6 {
+    if let Some((a, len)) = c.dsr.source_v6 {
         if len > 128 || a.is_unspecified() {
             return Err(bad(
-                "dsr_source_v6",
+                "dsr.source_v6",
                 format!("{a}/{len}"),
                 "must be an IPv6 address with a prefix length of at most 128",
             ));
         }
     }
-    if c.gue_port == 0 {
-        return Err(bad("gue_port", "0".into(), "must be 1-65535"));
+    if c.dsr.gue_port == 0 {
+        return Err(bad("dsr.gue_port", "0".into(), "must be 1-65535"));
     }
     Ok(())
 }
@@ -556,15 +570,17 @@ fn node_config_of(c: &Config) -> NodeConfig {
         udp_timeout: duration(c.udp_timeout),
         tcp_closing_timeout: duration(c.tcp_closing_timeout),
         echo_reply: c.flags & config_flags::ECHO_REPLY != 0,
-        dsr_source_v4: (c.dsr_v4 != 0).then(|| {
-            let host = u32::from_be_bytes(c.dsr_v4_mask.to_ne_bytes()).count_ones() as u8;
-            (Ipv4Addr::from(c.dsr_v4.to_ne_bytes()), 32 - host)
-        }),
-        dsr_source_v6: (c.dsr_v6 != [0; 4]).then(|| {
-            let host = u32::from_be_bytes(c.dsr_v6_mask.to_ne_bytes()).count_ones() as u8;
-            (Ipv6Addr::from(addr_octets(&c.dsr_v6)), 128 - host)
-        }),
-        gue_port: u16::from_be(c.gue_port),
+        dsr: DsrConfig {
+            source_v4: (c.dsr_v4 != 0).then(|| {
+                let host = u32::from_be_bytes(c.dsr_v4_mask.to_ne_bytes()).count_ones() as u8;
+                (Ipv4Addr::from(c.dsr_v4.to_ne_bytes()), 32 - host)
+            }),
+            source_v6: (c.dsr_v6 != [0; 4]).then(|| {
+                let host = u32::from_be_bytes(c.dsr_v6_mask.to_ne_bytes()).count_ones() as u8;
+                (Ipv6Addr::from(addr_octets(&c.dsr_v6)), 128 - host)
+            }),
+            gue_port: u16::from_be(c.gue_port),
+        },
     }
 }
 
@@ -928,15 +944,15 @@ impl Balancer for XdpBalancer {
         if let Some(a) = config.snat_v6 {
             cfg.snat_v6 = addr_from_octets(a.octets());
         }
-        if let Some((a, len)) = config.dsr_source_v4 {
+        if let Some((a, len)) = config.dsr.source_v4 {
             cfg.dsr_v4 = addr_from_v4(a.octets())[0];
             cfg.dsr_v4_mask = host_mask(32, len);
         }
-        if let Some((a, len)) = config.dsr_source_v6 {
+        if let Some((a, len)) = config.dsr.source_v6 {
             cfg.dsr_v6 = addr_from_octets(a.octets());
             cfg.dsr_v6_mask = host_mask(128, len);
         }
-        cfg.gue_port = config.gue_port.to_be();
+        cfg.gue_port = config.dsr.gue_port.to_be();
         cfg.cache_epoch = self.config.cache_epoch;
         let mut array: Array<&mut MapData, Config> = self.program.map_mut(map_name::CONFIG)?;
         array.set(0, cfg, 0).map_err(map_err(map_name::CONFIG))?;
@@ -1327,9 +1343,11 @@ mod tests {
             udp_timeout: Duration::from_secs(60),
             tcp_closing_timeout: Duration::from_secs(10),
             echo_reply: false,
-            dsr_source_v4: Some(("198.18.200.0".parse().unwrap(), 24)),
-            dsr_source_v6: Some(("fd00:18:200::".parse().unwrap(), 112)),
-            gue_port: 7777,
+            dsr: DsrConfig {
+                source_v4: Some(("198.18.200.0".parse().unwrap(), 24)),
+                source_v6: Some(("fd00:18:200::".parse().unwrap(), 112)),
+                gue_port: 7777,
+            },
         };
         let hz = 250;
         let jiffies = |d: Duration| (d.as_millis() * hz / 1000) as u32;
