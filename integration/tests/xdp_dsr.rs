@@ -197,8 +197,20 @@ fn check_encapsulated(
     gue: bool,
 ) -> Chosen {
     let outer_v6 = backends[0].is_ipv6();
-    let inner = &input[14..];
-    let inner_v6 = inner[0] >> 4 == 6;
+    let inner_v6 = input[14] >> 4 == 6;
+    // The client's IP packet (an Ethernet trailer after it stays behind it), and its TOS.
+    let ip_len = if inner_v6 {
+        40 + usize::from(u16::from_be_bytes([input[18], input[19]]))
+    } else {
+        usize::from(u16::from_be_bytes([input[16], input[17]]))
+    };
+    let inner = &input[14..14 + ip_len];
+    let trailer = &input[14 + ip_len..];
+    let tos = if inner_v6 {
+        (input[14] << 4) | (input[15] >> 4)
+    } else {
+        input[15]
+    };
     let overhead = if outer_v6 { 40 } else { 20 } + if gue { 8 } else { 0 };
     assert_eq!(out.len(), input.len() + overhead, "{what}: length");
     // The choices, read from the output and checked for range.
@@ -271,15 +283,15 @@ fn check_encapsulated(
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             let mut h =
                 Ipv4Header::new(ip_payload as u16, 64, proto, s.octets(), d.octets()).unwrap();
-            h.dscp = (TOS >> 2).try_into().unwrap();
-            h.ecn = (TOS & 3).try_into().unwrap();
+            h.dscp = (tos >> 2).try_into().unwrap();
+            h.ecn = (tos & 3).try_into().unwrap();
             h.dont_fragment = true;
             h.identification = 0;
             // `write` computes the header checksum itself.
             h.write(&mut want).unwrap();
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => Ipv6Header {
-            traffic_class: TOS,
+            traffic_class: tos,
             flow_label: Ipv6FlowLabel::try_new(flow_label).unwrap(),
             payload_length: ip_payload as u16,
             next_header: proto,
@@ -303,6 +315,7 @@ fn check_encapsulated(
         .unwrap();
     }
     want.extend_from_slice(inner);
+    want.extend_from_slice(trailer);
     assert_eq!(
         hex(out),
         hex(&want),
@@ -316,7 +329,7 @@ fn check_encapsulated(
         );
     }
     assert_eq!(
-        &out[14 + overhead..],
+        &out[14 + overhead..14 + overhead + ip_len],
         inner,
         "{what}: the client's packet changed"
     );
@@ -556,4 +569,187 @@ fn a_packet_too_big_once_encapsulated_is_answered_with_the_mtu_less_the_overhead
     let out = prog.test_run_on(&input, Some(eth0)).unwrap();
     assert_eq!(verdict::name(out.verdict), "XDP_DROP", "no DF");
     assert_eq!(prog.stat(stat::DROP_TOO_BIG).unwrap(), dropped + 1);
+}
+
+/// A small deterministic generator (SplitMix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Whether the IP packet in `p` (after 14 bytes of Ethernet) is whole and, for IPv4, has a
+/// right header checksum and is no later fragment: what a packet must be to be encapsulated.
+fn well_formed(p: &[u8]) -> bool {
+    if p.len() < 14 + 20 {
+        return false;
+    }
+    if p[12..14] == [0x08, 0x00] {
+        let ihl = usize::from(p[14] & 0x0f) * 4;
+        let total = usize::from(u16::from_be_bytes([p[16], p[17]]));
+        p[14] >> 4 == 4
+            && ihl >= 20
+            && total >= ihl
+            && 14 + total <= p.len()
+            && ones_sum(&p[14..14 + ihl]) == 0xffff
+            // A first fragment goes the way of a whole packet; later ones do not.
+            && u16::from_be_bytes([p[20], p[21]]) & 0x1fff == 0
+    } else {
+        p[12..14] == [0x86, 0xdd]
+            && p.len() >= 54
+            && p[14] >> 4 == 6
+            && 54 + usize::from(u16::from_be_bytes([p[18], p[19]])) <= p.len()
+    }
+}
+
+/// Random and mutated packets to the DSR listeners: every output is the input passed
+/// untouched, a drop counted as too big, an ICMP too-big answer, or a well-formed packet's
+/// exact encapsulation toward the backend and outer source its flow always gets.
+#[test]
+fn mutated_packets_to_dsr_services_pass_untouched_or_go_encapsulated_whole() {
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let balancer = balancer();
+    let prog = balancer.program();
+    let _in_lb = lb.enter().unwrap();
+    let eth0 = ifindex("eth0");
+    // A fixed seed (reproducible); `PORTICO_XDP_DSR_SEED` for another.
+    let seed = std::env::var("PORTICO_XDP_DSR_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_d5a0);
+    let mut rng = Rng(seed);
+    let vips = [
+        IpAddr::V4(VIP4),
+        IpAddr::V4(VIP4_46),
+        IpAddr::V6(VIP6),
+        IpAddr::V6(VIP6_64),
+    ];
+    let mut flows = std::collections::HashMap::<Vec<u8>, Chosen>::new();
+    let mut tally = std::collections::BTreeMap::<&str, usize>::new();
+    for n in 0..3000 {
+        let vip = vips[rng.below(vips.len())];
+        let gue = rng.below(2) == 0;
+        let port = if gue { GUE_VIP_PORT } else { IPIP_PORT };
+        let tcp = match rng.below(3) {
+            0 => Some(true),
+            1 => Some(false),
+            _ => None,
+        };
+        let len = if rng.below(8) == 0 {
+            1400 + rng.below(100)
+        } else {
+            rng.below(200)
+        };
+        let sport = 30_000 + rng.below(16) as u16;
+        let mut p = client_packet_df(vip, sport, port, tcp, len, rng.below(4) != 0);
+        // Mutations, each by chance.
+        if rng.below(4) == 0 {
+            let at = 14 + rng.below(60.min(p.len() - 14));
+            p[at] ^= 1 << rng.below(8);
+            if vip.is_ipv4() && rng.below(2) == 0 {
+                fix_ipv4_checksum(&mut p[14..34]);
+            }
+        }
+        if rng.below(8) == 0 {
+            p[if vip.is_ipv4() { 22 } else { 21 }] = rng.below(3) as u8;
+            if vip.is_ipv4() {
+                fix_ipv4_checksum(&mut p[14..34]);
+            }
+        }
+        if rng.below(8) == 0 {
+            p.extend((0..1 + rng.below(20)).map(|_| 0));
+        }
+        if rng.below(10) == 0 {
+            let keep = 14 + rng.below(p.len() - 14);
+            p.truncate(keep);
+        }
+        if rng.below(12) == 0 {
+            // An 802.1Q tag: DSR moves only an untagged Ethernet header.
+            p.splice(12..12, [0x81, 0x00, 0x00, 0x07]);
+        }
+        let what = format!("seed {seed}, packet {n}");
+        let before = balancer.datapath_counters().unwrap();
+        let out = prog.test_run_on(&p, Some(eth0)).unwrap();
+        let kind = verdict::name(out.verdict);
+        *tally.entry(kind).or_default() += 1;
+        match kind {
+            "XDP_PASS" => assert_eq!(hex(&out.packet), hex(&p), "{what}: passed, changed"),
+            "XDP_DROP" => {
+                let after = balancer.datapath_counters().unwrap();
+                let moved: Vec<&str> = after
+                    .iter()
+                    .zip(&before)
+                    .filter(|((n, a), (_, b))| a != b && n.starts_with("drop"))
+                    .map(|((n, _), _)| *n)
+                    .collect();
+                // Too big without DF; or a later fragment (a flipped offset bit), whose
+                // first fragment was not seen (docs/xdp.md, "Fragments").
+                let l3 = if p[12..14] == [0x81, 0x00] { 18 } else { 14 };
+                let later_fragment = p[l3 - 2..l3] == [0x08, 0x00]
+                    && u16::from_be_bytes([p[l3 + 6], p[l3 + 7]]) & 0x1fff != 0;
+                let why = if later_fragment {
+                    "drop_frag_no_head"
+                } else {
+                    "drop_too_big"
+                };
+                assert_eq!(moved, [why], "{what}: dropped as");
+            }
+            "XDP_TX" => {
+                // Only a too-big answer goes back out the way it came.
+                let v6 = out.packet[12..14] == [0x86, 0xdd];
+                let icmp = &out.packet[if v6 { 54 } else { 34 }..];
+                let (kind, mtu) = if v6 {
+                    (icmp[0], u32::from_be_bytes(icmp[4..8].try_into().unwrap()))
+                } else {
+                    assert_eq!(icmp[1], 4, "{what}: fragmentation needed");
+                    (icmp[0], u32::from(u16::from_be_bytes([icmp[6], icmp[7]])))
+                };
+                assert_eq!(kind, if v6 { 2 } else { 3 }, "{what}: too big");
+                assert!([1480, 1472, 1460, 1452].contains(&mtu), "{what}: MTU {mtu}");
+            }
+            "XDP_REDIRECT" => {
+                assert!(
+                    well_formed(&p),
+                    "{what}: a malformed packet was forwarded: {}",
+                    hex(&p)
+                );
+                // Of the service the packet reached (a flipped bit may make it another's).
+                let outer_v6 = out.packet[12..14] == [0x86, 0xdd];
+                let c = check_encapsulated(&what, &p, &out.packet, &backends(outer_v6), gue);
+                // The flow: addresses, ports and protocol of the client's packet.
+                let l3 = &p[14..];
+                let (addrs, l4) = if vip.is_ipv4() {
+                    (&l3[12..20], usize::from(l3[0] & 0x0f) * 4)
+                } else {
+                    (&l3[8..40], 40)
+                };
+                let proto = if vip.is_ipv4() { l3[9] } else { l3[6] };
+                let mut key = addrs.to_vec();
+                key.extend_from_slice(&l3[l4..l4 + 4]);
+                key.push(proto);
+                let first = *flows.entry(key).or_insert(c);
+                assert_eq!(
+                    (first.backend, first.source, first.sport),
+                    (c.backend, c.source, c.sport),
+                    "{what}: the flow changed its way"
+                );
+            }
+            other => panic!("{what}: verdict {other}"),
+        }
+    }
+    // Each kind of outcome happened.
+    for kind in ["XDP_PASS", "XDP_REDIRECT", "XDP_TX", "XDP_DROP"] {
+        assert!(tally.get(kind).copied().unwrap_or(0) > 0, "{tally:?}");
+    }
 }

@@ -544,7 +544,14 @@ pub fn cached(
     }
     if be.encap != encap::NAT {
         // Direct server return: sized, encapsulated and sent by `encap`, from the entry
-        // point.
+        // point. The TTL is not decremented, but one about to expire passes to the stack
+        // as on the slow paths.
+        let ttl: *const u8 = ptr_at(ctx, p.l3 + if p.family == family::V4 { 8 } else { 7 })?;
+        // SAFETY: checked above.
+        if unsafe { *ttl } <= 1 {
+            st.add(stat::PASS_TTL, 1);
+            return Ok(Some(xdp_action::XDP_PASS));
+        }
         st.add(stat::CT_HIT, 1);
         return Ok(Some(crate::encap::fast_step(c.flow.backend_id)));
     }
