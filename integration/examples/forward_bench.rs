@@ -500,6 +500,7 @@ fn service() -> ServiceSpec {
             .collect(),
         hash_source_only: false,
         preserve_source: false,
+        forwarding: Default::default(),
     }
 }
 

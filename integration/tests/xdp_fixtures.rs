@@ -599,6 +599,7 @@ fn balancer() -> XdpBalancer {
             .collect(),
         hash_source_only: false,
         preserve_source: false,
+        forwarding: Default::default(),
     };
     let b4: Vec<(IpAddr, u32)> = BACKENDS4.iter().map(|a| (v4(*a), 1)).collect();
     let b6: Vec<(IpAddr, u32)> = BACKENDS6.iter().map(|a| (v6(*a), 1)).collect();
@@ -2038,6 +2039,7 @@ fn preserving_balancer() -> XdpBalancer {
             .collect(),
         hash_source_only: false,
         preserve_source: true,
+        forwarding: Default::default(),
     };
     let b4: Vec<IpAddr> = BACKENDS4.iter().map(|a| v4(*a)).collect();
     let b6: Vec<IpAddr> = BACKENDS6.iter().map(|a| v6(*a)).collect();

@@ -2368,6 +2368,7 @@ fn service(vip: IpAddr, port: u16, proto: Protocol, backends: Vec<IpAddr>) -> Se
             .collect(),
         hash_source_only: false,
         preserve_source: false,
+        forwarding: Default::default(),
     }
 }
 

@@ -60,6 +60,7 @@ fn service(backends: &[u8]) -> ServiceSpec {
             .collect(),
         hash_source_only: false,
         preserve_source: false,
+        forwarding: Default::default(),
     }
 }
 

@@ -61,6 +61,7 @@ fn spec(vip: [u8; 4], backends: &[[u8; 4]]) -> ServiceSpec {
             .collect(),
         hash_source_only: false,
         preserve_source: false,
+        forwarding: Default::default(),
     }
 }
 

@@ -191,6 +191,7 @@ pub fn service(f: Family, proto: Protocol, weights: &[Option<u32>]) -> ServiceSp
             .collect(),
         hash_source_only: false,
         preserve_source: false,
+        forwarding: Default::default(),
     }
 }
 

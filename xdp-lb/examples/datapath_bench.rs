@@ -311,6 +311,7 @@ fn main() -> Result<()> {
             backends,
             hash_source_only: false,
             preserve_source: false,
+            forwarding: Default::default(),
         })?;
     }
 

@@ -10,9 +10,9 @@ use std::{
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use portico_xdp_common::{
-    addr_from_octets, addr_from_v4, addr_octets, backend_state, config_flags, family, map_name,
-    proto, service_flags, source_filter_bit, vip_filter_bit, Addr, Backend, Config, Counters,
-    NextHop, Service, VipKey, VIP_FILTER_WORDS,
+    addr_from_octets, addr_from_v4, addr_octets, backend_state, config_flags, encap, family,
+    map_name, proto, service_flags, source_filter_bit, vip_filter_bit, Addr, Backend, Config,
+    Counters, NextHop, Service, VipKey, VIP_FILTER_WORDS,
 };
 
 use crate::{
@@ -102,6 +102,61 @@ pub struct ServiceSpec {
     /// their source back to the VIP. Backends of the other family are still reached through
     /// the SNAT address (NAT46/64).
     pub preserve_source: bool,
+    /// How packets reach the backends: NAT, or direct server return.
+    pub forwarding: Forwarding,
+}
+
+/// How a service's packets reach its backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Forwarding {
+    /// Destination rewritten to the backend, source to the node; replies come back through
+    /// the node and are translated back.
+    #[default]
+    Nat,
+    /// Direct server return: the client's packet unchanged inside an outer header from the
+    /// node to the backend, which answers the client itself (`portico decap` strips it).
+    /// The backend must accept the VIP and the service port: neither is translated.
+    Dsr(Encapsulation),
+}
+
+/// The outer header of direct server return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Encapsulation {
+    /// IP in IP by the families: IPIP (4in4), IP6IP6, 4in6, 6in4.
+    Ipip,
+    /// GUE variant 1: UDP to the node's GUE port, the client's packet as its payload.
+    Gue,
+}
+
+impl Forwarding {
+    /// The value of [`Backend::encap`] for this mode.
+    pub fn encap(self) -> u8 {
+        match self {
+            Forwarding::Nat => encap::NAT,
+            Forwarding::Dsr(Encapsulation::Ipip) => encap::IPIP,
+            Forwarding::Dsr(Encapsulation::Gue) => encap::GUE,
+        }
+    }
+
+    /// The mode of a [`Backend::encap`] value, `None` for one this build does not know.
+    pub fn from_encap(e: u8) -> Option<Self> {
+        match e {
+            encap::NAT => Some(Forwarding::Nat),
+            encap::IPIP => Some(Forwarding::Dsr(Encapsulation::Ipip)),
+            encap::GUE => Some(Forwarding::Dsr(Encapsulation::Gue)),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Forwarding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Forwarding::Nat => "nat",
+            Forwarding::Dsr(Encapsulation::Ipip) => "dsr/ipip",
+            Forwarding::Dsr(Encapsulation::Gue) => "dsr/gue",
+        })
+    }
 }
 
 /// Node-wide settings.
@@ -123,7 +178,35 @@ pub struct NodeConfig {
     pub tcp_closing_timeout: Duration,
     /// Answer ICMP/ICMPv6 echo requests to VIPs in XDP (otherwise the stack sees them).
     pub echo_reply: bool,
+    /// Direct server return's outer header.
+    pub dsr: DsrConfig,
 }
+
+/// The node's side of direct server return's outer header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DsrConfig {
+    /// Outer IPv4 source: a prefix whose host bits come from the flow hash (entropy for the
+    /// backends' RSS), or one address (`/32`). `None`: the IPv4 SNAT address.
+    pub source_v4: Option<(Ipv4Addr, u8)>,
+    /// Outer IPv6 source, as for IPv4; at most the last 32 bits come from the flow hash.
+    /// `None`: the IPv6 SNAT address.
+    pub source_v6: Option<(Ipv6Addr, u8)>,
+    /// GUE's UDP destination port at the backends (`portico decap --gue-port`).
+    pub gue_port: u16,
+}
+
+impl Default for DsrConfig {
+    fn default() -> Self {
+        Self {
+            source_v4: None,
+            source_v6: None,
+            gue_port: DEFAULT_GUE_PORT,
+        }
+    }
+}
+
+/// The default GUE port, as `portico decap`'s.
+pub const DEFAULT_GUE_PORT: u16 = 6080;
 
 impl Default for NodeConfig {
     fn default() -> Self {
@@ -136,8 +219,21 @@ impl Default for NodeConfig {
             udp_timeout: Duration::from_secs(60),
             tcp_closing_timeout: Duration::from_secs(10),
             echo_reply: true,
+            dsr: DsrConfig::default(),
         }
     }
+}
+
+/// The host bits of a prefix of `len` bits in a 32-bit word of the address's last 32 bits
+/// (`bits` long in all), in network order: the bits the flow hash fills.
+fn host_mask(bits: u8, len: u8) -> u32 {
+    let host = u32::from(bits.saturating_sub(len)).min(32);
+    let m = if host == 32 {
+        u32::MAX
+    } else {
+        (1u32 << host) - 1
+    };
+    u32::from_ne_bytes(m.to_be_bytes())
 }
 
 /// Counters of a service and of each of its backends.
@@ -376,6 +472,27 @@ fn validate_node(c: &NodeConfig) -> Result<(), BalancerError> {
             ));
         }
     }
+    if let Some((a, len)) = c.dsr.source_v4 {
+        if len > 32 || a.is_unspecified() {
+            return Err(bad(
+                "dsr.source_v4",
+                format!("{a}/{len}"),
+                "must be an IPv4 address with a prefix length of at most 32",
+            ));
+        }
+    }
+    if let Some((a, len)) = c.dsr.source_v6 {
+        if len > 128 || a.is_unspecified() {
+            return Err(bad(
+                "dsr.source_v6",
+                format!("{a}/{len}"),
+                "must be an IPv6 address with a prefix length of at most 128",
+            ));
+        }
+    }
+    if c.dsr.gue_port == 0 {
+        return Err(bad("dsr.gue_port", "0".into(), "must be 1-65535"));
+    }
     Ok(())
 }
 
@@ -463,6 +580,17 @@ fn node_config_of(c: &Config) -> NodeConfig {
         udp_timeout: duration(c.udp_timeout),
         tcp_closing_timeout: duration(c.tcp_closing_timeout),
         echo_reply: c.flags & config_flags::ECHO_REPLY != 0,
+        dsr: DsrConfig {
+            source_v4: (c.dsr_v4 != 0).then(|| {
+                let host = u32::from_be_bytes(c.dsr_v4_mask.to_ne_bytes()).count_ones() as u8;
+                (Ipv4Addr::from(c.dsr_v4.to_ne_bytes()), 32 - host)
+            }),
+            source_v6: (c.dsr_v6 != [0; 4]).then(|| {
+                let host = u32::from_be_bytes(c.dsr_v6_mask.to_ne_bytes()).count_ones() as u8;
+                (Ipv6Addr::from(addr_octets(&c.dsr_v6)), 128 - host)
+            }),
+            gue_port: u16::from_be(c.gue_port),
+        },
     }
 }
 
@@ -650,6 +778,13 @@ impl XdpBalancer {
                         backends: listed.into_iter().map(|(_, be)| be).collect(),
                         hash_source_only: svc.flags & service_flags::HASH_SRC_ONLY != 0,
                         preserve_source: svc.flags & service_flags::PRESERVE_SOURCE != 0,
+                        forwarding: Forwarding::from_encap(
+                            (svc.flags >> service_flags::ENCAP_SHIFT) as u8,
+                        )
+                        .ok_or_else(|| BalancerError::Adopt {
+                            what: format!("SERVICES value of {key}"),
+                            why: "unknown forwarding mode",
+                        })?,
                     },
                     backend_ids,
                     retired,
@@ -867,6 +1002,15 @@ impl Balancer for XdpBalancer {
         if let Some(a) = config.snat_v6 {
             cfg.snat_v6 = addr_from_octets(a.octets());
         }
+        if let Some((a, len)) = config.dsr.source_v4 {
+            cfg.dsr_v4 = addr_from_v4(a.octets())[0];
+            cfg.dsr_v4_mask = host_mask(32, len);
+        }
+        if let Some((a, len)) = config.dsr.source_v6 {
+            cfg.dsr_v6 = addr_from_octets(a.octets());
+            cfg.dsr_v6_mask = host_mask(128, len);
+        }
+        cfg.gue_port = config.dsr.gue_port.to_be();
         cfg.cache_epoch = self.config.cache_epoch;
         cfg.flags |= self.config.flags & config_flags::PRESERVED_SOURCES;
         let mut array: Array<&mut MapData, Config> = self.program.map_mut(map_name::CONFIG)?;
@@ -949,7 +1093,9 @@ impl Balancer for XdpBalancer {
                 service_id: id as u16,
                 generation: self.generations[&backend_ids[&(b.addr, b.port)]],
                 hop: NextHop::default(),
-                _pad2: [0; 4],
+                encap: spec.forwarding.encap(),
+                _pad1: [0; 3],
+                _pad2: [0; 3],
             };
             self.write_backend(backend_ids[&(b.addr, b.port)], &value)?;
             if let Some(state) = self.program.pinned_state_mut() {
@@ -992,7 +1138,7 @@ impl Balancer for XdpBalancer {
                 service_flags::PRESERVE_SOURCE
             } else {
                 0
-            },
+            } | u32::from(spec.forwarding.encap()) << service_flags::ENCAP_SHIFT,
             ring_gen: new_gen,
             _pad: 0,
         };
@@ -1196,6 +1342,7 @@ mod tests {
             ],
             hash_source_only: false,
             preserve_source: false,
+            forwarding: Forwarding::Nat,
         };
         let err = fake.upsert_service(&spec).unwrap_err().to_string();
         assert!(
@@ -1217,6 +1364,7 @@ mod tests {
             backends: vec![],
             hash_source_only: false,
             preserve_source: false,
+            forwarding: Forwarding::Nat,
         };
         let err = fake.upsert_service(&spec).unwrap_err().to_string();
         assert!(err.contains("no IPv6 SNAT address"), "{err}");
@@ -1249,6 +1397,7 @@ mod tests {
             backends: vec![b],
             hash_source_only: false,
             preserve_source: false,
+            forwarding: Forwarding::Nat,
         })
         .unwrap();
         fake.set_backend_weight(&key(), b.addr, b.port, 0).unwrap();
@@ -1273,6 +1422,11 @@ mod tests {
             udp_timeout: Duration::from_secs(60),
             tcp_closing_timeout: Duration::from_secs(10),
             echo_reply: false,
+            dsr: DsrConfig {
+                source_v4: Some(("198.18.200.0".parse().unwrap(), 24)),
+                source_v6: Some(("fd00:18:200::".parse().unwrap(), 112)),
+                gue_port: 7777,
+            },
         };
         let hz = 250;
         let jiffies = |d: Duration| (d.as_millis() * hz / 1000) as u32;
@@ -1286,6 +1440,11 @@ mod tests {
             tcp_timeout: jiffies(node.tcp_timeout),
             udp_timeout: jiffies(node.udp_timeout),
             tcp_closing_timeout: jiffies(node.tcp_closing_timeout),
+            dsr_v4: addr_from_v4([198, 18, 200, 0])[0],
+            dsr_v4_mask: u32::from_ne_bytes([0, 0, 0, 0xff]),
+            dsr_v6: addr_from_octets("fd00:18:200::".parse::<Ipv6Addr>().unwrap().octets()),
+            dsr_v6_mask: u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+            gue_port: 7777u16.to_be(),
             ..Config::default()
         };
         assert_eq!(node_config_of(&cfg), node);
