@@ -2196,6 +2196,20 @@ fn a_service_that_keeps_client_sources_only_rewrites_the_destination_and_transla
             "{what}: stray counted"
         );
 
+        // A reply with a wrong IPv4 header checksum is passed untouched, counted.
+        if client.is_ipv4() {
+            let mut bad = from_backend(backend, client, reply_l4, cport);
+            bad[24] ^= 0x5a;
+            let before = stat_of(stat::PASS_BAD_CSUM);
+            let out = run_expecting(prog, &format!("{what} bad checksum"), &bad, eth1, PASS);
+            check_output(&format!("{what} bad checksum"), &bad, &out);
+            assert_eq!(
+                stat_of(stat::PASS_BAD_CSUM) - before,
+                1,
+                "{what}: bad checksum"
+            );
+        }
+
         // ICMP errors about the flow, both ways, translated with every checksum.
         let l4 = if tcp { L4::Tcp { flags: ACK } } else { L4::Udp };
         let quote = |smac, dmac, src, dst, sport, dport| {
