@@ -239,6 +239,26 @@ fn local_policy_keeps_the_client_source_and_cluster_policy_does_not() {
     );
     assert!(!spec("cluster").preserve_source, "Cluster is SNATed");
     assert!(!spec("cluster").hash_source_only);
+
+    // With direct server return the client's packet reaches the backend as it was: no NAT
+    // whose source would need keeping.
+    let text = format!(
+        "{BASE}{}{}",
+        annotated("dsr", "portico.io/forwarding-mode: dsr").replace(
+            "  type: LoadBalancer",
+            "  type: LoadBalancer\n  externalTrafficPolicy: Local"
+        ),
+        slice("dsr", "IPv4", &[ep("10.0.0.3", "n1", READY)])
+    );
+    let (outcome, plan) = plan_for(&text, "n1");
+    let dsr = &plan.services[&ServiceKey {
+        vip: addr_of(&outcome, "dsr"),
+        port: 80,
+        proto: Protocol::Tcp,
+    }];
+    assert!(matches!(dsr.forwarding, Forwarding::Dsr(_)), "{dsr:?}");
+    assert!(plan.views[&("shop".into(), "dsr".into())].local, "Local");
+    assert!(!dsr.preserve_source, "{dsr:?}");
 }
 
 #[test]
