@@ -440,6 +440,54 @@ fn outer_sources_and_gue_ports_spread_flows_for_the_backends_rss() {
     }
 }
 
+/// DSR flows take no port of the node's SNAT range (here 100 ports): 1,000 new TCP flows
+/// to three backends all go out encapsulated, and one client address and port used toward
+/// two VIP ports that share their backends makes two flows, neither refused.
+#[test]
+fn dsr_flows_are_not_capped_by_the_snat_port_range() {
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let balancer = balancer();
+    let prog = balancer.program();
+    let _in_lb = lb.enter().unwrap();
+    let eth0 = ifindex("eth0");
+    let vip = IpAddr::V4(VIP4);
+    for sport in 30_000..31_000u16 {
+        let input = client_packet(vip, sport, IPIP_PORT, Some(true), 0);
+        let out = prog.test_run_on(&input, Some(eth0)).unwrap();
+        assert_eq!(
+            verdict::name(out.verdict),
+            "XDP_REDIRECT",
+            "SYN from port {sport}"
+        );
+        check_encapsulated("IPIP SYN", &input, &out.packet, &backends(false), false);
+    }
+    for (port, gue) in [
+        (IPIP_PORT, false),
+        (GUE_VIP_PORT, false),
+        (GUE_VIP_PORT, true),
+    ] {
+        // The same client port toward both VIP ports (the GUE one twice: its second
+        // packet, an ACK, confirms that flow).
+        let input = client_packet(vip, 40_000, port, Some(!gue), 0);
+        let out = prog.test_run_on(&input, Some(eth0)).unwrap();
+        assert_eq!(
+            verdict::name(out.verdict),
+            "XDP_REDIRECT",
+            "client port 40000 to VIP port {port}"
+        );
+        check_encapsulated(
+            "shared client port",
+            &input,
+            &out.packet,
+            &backends(false),
+            port == GUE_VIP_PORT,
+        );
+    }
+    assert_eq!(prog.stat(stat::DROP_NO_SNAT_PORT).unwrap(), 0);
+    assert_eq!(prog.stat(stat::DSR_ENCAP).unwrap(), 1_003);
+}
+
 /// A fixed outer source (a /32 or /128) is used as it is.
 #[test]
 fn a_fixed_outer_source_is_used_for_every_flow() {

@@ -962,8 +962,13 @@ fn pick<const V4: bool, const TCP: bool>(
         return xdp_action::XDP_DROP;
     };
     // The client's source is kept toward a backend of its own family only (NAT46/64 needs
-    // an address of the backend's family: the SNAT address).
-    if svc.flags & service_flags::PRESERVE_SOURCE != 0 && be.family == key.family {
+    // an address of the backend's family: the SNAT address). Direct server return keeps it
+    // whatever the families (the client's packet travels inside an outer header): its flows
+    // take the same one try at the client's own port, not a SNAT port of the node's range,
+    // which would cap a DSR service at the range's size per backend for nothing.
+    let keeps_source = be.encap != encap::NAT
+        || (svc.flags & service_flags::PRESERVE_SOURCE != 0 && be.family == key.family);
+    if keeps_source {
         if !snat::request_preserved(key, be, svc.id as u16, now()) {
             return xdp_action::XDP_PASS;
         }

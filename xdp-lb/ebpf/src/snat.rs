@@ -13,7 +13,9 @@
 )]
 
 use aya_ebpf::bindings::BPF_NOEXIST;
-use portico_xdp_common::{family, flow_flags, proto, Addr, Backend, Config, Flow, FlowKey, RevNat};
+use portico_xdp_common::{
+    encap, family, flow_flags, proto, Addr, Backend, Config, Flow, FlowKey, RevNat,
+};
 
 use crate::{
     maps::{self, Scratch},
@@ -55,16 +57,23 @@ pub struct Port {
 
 /// The key of a flow's reverse-NAT entry: backend → node SNAT address (of the backend's
 /// family: NAT46/64 flows change family) and port; for a flow that keeps its client's
-/// source, backend → client address and port.
+/// source, backend → client address and port. A direct-server-return flow's replies never
+/// cross the node: its entry only holds the flow's place, keyed VIP → client address and
+/// port (the flow's own 5-tuple reversed, so two flows never clash).
 #[inline(always)]
 pub fn reply_key(key: &FlowKey, be: &Backend, snat: &Addr, snat_port: u16) -> FlowKey {
+    let (src, sport, fam) = if be.encap != encap::NAT {
+        (key.dst, key.dport, key.family)
+    } else {
+        (be.addr, be.port, be.family)
+    };
     FlowKey {
-        src: be.addr,
+        src,
         dst: *snat,
-        sport: be.port,
+        sport,
         dport: snat_port,
         proto: key.proto,
-        family: be.family,
+        family: fam,
         _pad: [0; 2],
     }
 }
