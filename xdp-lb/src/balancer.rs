@@ -117,7 +117,13 @@ pub struct NodeConfig {
     pub tcp_closing_timeout: Duration,
     /// Answer ICMP/ICMPv6 echo requests to VIPs in XDP (otherwise the stack sees them).
     pub echo_reply: bool,
+    /// The RFC 6052 /96 prefix embedding IPv4 addresses in IPv6, for NAT46/64 ICMP errors
+    /// from routers of the other family; its last 32 bits must be zero.
+    pub xlat_prefix: Ipv6Addr,
 }
+
+/// The well-known NAT64 prefix, 64:ff9b::/96 (RFC 6052 §2.1).
+pub const WELL_KNOWN_XLAT_PREFIX: Ipv6Addr = Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0);
 
 impl Default for NodeConfig {
     fn default() -> Self {
@@ -130,6 +136,7 @@ impl Default for NodeConfig {
             udp_timeout: Duration::from_secs(60),
             tcp_closing_timeout: Duration::from_secs(10),
             echo_reply: true,
+            xlat_prefix: WELL_KNOWN_XLAT_PREFIX,
         }
     }
 }
@@ -353,6 +360,13 @@ fn validate_node(c: &NodeConfig) -> Result<(), BalancerError> {
             "must be a non-empty range within 1-65535",
         ));
     }
+    if c.xlat_prefix.octets()[12..] != [0; 4] {
+        return Err(bad(
+            "xlat_prefix",
+            c.xlat_prefix.to_string(),
+            "must be a /96 prefix (its last 32 bits zero)",
+        ));
+    }
     for (field, d) in [
         ("tcp_timeout", c.tcp_timeout),
         ("udp_timeout", c.udp_timeout),
@@ -453,6 +467,12 @@ fn node_config_of(c: &Config) -> NodeConfig {
         udp_timeout: duration(c.udp_timeout),
         tcp_closing_timeout: duration(c.tcp_closing_timeout),
         echo_reply: c.flags & config_flags::ECHO_REPLY != 0,
+        xlat_prefix: Ipv6Addr::from(addr_octets(&[
+            c.xlat_prefix[0],
+            c.xlat_prefix[1],
+            c.xlat_prefix[2],
+            0,
+        ])),
     }
 }
 
@@ -809,6 +829,8 @@ impl Balancer for XdpBalancer {
         if let Some(a) = config.snat_v6 {
             cfg.snat_v6 = addr_from_octets(a.octets());
         }
+        let prefix = addr_from_octets(config.xlat_prefix.octets());
+        cfg.xlat_prefix = [prefix[0], prefix[1], prefix[2]];
         cfg.cache_epoch = self.config.cache_epoch;
         let mut array: Array<&mut MapData, Config> = self.program.map_mut(map_name::CONFIG)?;
         array.set(0, cfg, 0).map_err(map_err(map_name::CONFIG))?;

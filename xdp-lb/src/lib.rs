@@ -10,7 +10,7 @@ pub mod program;
 
 pub use balancer::{
     stable_key, BackendSpec, Balancer, BalancerError, FakeBalancer, NodeConfig, Protocol,
-    ServiceKey, ServiceSpec, XdpBalancer,
+    ServiceKey, ServiceSpec, XdpBalancer, WELL_KNOWN_XLAT_PREFIX,
 };
 pub use decap::{Decap, DecapConfig};
 pub use program::{verdict, AttachMode, LoadOptions, Stats, TestRunOutput, XdpError, XdpProgram};

@@ -302,6 +302,9 @@ pub struct Config {
     /// Bumped by the loader to invalidate every per-CPU cached copy at once (a service was
     /// removed).
     pub cache_epoch: u32,
+    /// The RFC 6052 /96 prefix (its first 96 bits) that embeds an IPv4 address in IPv6 for
+    /// NAT46/64 ICMP errors from routers of the other family (default 64:ff9b::/96).
+    pub xlat_prefix: [u32; 3],
 }
 
 /// Bits of [`Config::flags`].
@@ -740,7 +743,7 @@ mod tests {
 
     #[test]
     fn map_types_have_no_implicit_padding() {
-        assert_eq!(size_of::<Config>(), 60);
+        assert_eq!(size_of::<Config>(), 72);
         assert_eq!(size_of::<VipKey>(), 20);
         assert_eq!(size_of::<Service>(), 16);
         assert_eq!(size_of::<Backend>(), 64);

@@ -15,6 +15,8 @@ mod frag;
 #[cfg(target_arch = "bpf")]
 mod icmp;
 #[cfg(target_arch = "bpf")]
+mod icmp46;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod nat;
@@ -35,7 +37,7 @@ mod program {
     use portico_xdp_common::{family, proto, stat};
 
     use crate::{
-        csum, frag, icmp,
+        csum, frag, icmp, icmp46,
         maps::{self, Stats},
         nat,
         parse::{self, Parsed, Skip},
@@ -95,6 +97,9 @@ mod program {
         match step & 0xf00 {
             SLOW_ICMP => {
                 let verdict = icmp::handle_packet(&ctx, &p);
+                if verdict == icmp46::XLAT_ERROR {
+                    return icmp46::translate(&ctx, &p);
+                }
                 if verdict != icmp::NOT_MINE {
                     return verdict;
                 }
