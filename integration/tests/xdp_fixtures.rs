@@ -2571,3 +2571,285 @@ fn nat46_and_nat64_translate_headers_and_checksums() {
     assert_eq!(out, input, "NAT46 UDP without a checksum: untouched");
     assert_eq!(stat(stat::PASS_UNSUPPORTED) - unsupported, 1);
 }
+
+/// An ICMP or ICMPv6 error frame (`type`, `code`, the 4 bytes after the checksum) from `src`
+/// to `dst`, TTL / hop limit 64, quoting `quote`; etherparse computes its checksum (with
+/// ICMPv6's pseudo-header).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one argument per header field a fixture varies"
+)]
+fn icmp_error(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: IpAddr,
+    dst: IpAddr,
+    ty: u8,
+    code: u8,
+    rest: [u8; 4],
+    quote: &[u8],
+) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(smac, dmac);
+    let mut out = Vec::new();
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth
+            .ipv4(s.octets(), d.octets(), 64)
+            .icmpv4(Icmpv4Type::Unknown {
+                type_u8: ty,
+                code_u8: code,
+                bytes5to8: rest,
+            })
+            .write(&mut out, quote)
+            .unwrap(),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth
+            .ipv6(s.octets(), d.octets(), 64)
+            .icmpv6(Icmpv6Type::Unknown {
+                type_u8: ty,
+                code_u8: code,
+                bytes5to8: rest,
+            })
+            .write(&mut out, quote)
+            .unwrap(),
+        _ => unreachable!(),
+    }
+    out
+}
+
+/// Issue 13: an ICMP error from the backend side about a NAT46/64 flow reaches the client
+/// in the client's family (RFC 7915): ICMPv4 ↔ ICMPv6 type and code, the MTU less or plus
+/// 20, the quoted packet translated back to the one the client sent (as the backend saw it:
+/// its TTL one lower, DF and identification 0 toward IPv4), the outer source the VIP for
+/// the backend's own error, a router's IPv4 address in 64:ff9b::/96 for an IPv6 client, a
+/// router's IPv6 address inside that prefix as its IPv4 address (else the VIP) for an IPv4
+/// client. Each expected packet is built from scratch in the client's family (etherparse
+/// computes every checksum, the quote's included); a truncated quote stays truncated.
+#[test]
+fn nat46_and_nat64_icmp_errors_reach_the_client_in_its_family() {
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let balancer = balancer();
+    let prog = balancer.program();
+    let _in_lb = lb.enter().unwrap();
+    let (eth0, eth1) = (ifindex("eth0"), ifindex("eth1"));
+    let stat = |i| prog.stat(i).unwrap();
+    let send = |what: &str, input: &[u8], ingress: u32, want: u32| {
+        run_expecting(prog, what, input, ingress, want)
+    };
+    let router4 = v4([198, 18, 1, 200]);
+    let router6 = v6(ip6("fd00:18:1::200"));
+    let router4_in_prefix = v6(ip6("64:ff9b::c612:1c8"));
+    // `from`/`want_from`: the router's source, or the backend's own error (from the VIP).
+    struct Case {
+        what: &'static str,
+        nat46: bool,
+        tcp: bool,
+        from: Option<IpAddr>,
+        err: (u8, u8, [u8; 4]),
+        truncated: bool,
+        want: (u8, u8, [u8; 4]),
+        want_from: Option<IpAddr>,
+    }
+    let cases = [
+        Case {
+            what: "NAT64 TCP, the backend's port unreachable",
+            nat46: false,
+            tcp: true,
+            from: None,
+            err: (3, 3, [0; 4]),
+            truncated: false,
+            want: (1, 4, [0; 4]),
+            want_from: None,
+        },
+        Case {
+            what: "NAT64 UDP, a router's fragmentation needed (MTU 1400)",
+            nat46: false,
+            tcp: false,
+            from: Some(router4),
+            err: (3, 4, [0, 0, 0x05, 0x78]),
+            truncated: false,
+            want: (2, 0, 1420u32.to_be_bytes()),
+            want_from: Some(router4_in_prefix),
+        },
+        Case {
+            what: "NAT64 TCP, a router's time exceeded, short quote",
+            nat46: false,
+            tcp: true,
+            from: Some(router4),
+            err: (11, 0, [0; 4]),
+            truncated: true,
+            want: (3, 0, [0; 4]),
+            want_from: Some(router4_in_prefix),
+        },
+        Case {
+            what: "NAT64 UDP, protocol unreachable",
+            nat46: false,
+            tcp: false,
+            from: None,
+            err: (3, 2, [0; 4]),
+            truncated: false,
+            want: (4, 1, [0, 0, 0, 6]),
+            want_from: None,
+        },
+        Case {
+            what: "NAT46 TCP, the backend's port unreachable",
+            nat46: true,
+            tcp: true,
+            from: None,
+            err: (1, 4, [0; 4]),
+            truncated: false,
+            want: (3, 3, [0; 4]),
+            want_from: None,
+        },
+        Case {
+            what: "NAT46 UDP, a router's packet too big (MTU 1400), outside the prefix",
+            nat46: true,
+            tcp: false,
+            from: Some(router6),
+            err: (2, 0, 1400u32.to_be_bytes()),
+            truncated: false,
+            want: (3, 4, [0, 0, 0x05, 0x64]),
+            want_from: None,
+        },
+        Case {
+            what: "NAT46 TCP, a router's time exceeded, inside the prefix, short quote",
+            nat46: true,
+            tcp: true,
+            from: Some(router4_in_prefix),
+            err: (3, 0, [0; 4]),
+            truncated: true,
+            want: (11, 0, [0; 4]),
+            want_from: Some(router4),
+        },
+        Case {
+            what: "NAT46 UDP, administratively prohibited",
+            nat46: true,
+            tcp: false,
+            from: None,
+            err: (1, 1, [0; 4]),
+            truncated: false,
+            want: (3, 10, [0; 4]),
+            want_from: None,
+        },
+    ];
+    let xlats = stat(stat::XLAT);
+    for (i, c) in cases.iter().enumerate() {
+        let (client, vip) = if c.nat46 {
+            (v4(CLIENT4), v4(VIP4_46))
+        } else {
+            (v6(CLIENT6), v6(VIP6_64))
+        };
+        let (l4, payload) = if c.tcp {
+            (L4::Tcp { flags: SYN }, &b""[..])
+        } else {
+            (L4::Udp, &b"a datagram the backend refused"[..])
+        };
+        let cport = 43000 + i as u16;
+        let input = with_tos(
+            build(
+                CLIENT_MAC,
+                LB0_MAC,
+                Vlan::None,
+                client,
+                vip,
+                64,
+                l4,
+                cport,
+                80,
+                payload,
+            ),
+            0x20,
+            false,
+        );
+        let out = send(c.what, &input, eth0, verdict::REDIRECT);
+        let (backend, _) = endpoint(&out, false);
+        let (snat, _) = endpoint(&out, true);
+        let sent = l3_of(out);
+        // What the backend side quotes: the packet as sent, or its IP header and 8 bytes.
+        let ihl = if c.nat46 { 40 } else { 20 };
+        let quote = if c.truncated {
+            &sent[..ihl + 8]
+        } else {
+            &sent[..]
+        };
+        let error = icmp_error(
+            be_mac(backend),
+            LB1_MAC,
+            c.from.unwrap_or(backend),
+            snat,
+            c.err.0,
+            c.err.1,
+            c.err.2,
+            quote,
+        );
+        // The client's packet as the backend saw it, in the client's family.
+        let seen = l3_of(with_tos(
+            build(
+                CLIENT_MAC,
+                LB0_MAC,
+                Vlan::None,
+                client,
+                vip,
+                63,
+                l4,
+                cport,
+                80,
+                payload,
+            ),
+            0x20,
+            true,
+        ));
+        let client_ihl = if c.nat46 { 20 } else { 40 };
+        let want_quote = if c.truncated {
+            &seen[..client_ihl + 8]
+        } else {
+            &seen[..]
+        };
+        let want = with_tos(
+            icmp_error(
+                LB0_MAC,
+                CLIENT_MAC,
+                c.want_from.unwrap_or(vip),
+                client,
+                c.want.0,
+                c.want.1,
+                c.want.2,
+                want_quote,
+            ),
+            0,
+            true,
+        );
+        // TTL / hop limit one lower than the error's 64.
+        let mut want = want;
+        if c.nat46 {
+            want[22] = 63;
+            fix_ipv4_checksum(&mut want);
+        } else {
+            want[21] = 63;
+        }
+        let got = send(c.what, &error, eth1, verdict::REDIRECT);
+        check_output(c.what, &want, &got);
+    }
+    // The flows' first packets and their errors.
+    assert_eq!(stat(stat::XLAT) - xlats, 2 * cases.len() as u64);
+
+    // A type RFC 7915 does not translate (ICMPv6 destination unreachable, code 5: source
+    // address failed policy) is passed untouched.
+    let input = tcp4(CLIENT4, VIP4_46, 43100, 80, SYN);
+    let out = send("NAT46 untranslatable error", &input, eth0, verdict::REDIRECT);
+    let (backend, _) = endpoint(&out, false);
+    let (snat, _) = endpoint(&out, true);
+    let error = icmp_error(
+        be_mac(backend),
+        LB1_MAC,
+        backend,
+        snat,
+        1,
+        5,
+        [0; 4],
+        &l3_of(out),
+    );
+    let unsupported = stat(stat::PASS_UNSUPPORTED);
+    let got = send("NAT46 untranslatable error", &error, eth1, verdict::PASS);
+    assert_eq!(got, error, "NAT46 untranslatable error: untouched");
+    assert_eq!(stat(stat::PASS_UNSUPPORTED) - unsupported, 1);
+}

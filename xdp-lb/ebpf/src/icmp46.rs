@@ -461,7 +461,9 @@ fn to_v4<const TCP: bool>(ctx: &XdpContext, sc: &Scratch, ip_end: usize) -> Opti
         write_ipv4(
             h.add(14),
             tc,
-            icmp_len.saturating_add(20),
+            // The ICMP message is 20 bytes shorter than the ICMPv6 one (the quoted header):
+            // the total length is the IPv6 payload length.
+            icmp_len,
             [hl.saturating_sub(1), proto::ICMP],
             x.src[0],
             x.dst[0],
