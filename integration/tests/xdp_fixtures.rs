@@ -2835,7 +2835,12 @@ fn nat46_and_nat64_icmp_errors_reach_the_client_in_its_family() {
     // A type RFC 7915 does not translate (ICMPv6 destination unreachable, code 5: source
     // address failed policy) is passed untouched.
     let input = tcp4(CLIENT4, VIP4_46, 43100, 80, SYN);
-    let out = send("NAT46 untranslatable error", &input, eth0, verdict::REDIRECT);
+    let out = send(
+        "NAT46 untranslatable error",
+        &input,
+        eth0,
+        verdict::REDIRECT,
+    );
     let (backend, _) = endpoint(&out, false);
     let (snat, _) = endpoint(&out, true);
     let error = icmp_error(

@@ -111,6 +111,13 @@ fn xlat_vip(v6: bool) -> IpAddr {
         IpAddr::V4(Ipv4Addr::from(XLAT_VIP4))
     }
 }
+/// The IPv6 address embedding `a` in 64:ff9b::/96 (RFC 6052), the program's default prefix.
+fn embed(a: [u8; 4]) -> [u8; 16] {
+    let mut o = [0u8; 16];
+    o[..4].copy_from_slice(&[0, 0x64, 0xff, 0x9b]);
+    o[12..].copy_from_slice(&a);
+    o
+}
 fn snat(v6: bool) -> IpAddr {
     if v6 {
         IpAddr::V6(Ipv6Addr::from(SNAT6))
@@ -877,27 +884,49 @@ fn echo(rng: &mut Rng) -> Case {
 /// An ICMP error quoting a known flow: from the backend side about a packet the node sent,
 /// or from the client side about a reply.
 fn icmp_error(rng: &mut Rng, model: &Model) -> Case {
-    // Errors about NAT46/64 flows are not translated: left out here.
-    let flows: Vec<_> = model
-        .forward
-        .iter()
-        .filter(|(t, m)| t.0.is_ipv6() == m.backend.is_ipv6())
-        .map(|(t, m)| (*t, *m))
-        .collect();
+    let flows: Vec<_> = model.forward.iter().map(|(t, m)| (*t, *m)).collect();
     let Some(&((client, cport, vipa, vport, proto), m)) = flows.get(rng.below(flows.len().max(1)))
     else {
         return to_vip(rng, model);
     };
-    let v6 = client.is_ipv6();
-    let (ty, code, rest) = if v6 {
-        rng.pick(&[(1u8, 4u8, [0u8; 4]), (2, 0, [0, 0, 5, 0]), (3, 0, [0; 4])])
+    // A NAT46/64 flow's errors from the backend side are in the backend's family; from the
+    // client side they are not translated (the client's family, passed).
+    let xlat = client.is_ipv6() != m.backend.is_ipv6();
+    let backend_side = rng.chance(60);
+    let v6 = if xlat && backend_side {
+        m.backend.is_ipv6()
     } else {
-        rng.pick(&[
+        client.is_ipv6()
+    };
+    let (ty, code, rest) = match (v6, xlat) {
+        (true, false) => rng.pick(&[(1u8, 4u8, [0u8; 4]), (2, 0, [0, 0, 5, 0]), (3, 0, [0; 4])]),
+        (false, false) => rng.pick(&[
             (3u8, 3u8, [0u8; 4]),
             (3, 4, [0, 0, 5, 0]),
             (11, 0, [0; 4]),
             (3, 1, [0; 4]),
-        ])
+        ]),
+        // Every code RFC 7915 maps, and some it drops.
+        (true, true) => {
+            let (code, mtu) = (rng.below(7) as u8, 1280 + rng.below(8000) as u32);
+            rng.pick(&[
+                (1u8, code, [0u8; 4]),
+                (2, 0, mtu.to_be_bytes()),
+                (2, 0, [0xff, 0xff, 0xff, 0xff]),
+                (3, code % 3, [0; 4]),
+                (4, 0, [0, 0, 0, 8]),
+            ])
+        }
+        (false, true) => {
+            let code = rng.below(16) as u8;
+            rng.pick(&[
+                (3u8, code, [0u8; 4]),
+                (3, 4, [0, 0, 5, 0]),
+                (3, 4, [0; 4]),
+                (11, code % 3, [0; 4]),
+                (12, 0, [8, 0, 0, 0]),
+            ])
+        }
     };
     let n = rng.below(32);
     let body = rng.bytes(n);
@@ -908,7 +937,7 @@ fn icmp_error(rng: &mut Rng, model: &Model) -> Case {
             _ => (if v6 { 40 } else { 20 }) + rng.below(q.len() - if v6 { 40 } else { 20 } + 1),
         }
     };
-    let (input, ingress) = if rng.chance(60) {
+    let (input, ingress) = if backend_side {
         // The backend (or a router on its side) about SNAT → backend.
         let q = packet(
             LB1_MAC,
@@ -924,9 +953,11 @@ fn icmp_error(rng: &mut Rng, model: &Model) -> Case {
         );
         let q = q[14..].to_vec();
         let n = quote_len(&q, rng).min(q.len());
-        let from = match rng.below(3) {
+        let from = match rng.below(if xlat { 4 } else { 3 }) {
             0 => m.backend,
-            1 => client,
+            1 if !xlat => client,
+            // A router's IPv4 address in the RFC 6052 prefix.
+            3 if v6 => IpAddr::V6(Ipv6Addr::from(embed(backend4(7)))),
             _ => {
                 if v6 {
                     IpAddr::V6(Ipv6Addr::from(backend6(7)))
@@ -1879,7 +1910,8 @@ fn check_icmp(
     } else {
         matches!(ty, 3 | 11)
     };
-    if echo && ip.dst == vip(v6) {
+    // Any VIP answers, a NAT46/64 one too (in its own family: nothing to translate).
+    if echo && (ip.dst == vip(v6) || ip.dst == xlat_vip(v6)) {
         return echo_reply(input, ip, out);
     }
     if !error {
@@ -1926,6 +1958,16 @@ fn check_icmp(
         if let Some(&t) = model.reverse.get(&(qdst, qsport, qproto)) {
             if model.stale(t, qdst, qsport) {
                 return Ok("icmp_about_a_released_port");
+            }
+            let (client, cport, vipa, vport, _) = t;
+            if qdport == BACKEND_PORT && client.is_ipv6() != v6 {
+                let quote = Quote {
+                    l3: q3,
+                    l4: q4,
+                    proto: qproto,
+                    backend: qdst,
+                };
+                return check_icmp_xlat(input, ip, &quote, out, (client, cport), (vipa, vport));
             }
         }
         model
@@ -2395,6 +2437,7 @@ fn xdp_fuzz_checked_by_an_independent_model() {
         "dropped_fragment_no_head",
         "sctp_translated",
         "xlat_translated",
+        "icmp_error_xlat",
     ] {
         assert!(
             model.outcomes.get(must).copied().unwrap_or(0) > 0 || n < 20_000,
@@ -2418,5 +2461,254 @@ fn pin_to_cpu(cpu: usize) {
             0,
             "pinning the test thread to CPU {cpu}"
         );
+    }
+}
+
+/// The quoted packet of an ICMP error: offsets, transport protocol, its destination.
+struct Quote {
+    l3: usize,
+    l4: usize,
+    proto: u8,
+    backend: IpAddr,
+}
+
+/// RFC 7915 §4.2 / §5.2, as the checker reads them: an error's (type, code, 4 bytes) in the
+/// other family, or `None` when it is not translated.
+fn xlat_icmp_type(v6: bool, ty: u8, code: u8, rest: [u8; 4]) -> Option<(u8, u8, [u8; 4])> {
+    if v6 {
+        // ICMPv6 → ICMP.
+        match (ty, code) {
+            (1, 0 | 2 | 3) => Some((3, 1, [0; 4])),
+            (1, 1) => Some((3, 10, [0; 4])),
+            (1, 4) => Some((3, 3, [0; 4])),
+            (2, 0) => {
+                let mtu = u32::from_be_bytes(rest).saturating_sub(20).min(65535) as u16;
+                let [a, b] = mtu.to_be_bytes();
+                Some((3, 4, [0, 0, a, b]))
+            }
+            (3, 0 | 1) => Some((11, code, [0; 4])),
+            _ => None,
+        }
+    } else {
+        match (ty, code) {
+            (3, 0 | 1 | 5..=8 | 11 | 12) => Some((1, 0, [0; 4])),
+            (3, 9 | 10 | 13 | 15) => Some((1, 1, [0; 4])),
+            (3, 3) => Some((1, 4, [0; 4])),
+            (3, 2) => Some((4, 1, [0, 0, 0, 6])),
+            (3, 4) => {
+                let mtu = u32::from(u16::from_be_bytes([rest[2], rest[3]]));
+                (mtu != 0).then(|| (2, 0, (mtu + 20).to_be_bytes()))
+            }
+            (11, 0 | 1) => Some((3, code, [0; 4])),
+            _ => None,
+        }
+    }
+}
+
+/// An ICMP error from the backend side about a NAT46/64 flow (client `client`, VIP `vip`):
+/// translated to the client's family, or passed.
+fn check_icmp_xlat(
+    input: &[u8],
+    ip: &Ip,
+    q: &Quote,
+    out: &TestRunOutput,
+    client: (IpAddr, u16),
+    vip: (IpAddr, u16),
+) -> Result<&'static str, String> {
+    let v6 = ip.v6;
+    let ty = input[ip.l4];
+    let code = input[ip.l4 + 1];
+    let rest: [u8; 4] = input[ip.l4 + 4..ip.l4 + 8].try_into().unwrap();
+    let plain = ip.l3 == 14 && ip.l4 == 14 + if v6 { 40 } else { 20 };
+    let quote_plain = v6 || input[q.l3] & 0x0f == 5;
+    let Some((nty, ncode, nrest)) =
+        xlat_icmp_type(v6, ty, code, rest).filter(|_| plain && quote_plain)
+    else {
+        unchanged(input, out)?;
+        return Ok("passed_icmp_xlat_unsupported");
+    };
+    if !ipv4_header_ok(input, ip) || ip.ttl <= 1 {
+        unchanged(input, out)?;
+        return Ok("passed_icmp_checks");
+    }
+    // The outer source: the VIP for the backend's own error; a router's IPv4 address in
+    // the prefix; a router's IPv6 address inside the prefix as its IPv4 address, else the
+    // VIP.
+    let from = match ip.src {
+        a if a == q.backend => vip.0,
+        IpAddr::V4(a) => IpAddr::V6(Ipv6Addr::from(embed(a.octets()))),
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            if o[..12] == embed([0; 4])[..12] {
+                IpAddr::V4(Ipv4Addr::new(o[12], o[13], o[14], o[15]))
+            } else {
+                vip.0
+            }
+        }
+    };
+    let new_len = if v6 {
+        ip.ip_end - ip.l3 - 40
+    } else {
+        ip.ip_end - ip.l3 + 40
+    };
+    match hop_to(client.0) {
+        Hop::NoRoute => {
+            if out.verdict != verdict::DROP {
+                return Err(format!(
+                    "ICMP toward {} (no route): want XDP_DROP, got {}",
+                    client.0,
+                    verdict::name(out.verdict)
+                ));
+            }
+            return Ok("dropped_no_route");
+        }
+        Hop::NoNeigh | Hop::Unsure if out.verdict != verdict::REDIRECT => {
+            if out.verdict == verdict::PASS {
+                unchanged(input, out)?;
+            }
+            return Ok("passed_no_neighbour");
+        }
+        _ => {}
+    }
+    // A source no route may come from (an embedded address such as 127.0.0.1).
+    if martian(from) && out.verdict == verdict::DROP {
+        return Ok("dropped_martian_source");
+    }
+    if new_len > MTU {
+        unchanged(input, out)?;
+        return Ok("icmp_error_passed_to_fragment");
+    }
+    // The expected frame, built from scratch in the client's family but for the quoted
+    // transport checksum and the ICMP checksum (checked below).
+    let o = &out.packet;
+    let shift = if v6 { -40isize } else { 40 };
+    if o.len() as isize != input.len() as isize + shift {
+        return Err(format!(
+            "translated ICMP error of {} bytes from {}, want {}",
+            o.len(),
+            input.len(),
+            input.len() as isize + shift
+        ));
+    }
+    let mut want = o[..12].to_vec();
+    let tos = if v6 {
+        (input[ip.l3] << 4) | (input[ip.l3 + 1] >> 4)
+    } else {
+        input[ip.l3 + 1]
+    };
+    // The quoted packet's total length in the client's family, from its length field as
+    // the program reads it (saturating, a quote may carry any value).
+    let q_len = if v6 {
+        usize::from(u16::from_be_bytes([input[q.l3 + 4], input[q.l3 + 5]]).saturating_add(20))
+    } else {
+        usize::from(u16::from_be_bytes([input[q.l3 + 2], input[q.l3 + 3]]).saturating_sub(20)) + 40
+    };
+    let q_tos = if v6 {
+        (input[q.l3] << 4) | (input[q.l3 + 1] >> 4)
+    } else {
+        input[q.l3 + 1]
+    };
+    let (q_ttl, q_proto) = if v6 {
+        (input[q.l3 + 7], input[q.l3 + 6])
+    } else {
+        (input[q.l3 + 8], input[q.l3 + 9])
+    };
+    let header =
+        |want: &mut Vec<u8>, tos: u8, len: usize, ttl: u8, proto: u8, s: IpAddr, d: IpAddr| {
+            let start = want.len();
+            if v6 {
+                // Toward IPv4.
+                want.extend_from_slice(&[0x45, tos]);
+                want.extend_from_slice(&(len as u16).to_be_bytes());
+                want.extend_from_slice(&[0, 0, 0x40, 0, ttl, proto, 0, 0]);
+                want.extend_from_slice(&octets(s));
+                want.extend_from_slice(&octets(d));
+                let c = !fold(ones_sum(&want[start..start + 20], 0));
+                want[start + 10..start + 12].copy_from_slice(&c.to_be_bytes());
+            } else {
+                want.extend_from_slice(&[0x60 | tos >> 4, tos << 4, 0, 0]);
+                want.extend_from_slice(&((len - 40) as u16).to_be_bytes());
+                want.extend_from_slice(&[proto, ttl]);
+                want.extend_from_slice(&octets(s));
+                want.extend_from_slice(&octets(d));
+            }
+        };
+    want.extend_from_slice(if v6 { &[0x08, 0x00] } else { &[0x86, 0xdd] });
+    let l3 = want.len();
+    header(
+        &mut want,
+        tos,
+        new_len,
+        ip.ttl - 1,
+        if v6 { ICMP4 } else { ICMP6 },
+        from,
+        client.0,
+    );
+    let l4 = want.len();
+    want.extend_from_slice(&[nty, ncode, 0, 0]);
+    want.extend_from_slice(&nrest);
+    let nq3 = want.len();
+    header(&mut want, q_tos, q_len, q_ttl, q_proto, client.0, vip.0);
+    let nq4 = want.len();
+    want.extend_from_slice(&client.1.to_be_bytes());
+    want.extend_from_slice(&vip.1.to_be_bytes());
+    want.extend_from_slice(&input[q.l4 + 4..]);
+    // The quoted transport checksum, when the quote holds it: an incremental update
+    // (RFC 1624) for the new addresses and ports; UDP's 0 (IPv4) stays 0.
+    let qc = q.l4 + if q.proto == TCP { 16 } else { 6 };
+    if qc + 2 <= ip.ip_end {
+        let old = u16::from_be_bytes([input[qc], input[qc + 1]]);
+        let mut acc = u64::from(!old);
+        for (from, to) in [
+            (
+                &input[q.l3 + if v6 { 8 } else { 12 }..q.l4],
+                &want[nq3 + if v6 { 12 } else { 8 }..nq4],
+            ),
+            (&input[q.l4..q.l4 + 4], &want[nq4..nq4 + 4]),
+        ] {
+            for w in from.chunks(2) {
+                acc += u64::from(!u16::from_be_bytes([w[0], w[1]]));
+            }
+            for w in to.chunks(2) {
+                acc += u64::from(u16::from_be_bytes([w[0], w[1]]));
+            }
+        }
+        let mut new = !fold(acc);
+        if q.proto == UDP && new == 0 {
+            new = 0xffff;
+        }
+        if q.proto == UDP && old == 0 {
+            new = 0;
+        }
+        let at = nq4 + (qc - q.l4);
+        want[at..at + 2].copy_from_slice(&new.to_be_bytes());
+    }
+    // The ICMP checksum: right exactly as before (ICMPv6's with its pseudo-header).
+    want[l4 + 2..l4 + 4].copy_from_slice(&o[l4 + 2..l4 + 4]);
+    let ip_end = l3 + new_len;
+    let sum = |p: &[u8], at_l4: usize, end: usize, six: bool, s: IpAddr, d: IpAddr| {
+        let acc = if six {
+            pseudo(&octets(s), &octets(d), ICMP6, end - at_l4)
+        } else {
+            0
+        };
+        sums_to_ones(&p[at_l4..end], acc)
+    };
+    if sum(input, ip.l4, ip.ip_end, v6, ip.src, ip.dst)
+        != sum(&want, l4, ip_end, !v6, from, client.0)
+    {
+        return Err("translated ICMP error: its checksum".into());
+    }
+    if want != *o {
+        let at = want.iter().zip(o).position(|(a, b)| a != b).unwrap_or(0);
+        return Err(format!(
+            "translated ICMP error differs at byte {at}: want {:02x?}, got {:02x?}",
+            &want[at.saturating_sub(4)..(at + 8).min(want.len())],
+            &o[at.saturating_sub(4)..(at + 8).min(o.len())]
+        ));
+    }
+    match check_sent(out, client.0)? {
+        "sent" => Ok("icmp_error_xlat"),
+        other => Ok(other),
     }
 }

@@ -40,9 +40,7 @@ use crate::{
     csum,
     fib::{self, Route},
     maps::{self, Scratch, Stats},
-    parse::{
-        ipv4_header_ok, ptr_at_fresh, store32, store_addr, used, Headers, Parsed, Skip,
-    },
+    parse::{ipv4_header_ok, ptr_at_fresh, store32, store_addr, used, Headers, Parsed, Skip},
 };
 
 /// ICMPv6 (type, code, the 4 bytes after the checksum) → the ICMP ones, or `None` when
@@ -484,12 +482,8 @@ fn to_v4<const TCP: bool>(ctx: &XdpContext, sc: &Scratch, ip_end: usize) -> Opti
     };
     delta += ports_delta;
     if let Some(old) = quoted {
-        delta += write_quoted_csum::<TCP>(
-            ctx,
-            62 + csum_at(TCP),
-            old,
-            gone_l4 + addrs + ports_delta,
-        );
+        delta +=
+            write_quoted_csum::<TCP>(ctx, 62 + csum_at(TCP), old, gone_l4 + addrs + ports_delta);
     }
     let c = ptr_at_fresh::<u16>(ctx, 36).ok()?;
     // SAFETY: 2 bytes checked.
@@ -575,12 +569,8 @@ fn to_v6<const TCP: bool>(ctx: &XdpContext, sc: &Scratch, ip_end: usize) -> Opti
     };
     delta += ports_delta;
     if let Some(old) = quoted {
-        delta += write_quoted_csum::<TCP>(
-            ctx,
-            102 + csum_at(TCP),
-            old,
-            gone_l4 + addrs + ports_delta,
-        );
+        delta +=
+            write_quoted_csum::<TCP>(ctx, 102 + csum_at(TCP), old, gone_l4 + addrs + ports_delta);
     }
     let c = ptr_at_fresh::<u16>(ctx, 56).ok()?;
     // SAFETY: 2 bytes checked.
