@@ -55,6 +55,8 @@ pub struct Options {
     pub snat_v4: Option<Ipv4Addr>,
     /// SNAT IPv6 address.
     pub snat_v6: Option<Ipv6Addr>,
+    /// RFC 6052 /96 prefix for NAT46/64 ICMP errors from routers of the other family.
+    pub nat64_prefix: Ipv6Addr,
     /// Accept BGP connections here.
     pub bgp_listen: Option<SocketAddr>,
     /// Link that holds announced addresses (`None`: hold none).
@@ -87,6 +89,7 @@ impl Options {
             router_id: None,
             snat_v4: None,
             snat_v6: None,
+            nat64_prefix: portico_xdp::WELL_KNOWN_XLAT_PREFIX,
             bgp_listen: None,
             hold_link: None,
             big_tcp: Vec::new(),
@@ -304,6 +307,7 @@ pub async fn run(client: Client, opts: Options, mut stop: watch::Receiver<bool>)
     let node_config = NodeConfig {
         snat_v4: opts.snat_v4.or(detected.v4),
         snat_v6: opts.snat_v6.or(detected.v6),
+        xlat_prefix: opts.nat64_prefix,
         ..NodeConfig::default()
     };
     let big_tcp = crate::bigtcp::enable_all(&opts.big_tcp, opts.big_tcp_size).await?;

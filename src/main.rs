@@ -162,6 +162,10 @@ enum Command {
         /// IPv6 source of NAT toward backends (default: the first XDP interface's).
         #[arg(long)]
         snat_v6: Option<Ipv6Addr>,
+        /// RFC 6052 prefix (a /96) for NAT46/64: ICMP errors from routers of the other family
+        /// reach clients from their address embedded in it.
+        #[arg(long, value_name = "PREFIX/96", default_value = "64:ff9b::/96", value_parser = parse_nat64_prefix)]
+        nat64_prefix: Ipv6Addr,
         /// Also accept BGP connections here (e.g. 0.0.0.0:179).
         #[arg(long)]
         bgp_listen: Option<SocketAddr>,
@@ -237,6 +241,10 @@ enum Command {
         /// IPv6 source of NAT toward backends (default: the first XDP interface's).
         #[arg(long)]
         snat_v6: Option<Ipv6Addr>,
+        /// RFC 6052 prefix (a /96) for NAT46/64: ICMP errors from routers of the other family
+        /// reach clients from their address embedded in it.
+        #[arg(long, value_name = "PREFIX/96", default_value = "64:ff9b::/96", value_parser = parse_nat64_prefix)]
+        nat64_prefix: Ipv6Addr,
         /// Also accept BGP connections here (e.g. 0.0.0.0:179).
         #[arg(long)]
         bgp_listen: Option<SocketAddr>,
@@ -369,6 +377,7 @@ fn main() -> Result<()> {
             router_id,
             snat_v4,
             snat_v6,
+            nat64_prefix,
             bgp_listen,
             hold_link,
             big_tcp,
@@ -396,6 +405,7 @@ fn main() -> Result<()> {
             opts.router_id = router_id;
             opts.snat_v4 = snat_v4;
             opts.snat_v6 = snat_v6;
+            opts.nat64_prefix = nat64_prefix;
             opts.bgp_listen = bgp_listen;
             opts.hold_link = (hold_link != "none").then_some(hold_link);
             portico::bigtcp::check_size(big_tcp_size)?;
@@ -464,6 +474,7 @@ fn main() -> Result<()> {
             router_id,
             snat_v4,
             snat_v6,
+            nat64_prefix,
             bgp_listen,
             hold_link,
             big_tcp,
@@ -490,6 +501,7 @@ fn main() -> Result<()> {
             opts.router_id = router_id;
             opts.snat_v4 = snat_v4;
             opts.snat_v6 = snat_v6;
+            opts.nat64_prefix = nat64_prefix;
             opts.bgp_listen = bgp_listen;
             opts.hold_link = (hold_link != "none").then_some(hold_link);
             portico::bigtcp::check_size(big_tcp_size)?;
@@ -691,4 +703,22 @@ fn pin_dir_arg(arg: Option<&str>, node: &str) -> Option<PathBuf> {
         Some(dir) => Some(PathBuf::from(dir)),
         None => Some(PathBuf::from(format!("/sys/fs/bpf/portico/{node}"))),
     }
+}
+
+/// `--nat64-prefix`: an IPv6 prefix of length 96 (RFC 6052's other lengths are not
+/// supported), its last 32 bits zero.
+fn parse_nat64_prefix(s: &str) -> Result<Ipv6Addr, String> {
+    let (addr, len) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s}: want ADDRESS/96"))?;
+    if len != "96" {
+        return Err(format!("{s}: only /96 prefixes are supported"));
+    }
+    let addr: Ipv6Addr = addr.parse().map_err(|e| format!("{s}: {e}"))?;
+    if addr.octets()[12..] != [0; 4] {
+        return Err(format!(
+            "{s}: the last 32 bits of a /96 prefix must be zero"
+        ));
+    }
+    Ok(addr)
 }

@@ -1216,6 +1216,7 @@ mod tests {
             udp_timeout: Duration::from_secs(60),
             tcp_closing_timeout: Duration::from_secs(10),
             echo_reply: false,
+            xlat_prefix: "2001:db8:64::".parse().unwrap(),
         };
         let hz = 250;
         let jiffies = |d: Duration| (d.as_millis() * hz / 1000) as u32;
@@ -1229,9 +1230,25 @@ mod tests {
             tcp_timeout: jiffies(node.tcp_timeout),
             udp_timeout: jiffies(node.udp_timeout),
             tcp_closing_timeout: jiffies(node.tcp_closing_timeout),
+            xlat_prefix: [
+                u32::from_ne_bytes([0x20, 0x01, 0x0d, 0xb8]),
+                u32::from_ne_bytes([0, 0x64, 0, 0]),
+                0,
+            ],
             ..Config::default()
         };
         assert_eq!(node_config_of(&cfg), node);
+    }
+
+    #[test]
+    fn a_nat64_prefix_longer_than_96_bits_is_refused() {
+        let node = NodeConfig {
+            xlat_prefix: "64:ff9b::1".parse().unwrap(),
+            ..NodeConfig::default()
+        };
+        let err = validate_node(&node).unwrap_err().to_string();
+        assert!(err.contains("xlat_prefix"), "{err}");
+        assert!(validate_node(&NodeConfig::default()).is_ok());
     }
 
     #[test]
