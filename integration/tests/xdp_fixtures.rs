@@ -2452,6 +2452,9 @@ fn with_tos(mut p: Vec<u8>, tos: u8, atomic_v4: bool) -> Vec<u8> {
 fn nat46_and_nat64_translate_headers_and_checksums() {
     let mut net = TestNet::new().unwrap();
     let lb = fibnet::lb_namespace(&mut net).unwrap();
+    // Room toward the backends for a UDP datagram longer than the program sums.
+    lb.run(&["ip", "link", "set", "eth1", "mtu", "9000"])
+        .unwrap();
     let balancer = balancer();
     let prog = balancer.program();
     let _in_lb = lb.enter().unwrap();
@@ -2563,13 +2566,47 @@ fn nat46_and_nat64_translate_headers_and_checksums() {
     }
     assert_eq!(stat(stat::XLAT) - xlats, translated);
 
-    // IPv4 UDP without a checksum: IPv6 needs one; passed untouched.
-    let mut input = udp4(CLIENT4, VIP4_46, 42100, 80, b"no checksum");
+    // IPv4 UDP without a checksum: IPv6 needs one, computed over the whole datagram (odd
+    // lengths and lengths not a multiple of 8 included), compared with the packet built in
+    // IPv6 by etherparse.
+    for (i, len) in [0usize, 1, 7, 8, 13, 1000, 1432].into_iter().enumerate() {
+        let what = format!("NAT46 UDP without a checksum, {len} bytes of payload");
+        let payload: Vec<u8> = (0..len).map(|b| (b * 7 + 3) as u8).collect();
+        let cport = 42100 + i as u16;
+        let mut input = udp4(CLIENT4, VIP4_46, cport, 80, &payload);
+        input[40..42].copy_from_slice(&[0, 0]);
+        let out = send(&what, &input, eth0, verdict::REDIRECT);
+        let (backend, _) = endpoint(&out, false);
+        let (_, snat_port) = endpoint(&out, true);
+        let want = with_tos(
+            build(
+                LB1_MAC,
+                be_mac(backend),
+                Vlan::None,
+                v6(SNAT6),
+                backend,
+                63,
+                L4::Udp,
+                snat_port,
+                8080,
+                &payload,
+            ),
+            0,
+            false,
+        );
+        check_output(&what, &want, &out);
+    }
+    // Longer than the program sums (2,048 bytes): dropped, counted.
+    let mut input = udp4(CLIENT4, VIP4_46, 42199, 80, &[0x5a; 2100]);
     input[40..42].copy_from_slice(&[0, 0]);
-    let unsupported = stat(stat::PASS_UNSUPPORTED);
-    let out = send("NAT46 UDP without a checksum", &input, eth0, verdict::PASS);
-    assert_eq!(out, input, "NAT46 UDP without a checksum: untouched");
-    assert_eq!(stat(stat::PASS_UNSUPPORTED) - unsupported, 1);
+    let dropped = stat(stat::DROP_XLAT_NO_CSUM);
+    send(
+        "NAT46 long UDP without a checksum",
+        &input,
+        eth0,
+        verdict::DROP,
+    );
+    assert_eq!(stat(stat::DROP_XLAT_NO_CSUM) - dropped, 1);
 }
 
 /// An ICMP or ICMPv6 error frame (`type`, `code`, the 4 bytes after the checksum) from `src`

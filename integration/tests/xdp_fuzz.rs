@@ -18,7 +18,7 @@
 //! `PORTICO_XDP_FUZZ_PACKETS` (see the README). `PORTICO_XDP_FUZZ_SEED` replays a run.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
@@ -436,6 +436,11 @@ struct Model {
     pending: Vec<Case>,
     /// Counts by what happened, for the summary.
     outcomes: HashMap<&'static str, u64>,
+    /// Clients (address, port, protocol) of NAT46/64 flows whose packet was passed
+    /// untranslated (IPv4 options, extension headers...): the program reserved a SNAT port
+    /// for the flow before refusing the translation, so a reply to a port the model does
+    /// not know may be translated back to one of them.
+    xlat_refused: BTreeSet<(IpAddr, u16, u8)>,
 }
 
 impl Model {
@@ -1576,6 +1581,15 @@ fn check_l4(
                 .then(|| model.reverse.get(&(ip.src, dport, ip.proto)))
                 .flatten()
             else {
+                // A reservation of a NAT46/64 flow refused translation: back to its client.
+                if let Some(o) =
+                    parse(&out.packet).filter(|o| o.v6 != v6 && out.verdict != verdict::PASS)
+                {
+                    let (_, cport) = ports(&out.packet, &o);
+                    if model.xlat_refused.contains(&(o.dst, cport, ip.proto)) {
+                        return Ok("reply_to_a_refused_xlat_flow");
+                    }
+                }
                 unchanged(input, out)?;
                 return Ok("passed_not_a_reply");
             };
@@ -1607,6 +1621,7 @@ fn check_l4(
             }
             if !xlat_eligible(input, &ip) {
                 unchanged(input, out)?;
+                model.xlat_refused.insert((ip.src, sport, ip.proto));
                 return Ok("passed_xlat_unsupported");
             }
             let Some(o) = parse(&out.packet).filter(|o| o.v6 != v6) else {
@@ -1700,13 +1715,17 @@ fn check_l4(
 }
 
 /// Whether a packet of a NAT46/64 flow can be translated: untagged, IPv4 without options,
-/// IPv6 without extension headers, not a fragment, UDP with a checksum.
+/// IPv6 without extension headers, not a fragment, IPv6 UDP with a checksum (IPv4 UDP
+/// without one gets one, or is dropped: [`ZERO_CSUM_MAX`]).
 fn xlat_eligible(p: &[u8], ip: &Ip) -> bool {
     ip.frag.is_none()
         && ip.l3 == 14
         && ip.l4 == ip.l3 + if ip.v6 { 40 } else { 20 }
-        && (ip.proto == TCP || p[ip.l4 + 6..ip.l4 + 8] != [0, 0])
+        && (!ip.v6 || ip.proto == TCP || p[ip.l4 + 6..ip.l4 + 8] != [0, 0])
 }
+
+/// The longest IPv4 UDP datagram without a checksum the program gives one toward IPv6.
+const ZERO_CSUM_MAX: usize = 2048;
 
 /// A packet translated to the other family: addresses, ports, TTL / hop limit, TOS /
 /// traffic class, IPv4's DF and identification 0 and header checksum, the transport
@@ -1763,6 +1782,19 @@ fn check_xlat(
         unchanged(input, out)?;
         return Ok("passed_no_neighbour");
     }
+    // IPv4 UDP without a checksum, too long to be given one: dropped.
+    if grows && inp.proto == UDP && input[inp.l4 + 6..inp.l4 + 8] == [0, 0] {
+        let udp_len = usize::from(u16::from_be_bytes([input[inp.l4 + 4], input[inp.l4 + 5]]));
+        if udp_len > ZERO_CSUM_MAX {
+            if out.verdict != verdict::DROP {
+                return Err(format!(
+                    "UDP without a checksum, {udp_len} bytes: want XDP_DROP, got {}",
+                    verdict::name(out.verdict)
+                ));
+            }
+            return Ok("dropped_xlat_no_csum");
+        }
+    }
     let o = &out.packet;
     let Some(op) = parse(o) else {
         return Err("translated packet does not parse".into());
@@ -1799,7 +1831,8 @@ fn check_xlat(
     if !op.v6 && (o[op.l3 + 4..op.l3 + 8] != [0, 0, 0x40, 0] || !ipv4_header_ok(o, &op)) {
         return Err("IPv4 header: identification, DF or checksum".into());
     }
-    if l4_checksum_ok(input, inp) != l4_checksum_ok(o, &op) {
+    // IPv4 UDP without a checksum gets a right one.
+    if l4_checksum_ok(input, inp).or(Some(true)) != l4_checksum_ok(o, &op) {
         return Err(format!(
             "L4 checksum: {:?} in, {:?} out",
             l4_checksum_ok(input, inp),

@@ -138,8 +138,11 @@ pub mod stat {
     /// Packets translated between IPv4 and IPv6 (NAT46 toward an IPv6 backend of an IPv4
     /// VIP, NAT64 the other way, and their replies).
     pub const XLAT: u32 = 32;
+    /// Dropped: an IPv4 UDP datagram without a checksum toward IPv6 (which needs one) that
+    /// is too long for the program to sum (over 2,048 bytes, or not all in the linear part).
+    pub const DROP_XLAT_NO_CSUM: u32 = 33;
     /// Number of counters in a [`crate::StatBlock`].
-    pub const COUNT: u32 = 33;
+    pub const COUNT: u32 = 34;
 
     /// Each counter's name, by index, as status and metrics show it.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -176,6 +179,7 @@ pub mod stat {
         "drop_frag_no_head",
         "sctp_crc",
         "xlat",
+        "drop_xlat_no_csum",
     ];
 }
 
