@@ -11,10 +11,9 @@
 //! The lab's topology (`portico_lab::lab`), Portico's XDP program attached natively on the
 //! LB node, one TCP service whose only backend is be1 (iperf3's control and data
 //! connections must reach the same server). Per family, two phases on fresh namespaces:
-//! `baseline` (GSO/GRO sizes as the kernel sets them, 64 KiB) and `big_tcp` (the LB node's
-//! interfaces raised by Portico's own setter, `portico::bigtcp::enable_all`, as
-//! `--big-tcp IFACE` does, and the client's and backend's by `ip link`, to 196,608 bytes
-//! for IPv4 and IPv6). One iperf3 run of `--seconds` per phase, bounded by `timeout`.
+//! `baseline` (GSO/GRO sizes as the kernel sets them, 64 KiB) and `big_tcp` (every link of
+//! every namespace raised to 196,608 bytes for IPv4 and IPv6 by Portico's own setter,
+//! `portico::bigtcp::enable_all`, as `--big-tcp IFACE` does). One iperf3 run of `--seconds` per phase, bounded by `timeout`.
 //! Checksum errors: `nstat` `TcpInCsumErrors` and `UdpInCsumErrors` in every namespace,
 //! before and after; any change fails the benchmark.
 //!
@@ -95,40 +94,23 @@ fn csum_errors(ns: &NetNs) -> Result<BTreeMap<String, u64>> {
     Ok(m)
 }
 
-/// Raises the GSO/GRO sizes: the LB node's interfaces by Portico's setter, the client's
-/// and the backend's by `ip link`.
+/// Raises the GSO/GRO sizes (IPv4 and IPv6) of every link of every namespace with
+/// Portico's own setter, as `--big-tcp IFACE` does on a node (iproute2 6.1 knows no
+/// `gso_ipv4_max_size`).
 fn big_tcp(t: &Topology) -> Result<()> {
-    let lb = t.lb.clone();
-    let lb_links = links(&lb)?;
-    std::thread::spawn(move || -> Result<()> {
-        let _in = lb.enter()?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(portico::bigtcp::enable_all(&lb_links, BIG))?;
-        Ok(())
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the BIG TCP setter panicked"))??;
-    let size = BIG.to_string();
-    for ns in [&t.client, &t.sw].into_iter().chain(&t.backends) {
-        for l in links(ns)? {
-            ns.run(&[
-                "ip",
-                "link",
-                "set",
-                "dev",
-                &l,
-                "gso_max_size",
-                &size,
-                "gro_max_size",
-                &size,
-                "gso_ipv4_max_size",
-                &size,
-                "gro_ipv4_max_size",
-                &size,
-            ])?;
-        }
+    for ns in [&t.client, &t.lb, &t.sw].into_iter().chain(&t.backends) {
+        let ns = ns.clone();
+        let ns_links = links(&ns)?;
+        std::thread::spawn(move || -> Result<()> {
+            let _in = ns.enter()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(portico::bigtcp::enable_all(&ns_links, BIG))?;
+            Ok(())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the BIG TCP setter panicked"))??;
     }
     Ok(())
 }
@@ -169,6 +151,10 @@ fn phase(f: Family, big: bool, seconds: u32) -> Result<f64> {
         .iter()
         .map(|ns| csum_errors(ns))
         .collect::<Result<Vec<_>>>()?;
+    ensure!(
+        before.iter().all(|m| m.len() == 3),
+        "nstat did not report the three checksum counters: {before:?}"
+    );
     let mut server = iperf_server(
         &t.backends[0],
         &f.backend(1).to_string(),
