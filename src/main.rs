@@ -722,3 +722,20 @@ fn parse_nat64_prefix(s: &str) -> Result<Ipv6Addr, String> {
     }
     Ok(addr)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_nat64_prefix;
+
+    #[test]
+    fn a_nat64_prefix_is_a_slash_96_without_host_bits() {
+        assert_eq!(
+            parse_nat64_prefix("64:ff9b::/96").unwrap(),
+            "64:ff9b::".parse::<std::net::Ipv6Addr>().unwrap()
+        );
+        assert!(parse_nat64_prefix("2001:db8:64::/96").is_ok());
+        for bad in ["64:ff9b::", "64:ff9b::/64", "64:ff9b::1/96", "nonsense/96"] {
+            assert!(parse_nat64_prefix(bad).is_err(), "{bad}");
+        }
+    }
+}
