@@ -57,6 +57,8 @@ pub struct Options {
     pub snat_v6: Option<Ipv6Addr>,
     /// RFC 6052 /96 prefix for NAT46/64 ICMP errors from routers of the other family.
     pub nat64_prefix: Ipv6Addr,
+    /// Direct server return's outer source and GUE port (docs/dsr.md).
+    pub dsr: portico_xdp::DsrConfig,
     /// Accept BGP connections here.
     pub bgp_listen: Option<SocketAddr>,
     /// Link that holds announced addresses (`None`: hold none).
@@ -90,6 +92,7 @@ impl Options {
             snat_v4: None,
             snat_v6: None,
             nat64_prefix: portico_xdp::WELL_KNOWN_XLAT_PREFIX,
+            dsr: portico_xdp::DsrConfig::default(),
             bgp_listen: None,
             hold_link: None,
             big_tcp: Vec::new(),
@@ -308,6 +311,7 @@ pub async fn run(client: Client, opts: Options, mut stop: watch::Receiver<bool>)
         snat_v4: opts.snat_v4.or(detected.v4),
         snat_v6: opts.snat_v6.or(detected.v6),
         xlat_prefix: opts.nat64_prefix,
+        dsr: opts.dsr,
         ..NodeConfig::default()
     };
     let big_tcp = crate::bigtcp::enable_all(&opts.big_tcp, opts.big_tcp_size).await?;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use ipnet::{Ipv4Net, Ipv6Net};
 use portico::standalone::{self, Datapath, Options, ShutdownMode};
 use portico_xdp::AttachMode;
 
@@ -166,6 +167,8 @@ enum Command {
         /// reach clients from their address embedded in it.
         #[arg(long, value_name = "PREFIX/96", default_value = "64:ff9b::/96", value_parser = parse_nat64_prefix)]
         nat64_prefix: Ipv6Addr,
+        #[command(flatten)]
+        dsr: DsrArgs,
         /// Also accept BGP connections here (e.g. 0.0.0.0:179).
         #[arg(long)]
         bgp_listen: Option<SocketAddr>,
@@ -245,6 +248,8 @@ enum Command {
         /// reach clients from their address embedded in it.
         #[arg(long, value_name = "PREFIX/96", default_value = "64:ff9b::/96", value_parser = parse_nat64_prefix)]
         nat64_prefix: Ipv6Addr,
+        #[command(flatten)]
+        dsr: DsrArgs,
         /// Also accept BGP connections here (e.g. 0.0.0.0:179).
         #[arg(long)]
         bgp_listen: Option<SocketAddr>,
@@ -300,9 +305,10 @@ enum Command {
         /// This backend's tunnel address (outer destination; repeat).
         #[arg(long, value_name = "ADDR", required = true)]
         local: Vec<std::net::IpAddr>,
-        /// A balancer's address (outer source; repeat).
-        #[arg(long = "peer", value_name = "ADDR", required = true)]
-        peers: Vec<std::net::IpAddr>,
+        /// A balancer's address, or a prefix of them (a balancer's `--dsr-source-*`), as
+        /// outer source (repeat; 1024 addresses at most in all).
+        #[arg(long = "peer", value_name = "ADDR|CIDR", required = true, value_parser = parse_peer)]
+        peers: Vec<ipnet::IpNet>,
         /// UDP port of GUE encapsulation (off unless given).
         #[arg(long, value_name = "PORT")]
         gue_port: Option<u16>,
@@ -378,6 +384,7 @@ fn main() -> Result<()> {
             snat_v4,
             snat_v6,
             nat64_prefix,
+            dsr,
             bgp_listen,
             hold_link,
             big_tcp,
@@ -406,6 +413,7 @@ fn main() -> Result<()> {
             opts.snat_v4 = snat_v4;
             opts.snat_v6 = snat_v6;
             opts.nat64_prefix = nat64_prefix;
+            opts.dsr = dsr.config();
             opts.bgp_listen = bgp_listen;
             opts.hold_link = (hold_link != "none").then_some(hold_link);
             portico::bigtcp::check_size(big_tcp_size)?;
@@ -475,6 +483,7 @@ fn main() -> Result<()> {
             snat_v4,
             snat_v6,
             nat64_prefix,
+            dsr,
             bgp_listen,
             hold_link,
             big_tcp,
@@ -502,6 +511,7 @@ fn main() -> Result<()> {
             opts.snat_v4 = snat_v4;
             opts.snat_v6 = snat_v6;
             opts.nat64_prefix = nat64_prefix;
+            opts.dsr = dsr.config();
             opts.bgp_listen = bgp_listen;
             opts.hold_link = (hold_link != "none").then_some(hold_link);
             portico::bigtcp::check_size(big_tcp_size)?;
@@ -541,6 +551,7 @@ fn main() -> Result<()> {
             gue_port,
             xdp_mode,
         } => {
+            let peers = peer_addresses(&peers)?;
             let mut d = portico_xdp::Decap::load(&portico_xdp::DecapConfig {
                 local,
                 peers,
@@ -697,6 +708,85 @@ fn lab(command: LabCommand) -> Result<()> {
 }
 
 /// `--bpf-pin-dir`: a folder, "none", or the default under /sys/fs/bpf for `node`.
+/// Direct server return's outer header, the node's side (docs/dsr.md).
+#[derive(clap::Args, Debug)]
+struct DsrArgs {
+    /// Outer IPv4 source toward DSR backends: an address, or a prefix whose host bits come
+    /// from the flow hash (entropy for the backends' RSS) (default: the IPv4 SNAT address).
+    #[arg(long, value_name = "CIDR", value_parser = parse_source_v4)]
+    dsr_source_v4: Option<Ipv4Net>,
+    /// Outer IPv6 source toward DSR backends, as for IPv4 (at most the last 32 bits come from
+    /// the flow hash) (default: the IPv6 SNAT address).
+    #[arg(long, value_name = "CIDR", value_parser = parse_source_v6)]
+    dsr_source_v6: Option<Ipv6Net>,
+    /// GUE's UDP port at the backends (their `portico decap --gue-port`).
+    #[arg(long, value_name = "PORT", default_value_t = portico_xdp::DEFAULT_GUE_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    gue_port: u16,
+}
+
+impl DsrArgs {
+    fn config(&self) -> portico_xdp::DsrConfig {
+        portico_xdp::DsrConfig {
+            source_v4: self.dsr_source_v4.map(|n| (n.addr(), n.prefix_len())),
+            source_v6: self.dsr_source_v6.map(|n| (n.addr(), n.prefix_len())),
+            gue_port: self.gue_port,
+        }
+    }
+}
+
+/// An IPv4 prefix, or one address (a /32).
+fn parse_source_v4(s: &str) -> Result<Ipv4Net, String> {
+    match s.parse::<Ipv4Addr>() {
+        Ok(a) => Ok(Ipv4Net::from(a)),
+        Err(_) => s.parse::<Ipv4Net>().map_err(|e| e.to_string()),
+    }
+}
+
+/// An IPv6 prefix, or one address (a /128).
+fn parse_source_v6(s: &str) -> Result<Ipv6Net, String> {
+    match s.parse::<Ipv6Addr>() {
+        Ok(a) => Ok(Ipv6Net::from(a)),
+        Err(_) => s.parse::<Ipv6Net>().map_err(|e| e.to_string()),
+    }
+}
+
+/// An address (a /32 or /128) or a prefix.
+fn parse_peer(s: &str) -> Result<ipnet::IpNet, String> {
+    match s.parse::<std::net::IpAddr>() {
+        Ok(a) => Ok(ipnet::IpNet::from(a)),
+        Err(_) => s.parse::<ipnet::IpNet>().map_err(|e| e.to_string()),
+    }
+}
+
+/// The most addresses `portico decap --peer` takes (its `DECAP_PEERS` map's size).
+const MAX_PEERS: usize = 1024;
+
+/// Every address of the `--peer` prefixes (network and broadcast addresses included: a
+/// balancer's outer source may be any of them), at most [`MAX_PEERS`].
+fn peer_addresses(nets: &[ipnet::IpNet]) -> Result<Vec<std::net::IpAddr>> {
+    let mut out = Vec::new();
+    for net in nets {
+        let host_bits = u32::from(net.max_prefix_len() - net.prefix_len());
+        let count = 1u128.checked_shl(host_bits).unwrap_or(u128::MAX);
+        anyhow::ensure!(
+            (out.len() as u128).saturating_add(count) <= MAX_PEERS as u128,
+            "--peer {net}: more than {MAX_PEERS} peer addresses in all"
+        );
+        match net {
+            ipnet::IpNet::V4(n) => out.extend(
+                (u32::from(n.network())..=u32::from(n.broadcast()))
+                    .map(|a| std::net::IpAddr::from(Ipv4Addr::from(a))),
+            ),
+            ipnet::IpNet::V6(n) => out.extend(
+                (u128::from(n.network())..=u128::from(n.broadcast()))
+                    .map(|a| std::net::IpAddr::from(Ipv6Addr::from(a))),
+            ),
+        }
+    }
+    Ok(out)
+}
+
 fn pin_dir_arg(arg: Option<&str>, node: &str) -> Option<PathBuf> {
     match arg {
         Some("none") => None,
@@ -725,7 +815,7 @@ fn parse_nat64_prefix(s: &str) -> Result<Ipv6Addr, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_nat64_prefix;
+    use super::*;
 
     #[test]
     fn a_nat64_prefix_is_a_slash_96_without_host_bits() {
@@ -737,5 +827,42 @@ mod tests {
         for bad in ["64:ff9b::", "64:ff9b::/64", "64:ff9b::1/96", "nonsense/96"] {
             assert!(parse_nat64_prefix(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn decap_peers_are_addresses_or_every_address_of_a_prefix_up_to_the_map_size() {
+        let nets: Vec<ipnet::IpNet> = ["198.18.5.1", "198.18.200.0/30", "fd00:18::fc/126"]
+            .iter()
+            .map(|s| parse_peer(s).unwrap())
+            .collect();
+        let addrs: Vec<String> = peer_addresses(&nets)
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            addrs,
+            [
+                "198.18.5.1",
+                "198.18.200.0",
+                "198.18.200.1",
+                "198.18.200.2",
+                "198.18.200.3",
+                "fd00:18::fc",
+                "fd00:18::fd",
+                "fd00:18::fe",
+                "fd00:18::ff",
+            ]
+        );
+        let e = peer_addresses(&[parse_peer("10.0.0.0/21").unwrap()]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--peer 10.0.0.0/21: more than 1024 peer addresses in all"
+        );
+        assert!(peer_addresses(&[parse_peer("::/0").unwrap()]).is_err());
+        assert!(
+            peer_addresses(&[parse_peer("::1").unwrap(), parse_peer("::/0").unwrap()]).is_err()
+        );
+        assert!(parse_peer("198.18.0.0/33").is_err());
     }
 }

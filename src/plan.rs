@@ -14,6 +14,10 @@
 //!   a ready endpoint: anywhere for `Cluster`, on this node for `Local` (as MetalLB does).
 //!   Several advertisements selecting one prefix for one peer merge their communities; for
 //!   MED and LOCAL_PREF the first by name wins and a difference is reported.
+//! - A Service's listeners are NAT unless it is annotated `portico.io/forwarding-mode: dsr`
+//!   (direct server return, `portico.io/dsr-encapsulation: ipip` (the default) or `gue`);
+//!   a bad value is a problem naming the annotation and its value, and the Service gets no
+//!   listener and no route until it is fixed (docs/dsr.md).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -32,7 +36,7 @@ use portico_ipam::{
     Allocator, Consumer, ConsumerId, ConsumerKind, Family, Labels, Pool, PoolState, TrafficPolicy,
     Usage,
 };
-use portico_xdp::{BackendSpec, Protocol, ServiceKey, ServiceSpec};
+use portico_xdp::{BackendSpec, Encapsulation, Forwarding, Protocol, ServiceKey, ServiceSpec};
 
 use crate::world::{Kind, ObjectKey, World};
 
@@ -41,6 +45,44 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// The label every node carries with its own name.
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+
+/// Service annotation: how the XDP balancer reaches the backends, `nat` (the default) or
+/// `dsr` (direct server return: the backends answer the clients themselves).
+pub const FORWARDING_MODE: &str = "portico.io/forwarding-mode";
+/// Service annotation, with `portico.io/forwarding-mode: dsr`: the outer header, `ipip`
+/// (the default: IPIP, IP6IP6, 4in6 or 6in4 by the families) or `gue` (GUE in UDP).
+pub const DSR_ENCAPSULATION: &str = "portico.io/dsr-encapsulation";
+
+/// The forwarding mode a Service's annotations ask for; the error names the annotation and
+/// its value.
+///
+/// # Errors
+/// An unknown mode or encapsulation, or an encapsulation without `dsr`.
+pub fn forwarding_of(annotations: Option<&BTreeMap<String, String>>) -> Result<Forwarding, String> {
+    let get = |k: &str| annotations.and_then(|a| a.get(k)).map(String::as_str);
+    let field = |k: &str, v: &str| format!("metadata.annotations[\"{k}\"] = {v:?}");
+    let encapsulation = match get(DSR_ENCAPSULATION) {
+        None | Some("ipip") => Encapsulation::Ipip,
+        Some("gue") => Encapsulation::Gue,
+        Some(v) => {
+            return Err(format!(
+                "{}: must be ipip or gue",
+                field(DSR_ENCAPSULATION, v)
+            ))
+        }
+    };
+    match get(FORWARDING_MODE) {
+        Some("dsr") => Ok(Forwarding::Dsr(encapsulation)),
+        None | Some("nat") => match get(DSR_ENCAPSULATION) {
+            Some(v) => Err(format!(
+                "{}: only with {FORWARDING_MODE}: dsr",
+                field(DSR_ENCAPSULATION, v)
+            )),
+            None => Ok(Forwarding::Nat),
+        },
+        Some(v) => Err(format!("{}: must be nat or dsr", field(FORWARDING_MODE, v))),
+    }
+}
 
 /// A problem with one object, found while planning; the object is skipped (or its last good
 /// state kept) and everything else goes on.
@@ -482,6 +524,16 @@ pub fn node_plan(world: &World, ipam: &IpamOutcome, node: &NodeIdentity) -> Node
             continue;
         };
         let Some(spec) = &svc.spec else { continue };
+        let forwarding = match forwarding_of(svc.metadata.annotations.as_ref()) {
+            Ok(f) => f,
+            Err(message) => {
+                plan.problems.push(ObjectProblem {
+                    object: key(Kind::Service, ns, name),
+                    message,
+                });
+                continue;
+            }
+        };
         let local = spec.external_traffic_policy.as_deref() == Some("Local");
         let svc_slices = slices.get(&(ns.as_str(), name.as_str()));
         let svc_labels = svc.metadata.labels.clone().unwrap_or_default();
@@ -520,6 +572,7 @@ pub fn node_plan(world: &World, ipam: &IpamOutcome, node: &NodeIdentity) -> Node
                         key,
                         backends: eps.backends,
                         hash_source_only: spec.session_affinity.as_deref() == Some("ClientIP"),
+                        forwarding,
                     },
                 );
             }

@@ -3,7 +3,10 @@
 use std::collections::BTreeMap;
 
 use portico::apply::BalancerApplier;
-use portico_xdp::{BackendSpec, FakeBalancer, NodeConfig, Protocol, ServiceKey, ServiceSpec};
+use portico_xdp::{
+    BackendSpec, Encapsulation, FakeBalancer, Forwarding, NodeConfig, Protocol, ServiceKey,
+    ServiceSpec,
+};
 
 fn spec(vip: &str, port: u16, backends: &[&str]) -> ServiceSpec {
     let key = ServiceKey {
@@ -22,6 +25,7 @@ fn spec(vip: &str, port: u16, backends: &[&str]) -> ServiceSpec {
             })
             .collect(),
         hash_source_only: false,
+        forwarding: Default::default(),
     }
 }
 
@@ -71,5 +75,19 @@ fn only_changed_services_are_written_and_gone_ones_removed() {
     assert_eq!(a.applied().len(), 1);
     assert_eq!(a.balancer().service(&web.key), Some(&web2));
     assert_eq!(a.balancer().service(&api.key), None);
+    assert!(a.health.ok);
+}
+
+#[test]
+fn a_forwarding_mode_change_alone_is_written() {
+    let mut a = applier();
+    let web = spec("198.51.100.1", 80, &["10.0.0.1"]);
+    a.apply(&plan(std::slice::from_ref(&web)));
+    let dsr = ServiceSpec {
+        forwarding: Forwarding::Dsr(Encapsulation::Gue),
+        ..web.clone()
+    };
+    a.apply(&plan(std::slice::from_ref(&dsr)));
+    assert_eq!(a.balancer().service(&web.key), Some(&dsr));
     assert!(a.health.ok);
 }

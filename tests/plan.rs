@@ -8,7 +8,7 @@ use portico::manifest::parse_text;
 use portico::plan::{node_plan, Ipam, IpamOutcome, NodeIdentity, NodePlan};
 use portico::world::World;
 use portico_crds::ClassPolicy;
-use portico_xdp::{Protocol, ServiceKey};
+use portico_xdp::{Encapsulation, Forwarding, Protocol, ServiceKey};
 
 const BASE: &str = r#"
 apiVersion: portico.io/v1alpha1
@@ -474,4 +474,78 @@ spec:
     assert_eq!(web.backends[0].addr.to_string(), "10.0.0.1");
     assert_eq!(api.backends[0].addr.to_string(), "10.0.0.2");
     assert_eq!(plan.peers[&tor()].routes.len(), 1);
+}
+
+/// `service(name, "")` with these annotations.
+fn annotated(name: &str, annotations: &str) -> String {
+    service(name, "").replace(
+        &format!("labels: {{app: {name}}}}}"),
+        &format!("labels: {{app: {name}}}, annotations: {{{annotations}}}}}"),
+    )
+}
+
+#[test]
+fn forwarding_mode_dsr_makes_every_listener_of_the_service_direct_server_return() {
+    let eps = slice("web", "IPv4", &[ep("10.0.0.1", "n1", READY)]);
+    for (annotations, want) in [
+        ("", Forwarding::Nat),
+        ("portico.io/forwarding-mode: nat", Forwarding::Nat),
+        (
+            "portico.io/forwarding-mode: dsr",
+            Forwarding::Dsr(Encapsulation::Ipip),
+        ),
+        (
+            "portico.io/forwarding-mode: dsr, portico.io/dsr-encapsulation: ipip",
+            Forwarding::Dsr(Encapsulation::Ipip),
+        ),
+        (
+            "portico.io/forwarding-mode: dsr, portico.io/dsr-encapsulation: gue",
+            Forwarding::Dsr(Encapsulation::Gue),
+        ),
+    ] {
+        let text = format!("{BASE}{}{eps}", annotated("web", annotations));
+        let (_, plan) = plan_for(&text, "n1");
+        assert_eq!(plan.services.len(), 2, "{annotations}");
+        for spec in plan.services.values() {
+            assert_eq!(spec.forwarding, want, "{annotations}");
+        }
+        assert!(plan.problems.is_empty(), "{:?}", plan.problems);
+        assert!(!plan.peers[&tor()].routes.is_empty(), "{annotations}");
+    }
+}
+
+#[test]
+fn a_bad_forwarding_annotation_is_a_problem_naming_service_annotation_and_value() {
+    let eps = slice("web", "IPv4", &[ep("10.0.0.1", "n1", READY)]);
+    for (annotations, message) in [
+        (
+            "portico.io/forwarding-mode: direct",
+            r#"metadata.annotations["portico.io/forwarding-mode"] = "direct": must be nat or dsr"#,
+        ),
+        (
+            "portico.io/forwarding-mode: dsr, portico.io/dsr-encapsulation: vxlan",
+            r#"metadata.annotations["portico.io/dsr-encapsulation"] = "vxlan": must be ipip or gue"#,
+        ),
+        (
+            "portico.io/dsr-encapsulation: gue",
+            r#"metadata.annotations["portico.io/dsr-encapsulation"] = "gue": only with portico.io/forwarding-mode: dsr"#,
+        ),
+    ] {
+        let text = format!(
+            "{BASE}{}{eps}{}{}",
+            annotated("web", annotations),
+            service("api", ""),
+            slice("api", "IPv4", &[ep("10.0.0.2", "n1", READY)])
+        );
+        let (outcome, plan) = plan_for(&text, "n1");
+        assert_eq!(plan.problems.len(), 1, "{:?}", plan.problems);
+        let p = &plan.problems[0];
+        assert_eq!(p.object.to_string(), "Service shop/web");
+        assert_eq!(p.message, message);
+        // No listener and no route for it until fixed; the other Service goes on.
+        let web = addr_of(&outcome, "web");
+        assert!(plan.services.keys().all(|k| k.vip != web));
+        assert!(!plan.peers[&tor()].routes.keys().any(|n| n.addr() == web));
+        assert_eq!(plan.services.len(), 2);
+    }
 }

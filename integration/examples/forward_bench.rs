@@ -499,6 +499,7 @@ fn service() -> ServiceSpec {
             })
             .collect(),
         hash_source_only: false,
+        forwarding: Default::default(),
     }
 }
 

@@ -598,6 +598,7 @@ fn balancer() -> XdpBalancer {
             })
             .collect(),
         hash_source_only: false,
+        forwarding: Default::default(),
     };
     let b4: Vec<(IpAddr, u32)> = BACKENDS4.iter().map(|a| (v4(*a), 1)).collect();
     let b6: Vec<(IpAddr, u32)> = BACKENDS6.iter().map(|a| (v6(*a), 1)).collect();

@@ -2201,6 +2201,7 @@ fn service(vip: IpAddr, port: u16, proto: Protocol, backends: Vec<IpAddr>) -> Se
             })
             .collect(),
         hash_source_only: false,
+        forwarding: Default::default(),
     }
 }
 

@@ -59,6 +59,7 @@ fn service(backends: &[u8]) -> ServiceSpec {
             })
             .collect(),
         hash_source_only: false,
+        forwarding: Default::default(),
     }
 }
 

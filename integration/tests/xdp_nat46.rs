@@ -94,6 +94,7 @@ fn cross_family(client_v6: bool) -> Result<()> {
                 })
                 .collect(),
             hash_source_only: false,
+            forwarding: Default::default(),
         })?;
     }
     let vip = SocketAddr::new(cf.vip(), lab::VIP_PORT);

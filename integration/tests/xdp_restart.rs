@@ -26,8 +26,8 @@ use portico_integration::{
     NetNs, TestNet,
 };
 use portico_xdp::{
-    verdict, AttachMode, BackendSpec, Balancer, LoadOptions, NodeConfig, Protocol, ServiceKey,
-    ServiceSpec, XdpBalancer, XdpProgram,
+    verdict, AttachMode, BackendSpec, Balancer, Encapsulation, Forwarding, LoadOptions, NodeConfig,
+    Protocol, ServiceKey, ServiceSpec, XdpBalancer, XdpProgram,
 };
 use portico_xdp_common::stat;
 
@@ -469,6 +469,7 @@ fn an_id_released_before_a_restart_comes_back_with_its_next_generation() {
             })
             .collect(),
         hash_source_only: false,
+        forwarding: Default::default(),
     };
     let packet = |syn: bool| {
         let b = PacketBuilder::ethernet2(fibnet::CLIENT_MAC, fibnet::LB0_MAC)
@@ -549,4 +550,62 @@ fn a_link_whose_interface_was_recreated_is_replaced_and_can_be_unpinned() {
     assert_eq!(wait_detached(&a, "eth0"), None, "still attached");
     assert!(program.pinned_interfaces().unwrap().is_empty());
     assert!(pins.entries().contains("CONNTRACK"));
+}
+
+/// A direct-server-return service survives a restart from the pins as one: the adopted spec
+/// says so, and its tracked flow's next packet is encapsulated toward the same backend.
+#[test]
+fn a_dsr_service_is_adopted_with_its_forwarding_mode() {
+    const VIP: [u8; 4] = [203, 0, 113, 30];
+    let spec = ServiceSpec {
+        key: ServiceKey {
+            vip: VIP.into(),
+            port: 80,
+            proto: Protocol::Tcp,
+        },
+        backends: (1..=3u8)
+            .map(|i| BackendSpec {
+                addr: [198, 18, 1, i].into(),
+                port: 8080,
+                weight: 1,
+            })
+            .collect(),
+        hash_source_only: false,
+        forwarding: Forwarding::Dsr(Encapsulation::Gue),
+    };
+    let packet = |syn: bool| {
+        let b = PacketBuilder::ethernet2(fibnet::CLIENT_MAC, fibnet::LB0_MAC)
+            .ipv4([198, 18, 0, 1], VIP, 64)
+            .tcp(40000, 80, 1000, 64240);
+        let b = if syn { b.syn() } else { b.ack(1) };
+        let mut out = Vec::new();
+        b.write(&mut out, b"data").unwrap();
+        out
+    };
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let pins = PinDir::new("dsr");
+    let _in = lb.enter().unwrap();
+    let eth0 = fibnet::ifindex("eth0").unwrap();
+    // The outer destination (a backend) and protocol (UDP: GUE) of the answer.
+    let run = |b: &XdpBalancer, frame: &[u8]| {
+        let out = b.program().test_run_on(frame, Some(eth0)).unwrap();
+        assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
+        let p = &out.packet;
+        assert_eq!(
+            &p[14 + 28..],
+            &frame[14..],
+            "the client's packet, unchanged"
+        );
+        (p[23], [p[30], p[31], p[32], p[33]])
+    };
+    let mut first = fibnet_balancer(&pins);
+    first.upsert_service(&spec).unwrap();
+    let (proto, backend) = run(&first, &packet(true));
+    assert_eq!(proto, 17);
+    drop(first);
+
+    let second = fibnet_balancer(&pins);
+    assert_eq!(second.service(&spec.key), Some(&spec));
+    assert_eq!(run(&second, &packet(false)), (17, backend));
 }

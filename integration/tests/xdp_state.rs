@@ -60,6 +60,7 @@ fn spec(vip: [u8; 4], backends: &[[u8; 4]]) -> ServiceSpec {
             })
             .collect(),
         hash_source_only: false,
+        forwarding: Default::default(),
     }
 }
 

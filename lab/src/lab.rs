@@ -190,6 +190,7 @@ pub fn service(f: Family, proto: Protocol, weights: &[Option<u32>]) -> ServiceSp
             })
             .collect(),
         hash_source_only: false,
+        forwarding: Default::default(),
     }
 }
 

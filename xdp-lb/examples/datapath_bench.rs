@@ -310,6 +310,7 @@ fn main() -> Result<()> {
             },
             backends,
             hash_source_only: false,
+            forwarding: Default::default(),
         })?;
     }
 

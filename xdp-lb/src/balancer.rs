@@ -10,9 +10,9 @@ use std::{
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use portico_xdp_common::{
-    addr_from_octets, addr_from_v4, addr_octets, backend_state, config_flags, family, map_name,
-    proto, service_flags, vip_filter_bit, Addr, Backend, Config, Counters, NextHop, Service,
-    VipKey, VIP_FILTER_WORDS,
+    addr_from_octets, addr_from_v4, addr_octets, backend_state, config_flags, encap, family,
+    map_name, proto, service_flags, vip_filter_bit, Addr, Backend, Config, Counters, NextHop,
+    Service, VipKey, VIP_FILTER_WORDS,
 };
 
 use crate::{
@@ -96,6 +96,61 @@ pub struct ServiceSpec {
     pub backends: Vec<BackendSpec>,
     /// Hash on the client address only (session affinity).
     pub hash_source_only: bool,
+    /// How packets reach the backends: NAT, or direct server return.
+    pub forwarding: Forwarding,
+}
+
+/// How a service's packets reach its backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Forwarding {
+    /// Destination rewritten to the backend, source to the node; replies come back through
+    /// the node and are translated back.
+    #[default]
+    Nat,
+    /// Direct server return: the client's packet unchanged inside an outer header from the
+    /// node to the backend, which answers the client itself (`portico decap` strips it).
+    /// The backend must accept the VIP and the service port: neither is translated.
+    Dsr(Encapsulation),
+}
+
+/// The outer header of direct server return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Encapsulation {
+    /// IP in IP by the families: IPIP (4in4), IP6IP6, 4in6, 6in4.
+    Ipip,
+    /// GUE variant 1: UDP to the node's GUE port, the client's packet as its payload.
+    Gue,
+}
+
+impl Forwarding {
+    /// The value of [`Backend::encap`] for this mode.
+    pub fn encap(self) -> u8 {
+        match self {
+            Forwarding::Nat => encap::NAT,
+            Forwarding::Dsr(Encapsulation::Ipip) => encap::IPIP,
+            Forwarding::Dsr(Encapsulation::Gue) => encap::GUE,
+        }
+    }
+
+    /// The mode of a [`Backend::encap`] value, `None` for one this build does not know.
+    pub fn from_encap(e: u8) -> Option<Self> {
+        match e {
+            encap::NAT => Some(Forwarding::Nat),
+            encap::IPIP => Some(Forwarding::Dsr(Encapsulation::Ipip)),
+            encap::GUE => Some(Forwarding::Dsr(Encapsulation::Gue)),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Forwarding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Forwarding::Nat => "nat",
+            Forwarding::Dsr(Encapsulation::Ipip) => "dsr/ipip",
+            Forwarding::Dsr(Encapsulation::Gue) => "dsr/gue",
+        })
+    }
 }
 
 /// Node-wide settings.
@@ -120,10 +175,38 @@ pub struct NodeConfig {
     /// The RFC 6052 /96 prefix embedding IPv4 addresses in IPv6, for NAT46/64 ICMP errors
     /// from routers of the other family; its last 32 bits must be zero.
     pub xlat_prefix: Ipv6Addr,
+    /// Direct server return's outer header.
+    pub dsr: DsrConfig,
 }
 
 /// The well-known NAT64 prefix, 64:ff9b::/96 (RFC 6052 §2.1).
 pub const WELL_KNOWN_XLAT_PREFIX: Ipv6Addr = Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0);
+
+/// The node's side of direct server return's outer header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DsrConfig {
+    /// Outer IPv4 source: a prefix whose host bits come from the flow hash (entropy for the
+    /// backends' RSS), or one address (`/32`). `None`: the IPv4 SNAT address.
+    pub source_v4: Option<(Ipv4Addr, u8)>,
+    /// Outer IPv6 source, as for IPv4; at most the last 32 bits come from the flow hash.
+    /// `None`: the IPv6 SNAT address.
+    pub source_v6: Option<(Ipv6Addr, u8)>,
+    /// GUE's UDP destination port at the backends (`portico decap --gue-port`).
+    pub gue_port: u16,
+}
+
+impl Default for DsrConfig {
+    fn default() -> Self {
+        Self {
+            source_v4: None,
+            source_v6: None,
+            gue_port: DEFAULT_GUE_PORT,
+        }
+    }
+}
+
+/// The default GUE port, as `portico decap`'s.
+pub const DEFAULT_GUE_PORT: u16 = 6080;
 
 impl Default for NodeConfig {
     fn default() -> Self {
@@ -137,8 +220,21 @@ impl Default for NodeConfig {
             tcp_closing_timeout: Duration::from_secs(10),
             echo_reply: true,
             xlat_prefix: WELL_KNOWN_XLAT_PREFIX,
+            dsr: DsrConfig::default(),
         }
     }
+}
+
+/// The host bits of a prefix of `len` bits in a 32-bit word of the address's last 32 bits
+/// (`bits` long in all), in network order: the bits the flow hash fills.
+fn host_mask(bits: u8, len: u8) -> u32 {
+    let host = u32::from(bits.saturating_sub(len)).min(32);
+    let m = if host == 32 {
+        u32::MAX
+    } else {
+        (1u32 << host) - 1
+    };
+    u32::from_ne_bytes(m.to_be_bytes())
 }
 
 /// Counters of a service and of each of its backends.
@@ -380,6 +476,27 @@ fn validate_node(c: &NodeConfig) -> Result<(), BalancerError> {
             ));
         }
     }
+    if let Some((a, len)) = c.dsr.source_v4 {
+        if len > 32 || a.is_unspecified() {
+            return Err(bad(
+                "dsr.source_v4",
+                format!("{a}/{len}"),
+                "must be an IPv4 address with a prefix length of at most 32",
+            ));
+        }
+    }
+    if let Some((a, len)) = c.dsr.source_v6 {
+        if len > 128 || a.is_unspecified() {
+            return Err(bad(
+                "dsr.source_v6",
+                format!("{a}/{len}"),
+                "must be an IPv6 address with a prefix length of at most 128",
+            ));
+        }
+    }
+    if c.dsr.gue_port == 0 {
+        return Err(bad("dsr.gue_port", "0".into(), "must be 1-65535"));
+    }
     Ok(())
 }
 
@@ -473,6 +590,17 @@ fn node_config_of(c: &Config) -> NodeConfig {
             c.xlat_prefix[2],
             0,
         ])),
+        dsr: DsrConfig {
+            source_v4: (c.dsr_v4 != 0).then(|| {
+                let host = u32::from_be_bytes(c.dsr_v4_mask.to_ne_bytes()).count_ones() as u8;
+                (Ipv4Addr::from(c.dsr_v4.to_ne_bytes()), 32 - host)
+            }),
+            source_v6: (c.dsr_v6 != [0; 4]).then(|| {
+                let host = u32::from_be_bytes(c.dsr_v6_mask.to_ne_bytes()).count_ones() as u8;
+                (Ipv6Addr::from(addr_octets(&c.dsr_v6)), 128 - host)
+            }),
+            gue_port: u16::from_be(c.gue_port),
+        },
     }
 }
 
@@ -650,6 +778,13 @@ impl XdpBalancer {
                         key,
                         backends: listed.into_iter().map(|(_, be)| be).collect(),
                         hash_source_only: svc.flags & service_flags::HASH_SRC_ONLY != 0,
+                        forwarding: Forwarding::from_encap(
+                            (svc.flags >> service_flags::ENCAP_SHIFT) as u8,
+                        )
+                        .ok_or_else(|| BalancerError::Adopt {
+                            what: format!("SERVICES value of {key}"),
+                            why: "unknown forwarding mode",
+                        })?,
                     },
                     backend_ids,
                     retired,
@@ -831,6 +966,15 @@ impl Balancer for XdpBalancer {
         }
         let prefix = addr_from_octets(config.xlat_prefix.octets());
         cfg.xlat_prefix = [prefix[0], prefix[1], prefix[2]];
+        if let Some((a, len)) = config.dsr.source_v4 {
+            cfg.dsr_v4 = addr_from_v4(a.octets())[0];
+            cfg.dsr_v4_mask = host_mask(32, len);
+        }
+        if let Some((a, len)) = config.dsr.source_v6 {
+            cfg.dsr_v6 = addr_from_octets(a.octets());
+            cfg.dsr_v6_mask = host_mask(128, len);
+        }
+        cfg.gue_port = config.dsr.gue_port.to_be();
         cfg.cache_epoch = self.config.cache_epoch;
         let mut array: Array<&mut MapData, Config> = self.program.map_mut(map_name::CONFIG)?;
         array.set(0, cfg, 0).map_err(map_err(map_name::CONFIG))?;
@@ -911,7 +1055,9 @@ impl Balancer for XdpBalancer {
                 service_id: id as u16,
                 generation: self.generations[&backend_ids[&(b.addr, b.port)]],
                 hop: NextHop::default(),
-                _pad2: [0; 4],
+                encap: spec.forwarding.encap(),
+                _pad1: [0; 3],
+                _pad2: [0; 3],
             };
             self.write_backend(backend_ids[&(b.addr, b.port)], &value)?;
             if let Some(state) = self.program.pinned_state_mut() {
@@ -944,7 +1090,7 @@ impl Balancer for XdpBalancer {
                 service_flags::HASH_SRC_ONLY
             } else {
                 0
-            },
+            } | u32::from(spec.forwarding.encap()) << service_flags::ENCAP_SHIFT,
             ring_gen: new_gen,
             _pad: 0,
         };
@@ -1141,6 +1287,7 @@ mod tests {
                 },
             ],
             hash_source_only: false,
+            forwarding: Forwarding::Nat,
         };
         let err = fake.upsert_service(&spec).unwrap_err().to_string();
         assert!(
@@ -1161,6 +1308,7 @@ mod tests {
             },
             backends: vec![],
             hash_source_only: false,
+            forwarding: Forwarding::Nat,
         };
         let err = fake.upsert_service(&spec).unwrap_err().to_string();
         assert!(err.contains("no IPv6 SNAT address"), "{err}");
@@ -1192,6 +1340,7 @@ mod tests {
             key: key(),
             backends: vec![b],
             hash_source_only: false,
+            forwarding: Forwarding::Nat,
         })
         .unwrap();
         fake.set_backend_weight(&key(), b.addr, b.port, 0).unwrap();
@@ -1217,6 +1366,11 @@ mod tests {
             tcp_closing_timeout: Duration::from_secs(10),
             echo_reply: false,
             xlat_prefix: "2001:db8:64::".parse().unwrap(),
+            dsr: DsrConfig {
+                source_v4: Some(("198.18.200.0".parse().unwrap(), 24)),
+                source_v6: Some(("fd00:18:200::".parse().unwrap(), 112)),
+                gue_port: 7777,
+            },
         };
         let hz = 250;
         let jiffies = |d: Duration| (d.as_millis() * hz / 1000) as u32;
@@ -1235,6 +1389,11 @@ mod tests {
                 u32::from_ne_bytes([0, 0x64, 0, 0]),
                 0,
             ],
+            dsr_v4: addr_from_v4([198, 18, 200, 0])[0],
+            dsr_v4_mask: u32::from_ne_bytes([0, 0, 0, 0xff]),
+            dsr_v6: addr_from_octets("fd00:18:200::".parse::<Ipv6Addr>().unwrap().octets()),
+            dsr_v6_mask: u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+            gue_port: 7777u16.to_be(),
             ..Config::default()
         };
         assert_eq!(node_config_of(&cfg), node);

@@ -579,6 +579,15 @@ impl XdpProgram {
         self.options
     }
 
+    /// The instructions the verifier walked to accept this balancer program (`None` on a
+    /// kernel that does not report it): the load-time budget the program must stay within.
+    ///
+    /// # Errors
+    /// The program's information cannot be read.
+    pub fn verified_instructions(&self) -> Result<Option<u32>, XdpError> {
+        Ok(self.program()?.info()?.verified_instruction_count())
+    }
+
     fn program(&self) -> Result<&Xdp, XdpError> {
         let prog = self
             .ebpf

@@ -51,20 +51,13 @@ fn counter_program_counts_every_run() {
 /// under its limit of a million, so the next feature does not tip it over.
 #[test]
 fn the_verifier_walks_the_program_well_within_its_limit() {
-    let _prog = load();
-    let walked: Vec<(String, u32)> = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter_map(|info| {
-            let name = info.name_as_str()?.to_owned();
-            let count = info.verified_instruction_count()?;
-            (name == portico_xdp_common::PROGRAM_NAME).then_some((name, count))
-        })
-        .collect();
-    let most = walked
-        .iter()
-        .map(|(_, c)| *c)
-        .max()
-        .expect("the program is loaded");
-    println!("verifier walked {most} instructions");
-    assert!(most < 500_000, "{walked:?}");
+    let prog = load();
+    // This process's program: other processes (tests running beside this one) may have
+    // other builds of it loaded under the same name.
+    let walked = prog
+        .verified_instructions()
+        .unwrap()
+        .expect("the kernel reports verified instructions");
+    println!("verifier walked {walked} instructions");
+    assert!(walked < 500_000, "{walked}");
 }

@@ -138,11 +138,14 @@ pub mod stat {
     /// Packets translated between IPv4 and IPv6 (NAT46 toward an IPv6 backend of an IPv4
     /// VIP, NAT64 the other way, and their replies).
     pub const XLAT: u32 = 32;
+    /// Packets of direct-server-return services sent to their backend inside an outer
+    /// header (IPIP, IP6IP6, 4in6, 6in4 or GUE).
+    pub const DSR_ENCAP: u32 = 33;
     /// Dropped: an IPv4 UDP datagram without a checksum toward IPv6 (which needs one) that
     /// is too long for the program to sum (over 2,048 bytes, or not all in the linear part).
-    pub const DROP_XLAT_NO_CSUM: u32 = 33;
+    pub const DROP_XLAT_NO_CSUM: u32 = 34;
     /// Number of counters in a [`crate::StatBlock`].
-    pub const COUNT: u32 = 34;
+    pub const COUNT: u32 = 35;
 
     /// Each counter's name, by index, as status and metrics show it.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -179,6 +182,7 @@ pub mod stat {
         "drop_frag_no_head",
         "sctp_crc",
         "xlat",
+        "dsr_encap",
         "drop_xlat_no_csum",
     ];
 }
@@ -309,6 +313,19 @@ pub struct Config {
     /// The RFC 6052 /96 prefix (its first 96 bits) that embeds an IPv4 address in IPv6 for
     /// NAT46/64 ICMP errors from routers of the other family (default 64:ff9b::/96).
     pub xlat_prefix: [u32; 3],
+    /// Outer IPv4 source of direct server return (network order, as [`Addr`] word 0); the
+    /// bits set in `dsr_v4_mask` come from the flow hash. 0: the SNAT address.
+    pub dsr_v4: u32,
+    /// Bits of the outer IPv4 source taken from the flow hash (network order).
+    pub dsr_v4_mask: u32,
+    /// Outer IPv6 source of direct server return; 0: the SNAT address.
+    pub dsr_v6: Addr,
+    /// Bits of the outer IPv6 source's last word taken from the flow hash (network order).
+    pub dsr_v6_mask: u32,
+    /// GUE destination port toward the backends, network order.
+    pub gue_port: u16,
+    /// Explicit padding.
+    pub _pad: u16,
 }
 
 /// Bits of [`Config::flags`].
@@ -383,6 +400,9 @@ pub struct Service {
 pub mod service_flags {
     /// Hash on the source address only (session affinity).
     pub const HASH_SRC_ONLY: u32 = 1;
+    /// Bits 8..16: the service's [`crate::encap`] mode (the datapath reads the copy in each
+    /// [`crate::Backend`]; this one is for a restarted loader adopting the maps).
+    pub const ENCAP_SHIFT: u32 = 8;
 }
 
 /// A backend (value of `BACKENDS`). `state == 0` means the slot is unused.
@@ -405,8 +425,26 @@ pub struct Backend {
     /// Next hop toward the backend, cached here by the program for a second (in the same
     /// map value, so a forwarded packet reads one entry). The loader writes it empty.
     pub hop: NextHop,
+    /// How packets reach this backend ([`encap`]): translated (NAT, 0) or, for direct
+    /// server return, inside an outer header. A property of the backend's service, copied
+    /// here so the forwarding paths read one map value.
+    pub encap: u8,
+    /// Explicit padding.
+    pub _pad1: [u8; 3],
     /// Padding to a cache line (the array's values start page-aligned).
-    pub _pad2: [u32; 4],
+    pub _pad2: [u32; 3],
+}
+
+/// Values of [`Backend::encap`]: how a service's packets reach its backends.
+pub mod encap {
+    /// NAT: destination (and source) rewritten.
+    pub const NAT: u8 = 0;
+    /// Direct server return in an IP-in-IP header of the backend's family: IPIP (4in4),
+    /// IP6IP6, 4in6 or 6in4, by the client's and the backend's families.
+    pub const IPIP: u8 = 1;
+    /// Direct server return in GUE (variant 1: UDP whose payload is the client's packet),
+    /// the outer header of the backend's family.
+    pub const GUE: u8 = 2;
 }
 
 /// Values of [`Backend::state`].
@@ -747,7 +785,7 @@ mod tests {
 
     #[test]
     fn map_types_have_no_implicit_padding() {
-        assert_eq!(size_of::<Config>(), 72);
+        assert_eq!(size_of::<Config>(), 104);
         assert_eq!(size_of::<VipKey>(), 20);
         assert_eq!(size_of::<Service>(), 16);
         assert_eq!(size_of::<Backend>(), 64);

@@ -26,7 +26,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use portico_xdp_common::{
-    family, proto, stat, Addr, Config, FlowKey, FragEntry, FragKey, NextHop, VipKey,
+    encap, family, proto, stat, Addr, Config, FlowKey, FragEntry, FragKey, NextHop, VipKey,
 };
 
 use crate::{
@@ -241,7 +241,9 @@ fn later_fragment(
         };
         let Some((backend_id, be)) = backend_id
             .and_then(|id| nat::backend(id).map(|be| (id, be)))
-            .filter(|(_, be)| be.family == p.family)
+            // Not a direct-server-return flow's either (later fragments are not
+            // encapsulated: docs/dsr.md).
+            .filter(|(_, be)| be.family == p.family && be.encap == encap::NAT)
         else {
             return Err(Skip::Fragment);
         };

@@ -9,6 +9,8 @@
 #[cfg(target_arch = "bpf")]
 mod csum;
 #[cfg(target_arch = "bpf")]
+mod encap;
+#[cfg(target_arch = "bpf")]
 mod fib;
 #[cfg(target_arch = "bpf")]
 mod frag;
@@ -37,7 +39,7 @@ mod program {
     use portico_xdp_common::{family, proto, stat};
 
     use crate::{
-        csum, frag, icmp, icmp46,
+        csum, encap, frag, icmp, icmp46,
         maps::{self, Stats},
         nat,
         parse::{self, Parsed, Skip},
@@ -48,6 +50,7 @@ mod program {
     const SLOW_BALANCE: u32 = 0x100;
     const SLOW_REPLY: u32 = 0x200;
     const SLOW_ICMP: u32 = 0x300;
+    // 0x400: `encap::FAST_STEP`.
     /// With [`SLOW_REPLY`]: the destination may also be a VIP.
     const MAYBE_VIP: u32 = 0x1_0000;
 
@@ -93,6 +96,10 @@ mod program {
                 }
             }
         };
+        if step & 0xf00 == encap::FAST_STEP {
+            // A cached flow of a direct-server-return service.
+            return encap::forward(&ctx, &p, encap::of_fast_step(step));
+        }
         let tcp_flags = (step >> 24) as u8;
         match step & 0xf00 {
             SLOW_ICMP => {

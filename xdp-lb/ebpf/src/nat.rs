@@ -13,8 +13,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use portico_xdp_common::{
-    backend_state, family, flow_state, proto, service_flags, stat, Addr, Backend, Config, Flow,
-    FlowCacheEntry, FlowKey, NextHop, ReplyCacheEntry, RevNat, Service, VipKey,
+    backend_state, encap, family, flow_state, proto, service_flags, stat, Addr, Backend, Config,
+    Flow, FlowCacheEntry, FlowKey, NextHop, ReplyCacheEntry, RevNat, Service, VipKey,
 };
 
 use crate::{
@@ -343,7 +343,7 @@ fn client_mtu<const V4: bool>(mtu: u32, xlat: bool) -> u32 {
 
 /// Whether a cached next hop may carry a packet of `ip_len` bytes at `now`.
 #[inline(always)]
-fn hop_fresh(hop: &NextHop, ip_len: usize, now: u64) -> bool {
+pub(crate) fn hop_fresh(hop: &NextHop, ip_len: usize, now: u64) -> bool {
     (hop.expires.wrapping_sub(now as u32) as i32) > 0 && ip_len <= hop.mtu as usize
 }
 
@@ -539,10 +539,23 @@ pub fn cached(
     };
     // SAFETY: valid map value pointer; read only here.
     let be = unsafe { &*be };
-    if !still_assigned(be, &c.flow)
-        || be.family != key.family
-        || !hop_fresh(&be.hop, p.ip_len(), now)
-    {
+    if !still_assigned(be, &c.flow) {
+        return Ok(None);
+    }
+    if be.encap != encap::NAT {
+        // Direct server return: sized, encapsulated and sent by `encap`, from the entry
+        // point. The TTL is not decremented, but one about to expire passes to the stack
+        // as on the slow paths.
+        let ttl: *const u8 = ptr_at(ctx, p.l3 + if p.family == family::V4 { 8 } else { 7 })?;
+        // SAFETY: checked above.
+        if unsafe { *ttl } <= 1 {
+            st.add(stat::PASS_TTL, 1);
+            return Ok(Some(xdp_action::XDP_PASS));
+        }
+        st.add(stat::CT_HIT, 1);
+        return Ok(Some(crate::encap::fast_step(c.flow.backend_id)));
+    }
+    if be.family != key.family || !hop_fresh(&be.hop, p.ip_len(), now) {
         return Ok(None);
     }
     let v4 = p.family == family::V4;
@@ -649,6 +662,8 @@ fn answer_too_big(ctx: &XdpContext, p: &Parsed, verdict: u32) -> u32 {
         crate::pmtu::too_big(ctx, p, verdict & 0xffff)
     } else if verdict & nat46::XLAT != 0 {
         nat46::translate(ctx, p)
+    } else if verdict & crate::encap::ENCAP != 0 {
+        crate::encap::forward(ctx, p, verdict)
     } else {
         verdict
     }
@@ -1045,6 +1060,10 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
 ) -> u32 {
     // SAFETY: valid map value pointer; only the next-hop cache is written below.
     let be = unsafe { &mut *to.be };
+    if be.encap != encap::NAT {
+        // Direct server return: the entry point encapsulates (`crate::encap`).
+        return crate::encap::request(to.backend_id, to.new_flow);
+    }
     // NAT46 / NAT64: the backend's family differs from the VIP's.
     let xlat = be.family != key.family;
     if xlat && !nat46::eligible(p, h) {
