@@ -55,6 +55,8 @@ pub struct Options {
     pub snat_v4: Option<Ipv4Addr>,
     /// SNAT IPv6 address.
     pub snat_v6: Option<Ipv6Addr>,
+    /// RFC 6052 /96 prefix for NAT46/64 ICMP errors from routers of the other family.
+    pub nat64_prefix: Ipv6Addr,
     /// Direct server return's outer source and GUE port (docs/dsr.md).
     pub dsr: portico_xdp::DsrConfig,
     /// Accept BGP connections here.
@@ -89,6 +91,7 @@ impl Options {
             router_id: None,
             snat_v4: None,
             snat_v6: None,
+            nat64_prefix: portico_xdp::WELL_KNOWN_XLAT_PREFIX,
             dsr: portico_xdp::DsrConfig::default(),
             bgp_listen: None,
             hold_link: None,
@@ -307,6 +310,7 @@ pub async fn run(client: Client, opts: Options, mut stop: watch::Receiver<bool>)
     let node_config = NodeConfig {
         snat_v4: opts.snat_v4.or(detected.v4),
         snat_v6: opts.snat_v6.or(detected.v6),
+        xlat_prefix: opts.nat64_prefix,
         dsr: opts.dsr,
         ..NodeConfig::default()
     };

@@ -163,6 +163,10 @@ enum Command {
         /// IPv6 source of NAT toward backends (default: the first XDP interface's).
         #[arg(long)]
         snat_v6: Option<Ipv6Addr>,
+        /// RFC 6052 prefix (a /96) for NAT46/64: ICMP errors from routers of the other family
+        /// reach clients from their address embedded in it.
+        #[arg(long, value_name = "PREFIX/96", default_value = "64:ff9b::/96", value_parser = parse_nat64_prefix)]
+        nat64_prefix: Ipv6Addr,
         #[command(flatten)]
         dsr: DsrArgs,
         /// Also accept BGP connections here (e.g. 0.0.0.0:179).
@@ -240,6 +244,10 @@ enum Command {
         /// IPv6 source of NAT toward backends (default: the first XDP interface's).
         #[arg(long)]
         snat_v6: Option<Ipv6Addr>,
+        /// RFC 6052 prefix (a /96) for NAT46/64: ICMP errors from routers of the other family
+        /// reach clients from their address embedded in it.
+        #[arg(long, value_name = "PREFIX/96", default_value = "64:ff9b::/96", value_parser = parse_nat64_prefix)]
+        nat64_prefix: Ipv6Addr,
         #[command(flatten)]
         dsr: DsrArgs,
         /// Also accept BGP connections here (e.g. 0.0.0.0:179).
@@ -375,6 +383,7 @@ fn main() -> Result<()> {
             router_id,
             snat_v4,
             snat_v6,
+            nat64_prefix,
             dsr,
             bgp_listen,
             hold_link,
@@ -403,6 +412,7 @@ fn main() -> Result<()> {
             opts.router_id = router_id;
             opts.snat_v4 = snat_v4;
             opts.snat_v6 = snat_v6;
+            opts.nat64_prefix = nat64_prefix;
             opts.dsr = dsr.config();
             opts.bgp_listen = bgp_listen;
             opts.hold_link = (hold_link != "none").then_some(hold_link);
@@ -472,6 +482,7 @@ fn main() -> Result<()> {
             router_id,
             snat_v4,
             snat_v6,
+            nat64_prefix,
             dsr,
             bgp_listen,
             hold_link,
@@ -499,6 +510,7 @@ fn main() -> Result<()> {
             opts.router_id = router_id;
             opts.snat_v4 = snat_v4;
             opts.snat_v6 = snat_v6;
+            opts.nat64_prefix = nat64_prefix;
             opts.dsr = dsr.config();
             opts.bgp_listen = bgp_listen;
             opts.hold_link = (hold_link != "none").then_some(hold_link);
@@ -783,9 +795,39 @@ fn pin_dir_arg(arg: Option<&str>, node: &str) -> Option<PathBuf> {
     }
 }
 
+/// `--nat64-prefix`: an IPv6 prefix of length 96 (RFC 6052's other lengths are not
+/// supported), its last 32 bits zero.
+fn parse_nat64_prefix(s: &str) -> Result<Ipv6Addr, String> {
+    let (addr, len) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s}: want ADDRESS/96"))?;
+    if len != "96" {
+        return Err(format!("{s}: only /96 prefixes are supported"));
+    }
+    let addr: Ipv6Addr = addr.parse().map_err(|e| format!("{s}: {e}"))?;
+    if addr.octets()[12..] != [0; 4] {
+        return Err(format!(
+            "{s}: the last 32 bits of a /96 prefix must be zero"
+        ));
+    }
+    Ok(addr)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nat64_prefix_is_a_slash_96_without_host_bits() {
+        assert_eq!(
+            parse_nat64_prefix("64:ff9b::/96").unwrap(),
+            "64:ff9b::".parse::<std::net::Ipv6Addr>().unwrap()
+        );
+        assert!(parse_nat64_prefix("2001:db8:64::/96").is_ok());
+        for bad in ["64:ff9b::", "64:ff9b::/64", "64:ff9b::1/96", "nonsense/96"] {
+            assert!(parse_nat64_prefix(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn decap_peers_are_addresses_or_every_address_of_a_prefix_up_to_the_map_size() {

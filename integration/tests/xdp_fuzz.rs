@@ -22,7 +22,7 @@
 //! `PORTICO_XDP_FUZZ_PACKETS` (see the README). `PORTICO_XDP_FUZZ_SEED` replays a run.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
@@ -128,6 +128,13 @@ fn keep_vip(v6: bool) -> IpAddr {
     } else {
         IpAddr::V4(Ipv4Addr::from(KEEP_VIP4))
     }
+}
+/// The IPv6 address embedding `a` in 64:ff9b::/96 (RFC 6052), the program's default prefix.
+fn embed(a: [u8; 4]) -> [u8; 16] {
+    let mut o = [0u8; 16];
+    o[..4].copy_from_slice(&[0, 0x64, 0xff, 0x9b]);
+    o[12..].copy_from_slice(&a);
+    o
 }
 fn snat(v6: bool) -> IpAddr {
     if v6 {
@@ -452,6 +459,11 @@ struct Model {
     /// (backend, client, client port, protocol) → the flow kept to that backend: what the
     /// backend's reply to the client is translated for.
     kept_replies: BTreeMap<(IpAddr, IpAddr, u16, u8), Tuple>,
+    /// Clients (address, port, protocol) of NAT46/64 flows whose packet was passed
+    /// untranslated (IPv4 options, extension headers...): the program reserved a SNAT port
+    /// for the flow before refusing the translation, so a reply to a port the model does
+    /// not know may be translated back to one of them.
+    xlat_refused: BTreeSet<(IpAddr, u16, u8)>,
 }
 
 impl Model {
@@ -1023,27 +1035,49 @@ fn echo(rng: &mut Rng) -> Case {
 /// An ICMP error quoting a known flow: from the backend side about a packet the node sent,
 /// or from the client side about a reply.
 fn icmp_error(rng: &mut Rng, model: &Model) -> Case {
-    // Errors about NAT46/64 flows are not translated: left out here.
-    let flows: Vec<_> = model
-        .forward
-        .iter()
-        .filter(|(t, m)| t.0.is_ipv6() == m.backend.is_ipv6())
-        .map(|(t, m)| (*t, *m))
-        .collect();
+    let flows: Vec<_> = model.forward.iter().map(|(t, m)| (*t, *m)).collect();
     let Some(&((client, cport, vipa, vport, proto), m)) = flows.get(rng.below(flows.len().max(1)))
     else {
         return to_vip(rng, model);
     };
-    let v6 = client.is_ipv6();
-    let (ty, code, rest) = if v6 {
-        rng.pick(&[(1u8, 4u8, [0u8; 4]), (2, 0, [0, 0, 5, 0]), (3, 0, [0; 4])])
+    // A NAT46/64 flow's errors from the backend side are in the backend's family; from the
+    // client side they are not translated (the client's family, passed).
+    let xlat = client.is_ipv6() != m.backend.is_ipv6();
+    let backend_side = rng.chance(60);
+    let v6 = if xlat && backend_side {
+        m.backend.is_ipv6()
     } else {
-        rng.pick(&[
+        client.is_ipv6()
+    };
+    let (ty, code, rest) = match (v6, xlat) {
+        (true, false) => rng.pick(&[(1u8, 4u8, [0u8; 4]), (2, 0, [0, 0, 5, 0]), (3, 0, [0; 4])]),
+        (false, false) => rng.pick(&[
             (3u8, 3u8, [0u8; 4]),
             (3, 4, [0, 0, 5, 0]),
             (11, 0, [0; 4]),
             (3, 1, [0; 4]),
-        ])
+        ]),
+        // Every code RFC 7915 maps, and some it drops.
+        (true, true) => {
+            let (code, mtu) = (rng.below(7) as u8, 1280 + rng.below(8000) as u32);
+            rng.pick(&[
+                (1u8, code, [0u8; 4]),
+                (2, 0, mtu.to_be_bytes()),
+                (2, 0, [0xff, 0xff, 0xff, 0xff]),
+                (3, code % 3, [0; 4]),
+                (4, 0, [0, 0, 0, 8]),
+            ])
+        }
+        (false, true) => {
+            let code = rng.below(16) as u8;
+            rng.pick(&[
+                (3u8, code, [0u8; 4]),
+                (3, 4, [0, 0, 5, 0]),
+                (3, 4, [0; 4]),
+                (11, code % 3, [0; 4]),
+                (12, 0, [8, 0, 0, 0]),
+            ])
+        }
     };
     let n = rng.below(32);
     let body = rng.bytes(n);
@@ -1054,7 +1088,7 @@ fn icmp_error(rng: &mut Rng, model: &Model) -> Case {
             _ => (if v6 { 40 } else { 20 }) + rng.below(q.len() - if v6 { 40 } else { 20 } + 1),
         }
     };
-    let (input, ingress) = if rng.chance(60) {
+    let (input, ingress) = if backend_side {
         // The backend (or a router on its side) about SNAT → backend.
         let q = packet(
             LB1_MAC,
@@ -1070,9 +1104,11 @@ fn icmp_error(rng: &mut Rng, model: &Model) -> Case {
         );
         let q = q[14..].to_vec();
         let n = quote_len(&q, rng).min(q.len());
-        let from = match rng.below(3) {
+        let from = match rng.below(if xlat { 4 } else { 3 }) {
             0 => m.backend,
-            1 => client,
+            1 if !xlat => client,
+            // A router's IPv4 address in the RFC 6052 prefix.
+            3 if v6 => IpAddr::V6(Ipv6Addr::from(embed(backend4(7)))),
             _ => {
                 if v6 {
                     IpAddr::V6(Ipv6Addr::from(backend6(7)))
@@ -1693,6 +1729,15 @@ fn check_l4(
                 .then(|| model.reverse.get(&(ip.src, dport, ip.proto)))
                 .flatten()
             else {
+                // A reservation of a NAT46/64 flow refused translation: back to its client.
+                if let Some(o) =
+                    parse(&out.packet).filter(|o| o.v6 != v6 && out.verdict != verdict::PASS)
+                {
+                    let (_, cport) = ports(&out.packet, &o);
+                    if model.xlat_refused.contains(&(o.dst, cport, ip.proto)) {
+                        return Ok("reply_to_a_refused_xlat_flow");
+                    }
+                }
                 unchanged(input, out)?;
                 return Ok("passed_not_a_reply");
             };
@@ -1724,6 +1769,7 @@ fn check_l4(
             }
             if !xlat_eligible(input, &ip) {
                 unchanged(input, out)?;
+                model.xlat_refused.insert((ip.src, sport, ip.proto));
                 return Ok("passed_xlat_unsupported");
             }
             let Some(o) = parse(&out.packet).filter(|o| o.v6 != v6) else {
@@ -1885,13 +1931,17 @@ fn check_kept(
 }
 
 /// Whether a packet of a NAT46/64 flow can be translated: untagged, IPv4 without options,
-/// IPv6 without extension headers, not a fragment, UDP with a checksum.
+/// IPv6 without extension headers, not a fragment, IPv6 UDP with a checksum (IPv4 UDP
+/// without one gets one, or is dropped: [`ZERO_CSUM_MAX`]).
 fn xlat_eligible(p: &[u8], ip: &Ip) -> bool {
     ip.frag.is_none()
         && ip.l3 == 14
         && ip.l4 == ip.l3 + if ip.v6 { 40 } else { 20 }
-        && (ip.proto == TCP || p[ip.l4 + 6..ip.l4 + 8] != [0, 0])
+        && (!ip.v6 || ip.proto == TCP || p[ip.l4 + 6..ip.l4 + 8] != [0, 0])
 }
+
+/// The longest IPv4 UDP datagram without a checksum the program gives one toward IPv6.
+const ZERO_CSUM_MAX: usize = 2048;
 
 /// A packet translated to the other family: addresses, ports, TTL / hop limit, TOS /
 /// traffic class, IPv4's DF and identification 0 and header checksum, the transport
@@ -1948,6 +1998,19 @@ fn check_xlat(
         unchanged(input, out)?;
         return Ok("passed_no_neighbour");
     }
+    // IPv4 UDP without a checksum, too long to be given one: dropped.
+    if grows && inp.proto == UDP && input[inp.l4 + 6..inp.l4 + 8] == [0, 0] {
+        let udp_len = usize::from(u16::from_be_bytes([input[inp.l4 + 4], input[inp.l4 + 5]]));
+        if udp_len > ZERO_CSUM_MAX {
+            if out.verdict != verdict::DROP {
+                return Err(format!(
+                    "UDP without a checksum, {udp_len} bytes: want XDP_DROP, got {}",
+                    verdict::name(out.verdict)
+                ));
+            }
+            return Ok("dropped_xlat_no_csum");
+        }
+    }
     let o = &out.packet;
     let Some(op) = parse(o) else {
         return Err("translated packet does not parse".into());
@@ -1984,7 +2047,8 @@ fn check_xlat(
     if !op.v6 && (o[op.l3 + 4..op.l3 + 8] != [0, 0, 0x40, 0] || !ipv4_header_ok(o, &op)) {
         return Err("IPv4 header: identification, DF or checksum".into());
     }
-    if l4_checksum_ok(input, inp) != l4_checksum_ok(o, &op) {
+    // IPv4 UDP without a checksum gets a right one.
+    if l4_checksum_ok(input, inp).or(Some(true)) != l4_checksum_ok(o, &op) {
         return Err(format!(
             "L4 checksum: {:?} in, {:?} out",
             l4_checksum_ok(input, inp),
@@ -2095,7 +2159,8 @@ fn check_icmp(
     } else {
         matches!(ty, 3 | 11)
     };
-    if echo && ip.dst == vip(v6) {
+    // Any VIP answers, a NAT46/64 one too (in its own family: nothing to translate).
+    if echo && (ip.dst == vip(v6) || ip.dst == xlat_vip(v6)) {
         return echo_reply(input, ip, out);
     }
     if !error {
@@ -2143,6 +2208,16 @@ fn check_icmp(
         if let Some(&t) = model.reverse.get(&(qdst, qsport, qproto)) {
             if model.stale(t, qdst, qsport) {
                 return Ok("icmp_about_a_released_port");
+            }
+            let (client, cport, vipa, vport, _) = t;
+            if qdport == BACKEND_PORT && client.is_ipv6() != v6 {
+                let quote = Quote {
+                    l3: q3,
+                    l4: q4,
+                    proto: qproto,
+                    backend: qdst,
+                };
+                return check_icmp_xlat(input, ip, &quote, out, (client, cport), (vipa, vport));
             }
         }
         model
@@ -2654,6 +2729,7 @@ fn xdp_fuzz_checked_by_an_independent_model() {
         "kept_translated",
         "kept_reply_translated",
         "kept_icmp_error_translated",
+        "icmp_error_xlat",
     ] {
         assert!(
             model.outcomes.get(must).copied().unwrap_or(0) > 0 || n < 20_000,
@@ -2677,5 +2753,254 @@ fn pin_to_cpu(cpu: usize) {
             0,
             "pinning the test thread to CPU {cpu}"
         );
+    }
+}
+
+/// The quoted packet of an ICMP error: offsets, transport protocol, its destination.
+struct Quote {
+    l3: usize,
+    l4: usize,
+    proto: u8,
+    backend: IpAddr,
+}
+
+/// RFC 7915 §4.2 / §5.2, as the checker reads them: an error's (type, code, 4 bytes) in the
+/// other family, or `None` when it is not translated.
+fn xlat_icmp_type(v6: bool, ty: u8, code: u8, rest: [u8; 4]) -> Option<(u8, u8, [u8; 4])> {
+    if v6 {
+        // ICMPv6 → ICMP.
+        match (ty, code) {
+            (1, 0 | 2 | 3) => Some((3, 1, [0; 4])),
+            (1, 1) => Some((3, 10, [0; 4])),
+            (1, 4) => Some((3, 3, [0; 4])),
+            (2, 0) => {
+                let mtu = u32::from_be_bytes(rest).saturating_sub(20).min(65535) as u16;
+                let [a, b] = mtu.to_be_bytes();
+                Some((3, 4, [0, 0, a, b]))
+            }
+            (3, 0 | 1) => Some((11, code, [0; 4])),
+            _ => None,
+        }
+    } else {
+        match (ty, code) {
+            (3, 0 | 1 | 5..=8 | 11 | 12) => Some((1, 0, [0; 4])),
+            (3, 9 | 10 | 13 | 15) => Some((1, 1, [0; 4])),
+            (3, 3) => Some((1, 4, [0; 4])),
+            (3, 2) => Some((4, 1, [0, 0, 0, 6])),
+            (3, 4) => {
+                let mtu = u32::from(u16::from_be_bytes([rest[2], rest[3]]));
+                (mtu != 0).then(|| (2, 0, (mtu + 20).to_be_bytes()))
+            }
+            (11, 0 | 1) => Some((3, code, [0; 4])),
+            _ => None,
+        }
+    }
+}
+
+/// An ICMP error from the backend side about a NAT46/64 flow (client `client`, VIP `vip`):
+/// translated to the client's family, or passed.
+fn check_icmp_xlat(
+    input: &[u8],
+    ip: &Ip,
+    q: &Quote,
+    out: &TestRunOutput,
+    client: (IpAddr, u16),
+    vip: (IpAddr, u16),
+) -> Result<&'static str, String> {
+    let v6 = ip.v6;
+    let ty = input[ip.l4];
+    let code = input[ip.l4 + 1];
+    let rest: [u8; 4] = input[ip.l4 + 4..ip.l4 + 8].try_into().unwrap();
+    let plain = ip.l3 == 14 && ip.l4 == 14 + if v6 { 40 } else { 20 };
+    let quote_plain = v6 || input[q.l3] & 0x0f == 5;
+    let Some((nty, ncode, nrest)) =
+        xlat_icmp_type(v6, ty, code, rest).filter(|_| plain && quote_plain)
+    else {
+        unchanged(input, out)?;
+        return Ok("passed_icmp_xlat_unsupported");
+    };
+    if !ipv4_header_ok(input, ip) || ip.ttl <= 1 {
+        unchanged(input, out)?;
+        return Ok("passed_icmp_checks");
+    }
+    // The outer source: the VIP for the backend's own error; a router's IPv4 address in
+    // the prefix; a router's IPv6 address inside the prefix as its IPv4 address, else the
+    // VIP.
+    let from = match ip.src {
+        a if a == q.backend => vip.0,
+        IpAddr::V4(a) => IpAddr::V6(Ipv6Addr::from(embed(a.octets()))),
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            if o[..12] == embed([0; 4])[..12] {
+                IpAddr::V4(Ipv4Addr::new(o[12], o[13], o[14], o[15]))
+            } else {
+                vip.0
+            }
+        }
+    };
+    let new_len = if v6 {
+        ip.ip_end - ip.l3 - 40
+    } else {
+        ip.ip_end - ip.l3 + 40
+    };
+    match hop_to(client.0) {
+        Hop::NoRoute => {
+            if out.verdict != verdict::DROP {
+                return Err(format!(
+                    "ICMP toward {} (no route): want XDP_DROP, got {}",
+                    client.0,
+                    verdict::name(out.verdict)
+                ));
+            }
+            return Ok("dropped_no_route");
+        }
+        Hop::NoNeigh | Hop::Unsure if out.verdict != verdict::REDIRECT => {
+            if out.verdict == verdict::PASS {
+                unchanged(input, out)?;
+            }
+            return Ok("passed_no_neighbour");
+        }
+        _ => {}
+    }
+    // A source no route may come from (an embedded address such as 127.0.0.1).
+    if martian(from) && out.verdict == verdict::DROP {
+        return Ok("dropped_martian_source");
+    }
+    if new_len > MTU {
+        unchanged(input, out)?;
+        return Ok("icmp_error_passed_to_fragment");
+    }
+    // The expected frame, built from scratch in the client's family but for the quoted
+    // transport checksum and the ICMP checksum (checked below).
+    let o = &out.packet;
+    let shift = if v6 { -40isize } else { 40 };
+    if o.len() as isize != input.len() as isize + shift {
+        return Err(format!(
+            "translated ICMP error of {} bytes from {}, want {}",
+            o.len(),
+            input.len(),
+            input.len() as isize + shift
+        ));
+    }
+    let mut want = o[..12].to_vec();
+    let tos = if v6 {
+        (input[ip.l3] << 4) | (input[ip.l3 + 1] >> 4)
+    } else {
+        input[ip.l3 + 1]
+    };
+    // The quoted packet's total length in the client's family, from its length field as
+    // the program reads it (saturating, a quote may carry any value).
+    let q_len = if v6 {
+        usize::from(u16::from_be_bytes([input[q.l3 + 4], input[q.l3 + 5]]).saturating_add(20))
+    } else {
+        usize::from(u16::from_be_bytes([input[q.l3 + 2], input[q.l3 + 3]]).saturating_sub(20)) + 40
+    };
+    let q_tos = if v6 {
+        (input[q.l3] << 4) | (input[q.l3 + 1] >> 4)
+    } else {
+        input[q.l3 + 1]
+    };
+    let (q_ttl, q_proto) = if v6 {
+        (input[q.l3 + 7], input[q.l3 + 6])
+    } else {
+        (input[q.l3 + 8], input[q.l3 + 9])
+    };
+    let header =
+        |want: &mut Vec<u8>, tos: u8, len: usize, ttl: u8, proto: u8, s: IpAddr, d: IpAddr| {
+            let start = want.len();
+            if v6 {
+                // Toward IPv4.
+                want.extend_from_slice(&[0x45, tos]);
+                want.extend_from_slice(&(len as u16).to_be_bytes());
+                want.extend_from_slice(&[0, 0, 0x40, 0, ttl, proto, 0, 0]);
+                want.extend_from_slice(&octets(s));
+                want.extend_from_slice(&octets(d));
+                let c = !fold(ones_sum(&want[start..start + 20], 0));
+                want[start + 10..start + 12].copy_from_slice(&c.to_be_bytes());
+            } else {
+                want.extend_from_slice(&[0x60 | tos >> 4, tos << 4, 0, 0]);
+                want.extend_from_slice(&((len - 40) as u16).to_be_bytes());
+                want.extend_from_slice(&[proto, ttl]);
+                want.extend_from_slice(&octets(s));
+                want.extend_from_slice(&octets(d));
+            }
+        };
+    want.extend_from_slice(if v6 { &[0x08, 0x00] } else { &[0x86, 0xdd] });
+    let l3 = want.len();
+    header(
+        &mut want,
+        tos,
+        new_len,
+        ip.ttl - 1,
+        if v6 { ICMP4 } else { ICMP6 },
+        from,
+        client.0,
+    );
+    let l4 = want.len();
+    want.extend_from_slice(&[nty, ncode, 0, 0]);
+    want.extend_from_slice(&nrest);
+    let nq3 = want.len();
+    header(&mut want, q_tos, q_len, q_ttl, q_proto, client.0, vip.0);
+    let nq4 = want.len();
+    want.extend_from_slice(&client.1.to_be_bytes());
+    want.extend_from_slice(&vip.1.to_be_bytes());
+    want.extend_from_slice(&input[q.l4 + 4..]);
+    // The quoted transport checksum, when the quote holds it: an incremental update
+    // (RFC 1624) for the new addresses and ports; UDP's 0 (IPv4) stays 0.
+    let qc = q.l4 + if q.proto == TCP { 16 } else { 6 };
+    if qc + 2 <= ip.ip_end {
+        let old = u16::from_be_bytes([input[qc], input[qc + 1]]);
+        let mut acc = u64::from(!old);
+        for (from, to) in [
+            (
+                &input[q.l3 + if v6 { 8 } else { 12 }..q.l4],
+                &want[nq3 + if v6 { 12 } else { 8 }..nq4],
+            ),
+            (&input[q.l4..q.l4 + 4], &want[nq4..nq4 + 4]),
+        ] {
+            for w in from.chunks(2) {
+                acc += u64::from(!u16::from_be_bytes([w[0], w[1]]));
+            }
+            for w in to.chunks(2) {
+                acc += u64::from(u16::from_be_bytes([w[0], w[1]]));
+            }
+        }
+        let mut new = !fold(acc);
+        if q.proto == UDP && new == 0 {
+            new = 0xffff;
+        }
+        if q.proto == UDP && old == 0 {
+            new = 0;
+        }
+        let at = nq4 + (qc - q.l4);
+        want[at..at + 2].copy_from_slice(&new.to_be_bytes());
+    }
+    // The ICMP checksum: right exactly as before (ICMPv6's with its pseudo-header).
+    want[l4 + 2..l4 + 4].copy_from_slice(&o[l4 + 2..l4 + 4]);
+    let ip_end = l3 + new_len;
+    let sum = |p: &[u8], at_l4: usize, end: usize, six: bool, s: IpAddr, d: IpAddr| {
+        let acc = if six {
+            pseudo(&octets(s), &octets(d), ICMP6, end - at_l4)
+        } else {
+            0
+        };
+        sums_to_ones(&p[at_l4..end], acc)
+    };
+    if sum(input, ip.l4, ip.ip_end, v6, ip.src, ip.dst)
+        != sum(&want, l4, ip_end, !v6, from, client.0)
+    {
+        return Err("translated ICMP error: its checksum".into());
+    }
+    if want != *o {
+        let at = want.iter().zip(o).position(|(a, b)| a != b).unwrap_or(0);
+        return Err(format!(
+            "translated ICMP error differs at byte {at}: want {:02x?}, got {:02x?}",
+            &want[at.saturating_sub(4)..(at + 8).min(want.len())],
+            &o[at.saturating_sub(4)..(at + 8).min(o.len())]
+        ));
+    }
+    match check_sent(out, client.0)? {
+        "sent" => Ok("icmp_error_xlat"),
+        other => Ok(other),
     }
 }

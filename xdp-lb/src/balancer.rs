@@ -178,9 +178,15 @@ pub struct NodeConfig {
     pub tcp_closing_timeout: Duration,
     /// Answer ICMP/ICMPv6 echo requests to VIPs in XDP (otherwise the stack sees them).
     pub echo_reply: bool,
+    /// The RFC 6052 /96 prefix embedding IPv4 addresses in IPv6, for NAT46/64 ICMP errors
+    /// from routers of the other family; its last 32 bits must be zero.
+    pub xlat_prefix: Ipv6Addr,
     /// Direct server return's outer header.
     pub dsr: DsrConfig,
 }
+
+/// The well-known NAT64 prefix, 64:ff9b::/96 (RFC 6052 §2.1).
+pub const WELL_KNOWN_XLAT_PREFIX: Ipv6Addr = Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0);
 
 /// The node's side of direct server return's outer header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,6 +225,7 @@ impl Default for NodeConfig {
             udp_timeout: Duration::from_secs(60),
             tcp_closing_timeout: Duration::from_secs(10),
             echo_reply: true,
+            xlat_prefix: WELL_KNOWN_XLAT_PREFIX,
             dsr: DsrConfig::default(),
         }
     }
@@ -459,6 +466,13 @@ fn validate_node(c: &NodeConfig) -> Result<(), BalancerError> {
             "must be a non-empty range within 1-65535",
         ));
     }
+    if c.xlat_prefix.octets()[12..] != [0; 4] {
+        return Err(bad(
+            "xlat_prefix",
+            c.xlat_prefix.to_string(),
+            "must be a /96 prefix (its last 32 bits zero)",
+        ));
+    }
     for (field, d) in [
         ("tcp_timeout", c.tcp_timeout),
         ("udp_timeout", c.udp_timeout),
@@ -580,6 +594,12 @@ fn node_config_of(c: &Config) -> NodeConfig {
         udp_timeout: duration(c.udp_timeout),
         tcp_closing_timeout: duration(c.tcp_closing_timeout),
         echo_reply: c.flags & config_flags::ECHO_REPLY != 0,
+        xlat_prefix: Ipv6Addr::from(addr_octets(&[
+            c.xlat_prefix[0],
+            c.xlat_prefix[1],
+            c.xlat_prefix[2],
+            0,
+        ])),
         dsr: DsrConfig {
             source_v4: (c.dsr_v4 != 0).then(|| {
                 let host = u32::from_be_bytes(c.dsr_v4_mask.to_ne_bytes()).count_ones() as u8;
@@ -1002,6 +1022,8 @@ impl Balancer for XdpBalancer {
         if let Some(a) = config.snat_v6 {
             cfg.snat_v6 = addr_from_octets(a.octets());
         }
+        let prefix = addr_from_octets(config.xlat_prefix.octets());
+        cfg.xlat_prefix = [prefix[0], prefix[1], prefix[2]];
         if let Some((a, len)) = config.dsr.source_v4 {
             cfg.dsr_v4 = addr_from_v4(a.octets())[0];
             cfg.dsr_v4_mask = host_mask(32, len);
@@ -1422,6 +1444,7 @@ mod tests {
             udp_timeout: Duration::from_secs(60),
             tcp_closing_timeout: Duration::from_secs(10),
             echo_reply: false,
+            xlat_prefix: "2001:db8:64::".parse().unwrap(),
             dsr: DsrConfig {
                 source_v4: Some(("198.18.200.0".parse().unwrap(), 24)),
                 source_v6: Some(("fd00:18:200::".parse().unwrap(), 112)),
@@ -1440,6 +1463,11 @@ mod tests {
             tcp_timeout: jiffies(node.tcp_timeout),
             udp_timeout: jiffies(node.udp_timeout),
             tcp_closing_timeout: jiffies(node.tcp_closing_timeout),
+            xlat_prefix: [
+                u32::from_ne_bytes([0x20, 0x01, 0x0d, 0xb8]),
+                u32::from_ne_bytes([0, 0x64, 0, 0]),
+                0,
+            ],
             dsr_v4: addr_from_v4([198, 18, 200, 0])[0],
             dsr_v4_mask: u32::from_ne_bytes([0, 0, 0, 0xff]),
             dsr_v6: addr_from_octets("fd00:18:200::".parse::<Ipv6Addr>().unwrap().octets()),
@@ -1462,6 +1490,17 @@ mod tests {
         assert!(has(source_filter_bit(f, &a)));
         assert!(!has(vip_filter_bit(f, &a)), "a backend is no VIP");
         assert_eq!(words.iter().map(|w| w.count_ones()).sum::<u32>(), 2);
+    }
+
+    #[test]
+    fn a_nat64_prefix_longer_than_96_bits_is_refused() {
+        let node = NodeConfig {
+            xlat_prefix: "64:ff9b::1".parse().unwrap(),
+            ..NodeConfig::default()
+        };
+        let err = validate_node(&node).unwrap_err().to_string();
+        assert!(err.contains("xlat_prefix"), "{err}");
+        assert!(validate_node(&NodeConfig::default()).is_ok());
     }
 
     #[test]

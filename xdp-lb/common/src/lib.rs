@@ -141,8 +141,11 @@ pub mod stat {
     /// Packets of direct-server-return services sent to their backend inside an outer
     /// header (IPIP, IP6IP6, 4in6, 6in4 or GUE).
     pub const DSR_ENCAP: u32 = 33;
+    /// Dropped: an IPv4 UDP datagram without a checksum toward IPv6 (which needs one) that
+    /// is too long for the program to sum (over 2,048 bytes, or not all in the linear part).
+    pub const DROP_XLAT_NO_CSUM: u32 = 34;
     /// Number of counters in a [`crate::StatBlock`].
-    pub const COUNT: u32 = 34;
+    pub const COUNT: u32 = 35;
 
     /// Each counter's name, by index, as status and metrics show it.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -180,6 +183,7 @@ pub mod stat {
         "sctp_crc",
         "xlat",
         "dsr_encap",
+        "drop_xlat_no_csum",
     ];
 }
 
@@ -317,6 +321,9 @@ pub struct Config {
     /// Bumped by the loader to invalidate every per-CPU cached copy at once (a service was
     /// removed).
     pub cache_epoch: u32,
+    /// The RFC 6052 /96 prefix (its first 96 bits) that embeds an IPv4 address in IPv6 for
+    /// NAT46/64 ICMP errors from routers of the other family (default 64:ff9b::/96).
+    pub xlat_prefix: [u32; 3],
     /// Outer IPv4 source of direct server return (network order, as [`Addr`] word 0); the
     /// bits set in `dsr_v4_mask` come from the flow hash. 0: the SNAT address.
     pub dsr_v4: u32,
@@ -806,7 +813,7 @@ mod tests {
 
     #[test]
     fn map_types_have_no_implicit_padding() {
-        assert_eq!(size_of::<Config>(), 92);
+        assert_eq!(size_of::<Config>(), 104);
         assert_eq!(size_of::<VipKey>(), 20);
         assert_eq!(size_of::<Service>(), 16);
         assert_eq!(size_of::<Backend>(), 64);

@@ -32,7 +32,8 @@ const ICMPV6_PKT_TOOBIG: u8 = 2;
 const ICMPV6_TIME_EXCEED: u8 = 3;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
-/// What [`portico_icmp`] returns for a packet that concerns no VIP or tracked flow.
+/// What [`portico_icmp4`]/[`portico_icmp6`] return for a packet that concerns no VIP or
+/// tracked flow.
 pub const NOT_MINE: u32 = u32::MAX;
 
 /// Handles an ICMP/ICMPv6 packet (`hdr` and `meta` are [`Parsed::pack`]'s): the verdict, or
@@ -290,9 +291,10 @@ fn translate_error<const V4: bool>(
         }) else {
             return Ok(None);
         };
-        // A NAT46/64 flow's errors are not translated (passed).
+        // A NAT46/64 flow's errors change family (`icmp46`).
         if rev.client_family != 0 {
-            return Ok(None);
+            sc.rev = *rev;
+            return Ok(Some(crate::icmp46::XLAT_ERROR));
         }
         // The backend's own report comes from the VIP; a router's keeps its address, unless
         // it is the client's own (the client would see a packet from itself).

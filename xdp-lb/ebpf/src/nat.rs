@@ -654,6 +654,28 @@ pub fn balance_packet(ctx: &XdpContext, st: &Stats, p: &Parsed, tcp_flags: u8) -
     if picked & PICKED == 0 {
         return picked;
     }
+    let picked = claim_port(picked, tcp_flags, verdict == STALE);
+    if picked == 0 {
+        st.add(stat::DROP_NO_SNAT_PORT, 1);
+        maps::count_drop(snat::requested_service());
+        return xdp_action::XDP_DROP;
+    }
+    let verdict = match p.proto {
+        proto::TCP if v4 => portico_establish_tcp4(ctx.ctx, hdr, meta, picked),
+        proto::TCP => portico_establish_tcp6(ctx.ctx, hdr, meta, picked),
+        _ if v4 => portico_establish_udp4(ctx.ctx, hdr, meta, picked),
+        _ => portico_establish_udp6(ctx.ctx, hdr, meta, picked),
+    };
+    answer_too_big(ctx, p, verdict)
+}
+
+/// The port step of a new flow, between [`pick`] and [`establish`]: [`pick`]'s answer
+/// `picked` becomes [`establish`]'s argument (the port and what the search found), or 0 when
+/// no port is free. A function of its own: inline, the values it holds across the search
+/// grew the entry point's frame, which every call chain below the entry point carries
+/// (512 bytes for the whole chain).
+#[inline(never)]
+fn claim_port(picked: u32, tcp_flags: u8, stale: bool) -> u64 {
     let preserved = picked & PICKED_PRESERVED != 0;
     // A packet other than a SYN most likely belongs to an unconfirmed flow, whose
     // reservation its search finds at once. A flow that keeps its client's source has one
@@ -664,24 +686,15 @@ pub fn balance_packet(ctx: &XdpContext, st: &Stats, p: &Parsed, tcp_flags: u8) -
         snat::claim(tcp_flags & TCP_SYN == 0)
     };
     let Some(port) = port else {
-        st.add(stat::DROP_NO_SNAT_PORT, 1);
-        maps::count_drop(snat::requested_service());
-        return xdp_action::XDP_DROP;
+        return 0;
     };
-    let picked = u64::from(picked & !PICKED_PRESERVED)
+    u64::from(picked & !PICKED_PRESERVED)
         | if preserved { PRESERVED } else { 0 }
         | u64::from(port.port) << 32
         | if port.confirmed { CONFIRMED } else { 0 }
         | if port.own { OWN_RESERVATION } else { 0 }
         | if port.first { FIRST_PORT } else { 0 }
-        | if verdict == STALE { STALE_ENTRY } else { 0 };
-    let verdict = match p.proto {
-        proto::TCP if v4 => portico_establish_tcp4(ctx.ctx, hdr, meta, picked),
-        proto::TCP => portico_establish_tcp6(ctx.ctx, hdr, meta, picked),
-        _ if v4 => portico_establish_udp4(ctx.ctx, hdr, meta, picked),
-        _ => portico_establish_udp6(ctx.ctx, hdr, meta, picked),
-    };
-    answer_too_big(ctx, p, verdict)
+        | if stale { STALE_ENTRY } else { 0 }
 }
 
 /// A slow path's verdict, or, when it asked for it, the ICMP too-big answer.

@@ -15,10 +15,13 @@
 //! IPv6), the new ports, and the transport checksum updated for the new pseudo-header and
 //! ports (the payload length and protocol weigh the same in both pseudo-headers).
 //!
+//! IPv4 UDP without a checksum gets one toward IPv6 (which requires it): the datagram is
+//! summed whole when it is at most [`ZERO_CSUM_MAX`] bytes and all in the linear part, else
+//! dropped and counted (`drop_xlat_no_csum`): a bounded loop the verifier walks once, no
+//! helper, no fragments of a multi-buffer frame.
+//!
 //! Not translated (passed, `pass_unsupported`): VLAN-tagged frames, IPv4 with options,
-//! IPv6 with extension headers, fragments, IPv4 UDP without a checksum (IPv6 needs one, and
-//! computing it means summing the payload). ICMP errors about such flows are not
-//! translated either.
+//! IPv6 with extension headers, fragments.
 
 use aya_ebpf::{
     bindings::{xdp_action, xdp_md},
@@ -56,7 +59,9 @@ pub struct Xlat {
 }
 
 /// Whether the packet can be translated: untagged, IPv4 without options and not a
-/// fragment, IPv6 without extension headers, UDP with a checksum.
+/// fragment, IPv6 without extension headers, IPv6 UDP with a checksum (0 is not one there).
+/// (IPv4 UDP without a checksum gets one on the way to IPv6, or is dropped when too long:
+/// [`zero_csum_udp`].)
 #[inline(always)]
 pub fn eligible<const V4: bool, const TCP: bool>(p: &Parsed, h: &Headers<V4, TCP>) -> bool {
     if p.l3 != 14 || p.l4 != p.l3 + if V4 { 20 } else { 40 } {
@@ -67,9 +72,14 @@ pub fn eligible<const V4: bool, const TCP: bool>(p: &Parsed, h: &Headers<V4, TCP
         if V4 && u16::from_be_bytes([*h.ip.add(6), *h.ip.add(7)]) & 0x3fff != 0 {
             return false;
         }
-        TCP || *(h.l4.add(6) as *const u16) != 0
+        V4 || TCP || *(h.l4.add(6) as *const u16) != 0
     }
 }
+
+/// The longest IPv4 UDP datagram without a checksum that is given one toward IPv6: its
+/// header and payload are summed 8 bytes at a time in a bounded loop (256 rounds), within
+/// the frame's linear part. Longer ones are dropped (`drop_xlat_no_csum`).
+pub const ZERO_CSUM_MAX: usize = 2048;
 
 /// The length of the packet `p` once translated to the other family.
 #[inline(always)]
@@ -129,7 +139,13 @@ pub extern "C" fn portico_xlat(ctx: *mut xdp_md, l4_proto: u64) -> u32 {
     let x = unsafe { &(*sc).xlat };
     let verdict = match (x.family == family::V6, tcp) {
         (true, true) => to_v6::<true>(&ctx, x),
-        (true, false) => to_v6::<false>(&ctx, x),
+        (true, false) => {
+            if zero_csum_udp(&ctx) == Some(false) {
+                st.add(stat::DROP_XLAT_NO_CSUM, 1);
+                return xdp_action::XDP_DROP;
+            }
+            to_v6::<false>(&ctx, x)
+        }
         (false, true) => to_v4::<true>(&ctx, x),
         (false, false) => to_v4::<false>(&ctx, x),
     };
@@ -144,6 +160,70 @@ pub extern "C" fn portico_xlat(ctx: *mut xdp_md, l4_proto: u64) -> u32 {
             xdp_action::XDP_PASS
         }
     }
+}
+
+/// For an IPv4 UDP datagram (untagged, no options): `None` when it has a checksum,
+/// `Some(true)` when it has none but can be given one ([`ZERO_CSUM_MAX`], all in the
+/// linear part), `Some(false)` when it cannot.
+#[inline(always)]
+fn zero_csum_udp(ctx: &XdpContext) -> Option<bool> {
+    let h: *const u8 = ptr_at_fresh::<[u8; 42]>(ctx, 0).ok()?.cast();
+    // SAFETY: Ethernet, IPv4 and UDP headers checked.
+    let (csum, len) = unsafe {
+        (
+            *(h.add(40) as *const u16),
+            usize::from(u16::from_be_bytes([*h.add(38), *h.add(39)])),
+        )
+    };
+    if csum != 0 {
+        return None;
+    }
+    Some(len <= ZERO_CSUM_MAX && 34 + len <= ctx.data_end() - ctx.data())
+}
+
+/// One's complement sum (64-bit accumulator, words as they sit in memory) of the `len`
+/// bytes at `off` in the linear part, 8 at a time, the last few zero-padded; `None` when
+/// they are not all there. At most [`ZERO_CSUM_MAX`] bytes.
+#[inline(always)]
+fn sum_linear(ctx: &XdpContext, off: usize, len: usize) -> Option<u64> {
+    if len > ZERO_CSUM_MAX {
+        return None;
+    }
+    let mut sum = 0u64;
+    let mut done = 0usize;
+    for _ in 0..ZERO_CSUM_MAX / 8 {
+        if done + 8 > len {
+            break;
+        }
+        let w = ptr_at_anywhere::<u64>(ctx, off + done)?;
+        // SAFETY: 8 bytes checked; loaded whatever their alignment (x86-64, arm64).
+        let w = unsafe { core::ptr::read_unaligned(w) };
+        sum += (w & 0xffff_ffff) + (w >> 32);
+        done += 8;
+    }
+    // The last 0 to 7 bytes, zero-padded as the checksum pads an odd length.
+    let mut tail = [0u8; 8];
+    for (i, t) in tail.iter_mut().enumerate() {
+        if done + i >= len {
+            break;
+        }
+        let b = ptr_at_anywhere::<u8>(ctx, off + done + i)?;
+        // SAFETY: 1 byte checked.
+        *t = unsafe { *b };
+    }
+    let w = u64::from_ne_bytes(tail);
+    Some(sum + (w & 0xffff_ffff) + (w >> 32))
+}
+
+/// A pointer to a `T` at `offset` of the linear part, with no cap on the offset (unlike
+/// `ptr_at`, whose headers end within 512 bytes): for the payload sum.
+#[inline(always)]
+fn ptr_at_anywhere<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if offset > ZERO_CSUM_MAX + 64 || start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
 }
 
 /// The frame's first `tcp_len` (TCP) or `udp_len` bytes, checked (`TCP` picks; the lengths
@@ -215,6 +295,9 @@ fn to_v6<const TCP: bool>(ctx: &XdpContext, x: &Xlat) -> Option<()> {
         + csum::diff16(ports[0], x.sport)
         + csum::diff16(ports[1], x.dport);
     let new_csum = l4_csum::<TCP>(old_csum, delta);
+    // IPv4 UDP without a checksum: IPv6 needs one, computed whole (the caller checked the
+    // datagram is short enough and linear).
+    let zero = !TCP && old_csum == 0;
     // SAFETY: ctx.ctx is this invocation's xdp_md; every packet pointer is derived again.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx as *mut _, -20) } != 0 {
         return None;
@@ -239,6 +322,27 @@ fn to_v6<const TCP: bool>(ctx: &XdpContext, x: &Xlat) -> Option<()> {
         store_addr(h.add(38), &x.dst, false);
         *(h.add(54) as *mut [u16; 2]) = [x.sport, x.dport];
         *(h.add(54 + csum_at(TCP)) as *mut u16) = new_csum;
+    }
+    if zero {
+        // The pseudo-header (addresses, UDP length, next header 17) and the datagram, its
+        // checksum field 0 for now.
+        // SAFETY: UDP header checked (frame above).
+        let len = unsafe {
+            *(h.add(60) as *mut u16) = 0;
+            u16::from_be_bytes([*h.add(58), *h.add(59)])
+        };
+        let sum = sum_linear(ctx, 54, usize::from(len))?
+            + words(&x.src, false, false)
+            + words(&x.dst, false, false)
+            + u64::from(u16::from_ne_bytes(len.to_be_bytes()))
+            + u64::from(u16::from_ne_bytes([0, proto::UDP]));
+        let c = match !csum::fold(sum) {
+            0 => 0xffff,
+            c => c,
+        };
+        let h = frame::<TCP>(ctx, 74, 62)?;
+        // SAFETY: UDP header checked.
+        unsafe { *(h.add(60) as *mut u16) = c };
     }
     Some(())
 }

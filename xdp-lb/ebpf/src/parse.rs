@@ -136,6 +136,26 @@ fn frame_len_at_least(ctx: &XdpContext, want: usize) -> bool {
     want as u64 <= total
 }
 
+/// An IP length field of 0 (IPv4 total length, IPv6 payload length without a hop-by-hop
+/// header): a BIG TCP packet (GSO/GRO above 64 KiB; only generic XDP, which runs after GRO,
+/// sees one) when the buffer holds more than 64 KiB after `after` (the IPv4 header's start,
+/// the IPv6 header's end): passed (`Unsupported`), as the stack built it; else a wrong
+/// length. One helper call, for such packets only.
+///
+/// Not balanced: such a packet's transport checksum is CHECKSUM_PARTIAL's pseudo-header
+/// sum, which XDP cannot tell from a full one, so the incremental update of ports would be
+/// wrong (docs/xdp.md, "BIG TCP and jumbo frames").
+#[inline(never)]
+fn length_zero(ctx: &XdpContext, after: usize) -> Skip {
+    // SAFETY: ctx.ctx is this invocation's xdp_md.
+    let total = unsafe { aya_ebpf::helpers::generated::bpf_xdp_get_buff_len(ctx.ctx as *mut _) };
+    if total > (after + 0xffff) as u64 {
+        Skip::Unsupported
+    } else {
+        Skip::BadLength
+    }
+}
+
 /// Loads the 4 bytes at `p` in one instruction, whatever their alignment. IP addresses
 /// sit at 2-byte offsets in the packet; Rust's unaligned reads would go byte by byte, while
 /// x86-64 and arm64 load them directly and the verifier allows it for packet and map-value
@@ -395,6 +415,9 @@ fn parse_v4<const FRAGS: bool>(ctx: &XdpContext, l3: usize) -> Result<(Parsed, F
         return Err(Skip::Malformed);
     }
     let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if tot_len == 0 {
+        return Err(length_zero(ctx, l3));
+    }
     if tot_len < ihl || !frame_len_at_least(ctx, l3 + tot_len) {
         return Err(Skip::BadLength);
     }
@@ -461,12 +484,12 @@ fn parse_v6<const FRAGS: bool>(ctx: &XdpContext, l3: usize) -> Result<(Parsed, F
     let mut next = ip[6];
     let payload = u16::from_be_bytes([ip[4], ip[5]]) as usize;
     if payload == 0 {
-        // A jumbogram (RFC 2675) needs a hop-by-hop header with a jumbo payload option: left
-        // to the stack. Without one, the length is simply wrong.
+        // A jumbogram (RFC 2675, a hop-by-hop header with a jumbo payload option) or a BIG
+        // TCP packet (no hop-by-hop header since Linux 6.3).
         return Err(if next == IPV6_HOP {
             Skip::Unsupported
         } else {
-            Skip::BadLength
+            length_zero(ctx, l3 + 40)
         });
     }
     let ip_end = l3 + 40 + payload;
