@@ -654,6 +654,7 @@ impl Agent {
                     .get(&(ns.clone(), name.clone()))
                     .cloned()
                     .unwrap_or_default();
+                let c = crate::status::service_counters(self.balancer.balancer(), &view.listeners);
                 ServiceRow {
                     namespace: ns.clone(),
                     name: name.clone(),
@@ -665,10 +666,10 @@ impl Agent {
                     local: view.local,
                     unsatisfied: None,
                     notices: Vec::new(),
-                    packets: 0,
-                    new_flows: 0,
-                    drops: 0,
-                    backends: Vec::new(),
+                    packets: c.packets,
+                    new_flows: c.new_flows,
+                    drops: c.drops,
+                    backends: c.backends,
                 }
             })
             .collect();

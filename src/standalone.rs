@@ -22,7 +22,7 @@ use crate::apply::{BalancerApplier, HolderApplier, SpeakerApplier};
 use crate::manifest::ManifestFolder;
 use crate::metrics::{MetricsRequest, ReconcileMetrics};
 use crate::plan::{node_plan, Ipam, IpamOutcome, NodeIdentity, NodePlan};
-use crate::status::{BackendRow, PeerRow, PoolRow, ServiceRow, StatusReport};
+use crate::status::{PeerRow, PoolRow, ServiceRow, StatusReport};
 use crate::world::World;
 use crate::{state, NodeAddresses};
 
@@ -376,20 +376,7 @@ impl Runtime {
                     .get(&(ns.clone(), name.clone()))
                     .cloned()
                     .unwrap_or_default();
-                let (mut packets, mut new_flows, mut drops) = (0, 0, 0);
-                let mut backends: BTreeMap<(IpAddr, u16), (u64, u64)> = BTreeMap::new();
-                for key in &view.listeners {
-                    if let Ok(Some(s)) = self.balancer.balancer().service_stats(key) {
-                        packets += s.service.packets;
-                        new_flows += s.service.new_flows;
-                        drops += s.drops;
-                        for (b, c) in s.backends {
-                            let e = backends.entry(b).or_default();
-                            e.0 += c.packets;
-                            e.1 += c.new_flows;
-                        }
-                    }
-                }
+                let c = crate::status::service_counters(self.balancer.balancer(), &view.listeners);
                 ServiceRow {
                     namespace: ns.clone(),
                     name: name.clone(),
@@ -401,18 +388,10 @@ impl Runtime {
                     local: view.local,
                     unsatisfied: a.unsatisfied.clone(),
                     notices: a.notices.clone(),
-                    packets,
-                    new_flows,
-                    drops,
-                    backends: backends
-                        .into_iter()
-                        .map(|((address, port), (packets, new_flows))| BackendRow {
-                            address,
-                            port,
-                            packets,
-                            new_flows,
-                        })
-                        .collect(),
+                    packets: c.packets,
+                    new_flows: c.new_flows,
+                    drops: c.drops,
+                    backends: c.backends,
                 }
             })
             .collect();

@@ -177,6 +177,53 @@ pub fn tracked_flows(balancer: &(dyn portico_xdp::Balancer + Send)) -> Vec<(Stri
     }
 }
 
+/// A Service's datapath counters, summed over its XDP listeners: packets, new flows and
+/// drops, and per backend (address, port) packets and new flows. A listener whose counters
+/// cannot be read counts nothing (a status request never fails on them).
+pub fn service_counters(
+    balancer: &(dyn portico_xdp::Balancer + Send),
+    listeners: &[portico_xdp::ServiceKey],
+) -> ServiceCounters {
+    let mut c = ServiceCounters::default();
+    let mut backends: std::collections::BTreeMap<(IpAddr, u16), (u64, u64)> =
+        std::collections::BTreeMap::new();
+    for key in listeners {
+        if let Ok(Some(s)) = balancer.service_stats(key) {
+            c.packets += s.service.packets;
+            c.new_flows += s.service.new_flows;
+            c.drops += s.drops;
+            for (b, n) in s.backends {
+                let e = backends.entry(b).or_default();
+                e.0 += n.packets;
+                e.1 += n.new_flows;
+            }
+        }
+    }
+    c.backends = backends
+        .into_iter()
+        .map(|((address, port), (packets, new_flows))| BackendRow {
+            address,
+            port,
+            packets,
+            new_flows,
+        })
+        .collect();
+    c
+}
+
+/// What [`service_counters`] sums.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceCounters {
+    /// Packets, client → VIP.
+    pub packets: u64,
+    /// New flows.
+    pub new_flows: u64,
+    /// Packets dropped (no backend, no port, no route).
+    pub drops: u64,
+    /// Per backend.
+    pub backends: Vec<BackendRow>,
+}
+
 fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
