@@ -488,6 +488,33 @@ fn dsr_flows_are_not_capped_by_the_snat_port_range() {
     assert_eq!(prog.stat(stat::DSR_ENCAP).unwrap(), 1_003);
 }
 
+/// A DSR flow that ECMP moves to another node mid-stream keeps its backend: the second
+/// node, with no state for it, balances its ACK through the same Maglev ring and seed to
+/// the backend the first node chose (docs/xdp.md, "A flow that arrives at another node").
+#[test]
+fn a_dsr_flow_moved_to_another_node_keeps_its_backend() {
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let (first, second) = (balancer(), balancer());
+    let _in_lb = lb.enter().unwrap();
+    let eth0 = ifindex("eth0");
+    let mut chosen = BTreeSet::new();
+    for (vip, be_v6) in [(IpAddr::V4(VIP4), false), (IpAddr::V6(VIP6), true)] {
+        for sport in 41_000..41_032u16 {
+            let syn = client_packet(vip, sport, IPIP_PORT, Some(true), 0);
+            let out = first.program().test_run_on(&syn, Some(eth0)).unwrap();
+            let a = check_encapsulated("SYN, node 1", &syn, &out.packet, &backends(be_v6), false);
+            let ack = client_packet(vip, sport, IPIP_PORT, Some(false), 100);
+            let out = second.program().test_run_on(&ack, Some(eth0)).unwrap();
+            let b = check_encapsulated("ACK, node 2", &ack, &out.packet, &backends(be_v6), false);
+            assert_eq!(a.backend, b.backend, "client port {sport} to {vip}");
+            chosen.insert(a.backend);
+        }
+    }
+    // The flows spread over the backends (three of each family).
+    assert!(chosen.len() >= 4, "{chosen:?}");
+}
+
 /// A fixed outer source (a /32 or /128) is used as it is.
 #[test]
 fn a_fixed_outer_source_is_used_for_every_flow() {
