@@ -12,7 +12,7 @@ use portico_announcer::driver::{Speaker, SpeakerConfig};
 use portico_announcer::netlink::AddressHolder;
 use portico_crds::ClassPolicy;
 use portico_xdp::{
-    AttachMode, Balancer, FakeBalancer, LoadOptions, NodeConfig, XdpBalancer, XdpProgram,
+    AttachMode, Balancer, FakeBalancer, LoadOptions, NodeConfig, XdpBalancer, XdpError, XdpProgram,
 };
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::UnixListener;
@@ -521,13 +521,12 @@ pub fn open_datapath(datapath: &Datapath) -> Result<OpenedDatapath> {
             let mut b = match pin_dir {
                 Some(dir) => {
                     check_bpffs(dir)?;
-                    let program = XdpProgram::load_pinned(LoadOptions::default(), dir)
-                        .with_context(|| {
-                            format!(
-                                "loading the XDP program with its maps pinned in {}",
-                                dir.display()
-                            )
-                        })?;
+                    let program = load_pinned_or_start_over(dir).with_context(|| {
+                        format!(
+                            "loading the XDP program with its maps pinned in {}",
+                            dir.display()
+                        )
+                    })?;
                     let reused = program.reused_pins();
                     let b = XdpBalancer::adopt(program)
                         .context("adopting the running datapath's state")?;
@@ -569,6 +568,28 @@ pub fn open_datapath(datapath: &Datapath) -> Result<OpenedDatapath> {
 /// Fails with a clear message unless `dir` (or its nearest existing ancestor) is on a
 /// bpffs: pins elsewhere cannot be created, and a bpffs private to this process (as
 /// `ip netns exec` gives it, remounting /sys) would vanish with it.
+/// Loads the XDP program with its maps pinned in `dir`. Pins this build cannot adopt
+/// (another layout version, or a map of another size: an upgrade across a change of the
+/// datapath's tables, or other table sizes) are replaced by empty maps, and the load is
+/// tried once more: the pinned links stay, so the interfaces keep an XDP program throughout,
+/// but the connections tracked through this node are lost (logged as a warning). Any other
+/// error is returned as it is.
+fn load_pinned_or_start_over(dir: &std::path::Path) -> Result<XdpProgram, XdpError> {
+    match XdpProgram::load_pinned(LoadOptions::default(), dir) {
+        Err(e @ (XdpError::PinnedMapMismatch { .. } | XdpError::PinnedLayout { .. })) => {
+            tracing::warn!(
+                dir = %dir.display(),
+                error = %e,
+                "the pinned XDP maps do not fit this build: starting over with empty maps \
+                 (XDP stays attached; connections tracked through this node are lost)"
+            );
+            XdpProgram::unpin_maps(dir)?;
+            XdpProgram::load_pinned(LoadOptions::default(), dir)
+        }
+        other => other,
+    }
+}
+
 fn check_bpffs(dir: &std::path::Path) -> Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let mut at = dir;
