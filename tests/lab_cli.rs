@@ -82,25 +82,34 @@ fn lab_demo_sends_traffic_to_every_address_and_leaves_nothing_behind() -> Result
     assert!(out.status.success(), "{json}");
     assert_eq!(json["ok"], true);
     let addresses = json["addresses"].as_object().context("addresses")?;
-    assert_eq!(addresses.len(), 3, "{json}");
+    assert_eq!(addresses.len(), 4, "{json}");
     assert_eq!(
         json["addresses"]["demo/web"].as_array().map(Vec::len),
         Some(2)
     );
     // Every address, TCP and UDP, all answered.
     let flows = json["flows"].as_array().context("flows")?;
-    assert_eq!(flows.len(), 8, "{json}");
+    assert_eq!(flows.len(), 10, "{json}");
     for f in flows {
         assert_eq!(f["failed"], 0, "{f}");
         assert_eq!(f["answered"], 20, "{f}");
     }
     assert_eq!(json["routes"]["203.0.113.0/32"], serde_json::json!(["n2"]));
+    // demo/direct (direct server return): the nodes encapsulated its requests.
+    let dsr: u64 = json["dsr_encap"]
+        .as_object()
+        .context("dsr_encap")?
+        .values()
+        .filter_map(serde_json::Value::as_u64)
+        .sum();
+    assert!(dsr >= 2 * 20, "{json}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     for shown in [
         "allocated addresses",
         "[ECMP]",
         "hits per node",
         "hits per backend",
+        "direct server return",
         "throughput",
     ] {
         assert!(stdout.contains(shown), "{shown:?} missing from\n{stdout}");

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::progress::{Progress, StepEvent};
 use crate::topology::{
     node_of, write_atomically, KernelRoute, Lab, LabHandle, LabOptions, NodeStatus, RouterSession,
-    SERVICE_PORT,
+    DSR_SERVICE, DSR_VIP_V4, SERVICE_PORT,
 };
 use crate::traffic::{self, Answer};
 
@@ -46,7 +46,7 @@ pub const DEFAULT_CONVERGE: Duration = Duration::from_secs(60);
 const READY: &str = "READY";
 
 /// The manifests of `deploy/examples/lab/`, built into the binary.
-pub const EXAMPLE_MANIFESTS: [(&str, &str); 5] = [
+pub const EXAMPLE_MANIFESTS: [(&str, &str); 6] = [
     (
         "00-pool.yaml",
         include_str!("../../deploy/examples/lab/00-pool.yaml"),
@@ -66,6 +66,10 @@ pub const EXAMPLE_MANIFESTS: [(&str, &str); 5] = [
     (
         "40-v6only.yaml",
         include_str!("../../deploy/examples/lab/40-v6only.yaml"),
+    ),
+    (
+        "50-direct.yaml",
+        include_str!("../../deploy/examples/lab/50-direct.yaml"),
     ),
 ];
 
@@ -250,8 +254,9 @@ pub fn start_owner(dir: &Path, detach: bool, progress: &mut Progress) -> Result<
 }
 
 /// What a lab keeps in its folder; nothing else is ever deleted there.
-const LAB_ENTRIES: [&str; 8] = [
+const LAB_ENTRIES: [&str; 9] = [
     "bpf",
+    "decap",
     "manifests",
     "n1",
     "n2",
@@ -628,6 +633,10 @@ pub struct DemoReport {
     /// A UDP flood through the lab, per address: (Service, address and port, result).
     #[serde(default)]
     pub udp_flood: Vec<(String, SocketAddr, traffic::Flood)>,
+    /// Packets each node sent to `demo/direct`'s backends inside an IPIP header during the
+    /// traffic step (its XDP counter `dsr_encap`); the answers bypass the nodes.
+    #[serde(default)]
+    pub dsr_encap: BTreeMap<String, u64>,
     /// The lab was left up.
     pub kept: bool,
 }
@@ -845,6 +854,7 @@ fn demo_on(
         }
     }
     let client = handle.ns("client")?;
+    let dsr_before = dsr_encap_counts(handle);
     report.flows = progress.step("traffic from the client to every address", || {
         let mut rows = Vec::new();
         for (service, addrs) in &report.addresses {
@@ -890,6 +900,20 @@ fn demo_on(
         }
         Ok(rows)
     })?;
+    if report
+        .addresses
+        .values()
+        .flatten()
+        .any(|a| *a == IpAddr::V4(DSR_VIP_V4))
+    {
+        report.dsr_encap = dsr_encap_counts(handle)
+            .into_iter()
+            .map(|(node, n)| {
+                let before = dsr_before.get(&node).copied().unwrap_or(0);
+                (node, n.saturating_sub(before))
+            })
+            .collect();
+    }
     if opts.throughput_secs > 0 {
         // Per family, the address routed over the most nodes (ECMP), first by name on ties.
         let hops = |a: &IpAddr| {
@@ -906,7 +930,9 @@ fn demo_on(
                     .addresses
                     .iter()
                     .flat_map(|(svc, addrs)| addrs.iter().map(move |a| (svc.clone(), *a)))
-                    .filter(|(_, a)| a.is_ipv6() == v6)
+                    // Through the nodes both ways: not the DSR address, whose answers
+                    // go around them (and whose IPIP header needs 20 bytes of MTU more).
+                    .filter(|(_, a)| a.is_ipv6() == v6 && *a != IpAddr::V4(DSR_VIP_V4))
                     .max_by_key(|(svc, a)| (hops(a), std::cmp::Reverse(svc.clone())))
             })
             .collect();
@@ -965,6 +991,19 @@ fn demo_on(
         }
     }
     Ok(report)
+}
+
+/// Every answering node's `dsr_encap` XDP counter.
+fn dsr_encap_counts(handle: &LabHandle) -> BTreeMap<String, u64> {
+    handle
+        .node_statuses()
+        .into_iter()
+        .filter_map(|(node, st)| {
+            let st = st.ok()?;
+            let n = st.datapath.iter().find(|(k, _)| k == "dsr_encap")?.1;
+            Some((node, n))
+        })
+        .collect()
 }
 
 fn tally(
@@ -1061,6 +1100,19 @@ impl DemoReport {
                 out.push('\n');
             }
         }
+        if !self.dsr_encap.is_empty() {
+            let per_node: Vec<String> = self
+                .dsr_encap
+                .iter()
+                .map(|(node, n)| format!("{node} {n}"))
+                .collect();
+            out.push_str(&format!(
+                "\ndirect server return ({DSR_SERVICE} {DSR_VIP_V4}, IPIP): client → router → node \
+                 (XDP encapsulates) → backend (portico decap); answers backend → router → client\n  \
+                 packets encapsulated per node (dsr_encap): {}\n",
+                per_node.join(", ")
+            ));
+        }
         if !self.throughput.is_empty() {
             out.push_str("\nthroughput: bulk TCP, client → router → node (XDP) → backend\n");
             for t in &self.throughput {
@@ -1121,6 +1173,7 @@ impl DemoReport {
             "throughput_broken_streams": self.throughput.iter().map(|t| t.failed.len()).sum::<usize>(),
             "udp_answered_pps": self.udp_flood.iter().map(|(_, t, f)| (t.to_string(), f.answered_per_sec().round())).collect::<BTreeMap<_, _>>(),
             "udp_sent_pps": self.udp_flood.iter().map(|(_, t, f)| (t.to_string(), f.sent_per_sec().round())).collect::<BTreeMap<_, _>>(),
+            "dsr_encap": self.dsr_encap,
             "kept": self.kept,
         })
     }

@@ -16,6 +16,13 @@
 //! its endpoint be3 routes IPv4 through its node n2 ([`BackendSpec::local_node`]), whose
 //! program translates the replies' source back to the VIP.
 //!
+//! The direct-server-return Service `demo/direct` ([`DSR_VIP_V4`], IPIP) is served by be1
+//! and be2 ([`DSR_BACKENDS`]): the node sends the client's packet unchanged inside an IPIP
+//! header from its own address to the backend; the backend runs `portico decap` on eth0
+//! (XDP, stripping the outer header), holds the VIP on `lo`, serves TCP and UDP on the VIP
+//! and answers the client from the VIP through its default route, the router: the answers
+//! cross the switch and the router, never a node.
+//!
 //! [`Lab`] owns everything and removes it when dropped (also on panic); [`LabHandle`] is
 //! the serializable description another process uses to look at and drive a running lab:
 //! its files, namespaces, nodes' admin sockets and the router.
@@ -133,6 +140,20 @@ pub const BACKENDS: [BackendSpec; 4] = [
         local_node: None,
     },
 ];
+
+/// The address the direct-server-return Service `demo/direct` asks for
+/// (`spec.loadBalancerIP` in `deploy/examples/lab/50-direct.yaml`): its backends hold it on
+/// `lo` from the start, so it is fixed rather than allocated.
+pub const DSR_VIP_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 14);
+
+/// The direct-server-return Service, `namespace/name`.
+pub const DSR_SERVICE: &str = "demo/direct";
+
+/// The backends of `demo/direct`: each runs `portico decap` on eth0 with the nodes' IPv4
+/// addresses as peers, holds [`DSR_VIP_V4`] on `lo` and serves TCP and UDP on
+/// [`DSR_VIP_V4`]:[`SERVICE_PORT`] (DSR translates neither address nor port). Their IPv4
+/// default route is the router, so the answers go around the nodes.
+pub const DSR_BACKENDS: [&str; 2] = ["be1", "be2"];
 
 /// The node owning `addr` (one of its LAN addresses), if any.
 #[must_use]
@@ -418,6 +439,12 @@ impl LabHandle {
     /// A node's log (stdout and stderr of `portico standalone`).
     pub fn node_log(&self, node: &str) -> PathBuf {
         self.node_dir(node).join("portico.log")
+    }
+
+    /// The log of `portico decap` on a backend of `demo/direct` (its counters, as JSON,
+    /// are the last line once it stopped).
+    pub fn decap_log(&self, backend: &str) -> PathBuf {
+        self.dir.join("decap").join(format!("{backend}.log"))
     }
 
     /// The last lines of a node's log, for error messages.
@@ -802,6 +829,8 @@ pub struct Lab {
     handle: LabHandle,
     options: LabOptions,
     nodes: Vec<NodeProcess>,
+    /// `portico decap` on each of [`DSR_BACKENDS`].
+    decaps: Vec<Child>,
     bpffs_mounted: bool,
     // Dropped in this order: nodes first (the field above), then backends, router, and the
     // namespaces last.
@@ -844,11 +873,20 @@ impl Lab {
                 .iter()
                 .map(|&spec| NodeProcess { spec, child: None })
                 .collect(),
+            decaps: Vec::new(),
             bpffs_mounted: false,
             _backends: backends,
             router,
             net,
         };
+        progress.step("DSR backends: portico decap with XDP", || {
+            for b in DSR_BACKENDS {
+                let child = lab.spawn_decap(b)?;
+                lab.decaps.push(child);
+                lab.wait_decap(b)?;
+            }
+            Ok(())
+        })?;
         progress.step("nodes: portico standalone with XDP", || {
             mount_bpffs(&lab.handle.bpffs())?;
             lab.bpffs_mounted = true;
@@ -996,6 +1034,79 @@ impl Lab {
         Ok(())
     }
 
+    /// Starts `portico decap` on eth0 of backend `name`: its own IPv4 address is the outer
+    /// destination, the nodes' IPv4 addresses (their DSR outer source, the SNAT address by
+    /// default) the peers.
+    fn spawn_decap(&self, name: &str) -> Result<Child> {
+        let h = &self.handle;
+        let spec = BACKENDS
+            .iter()
+            .find(|b| b.name == name)
+            .with_context(|| format!("the lab has no backend {name:?}"))?;
+        let local = spec
+            .v4
+            .with_context(|| format!("{name} has no IPv4 address to decapsulate on"))?;
+        let log_path = h.decap_log(name);
+        if let Some(dir) = log_path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let log =
+            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let mut cmd = h.ns(name)?.command(&h.portico.display().to_string());
+        cmd.args([
+            "decap",
+            "--interface",
+            "eth0",
+            "--local",
+            &local.to_string(),
+            "--xdp-mode",
+            &self.options.xdp_mode,
+        ]);
+        for n in NODES {
+            cmd.args(["--peer", &n.v4.to_string()]);
+        }
+        cmd.env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // SAFETY: as for the nodes: prctl is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.spawn()
+            .with_context(|| format!("starting portico decap on {name}"))
+    }
+
+    /// Waits until backend `name`'s eth0 carries an XDP program (the last decap started).
+    fn wait_decap(&mut self, name: &str) -> Result<()> {
+        let ns = self.handle.ns(name)?;
+        let log = self.handle.decap_log(name);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let link = ns.run(&["ip", "link", "show", "dev", "eth0"])?;
+            if link.contains("xdp") {
+                return Ok(());
+            }
+            let child = self.decaps.last_mut().context("no decap process")?;
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "portico decap on {name} exited with {status}\n--- {} ---\n{}",
+                    log.display(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!("portico decap on {name} did not attach within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn wait_node(&mut self, name: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -1031,6 +1142,21 @@ impl Drop for Lab {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+        }
+        // SIGTERM: decap detaches and prints its counters into its log.
+        for child in &mut self.decaps {
+            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                // SAFETY: kill(2) on our own, not yet reaped child.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for child in &mut self.decaps {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
         }
         if self.bpffs_mounted {
             let bpffs = self.handle.bpffs();
@@ -1223,7 +1349,32 @@ fn build_network() -> Result<(TestNet, BTreeMap<String, String>)> {
             None => Some(ROUTER_LAN_V4),
         };
         default_routes(&ns, b.v4.and(gateway_v4), ROUTER_LAN_V6)?;
+        if DSR_BACKENDS.contains(&b.name) {
+            // demo/direct's VIP: the decapsulated packets are addressed to it and the
+            // answers leave from it. No reverse-path filter, as docs/dsr.md asks of a DSR
+            // backend (here the client is routed out of eth0 anyway, so a strict filter
+            // would pass too; a backend whose tunnel link is not its route back needs it).
+            addr(&ns, &format!("{DSR_VIP_V4}/32"), "lo")?;
+            for conf in ["all", "default", "eth0"] {
+                ns.run(&[
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv4.conf.{conf}.rp_filter=0"),
+                ])?;
+            }
+        }
         names.insert(b.name.to_owned(), ns.name().to_owned());
+    }
+    // The nodes' neighbour entries for demo/direct's backends, before the first
+    // encapsulated packet relies on them (a request to a backend without one goes through
+    // the node's stack: slower, and counted as pass_no_neigh).
+    for n in NODES {
+        let ns = NetNs::named(&names[n.name]);
+        for b in BACKENDS.iter().filter(|b| DSR_BACKENDS.contains(&b.name)) {
+            if let Some(v4) = b.v4 {
+                ns.run(&["ping", "-c", "1", "-W", "2", &v4.to_string()])?;
+            }
+        }
     }
     // Generic XDP sees frames before the stack finishes offloaded checksums: every sender
     // computes them in software.
@@ -1262,6 +1413,13 @@ fn start_backends(namespaces: &BTreeMap<String, String>) -> Result<Vec<Backend>>
             b.name,
             SocketAddr::new(IpAddr::V6(b.v6), BACKEND_PORT),
         )?);
+        if DSR_BACKENDS.contains(&b.name) {
+            out.push(Backend::start(
+                &ns,
+                b.name,
+                SocketAddr::new(IpAddr::V4(DSR_VIP_V4), SERVICE_PORT),
+            )?);
+        }
     }
     Ok(out)
 }
