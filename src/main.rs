@@ -33,6 +33,15 @@ enum XdpMode {
     Generic,
 }
 
+impl From<XdpMode> for AttachMode {
+    fn from(m: XdpMode) -> Self {
+        match m {
+            XdpMode::Native => AttachMode::Native,
+            XdpMode::Generic => AttachMode::Generic,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Shutdown {
     /// Keep the routes at peers with graceful restart.
@@ -163,25 +172,14 @@ enum Command {
         /// IPv6 source of NAT toward backends (default: the first XDP interface's).
         #[arg(long)]
         snat_v6: Option<Ipv6Addr>,
-        /// RFC 6052 prefix (a /96) for NAT46/64: ICMP errors from routers of the other family
-        /// reach clients from their address embedded in it.
-        #[arg(long, value_name = "PREFIX/96", default_value = "64:ff9b::/96", value_parser = parse_nat64_prefix)]
-        nat64_prefix: Ipv6Addr,
         #[command(flatten)]
-        dsr: DsrArgs,
+        datapath: NodeDatapathArgs,
         /// Also accept BGP connections here (e.g. 0.0.0.0:179).
         #[arg(long)]
         bgp_listen: Option<SocketAddr>,
         /// Local link that holds announced addresses; "none" holds none.
         #[arg(long, default_value = "portico0")]
         hold_link: String,
-        /// Enable BIG TCP (GSO/GRO above 64 KiB, IPv4 and IPv6) on these interfaces
-        /// (repeat); the sizes the kernel reports show in `portico status`.
-        #[arg(long, value_name = "IFACE")]
-        big_tcp: Vec<String>,
-        /// GSO/GRO size for --big-tcp, in bytes (clamped to the driver's limit).
-        #[arg(long, value_name = "BYTES", default_value_t = portico::bigtcp::DEFAULT_SIZE)]
-        big_tcp_size: u32,
         /// Serve LoadBalancer Services without a loadBalancerClass.
         #[arg(long)]
         default_class: bool,
@@ -244,25 +242,14 @@ enum Command {
         /// IPv6 source of NAT toward backends (default: the first XDP interface's).
         #[arg(long)]
         snat_v6: Option<Ipv6Addr>,
-        /// RFC 6052 prefix (a /96) for NAT46/64: ICMP errors from routers of the other family
-        /// reach clients from their address embedded in it.
-        #[arg(long, value_name = "PREFIX/96", default_value = "64:ff9b::/96", value_parser = parse_nat64_prefix)]
-        nat64_prefix: Ipv6Addr,
         #[command(flatten)]
-        dsr: DsrArgs,
+        datapath: NodeDatapathArgs,
         /// Also accept BGP connections here (e.g. 0.0.0.0:179).
         #[arg(long)]
         bgp_listen: Option<SocketAddr>,
         /// Local link that holds announced addresses; "none" holds none.
         #[arg(long, default_value = "portico0")]
         hold_link: String,
-        /// Enable BIG TCP (GSO/GRO above 64 KiB, IPv4 and IPv6) on these interfaces
-        /// (repeat); the sizes the kernel reports show in `portico status`.
-        #[arg(long, value_name = "IFACE")]
-        big_tcp: Vec<String>,
-        /// GSO/GRO size for --big-tcp, in bytes (clamped to the driver's limit).
-        #[arg(long, value_name = "BYTES", default_value_t = portico::bigtcp::DEFAULT_SIZE)]
-        big_tcp_size: u32,
         /// Serve LoadBalancer Services without a loadBalancerClass.
         #[arg(long)]
         default_class: bool,
@@ -307,7 +294,7 @@ enum Command {
         local: Vec<std::net::IpAddr>,
         /// A balancer's address, or a prefix of them (a balancer's `--dsr-source-*`), as
         /// outer source (repeat; 1024 addresses at most in all).
-        #[arg(long = "peer", value_name = "ADDR|CIDR", required = true, value_parser = parse_peer)]
+        #[arg(long = "peer", value_name = "ADDR|CIDR", required = true, value_parser = parse_net::<std::net::IpAddr, ipnet::IpNet>)]
         peers: Vec<ipnet::IpNet>,
         /// UDP port of GUE encapsulation (off unless given).
         #[arg(long, value_name = "PORT")]
@@ -383,12 +370,9 @@ fn main() -> Result<()> {
             router_id,
             snat_v4,
             snat_v6,
-            nat64_prefix,
-            dsr,
+            datapath,
             bgp_listen,
             hold_link,
-            big_tcp,
-            big_tcp_size,
             default_class,
             shutdown,
             metrics_address,
@@ -402,23 +386,20 @@ fn main() -> Result<()> {
             } else {
                 Datapath::Xdp {
                     interfaces: xdp,
-                    mode: match xdp_mode {
-                        XdpMode::Native => AttachMode::Native,
-                        XdpMode::Generic => AttachMode::Generic,
-                    },
+                    mode: xdp_mode.into(),
                     pin_dir,
                 }
             };
             opts.router_id = router_id;
             opts.snat_v4 = snat_v4;
             opts.snat_v6 = snat_v6;
-            opts.nat64_prefix = nat64_prefix;
-            opts.dsr = dsr.config();
+            opts.nat64_prefix = datapath.nat64_prefix;
+            opts.dsr = datapath.dsr.config();
             opts.bgp_listen = bgp_listen;
             opts.hold_link = (hold_link != "none").then_some(hold_link);
-            portico::bigtcp::check_size(big_tcp_size)?;
-            opts.big_tcp = big_tcp;
-            opts.big_tcp_size = big_tcp_size;
+            portico::bigtcp::check_size(datapath.big_tcp_size)?;
+            opts.big_tcp = datapath.big_tcp;
+            opts.big_tcp_size = datapath.big_tcp_size;
             opts.default_class = default_class;
             opts.metrics = if metrics_address == "none" {
                 None
@@ -482,12 +463,9 @@ fn main() -> Result<()> {
             router_id,
             snat_v4,
             snat_v6,
-            nat64_prefix,
-            dsr,
+            datapath,
             bgp_listen,
             hold_link,
-            big_tcp,
-            big_tcp_size,
             default_class,
             secret_namespace,
             shutdown,
@@ -500,23 +478,20 @@ fn main() -> Result<()> {
             } else {
                 Datapath::Xdp {
                     interfaces: xdp,
-                    mode: match xdp_mode {
-                        XdpMode::Native => AttachMode::Native,
-                        XdpMode::Generic => AttachMode::Generic,
-                    },
+                    mode: xdp_mode.into(),
                     pin_dir,
                 }
             };
             opts.router_id = router_id;
             opts.snat_v4 = snat_v4;
             opts.snat_v6 = snat_v6;
-            opts.nat64_prefix = nat64_prefix;
-            opts.dsr = dsr.config();
+            opts.nat64_prefix = datapath.nat64_prefix;
+            opts.dsr = datapath.dsr.config();
             opts.bgp_listen = bgp_listen;
             opts.hold_link = (hold_link != "none").then_some(hold_link);
-            portico::bigtcp::check_size(big_tcp_size)?;
-            opts.big_tcp = big_tcp;
-            opts.big_tcp_size = big_tcp_size;
+            portico::bigtcp::check_size(datapath.big_tcp_size)?;
+            opts.big_tcp = datapath.big_tcp;
+            opts.big_tcp_size = datapath.big_tcp_size;
             opts.default_class = default_class;
             opts.secret_namespace = secret_namespace;
             opts.metrics = parse_metrics_address(&metrics_address)?;
@@ -558,10 +533,7 @@ fn main() -> Result<()> {
                 gue_port,
             })
             .context("loading the decapsulation program (needs root and BPF)")?;
-            let mode = match xdp_mode {
-                XdpMode::Native => AttachMode::Native,
-                XdpMode::Generic => AttachMode::Generic,
-            };
+            let mode = xdp_mode.into();
             d.attach(&interface, mode)
                 .with_context(|| format!("attaching the decapsulation program to {interface}"))?;
             tracing::info!(iface = %interface, "decapsulating; SIGTERM stops");
@@ -708,16 +680,34 @@ fn lab(command: LabCommand) -> Result<()> {
 }
 
 /// `--bpf-pin-dir`: a folder, "none", or the default under /sys/fs/bpf for `node`.
+/// The node's datapath options beyond NAT, the same for `standalone` and `agent`.
+#[derive(clap::Args, Debug)]
+struct NodeDatapathArgs {
+    /// RFC 6052 prefix (a /96) for NAT46/64: ICMP errors from routers of the other family
+    /// reach clients from their address embedded in it.
+    #[arg(long, value_name = "PREFIX/96", default_value = "64:ff9b::/96", value_parser = parse_nat64_prefix)]
+    nat64_prefix: Ipv6Addr,
+    #[command(flatten)]
+    dsr: DsrArgs,
+    /// Enable BIG TCP (GSO/GRO above 64 KiB, IPv4 and IPv6) on these interfaces
+    /// (repeat); the sizes the kernel reports show in `portico status`.
+    #[arg(long, value_name = "IFACE")]
+    big_tcp: Vec<String>,
+    /// GSO/GRO size for --big-tcp, in bytes (clamped to the driver's limit).
+    #[arg(long, value_name = "BYTES", default_value_t = portico::bigtcp::DEFAULT_SIZE)]
+    big_tcp_size: u32,
+}
+
 /// Direct server return's outer header, the node's side (docs/dsr.md).
 #[derive(clap::Args, Debug)]
 struct DsrArgs {
     /// Outer IPv4 source toward DSR backends: an address, or a prefix whose host bits come
     /// from the flow hash (entropy for the backends' RSS) (default: the IPv4 SNAT address).
-    #[arg(long, value_name = "CIDR", value_parser = parse_source_v4)]
+    #[arg(long, value_name = "CIDR", value_parser = parse_net::<Ipv4Addr, Ipv4Net>)]
     dsr_source_v4: Option<Ipv4Net>,
     /// Outer IPv6 source toward DSR backends, as for IPv4 (at most the last 32 bits come from
     /// the flow hash) (default: the IPv6 SNAT address).
-    #[arg(long, value_name = "CIDR", value_parser = parse_source_v6)]
+    #[arg(long, value_name = "CIDR", value_parser = parse_net::<Ipv6Addr, Ipv6Net>)]
     dsr_source_v6: Option<Ipv6Net>,
     /// GUE's UDP port at the backends (their `portico decap --gue-port`).
     #[arg(long, value_name = "PORT", default_value_t = portico_xdp::DEFAULT_GUE_PORT,
@@ -735,27 +725,16 @@ impl DsrArgs {
     }
 }
 
-/// An IPv4 prefix, or one address (a /32).
-fn parse_source_v4(s: &str) -> Result<Ipv4Net, String> {
-    match s.parse::<Ipv4Addr>() {
-        Ok(a) => Ok(Ipv4Net::from(a)),
-        Err(_) => s.parse::<Ipv4Net>().map_err(|e| e.to_string()),
-    }
-}
-
-/// An IPv6 prefix, or one address (a /128).
-fn parse_source_v6(s: &str) -> Result<Ipv6Net, String> {
-    match s.parse::<Ipv6Addr>() {
-        Ok(a) => Ok(Ipv6Net::from(a)),
-        Err(_) => s.parse::<Ipv6Net>().map_err(|e| e.to_string()),
-    }
-}
-
-/// An address (a /32 or /128) or a prefix.
-fn parse_peer(s: &str) -> Result<ipnet::IpNet, String> {
-    match s.parse::<std::net::IpAddr>() {
-        Ok(a) => Ok(ipnet::IpNet::from(a)),
-        Err(_) => s.parse::<ipnet::IpNet>().map_err(|e| e.to_string()),
+/// A prefix, or one address (a /32 or /128): `--dsr-source-v4/-v6`, `decap --peer`.
+fn parse_net<A, N>(s: &str) -> Result<N, String>
+where
+    A: std::str::FromStr,
+    N: std::str::FromStr + From<A>,
+    N::Err: std::fmt::Display,
+{
+    match s.parse::<A>() {
+        Ok(a) => Ok(N::from(a)),
+        Err(_) => s.parse::<N>().map_err(|e| e.to_string()),
     }
 }
 
@@ -833,7 +812,7 @@ mod tests {
     fn decap_peers_are_addresses_or_every_address_of_a_prefix_up_to_the_map_size() {
         let nets: Vec<ipnet::IpNet> = ["198.18.5.1", "198.18.200.0/30", "fd00:18::fc/126"]
             .iter()
-            .map(|s| parse_peer(s).unwrap())
+            .map(|s| parse_net::<std::net::IpAddr, ipnet::IpNet>(s).unwrap())
             .collect();
         let addrs: Vec<String> = peer_addresses(&nets)
             .unwrap()
@@ -854,15 +833,22 @@ mod tests {
                 "fd00:18::ff",
             ]
         );
-        let e = peer_addresses(&[parse_peer("10.0.0.0/21").unwrap()]).unwrap_err();
+        let e =
+            peer_addresses(&[parse_net::<std::net::IpAddr, ipnet::IpNet>("10.0.0.0/21").unwrap()])
+                .unwrap_err();
         assert_eq!(
             e.to_string(),
             "--peer 10.0.0.0/21: more than 1024 peer addresses in all"
         );
-        assert!(peer_addresses(&[parse_peer("::/0").unwrap()]).is_err());
         assert!(
-            peer_addresses(&[parse_peer("::1").unwrap(), parse_peer("::/0").unwrap()]).is_err()
+            peer_addresses(&[parse_net::<std::net::IpAddr, ipnet::IpNet>("::/0").unwrap()])
+                .is_err()
         );
-        assert!(parse_peer("198.18.0.0/33").is_err());
+        assert!(peer_addresses(&[
+            parse_net::<std::net::IpAddr, ipnet::IpNet>("::1").unwrap(),
+            parse_net::<std::net::IpAddr, ipnet::IpNet>("::/0").unwrap()
+        ])
+        .is_err());
+        assert!(parse_net::<std::net::IpAddr, ipnet::IpNet>("198.18.0.0/33").is_err());
     }
 }

@@ -1017,16 +1017,7 @@ impl Lab {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-        // SAFETY: prctl is async-signal-safe; the node dies with the thread that owns the
-        // lab even when that process is killed without running its destructors.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        die_with_lab(&mut cmd);
         let child = cmd
             .spawn()
             .with_context(|| format!("starting portico standalone on {name}"))?;
@@ -1069,15 +1060,7 @@ impl Lab {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        // SAFETY: as for the nodes: prctl is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        die_with_lab(&mut cmd);
         cmd.spawn()
             .with_context(|| format!("starting portico decap on {name}"))
     }
@@ -1422,6 +1405,21 @@ fn start_backends(namespaces: &BTreeMap<String, String>) -> Result<Vec<Backend>>
         }
     }
     Ok(out)
+}
+
+/// Makes the process `cmd` starts die (SIGKILL) with the thread that owns the lab, even when
+/// that process is killed without running its destructors.
+fn die_with_lab(cmd: &mut std::process::Command) {
+    // SAFETY: the closure runs between fork and exec and only calls prctl, which is
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]

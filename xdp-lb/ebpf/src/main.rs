@@ -116,8 +116,18 @@ mod program {
                 }
             }
             SLOW_REPLY => {
-                if step & CHECK_IPV4 != 0 && p.family == family::V4 && !reply_ipv4_ok(&ctx, &p) {
-                    return xdp_action::XDP_PASS;
+                if step & CHECK_IPV4 != 0 && p.family == family::V4 {
+                    match parse::ipv4_header_ok(&ctx, &p) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            st.add(Skip::BadChecksum.stat(), 1);
+                            return xdp_action::XDP_PASS;
+                        }
+                        Err(skip) => {
+                            st.add(skip.stat(), 1);
+                            return xdp_action::XDP_PASS;
+                        }
+                    }
                 }
                 let verdict = nat::reply_packet(&ctx, &p, tcp_flags);
                 if verdict != nat::NOT_MINE {
@@ -131,27 +141,6 @@ mod program {
         }
         st.add(stat::PASS_NOT_VIP, 1);
         xdp_action::XDP_PASS
-    }
-
-    /// The IPv4 header check of a reply from a backend of a service that keeps client
-    /// sources ([`CHECK_IPV4`]); a failure is counted. A function of its own: inline, it
-    /// grew the entry point's frame, which every call chain below it carries.
-    #[inline(never)]
-    fn reply_ipv4_ok(ctx: &XdpContext, p: &Parsed) -> bool {
-        let Some(st) = Stats::get() else {
-            return false;
-        };
-        match parse::ipv4_header_ok(ctx, p) {
-            Ok(true) => true,
-            Ok(false) => {
-                st.add(Skip::BadChecksum.stat(), 1);
-                false
-            }
-            Err(skip) => {
-                st.add(skip.stat(), 1);
-                false
-            }
-        }
     }
 
     /// The front half: counts and verdicts for what is not ours, the checks every packet we
