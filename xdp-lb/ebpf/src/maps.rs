@@ -109,6 +109,8 @@ pub struct Scratch {
     pub fib: bpf_fib_lookup,
     /// A NAT46/64 translation asked for by a slow path, done by `nat46::translate`.
     pub xlat: crate::nat46::Xlat,
+    /// Where a slow path sends its packet, for the send step (`nat::send`).
+    pub send: crate::nat::To,
 }
 
 /// Reverse NAT: backend → SNAT address:port 5-tuple → client and VIP. Also the SNAT port
