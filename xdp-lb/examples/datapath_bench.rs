@@ -26,7 +26,7 @@
 //! One JSON line per case, then the summary line:
 //! `{"ct_hit_over_floor_n1":..,"ct_hit_over_floor_n1000":..,"ct_hit_over_floor_n10000":..,
 //! "ct_hit_over_floor_n100000":..,"new_flow_over_floor":..}` (IPv4; IPv6 on the line before).
-//! `--case NAME` runs the cases whose name contains NAME.
+//! `--case NAME` runs the cases whose name contains NAME, `--case =NAME` that case only.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -243,7 +243,11 @@ fn main() -> Result<()> {
     // The largest the loader takes: 100,000 flows on one CPU need it (a slot of their own
     // for 91 % of them).
     let flow_cache_entries: u32 = arg("--flow-cache")?.map_or(Ok(1 << 20), |v| v.parse())?;
-    let wanted = |name: &str| only.as_deref().is_none_or(|o| name.contains(o));
+    // `--case =NAME`: that case only.
+    let wanted = |name: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.strip_prefix('=').map_or(name.contains(o), |e| name == e))
+    };
     let per_round = calls / ROUNDS;
 
     let mut net = TestNet::new()?;
