@@ -1,14 +1,17 @@
-//! ICMP ↔ ICMPv6 translation (RFC 7915 §4.2, §5.2) of the errors a backend side sends about
-//! a NAT46/64 flow: destination unreachable, time exceeded, packet too big ↔ fragmentation
-//! needed. The outer and the quoted (inner) header both change family, so the frame grows or
-//! shrinks by 40 bytes (twice the header size difference); the quoted transport header stays
-//! where it is relative to the frame's end, and everything after it is left untouched.
+//! ICMP ↔ ICMPv6 translation (RFC 7915 §4.2, §5.2) of the errors about a NAT46/64 flow:
+//! destination unreachable, time exceeded, packet too big ↔ fragmentation needed, parameter
+//! problem. From the backend side (quoting SNAT → backend) they reach the client in its
+//! family; from the client side (quoting VIP → client) the backend in its family. The outer
+//! and the quoted (inner) header both change family, so the frame grows or shrinks by 40
+//! bytes (twice the header size difference); the quoted transport header stays where it is
+//! relative to the frame's end, and everything after it is left untouched.
 //!
-//! The ICMP path (`portico_icmp4/6`) finds the flow and leaves it in the scratch entry
-//! ([`XLAT_ERROR`]); the entry point then calls [`translate`], a global function (the two
-//! frames never stack up), which maps type and code ([`to_v4_type`], [`to_v6_type`]; the
-//! rest is passed), picks the outer source, resolves the client's next hop with the
-//! translated length, rewrites the front of the frame and sends it.
+//! The ICMP path (`portico_icmp4/6`) finds the flow and leaves in the scratch entry what the
+//! error becomes ([`XLAT_ERROR`]); the entry point then calls [`translate`], a global
+//! function (the two frames never stack up), which maps type and code
+//! (`portico_xdp_common::rfc7915`: sent, passed, or dropped and counted `drop_xlat_icmp`),
+//! picks the outer source, resolves the next hop with the translated length, rewrites the
+//! front of the frame and sends it.
 //!
 //! Checksums: the new ICMP/ICMPv6 checksum is the old one updated (RFC 1624) by every word
 //! that changes: the ICMPv6 pseudo-header removed (toward IPv4) or added (toward IPv6), the
@@ -18,16 +21,17 @@
 //! the same in both families). The new IPv4 headers' checksums are computed whole. An error
 //! whose checksum was wrong stays wrong by as much.
 //!
-//! Outer source: the backend's own error comes from the VIP; a router's IPv4 address goes to
-//! an IPv6 client embedded in the RFC 6052 prefix (`Config::xlat_prefix`, default
-//! 64:ff9b::/96); a router's IPv6 address goes to an IPv4 client as the IPv4 address it
-//! embeds when it lies in that prefix, else as the VIP (the client cannot be told an IPv6
-//! address, and must not see a packet from itself).
+//! Outer source: the peer's own error comes from the VIP (toward the client) or the SNAT
+//! address (toward the backend); a router's IPv4 address goes to an IPv6 peer embedded in
+//! the RFC 6052 prefix (`Config::xlat_prefix` and `xlat_prefix_len`, default 64:ff9b::/96;
+//! `portico_xdp_common::rfc6052`); a router's IPv6 address goes to an IPv4 peer as the IPv4
+//! address it embeds when it lies in that prefix, else as the VIP or SNAT address (an IPv4
+//! peer cannot be told an IPv6 address, and must not see a packet from itself).
 //!
 //! Not translated (passed, `pass_unsupported`): VLAN-tagged frames, outer IPv4 options or
 //! IPv6 extension headers, quoted IPv4 options or IPv6 extension headers, types and codes
-//! RFC 7915 drops (parameter problem is not among the errors the ICMP path handles at all),
-//! fragmentation needed with an MTU of 0 (no plateau guessing).
+//! the balancer leaves alone, fragmentation needed with an MTU of 0 (no plateau guessing).
+//! Parameter problems RFC 7915 cannot translate are dropped.
 
 use aya_ebpf::{
     bindings::{xdp_action, xdp_md},
