@@ -1946,16 +1946,13 @@ fn check_kept(
 
 /// Whether a packet of a NAT46/64 flow can be translated: untagged, IPv4 without options,
 /// IPv6 without extension headers, not a fragment, IPv6 UDP with a checksum (IPv4 UDP
-/// without one gets one, or is dropped: [`ZERO_CSUM_MAX`]).
+/// without one gets one, whatever its length).
 fn xlat_eligible(p: &[u8], ip: &Ip) -> bool {
     ip.frag.is_none()
         && ip.l3 == 14
         && ip.l4 == ip.l3 + if ip.v6 { 40 } else { 20 }
         && (!ip.v6 || ip.proto == TCP || p[ip.l4 + 6..ip.l4 + 8] != [0, 0])
 }
-
-/// The longest IPv4 UDP datagram without a checksum the program gives one toward IPv6.
-const ZERO_CSUM_MAX: usize = 2048;
 
 /// A packet translated to the other family: addresses, ports, TTL / hop limit, TOS /
 /// traffic class, IPv4's DF and identification 0 and header checksum, the transport
@@ -2011,19 +2008,6 @@ fn check_xlat(
     if matches!(hop_to(dst), Hop::NoNeigh) {
         unchanged(input, out)?;
         return Ok("passed_no_neighbour");
-    }
-    // IPv4 UDP without a checksum, too long to be given one: dropped.
-    if grows && inp.proto == UDP && input[inp.l4 + 6..inp.l4 + 8] == [0, 0] {
-        let udp_len = usize::from(u16::from_be_bytes([input[inp.l4 + 4], input[inp.l4 + 5]]));
-        if udp_len > ZERO_CSUM_MAX {
-            if out.verdict != verdict::DROP {
-                return Err(format!(
-                    "UDP without a checksum, {udp_len} bytes: want XDP_DROP, got {}",
-                    verdict::name(out.verdict)
-                ));
-            }
-            return Ok("dropped_xlat_no_csum");
-        }
     }
     let o = &out.packet;
     let Some(op) = parse(o) else {

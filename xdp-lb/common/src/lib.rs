@@ -323,8 +323,9 @@ pub mod stat {
     /// Packets of direct-server-return services sent to their backend inside an outer
     /// header (IPIP, IP6IP6, 4in6, 6in4 or GUE).
     pub const DSR_ENCAP: u32 = 33;
-    /// Dropped: an IPv4 UDP datagram without a checksum toward IPv6 (which needs one) that
-    /// is too long for the program to sum (over 2,048 bytes, or not all in the linear part).
+    /// Dropped: an IPv4 UDP datagram without a checksum toward IPv6 (which needs one) whose
+    /// payload the program could not read to sum (not expected once its lengths were
+    /// checked).
     pub const DROP_XLAT_NO_CSUM: u32 = 34;
     /// Dropped: an ICMP error about a NAT46/64 flow that RFC 7915 says to drop rather than
     /// translate (a parameter problem whose code or pointer the other family lacks).

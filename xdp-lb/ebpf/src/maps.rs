@@ -109,6 +109,8 @@ pub struct Scratch {
     pub fib: bpf_fib_lookup,
     /// A NAT46/64 translation asked for by a slow path, done by `nat46::translate`.
     pub xlat: crate::nat46::Xlat,
+    /// A chunk of an IPv4 UDP payload being summed (`nat46::portico_udp_payload_sum`).
+    pub sum_buf: [u64; 32],
 }
 
 /// Reverse NAT: backend → SNAT address:port 5-tuple → client and VIP. Also the SNAT port
