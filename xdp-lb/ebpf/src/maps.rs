@@ -111,6 +111,8 @@ pub struct Scratch {
     pub xlat: crate::nat46::Xlat,
     /// A chunk of an IPv4 UDP payload being summed (`nat46::portico_udp_payload_sum`).
     pub sum_buf: [u64; 32],
+    /// Where a slow path sends its packet, for the send step (`nat::send`).
+    pub send: crate::nat::To,
 }
 
 /// Reverse NAT: backend → SNAT address:port 5-tuple → client and VIP. Also the SNAT port

@@ -60,6 +60,11 @@ const PICKED_PRESERVED: u32 = 0x0800_0000;
 /// low 16 bits. The entry point then answers with ICMP ([`crate::pmtu`]): its frame is not
 /// stacked on the slow path's.
 const TOO_BIG: u32 = 0x4000_0000;
+/// A slow path's answer when the packet is to be rewritten and sent toward its backend: the
+/// flow's backend, port and kind are in this CPU's `SCRATCH.send`, and the entry point calls
+/// the send step ([`send`]), a global function of its own whose frame is not stacked on the
+/// conntrack lookup's or the new flow's.
+const SEND: u32 = 0x0100_0000;
 
 /// A packet's addresses and ports, read once.
 pub struct Tuple {
@@ -631,8 +636,9 @@ fn send_cached<const V4: bool, const TCP: bool>(
 pub fn balance_packet(ctx: &XdpContext, st: &Stats, p: &Parsed, tcp_flags: u8) -> u32 {
     let (hdr, meta) = p.pack(tcp_flags);
     let v4 = p.family == family::V4;
-    // Conntrack first, then (a miss or a stale entry) a new flow: two global functions,
-    // called one after the other, so that their frames never stack up.
+    // Conntrack first, then (a miss or a stale entry) a new flow, then the rewrite and
+    // send: global functions called one after the other, so that their frames never stack
+    // up (the stack is 512 bytes for the whole chain).
     let verdict = match p.proto {
         proto::TCP if v4 => portico_tracked_tcp4(ctx.ctx, hdr, meta),
         proto::TCP => portico_tracked_tcp6(ctx.ctx, hdr, meta),
@@ -640,6 +646,9 @@ pub fn balance_packet(ctx: &XdpContext, st: &Stats, p: &Parsed, tcp_flags: u8) -
         _ if v4 => portico_tracked_udp4(ctx.ctx, hdr, meta),
         _ => portico_tracked_udp6(ctx.ctx, hdr, meta),
     };
+    if verdict == SEND {
+        return answer_too_big(ctx, p, send_step(ctx, p, hdr, meta, v4));
+    }
     if verdict != NOT_MINE && verdict != STALE {
         return answer_too_big(ctx, p, verdict);
     }
@@ -666,7 +675,21 @@ pub fn balance_packet(ctx: &XdpContext, st: &Stats, p: &Parsed, tcp_flags: u8) -
         _ if v4 => portico_establish_udp4(ctx.ctx, hdr, meta, picked),
         _ => portico_establish_udp6(ctx.ctx, hdr, meta, picked),
     };
+    if verdict == SEND {
+        return answer_too_big(ctx, p, send_step(ctx, p, hdr, meta, v4));
+    }
     answer_too_big(ctx, p, verdict)
+}
+
+/// The send step of a [`SEND`] answer: one global function per family and transport.
+#[inline(always)]
+fn send_step(ctx: &XdpContext, p: &Parsed, hdr: u64, meta: u64, v4: bool) -> u32 {
+    match p.proto {
+        proto::TCP if v4 => portico_send_tcp4(ctx.ctx, hdr, meta),
+        proto::TCP => portico_send_tcp6(ctx.ctx, hdr, meta),
+        _ if v4 => portico_send_udp4(ctx.ctx, hdr, meta),
+        _ => portico_send_udp6(ctx.ctx, hdr, meta),
+    }
 }
 
 /// The port step of a new flow, between [`pick`] and [`establish`]: [`pick`]'s answer
@@ -790,28 +813,31 @@ slow_path_fn!(portico_establish_tcp4, establish, true, true, picked);
 slow_path_fn!(portico_establish_udp4, establish, true, false, picked);
 slow_path_fn!(portico_establish_tcp6, establish, false, true, picked);
 slow_path_fn!(portico_establish_udp6, establish, false, false, picked);
+slow_path_fn!(portico_send_tcp4, send, true, true);
+slow_path_fn!(portico_send_udp4, send, true, false);
+slow_path_fn!(portico_send_tcp6, send, false, true);
+slow_path_fn!(portico_send_udp6, send, false, false);
 
 /// A tracked flow's packet, from `CONNTRACK` (else [`unconfirmed`]): refreshes the entry's
-/// age and LRU position, keeps its SNAT port, re-caches it, and sends the packet.
+/// age and LRU position, keeps its SNAT port, re-caches it, and asks for the send step
+/// ([`SEND`]).
 /// [`NOT_MINE`] when the flow is not tracked, [`STALE`] when its entry went stale.
 #[inline(always)]
 fn tracked<const V4: bool, const TCP: bool>(
-    ctx: &XdpContext,
+    _ctx: &XdpContext,
     st: &Stats,
-    p: &Parsed,
+    _p: &Parsed,
     h: &Headers<V4, TCP>,
     t: &Tuple,
     cfg: &Config,
     _: u64,
 ) -> u32 {
-    tracked_flow(ctx, st, p, h, t, cfg).unwrap_or(NOT_MINE)
+    tracked_flow(st, h, t, cfg).unwrap_or(NOT_MINE)
 }
 
 #[inline(always)]
 fn tracked_flow<const V4: bool, const TCP: bool>(
-    ctx: &XdpContext,
     st: &Stats,
-    p: &Parsed,
     h: &Headers<V4, TCP>,
     t: &Tuple,
     cfg: &Config,
@@ -824,7 +850,7 @@ fn tracked_flow<const V4: bool, const TCP: bool>(
             // whose port search finds its reservation.
             return None;
         }
-        return unconfirmed(ctx, st, p, h, t, cfg, now);
+        return unconfirmed(st, h, t, cfg, now);
     };
     // SAFETY: valid map value pointer; racing writers only touch plain integers.
     let f = unsafe { &mut *f };
@@ -865,13 +891,12 @@ fn tracked_flow<const V4: bool, const TCP: bool>(
     st.add(stat::CT_HIT, 1);
     st.add(stat::CT_SLOW, 1);
     let to = To {
-        be,
         backend_id: flow.backend_id,
         snat_port: flow.snat_port,
         new_flow: false,
         preserved: flow.flags & flow_flags::PRESERVE_SOURCE != 0,
     };
-    Some(send_to_backend(ctx, st, p, h, key, cfg, &to, now))
+    Some(request_send(&to))
 }
 
 /// A packet (not a SYN) of a flow in `CONNTRACK_NEW` (an unconfirmed flow whose port is
@@ -879,14 +904,8 @@ fn tracked_flow<const V4: bool, const TCP: bool>(
 /// its entries move to `CONNTRACK` and `REV_NAT`, and it is cached. [`NOT_MINE`] when the
 /// flow is not there or its entry went stale.
 #[inline(always)]
-#[allow(
-    clippy::too_many_arguments,
-    reason = "the packet's context, parsed once"
-)]
 fn unconfirmed<const V4: bool, const TCP: bool>(
-    ctx: &XdpContext,
     st: &Stats,
-    p: &Parsed,
     h: &Headers<V4, TCP>,
     t: &Tuple,
     cfg: &Config,
@@ -930,13 +949,12 @@ fn unconfirmed<const V4: bool, const TCP: bool>(
     st.add(stat::CT_HIT, 1);
     st.add(stat::CT_SLOW, 1);
     let to = To {
-        be,
         backend_id,
         snat_port,
         new_flow: false,
         preserved: flags & flow_flags::PRESERVE_SOURCE != 0,
     };
-    Some(send_to_backend(ctx, st, p, h, key, cfg, &to, now))
+    Some(request_send(&to))
 }
 
 /// Client → VIP packet of a new flow (or one whose entry went stale), first half: the
@@ -993,7 +1011,8 @@ fn pick<const V4: bool, const TCP: bool>(
     PICKED | id
 }
 
-/// Second half, once the SNAT port is reserved: the flow is tracked and the packet sent.
+/// Second half, once the SNAT port is reserved: the flow is tracked, and the send step
+/// asked for ([`SEND`]).
 /// `picked` is [`pick`]'s backend id, the port (network order) in bits 32 to 47,
 /// [`CONFIRMED`], [`STALE_ENTRY`], [`OWN_RESERVATION`] and [`FIRST_PORT`].
 ///
@@ -1005,10 +1024,10 @@ fn pick<const V4: bool, const TCP: bool>(
 /// `CONNTRACK`. A flow whose port was still its own in `REV_NAT` goes to `CONNTRACK` at once.
 #[inline(always)]
 fn establish<const V4: bool, const TCP: bool>(
-    ctx: &XdpContext,
+    _ctx: &XdpContext,
     st: &Stats,
-    p: &Parsed,
-    h: &Headers<V4, TCP>,
+    _p: &Parsed,
+    _h: &Headers<V4, TCP>,
     t: &Tuple,
     cfg: &Config,
     picked: u64,
@@ -1090,24 +1109,60 @@ fn establish<const V4: bool, const TCP: bool>(
         cache_forget(key, cfg);
     }
     let to = To {
-        be,
         backend_id: id,
         snat_port: port,
         new_flow: !own,
         preserved,
     };
-    send_to_backend(ctx, st, p, h, key, cfg, &to, now)
+    request_send(&to)
 }
 
-/// Where a client → VIP packet goes.
-struct To {
-    be: *mut Backend,
-    backend_id: u32,
-    /// The SNAT port, or the client's port when `preserved`.
-    snat_port: u16,
-    new_flow: bool,
+/// Where a client → VIP packet goes: a [`SEND`] answer's request, in this CPU's
+/// `SCRATCH.send`.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct To {
+    pub backend_id: u32,
+    /// The SNAT port, or the client's port when `preserved` (network order).
+    pub snat_port: u16,
+    pub new_flow: bool,
     /// The flow keeps its client's source address (and port).
-    preserved: bool,
+    pub preserved: bool,
+}
+
+/// Leaves `to` in this CPU's scratch entry for [`send`]: the [`SEND`] answer.
+#[inline(always)]
+fn request_send(to: &To) -> u32 {
+    let Some(sc) = maps::SCRATCH.get_ptr_mut(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: this CPU's scratch entry; nothing else uses it while the program runs.
+    unsafe { (*sc).send = *to };
+    SEND
+}
+
+/// The send step: the packet toward the backend [`request_send`] left in this CPU's
+/// scratch entry.
+#[inline(always)]
+fn send<const V4: bool, const TCP: bool>(
+    ctx: &XdpContext,
+    st: &Stats,
+    p: &Parsed,
+    h: &Headers<V4, TCP>,
+    t: &Tuple,
+    cfg: &Config,
+    _: u64,
+) -> u32 {
+    let Some(sc) = maps::SCRATCH.get_ptr(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: this CPU's scratch entry, written by the slow path just before.
+    let to = unsafe { (*sc).send };
+    let Some(be) = backend_ptr(to.backend_id) else {
+        st.add(stat::DROP_NO_BACKEND, 1);
+        return xdp_action::XDP_DROP;
+    };
+    send_to_backend(ctx, st, p, h, &t.key, cfg, be, &to, now())
 }
 
 /// Rewrites a client → VIP packet toward its backend, counts it, and sends it to the cached
@@ -1125,11 +1180,12 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
     h: &Headers<V4, TCP>,
     key: &FlowKey,
     cfg: &Config,
+    be: *mut Backend,
     to: &To,
     now: u64,
 ) -> u32 {
     // SAFETY: valid map value pointer; only the next-hop cache is written below.
-    let be = unsafe { &mut *to.be };
+    let be = unsafe { &mut *be };
     if be.encap != encap::NAT {
         // Direct server return: the entry point encapsulates (`crate::encap`).
         return crate::encap::request(to.backend_id, to.new_flow);
