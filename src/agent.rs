@@ -55,8 +55,8 @@ pub struct Options {
     pub snat_v4: Option<Ipv4Addr>,
     /// SNAT IPv6 address.
     pub snat_v6: Option<Ipv6Addr>,
-    /// RFC 6052 /96 prefix for NAT46/64 ICMP errors from routers of the other family.
-    pub nat64_prefix: Ipv6Addr,
+    /// RFC 6052 prefix for NAT46/64 ICMP errors from routers of the other family.
+    pub nat64_prefix: portico_xdp::XlatPrefix,
     /// Direct server return's outer source and GUE port (docs/dsr.md).
     pub dsr: portico_xdp::DsrConfig,
     /// Accept BGP connections here.

@@ -683,10 +683,10 @@ fn lab(command: LabCommand) -> Result<()> {
 /// The node's datapath options beyond NAT, the same for `standalone` and `agent`.
 #[derive(clap::Args, Debug)]
 struct NodeDatapathArgs {
-    /// RFC 6052 prefix (a /96) for NAT46/64: ICMP errors from routers of the other family
-    /// reach clients from their address embedded in it.
-    #[arg(long, value_name = "PREFIX/96", default_value = "64:ff9b::/96", value_parser = parse_nat64_prefix)]
-    nat64_prefix: Ipv6Addr,
+    /// RFC 6052 prefix (/32, /40, /48, /56, /64 or /96) for NAT46/64: ICMP errors from
+    /// routers of the other family reach clients from their address embedded in it.
+    #[arg(long, value_name = "PREFIX/LEN", default_value = "64:ff9b::/96", value_parser = parse_nat64_prefix)]
+    nat64_prefix: portico_xdp::XlatPrefix,
     #[command(flatten)]
     dsr: DsrArgs,
     /// Enable BIG TCP (GSO/GRO above 64 KiB, IPv4 and IPv6) on these interfaces
@@ -774,22 +774,10 @@ fn pin_dir_arg(arg: Option<&str>, node: &str) -> Option<PathBuf> {
     }
 }
 
-/// `--nat64-prefix`: an IPv6 prefix of length 96 (RFC 6052's other lengths are not
-/// supported), its last 32 bits zero.
-fn parse_nat64_prefix(s: &str) -> Result<Ipv6Addr, String> {
-    let (addr, len) = s
-        .split_once('/')
-        .ok_or_else(|| format!("{s}: want ADDRESS/96"))?;
-    if len != "96" {
-        return Err(format!("{s}: only /96 prefixes are supported"));
-    }
-    let addr: Ipv6Addr = addr.parse().map_err(|e| format!("{s}: {e}"))?;
-    if addr.octets()[12..] != [0; 4] {
-        return Err(format!(
-            "{s}: the last 32 bits of a /96 prefix must be zero"
-        ));
-    }
-    Ok(addr)
+/// `--nat64-prefix`: an RFC 6052 prefix (`XlatPrefix`'s rules); clap's error names the flag
+/// and the value, ours says what is wrong with it.
+fn parse_nat64_prefix(s: &str) -> Result<portico_xdp::XlatPrefix, String> {
+    s.parse()
 }
 
 #[cfg(test)]
@@ -797,14 +785,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_nat64_prefix_is_a_slash_96_without_host_bits() {
+    fn a_bad_nat64_prefix_is_refused_naming_the_flag_the_value_and_the_fault() {
         assert_eq!(
-            parse_nat64_prefix("64:ff9b::/96").unwrap(),
-            "64:ff9b::".parse::<std::net::Ipv6Addr>().unwrap()
+            parse_nat64_prefix("2001:db8:122::/48").unwrap().to_string(),
+            "2001:db8:122::/48"
         );
-        assert!(parse_nat64_prefix("2001:db8:64::/96").is_ok());
-        for bad in ["64:ff9b::", "64:ff9b::/64", "64:ff9b::1/96", "nonsense/96"] {
-            assert!(parse_nat64_prefix(bad).is_err(), "{bad}");
+        for (bad, why) in [
+            ("64:ff9b::/80", "32, 40, 48, 56, 64 or 96"),
+            ("64:ff9b::1/96", "past the prefix length"),
+            ("64:ff9b:0:0:100::/96", "u octet"),
+        ] {
+            let err = Cli::try_parse_from([
+                "portico",
+                "standalone",
+                "--manifests",
+                "m",
+                "--node",
+                "n",
+                "--nat64-prefix",
+                bad,
+            ])
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("--nat64-prefix") && err.contains(bad) && err.contains(why),
+                "{bad}: {err}"
+            );
         }
     }
 

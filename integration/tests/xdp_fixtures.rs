@@ -2881,12 +2881,13 @@ fn with_tos(mut p: Vec<u8>, tos: u8, atomic_v4: bool) -> Vec<u8> {
 /// (NAT64), TCP and UDP, both ways: the translated packet is compared byte for byte with
 /// one built from scratch in the other family (etherparse computes its checksums): the
 /// SNAT address of the backend's family, TOS ↔ traffic class, TTL ↔ hop limit less one,
-/// DF and identification 0 toward IPv4. IPv4 UDP without a checksum is not translated.
+/// DF and identification 0 toward IPv4. IPv4 UDP without a checksum gets one, whatever its
+/// length.
 #[test]
 fn nat46_and_nat64_translate_headers_and_checksums() {
     let mut net = TestNet::new().unwrap();
     let lb = fibnet::lb_namespace(&mut net).unwrap();
-    // Room toward the backends for a UDP datagram longer than the program sums.
+    // Room toward the backends for UDP datagrams longer than a page (multi-buffer frames).
     lb.run(&["ip", "link", "set", "eth1", "mtu", "9000"])
         .unwrap();
     let balancer = balancer();
@@ -3001,9 +3002,15 @@ fn nat46_and_nat64_translate_headers_and_checksums() {
     assert_eq!(stat(stat::XLAT) - xlats, translated);
 
     // IPv4 UDP without a checksum: IPv6 needs one, computed over the whole datagram (odd
-    // lengths and lengths not a multiple of 8 included), compared with the packet built in
-    // IPv6 by etherparse.
-    for (i, len) in [0usize, 1, 7, 8, 13, 1000, 1432].into_iter().enumerate() {
+    // lengths, lengths not a multiple of 8 or of the program's 256-byte chunks, and
+    // datagrams longer than a page, whose end is in the fragments of a multi-buffer frame),
+    // compared with the packet built in IPv6 by etherparse.
+    for (i, len) in [
+        0usize, 1, 7, 8, 13, 255, 256, 257, 1000, 1432, 2100, 5001, 8000,
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let what = format!("NAT46 UDP without a checksum, {len} bytes of payload");
         let payload: Vec<u8> = (0..len).map(|b| (b * 7 + 3) as u8).collect();
         let cport = 42100 + i as u16;
@@ -3030,17 +3037,7 @@ fn nat46_and_nat64_translate_headers_and_checksums() {
         );
         check_output(&what, &want, &out);
     }
-    // Longer than the program sums (2,048 bytes): dropped, counted.
-    let mut input = udp4(CLIENT4, VIP4_46, 42199, 80, &[0x5a; 2100]);
-    input[40..42].copy_from_slice(&[0, 0]);
-    let dropped = stat(stat::DROP_XLAT_NO_CSUM);
-    send(
-        "NAT46 long UDP without a checksum",
-        &input,
-        eth0,
-        verdict::DROP,
-    );
-    assert_eq!(stat(stat::DROP_XLAT_NO_CSUM) - dropped, 1);
+    assert_eq!(stat(stat::DROP_XLAT_NO_CSUM), 0);
 }
 
 /// An ICMP or ICMPv6 error frame (`type`, `code`, the 4 bytes after the checksum) from `src`
@@ -3086,14 +3083,139 @@ fn icmp_error(
     out
 }
 
+/// An ICMP error from the backend side about a NAT46/64 flow, and what the client should get.
+/// `from`/`want_from`: the router's source, or (`None`) the backend's own error (from the
+/// VIP).
+struct XlatIcmpCase {
+    what: &'static str,
+    nat46: bool,
+    tcp: bool,
+    from: Option<IpAddr>,
+    err: (u8, u8, [u8; 4]),
+    truncated: bool,
+    want: (u8, u8, [u8; 4]),
+    want_from: Option<IpAddr>,
+}
+
+/// Opens the flow `c` is about (client port `cport`), sends the backend side's error about
+/// it and compares the client's error with one built from scratch in the client's family
+/// (etherparse computes every checksum, the quote's included). `want_verdict` other than
+/// XDP_REDIRECT: only the verdict is checked, and the error must come back untouched when
+/// passed.
+fn check_xlat_icmp_error(prog: &XdpProgram, c: &XlatIcmpCase, cport: u16, want_verdict: u32) {
+    let (eth0, eth1) = (ifindex("eth0"), ifindex("eth1"));
+    let (client, vip) = if c.nat46 {
+        (v4(CLIENT4), v4(VIP4_46))
+    } else {
+        (v6(CLIENT6), v6(VIP6_64))
+    };
+    let (l4, payload) = if c.tcp {
+        (L4::Tcp { flags: SYN }, &b""[..])
+    } else {
+        (L4::Udp, &b"a datagram the backend refused"[..])
+    };
+    let input = with_tos(
+        build(
+            CLIENT_MAC,
+            LB0_MAC,
+            Vlan::None,
+            client,
+            vip,
+            64,
+            l4,
+            cport,
+            80,
+            payload,
+        ),
+        0x20,
+        false,
+    );
+    let out = run_expecting(prog, c.what, &input, eth0, verdict::REDIRECT);
+    let (backend, _) = endpoint(&out, false);
+    let (snat, _) = endpoint(&out, true);
+    let sent = l3_of(out);
+    // What the backend side quotes: the packet as sent, or its IP header and 8 bytes.
+    let ihl = if c.nat46 { 40 } else { 20 };
+    let quote = if c.truncated {
+        &sent[..ihl + 8]
+    } else {
+        &sent[..]
+    };
+    let error = icmp_error(
+        be_mac(backend),
+        LB1_MAC,
+        c.from.unwrap_or(backend),
+        snat,
+        c.err.0,
+        c.err.1,
+        c.err.2,
+        quote,
+    );
+    if want_verdict != verdict::REDIRECT {
+        let got = run_expecting(prog, c.what, &error, eth1, want_verdict);
+        if want_verdict == verdict::PASS {
+            assert_eq!(got, error, "{}: untouched", c.what);
+        }
+        return;
+    }
+    // The client's packet as the backend saw it, in the client's family.
+    let seen = l3_of(with_tos(
+        build(
+            CLIENT_MAC,
+            LB0_MAC,
+            Vlan::None,
+            client,
+            vip,
+            63,
+            l4,
+            cport,
+            80,
+            payload,
+        ),
+        0x20,
+        true,
+    ));
+    let client_ihl = if c.nat46 { 20 } else { 40 };
+    let want_quote = if c.truncated {
+        &seen[..client_ihl + 8]
+    } else {
+        &seen[..]
+    };
+    let mut want = with_tos(
+        icmp_error(
+            LB0_MAC,
+            CLIENT_MAC,
+            c.want_from.unwrap_or(vip),
+            client,
+            c.want.0,
+            c.want.1,
+            c.want.2,
+            want_quote,
+        ),
+        0,
+        true,
+    );
+    // TTL / hop limit one lower than the error's 64.
+    if c.nat46 {
+        want[22] = 63;
+        fix_ipv4_checksum(&mut want);
+    } else {
+        want[21] = 63;
+    }
+    let got = run_expecting(prog, c.what, &error, eth1, verdict::REDIRECT);
+    check_output(c.what, &want, &got);
+}
+
 /// Issue 13: an ICMP error from the backend side about a NAT46/64 flow reaches the client
 /// in the client's family (RFC 7915): ICMPv4 ↔ ICMPv6 type and code, the MTU less or plus
-/// 20, the quoted packet translated back to the one the client sent (as the backend saw it:
-/// its TTL one lower, DF and identification 0 toward IPv4), the outer source the VIP for
-/// the backend's own error, a router's IPv4 address in 64:ff9b::/96 for an IPv6 client, a
-/// router's IPv6 address inside that prefix as its IPv4 address (else the VIP) for an IPv4
-/// client. Each expected packet is built from scratch in the client's family (etherparse
-/// computes every checksum, the quote's included); a truncated quote stays truncated.
+/// 20, a parameter problem's pointer mapped field to field, the quoted packet translated
+/// back to the one the client sent (as the backend saw it: its TTL one lower, DF and
+/// identification 0 toward IPv4), the outer source the VIP for the backend's own error, a
+/// router's IPv4 address in 64:ff9b::/96 for an IPv6 client, a router's IPv6 address inside
+/// that prefix as its IPv4 address (else the VIP) for an IPv4 client. Each expected packet
+/// is built from scratch in the client's family (etherparse computes every checksum, the
+/// quote's included); a truncated quote stays truncated. Parameter problems RFC 7915 cannot
+/// translate are dropped and counted.
 #[test]
 fn nat46_and_nat64_icmp_errors_reach_the_client_in_its_family() {
     let mut net = TestNet::new().unwrap();
@@ -3101,233 +3223,468 @@ fn nat46_and_nat64_icmp_errors_reach_the_client_in_its_family() {
     let balancer = balancer();
     let prog = balancer.program();
     let _in_lb = lb.enter().unwrap();
-    let (eth0, eth1) = (ifindex("eth0"), ifindex("eth1"));
     let stat = |i| prog.stat(i).unwrap();
-    let send = |what: &str, input: &[u8], ingress: u32, want: u32| {
-        run_expecting(prog, what, input, ingress, want)
-    };
     let router4 = v4([198, 18, 1, 200]);
     let router6 = v6(ip6("fd00:18:1::200"));
     let router4_in_prefix = v6(ip6("64:ff9b::c612:1c8"));
-    // `from`/`want_from`: the router's source, or the backend's own error (from the VIP).
-    struct Case {
-        what: &'static str,
-        nat46: bool,
-        tcp: bool,
-        from: Option<IpAddr>,
-        err: (u8, u8, [u8; 4]),
-        truncated: bool,
-        want: (u8, u8, [u8; 4]),
-        want_from: Option<IpAddr>,
-    }
+    let case = |what, nat46, tcp, from, err, truncated, want, want_from| XlatIcmpCase {
+        what,
+        nat46,
+        tcp,
+        from,
+        err,
+        truncated,
+        want,
+        want_from,
+    };
     let cases = [
-        Case {
-            what: "NAT64 TCP, the backend's port unreachable",
-            nat46: false,
-            tcp: true,
-            from: None,
-            err: (3, 3, [0; 4]),
-            truncated: false,
-            want: (1, 4, [0; 4]),
-            want_from: None,
-        },
-        Case {
-            what: "NAT64 UDP, a router's fragmentation needed (MTU 1400)",
-            nat46: false,
-            tcp: false,
-            from: Some(router4),
-            err: (3, 4, [0, 0, 0x05, 0x78]),
-            truncated: false,
-            want: (2, 0, 1420u32.to_be_bytes()),
-            want_from: Some(router4_in_prefix),
-        },
-        Case {
-            what: "NAT64 TCP, a router's time exceeded, short quote",
-            nat46: false,
-            tcp: true,
-            from: Some(router4),
-            err: (11, 0, [0; 4]),
-            truncated: true,
-            want: (3, 0, [0; 4]),
-            want_from: Some(router4_in_prefix),
-        },
-        Case {
-            what: "NAT64 UDP, protocol unreachable",
-            nat46: false,
-            tcp: false,
-            from: None,
-            err: (3, 2, [0; 4]),
-            truncated: false,
-            want: (4, 1, [0, 0, 0, 6]),
-            want_from: None,
-        },
-        Case {
-            what: "NAT46 TCP, the backend's port unreachable",
-            nat46: true,
-            tcp: true,
-            from: None,
-            err: (1, 4, [0; 4]),
-            truncated: false,
-            want: (3, 3, [0; 4]),
-            want_from: None,
-        },
-        Case {
-            what: "NAT46 UDP, a router's packet too big (MTU 1400), outside the prefix",
-            nat46: true,
-            tcp: false,
-            from: Some(router6),
-            err: (2, 0, 1400u32.to_be_bytes()),
-            truncated: false,
-            want: (3, 4, [0, 0, 0x05, 0x64]),
-            want_from: None,
-        },
-        Case {
-            what: "NAT46 TCP, a router's time exceeded, inside the prefix, short quote",
-            nat46: true,
-            tcp: true,
-            from: Some(router4_in_prefix),
-            err: (3, 0, [0; 4]),
-            truncated: true,
-            want: (11, 0, [0; 4]),
-            want_from: Some(router4),
-        },
-        Case {
-            what: "NAT46 UDP, administratively prohibited",
-            nat46: true,
-            tcp: false,
-            from: None,
-            err: (1, 1, [0; 4]),
-            truncated: false,
-            want: (3, 10, [0; 4]),
-            want_from: None,
-        },
+        case(
+            "NAT64 TCP, the backend's port unreachable",
+            false,
+            true,
+            None,
+            (3, 3, [0; 4]),
+            false,
+            (1, 4, [0; 4]),
+            None,
+        ),
+        case(
+            "NAT64 UDP, a router's fragmentation needed (MTU 1400)",
+            false,
+            false,
+            Some(router4),
+            (3, 4, [0, 0, 0x05, 0x78]),
+            false,
+            (2, 0, 1420u32.to_be_bytes()),
+            Some(router4_in_prefix),
+        ),
+        case(
+            "NAT64 TCP, a router's time exceeded, short quote",
+            false,
+            true,
+            Some(router4),
+            (11, 0, [0; 4]),
+            true,
+            (3, 0, [0; 4]),
+            Some(router4_in_prefix),
+        ),
+        case(
+            "NAT64 UDP, protocol unreachable",
+            false,
+            false,
+            None,
+            (3, 2, [0; 4]),
+            false,
+            (4, 1, [0, 0, 0, 6]),
+            None,
+        ),
+        case(
+            "NAT64 TCP, the backend's parameter problem at the TTL",
+            false,
+            true,
+            None,
+            (12, 0, [8, 0, 0, 0]),
+            false,
+            (4, 0, [0, 0, 0, 7]),
+            None,
+        ),
+        case(
+            "NAT64 UDP, a router's bad length at the total length, short quote",
+            false,
+            false,
+            Some(router4),
+            (12, 2, [3, 0, 0, 0]),
+            true,
+            (4, 0, [0, 0, 0, 4]),
+            Some(router4_in_prefix),
+        ),
+        case(
+            "NAT46 TCP, the backend's port unreachable",
+            true,
+            true,
+            None,
+            (1, 4, [0; 4]),
+            false,
+            (3, 3, [0; 4]),
+            None,
+        ),
+        case(
+            "NAT46 UDP, a router's packet too big (MTU 1400), outside the prefix",
+            true,
+            false,
+            Some(router6),
+            (2, 0, 1400u32.to_be_bytes()),
+            false,
+            (3, 4, [0, 0, 0x05, 0x64]),
+            None,
+        ),
+        case(
+            "NAT46 TCP, a router's time exceeded, inside the prefix, short quote",
+            true,
+            true,
+            Some(router4_in_prefix),
+            (3, 0, [0; 4]),
+            true,
+            (11, 0, [0; 4]),
+            Some(router4),
+        ),
+        case(
+            "NAT46 UDP, administratively prohibited",
+            true,
+            false,
+            None,
+            (1, 1, [0; 4]),
+            false,
+            (3, 10, [0; 4]),
+            None,
+        ),
+        case(
+            "NAT46 TCP, the backend's parameter problem at the destination address",
+            true,
+            true,
+            None,
+            (4, 0, [0, 0, 0, 30]),
+            false,
+            (12, 0, [16, 0, 0, 0]),
+            None,
+        ),
+        case(
+            "NAT46 UDP, unrecognized next header",
+            true,
+            false,
+            None,
+            (4, 1, [0, 0, 0, 6]),
+            false,
+            (3, 2, [0; 4]),
+            None,
+        ),
     ];
     let xlats = stat(stat::XLAT);
     for (i, c) in cases.iter().enumerate() {
-        let (client, vip) = if c.nat46 {
-            (v4(CLIENT4), v4(VIP4_46))
-        } else {
-            (v6(CLIENT6), v6(VIP6_64))
-        };
-        let (l4, payload) = if c.tcp {
-            (L4::Tcp { flags: SYN }, &b""[..])
-        } else {
-            (L4::Udp, &b"a datagram the backend refused"[..])
-        };
-        let cport = 43000 + i as u16;
-        let input = with_tos(
-            build(
-                CLIENT_MAC,
-                LB0_MAC,
-                Vlan::None,
-                client,
-                vip,
-                64,
-                l4,
-                cport,
-                80,
-                payload,
-            ),
-            0x20,
-            false,
-        );
-        let out = send(c.what, &input, eth0, verdict::REDIRECT);
-        let (backend, _) = endpoint(&out, false);
-        let (snat, _) = endpoint(&out, true);
-        let sent = l3_of(out);
-        // What the backend side quotes: the packet as sent, or its IP header and 8 bytes.
-        let ihl = if c.nat46 { 40 } else { 20 };
-        let quote = if c.truncated {
-            &sent[..ihl + 8]
-        } else {
-            &sent[..]
-        };
-        let error = icmp_error(
-            be_mac(backend),
-            LB1_MAC,
-            c.from.unwrap_or(backend),
-            snat,
-            c.err.0,
-            c.err.1,
-            c.err.2,
-            quote,
-        );
-        // The client's packet as the backend saw it, in the client's family.
-        let seen = l3_of(with_tos(
-            build(
-                CLIENT_MAC,
-                LB0_MAC,
-                Vlan::None,
-                client,
-                vip,
-                63,
-                l4,
-                cport,
-                80,
-                payload,
-            ),
-            0x20,
-            true,
-        ));
-        let client_ihl = if c.nat46 { 20 } else { 40 };
-        let want_quote = if c.truncated {
-            &seen[..client_ihl + 8]
-        } else {
-            &seen[..]
-        };
-        let want = with_tos(
-            icmp_error(
-                LB0_MAC,
-                CLIENT_MAC,
-                c.want_from.unwrap_or(vip),
-                client,
-                c.want.0,
-                c.want.1,
-                c.want.2,
-                want_quote,
-            ),
-            0,
-            true,
-        );
-        // TTL / hop limit one lower than the error's 64.
-        let mut want = want;
-        if c.nat46 {
-            want[22] = 63;
-            fix_ipv4_checksum(&mut want);
-        } else {
-            want[21] = 63;
-        }
-        let got = send(c.what, &error, eth1, verdict::REDIRECT);
-        check_output(c.what, &want, &got);
+        check_xlat_icmp_error(prog, c, 43000 + i as u16, verdict::REDIRECT);
     }
     // The flows' first packets and their errors.
     assert_eq!(stat(stat::XLAT) - xlats, 2 * cases.len() as u64);
 
     // A type RFC 7915 does not translate (ICMPv6 destination unreachable, code 5: source
-    // address failed policy) is passed untouched.
-    let input = tcp4(CLIENT4, VIP4_46, 43100, 80, SYN);
-    let out = send(
-        "NAT46 untranslatable error",
-        &input,
-        eth0,
-        verdict::REDIRECT,
-    );
-    let (backend, _) = endpoint(&out, false);
-    let (snat, _) = endpoint(&out, true);
-    let error = icmp_error(
-        be_mac(backend),
-        LB1_MAC,
-        backend,
-        snat,
-        1,
-        5,
-        [0; 4],
-        &l3_of(out),
-    );
+    // address failed policy) is passed untouched; parameter problems it cannot translate
+    // (a field the other family lacks, a code it drops) are dropped and counted.
     let unsupported = stat(stat::PASS_UNSUPPORTED);
-    let got = send("NAT46 untranslatable error", &error, eth1, verdict::PASS);
-    assert_eq!(got, error, "NAT46 untranslatable error: untouched");
+    let dropped = stat(stat::DROP_XLAT_ICMP);
+    for (i, (what, nat46, err, want)) in [
+        (
+            "NAT46 untranslatable error",
+            true,
+            (1, 5, [0; 4]),
+            verdict::PASS,
+        ),
+        (
+            "NAT46 parameter problem at the flow label",
+            true,
+            (4, 0, [0, 0, 0, 2]),
+            verdict::DROP,
+        ),
+        (
+            "NAT46 parameter problem, an unrecognized option",
+            true,
+            (4, 2, [0, 0, 0, 40]),
+            verdict::DROP,
+        ),
+        (
+            "NAT64 parameter problem at the identification",
+            false,
+            (12, 0, [4, 0, 0, 0]),
+            verdict::DROP,
+        ),
+        (
+            "NAT64 parameter problem, a required option missing",
+            false,
+            (12, 1, [0; 4]),
+            verdict::DROP,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let c = case(what, nat46, true, None, err, false, (0, 0, [0; 4]), None);
+        check_xlat_icmp_error(prog, &c, 43100 + i as u16, want);
+    }
     assert_eq!(stat(stat::PASS_UNSUPPORTED) - unsupported, 1);
+    assert_eq!(stat(stat::DROP_XLAT_ICMP) - dropped, 4);
+}
+
+/// Issue 13: with an RFC 6052 prefix of 32, 48 or 64 bits, a router's IPv4 address reaches
+/// an IPv6 client embedded around the u octet, and a router's IPv6 address inside the
+/// prefix reaches an IPv4 client as the IPv4 address it embeds; one outside it (here: its u
+/// octet set) as the VIP. The embedded forms are RFC 6052 §2.4's examples for 192.0.2.33.
+#[test]
+fn nat46_and_nat64_icmp_errors_embed_routers_in_prefixes_of_32_48_and_64_bits() {
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let mut balancer = balancer();
+    let _in_lb = lb.enter().unwrap();
+    let router4 = v4([192, 0, 2, 33]);
+    let mut cport = 43200;
+    for (prefix, embedded, u_set) in [
+        (
+            "2001:db8::/32",
+            ip6("2001:db8:c000:221::"),
+            ip6("2001:db8:c000:221:100::"),
+        ),
+        (
+            "2001:db8:122::/48",
+            ip6("2001:db8:122:c000:2:2100::"),
+            ip6("2001:db8:122:c000:102:2100::"),
+        ),
+        (
+            "2001:db8:122:344::/64",
+            ip6("2001:db8:122:344:c0:2:2100:0"),
+            ip6("2001:db8:122:344:1c0:2:2100:0"),
+        ),
+    ] {
+        balancer
+            .configure_node(&NodeConfig {
+                snat_v4: Some(Ipv4Addr::from(SNAT4)),
+                snat_v6: Some(Ipv6Addr::from(SNAT6)),
+                snat_ports: (20000, 20099),
+                xlat_prefix: prefix.parse().unwrap(),
+                ..NodeConfig::default()
+            })
+            .unwrap();
+        let prog = balancer.program();
+        let what = |w: &str| -> &'static str { format!("{prefix}: {w}").leak() };
+        for c in [
+            XlatIcmpCase {
+                what: what("NAT64 UDP, a router's fragmentation needed"),
+                nat46: false,
+                tcp: false,
+                from: Some(router4),
+                err: (3, 4, [0, 0, 0x05, 0x78]),
+                truncated: false,
+                want: (2, 0, 1420u32.to_be_bytes()),
+                want_from: Some(v6(embedded)),
+            },
+            XlatIcmpCase {
+                what: what("NAT64 TCP, a router's parameter problem, short quote"),
+                nat46: false,
+                tcp: true,
+                from: Some(router4),
+                err: (12, 0, [16, 0, 0, 0]),
+                truncated: true,
+                want: (4, 0, [0, 0, 0, 24]),
+                want_from: Some(v6(embedded)),
+            },
+            XlatIcmpCase {
+                what: what("NAT46 TCP, a router's time exceeded, inside the prefix"),
+                nat46: true,
+                tcp: true,
+                from: Some(v6(embedded)),
+                err: (3, 0, [0; 4]),
+                truncated: false,
+                want: (11, 0, [0; 4]),
+                want_from: Some(router4),
+            },
+            XlatIcmpCase {
+                what: what("NAT46 UDP, a router's address unreachable, its u octet set"),
+                nat46: true,
+                tcp: false,
+                from: Some(v6(u_set)),
+                err: (1, 3, [0; 4]),
+                truncated: false,
+                want: (3, 1, [0; 4]),
+                want_from: None,
+            },
+        ] {
+            check_xlat_icmp_error(prog, &c, cport, verdict::REDIRECT);
+            cport += 1;
+        }
+    }
+}
+
+/// Issue 13: an ICMP error from the client side (the client, or a router on its side) about
+/// a reply of a NAT46/64 flow (VIP → client) reaches the backend in the backend's family:
+/// RFC 7915's type, code and MTU, from the SNAT address (the client's own error; the
+/// backend knows no other address of the client's) or a router's address through the
+/// prefix, quoting the reply as the backend sent it (backend → SNAT address and port, its
+/// TTL as the client saw it). Each expected error is built from scratch in the backend's
+/// family by etherparse, which computes every checksum (the quote's included).
+#[test]
+fn client_side_icmp_errors_of_nat46_and_nat64_flows_reach_the_backend_in_its_family() {
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let balancer = balancer();
+    let prog = balancer.program();
+    let _in_lb = lb.enter().unwrap();
+    let (eth0, eth1) = (ifindex("eth0"), ifindex("eth1"));
+    let stat = |i| prog.stat(i).unwrap();
+    let router4 = v4([198, 18, 0, 200]);
+    let router4_in_prefix = v6(ip6("64:ff9b::c612:c8"));
+    // (what, NAT46, TCP, the error's source (None: the client), error, truncated quote,
+    // what the backend gets, its source (None: the SNAT address)).
+    #[allow(clippy::type_complexity, reason = "a fixture table")]
+    let cases: [(
+        &str,
+        bool,
+        bool,
+        Option<IpAddr>,
+        (u8, u8, [u8; 4]),
+        bool,
+        (u8, u8, [u8; 4]),
+        Option<IpAddr>,
+    ); 5] = [
+        (
+            "NAT46 TCP, the client's fragmentation needed (MTU 1400)",
+            true,
+            true,
+            None,
+            (3, 4, [0, 0, 0x05, 0x78]),
+            false,
+            (2, 0, 1420u32.to_be_bytes()),
+            None,
+        ),
+        (
+            "NAT46 UDP, the client's port unreachable",
+            true,
+            false,
+            None,
+            (3, 3, [0; 4]),
+            false,
+            (1, 4, [0; 4]),
+            None,
+        ),
+        (
+            "NAT46 UDP, a router's fragmentation needed, short quote",
+            true,
+            false,
+            Some(router4),
+            (3, 4, [0, 0, 0x05, 0x00]),
+            true,
+            (2, 0, 1300u32.to_be_bytes()),
+            Some(router4_in_prefix),
+        ),
+        (
+            "NAT64 TCP, the client's packet too big (MTU 1400)",
+            false,
+            true,
+            None,
+            (2, 0, 1400u32.to_be_bytes()),
+            false,
+            (3, 4, [0, 0, 0x05, 0x64]),
+            None,
+        ),
+        (
+            "NAT64 UDP, the client's port unreachable, short quote",
+            false,
+            false,
+            None,
+            (1, 4, [0; 4]),
+            true,
+            (3, 3, [0; 4]),
+            None,
+        ),
+    ];
+    let xlats = stat(stat::XLAT);
+    for (i, &(what, nat46, tcp, from, err, truncated, want_err, want_from)) in
+        cases.iter().enumerate()
+    {
+        let (client, vip, snat) = if nat46 {
+            (v4(CLIENT4), v4(VIP4_46), v6(SNAT6))
+        } else {
+            (v6(CLIENT6), v6(VIP6_64), v4(SNAT4))
+        };
+        let (l4, reply_l4, payload) = if tcp {
+            (L4::Tcp { flags: SYN }, L4::Tcp { flags: SYNACK }, &b""[..])
+        } else {
+            (L4::Udp, L4::Udp, &b"an answer the client refused"[..])
+        };
+        let cport = 43300 + i as u16;
+        let input = build(
+            CLIENT_MAC,
+            LB0_MAC,
+            Vlan::None,
+            client,
+            vip,
+            64,
+            l4,
+            cport,
+            80,
+            payload,
+        );
+        let out = run_expecting(prog, what, &input, eth0, verdict::REDIRECT);
+        let (backend, _) = endpoint(&out, false);
+        let (_, snat_port) = endpoint(&out, true);
+        // The backend's reply, and what the client got of it.
+        let reply = |ttl| {
+            with_tos(
+                build(
+                    be_mac(backend),
+                    LB1_MAC,
+                    Vlan::None,
+                    backend,
+                    snat,
+                    ttl,
+                    reply_l4,
+                    8080,
+                    snat_port,
+                    payload,
+                ),
+                0x28,
+                // Toward IPv4 (NAT64's backend side), an atomic datagram.
+                !nat46,
+            )
+        };
+        let got = l3_of(run_expecting(
+            prog,
+            what,
+            &reply(64),
+            eth1,
+            verdict::REDIRECT,
+        ));
+        let ihl = if nat46 { 20 } else { 40 };
+        let quote = if truncated { &got[..ihl + 8] } else { &got[..] };
+        let error = icmp_error(
+            CLIENT_MAC,
+            LB0_MAC,
+            from.unwrap_or(client),
+            vip,
+            err.0,
+            err.1,
+            err.2,
+            quote,
+        );
+        // The reply as the backend sent it, its TTL as the client saw it.
+        let seen = l3_of(reply(63));
+        let backend_ihl = if nat46 { 40 } else { 20 };
+        let want_quote = if truncated {
+            &seen[..backend_ihl + 8]
+        } else {
+            &seen[..]
+        };
+        let mut want = with_tos(
+            icmp_error(
+                LB1_MAC,
+                be_mac(backend),
+                want_from.unwrap_or(snat),
+                backend,
+                want_err.0,
+                want_err.1,
+                want_err.2,
+                want_quote,
+            ),
+            0,
+            true,
+        );
+        if nat46 {
+            want[21] = 63;
+        } else {
+            want[22] = 63;
+            fix_ipv4_checksum(&mut want);
+        }
+        let got = run_expecting(prog, what, &error, eth0, verdict::REDIRECT);
+        check_output(what, &want, &got);
+    }
+    // Each flow's first packet, its reply and the error.
+    assert_eq!(stat(stat::XLAT) - xlats, 3 * cases.len() as u64);
 }
 
 // ---------- BIG TCP and multi-buffer frames ----------

@@ -129,6 +129,13 @@ fn keep_vip(v6: bool) -> IpAddr {
         IpAddr::V4(Ipv4Addr::from(KEEP_VIP4))
     }
 }
+/// A router on the client side, IPv6.
+fn ip6_router() -> [u8; 16] {
+    let mut o = [0u8; 16];
+    o[..4].copy_from_slice(&[0xfd, 0, 0, 0x18]);
+    o[15] = 0x77;
+    o
+}
 /// The IPv6 address embedding `a` in 64:ff9b::/96 (RFC 6052), the program's default prefix.
 fn embed(a: [u8; 4]) -> [u8; 16] {
     let mut o = [0u8; 16];
@@ -1040,8 +1047,8 @@ fn icmp_error(rng: &mut Rng, model: &Model) -> Case {
     else {
         return to_vip(rng, model);
     };
-    // A NAT46/64 flow's errors from the backend side are in the backend's family; from the
-    // client side they are not translated (the client's family, passed).
+    // A NAT46/64 flow's errors are in the family of the side that sends them: the
+    // backend's, or the client's.
     let xlat = client.is_ipv6() != m.backend.is_ipv6();
     let backend_side = rng.chance(60);
     let v6 = if xlat && backend_side {
@@ -1050,32 +1057,41 @@ fn icmp_error(rng: &mut Rng, model: &Model) -> Case {
         client.is_ipv6()
     };
     let (ty, code, rest) = match (v6, xlat) {
-        (true, false) => rng.pick(&[(1u8, 4u8, [0u8; 4]), (2, 0, [0, 0, 5, 0]), (3, 0, [0; 4])]),
+        (true, false) => rng.pick(&[
+            (1u8, 4u8, [0u8; 4]),
+            (2, 0, [0, 0, 5, 0]),
+            (3, 0, [0; 4]),
+            (4, 0, [0, 0, 0, 7]),
+        ]),
         (false, false) => rng.pick(&[
             (3u8, 3u8, [0u8; 4]),
             (3, 4, [0, 0, 5, 0]),
             (11, 0, [0; 4]),
             (3, 1, [0; 4]),
+            (12, 0, [8, 0, 0, 0]),
         ]),
         // Every code RFC 7915 maps, and some it drops.
         (true, true) => {
             let (code, mtu) = (rng.below(7) as u8, 1280 + rng.below(8000) as u32);
+            let pointer = rng.below(48) as u8;
             rng.pick(&[
                 (1u8, code, [0u8; 4]),
                 (2, 0, mtu.to_be_bytes()),
                 (2, 0, [0xff, 0xff, 0xff, 0xff]),
                 (3, code % 3, [0; 4]),
                 (4, 0, [0, 0, 0, 8]),
+                (4, code % 3, [0, 0, 0, pointer]),
             ])
         }
         (false, true) => {
-            let code = rng.below(16) as u8;
+            let (code, pointer) = (rng.below(16) as u8, rng.below(24) as u8);
             rng.pick(&[
                 (3u8, code, [0u8; 4]),
                 (3, 4, [0, 0, 5, 0]),
                 (3, 4, [0; 4]),
                 (11, code % 3, [0; 4]),
                 (12, 0, [8, 0, 0, 0]),
+                (12, code % 3, [pointer, 0, 0, 0]),
             ])
         }
     };
@@ -1138,18 +1154,16 @@ fn icmp_error(rng: &mut Rng, model: &Model) -> Case {
         );
         let q = q[14..].to_vec();
         let n = quote_len(&q, rng).min(q.len());
+        // A NAT46/64 flow's: the client's own, or a router's (an IPv6 one may embed an IPv4
+        // address in the prefix).
+        let from = match rng.below(if xlat { 4 } else { 1 }) {
+            0 | 1 => client,
+            2 if v6 => IpAddr::V6(Ipv6Addr::from(embed([198, 18, 0, 77]))),
+            _ if v6 => IpAddr::V6(Ipv6Addr::from(ip6_router())),
+            _ => IpAddr::V4(Ipv4Addr::new(198, 18, 0, 77)),
+        };
         (
-            icmp_packet(
-                CLIENT_MAC,
-                LB0_MAC,
-                client,
-                vipa,
-                64,
-                ty,
-                code,
-                rest,
-                &q[..n],
-            ),
+            icmp_packet(CLIENT_MAC, LB0_MAC, from, vipa, 64, ty, code, rest, &q[..n]),
             "eth0",
         )
     };
@@ -1932,16 +1946,13 @@ fn check_kept(
 
 /// Whether a packet of a NAT46/64 flow can be translated: untagged, IPv4 without options,
 /// IPv6 without extension headers, not a fragment, IPv6 UDP with a checksum (IPv4 UDP
-/// without one gets one, or is dropped: [`ZERO_CSUM_MAX`]).
+/// without one gets one, whatever its length).
 fn xlat_eligible(p: &[u8], ip: &Ip) -> bool {
     ip.frag.is_none()
         && ip.l3 == 14
         && ip.l4 == ip.l3 + if ip.v6 { 40 } else { 20 }
         && (!ip.v6 || ip.proto == TCP || p[ip.l4 + 6..ip.l4 + 8] != [0, 0])
 }
-
-/// The longest IPv4 UDP datagram without a checksum the program gives one toward IPv6.
-const ZERO_CSUM_MAX: usize = 2048;
 
 /// A packet translated to the other family: addresses, ports, TTL / hop limit, TOS /
 /// traffic class, IPv4's DF and identification 0 and header checksum, the transport
@@ -1997,19 +2008,6 @@ fn check_xlat(
     if matches!(hop_to(dst), Hop::NoNeigh) {
         unchanged(input, out)?;
         return Ok("passed_no_neighbour");
-    }
-    // IPv4 UDP without a checksum, too long to be given one: dropped.
-    if grows && inp.proto == UDP && input[inp.l4 + 6..inp.l4 + 8] == [0, 0] {
-        let udp_len = usize::from(u16::from_be_bytes([input[inp.l4 + 4], input[inp.l4 + 5]]));
-        if udp_len > ZERO_CSUM_MAX {
-            if out.verdict != verdict::DROP {
-                return Err(format!(
-                    "UDP without a checksum, {udp_len} bytes: want XDP_DROP, got {}",
-                    verdict::name(out.verdict)
-                ));
-            }
-            return Ok("dropped_xlat_no_csum");
-        }
     }
     let o = &out.packet;
     let Some(op) = parse(o) else {
@@ -2155,9 +2153,9 @@ fn check_icmp(
     let ty = input[ip.l4];
     let echo = if v6 { ty == 128 } else { ty == 8 };
     let error = if v6 {
-        matches!(ty, 1..=3)
+        matches!(ty, 1..=4)
     } else {
-        matches!(ty, 3 | 11)
+        matches!(ty, 3 | 11 | 12)
     };
     // Any VIP answers, a NAT46/64 one too (in its own family: nothing to translate).
     if echo && (ip.dst == vip(v6) || ip.dst == xlat_vip(v6)) {
@@ -2260,6 +2258,33 @@ fn check_icmp(
         if model.may_move.contains_key(&t) {
             // Re-opened, its new port not seen yet: the model cannot tell.
             return Ok("icmp_about_a_reopened_flow");
+        }
+        if let Some(m) = model.forward.get(&t).filter(|m| m.backend.is_ipv6() != v6) {
+            // A NAT46/64 flow's reply: to the backend in its family, from the SNAT address
+            // (the client's own error) or the router through the prefix, quoting backend →
+            // SNAT address and port.
+            let quote = Quote {
+                l3: q3,
+                l4: q4,
+                proto: qproto,
+                backend: qdst,
+            };
+            let (backend, snat_port) = (m.backend, m.snat_port);
+            return check_icmp_xlat(
+                input,
+                ip,
+                &quote,
+                out,
+                (backend, BACKEND_PORT),
+                (snat(!v6), snat_port),
+            )
+            .map(|o| {
+                if o == "icmp_error_xlat" {
+                    "icmp_error_xlat_to_backend"
+                } else {
+                    o
+                }
+            });
         }
         model
             .forward
@@ -2730,6 +2755,8 @@ fn xdp_fuzz_checked_by_an_independent_model() {
         "kept_reply_translated",
         "kept_icmp_error_translated",
         "icmp_error_xlat",
+        "icmp_error_xlat_to_backend",
+        "dropped_icmp_xlat",
     ] {
         assert!(
             model.outcomes.get(must).copied().unwrap_or(0) > 0 || n < 20_000,
@@ -2764,41 +2791,85 @@ struct Quote {
     backend: IpAddr,
 }
 
+/// What the checker expects of an ICMP error crossing families.
+enum XlatIcmp {
+    /// This (type, code, 4 bytes) in the other family.
+    To(u8, u8, [u8; 4]),
+    /// Passed untouched.
+    Pass,
+    /// Dropped (`drop_xlat_icmp`).
+    Drop,
+}
+
 /// RFC 7915 §4.2 / §5.2, as the checker reads them: an error's (type, code, 4 bytes) in the
-/// other family, or `None` when it is not translated.
-fn xlat_icmp_type(v6: bool, ty: u8, code: u8, rest: [u8; 4]) -> Option<(u8, u8, [u8; 4])> {
+/// other family, passed (types the balancer leaves alone), or dropped (parameter problems
+/// the RFC drops: codes, and pointers at fields the other family lacks).
+fn xlat_icmp_type(v6: bool, ty: u8, code: u8, rest: [u8; 4]) -> XlatIcmp {
+    use XlatIcmp::{Drop, Pass, To};
     if v6 {
         // ICMPv6 → ICMP.
         match (ty, code) {
-            (1, 0 | 2 | 3) => Some((3, 1, [0; 4])),
-            (1, 1) => Some((3, 10, [0; 4])),
-            (1, 4) => Some((3, 3, [0; 4])),
+            (1, 0 | 2 | 3) => To(3, 1, [0; 4]),
+            (1, 1) => To(3, 10, [0; 4]),
+            (1, 4) => To(3, 3, [0; 4]),
             (2, 0) => {
                 let mtu = u32::from_be_bytes(rest).saturating_sub(20).min(65535) as u16;
                 let [a, b] = mtu.to_be_bytes();
-                Some((3, 4, [0, 0, a, b]))
+                To(3, 4, [0, 0, a, b])
             }
-            (3, 0 | 1) => Some((11, code, [0; 4])),
-            _ => None,
+            (3, 0 | 1) => To(11, code, [0; 4]),
+            // IPv6 header offsets → IPv4's: version and traffic class, traffic class and
+            // flow label, payload length → total length, next header → protocol, hop
+            // limit → TTL, the addresses.
+            (4, 0) => match u32::from_be_bytes(rest) {
+                p @ (0 | 1) => To(12, 0, [p as u8, 0, 0, 0]),
+                4 | 5 => To(12, 0, [2, 0, 0, 0]),
+                6 => To(12, 0, [9, 0, 0, 0]),
+                7 => To(12, 0, [8, 0, 0, 0]),
+                8..=23 => To(12, 0, [12, 0, 0, 0]),
+                24..=39 => To(12, 0, [16, 0, 0, 0]),
+                _ => Drop,
+            },
+            (4, 1) => To(3, 2, [0; 4]),
+            (4, _) => Drop,
+            _ => Pass,
         }
     } else {
         match (ty, code) {
-            (3, 0 | 1 | 5..=8 | 11 | 12) => Some((1, 0, [0; 4])),
-            (3, 9 | 10 | 13 | 15) => Some((1, 1, [0; 4])),
-            (3, 3) => Some((1, 4, [0; 4])),
-            (3, 2) => Some((4, 1, [0, 0, 0, 6])),
+            (3, 0 | 1 | 5..=8 | 11 | 12) => To(1, 0, [0; 4]),
+            (3, 9 | 10 | 13 | 15) => To(1, 1, [0; 4]),
+            (3, 3) => To(1, 4, [0; 4]),
+            (3, 2) => To(4, 1, [0, 0, 0, 6]),
             (3, 4) => {
                 let mtu = u32::from(u16::from_be_bytes([rest[2], rest[3]]));
-                (mtu != 0).then(|| (2, 0, (mtu + 20).to_be_bytes()))
+                if mtu == 0 {
+                    Pass
+                } else {
+                    To(2, 0, (mtu + 20).to_be_bytes())
+                }
             }
-            (11, 0 | 1) => Some((3, code, [0; 4])),
-            _ => None,
+            (11, 0 | 1) => To(3, code, [0; 4]),
+            // IPv4 header offsets → IPv6's (identification, flags, fragment offset and
+            // checksum have none).
+            (12, 0 | 2) => match rest[0] {
+                p @ (0 | 1) => To(4, 0, [0, 0, 0, p]),
+                2 | 3 => To(4, 0, [0, 0, 0, 4]),
+                8 => To(4, 0, [0, 0, 0, 7]),
+                9 => To(4, 0, [0, 0, 0, 6]),
+                12..=15 => To(4, 0, [0, 0, 0, 8]),
+                16..=19 => To(4, 0, [0, 0, 0, 24]),
+                _ => Drop,
+            },
+            (12, _) => Drop,
+            _ => Pass,
         }
     }
 }
 
-/// An ICMP error from the backend side about a NAT46/64 flow (client `client`, VIP `vip`):
-/// translated to the client's family, or passed.
+/// An ICMP error about a NAT46/64 flow: from the backend side (to `client`, the client and
+/// its port; the VIP and its port as `vip`), translated to the client's family; from the
+/// client side (to `client`, the backend and its port; `vip` the SNAT address and port, and
+/// `q.backend` the client), translated to the backend's; or passed, or dropped.
 fn check_icmp_xlat(
     input: &[u8],
     ip: &Ip,
@@ -2813,11 +2884,27 @@ fn check_icmp_xlat(
     let rest: [u8; 4] = input[ip.l4 + 4..ip.l4 + 8].try_into().unwrap();
     let plain = ip.l3 == 14 && ip.l4 == 14 + if v6 { 40 } else { 20 };
     let quote_plain = v6 || input[q.l3] & 0x0f == 5;
-    let Some((nty, ncode, nrest)) =
-        xlat_icmp_type(v6, ty, code, rest).filter(|_| plain && quote_plain)
-    else {
-        unchanged(input, out)?;
-        return Ok("passed_icmp_xlat_unsupported");
+    let mapped = if plain && quote_plain {
+        xlat_icmp_type(v6, ty, code, rest)
+    } else {
+        XlatIcmp::Pass
+    };
+    let (nty, ncode, nrest) = match mapped {
+        XlatIcmp::To(t, c, r) => (t, c, r),
+        XlatIcmp::Pass => {
+            unchanged(input, out)?;
+            return Ok("passed_icmp_xlat_unsupported");
+        }
+        XlatIcmp::Drop if ipv4_header_ok(input, ip) => {
+            if out.verdict != verdict::DROP {
+                return Err(format!(
+                    "untranslatable parameter problem: want XDP_DROP, got {}",
+                    verdict::name(out.verdict)
+                ));
+            }
+            return Ok("dropped_icmp_xlat");
+        }
+        XlatIcmp::Drop => (0, 0, [0; 4]),
     };
     if !ipv4_header_ok(input, ip) || ip.ttl <= 1 {
         unchanged(input, out)?;

@@ -178,15 +178,72 @@ pub struct NodeConfig {
     pub tcp_closing_timeout: Duration,
     /// Answer ICMP/ICMPv6 echo requests to VIPs in XDP (otherwise the stack sees them).
     pub echo_reply: bool,
-    /// The RFC 6052 /96 prefix embedding IPv4 addresses in IPv6, for NAT46/64 ICMP errors
-    /// from routers of the other family; its last 32 bits must be zero.
-    pub xlat_prefix: Ipv6Addr,
+    /// The RFC 6052 prefix embedding IPv4 addresses in IPv6, for NAT46/64 ICMP errors
+    /// from routers of the other family.
+    pub xlat_prefix: XlatPrefix,
     /// Direct server return's outer header.
     pub dsr: DsrConfig,
 }
 
 /// The well-known NAT64 prefix, 64:ff9b::/96 (RFC 6052 §2.1).
-pub const WELL_KNOWN_XLAT_PREFIX: Ipv6Addr = Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0);
+pub const WELL_KNOWN_XLAT_PREFIX: XlatPrefix = XlatPrefix {
+    addr: Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0),
+    len: 96,
+};
+
+/// An RFC 6052 prefix for IPv4-embedded IPv6 addresses (`64:ff9b::/96`, `2001:db8::/32`):
+/// a length of 32, 40, 48, 56, 64 or 96 bits, no bit set past it, and (a /96) bits 64–71,
+/// the "u" octet, zero. Parsed from and shown as `ADDRESS/LENGTH`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XlatPrefix {
+    /// The prefix's address.
+    pub addr: Ipv6Addr,
+    /// Its length in bits.
+    pub len: u8,
+}
+
+impl XlatPrefix {
+    /// Checks the prefix is one RFC 6052 allows.
+    ///
+    /// # Errors
+    /// What is wrong with it, in words.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if !portico_xdp_common::rfc6052::LENGTHS.contains(&self.len) {
+            return Err("RFC 6052 allows prefixes of 32, 40, 48, 56, 64 or 96 bits");
+        }
+        let bits = u128::from(self.addr);
+        if bits & (u128::MAX >> self.len) != 0 {
+            return Err("bits are set past the prefix length");
+        }
+        if self.addr.octets()[8] != 0 {
+            return Err("bits 64-71 (the u octet) must be zero");
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for XlatPrefix {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, len) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s}: want ADDRESS/LENGTH, e.g. 64:ff9b::/96"))?;
+        let addr: Ipv6Addr = addr
+            .parse()
+            .map_err(|e| format!("{s}: {e} (an IPv6 address)"))?;
+        let len: u8 = len.parse().map_err(|e| format!("{s}: the length: {e}"))?;
+        let prefix = Self { addr, len };
+        prefix.check().map_err(|why| format!("{s}: {why}"))?;
+        Ok(prefix)
+    }
+}
+
+impl std::fmt::Display for XlatPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
 
 /// The node's side of direct server return's outer header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -466,12 +523,8 @@ fn validate_node(c: &NodeConfig) -> Result<(), BalancerError> {
             "must be a non-empty range within 1-65535",
         ));
     }
-    if c.xlat_prefix.octets()[12..] != [0; 4] {
-        return Err(bad(
-            "xlat_prefix",
-            c.xlat_prefix.to_string(),
-            "must be a /96 prefix (its last 32 bits zero)",
-        ));
+    if let Err(why) = c.xlat_prefix.check() {
+        return Err(bad("xlat_prefix", c.xlat_prefix.to_string(), why));
     }
     for (field, d) in [
         ("tcp_timeout", c.tcp_timeout),
@@ -594,12 +647,19 @@ fn node_config_of(c: &Config) -> NodeConfig {
         udp_timeout: duration(c.udp_timeout),
         tcp_closing_timeout: duration(c.tcp_closing_timeout),
         echo_reply: c.flags & config_flags::ECHO_REPLY != 0,
-        xlat_prefix: Ipv6Addr::from(addr_octets(&[
-            c.xlat_prefix[0],
-            c.xlat_prefix[1],
-            c.xlat_prefix[2],
-            0,
-        ])),
+        xlat_prefix: XlatPrefix {
+            addr: Ipv6Addr::from(addr_octets(&[
+                c.xlat_prefix[0],
+                c.xlat_prefix[1],
+                c.xlat_prefix[2],
+                0,
+            ])),
+            len: if c.xlat_prefix_len == 0 {
+                96
+            } else {
+                c.xlat_prefix_len
+            },
+        },
         dsr: DsrConfig {
             source_v4: (c.dsr_v4 != 0).then(|| {
                 let host = u32::from_be_bytes(c.dsr_v4_mask.to_ne_bytes()).count_ones() as u8;
@@ -1022,8 +1082,9 @@ impl Balancer for XdpBalancer {
         if let Some(a) = config.snat_v6 {
             cfg.snat_v6 = addr_from_octets(a.octets());
         }
-        let prefix = addr_from_octets(config.xlat_prefix.octets());
+        let prefix = addr_from_octets(config.xlat_prefix.addr.octets());
         cfg.xlat_prefix = [prefix[0], prefix[1], prefix[2]];
+        cfg.xlat_prefix_len = config.xlat_prefix.len;
         if let Some((a, len)) = config.dsr.source_v4 {
             cfg.dsr_v4 = addr_from_v4(a.octets())[0];
             cfg.dsr_v4_mask = host_mask(32, len);
@@ -1444,7 +1505,7 @@ mod tests {
             udp_timeout: Duration::from_secs(60),
             tcp_closing_timeout: Duration::from_secs(10),
             echo_reply: false,
-            xlat_prefix: "2001:db8:64::".parse().unwrap(),
+            xlat_prefix: "2001:db8:64::/48".parse().unwrap(),
             dsr: DsrConfig {
                 source_v4: Some(("198.18.200.0".parse().unwrap(), 24)),
                 source_v6: Some(("fd00:18:200::".parse().unwrap(), 112)),
@@ -1468,6 +1529,7 @@ mod tests {
                 u32::from_ne_bytes([0, 0x64, 0, 0]),
                 0,
             ],
+            xlat_prefix_len: 48,
             dsr_v4: addr_from_v4([198, 18, 200, 0])[0],
             dsr_v4_mask: u32::from_ne_bytes([0, 0, 0, 0xff]),
             dsr_v6: addr_from_octets("fd00:18:200::".parse::<Ipv6Addr>().unwrap().octets()),
@@ -1493,13 +1555,41 @@ mod tests {
     }
 
     #[test]
-    fn a_nat64_prefix_longer_than_96_bits_is_refused() {
+    fn nat64_prefixes_of_every_rfc_6052_length_are_taken_and_others_refused() {
+        for ok in [
+            "64:ff9b::/96",
+            "2001:db8::/32",
+            "2001:db8:100::/40",
+            "2001:db8:122::/48",
+            "2001:db8:122:300::/56",
+            "2001:db8:122:344::/64",
+        ] {
+            let p: XlatPrefix = ok.parse().unwrap();
+            assert_eq!(p.to_string(), ok);
+        }
+        for (bad, why) in [
+            ("64:ff9b::", "ADDRESS/LENGTH"),
+            ("64:ff9b::/80", "32, 40, 48, 56, 64 or 96"),
+            ("64:ff9b::/128", "32, 40, 48, 56, 64 or 96"),
+            ("64:ff9b::1/96", "past the prefix length"),
+            ("2001:db8:1::/32", "past the prefix length"),
+            ("64:ff9b:0:0:100::/96", "u octet"),
+            ("nonsense/96", "IPv6 address"),
+            ("64:ff9b::/x", "length"),
+        ] {
+            let err = bad.parse::<XlatPrefix>().unwrap_err();
+            assert!(err.starts_with(bad) && err.contains(why), "{bad}: {err}");
+        }
+        // A node config built by hand is checked too, the field and value named.
         let node = NodeConfig {
-            xlat_prefix: "64:ff9b::1".parse().unwrap(),
+            xlat_prefix: XlatPrefix {
+                addr: "64:ff9b::1".parse().unwrap(),
+                len: 96,
+            },
             ..NodeConfig::default()
         };
         let err = validate_node(&node).unwrap_err().to_string();
-        assert!(err.contains("xlat_prefix"), "{err}");
+        assert!(err.contains("xlat_prefix = 64:ff9b::1/96"), "{err}");
         assert!(validate_node(&NodeConfig::default()).is_ok());
     }
 

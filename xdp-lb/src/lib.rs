@@ -10,8 +10,8 @@ pub mod program;
 
 pub use balancer::{
     stable_key, BackendSpec, Balancer, BalancerError, DsrConfig, Encapsulation, FakeBalancer,
-    Forwarding, NodeConfig, Protocol, ServiceKey, ServiceSpec, XdpBalancer, DEFAULT_GUE_PORT,
-    WELL_KNOWN_XLAT_PREFIX,
+    Forwarding, NodeConfig, Protocol, ServiceKey, ServiceSpec, XdpBalancer, XlatPrefix,
+    DEFAULT_GUE_PORT, WELL_KNOWN_XLAT_PREFIX,
 };
 pub use decap::{Decap, DecapConfig};
 pub use program::{verdict, AttachMode, LoadOptions, Stats, TestRunOutput, XdpError, XdpProgram};

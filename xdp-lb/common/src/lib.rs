@@ -30,6 +30,188 @@ pub fn addr_octets(a: &Addr) -> [u8; 16] {
     o
 }
 
+/// IPv4-embedded IPv6 addresses (RFC 6052 §2.2), for the NAT46/64 prefix
+/// ([`Config::xlat_prefix`], [`Config::xlat_prefix_len`]): pure functions the program and
+/// the loader share. A prefix is given by its first 96 bits (`[u32; 3]`, words as in
+/// [`Addr`]; every allowed length fits in them) and its length.
+///
+/// Layout: the IPv4 address follows the prefix, but bits 64–71 (the "u" octet) are never
+/// part of it: for a /40, /48 or /56 the address is split around them, for a /64 it starts
+/// after them; the bits after the address (the suffix) are zero. A /96 holds the address
+/// in its last 32 bits.
+pub mod rfc6052 {
+    use crate::Addr;
+
+    /// The prefix lengths RFC 6052 allows.
+    pub const LENGTHS: [u8; 6] = [32, 40, 48, 56, 64, 96];
+
+    /// The address as two big-endian halves: bits 0–63 and 64–127.
+    #[inline(always)]
+    fn halves(a: &[u32; 3], last: u32) -> (u64, u64) {
+        let be = |w: u32| u64::from(u32::from_be(w));
+        ((be(a[0]) << 32) | be(a[1]), (be(a[2]) << 32) | be(last))
+    }
+
+    /// `(1 << n) - 1` for `n` in 0..=32.
+    #[inline(always)]
+    fn ones(n: u32) -> u64 {
+        (1u64 << n) - 1
+    }
+
+    /// The IPv6 address embedding the IPv4 address `v4` (network order, as [`Addr`] word 0)
+    /// in the prefix (`prefix`, `len`). A length RFC 6052 does not allow is read as 96.
+    #[inline(always)]
+    pub fn embed(prefix: &[u32; 3], len: u8, v4: u32) -> Addr {
+        let v = u64::from(u32::from_be(v4));
+        let (phi, plo) = halves(prefix, 0);
+        let (hi, lo) = if matches!(len, 32 | 40 | 48 | 56 | 64) {
+            // `k` bits of the address in the first half, the other `32 - k` after the u
+            // octet (the second half's top 8 bits).
+            let k = 64 - u32::from(len);
+            let hi = (phi & !ones(k)) | (v >> (32 - k));
+            (hi, (v & ones(32 - k)) << (24 + k))
+        } else {
+            (phi, (plo & !ones(32)) | v)
+        };
+        [
+            ((hi >> 32) as u32).to_be(),
+            (hi as u32).to_be(),
+            ((lo >> 32) as u32).to_be(),
+            (lo as u32).to_be(),
+        ]
+    }
+
+    /// The IPv4 address (network order) that `a` embeds, when `a` lies in the prefix
+    /// (`prefix`, `len`) and its u octet is zero (an address whose u octet is set is no
+    /// IPv4-embedded address); the suffix is ignored. A length RFC 6052 does not allow is
+    /// read as 96.
+    #[inline(always)]
+    pub fn extract(a: &Addr, prefix: &[u32; 3], len: u8) -> Option<u32> {
+        let (hi, lo) = halves(&[a[0], a[1], a[2]], a[3]);
+        let (phi, plo) = halves(prefix, 0);
+        let v = if matches!(len, 32 | 40 | 48 | 56 | 64) {
+            let k = 64 - u32::from(len);
+            if (hi ^ phi) >> k != 0 || lo >> 56 != 0 {
+                return None;
+            }
+            ((hi & ones(k)) << (32 - k)) | ((lo >> (24 + k)) & ones(32 - k))
+        } else {
+            if hi != phi || (lo ^ plo) >> 32 != 0 {
+                return None;
+            }
+            lo & ones(32)
+        };
+        Some((v as u32).to_be())
+    }
+}
+
+/// ICMP ↔ ICMPv6 error translation (RFC 7915 §4.2 and §5.2): pure functions of the type,
+/// code and the 4 bytes after the checksum, for the program and the tests.
+pub mod rfc7915 {
+    /// What an ICMP error becomes in the other family.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Mapped {
+        /// This type, code and 4 bytes after the checksum.
+        Send(u8, u8, [u8; 4]),
+        /// Not translated, passed to the stack (types the balancer leaves alone).
+        Pass,
+        /// Dropped: RFC 7915 says to drop it (a parameter problem of an untranslatable code,
+        /// or whose pointer names a field the other family lacks).
+        Drop,
+    }
+
+    /// An IPv4 header's field offset (a parameter problem's pointer) → the IPv6 header's
+    /// (RFC 7915 §4.2, Figure 3), or `None` for fields IPv6 lacks.
+    #[inline(always)]
+    pub fn pointer_to_v6(p: u8) -> Option<u8> {
+        match p {
+            0 | 1 => Some(p),
+            2 | 3 => Some(4),
+            8 => Some(7),
+            9 => Some(6),
+            12..=15 => Some(8),
+            16..=19 => Some(24),
+            _ => None,
+        }
+    }
+
+    /// An IPv6 header's field offset → the IPv4 header's (RFC 7915 §5.2, Figure 6), or
+    /// `None` for fields IPv4 lacks.
+    #[inline(always)]
+    pub fn pointer_to_v4(p: u32) -> Option<u8> {
+        match p {
+            0 | 1 => Some(p as u8),
+            4 | 5 => Some(2),
+            6 => Some(9),
+            7 => Some(8),
+            8..=23 => Some(12),
+            24..=39 => Some(16),
+            _ => None,
+        }
+    }
+
+    /// ICMPv6 (type, code, the 4 bytes after the checksum) → ICMP.
+    #[inline(always)]
+    pub fn to_v4(ty: u8, code: u8, rest: [u8; 4]) -> Mapped {
+        match (ty, code) {
+            // Destination unreachable: no route, beyond scope, address → host unreachable;
+            // administratively prohibited → communication administratively prohibited;
+            // port.
+            (1, 0 | 2 | 3) => Mapped::Send(3, 1, [0; 4]),
+            (1, 1) => Mapped::Send(3, 10, [0; 4]),
+            (1, 4) => Mapped::Send(3, 3, [0; 4]),
+            // Packet too big → fragmentation needed, the MTU less the 20 bytes IPv6 adds.
+            (2, 0) => {
+                let mtu = u32::from_be_bytes(rest).saturating_sub(20).min(0xffff) as u16;
+                let m = mtu.to_be_bytes();
+                Mapped::Send(3, 4, [0, 0, m[0], m[1]])
+            }
+            (3, 0 | 1) => Mapped::Send(11, code, [0; 4]),
+            // Parameter problem: an erroneous header field, its pointer mapped; an
+            // unrecognized next header → protocol unreachable; the rest dropped.
+            (4, 0) => match pointer_to_v4(u32::from_be_bytes(rest)) {
+                Some(p) => Mapped::Send(12, 0, [p, 0, 0, 0]),
+                None => Mapped::Drop,
+            },
+            (4, 1) => Mapped::Send(3, 2, [0; 4]),
+            (4, _) => Mapped::Drop,
+            _ => Mapped::Pass,
+        }
+    }
+
+    /// ICMP (type, code, the 4 bytes after the checksum) → ICMPv6.
+    #[inline(always)]
+    pub fn to_v6(ty: u8, code: u8, rest: [u8; 4]) -> Mapped {
+        match (ty, code) {
+            (3, 0 | 1 | 5 | 6 | 7 | 8 | 11 | 12) => Mapped::Send(1, 0, [0; 4]),
+            (3, 9 | 10 | 13 | 15) => Mapped::Send(1, 1, [0; 4]),
+            (3, 3) => Mapped::Send(1, 4, [0; 4]),
+            // Protocol unreachable → parameter problem, unrecognized next header, pointing
+            // at the next header field (offset 6).
+            (3, 2) => Mapped::Send(4, 1, [0, 0, 0, 6]),
+            // Fragmentation needed → packet too big, the MTU plus the 20 bytes IPv6 adds
+            // (an MTU of 0: no plateau guessing, passed).
+            (3, 4) => {
+                let mtu = u16::from_be_bytes([rest[2], rest[3]]);
+                if mtu == 0 {
+                    return Mapped::Pass;
+                }
+                Mapped::Send(2, 0, (u32::from(mtu) + 20).to_be_bytes())
+            }
+            (11, 0 | 1) => Mapped::Send(3, code, [0; 4]),
+            // Parameter problem: pointer indicates the error, or bad length → erroneous
+            // header field, its pointer mapped; missing a required option and the rest
+            // dropped.
+            (12, 0 | 2) => match pointer_to_v6(rest[0]) {
+                Some(p) => Mapped::Send(4, 0, [0, 0, 0, p]),
+                None => Mapped::Drop,
+            },
+            (12, _) => Mapped::Drop,
+            _ => Mapped::Pass,
+        }
+    }
+}
+
 /// Address family tags used in keys (not the kernel's AF_* numbers).
 pub mod family {
     /// IPv4.
@@ -141,11 +323,15 @@ pub mod stat {
     /// Packets of direct-server-return services sent to their backend inside an outer
     /// header (IPIP, IP6IP6, 4in6, 6in4 or GUE).
     pub const DSR_ENCAP: u32 = 33;
-    /// Dropped: an IPv4 UDP datagram without a checksum toward IPv6 (which needs one) that
-    /// is too long for the program to sum (over 2,048 bytes, or not all in the linear part).
+    /// Dropped: an IPv4 UDP datagram without a checksum toward IPv6 (which needs one) whose
+    /// payload the program could not read to sum (not expected once its lengths were
+    /// checked).
     pub const DROP_XLAT_NO_CSUM: u32 = 34;
+    /// Dropped: an ICMP error about a NAT46/64 flow that RFC 7915 says to drop rather than
+    /// translate (a parameter problem whose code or pointer the other family lacks).
+    pub const DROP_XLAT_ICMP: u32 = 35;
     /// Number of counters in a [`crate::StatBlock`].
-    pub const COUNT: u32 = 35;
+    pub const COUNT: u32 = 36;
 
     /// Each counter's name, by index, as status and metrics show it.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -184,6 +370,7 @@ pub mod stat {
         "xlat",
         "dsr_encap",
         "drop_xlat_no_csum",
+        "drop_xlat_icmp",
     ];
 }
 
@@ -321,8 +508,9 @@ pub struct Config {
     /// Bumped by the loader to invalidate every per-CPU cached copy at once (a service was
     /// removed).
     pub cache_epoch: u32,
-    /// The RFC 6052 /96 prefix (its first 96 bits) that embeds an IPv4 address in IPv6 for
-    /// NAT46/64 ICMP errors from routers of the other family (default 64:ff9b::/96).
+    /// The RFC 6052 prefix (its first 96 bits, the bits past its length zero) that embeds
+    /// an IPv4 address in IPv6 for NAT46/64 ICMP errors from routers of the other family
+    /// (default 64:ff9b::/96); see [`rfc6052`].
     pub xlat_prefix: [u32; 3],
     /// Outer IPv4 source of direct server return (network order, as [`Addr`] word 0); the
     /// bits set in `dsr_v4_mask` come from the flow hash. 0: the SNAT address.
@@ -335,8 +523,11 @@ pub struct Config {
     pub dsr_v6_mask: u32,
     /// GUE destination port toward the backends, network order.
     pub gue_port: u16,
+    /// The length of [`Config::xlat_prefix`]: 32, 40, 48, 56, 64 or 96; 0 (a `CONFIG`
+    /// written before it existed, in what was padding) means 96.
+    pub xlat_prefix_len: u8,
     /// Explicit padding.
-    pub _pad: u16,
+    pub _pad: u8,
 }
 
 /// Bits of [`Config::flags`].
@@ -809,6 +1000,124 @@ mod tests {
             vip_filter_bit(family::V4, &a),
             vip_filter_bit(family::V6, &a)
         );
+    }
+
+    /// RFC 6052 §2.4's examples: 192.0.2.33 in 2001:db8:122:344::/N for each length, and
+    /// in the well-known prefix.
+    #[test]
+    fn ipv4_addresses_embed_and_extract_as_rfc_6052_shows() {
+        let v6 = |s: &str| addr_from_octets(s.parse::<std::net::Ipv6Addr>().unwrap().octets());
+        let prefix = |s: &str| {
+            let a = v6(s);
+            [a[0], a[1], a[2]]
+        };
+        let v4 = addr_from_v4([192, 0, 2, 33])[0];
+        for (len, p, want) in [
+            (32, "2001:db8::", "2001:db8:c000:221::"),
+            (40, "2001:db8:100::", "2001:db8:1c0:2:21::"),
+            (48, "2001:db8:122::", "2001:db8:122:c000:2:2100::"),
+            (56, "2001:db8:122:300::", "2001:db8:122:3c0:0:221::"),
+            (64, "2001:db8:122:344::", "2001:db8:122:344:c0:2:2100:0"),
+            (96, "2001:db8:122:344::", "2001:db8:122:344::c000:221"),
+            (96, "64:ff9b::", "64:ff9b::c000:221"),
+        ] {
+            let p = prefix(p);
+            assert_eq!(rfc6052::embed(&p, len, v4), v6(want), "/{len}");
+            assert_eq!(rfc6052::extract(&v6(want), &p, len), Some(v4), "/{len}");
+        }
+    }
+
+    #[test]
+    fn only_addresses_inside_the_prefix_with_a_zero_u_octet_embed_an_ipv4_address() {
+        let v6 = |s: &str| addr_from_octets(s.parse::<std::net::Ipv6Addr>().unwrap().octets());
+        let p = {
+            let a = v6("2001:db8:122::");
+            [a[0], a[1], a[2]]
+        };
+        // Outside the /48, or the u octet set: none.
+        assert_eq!(
+            rfc6052::extract(&v6("2001:db8:123:c000:2:2100::"), &p, 48),
+            None
+        );
+        assert_eq!(
+            rfc6052::extract(&v6("2001:db8:122:c000:102:2100::"), &p, 48),
+            None
+        );
+        // The suffix is ignored.
+        assert_eq!(
+            rfc6052::extract(&v6("2001:db8:122:c000:2:2100:0:1"), &p, 48),
+            Some(addr_from_v4([192, 0, 2, 33])[0])
+        );
+        // Every length round-trips every bit of the IPv4 address.
+        for len in rfc6052::LENGTHS {
+            for v4 in [0u32, u32::MAX, 0x8000_0001, 0x0102_0304, 0xfedc_ba98] {
+                let a = rfc6052::embed(&p, len, v4);
+                assert_eq!(rfc6052::extract(&a, &p, len), Some(v4), "/{len} {v4:#x}");
+                assert_eq!(addr_octets(&a)[8], 0, "/{len}: the u octet");
+            }
+        }
+    }
+
+    /// RFC 7915 Figures 3 and 6: each header field's offset, both ways; fields one family
+    /// lacks have no pointer in it.
+    #[test]
+    fn parameter_problem_pointers_map_field_to_field() {
+        use rfc7915::{pointer_to_v4, pointer_to_v6, to_v4, to_v6, Mapped};
+        let v4_to_v6: [Option<u8>; 20] = [
+            Some(0),
+            Some(1),
+            Some(4),
+            Some(4),
+            None,
+            None,
+            None,
+            None,
+            Some(7),
+            Some(6),
+            None,
+            None,
+            Some(8),
+            Some(8),
+            Some(8),
+            Some(8),
+            Some(24),
+            Some(24),
+            Some(24),
+            Some(24),
+        ];
+        for (p, want) in v4_to_v6.iter().enumerate() {
+            assert_eq!(pointer_to_v6(p as u8), *want, "IPv4 pointer {p}");
+        }
+        assert_eq!(pointer_to_v6(20), None, "past the IPv4 header");
+        for p in 0..48u32 {
+            let want = match p {
+                0 | 1 => Some(p as u8),
+                2 | 3 => None,
+                4 | 5 => Some(2),
+                6 => Some(9),
+                7 => Some(8),
+                8..=23 => Some(12),
+                24..=39 => Some(16),
+                _ => None,
+            };
+            assert_eq!(pointer_to_v4(p), want, "IPv6 pointer {p}");
+        }
+        assert_eq!(pointer_to_v4(1 << 24), None, "the pointer is 32 bits");
+        // Codes: bad length maps as pointer-indicates-error; missing option is dropped;
+        // unrecognized next header becomes protocol unreachable; an option is dropped.
+        assert_eq!(to_v6(12, 2, [9, 0, 0, 0]), Mapped::Send(4, 0, [0, 0, 0, 6]));
+        assert_eq!(to_v6(12, 0, [4, 0, 0, 0]), Mapped::Drop);
+        assert_eq!(to_v6(12, 1, [0; 4]), Mapped::Drop);
+        assert_eq!(
+            to_v4(4, 0, [0, 0, 0, 24]),
+            Mapped::Send(12, 0, [16, 0, 0, 0])
+        );
+        assert_eq!(to_v4(4, 0, [0, 0, 0, 2]), Mapped::Drop);
+        assert_eq!(to_v4(4, 1, [0, 0, 0, 40]), Mapped::Send(3, 2, [0; 4]));
+        assert_eq!(to_v4(4, 2, [0, 0, 0, 40]), Mapped::Drop);
+        // Types the balancer leaves alone are passed.
+        assert_eq!(to_v4(1, 5, [0; 4]), Mapped::Pass);
+        assert_eq!(to_v6(3, 4, [0; 4]), Mapped::Pass);
     }
 
     #[test]

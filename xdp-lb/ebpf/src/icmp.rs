@@ -27,9 +27,11 @@ const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_ECHO: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
 const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PKT_TOOBIG: u8 = 2;
 const ICMPV6_TIME_EXCEED: u8 = 3;
+const ICMPV6_PARAM_PROB: u8 = 4;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
 /// What [`portico_icmp4`]/[`portico_icmp6`] return for a packet that concerns no VIP or
@@ -97,11 +99,14 @@ fn handle<const V4: bool>(
     // SAFETY: 8 bytes of ICMP header checked.
     let icmp_type = unsafe { *h.l4 };
     let is_error = if V4 {
-        icmp_type == ICMP_DEST_UNREACH || icmp_type == ICMP_TIME_EXCEEDED
+        icmp_type == ICMP_DEST_UNREACH
+            || icmp_type == ICMP_TIME_EXCEEDED
+            || icmp_type == ICMP_PARAMETER_PROBLEM
     } else {
         icmp_type == ICMPV6_DEST_UNREACH
             || icmp_type == ICMPV6_PKT_TOOBIG
             || icmp_type == ICMPV6_TIME_EXCEED
+            || icmp_type == ICMPV6_PARAM_PROB
     };
     if is_error {
         return translate_error(ctx, st, p, &h, cfg);
@@ -324,9 +329,19 @@ fn translate_error<const V4: bool>(
                 (found as u32, (found >> 32) as u16, 0)
             }
         };
-        let Some(be) = backend(backend_id).filter(|be| be.family == p.family) else {
+        let Some(be) = backend(backend_id) else {
             return Ok(None);
         };
+        if be.family != p.family {
+            // A NAT46/64 flow: the error goes to the backend in its family (`icmp46`),
+            // quoting backend → SNAT address and port.
+            sc.rev.client = be.addr;
+            sc.rev.client_port = be.port;
+            sc.rev.vip = snat_addr(cfg, be.family);
+            sc.rev.vip_port = snat_port;
+            sc.rev.client_family = be.family;
+            return Ok(Some(crate::icmp46::XLAT_ERROR));
+        }
         // A flow that keeps its client's source: the error keeps its own source, and the
         // quoted reply went to the client (the quote's destination); else both are the
         // node's SNAT address.

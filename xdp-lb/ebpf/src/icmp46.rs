@@ -1,14 +1,17 @@
-//! ICMP ↔ ICMPv6 translation (RFC 7915 §4.2, §5.2) of the errors a backend side sends about
-//! a NAT46/64 flow: destination unreachable, time exceeded, packet too big ↔ fragmentation
-//! needed. The outer and the quoted (inner) header both change family, so the frame grows or
-//! shrinks by 40 bytes (twice the header size difference); the quoted transport header stays
-//! where it is relative to the frame's end, and everything after it is left untouched.
+//! ICMP ↔ ICMPv6 translation (RFC 7915 §4.2, §5.2) of the errors about a NAT46/64 flow:
+//! destination unreachable, time exceeded, packet too big ↔ fragmentation needed, parameter
+//! problem. From the backend side (quoting SNAT → backend) they reach the client in its
+//! family; from the client side (quoting VIP → client) the backend in its family. The outer
+//! and the quoted (inner) header both change family, so the frame grows or shrinks by 40
+//! bytes (twice the header size difference); the quoted transport header stays where it is
+//! relative to the frame's end, and everything after it is left untouched.
 //!
-//! The ICMP path (`portico_icmp4/6`) finds the flow and leaves it in the scratch entry
-//! ([`XLAT_ERROR`]); the entry point then calls [`translate`], a global function (the two
-//! frames never stack up), which maps type and code ([`to_v4_type`], [`to_v6_type`]; the
-//! rest is passed), picks the outer source, resolves the client's next hop with the
-//! translated length, rewrites the front of the frame and sends it.
+//! The ICMP path (`portico_icmp4/6`) finds the flow and leaves in the scratch entry what the
+//! error becomes ([`XLAT_ERROR`]); the entry point then calls [`translate`], a global
+//! function (the two frames never stack up), which maps type and code
+//! (`portico_xdp_common::rfc7915`: sent, passed, or dropped and counted `drop_xlat_icmp`),
+//! picks the outer source, resolves the next hop with the translated length, rewrites the
+//! front of the frame and sends it.
 //!
 //! Checksums: the new ICMP/ICMPv6 checksum is the old one updated (RFC 1624) by every word
 //! that changes: the ICMPv6 pseudo-header removed (toward IPv4) or added (toward IPv6), the
@@ -18,23 +21,28 @@
 //! the same in both families). The new IPv4 headers' checksums are computed whole. An error
 //! whose checksum was wrong stays wrong by as much.
 //!
-//! Outer source: the backend's own error comes from the VIP; a router's IPv4 address goes to
-//! an IPv6 client embedded in the RFC 6052 prefix (`Config::xlat_prefix`, default
-//! 64:ff9b::/96); a router's IPv6 address goes to an IPv4 client as the IPv4 address it
-//! embeds when it lies in that prefix, else as the VIP (the client cannot be told an IPv6
-//! address, and must not see a packet from itself).
+//! Outer source: the peer's own error comes from the VIP (toward the client) or the SNAT
+//! address (toward the backend); a router's IPv4 address goes to an IPv6 peer embedded in
+//! the RFC 6052 prefix (`Config::xlat_prefix` and `xlat_prefix_len`, default 64:ff9b::/96;
+//! `portico_xdp_common::rfc6052`); a router's IPv6 address goes to an IPv4 peer as the IPv4
+//! address it embeds when it lies in that prefix, else as the VIP or SNAT address (an IPv4
+//! peer cannot be told an IPv6 address, and must not see a packet from itself).
 //!
 //! Not translated (passed, `pass_unsupported`): VLAN-tagged frames, outer IPv4 options or
 //! IPv6 extension headers, quoted IPv4 options or IPv6 extension headers, types and codes
-//! RFC 7915 drops (parameter problem is not among the errors the ICMP path handles at all),
-//! fragmentation needed with an MTU of 0 (no plateau guessing).
+//! the balancer leaves alone, fragmentation needed with an MTU of 0 (no plateau guessing).
+//! Parameter problems RFC 7915 cannot translate are dropped.
 
 use aya_ebpf::{
     bindings::{xdp_action, xdp_md},
     helpers::generated::bpf_xdp_adjust_head,
     programs::XdpContext,
 };
-use portico_xdp_common::{family, proto, stat, Addr, Config};
+use portico_xdp_common::{
+    family, proto, rfc6052,
+    rfc7915::{self, Mapped},
+    stat, Config,
+};
 
 use crate::{
     csum,
@@ -43,60 +51,13 @@ use crate::{
     parse::{ipv4_header_ok, ptr_at_fresh, store32, store_addr, used, Headers, Parsed, Skip},
 };
 
-/// ICMPv6 (type, code, the 4 bytes after the checksum) → the ICMP ones, or `None` when
-/// RFC 7915 §5.2 drops it.
-#[inline(always)]
-pub fn to_v4_type(ty: u8, code: u8, rest: [u8; 4]) -> Option<(u8, u8, [u8; 4])> {
-    match (ty, code) {
-        // Destination unreachable: no route, beyond scope, address → host unreachable;
-        // administratively prohibited → communication administratively prohibited; port.
-        (1, 0 | 2 | 3) => Some((3, 1, [0; 4])),
-        (1, 1) => Some((3, 10, [0; 4])),
-        (1, 4) => Some((3, 3, [0; 4])),
-        // Packet too big → fragmentation needed, the MTU less the 20 bytes IPv6 adds.
-        (2, 0) => {
-            let mtu = u32::from_be_bytes(rest).saturating_sub(20).min(0xffff) as u16;
-            let m = mtu.to_be_bytes();
-            Some((3, 4, [0, 0, m[0], m[1]]))
-        }
-        (3, 0 | 1) => Some((11, code, [0; 4])),
-        _ => None,
-    }
-}
-
-/// ICMP (type, code, the 4 bytes after the checksum) → the ICMPv6 ones, or `None` when
-/// RFC 7915 §4.2 drops it.
-#[inline(always)]
-pub fn to_v6_type(ty: u8, code: u8, rest: [u8; 4]) -> Option<(u8, u8, [u8; 4])> {
-    match (ty, code) {
-        (3, 0 | 1 | 5 | 6 | 7 | 8 | 11 | 12) => Some((1, 0, [0; 4])),
-        (3, 9 | 10 | 13 | 15) => Some((1, 1, [0; 4])),
-        (3, 3) => Some((1, 4, [0; 4])),
-        // Protocol unreachable → parameter problem, unrecognized next header, pointing at
-        // the next header field (offset 6).
-        (3, 2) => Some((4, 1, [0, 0, 0, 6])),
-        // Fragmentation needed → packet too big, the MTU plus the 20 bytes IPv6 adds.
-        (3, 4) => {
-            let mtu = u16::from_be_bytes([rest[2], rest[3]]);
-            if mtu == 0 {
-                return None;
-            }
-            Some((2, 0, (u32::from(mtu) + 20).to_be_bytes()))
-        }
-        (11, 0 | 1) => Some((3, code, [0; 4])),
-        _ => None,
-    }
-}
-
-/// The IPv6 address embedding `v4` in the /96 `prefix` (RFC 6052 §2.2).
-#[inline(always)]
-pub fn embed(prefix: &[u32; 3], v4: u32) -> Addr {
-    [prefix[0], prefix[1], prefix[2], v4]
-}
-
-/// What the ICMP path returns for an error from the backend side about a NAT46/64 flow,
-/// after leaving the quoted 5-tuple in the scratch entry's `owner` and the flow's
-/// reverse-NAT entry in its `rev`: the entry point then calls [`translate`].
+/// What the ICMP path returns for an error about a NAT46/64 flow, after leaving the quoted
+/// 5-tuple in the scratch entry's `owner` and in its `rev` what the error becomes: from the
+/// backend side, the flow's reverse-NAT entry (`client`, `client_port` the quote's new
+/// source, `vip`, `vip_port` its destination, `client_family` the family to send it in);
+/// from the client side, an entry of the same shape toward the backend (the backend as
+/// `client`, the SNAT address and port as `vip`). The entry point then calls
+/// [`translate`].
 pub const XLAT_ERROR: u32 = 0x2000_0000;
 
 /// Translates the ICMP error `p` (from the backend side about a NAT46/64 flow, as
@@ -208,30 +169,39 @@ fn check<const V4: bool>(
         return Err(Skip::Unsupported);
     }
     let mapped = if V4 {
-        to_v6_type(ty, code, rest)
+        rfc7915::to_v6(ty, code, rest)
     } else {
-        to_v4_type(ty, code, rest)
+        rfc7915::to_v4(ty, code, rest)
     };
-    if mapped.is_none() {
-        return Err(Skip::Unsupported);
-    }
+    let drop = match mapped {
+        Mapped::Send(..) => false,
+        Mapped::Pass => return Err(Skip::Unsupported),
+        Mapped::Drop => true,
+    };
     if V4 && !ipv4_header_ok(ctx, p)? {
         return Err(Skip::BadChecksum);
+    }
+    if drop {
+        st.add(stat::DROP_XLAT_ICMP, 1);
+        return Ok(Some(xdp_action::XDP_DROP));
     }
     if h.hop_limit() <= 1 {
         st.add(stat::PASS_TTL, 1);
         return Ok(Some(xdp_action::XDP_PASS));
     }
-    // The outer source: the VIP for the backend's (or the client's) own report, else the
-    // router's address in the client's family.
+    // The outer source: the VIP (toward the client) or the SNAT address (toward the
+    // backend) for the peer's own report, else the router's address in the other family:
+    // an IPv4 one embedded in the prefix, an IPv6 one inside the prefix as the IPv4 address
+    // it embeds (else the VIP or SNAT address: an IPv4 peer cannot be told an IPv6
+    // address).
     let rev = &sc.rev;
-    let prefix = &cfg.xlat_prefix;
+    let (prefix, len) = (&cfg.xlat_prefix, cfg.xlat_prefix_len);
     let from = if outer_src == sc.owner.dst || outer_src == rev.client {
         rev.vip
     } else if V4 {
-        embed(prefix, outer_src[0])
-    } else if outer_src[..3] == prefix[..] {
-        [outer_src[3], 0, 0, 0]
+        rfc6052::embed(prefix, len, outer_src[0])
+    } else if let Some(v4) = rfc6052::extract(&outer_src, prefix, len) {
+        [v4, 0, 0, 0]
     } else {
         rev.vip
     };
@@ -430,7 +400,9 @@ fn to_v4<const TCP: bool>(ctx: &XdpContext, sc: &Scratch, ip_end: usize) -> Opti
             *h.add(69),
         )
     };
-    let (ty, code, rest) = to_v4_type(ty, code, rest)?;
+    let Mapped::Send(ty, code, rest) = rfc7915::to_v4(ty, code, rest) else {
+        return None;
+    };
     let quoted = quoted_csum::<TCP>(ctx, 102 + csum_at(TCP), ip_end);
     // Out of the quoted transport checksum: its pseudo-header's addresses. Out of the ICMP
     // checksum: the pseudo-header, type and code, the 4 bytes after the checksum, the
@@ -521,7 +493,9 @@ fn to_v6<const TCP: bool>(ctx: &XdpContext, sc: &Scratch, ip_end: usize) -> Opti
             *h.add(51),
         )
     };
-    let (ty, code, rest) = to_v6_type(ty, code, rest)?;
+    let Mapped::Send(ty, code, rest) = rfc7915::to_v6(ty, code, rest) else {
+        return None;
+    };
     let quoted = quoted_csum::<TCP>(ctx, 62 + csum_at(TCP), ip_end);
     // Out of the quoted transport checksum: its pseudo-header's addresses. Out of the ICMP
     // checksum: type and code, the 4 bytes after the checksum, the quoted IPv4 header.

@@ -109,6 +109,8 @@ pub struct Scratch {
     pub fib: bpf_fib_lookup,
     /// A NAT46/64 translation asked for by a slow path, done by `nat46::translate`.
     pub xlat: crate::nat46::Xlat,
+    /// A chunk of an IPv4 UDP payload being summed (`nat46::portico_udp_payload_sum`).
+    pub sum_buf: [u64; 32],
     /// Where a slow path sends its packet, for the send step (`nat::send`).
     pub send: crate::nat::To,
 }

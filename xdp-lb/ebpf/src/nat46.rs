@@ -15,17 +15,20 @@
 //! IPv6), the new ports, and the transport checksum updated for the new pseudo-header and
 //! ports (the payload length and protocol weigh the same in both pseudo-headers).
 //!
-//! IPv4 UDP without a checksum gets one toward IPv6 (which requires it): the datagram is
-//! summed whole when it is at most [`ZERO_CSUM_MAX`] bytes and all in the linear part, else
-//! dropped and counted (`drop_xlat_no_csum`): a bounded loop the verifier walks once, no
-//! helper, no fragments of a multi-buffer frame.
+//! IPv4 UDP without a checksum gets one toward IPv6 (which requires it): its payload is
+//! summed whole before anything is written ([`portico_udp_payload_sum`]: `bpf_loop` over
+//! 256-byte chunks read with `bpf_xdp_load_bytes`, so any length, the fragments of a
+//! multi-buffer frame included), then the new UDP header and pseudo-header are added. A
+//! payload the helper cannot read (never, once the parser checked the lengths) is dropped
+//! and counted (`drop_xlat_no_csum`).
 //!
 //! Not translated (passed, `pass_unsupported`): VLAN-tagged frames, IPv4 with options,
 //! IPv6 with extension headers, fragments.
 
 use aya_ebpf::{
     bindings::{xdp_action, xdp_md},
-    helpers::generated::bpf_xdp_adjust_head,
+    cty::c_void,
+    helpers::generated::{bpf_loop, bpf_xdp_adjust_head, bpf_xdp_load_bytes},
     programs::XdpContext,
 };
 use portico_xdp_common::{family, proto, stat, Addr, NextHop};
@@ -60,8 +63,7 @@ pub struct Xlat {
 
 /// Whether the packet can be translated: untagged, IPv4 without options and not a
 /// fragment, IPv6 without extension headers, IPv6 UDP with a checksum (0 is not one there).
-/// (IPv4 UDP without a checksum gets one on the way to IPv6, or is dropped when too long:
-/// [`zero_csum_udp`].)
+/// (IPv4 UDP without a checksum gets one on the way to IPv6: [`portico_udp_payload_sum`].)
 #[inline(always)]
 pub fn eligible<const V4: bool, const TCP: bool>(p: &Parsed, h: &Headers<V4, TCP>) -> bool {
     if p.l3 != 14 || p.l4 != p.l3 + if V4 { 20 } else { 40 } {
@@ -75,11 +77,6 @@ pub fn eligible<const V4: bool, const TCP: bool>(p: &Parsed, h: &Headers<V4, TCP
         V4 || TCP || *(h.l4.add(6) as *const u16) != 0
     }
 }
-
-/// The longest IPv4 UDP datagram without a checksum that is given one toward IPv6: its
-/// header and payload are summed 8 bytes at a time in a bounded loop (256 rounds), within
-/// the frame's linear part. Longer ones are dropped (`drop_xlat_no_csum`).
-pub const ZERO_CSUM_MAX: usize = 2048;
 
 /// The length of the packet `p` once translated to the other family.
 #[inline(always)]
@@ -138,13 +135,21 @@ pub extern "C" fn portico_xlat(ctx: *mut xdp_md, l4_proto: u64) -> u32 {
     // SAFETY: this CPU's scratch entry (map memory: it stays valid when the packet moves).
     let x = unsafe { &(*sc).xlat };
     let verdict = match (x.family == family::V6, tcp) {
-        (true, true) => to_v6::<true>(&ctx, x),
+        (true, true) => to_v6::<true>(&ctx, x, 0),
         (true, false) => {
-            if zero_csum_udp(&ctx) == Some(false) {
-                st.add(stat::DROP_XLAT_NO_CSUM, 1);
-                return xdp_action::XDP_DROP;
-            }
-            to_v6::<false>(&ctx, x)
+            // IPv4 UDP without a checksum: its payload summed before anything is written.
+            let payload_sum = match zero_csum_payload(&ctx) {
+                None => 0,
+                Some(len) => {
+                    let sum = portico_udp_payload_sum(ctx.ctx, u64::from(len));
+                    if sum == SUM_FAILED {
+                        st.add(stat::DROP_XLAT_NO_CSUM, 1);
+                        return xdp_action::XDP_DROP;
+                    }
+                    sum
+                }
+            };
+            to_v6::<false>(&ctx, x, payload_sum)
         }
         (false, true) => to_v4::<true>(&ctx, x),
         (false, false) => to_v4::<false>(&ctx, x),
@@ -162,68 +167,119 @@ pub extern "C" fn portico_xlat(ctx: *mut xdp_md, l4_proto: u64) -> u32 {
     }
 }
 
-/// For an IPv4 UDP datagram (untagged, no options): `None` when it has a checksum,
-/// `Some(true)` when it has none but can be given one ([`ZERO_CSUM_MAX`], all in the
-/// linear part), `Some(false)` when it cannot.
+/// For an IPv4 UDP datagram (untagged, no options): `None` when it has a checksum, else the
+/// length of its payload (the UDP length less the header; the parser checked it lies
+/// within the IP packet).
 #[inline(always)]
-fn zero_csum_udp(ctx: &XdpContext) -> Option<bool> {
+fn zero_csum_payload(ctx: &XdpContext) -> Option<u16> {
     let h: *const u8 = ptr_at_fresh::<[u8; 42]>(ctx, 0).ok()?.cast();
     // SAFETY: Ethernet, IPv4 and UDP headers checked.
     let (csum, len) = unsafe {
         (
             *(h.add(40) as *const u16),
-            usize::from(u16::from_be_bytes([*h.add(38), *h.add(39)])),
+            u16::from_be_bytes([*h.add(38), *h.add(39)]),
         )
     };
-    if csum != 0 {
-        return None;
-    }
-    Some(len <= ZERO_CSUM_MAX && 34 + len <= ctx.data_end() - ctx.data())
+    (csum == 0).then(|| len.saturating_sub(8))
 }
 
-/// One's complement sum (64-bit accumulator, words as they sit in memory) of the `len`
-/// bytes at `off` in the linear part, 8 at a time, the last few zero-padded; `None` when
-/// they are not all there. At most [`ZERO_CSUM_MAX`] bytes.
-#[inline(always)]
-fn sum_linear(ctx: &XdpContext, off: usize, len: usize) -> Option<u64> {
-    if len > ZERO_CSUM_MAX {
-        return None;
-    }
-    let mut sum = 0u64;
-    let mut done = 0usize;
-    for _ in 0..ZERO_CSUM_MAX / 8 {
-        if done + 8 > len {
-            break;
-        }
-        let w = ptr_at_anywhere::<u64>(ctx, off + done)?;
-        // SAFETY: 8 bytes checked; loaded whatever their alignment (x86-64, arm64).
-        let w = unsafe { core::ptr::read_unaligned(w) };
-        sum += (w & 0xffff_ffff) + (w >> 32);
-        done += 8;
-    }
-    // The last 0 to 7 bytes, zero-padded as the checksum pads an odd length.
-    let mut tail = [0u8; 8];
-    for (i, t) in tail.iter_mut().enumerate() {
-        if done + i >= len {
-            break;
-        }
-        let b = ptr_at_anywhere::<u8>(ctx, off + done + i)?;
-        // SAFETY: 1 byte checked.
-        *t = unsafe { *b };
-    }
-    let w = u64::from_ne_bytes(tail);
-    Some(sum + (w & 0xffff_ffff) + (w >> 32))
+/// Where an untagged IPv4 UDP payload (no options) starts in the frame.
+const UDP4_PAYLOAD: u32 = 42;
+
+/// What [`portico_udp_payload_sum`] returns when the payload could not be read.
+const SUM_FAILED: u64 = u64::MAX;
+
+/// Bytes of payload each [`sum_chunk`] round reads (the scratch entry's buffer).
+const CHUNK: u32 = 256;
+
+/// [`sum_chunk`]'s state, on [`portico_udp_payload_sum`]'s stack (`bpf_loop` takes a
+/// pointer to the caller's stack).
+#[repr(C)]
+struct SumState {
+    /// The program's context, for `bpf_xdp_load_bytes`.
+    ctx: *mut xdp_md,
+    /// Payload bytes in all.
+    len: u32,
+    /// Set when a read failed.
+    failed: u32,
+    /// One's complement sum so far (32-bit words as they sit in memory).
+    acc: u64,
 }
 
-/// A pointer to a `T` at `offset` of the linear part, with no cap on the offset (unlike
-/// `ptr_at`, whose headers end within 512 bytes): for the payload sum.
-#[inline(always)]
-fn ptr_at_anywhere<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    if offset > ZERO_CSUM_MAX + 64 || start + offset + core::mem::size_of::<T>() > end {
-        return None;
+/// The one's complement sum (64-bit accumulator, 32-bit words as they sit in memory) of the
+/// `len` bytes of an untagged IPv4 UDP datagram's payload, wherever they are (the linear
+/// part or the fragments of a multi-buffer frame), the last chunk zero-padded; or
+/// [`SUM_FAILED`]. `bpf_loop` calls [`sum_chunk`] once per 256 bytes (at most 256 times), so
+/// the verifier walks one round. A global function: its frame and the callback's are
+/// stacked on `portico_xlat`'s only, far from the deepest chain.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn portico_udp_payload_sum(ctx: *mut xdp_md, len: u64) -> u64 {
+    let len = used(len) as u32 & 0xffff;
+    let mut state = SumState {
+        ctx,
+        len,
+        failed: 0,
+        acc: 0,
+    };
+    let rounds = len.div_ceil(CHUNK);
+    // SAFETY: the callback has the signature bpf_loop expects; `state` outlives the call.
+    let done = unsafe {
+        bpf_loop(
+            rounds,
+            sum_chunk as *mut c_void,
+            (&mut state as *mut SumState).cast(),
+            0,
+        )
+    };
+    if done != i64::from(rounds) || state.failed != 0 {
+        return SUM_FAILED;
     }
-    Some((start + offset) as *const T)
+    state.acc
+}
+
+/// One round of [`portico_udp_payload_sum`]: reads the `i`th chunk of the payload into this
+/// CPU's scratch buffer (zero-padded when it is the last and shorter) and adds it to the sum.
+/// Returns 0 to go on, 1 to stop (a failed read).
+#[inline(never)]
+extern "C" fn sum_chunk(i: u64, state: *mut SumState) -> i64 {
+    // SAFETY: bpf_loop passes the pointer portico_udp_payload_sum gave it.
+    let state = unsafe { &mut *state };
+    let Some(sc) = maps::SCRATCH.get_ptr_mut(0) else {
+        state.failed = 1;
+        return 1;
+    };
+    // SAFETY: this CPU's scratch entry; nothing else uses it while the program runs.
+    let buf = unsafe { &mut (*sc).sum_buf };
+    let done = (i as u32).wrapping_mul(CHUNK);
+    // Laundered, so that the verifier sees the bounds (1 to CHUNK) checked on the value
+    // the helper gets.
+    let n = used(u64::from(state.len.saturating_sub(done).min(CHUNK)));
+    if n == 0 || n > u64::from(CHUNK) {
+        return 1;
+    }
+    let n = n as u32;
+    if n < CHUNK {
+        // The last chunk: zero-padded, word by word (no memset call).
+        for w in buf.iter_mut() {
+            // SAFETY: a word of this CPU's scratch entry.
+            unsafe { core::ptr::write_volatile(w, 0) };
+        }
+    }
+    // SAFETY: `n` bytes (1 to CHUNK) into the CHUNK-byte buffer; the helper checks the
+    // offset and length against the whole buffer, fragments included.
+    let read =
+        unsafe { bpf_xdp_load_bytes(state.ctx, UDP4_PAYLOAD + done, buf.as_mut_ptr().cast(), n) };
+    if read != 0 {
+        state.failed = 1;
+        return 1;
+    }
+    let mut acc = state.acc;
+    for w in buf.iter() {
+        acc += (w & 0xffff_ffff) + (w >> 32);
+    }
+    state.acc = acc;
+    0
 }
 
 /// The frame's first `tcp_len` (TCP) or `udp_len` bytes, checked (`TCP` picks; the lengths
@@ -270,9 +326,10 @@ fn words(a: &Addr, v4: bool, removed: bool) -> u64 {
     }
 }
 
-/// IPv4 → IPv6: 20 bytes more in front.
+/// IPv4 → IPv6: 20 bytes more in front. `payload_sum`: for UDP without a checksum, its
+/// payload's sum ([`portico_udp_payload_sum`]).
 #[inline(always)]
-fn to_v6<const TCP: bool>(ctx: &XdpContext, x: &Xlat) -> Option<()> {
+fn to_v6<const TCP: bool>(ctx: &XdpContext, x: &Xlat, payload_sum: u64) -> Option<()> {
     // Ethernet, IPv4 (no options), transport header (20 or 8 bytes): read all first.
     let h = frame::<TCP>(ctx, 54, 42)?;
     // SAFETY: Ethernet, IPv4 and the transport header checked.
@@ -295,8 +352,8 @@ fn to_v6<const TCP: bool>(ctx: &XdpContext, x: &Xlat) -> Option<()> {
         + csum::diff16(ports[0], x.sport)
         + csum::diff16(ports[1], x.dport);
     let new_csum = l4_csum::<TCP>(old_csum, delta);
-    // IPv4 UDP without a checksum: IPv6 needs one, computed whole (the caller checked the
-    // datagram is short enough and linear).
+    // IPv4 UDP without a checksum: IPv6 needs one, computed whole (the caller summed the
+    // payload).
     let zero = !TCP && old_csum == 0;
     // SAFETY: ctx.ctx is this invocation's xdp_md; every packet pointer is derived again.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx as *mut _, -20) } != 0 {
@@ -324,14 +381,19 @@ fn to_v6<const TCP: bool>(ctx: &XdpContext, x: &Xlat) -> Option<()> {
         *(h.add(54 + csum_at(TCP)) as *mut u16) = new_csum;
     }
     if zero {
-        // The pseudo-header (addresses, UDP length, next header 17) and the datagram, its
-        // checksum field 0 for now.
+        // The pseudo-header (addresses, UDP length, next header 17), the new UDP header
+        // (its checksum field 0 for now) and the payload.
         // SAFETY: UDP header checked (frame above).
-        let len = unsafe {
+        let (len, header) = unsafe {
             *(h.add(60) as *mut u16) = 0;
-            u16::from_be_bytes([*h.add(58), *h.add(59)])
+            let hdr = *(h.add(54) as *const [u16; 4]);
+            (
+                u16::from_be_bytes([*h.add(58), *h.add(59)]),
+                hdr.iter().map(|&w| u64::from(w)).sum::<u64>(),
+            )
         };
-        let sum = sum_linear(ctx, 54, usize::from(len))?
+        let sum = payload_sum
+            + header
             + words(&x.src, false, false)
             + words(&x.dst, false, false)
             + u64::from(u16::from_ne_bytes(len.to_be_bytes()))
