@@ -14,7 +14,10 @@
 //! - direct server return (`demo/direct`, IPIP): TCP and UDP answered by be1 and be2, which
 //!   see the client's own address; the nodes encapsulate (`dsr_encap`) and translate no
 //!   reply, and packet sockets on the switch show the answers going from the backends to the
-//!   router, none toward a node.
+//!   router, none toward a node;
+//! - NAT46 and NAT64 (`demo/nat46`, `demo/nat64`, written by the test): the IPv4 client
+//!   reaches the IPv6-only backend through an IPv4 address, the IPv6 client IPv4 backends
+//!   through an IPv6 address, TCP and UDP.
 //!
 //! Each scenario builds its own lab; they run one at a time (a lab is four processes and
 //! ten namespaces, and BGP hold timers of 3 s should not race a busy machine). Timings are
@@ -881,6 +884,113 @@ fn a_direct_server_return_service_is_answered_by_its_backends_around_the_nodes()
          node {encapsulated:?}, reply_nat +0; IPIP frames to the backends {ipip}; answers \
          backend → router {to_router}, toward n1 and n2 0",
         backends_of(&tcp)
+    );
+    Ok(())
+}
+
+/// `demo/nat46`: an IPv4-only Service in front of the IPv6-only backend be4;
+/// `demo/nat64`: an IPv6-only Service in front of be1's and be2's IPv4 addresses. A Service
+/// port with endpoint slices of the other family only gets those (`plan::endpoints`), which
+/// the nodes reach by NAT46 / NAT64.
+const XLAT: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: nat46, namespace: demo}
+spec:
+  type: LoadBalancer
+  loadBalancerClass: portico.io/lb
+  ipFamilyPolicy: SingleStack
+  ipFamilies: [IPv4]
+  ports: [{name: tcp, port: 80, protocol: TCP}, {name: udp, port: 80, protocol: UDP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: nat46-ipv6, namespace: demo, labels: {kubernetes.io/service-name: nat46}}
+addressType: IPv6
+ports: [{name: tcp, port: 8080, protocol: TCP}, {name: udp, port: 8080, protocol: UDP}]
+endpoints:
+  - {addresses: ["fd00:18:1::4"], nodeName: n2, conditions: {ready: true}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: nat64, namespace: demo}
+spec:
+  type: LoadBalancer
+  loadBalancerClass: portico.io/lb
+  ipFamilyPolicy: SingleStack
+  ipFamilies: [IPv6]
+  ports: [{name: tcp, port: 80, protocol: TCP}, {name: udp, port: 80, protocol: UDP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: nat64-ipv4, namespace: demo, labels: {kubernetes.io/service-name: nat64}}
+addressType: IPv4
+ports: [{name: tcp, port: 8080, protocol: TCP}, {name: udp, port: 8080, protocol: UDP}]
+endpoints:
+  - {addresses: ["198.18.1.1"], nodeName: n1, conditions: {ready: true}}
+  - {addresses: ["198.18.1.2"], nodeName: n1, conditions: {ready: true}}
+"#;
+
+/// Issue 13, through the whole system (manifest → plan → XDP): the IPv4 client reaches the
+/// IPv6-only backend be4 through `demo/nat46`'s IPv4 address, and the IPv6 client reaches be1
+/// and be2 over IPv4 through `demo/nat64`'s IPv6 address, TCP and UDP; each backend sees a
+/// node's address of its own family, and the nodes count the translations (`xlat`).
+#[test]
+fn ipv4_clients_reach_ipv6_only_backends_and_ipv6_clients_ipv4_ones() -> Result<()> {
+    let _one = lock();
+    let lab = Scenario::start()?;
+    lab.h().write_manifest("60-xlat.yaml", XLAT)?;
+    let vip46 = wait_for("nat46's address", CONVERGE, || {
+        Ok(lab.address("nat46", false).ok())
+    })?;
+    let vip64 = wait_for("nat64's address", CONVERGE, || {
+        Ok(lab.address("nat64", true).ok())
+    })?;
+    lab.wait_route(vip46, &BOTH)?;
+    lab.wait_route(vip64, &BOTH)?;
+    let before = lab.statuses(&BOTH)?;
+
+    for (vip, want, v6_backends) in [
+        (vip46, BTreeSet::from(["be4".to_owned()]), true),
+        (
+            vip64,
+            BTreeSet::from(["be1".to_owned(), "be2".to_owned()]),
+            false,
+        ),
+    ] {
+        for udp in [false, true] {
+            let answers = lab.answers(vip, 40, udp)?;
+            let backends = backends_of(&answers);
+            assert!(
+                backends.is_subset(&want) && !backends.is_empty(),
+                "{vip} ({}): answered by {backends:?}, want {want:?}",
+                if udp { "UDP" } else { "TCP" }
+            );
+            for a in &answers {
+                let from = a.seen_from.ip();
+                assert!(
+                    from.is_ipv6() == v6_backends
+                        && portico_integration::topology::node_of(from).is_some(),
+                    "{vip}: {} saw {from}, not a node's address of its own family",
+                    a.backend
+                );
+            }
+            eprintln!(
+                "xlat: {vip} {}: 40 answers by {backends:?} through {:?}",
+                if udp { "UDP" } else { "TCP" },
+                nodes_of(&answers)
+            );
+        }
+    }
+
+    let after = lab.statuses(&BOTH)?;
+    let mut translated = 0;
+    for node in BOTH {
+        translated += counter(&after[node], "xlat")? - counter(&before[node], "xlat")?;
+    }
+    // 160 exchanges, each at least a request and an answer translated.
+    assert!(
+        translated >= 320,
+        "the nodes translated {translated} packets"
     );
     Ok(())
 }

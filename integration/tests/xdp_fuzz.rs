@@ -2004,10 +2004,16 @@ fn check_xlat(
             v => Err(format!("too big to translate: {}", verdict::name(v))),
         };
     }
-    // Without a neighbour the stack gets it untranslated (counted).
-    if matches!(hop_to(dst), Hop::NoNeigh) {
-        unchanged(input, out)?;
-        return Ok("passed_no_neighbour");
+    // Without a neighbour it is translated all the same and passed to the stack with the
+    // frame's own MAC addresses (the stack resolves the neighbour and forwards it).
+    let no_neigh = matches!(hop_to(dst), Hop::NoNeigh);
+    if no_neigh && (out.verdict != verdict::PASS || out.packet.get(..12) != input.get(..12)) {
+        return Err(format!(
+            "toward {dst} (no neighbour): want the translation passed with the frame's MACs, \
+             got {} with {:02x?}",
+            verdict::name(out.verdict),
+            out.packet.get(..12)
+        ));
     }
     let o = &out.packet;
     let Some(op) = parse(o) else {
@@ -2056,6 +2062,9 @@ fn check_xlat(
     let after = if inp.proto == TCP { 18 } else { 8 };
     if o[op.l4 + after..] != input[inp.l4 + after..] {
         return Err("bytes after the transport checksum changed".into());
+    }
+    if no_neigh {
+        return Ok("xlat_passed_no_neighbour");
     }
     match check_sent(out, dst)? {
         "sent" => Ok("xlat_translated"),
@@ -2751,6 +2760,7 @@ fn xdp_fuzz_checked_by_an_independent_model() {
         "dropped_fragment_no_head",
         "sctp_translated",
         "xlat_translated",
+        "xlat_passed_no_neighbour",
         "kept_translated",
         "kept_reply_translated",
         "kept_icmp_error_translated",

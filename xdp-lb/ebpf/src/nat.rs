@@ -1245,19 +1245,26 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
     };
     if xlat {
         return match way {
-            Way::Hop => {
+            // Without a neighbour, translated all the same and passed to the stack, which
+            // resolves it and forwards the packet (untranslated, the stack could never
+            // reach the backend, and the neighbour would never resolve).
+            Way::Hop | Way::PassNoNeigh => {
                 count(
                     &maps::BACKEND_STATS,
                     to.backend_id,
                     p.ip_end as u64,
                     to.new_flow,
                 );
-                nat46::request(&snat, &be.addr, to.snat_port, be.port, be.family, &be.hop)
-            }
-            // Left to the stack untranslated, which cannot forward it: counted.
-            Way::PassNoNeigh => {
-                st.add(stat::PASS_NO_NEIGH, 1);
-                xdp_action::XDP_PASS
+                let pass = matches!(way, Way::PassNoNeigh);
+                nat46::request(
+                    &snat,
+                    &be.addr,
+                    to.snat_port,
+                    be.port,
+                    be.family,
+                    &be.hop,
+                    pass,
+                )
             }
             Way::PassToFragment => {
                 st.add(stat::PASS_UNSUPPORTED, 1);
@@ -1462,11 +1469,28 @@ fn reply<const V4: bool, const TCP: bool>(
                     rev.client_port,
                     rev.client_family,
                     hop,
+                    false,
                 )
             }
+            // Translated all the same, and passed to the stack, which resolves the
+            // client-side neighbour (see `send_to_backend`).
             Way::PassNoNeigh => {
-                st.add(stat::PASS_NO_NEIGH, 1);
-                xdp_action::XDP_PASS
+                st.add(stat::REPLY_NAT, 1);
+                count(
+                    &maps::SERVICE_STATS,
+                    u32::from(rev.service_id),
+                    p.ip_end as u64,
+                    false,
+                );
+                nat46::request(
+                    &rev.vip,
+                    &rev.client,
+                    rev.vip_port,
+                    rev.client_port,
+                    rev.client_family,
+                    hop,
+                    true,
+                )
             }
             Way::PassToFragment => {
                 st.add(stat::PASS_UNSUPPORTED, 1);

@@ -57,8 +57,11 @@ pub struct Xlat {
     pub dport: u16,
     /// The new [`family`].
     pub family: u8,
+    /// Not 0: the next hop's neighbour is not resolved; the translated packet goes to the
+    /// stack (keeping the frame's own MAC addresses), which resolves it and forwards.
+    pub pass: u8,
     /// Explicit padding.
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 2],
 }
 
 /// Whether the packet can be translated: untagged, IPv4 without options and not a
@@ -98,6 +101,7 @@ pub fn request(
     dport: u16,
     to_family: u8,
     hop: &NextHop,
+    pass: bool,
 ) -> u32 {
     let Some(sc) = maps::SCRATCH.get_ptr_mut(0) else {
         return xdp_action::XDP_PASS;
@@ -111,7 +115,8 @@ pub fn request(
             sport,
             dport,
             family: to_family,
-            _pad: [0; 3],
+            pass: u8::from(pass),
+            _pad: [0; 2],
         };
     }
     XLAT
@@ -129,11 +134,20 @@ pub fn translate(ctx: &XdpContext, p: &Parsed) -> u32 {
 pub extern "C" fn portico_xlat(ctx: *mut xdp_md, l4_proto: u64) -> u32 {
     let ctx = XdpContext::new(ctx);
     let tcp = used(l4_proto) as u8 == proto::TCP;
-    let (Some(st), Some(sc)) = (Stats::get(), maps::SCRATCH.get_ptr(0)) else {
+    let (Some(st), Some(sc)) = (Stats::get(), maps::SCRATCH.get_ptr_mut(0)) else {
         return xdp_action::XDP_PASS;
     };
     // SAFETY: this CPU's scratch entry (map memory: it stays valid when the packet moves).
-    let x = unsafe { &(*sc).xlat };
+    let x = unsafe { &mut (*sc).xlat };
+    if x.pass != 0 {
+        // To the stack: the frame keeps its MAC addresses (its destination is this node's),
+        // kept in the unused next hop while the header moves.
+        let Ok(eth) = ptr_at_fresh::<[u32; 3]>(&ctx, 0) else {
+            return xdp_action::XDP_PASS;
+        };
+        // SAFETY: 12 bytes checked.
+        x.hop.macs = unsafe { *eth };
+    }
     let verdict = match (x.family == family::V6, tcp) {
         (true, true) => to_v6::<true>(&ctx, x, 0),
         (true, false) => {
@@ -155,6 +169,16 @@ pub extern "C" fn portico_xlat(ctx: *mut xdp_md, l4_proto: u64) -> u32 {
         (false, false) => to_v4::<false>(&ctx, x),
     };
     match verdict {
+        Some(()) if x.pass != 0 => {
+            st.add(stat::XLAT, 1);
+            st.add(stat::PASS_NO_NEIGH, 1);
+            let Ok(eth) = ptr_at_fresh::<[u32; 3]>(&ctx, 0) else {
+                return xdp_action::XDP_ABORTED;
+            };
+            // SAFETY: 12 bytes checked.
+            unsafe { *eth = x.hop.macs };
+            xdp_action::XDP_PASS
+        }
         Some(()) => {
             st.add(stat::XLAT, 1);
             fib::send(&ctx, &st, &x.hop)
