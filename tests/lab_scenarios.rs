@@ -29,11 +29,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use ipnet::IpNet;
 use portico_integration::control;
 use portico_integration::probe::Prober;
 use portico_integration::progress::Progress;
-use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use portico_integration::topology::{
     dsr_service, node_named, wait_for, DsrService, Lab, LabHandle, LabOptions, NodeStatus,
     NodeStop, BACKENDS, DSR_BACKENDS, GUE_PORT, NODES, SERVICE_PORT,
@@ -841,14 +841,13 @@ fn a_direct_server_return_service_is_answered_by_its_backends_around_the_nodes()
 }
 
 #[test]
-fn an_ipv6_direct_server_return_service_is_answered_by_its_backends_around_the_nodes(
-) -> Result<()> {
+fn an_ipv6_direct_server_return_service_is_answered_by_its_backends_around_the_nodes() -> Result<()>
+{
     dsr_is_answered_by_its_backends_around_the_nodes("demo/direct6")
 }
 
 #[test]
-fn a_gue_direct_server_return_service_is_answered_by_its_backends_around_the_nodes() -> Result<()>
-{
+fn a_gue_direct_server_return_service_is_answered_by_its_backends_around_the_nodes() -> Result<()> {
     dsr_is_answered_by_its_backends_around_the_nodes("demo/direct-gue")
 }
 
@@ -864,7 +863,10 @@ fn dsr_is_answered_by_its_backends_around_the_nodes(service: &str) -> Result<()>
     let lab = Scenario::start()?;
     let name = service.split_once('/').map_or(service, |(_, n)| n);
     let vip = lab.address(name, d.vip.is_ipv6())?;
-    assert_eq!(vip, d.vip, "{service} has another address than its backends hold");
+    assert_eq!(
+        vip, d.vip,
+        "{service} has another address than its backends hold"
+    );
     lab.wait_route(vip, &BOTH)?;
 
     // Packet sockets on the switch's ports: toward each node, the router and the backends.
@@ -920,9 +922,8 @@ fn dsr_is_answered_by_its_backends_around_the_nodes(service: &str) -> Result<()>
     let frames: BTreeMap<&str, Vec<Frame>> =
         captures.iter().map(|(p, c)| (*p, c.frames())).collect();
     let answer = |f: &Frame| f.src == vip && f.dst == client;
-    let count = |port: &str, pick: &dyn Fn(&Frame) -> bool| {
-        frames[port].iter().filter(|f| pick(f)).count()
-    };
+    let count =
+        |port: &str, pick: &dyn Fn(&Frame) -> bool| frames[port].iter().filter(|f| pick(f)).count();
     for node in ["n1", "n2"] {
         assert_eq!(
             count(node, &answer),

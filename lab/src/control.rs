@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::progress::{Progress, StepEvent};
 use crate::topology::{
-    node_of, write_atomically, KernelRoute, Lab, LabHandle, LabOptions, NodeStatus, RouterSession,
-    is_dsr_vip, DSR_SERVICES, GUE_PORT, SERVICE_PORT,
+    is_dsr_vip, node_of, write_atomically, KernelRoute, Lab, LabHandle, LabOptions, NodeStatus,
+    RouterSession, DSR_SERVICES, GUE_PORT, SERVICE_PORT,
 };
 use crate::traffic::{self, Answer};
 
@@ -938,7 +938,12 @@ fn demo_on(
         let packets_after = service_packets(handle);
         report.dsr = DSR_SERVICES
             .iter()
-            .filter(|d| report.addresses.get(d.service).is_some_and(|a| a.contains(&d.vip)))
+            .filter(|d| {
+                report
+                    .addresses
+                    .get(d.service)
+                    .is_some_and(|a| a.contains(&d.vip))
+            })
             .map(|d| DsrRow {
                 service: d.service.to_owned(),
                 vip: d.vip,
@@ -1150,7 +1155,9 @@ impl DemoReport {
                     f.protocol
                 ));
                 for n in names {
-                    out.push_str(&format!(" {:>6}", pick(f).get(n).copied().unwrap_or(0)));
+                    let hits = pick(f).get(n).copied().unwrap_or(0);
+                    // As wide as the column's name ("198.18.0.1 (not SNATed)" is long).
+                    out.push_str(&format!(" {hits:>width$}", width = n.len().max(6)));
                 }
                 out.push('\n');
             }
@@ -1312,9 +1319,7 @@ mod tests {
             let (namespace, name) = d.service.split_once('/').unwrap();
             let (file, text) = EXAMPLE_MANIFESTS
                 .iter()
-                .find(|(_, t)| {
-                    t.contains(&format!("  name: {name}\n  namespace: {namespace}\n"))
-                })
+                .find(|(_, t)| t.contains(&format!("  name: {name}\n  namespace: {namespace}\n")))
                 .unwrap_or_else(|| panic!("no manifest defines {}", d.service));
             for want in [
                 "portico.io/forwarding-mode: dsr".to_owned(),
