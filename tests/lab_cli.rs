@@ -82,27 +82,43 @@ fn lab_demo_sends_traffic_to_every_address_and_leaves_nothing_behind() -> Result
     assert!(out.status.success(), "{json}");
     assert_eq!(json["ok"], true);
     let addresses = json["addresses"].as_object().context("addresses")?;
-    assert_eq!(addresses.len(), 4, "{json}");
+    assert_eq!(addresses.len(), 6, "{json}");
     assert_eq!(
         json["addresses"]["demo/web"].as_array().map(Vec::len),
         Some(2)
     );
     // Every address, TCP and UDP, all answered.
     let flows = json["flows"].as_array().context("flows")?;
-    assert_eq!(flows.len(), 10, "{json}");
+    assert_eq!(flows.len(), 14, "{json}");
     for f in flows {
         assert_eq!(f["failed"], 0, "{f}");
         assert_eq!(f["answered"], 20, "{f}");
     }
     assert_eq!(json["routes"]["203.0.113.0/32"], serde_json::json!(["n2"]));
-    // demo/direct (direct server return): the nodes encapsulated its requests.
+    // The direct-server-return Services: the nodes encapsulated their requests, each
+    // Service's in its own outer header.
     let dsr: u64 = json["dsr_encap"]
         .as_object()
         .context("dsr_encap")?
         .values()
         .filter_map(serde_json::Value::as_u64)
         .sum();
-    assert!(dsr >= 2 * 20, "{json}");
+    assert!(dsr >= 3 * 2 * 20, "{json}");
+    for (service, outer) in [
+        ("demo/direct", "IPIP"),
+        ("demo/direct6", "IP6IP6"),
+        ("demo/direct-gue", "GUE"),
+    ] {
+        let row = &json["dsr"][service];
+        assert_eq!(row["outer"], outer, "{json}");
+        let packets: u64 = row["packets"]
+            .as_object()
+            .with_context(|| format!("dsr {service} packets"))?
+            .values()
+            .filter_map(serde_json::Value::as_u64)
+            .sum();
+        assert!(packets >= 2 * 20, "{service}: {json}");
+    }
     let stdout = String::from_utf8_lossy(&out.stdout);
     for shown in [
         "allocated addresses",

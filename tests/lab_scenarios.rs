@@ -11,10 +11,12 @@
 //!   through the other node are untouched (the interruption is printed);
 //! - a node restarting gracefully: the router keeps its routes, and the node's XDP state
 //!   (pinned on the lab's own bpffs) keeps forwarding (the loss is printed);
-//! - direct server return (`demo/direct`, IPIP): TCP and UDP answered by be1 and be2, which
-//!   see the client's own address; the nodes encapsulate (`dsr_encap`) and translate no
-//!   reply, and packet sockets on the switch show the answers going from the backends to the
-//!   router, none toward a node;
+//! - direct server return, one scenario per DSR Service (`demo/direct`, IPv4 in IPIP;
+//!   `demo/direct6`, IPv6 in IP6IP6; `demo/direct-gue`, IPv4 in GUE): TCP and UDP answered by
+//!   be1 and be2, which see the client's own address; the nodes encapsulate (`dsr_encap`)
+//!   and translate no reply, and packet sockets on the switch show the encapsulated requests
+//!   toward the backends and the answers going from the backends to the router, none
+//!   toward a node;
 //! - NAT46 and NAT64 (`demo/nat46`, `demo/nat64`, written by the test): the IPv4 client
 //!   reaches the IPv6-only backend through an IPv4 address, the IPv6 client IPv4 backends
 //!   through an IPv6 address, TCP and UDP.
@@ -24,19 +26,20 @@
 //! printed, never asserted. Needs root; fails (never skips) without it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use ipnet::IpNet;
 use portico_integration::control;
 use portico_integration::probe::Prober;
 use portico_integration::progress::Progress;
 use portico_integration::topology::{
-    node_named, wait_for, Lab, LabHandle, LabOptions, NodeStatus, NodeStop, BACKENDS, CLIENT_V4,
-    DSR_BACKENDS, DSR_VIP_V4, NODES, SERVICE_PORT,
+    dsr_service, node_named, wait_for, DsrService, Lab, LabHandle, LabOptions, NodeStatus,
+    NodeStop, BACKENDS, DSR_BACKENDS, GUE_PORT, NODES, SERVICE_PORT,
 };
 use portico_integration::traffic::{self, Answer, LongLived};
 
@@ -454,20 +457,29 @@ fn shrinking_the_pool_keeps_every_address_still_inside_it() -> Result<()> {
         v4.iter().min().context("v4")?,
         v4.iter().max().context("v4")?,
     );
-    let last6 = v6.iter().max().context("v6")?;
-    assert!("fd00:203::/126".parse::<IpNet>()?.contains(last6), "{v6:?}");
-    // From 16 + 256 addresses down to exactly the used IPv4 range and a /126.
+    let (lo6, hi6) = (
+        v6.iter().min().context("v6")?,
+        v6.iter().max().context("v6")?,
+    );
+    // From 16 + 256 addresses down to exactly the used ranges.
     lab.edit("00-pool.yaml", |t| {
         t.replace(
             "- cidr: 203.0.113.0/28",
             &format!("- {{start: \"{lo}\", stop: \"{hi}\"}}"),
         )
-        .replace("fd00:203::/120", "fd00:203::/126")
+        .replace(
+            "- cidr: fd00:203::/120",
+            &format!("- {{start: \"{lo6}\", stop: \"{hi6}\"}}"),
+        )
     })?;
-    // The addresses need not be contiguous (demo/direct asks for a fixed one).
+    // The addresses need not be contiguous (the DSR Services ask for fixed ones).
     let want_v4 = match (lo, hi) {
         (IpAddr::V4(lo), IpAddr::V4(hi)) => (u32::from(*hi) - u32::from(*lo) + 1).to_string(),
         _ => bail!("IPv4 addresses expected: {lo} {hi}"),
+    };
+    let want_v6 = match (lo6, hi6) {
+        (IpAddr::V6(lo), IpAddr::V6(hi)) => (u128::from(*hi) - u128::from(*lo) + 1).to_string(),
+        _ => bail!("IPv6 addresses expected: {lo6} {hi6}"),
     };
     wait_for("both nodes to apply the smaller pool", CONVERGE, || {
         let st = lab.statuses(&BOTH)?;
@@ -476,7 +488,7 @@ fn shrinking_the_pool_keeps_every_address_still_inside_it() -> Result<()> {
             .all(|s| {
                 s.pools
                     .iter()
-                    .any(|p| p.v4_total == want_v4 && p.v6_total == "4")
+                    .any(|p| p.v4_total == want_v4 && p.v6_total == want_v6)
             })
             .then_some(()))
     })?;
@@ -740,9 +752,8 @@ impl Capture {
         })
     }
 
-    /// The IPv4 frames captured so far: (source, destination, protocol) of their (outer)
-    /// IPv4 header; other frames are left out.
-    fn ipv4(&self) -> Vec<(Ipv4Addr, Ipv4Addr, u8)> {
+    /// The IP frames captured so far, by their outer header; other frames are left out.
+    fn frames(&self) -> Vec<Frame> {
         let mut out = Vec::new();
         let mut buf = vec![0u8; 65536];
         // Bounded: the socket holds what arrived; each read takes one frame.
@@ -759,19 +770,62 @@ impl Capture {
             let Ok(len) = usize::try_from(len) else {
                 break;
             };
-            let frame = &buf[..len];
-            if frame.get(12..14) != Some(&[0x08, 0x00][..]) {
-                continue;
-            }
-            let (Some(&proto), Some(src), Some(dst)) =
-                (frame.get(23), frame.get(26..30), frame.get(30..34))
-            else {
-                continue;
-            };
-            let addr = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
-            out.push((addr(src), addr(dst), proto));
+            out.extend(Frame::parse(&buf[..len]));
         }
         out
+    }
+}
+
+/// The outer IP header of a captured frame, and its UDP destination port if it carries UDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Frame {
+    src: IpAddr,
+    dst: IpAddr,
+    /// The outer header's protocol / next header (after IPv6 extension headers).
+    proto: u8,
+    udp_dst: Option<u16>,
+}
+
+impl Frame {
+    fn parse(frame: &[u8]) -> Option<Frame> {
+        let p = SlicedPacket::from_ethernet(frame).ok()?;
+        let (src, dst) = match p.net.as_ref()? {
+            NetSlice::Ipv4(ip) => (
+                IpAddr::V4(ip.header().source_addr()),
+                IpAddr::V4(ip.header().destination_addr()),
+            ),
+            NetSlice::Ipv6(ip) => (
+                IpAddr::V6(ip.header().source_addr()),
+                IpAddr::V6(ip.header().destination_addr()),
+            ),
+            NetSlice::Arp(_) => return None,
+        };
+        let proto = p.ip_payload()?.ip_number.0;
+        let udp_dst = match &p.transport {
+            Some(TransportSlice::Udp(u)) => Some(u.destination_port()),
+            _ => None,
+        };
+        Some(Frame {
+            src,
+            dst,
+            proto,
+            udp_dst,
+        })
+    }
+
+    /// Whether this is a DSR outer header of `d`'s kind (IPIP: protocol 4; IP6IP6: next
+    /// header 41; GUE: UDP to [`GUE_PORT`]).
+    fn is_encapsulated_as(&self, d: &DsrService) -> bool {
+        match d.outer() {
+            "IPIP" => self.proto == 4,
+            "IP6IP6" => self.proto == 41,
+            _ => self.proto == 17 && self.udp_dst == Some(GUE_PORT),
+        }
+    }
+
+    /// Whether this is any DSR outer header (IPIP, IPv6 in IP, GUE).
+    fn is_encapsulated(&self) -> bool {
+        self.proto == 4 || self.proto == 41 || (self.proto == 17 && self.udp_dst == Some(GUE_PORT))
     }
 }
 
@@ -786,10 +840,36 @@ fn counter(st: &NodeStatus, name: &str) -> Result<u64> {
 
 #[test]
 fn a_direct_server_return_service_is_answered_by_its_backends_around_the_nodes() -> Result<()> {
+    dsr_is_answered_by_its_backends_around_the_nodes("demo/direct")
+}
+
+#[test]
+fn an_ipv6_direct_server_return_service_is_answered_by_its_backends_around_the_nodes() -> Result<()>
+{
+    dsr_is_answered_by_its_backends_around_the_nodes("demo/direct6")
+}
+
+#[test]
+fn a_gue_direct_server_return_service_is_answered_by_its_backends_around_the_nodes() -> Result<()> {
+    dsr_is_answered_by_its_backends_around_the_nodes("demo/direct-gue")
+}
+
+/// TCP and UDP flows from the client to the DSR Service `service`: answered by every one of
+/// its backends, which see the client's own address; the nodes encapsulate (`dsr_encap`)
+/// and translate no reply (`reply_nat`); on the switch's ports the requests reach the
+/// backends inside the Service's outer header only, and the answers (VIP → client) go
+/// from the backends to the router, none toward a node.
+fn dsr_is_answered_by_its_backends_around_the_nodes(service: &str) -> Result<()> {
+    const FLOWS: usize = 40;
+    let d = *dsr_service(service)?;
     let _one = lock();
     let lab = Scenario::start()?;
-    let vip = lab.address("direct", false)?;
-    assert_eq!(vip, IpAddr::V4(DSR_VIP_V4));
+    let name = service.split_once('/').map_or(service, |(_, n)| n);
+    let vip = lab.address(name, d.vip.is_ipv6())?;
+    assert_eq!(
+        vip, d.vip,
+        "{service} has another address than its backends hold"
+    );
     lab.wait_route(vip, &BOTH)?;
 
     // Packet sockets on the switch's ports: toward each node, the router and the backends.
@@ -799,24 +879,24 @@ fn a_direct_server_return_service_is_answered_by_its_backends_around_the_nodes()
         captures.insert(port, Capture::open(&sw, port)?);
     }
     let before = lab.statuses(&BOTH)?;
-    let tcp = lab.answers(vip, 40, false)?;
-    let udp = lab.answers(vip, 40, true)?;
+    let tcp = lab.answers(vip, FLOWS, false)?;
+    let udp = lab.answers(vip, FLOWS, true)?;
     // Late FINs and ACKs still in flight are not needed: every answer already crossed.
     let after = lab.statuses(&BOTH)?;
 
-    // Answered by demo/direct's backends, which saw the client's own address.
+    // Answered by the Service's backends, which saw the client's own address.
+    let client = d.client();
     for (proto, answers) in [("TCP", &tcp), ("UDP", &udp)] {
-        let backends = backends_of(answers);
         assert_eq!(
-            backends,
+            backends_of(answers),
             DSR_BACKENDS.map(String::from).into(),
-            "{proto}: 40 flows over be1 and be2"
+            "{service} {proto}: {FLOWS} flows over be1 and be2"
         );
         for a in answers.iter() {
             assert_eq!(
                 a.seen_from.ip(),
-                IpAddr::V4(CLIENT_V4),
-                "{proto}: {} saw {} instead of the client",
+                client,
+                "{service} {proto}: {} saw {} instead of the client",
                 a.backend,
                 a.seen_from
             );
@@ -829,61 +909,84 @@ fn a_direct_server_return_service_is_answered_by_its_backends_around_the_nodes()
         let was = &before[node];
         let encap = counter(st, "dsr_encap")? - counter(was, "dsr_encap")?;
         let reply_nat = counter(st, "reply_nat")? - counter(was, "reply_nat")?;
-        assert_eq!(reply_nat, 0, "{node} translated replies of a DSR service");
+        assert_eq!(reply_nat, 0, "{node} translated replies of {service}");
         encapsulated.insert(node.clone(), encap);
     }
     let total: u64 = encapsulated.values().sum();
     // At least a SYN, an ACK and the request of each TCP flow; one datagram per UDP flow.
+    let want = u64::try_from(4 * FLOWS)?;
     assert!(
-        total >= 3 * 40 + 40,
-        "dsr_encap grew by {encapsulated:?} only"
+        total >= want,
+        "{service}: dsr_encap grew by {encapsulated:?} only (at least {want} expected)"
     );
 
-    // On the wire: IPIP from the nodes to the backends; answers from the VIP to the client
-    // from the backends toward the router, none toward a node.
-    let frames: BTreeMap<&str, Vec<(Ipv4Addr, Ipv4Addr, u8)>> =
-        captures.iter().map(|(p, c)| (*p, c.ipv4())).collect();
-    let answer = |f: &&(Ipv4Addr, Ipv4Addr, u8)| f.0 == DSR_VIP_V4 && f.1 == CLIENT_V4;
-    let count = |port: &str, pick: &dyn Fn(&&(Ipv4Addr, Ipv4Addr, u8)) -> bool| {
-        frames[port].iter().filter(|f| pick(f)).count()
-    };
+    // On the wire: the outer header from the nodes to the backends; answers from the VIP to
+    // the client from the backends toward the router, none toward a node.
+    let frames: BTreeMap<&str, Vec<Frame>> =
+        captures.iter().map(|(p, c)| (*p, c.frames())).collect();
+    let answer = |f: &Frame| f.src == vip && f.dst == client;
+    let count =
+        |port: &str, pick: &dyn Fn(&Frame) -> bool| frames[port].iter().filter(|f| pick(f)).count();
     for node in ["n1", "n2"] {
         assert_eq!(
             count(node, &answer),
             0,
-            "answers of demo/direct went to {node}"
+            "answers of {service} went to {node}"
         );
     }
     let to_router = count("rt", &answer);
     assert!(
-        to_router >= 2 * 40 + 40,
+        to_router >= 3 * FLOWS,
         "only {to_router} answers from {vip} reached the router"
     );
-    let mut ipip = 0;
+    let from_node = |f: &Frame| {
+        NODES
+            .iter()
+            .any(|n| f.src == IpAddr::V4(n.v4) || f.src == IpAddr::V6(n.v6))
+    };
+    let mut tunnelled_total = 0;
     for be in DSR_BACKENDS {
-        let addr = BACKENDS
+        let spec = BACKENDS
             .iter()
             .find(|b| b.name == be)
-            .and_then(|b| b.v4)
-            .context("a DSR backend has an IPv4 address")?;
-        let tunnelled = count(be, &|f| {
-            NODES.iter().any(|n| n.v4 == f.0) && f.1 == addr && f.2 == 4
+            .context("a DSR backend")?;
+        let addr = match vip {
+            IpAddr::V4(_) => IpAddr::V4(spec.v4.context("a DSR backend has an IPv4 address")?),
+            IpAddr::V6(_) => IpAddr::V6(spec.v6),
+        };
+        let to_backend = |f: &Frame| from_node(f) && f.dst == addr;
+        let tunnelled = count(be, &|f| to_backend(f) && f.is_encapsulated_as(&d));
+        let other = count(be, &|f| {
+            to_backend(f) && f.is_encapsulated() && !f.is_encapsulated_as(&d)
         });
-        let plain = count(be, &|f| f.0 == CLIENT_V4 && f.1 == DSR_VIP_V4);
-        assert!(tunnelled > 0, "no IPIP packet from a node reached {be}");
+        let plain = count(be, &|f| f.src == client && f.dst == vip);
+        assert!(
+            tunnelled > 0,
+            "no {} packet from a node reached {be}",
+            d.outer()
+        );
+        assert_eq!(
+            other,
+            0,
+            "{be} got packets of {service} in another outer header than {}",
+            d.outer()
+        );
         assert_eq!(
             plain, 0,
             "{be} got the client's packets without an outer header"
         );
         let answered = count(be, &answer);
         assert!(answered > 0, "{be} sent no answer from {vip}");
-        ipip += tunnelled;
+        tunnelled_total += tunnelled;
     }
     eprintln!(
-        "direct server return: 40 TCP and 40 UDP flows to {vip} answered by {:?}; dsr_encap per \
-         node {encapsulated:?}, reply_nat +0; IPIP frames to the backends {ipip}; answers \
-         backend → router {to_router}, toward n1 and n2 0",
-        backends_of(&tcp)
+        "direct server return, {service} ({}): {FLOWS} TCP and {FLOWS} UDP flows to {vip} \
+         answered by {:?}; dsr_encap per node {encapsulated:?}, reply_nat +0; {} frames to \
+         the backends {tunnelled_total}; answers backend → router {to_router}, toward n1 and \
+         n2 0",
+        d.outer(),
+        backends_of(&tcp),
+        d.outer()
     );
     Ok(())
 }
@@ -938,7 +1041,7 @@ endpoints:
 fn ipv4_clients_reach_ipv6_only_backends_and_ipv6_clients_ipv4_ones() -> Result<()> {
     let _one = lock();
     let lab = Scenario::start()?;
-    lab.h().write_manifest("60-xlat.yaml", XLAT)?;
+    lab.h().write_manifest("80-xlat.yaml", XLAT)?;
     let vip46 = wait_for("nat46's address", CONVERGE, || {
         Ok(lab.address("nat46", false).ok())
     })?;

@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::progress::{Progress, StepEvent};
 use crate::topology::{
-    node_of, write_atomically, KernelRoute, Lab, LabHandle, LabOptions, NodeStatus, RouterSession,
-    DSR_SERVICE, DSR_VIP_V4, SERVICE_PORT,
+    is_dsr_vip, node_of, write_atomically, KernelRoute, Lab, LabHandle, LabOptions, NodeStatus,
+    RouterSession, DSR_SERVICES, GUE_PORT, SERVICE_PORT,
 };
 use crate::traffic::{self, Answer};
 
@@ -46,7 +46,7 @@ pub const DEFAULT_CONVERGE: Duration = Duration::from_secs(60);
 const READY: &str = "READY";
 
 /// The manifests of `deploy/examples/lab/`, built into the binary.
-pub const EXAMPLE_MANIFESTS: [(&str, &str); 6] = [
+pub const EXAMPLE_MANIFESTS: [(&str, &str); 8] = [
     (
         "00-pool.yaml",
         include_str!("../../deploy/examples/lab/00-pool.yaml"),
@@ -70,6 +70,14 @@ pub const EXAMPLE_MANIFESTS: [(&str, &str); 6] = [
     (
         "50-direct.yaml",
         include_str!("../../deploy/examples/lab/50-direct.yaml"),
+    ),
+    (
+        "60-direct6.yaml",
+        include_str!("../../deploy/examples/lab/60-direct6.yaml"),
+    ),
+    (
+        "70-direct-gue.yaml",
+        include_str!("../../deploy/examples/lab/70-direct-gue.yaml"),
     ),
 ];
 
@@ -633,12 +641,30 @@ pub struct DemoReport {
     /// A UDP flood through the lab, per address: (Service, address and port, result).
     #[serde(default)]
     pub udp_flood: Vec<(String, SocketAddr, traffic::Flood)>,
-    /// Packets each node sent to `demo/direct`'s backends inside an IPIP header during the
-    /// traffic step (its XDP counter `dsr_encap`); the answers bypass the nodes.
+    /// Packets each node sent to the DSR Services' backends inside an outer header during
+    /// the traffic step (its XDP counter `dsr_encap`, all DSR Services together); the
+    /// answers bypass the nodes.
     #[serde(default)]
     pub dsr_encap: BTreeMap<String, u64>,
+    /// Per DSR Service that has an address: packets each node balanced for it (and so
+    /// encapsulated) during the traffic step.
+    #[serde(default)]
+    pub dsr: Vec<DsrRow>,
     /// The lab was left up.
     pub kept: bool,
+}
+
+/// One direct-server-return Service in the demo.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DsrRow {
+    /// The Service.
+    pub service: String,
+    /// Its address.
+    pub vip: IpAddr,
+    /// The outer header: `IPIP`, `IP6IP6` or `GUE`.
+    pub outer: String,
+    /// Packets each node balanced for it (each sent to a backend encapsulated).
+    pub packets: BTreeMap<String, u64>,
 }
 
 /// Bulk TCP from the client through one address.
@@ -855,6 +881,7 @@ fn demo_on(
     }
     let client = handle.ns("client")?;
     let dsr_before = dsr_encap_counts(handle);
+    let packets_before = service_packets(handle);
     report.flows = progress.step("traffic from the client to every address", || {
         let mut rows = Vec::new();
         for (service, addrs) in &report.addresses {
@@ -900,17 +927,35 @@ fn demo_on(
         }
         Ok(rows)
     })?;
-    if report
-        .addresses
-        .values()
-        .flatten()
-        .any(|a| *a == IpAddr::V4(DSR_VIP_V4))
-    {
+    if report.addresses.values().flatten().any(|a| is_dsr_vip(*a)) {
         report.dsr_encap = dsr_encap_counts(handle)
             .into_iter()
             .map(|(node, n)| {
                 let before = dsr_before.get(&node).copied().unwrap_or(0);
                 (node, n.saturating_sub(before))
+            })
+            .collect();
+        let packets_after = service_packets(handle);
+        report.dsr = DSR_SERVICES
+            .iter()
+            .filter(|d| {
+                report
+                    .addresses
+                    .get(d.service)
+                    .is_some_and(|a| a.contains(&d.vip))
+            })
+            .map(|d| DsrRow {
+                service: d.service.to_owned(),
+                vip: d.vip,
+                outer: d.outer().to_owned(),
+                packets: packets_after
+                    .iter()
+                    .filter_map(|((node, svc), n)| {
+                        let before = packets_before.get(&(node.clone(), svc.clone()));
+                        (svc == d.service)
+                            .then(|| (node.clone(), n.saturating_sub(before.copied().unwrap_or(0))))
+                    })
+                    .collect(),
             })
             .collect();
     }
@@ -930,9 +975,10 @@ fn demo_on(
                     .addresses
                     .iter()
                     .flat_map(|(svc, addrs)| addrs.iter().map(move |a| (svc.clone(), *a)))
-                    // Through the nodes both ways: not the DSR address, whose answers
-                    // go around them (and whose IPIP header needs 20 bytes of MTU more).
-                    .filter(|(_, a)| a.is_ipv6() == v6 && *a != IpAddr::V4(DSR_VIP_V4))
+                    // Through the nodes both ways: not the DSR addresses, whose answers
+                    // go around them (and whose outer headers need 20 to 48 bytes of MTU
+                    // more).
+                    .filter(|(_, a)| a.is_ipv6() == v6 && !is_dsr_vip(*a))
                     .max_by_key(|(svc, a)| (hops(a), std::cmp::Reverse(svc.clone())))
             })
             .collect();
@@ -991,6 +1037,20 @@ fn demo_on(
         }
     }
     Ok(report)
+}
+
+/// Every answering node's packets per Service: (node, `namespace/name`) → packets.
+fn service_packets(handle: &LabHandle) -> BTreeMap<(String, String), u64> {
+    handle
+        .node_statuses()
+        .into_iter()
+        .filter_map(|(node, st)| Some((node, st.ok()?)))
+        .flat_map(|(node, st)| {
+            st.services
+                .into_iter()
+                .map(move |s| ((node.clone(), s.id()), s.packets))
+        })
+        .collect()
 }
 
 /// Every answering node's `dsr_encap` XDP counter.
@@ -1095,23 +1155,15 @@ impl DemoReport {
                     f.protocol
                 ));
                 for n in names {
-                    out.push_str(&format!(" {:>6}", pick(f).get(n).copied().unwrap_or(0)));
+                    let hits = pick(f).get(n).copied().unwrap_or(0);
+                    // As wide as the column's name ("198.18.0.1 (not SNATed)" is long).
+                    out.push_str(&format!(" {hits:>width$}", width = n.len().max(6)));
                 }
                 out.push('\n');
             }
         }
         if !self.dsr_encap.is_empty() {
-            let per_node: Vec<String> = self
-                .dsr_encap
-                .iter()
-                .map(|(node, n)| format!("{node} {n}"))
-                .collect();
-            out.push_str(&format!(
-                "\ndirect server return ({DSR_SERVICE} {DSR_VIP_V4}, IPIP): client → router → node \
-                 (XDP encapsulates) → backend (portico decap); answers backend → router → client\n  \
-                 packets encapsulated per node (dsr_encap): {}\n",
-                per_node.join(", ")
-            ));
+            out.push_str(&self.render_dsr());
         }
         if !self.throughput.is_empty() {
             out.push_str("\nthroughput: bulk TCP, client → router → node (XDP) → backend\n");
@@ -1152,6 +1204,54 @@ impl DemoReport {
         out
     }
 
+    /// The direct-server-return table: per DSR Service its outer header and the packets
+    /// each node encapsulated, then the nodes' `dsr_encap` counters.
+    fn render_dsr(&self) -> String {
+        let nodes: Vec<&String> = self.dsr_encap.keys().collect();
+        let mut out = String::from(
+            "\ndirect server return: client → router → node (XDP encapsulates) → backend \
+             (portico decap); answers backend → router → client\n",
+        );
+        out.push_str(&format!(
+            "  {:<16} {:<28} {:<16}",
+            "service", "address", "outer header"
+        ));
+        for n in &nodes {
+            out.push_str(&format!(" {n:>6}"));
+        }
+        out.push('\n');
+        for d in &self.dsr {
+            let outer = if d.outer == "GUE" {
+                format!("GUE (UDP {GUE_PORT})")
+            } else {
+                d.outer.clone()
+            };
+            out.push_str(&format!(
+                "  {:<16} {:<28} {:<16}",
+                d.service,
+                d.vip.to_string(),
+                outer
+            ));
+            for n in &nodes {
+                out.push_str(&format!(
+                    " {:>6}",
+                    d.packets.get(n.as_str()).copied().unwrap_or(0)
+                ));
+            }
+            out.push('\n');
+        }
+        let per_node: Vec<String> = self
+            .dsr_encap
+            .iter()
+            .map(|(node, n)| format!("{node} {n}"))
+            .collect();
+        out.push_str(&format!(
+            "  packets encapsulated per node, all DSR Services (dsr_encap): {}\n",
+            per_node.join(", ")
+        ));
+        out
+    }
+
     /// The one-line JSON summary.
     pub fn to_json(&self, seconds: f64) -> serde_json::Value {
         serde_json::json!({
@@ -1174,6 +1274,11 @@ impl DemoReport {
             "udp_answered_pps": self.udp_flood.iter().map(|(_, t, f)| (t.to_string(), f.answered_per_sec().round())).collect::<BTreeMap<_, _>>(),
             "udp_sent_pps": self.udp_flood.iter().map(|(_, t, f)| (t.to_string(), f.sent_per_sec().round())).collect::<BTreeMap<_, _>>(),
             "dsr_encap": self.dsr_encap,
+            "dsr": self.dsr.iter().map(|d| (d.service.clone(), serde_json::json!({
+                "vip": d.vip,
+                "outer": d.outer,
+                "packets": d.packets,
+            }))).collect::<BTreeMap<_, _>>(),
             "kept": self.kept,
         })
     }
@@ -1204,6 +1309,55 @@ mod tests {
             on_disk, built_in,
             "update EXAMPLE_MANIFESTS in lab/src/control.rs"
         );
+    }
+
+    #[test]
+    fn every_dsr_service_of_the_lab_is_in_the_manifests_as_the_backends_expect() {
+        // The backends hold each VIP on lo before any manifest is applied, so the manifest
+        // must ask for exactly that address and encapsulation.
+        for d in DSR_SERVICES {
+            let (namespace, name) = d.service.split_once('/').unwrap();
+            let (file, text) = EXAMPLE_MANIFESTS
+                .iter()
+                .find(|(_, t)| t.contains(&format!("  name: {name}\n  namespace: {namespace}\n")))
+                .unwrap_or_else(|| panic!("no manifest defines {}", d.service));
+            for want in [
+                "portico.io/forwarding-mode: dsr".to_owned(),
+                format!(
+                    "portico.io/dsr-encapsulation: {}",
+                    d.encapsulation.annotation()
+                ),
+                format!("loadBalancerIP: {}", d.vip),
+            ] {
+                assert!(text.contains(&want), "{file} lacks {want:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_demo_shows_every_dsr_service_with_its_outer_header_and_packets_per_node() {
+        let report = DemoReport {
+            dsr_encap: [("n1".to_owned(), 7), ("n2".to_owned(), 5)].into(),
+            dsr: DSR_SERVICES
+                .iter()
+                .map(|d| DsrRow {
+                    service: d.service.to_owned(),
+                    vip: d.vip,
+                    outer: d.outer().to_owned(),
+                    packets: [("n1".to_owned(), 3), ("n2".to_owned(), 1)].into(),
+                })
+                .collect(),
+            ..DemoReport::default()
+        };
+        let text = report.render();
+        for want in [
+            "demo/direct      203.0.113.14                 IPIP                  3      1",
+            "demo/direct6     fd00:203::e                  IP6IP6                3      1",
+            "demo/direct-gue  203.0.113.13                 GUE (UDP 6080)        3      1",
+            "(dsr_encap): n1 7, n2 5",
+        ] {
+            assert!(text.contains(want), "{want:?} missing from\n{text}");
+        }
     }
 
     #[test]

@@ -16,11 +16,12 @@
 //! its endpoint be3 routes IPv4 through its node n2 ([`BackendSpec::local_node`]), whose
 //! program translates the replies' source back to the VIP.
 //!
-//! The direct-server-return Service `demo/direct` ([`DSR_VIP_V4`], IPIP) is served by be1
-//! and be2 ([`DSR_BACKENDS`]): the node sends the client's packet unchanged inside an IPIP
-//! header from its own address to the backend; the backend runs `portico decap` on eth0
-//! (XDP, stripping the outer header), holds the VIP on `lo`, serves TCP and UDP on the VIP
-//! and answers the client from the VIP through its default route, the router: the answers
+//! The direct-server-return Services ([`DSR_SERVICES`]: `demo/direct`, IPv4 in IPIP;
+//! `demo/direct6`, IPv6 in IP6IP6; `demo/direct-gue`, IPv4 in GUE) are served by be1 and be2
+//! ([`DSR_BACKENDS`]): the node sends the client's packet unchanged inside an outer header
+//! from its own address to the backend; the backend runs `portico decap` on eth0 (XDP,
+//! stripping the outer header), holds the VIPs on `lo`, serves TCP and UDP on them and
+//! answers the client from the VIP through its default route, the router: the answers
 //! cross the switch and the router, never a node.
 //!
 //! [`Lab`] owns everything and removes it when dropped (also on panic); [`LabHandle`] is
@@ -145,14 +146,114 @@ pub const BACKENDS: [BackendSpec; 4] = [
 /// (`spec.loadBalancerIP` in `deploy/examples/lab/50-direct.yaml`): its backends hold it on
 /// `lo` from the start, so it is fixed rather than allocated.
 pub const DSR_VIP_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 14);
+/// The address of `demo/direct6`, the IPv6 direct-server-return Service (IP6IP6,
+/// `deploy/examples/lab/60-direct6.yaml`); fixed for the same reason.
+pub const DSR_VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, 0xe);
+/// The address of `demo/direct-gue`, the IPv4 direct-server-return Service encapsulated in
+/// GUE (`deploy/examples/lab/70-direct-gue.yaml`).
+pub const DSR_GUE_VIP_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 13);
+/// GUE's UDP port: the nodes' `--gue-port` and the DSR backends' `portico decap --gue-port`
+/// (the balancer's default, given explicitly to both sides).
+pub const GUE_PORT: u16 = portico_xdp::DEFAULT_GUE_PORT;
 
-/// The direct-server-return Service, `namespace/name`.
-pub const DSR_SERVICE: &str = "demo/direct";
+/// How a DSR Service's packets travel from a node to a backend, the value of its
+/// `portico.io/dsr-encapsulation` annotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DsrEncapsulation {
+    /// An IP header in front of the client's packet: IPIP for IPv4, IP6IP6 for IPv6.
+    Ipip,
+    /// An IP and a UDP header to [`GUE_PORT`] (GUE variant 1).
+    Gue,
+}
 
-/// The backends of `demo/direct`: each runs `portico decap` on eth0 with the nodes' IPv4
-/// addresses as peers, holds [`DSR_VIP_V4`] on `lo` and serves TCP and UDP on
-/// [`DSR_VIP_V4`]:[`SERVICE_PORT`] (DSR translates neither address nor port). Their IPv4
-/// default route is the router, so the answers go around the nodes.
+impl DsrEncapsulation {
+    /// The annotation's value.
+    #[must_use]
+    pub fn annotation(self) -> &'static str {
+        match self {
+            Self::Ipip => "ipip",
+            Self::Gue => "gue",
+        }
+    }
+}
+
+/// A direct-server-return Service of the example manifests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DsrService {
+    /// `namespace/name`.
+    pub service: &'static str,
+    /// Its one address (`spec.loadBalancerIP`), held by every DSR backend on `lo`.
+    pub vip: IpAddr,
+    /// Its encapsulation.
+    pub encapsulation: DsrEncapsulation,
+}
+
+impl DsrService {
+    /// The outer header on the wire, by name: `IPIP`, `IP6IP6` or `GUE` (its endpoints are
+    /// of the VIP's family, so no 4in6 or 6in4 here).
+    #[must_use]
+    pub fn outer(&self) -> &'static str {
+        match (self.encapsulation, self.vip) {
+            (DsrEncapsulation::Ipip, IpAddr::V4(_)) => "IPIP",
+            (DsrEncapsulation::Ipip, IpAddr::V6(_)) => "IP6IP6",
+            (DsrEncapsulation::Gue, _) => "GUE",
+        }
+    }
+
+    /// The client's address of the VIP's family (the source the backends must see).
+    #[must_use]
+    pub fn client(&self) -> IpAddr {
+        match self.vip {
+            IpAddr::V4(_) => IpAddr::V4(CLIENT_V4),
+            IpAddr::V6(_) => IpAddr::V6(CLIENT_V6),
+        }
+    }
+}
+
+/// The direct-server-return Services (docs/dsr.md), all served by [`DSR_BACKENDS`].
+pub const DSR_SERVICES: [DsrService; 3] = [
+    DsrService {
+        service: "demo/direct",
+        vip: IpAddr::V4(DSR_VIP_V4),
+        encapsulation: DsrEncapsulation::Ipip,
+    },
+    DsrService {
+        service: "demo/direct6",
+        vip: IpAddr::V6(DSR_VIP_V6),
+        encapsulation: DsrEncapsulation::Ipip,
+    },
+    DsrService {
+        service: "demo/direct-gue",
+        vip: IpAddr::V4(DSR_GUE_VIP_V4),
+        encapsulation: DsrEncapsulation::Gue,
+    },
+];
+
+/// The DSR Service `service` (`namespace/name`).
+///
+/// # Errors
+/// The lab has no such DSR Service.
+pub fn dsr_service(service: &str) -> Result<&'static DsrService> {
+    DSR_SERVICES
+        .iter()
+        .find(|d| d.service == service)
+        .with_context(|| {
+            let names: Vec<&str> = DSR_SERVICES.iter().map(|d| d.service).collect();
+            format!("the lab has no DSR Service {service:?} (DSR Services: {names:?})")
+        })
+}
+
+/// Whether `addr` is the address of a DSR Service (whose answers go around the nodes).
+#[must_use]
+pub fn is_dsr_vip(addr: IpAddr) -> bool {
+    DSR_SERVICES.iter().any(|d| d.vip == addr)
+}
+
+/// The backends of every DSR Service ([`DSR_SERVICES`]): each runs `portico decap` on eth0
+/// with its IPv4 and IPv6 addresses as local ends, the nodes' addresses of both families as
+/// peers and [`GUE_PORT`], holds every DSR VIP on `lo` and serves TCP and UDP on each
+/// VIP:[`SERVICE_PORT`] (DSR translates neither address nor port). Their default routes
+/// are the router, so the answers go around the nodes.
 pub const DSR_BACKENDS: [&str; 2] = ["be1", "be2"];
 
 /// The node owning `addr` (one of its LAN addresses), if any.
@@ -441,7 +542,7 @@ impl LabHandle {
         self.node_dir(node).join("portico.log")
     }
 
-    /// The log of `portico decap` on a backend of `demo/direct` (its counters, as JSON,
+    /// The log of `portico decap` on a DSR backend (its counters, as JSON,
     /// are the last line once it stopped).
     pub fn decap_log(&self, backend: &str) -> PathBuf {
         self.dir.join("decap").join(format!("{backend}.log"))
@@ -1012,6 +1113,10 @@ impl Lab {
             &spec.v4.to_string(),
             "--bpf-pin-dir",
             &path(h.bpffs().join(name)),
+            // The DSR outer source is the node's own address of each family (the default:
+            // the SNAT address), the backends' `portico decap --peer`.
+            "--gue-port",
+            &GUE_PORT.to_string(),
         ])
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -1025,18 +1130,18 @@ impl Lab {
         Ok(())
     }
 
-    /// Starts `portico decap` on eth0 of backend `name`: its own IPv4 address is the outer
-    /// destination, the nodes' IPv4 addresses (their DSR outer source, the SNAT address by
-    /// default) the peers.
+    /// Starts `portico decap` on eth0 of backend `name`: its own addresses are the outer
+    /// destinations, the nodes' addresses of both families (their DSR outer source, the SNAT
+    /// address by default) the peers, and GUE is stripped on [`GUE_PORT`].
     fn spawn_decap(&self, name: &str) -> Result<Child> {
         let h = &self.handle;
         let spec = BACKENDS
             .iter()
             .find(|b| b.name == name)
             .with_context(|| format!("the lab has no backend {name:?}"))?;
-        let local = spec
-            .v4
-            .with_context(|| format!("{name} has no IPv4 address to decapsulate on"))?;
+        let v4 = spec.v4.with_context(|| {
+            format!("backend {name} has no IPv4 address for the IPv4 DSR Services")
+        })?;
         let log_path = h.decap_log(name);
         if let Some(dir) = log_path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -1049,12 +1154,16 @@ impl Lab {
             "--interface",
             "eth0",
             "--local",
-            &local.to_string(),
+            &v4.to_string(),
+            "--local",
+            &spec.v6.to_string(),
+            "--gue-port",
+            &GUE_PORT.to_string(),
             "--xdp-mode",
             &self.options.xdp_mode,
         ]);
         for n in NODES {
-            cmd.args(["--peer", &n.v4.to_string()]);
+            cmd.args(["--peer", &n.v4.to_string(), "--peer", &n.v6.to_string()]);
         }
         cmd.env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -1333,11 +1442,14 @@ fn build_network() -> Result<(TestNet, BTreeMap<String, String>)> {
         };
         default_routes(&ns, b.v4.and(gateway_v4), ROUTER_LAN_V6)?;
         if DSR_BACKENDS.contains(&b.name) {
-            // demo/direct's VIP: the decapsulated packets are addressed to it and the
-            // answers leave from it. No reverse-path filter, as docs/dsr.md asks of a DSR
+            // The DSR Services' VIPs: the decapsulated packets are addressed to them and the
+            // answers leave from them. No reverse-path filter, as docs/dsr.md asks of a DSR
             // backend (here the client is routed out of eth0 anyway, so a strict filter
             // would pass too; a backend whose tunnel link is not its route back needs it).
-            addr(&ns, &format!("{DSR_VIP_V4}/32"), "lo")?;
+            // IPv6 has no reverse-path filter of its own.
+            for d in DSR_SERVICES {
+                addr(&ns, &IpNet::from(d.vip).to_string(), "lo")?;
+            }
             for conf in ["all", "default", "eth0"] {
                 ns.run(&[
                     "sysctl",
@@ -1348,14 +1460,15 @@ fn build_network() -> Result<(TestNet, BTreeMap<String, String>)> {
         }
         names.insert(b.name.to_owned(), ns.name().to_owned());
     }
-    // The nodes' neighbour entries for demo/direct's backends, before the first
+    // The nodes' neighbour entries for the DSR backends, both families, before the first
     // encapsulated packet relies on them (a request to a backend without one goes through
     // the node's stack: slower, and counted as pass_no_neigh).
     for n in NODES {
         let ns = NetNs::named(&names[n.name]);
         for b in BACKENDS.iter().filter(|b| DSR_BACKENDS.contains(&b.name)) {
-            if let Some(v4) = b.v4 {
-                ns.run(&["ping", "-c", "1", "-W", "2", &v4.to_string()])?;
+            let addrs = b.v4.map(IpAddr::V4).into_iter().chain([IpAddr::V6(b.v6)]);
+            for a in addrs {
+                ns.run(&["ping", "-c", "1", "-W", "2", &a.to_string()])?;
             }
         }
     }
@@ -1397,11 +1510,13 @@ fn start_backends(namespaces: &BTreeMap<String, String>) -> Result<Vec<Backend>>
             SocketAddr::new(IpAddr::V6(b.v6), BACKEND_PORT),
         )?);
         if DSR_BACKENDS.contains(&b.name) {
-            out.push(Backend::start(
-                &ns,
-                b.name,
-                SocketAddr::new(IpAddr::V4(DSR_VIP_V4), SERVICE_PORT),
-            )?);
+            for d in DSR_SERVICES {
+                out.push(Backend::start(
+                    &ns,
+                    b.name,
+                    SocketAddr::new(d.vip, SERVICE_PORT),
+                )?);
+            }
         }
     }
     Ok(out)
