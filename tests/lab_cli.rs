@@ -82,14 +82,14 @@ fn lab_demo_sends_traffic_to_every_address_and_leaves_nothing_behind() -> Result
     assert!(out.status.success(), "{json}");
     assert_eq!(json["ok"], true);
     let addresses = json["addresses"].as_object().context("addresses")?;
-    assert_eq!(addresses.len(), 6, "{json}");
+    assert_eq!(addresses.len(), 8, "{json}");
     assert_eq!(
         json["addresses"]["demo/web"].as_array().map(Vec::len),
         Some(2)
     );
     // Every address, TCP and UDP, all answered.
     let flows = json["flows"].as_array().context("flows")?;
-    assert_eq!(flows.len(), 14, "{json}");
+    assert_eq!(flows.len(), 18, "{json}");
     for f in flows {
         assert_eq!(f["failed"], 0, "{f}");
         assert_eq!(f["answered"], 20, "{f}");

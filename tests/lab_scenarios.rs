@@ -17,7 +17,7 @@
 //!   and translate no reply, and packet sockets on the switch show the encapsulated requests
 //!   toward the backends and the answers going from the backends to the router, none
 //!   toward a node;
-//! - NAT46 and NAT64 (`demo/nat46`, `demo/nat64`, written by the test): the IPv4 client
+//! - NAT46 and NAT64 (`demo/nat46`, `demo/nat64`): the IPv4 client
 //!   reaches the IPv6-only backend through an IPv4 address, the IPv6 client IPv4 backends
 //!   through an IPv6 address, TCP and UDP.
 //!
@@ -991,57 +991,16 @@ fn dsr_is_answered_by_its_backends_around_the_nodes(service: &str) -> Result<()>
     Ok(())
 }
 
-/// `demo/nat46`: an IPv4-only Service in front of the IPv6-only backend be4;
-/// `demo/nat64`: an IPv6-only Service in front of be1's and be2's IPv4 addresses. A Service
-/// port with endpoint slices of the other family only gets those (`plan::endpoints`), which
-/// the nodes reach by NAT46 / NAT64.
-const XLAT: &str = r#"apiVersion: v1
-kind: Service
-metadata: {name: nat46, namespace: demo}
-spec:
-  type: LoadBalancer
-  loadBalancerClass: portico.io/lb
-  ipFamilyPolicy: SingleStack
-  ipFamilies: [IPv4]
-  ports: [{name: tcp, port: 80, protocol: TCP}, {name: udp, port: 80, protocol: UDP}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: nat46-ipv6, namespace: demo, labels: {kubernetes.io/service-name: nat46}}
-addressType: IPv6
-ports: [{name: tcp, port: 8080, protocol: TCP}, {name: udp, port: 8080, protocol: UDP}]
-endpoints:
-  - {addresses: ["fd00:18:1::4"], nodeName: n2, conditions: {ready: true}}
----
-apiVersion: v1
-kind: Service
-metadata: {name: nat64, namespace: demo}
-spec:
-  type: LoadBalancer
-  loadBalancerClass: portico.io/lb
-  ipFamilyPolicy: SingleStack
-  ipFamilies: [IPv6]
-  ports: [{name: tcp, port: 80, protocol: TCP}, {name: udp, port: 80, protocol: UDP}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: nat64-ipv4, namespace: demo, labels: {kubernetes.io/service-name: nat64}}
-addressType: IPv4
-ports: [{name: tcp, port: 8080, protocol: TCP}, {name: udp, port: 8080, protocol: UDP}]
-endpoints:
-  - {addresses: ["198.18.1.1"], nodeName: n1, conditions: {ready: true}}
-  - {addresses: ["198.18.1.2"], nodeName: n1, conditions: {ready: true}}
-"#;
-
 /// Issue 13, through the whole system (manifest → plan → XDP): the IPv4 client reaches the
 /// IPv6-only backend be4 through `demo/nat46`'s IPv4 address, and the IPv6 client reaches be1
-/// and be2 over IPv4 through `demo/nat64`'s IPv6 address, TCP and UDP; each backend sees a
-/// node's address of its own family, and the nodes count the translations (`xlat`).
+/// and be2 over IPv4 through `demo/nat64`'s IPv6 address (`deploy/examples/lab/80-xlat.yaml`:
+/// a Service port whose endpoint slices are all of the other family), TCP and UDP; each
+/// backend sees a node's address of its own family, and the nodes count the translations
+/// (`xlat`).
 #[test]
 fn ipv4_clients_reach_ipv6_only_backends_and_ipv6_clients_ipv4_ones() -> Result<()> {
     let _one = lock();
     let lab = Scenario::start()?;
-    lab.h().write_manifest("80-xlat.yaml", XLAT)?;
     let vip46 = wait_for("nat46's address", CONVERGE, || {
         Ok(lab.address("nat46", false).ok())
     })?;

@@ -46,7 +46,7 @@ pub const DEFAULT_CONVERGE: Duration = Duration::from_secs(60);
 const READY: &str = "READY";
 
 /// The manifests of `deploy/examples/lab/`, built into the binary.
-pub const EXAMPLE_MANIFESTS: [(&str, &str); 8] = [
+pub const EXAMPLE_MANIFESTS: [(&str, &str); 9] = [
     (
         "00-pool.yaml",
         include_str!("../../deploy/examples/lab/00-pool.yaml"),
@@ -78,6 +78,10 @@ pub const EXAMPLE_MANIFESTS: [(&str, &str); 8] = [
     (
         "70-direct-gue.yaml",
         include_str!("../../deploy/examples/lab/70-direct-gue.yaml"),
+    ),
+    (
+        "80-xlat.yaml",
+        include_str!("../../deploy/examples/lab/80-xlat.yaml"),
     ),
 ];
 
