@@ -363,7 +363,6 @@ fn rewrite_slow<const V4: bool, const TCP: bool>(
     new_dst: &Addr,
     new_sport: u16,
     new_dport: u16,
-    partial: bool,
 ) -> bool {
     let sctp = if !TCP && old.proto == proto::SCTP {
         let Ok(c) = crate::sctp::crc_field(ctx, p) else {
@@ -374,6 +373,9 @@ fn rewrite_slow<const V4: bool, const TCP: bool>(
     } else {
         None
     };
+    // Worked out where it is used, not kept across the route lookup: a value live there
+    // would take a slot in the send step's frame.
+    let partial = csum_partial(ctx, p, h, old);
     rewrite(h, old, new_src, new_dst, new_sport, new_dport, partial);
     if let Some(c) = sctp {
         // SAFETY: `c` is the checked SCTP common header.
@@ -1240,10 +1242,9 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
     }
     // NAT46 / NAT64: the backend's family differs from the VIP's.
     let xlat = be.family != key.family;
-    let partial = csum_partial(ctx, p, h, key);
     // NAT46/64 of a CHECKSUM_PARTIAL packet is not done: a GSO packet would keep the
     // other family's GSO type.
-    if xlat && (partial || !nat46::eligible(p, h)) {
+    if xlat && (!nat46::eligible(p, h) || csum_partial(ctx, p, h, key)) {
         st.add(stat::PASS_UNSUPPORTED, 1);
         return xdp_action::XDP_PASS;
     }
@@ -1282,7 +1283,7 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
             }
             Route::NoNeigh => Way::PassNoNeigh,
             // A GSO packet (GRO's, or a local sender's): the stack segments it.
-            Route::TooBig(_) if partial => Way::PassGso,
+            Route::TooBig(_) if csum_partial(ctx, p, h, key) => Way::PassGso,
             Route::TooBig(mtu) => {
                 if !h.may_fragment() {
                     return TOO_BIG | client_mtu::<V4>(mtu, xlat).min(0xffff);
@@ -1318,18 +1319,7 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
             }
         };
     }
-    if !rewrite_slow(
-        ctx,
-        st,
-        p,
-        h,
-        key,
-        &snat,
-        &be.addr,
-        to.snat_port,
-        be.port,
-        partial,
-    ) {
+    if !rewrite_slow(ctx, st, p, h, key, &snat, &be.addr, to.snat_port, be.port) {
         return xdp_action::XDP_PASS;
     }
     // Per backend only: the loader adds a service's backends up for its counters.
@@ -1498,15 +1488,14 @@ fn reply<const V4: bool, const TCP: bool>(
         return xdp_action::XDP_PASS;
     }
     let xlat = rev.client_family != 0;
-    let partial = csum_partial(ctx, p, &h, key);
-    if xlat && (partial || !nat46::eligible(p, &h)) {
+    if xlat && (!nat46::eligible(p, &h) || csum_partial(ctx, p, &h, key)) {
         st.add(stat::PASS_UNSUPPORTED, 1);
         return xdp_action::XDP_PASS;
     }
     let way = match route {
         Route::Via => Way::Hop,
         Route::NoNeigh => Way::PassNoNeigh,
-        Route::TooBig(_) if partial => Way::PassGso,
+        Route::TooBig(_) if csum_partial(ctx, p, &h, key) => Way::PassGso,
         Route::TooBig(mtu) => {
             if !h.may_fragment() {
                 return TOO_BIG | client_mtu::<V4>(mtu, xlat).min(0xffff);
@@ -1558,7 +1547,6 @@ fn reply<const V4: bool, const TCP: bool>(
         &rev.client,
         rev.vip_port,
         rev.client_port,
-        partial,
     ) {
         return xdp_action::XDP_PASS;
     }
