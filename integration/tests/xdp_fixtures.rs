@@ -3366,16 +3366,29 @@ fn nat46_and_nat64_icmp_errors_reach_the_client_in_its_family() {
     // The flows' first packets and their errors.
     assert_eq!(stat(stat::XLAT) - xlats, 2 * cases.len() as u64);
 
-    // A type RFC 7915 does not translate (ICMPv6 destination unreachable, code 5: source
-    // address failed policy) is passed untouched; parameter problems it cannot translate
-    // (a field the other family lacks, a code it drops) are dropped and counted.
+    // Codes RFC 7915 does not list (ICMPv6 destination unreachable 5: source address failed
+    // policy; ICMP 3/14: host precedence violation) and parameter problems it cannot
+    // translate (a field the other family lacks, a code it drops) are dropped and counted; a
+    // fragmentation-needed without an MTU is passed untouched (no plateau guessing).
     let unsupported = stat(stat::PASS_UNSUPPORTED);
     let dropped = stat(stat::DROP_XLAT_ICMP);
     for (i, (what, nat46, err, want)) in [
         (
-            "NAT46 untranslatable error",
+            "NAT46 unlisted destination-unreachable code",
             true,
             (1, 5, [0; 4]),
+            verdict::DROP,
+        ),
+        (
+            "NAT64 host precedence violation",
+            false,
+            (3, 14, [0; 4]),
+            verdict::DROP,
+        ),
+        (
+            "NAT64 fragmentation needed without an MTU",
+            false,
+            (3, 4, [0; 4]),
             verdict::PASS,
         ),
         (
@@ -3410,7 +3423,7 @@ fn nat46_and_nat64_icmp_errors_reach_the_client_in_its_family() {
         check_xlat_icmp_error(prog, &c, 43100 + i as u16, want);
     }
     assert_eq!(stat(stat::PASS_UNSUPPORTED) - unsupported, 1);
-    assert_eq!(stat(stat::DROP_XLAT_ICMP) - dropped, 4);
+    assert_eq!(stat(stat::DROP_XLAT_ICMP) - dropped, 6);
 }
 
 /// Issue 13: with an RFC 6052 prefix of 32, 48 or 64 bits, a router's IPv4 address reaches

@@ -2802,8 +2802,8 @@ enum XlatIcmp {
 }
 
 /// RFC 7915 §4.2 / §5.2, as the checker reads them: an error's (type, code, 4 bytes) in the
-/// other family, passed (types the balancer leaves alone), or dropped (parameter problems
-/// the RFC drops: codes, and pointers at fields the other family lacks).
+/// other family, passed (types the balancer leaves alone), or dropped (codes the RFC drops
+/// or does not list, and parameter problems pointing at fields the other family lacks).
 fn xlat_icmp_type(v6: bool, ty: u8, code: u8, rest: [u8; 4]) -> XlatIcmp {
     use XlatIcmp::{Drop, Pass, To};
     if v6 {
@@ -2818,6 +2818,7 @@ fn xlat_icmp_type(v6: bool, ty: u8, code: u8, rest: [u8; 4]) -> XlatIcmp {
                 To(3, 4, [0, 0, a, b])
             }
             (3, 0 | 1) => To(11, code, [0; 4]),
+            (1 | 3, _) => Drop,
             // IPv6 header offsets → IPv4's: version and traffic class, traffic class and
             // flow label, payload length → total length, next header → protocol, hop
             // limit → TTL, the addresses.
@@ -2849,6 +2850,8 @@ fn xlat_icmp_type(v6: bool, ty: u8, code: u8, rest: [u8; 4]) -> XlatIcmp {
                 }
             }
             (11, 0 | 1) => To(3, code, [0; 4]),
+            // Host precedence violation and unlisted codes.
+            (3 | 11, _) => Drop,
             // IPv4 header offsets → IPv6's (identification, flags, fragment offset and
             // checksum have none).
             (12, 0 | 2) => match rest[0] {

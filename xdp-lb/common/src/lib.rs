@@ -167,6 +167,9 @@ pub mod rfc7915 {
                 Mapped::Send(3, 4, [0, 0, m[0], m[1]])
             }
             (3, 0 | 1) => Mapped::Send(11, code, [0; 4]),
+            // Codes RFC 7915 does not list (destination unreachable 5 and up, e.g. source
+            // address failed policy, reject route) are silently dropped.
+            (1 | 3, _) => Mapped::Drop,
             // Parameter problem: an erroneous header field, its pointer mapped; an
             // unrecognized next header → protocol unreachable; the rest dropped.
             (4, 0) => match pointer_to_v4(u32::from_be_bytes(rest)) {
@@ -199,6 +202,9 @@ pub mod rfc7915 {
                 Mapped::Send(2, 0, (u32::from(mtu) + 20).to_be_bytes())
             }
             (11, 0 | 1) => Mapped::Send(3, code, [0; 4]),
+            // Host precedence violation (14) and codes RFC 7915 does not list are silently
+            // dropped.
+            (3 | 11, _) => Mapped::Drop,
             // Parameter problem: pointer indicates the error, or bad length → erroneous
             // header field, its pointer mapped; missing a required option and the rest
             // dropped.
@@ -1123,9 +1129,15 @@ mod tests {
         assert_eq!(to_v4(4, 0, [0, 0, 0, 2]), Mapped::Drop);
         assert_eq!(to_v4(4, 1, [0, 0, 0, 40]), Mapped::Send(3, 2, [0; 4]));
         assert_eq!(to_v4(4, 2, [0, 0, 0, 40]), Mapped::Drop);
-        // Types the balancer leaves alone are passed.
-        assert_eq!(to_v4(1, 5, [0; 4]), Mapped::Pass);
+        // Codes the RFC does not list are dropped; a fragmentation-needed without an MTU is
+        // passed (no plateau guessing), as are types the balancer leaves alone.
+        assert_eq!(to_v4(1, 5, [0; 4]), Mapped::Drop);
+        assert_eq!(to_v4(3, 2, [0; 4]), Mapped::Drop);
+        assert_eq!(to_v6(3, 14, [0; 4]), Mapped::Drop);
+        assert_eq!(to_v6(3, 16, [0; 4]), Mapped::Drop);
+        assert_eq!(to_v6(11, 2, [0; 4]), Mapped::Drop);
         assert_eq!(to_v6(3, 4, [0; 4]), Mapped::Pass);
+        assert_eq!(to_v6(5, 0, [0; 4]), Mapped::Pass);
     }
 
     #[test]
