@@ -630,6 +630,10 @@ impl XdpProgram {
                    unresolved neighbours)",
             source,
         })?;
+        // Before the program can see a packet from the interface: in generic mode a packet
+        // may carry CHECKSUM_PARTIAL's pseudo-header sum in its checksum field, which the
+        // program must know to update it as one (docs/xdp.md, "Checksums in generic mode").
+        self.record_mode(iface, mode)?;
         if let Some(p) = &self.pins {
             let path = pin::link_path(&p.dir, iface);
             return self.attach_pinned(iface, mode, &path);
@@ -639,6 +643,40 @@ impl XdpProgram {
             Ok(_link) => Ok(()),
             Err(ProgramError::UnknownInterface { name }) => Err(XdpError::NoSuchInterface(name)),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes whether `iface` is attached in generic mode into `GENERIC_IFACES`. (A pinned
+    /// link keeps the mode it was created with: [`XdpProgram::attach`] asks for the same.)
+    fn record_mode(&mut self, iface: &str, mode: AttachMode) -> Result<(), XdpError> {
+        let name = std::ffi::CString::new(iface)
+            .map_err(|_| XdpError::NoSuchInterface(iface.to_owned()))?;
+        // SAFETY: a NUL-terminated string that outlives the call.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            return Err(XdpError::NoSuchInterface(iface.to_owned()));
+        }
+        self.mark_generic(ifindex, mode == AttachMode::Generic)
+    }
+
+    /// Tells the program whether packets arriving on interface `ifindex` come through
+    /// generic XDP, where a transport checksum field may hold CHECKSUM_PARTIAL's
+    /// pseudo-header sum. [`XdpProgram::attach`] does it; `BPF_PROG_TEST_RUN` fixtures call
+    /// it for the interface they run on.
+    ///
+    /// # Errors
+    /// The map cannot be written.
+    pub fn mark_generic(&mut self, ifindex: u32, generic: bool) -> Result<(), XdpError> {
+        let mut map: aya::maps::HashMap<&mut MapData, u32, u32> =
+            self.map_mut(map_name::GENERIC_IFACES)?;
+        if generic {
+            map.insert(ifindex, 1, 0)
+                .map_err(map_err(map_name::GENERIC_IFACES))
+        } else if map.get(&ifindex, 0).is_ok() {
+            map.remove(&ifindex)
+                .map_err(map_err(map_name::GENERIC_IFACES))
+        } else {
+            Ok(())
         }
     }
 

@@ -336,8 +336,12 @@ pub mod stat {
     /// Dropped: an ICMP error about a NAT46/64 flow that RFC 7915 says to drop rather than
     /// translate (a parameter problem whose code or pointer the other family lacks).
     pub const DROP_XLAT_ICMP: u32 = 35;
+    /// Passed to the stack to be segmented there: a GSO packet (CHECKSUM_PARTIAL, seen by
+    /// generic XDP only) rewritten toward its backend or client, bigger than the next hop's
+    /// MTU (a redirect of it would fail).
+    pub const PASS_GSO: u32 = 36;
     /// Number of counters in a [`crate::StatBlock`].
-    pub const COUNT: u32 = 36;
+    pub const COUNT: u32 = 37;
 
     /// Each counter's name, by index, as status and metrics show it.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -377,6 +381,7 @@ pub mod stat {
         "dsr_encap",
         "drop_xlat_no_csum",
         "drop_xlat_icmp",
+        "pass_gso",
     ];
 }
 
@@ -416,6 +421,9 @@ pub mod map_name {
     /// Fragment tracking: [`crate::FragKey`] → [`crate::FragEntry`] (LRU), filled from first
     /// fragments.
     pub const FRAGS: &str = "FRAGS";
+    /// Interfaces the program is attached to in generic mode: ifindex (`u32`) → 1. Not
+    /// pinned: every attach writes its interface.
+    pub const GENERIC_IFACES: &str = "GENERIC_IFACES";
 }
 
 /// Layout version of the maps the loader pins in bpffs (all but the per-CPU scratch and

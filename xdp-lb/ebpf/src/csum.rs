@@ -48,3 +48,19 @@ pub fn apply_udp(csum: u16, delta: u64) -> u16 {
         c => c,
     }
 }
+
+/// The pseudo-header part of a TCP or UDP checksum that depends on neither address: protocol
+/// and transport length (32 bits, BIG TCP included), as the kernel adds them
+/// (`csum_tcpudp_nofold`, `csum_ipv6_magic`): `(len + proto) << 8` on a little-endian host,
+/// the same one's complement sum as the big-endian words of either family's pseudo-header.
+#[inline(always)]
+pub fn pseudo_len_proto(len: u32, proto: u8) -> u64 {
+    u64::from(len + u32::from(proto)) << 8
+}
+
+/// Applies an accumulated change to a field holding a pseudo-header sum (CHECKSUM_PARTIAL:
+/// the sum itself, not its complement), the opposite direction of [`apply`].
+#[inline(always)]
+pub fn apply_pseudo(sum: u16, delta: u64) -> u16 {
+    fold(u64::from(sum) + delta)
+}

@@ -127,6 +127,14 @@ pub static REV_NAT: LruHashMap<FlowKey, RevNat> = LruHashMap::with_max_entries(6
 #[map(name = "REV_NAT_NEW")]
 pub static REV_NAT_NEW: LruHashMap<FlowKey, RevNat> = LruHashMap::with_max_entries(65536, 0);
 
+/// Interfaces the program is attached to in generic mode (ifindex → 1), written by the
+/// loader when it attaches. Only there can a packet arrive CHECKSUM_PARTIAL (a local
+/// sender's through a veth, a GSO packet, an aggregate GRO built on a lower device), its
+/// transport checksum field holding the pseudo-header sum (`nat::csum_partial`). Looked up
+/// only for packets whose field equals that sum.
+#[map(name = "GENERIC_IFACES")]
+pub static GENERIC_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
+
 /// Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`), for `FRAGS`: a datagram's fragments most
 /// often reach the CPU its first one did.
 const BPF_F_NO_COMMON_LRU: u32 = 2;

@@ -250,8 +250,46 @@ fn key_of<const V4: bool, const TCP: bool>(h: &Headers<V4, TCP>, proto_: u8) -> 
     }
 }
 
+/// Whether the transport checksum field of `p` (its 5-tuple `old`) holds CHECKSUM_PARTIAL's
+/// pseudo-header sum rather than a checksum: the field equals the sum of the pseudo-header
+/// (addresses, protocol, transport length), and the packet came in on an interface with the
+/// program attached in generic mode (`GENERIC_IFACES`), the only place such a packet can
+/// reach XDP. The real checksum is computed after the program (segmentation, the NIC,
+/// `skb_checksum_help`) from that sum, so it must stay a pseudo-header sum:
+/// [`rewrite`] updates it for the new addresses only, in the sum's direction.
+///
+/// A packet with a finished checksum that happens to equal its pseudo-header sum (about one
+/// in 65,536, and only on a generic interface) is taken for one: its checksum comes out
+/// wrong, the backend drops it and the sender retransmits (docs/xdp.md). SCTP (CRC32c) and
+/// IPv4 UDP without a checksum never are.
+#[inline(always)]
+pub(crate) fn csum_partial<const V4: bool, const TCP: bool>(
+    ctx: &XdpContext,
+    p: &Parsed,
+    h: &Headers<V4, TCP>,
+    old: &FlowKey,
+) -> bool {
+    if !TCP && old.proto != proto::UDP {
+        return false;
+    }
+    // SAFETY: the checksum field is within the checked transport header.
+    let field = unsafe { *(h.l4.add(if TCP { 16 } else { 6 }) as *const u16) };
+    if !TCP && V4 && field == 0 {
+        return false;
+    }
+    let mut sum = csum::pseudo_len_proto((p.ip_end - p.l4) as u32, old.proto);
+    for w in if V4 { 0..1 } else { 0..4 } {
+        sum += u64::from(old.src[w]) + u64::from(old.dst[w]);
+    }
+    csum::fold(sum) == field
+        && maps::GENERIC_IFACES
+            .get_ptr(ctx.ingress_ifindex() as u32)
+            .is_some()
+}
+
 /// Rewrites addresses and ports through the checked header pointers, fixes the IP and L4
-/// checksums and decrements the TTL / hop limit.
+/// checksums and decrements the TTL / hop limit. `partial`: the L4 field holds a
+/// pseudo-header sum ([`csum_partial`]), updated for the addresses only.
 #[inline(always)]
 fn rewrite<const V4: bool, const TCP: bool>(
     h: &Headers<V4, TCP>,
@@ -260,15 +298,16 @@ fn rewrite<const V4: bool, const TCP: bool>(
     new_dst: &Addr,
     new_sport: u16,
     new_dport: u16,
+    partial: bool,
 ) {
-    let mut l4_delta = csum::diff16(old.sport, new_sport) + csum::diff16(old.dport, new_dport);
+    let ports = csum::diff16(old.sport, new_sport) + csum::diff16(old.dport, new_dport);
+    let addr_delta;
     // SAFETY: h.ip covers the IP header (20 or 40 bytes, at an even offset), h.l4 the
     // transport header (20 bytes for TCP, 8 for UDP).
     unsafe {
         if V4 {
-            let addr_delta =
+            addr_delta =
                 csum::diff32(old.src[0], new_src[0]) + csum::diff32(old.dst[0], new_dst[0]);
-            l4_delta += addr_delta;
             let ttl_proto = h.ip.add(8) as *mut u16;
             let old_tp = *ttl_proto;
             let mut bytes = old_tp.to_ne_bytes();
@@ -280,7 +319,7 @@ fn rewrite<const V4: bool, const TCP: bool>(
             store32(h.ip.add(12), new_src[0]);
             store32(h.ip.add(16), new_dst[0]);
         } else {
-            l4_delta += csum::diff128(&old.src, new_src) + csum::diff128(&old.dst, new_dst);
+            addr_delta = csum::diff128(&old.src, new_src) + csum::diff128(&old.dst, new_dst);
             *h.ip.add(7) -= 1;
             store_addr(h.ip.add(8), new_src, false);
             store_addr(h.ip.add(24), new_dst, false);
@@ -288,12 +327,18 @@ fn rewrite<const V4: bool, const TCP: bool>(
         *(h.l4 as *mut [u16; 2]) = [new_sport, new_dport];
         if TCP {
             let c = h.l4.add(16) as *mut u16;
-            *c = csum::apply(*c, l4_delta);
+            *c = if partial {
+                csum::apply_pseudo(*c, addr_delta)
+            } else {
+                csum::apply(*c, addr_delta + ports)
+            };
         } else if old.proto == proto::UDP {
             let c = h.l4.add(6) as *mut u16;
             // IPv4 UDP without checksum stays without one.
-            if !(V4 && *c == 0) {
-                *c = csum::apply_udp(*c, l4_delta);
+            if partial {
+                *c = csum::apply_pseudo(*c, addr_delta);
+            } else if !(V4 && *c == 0) {
+                *c = csum::apply_udp(*c, addr_delta + ports);
             }
         }
         // SCTP: its CRC32c is updated by the caller (`sctp_crc`).
@@ -328,7 +373,10 @@ fn rewrite_slow<const V4: bool, const TCP: bool>(
     } else {
         None
     };
-    rewrite(h, old, new_src, new_dst, new_sport, new_dport);
+    // Worked out where it is used, not kept across the route lookup: a value live there
+    // would take a slot in the send step's frame.
+    let partial = csum_partial(ctx, p, h, old);
+    rewrite(h, old, new_src, new_dst, new_sport, new_dport, partial);
     if let Some(c) = sctp {
         // SAFETY: `c` is the checked SCTP common header.
         unsafe {
@@ -611,6 +659,7 @@ fn send_cached<const V4: bool, const TCP: bool>(
         return Ok(xdp_action::XDP_PASS);
     }
     st.add(stat::CT_HIT, 1);
+    let partial = csum_partial(ctx, p, &h, key);
     rewrite(
         &h,
         key,
@@ -618,6 +667,7 @@ fn send_cached<const V4: bool, const TCP: bool>(
         &be.addr,
         c.flow.snat_port,
         be.port,
+        partial,
     );
     count(
         &maps::BACKEND_STATS,
@@ -1192,7 +1242,9 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
     }
     // NAT46 / NAT64: the backend's family differs from the VIP's.
     let xlat = be.family != key.family;
-    if xlat && !nat46::eligible(p, h) {
+    // NAT46/64 of a CHECKSUM_PARTIAL packet is not done: a GSO packet would keep the
+    // other family's GSO type.
+    if xlat && (!nat46::eligible(p, h) || csum_partial(ctx, p, h, key)) {
         st.add(stat::PASS_UNSUPPORTED, 1);
         return xdp_action::XDP_PASS;
     }
@@ -1230,6 +1282,8 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
                 Way::Hop
             }
             Route::NoNeigh => Way::PassNoNeigh,
+            // A GSO packet (GRO's, or a local sender's): the stack segments it.
+            Route::TooBig(_) if csum_partial(ctx, p, h, key) => Way::PassGso,
             Route::TooBig(mtu) => {
                 if !h.may_fragment() {
                     return TOO_BIG | client_mtu::<V4>(mtu, xlat).min(0xffff);
@@ -1266,7 +1320,7 @@ fn send_to_backend<const V4: bool, const TCP: bool>(
                     pass,
                 )
             }
-            Way::PassToFragment => {
+            Way::PassToFragment | Way::PassGso => {
                 st.add(stat::PASS_UNSUPPORTED, 1);
                 xdp_action::XDP_PASS
             }
@@ -1300,6 +1354,10 @@ pub(crate) fn go(ctx: &XdpContext, st: &Stats, way: Way, hop: &NextHop) -> u32 {
             st.add(stat::PASS_NEEDS_FRAG, 1);
             xdp_action::XDP_PASS
         }
+        Way::PassGso => {
+            st.add(stat::PASS_GSO, 1);
+            xdp_action::XDP_PASS
+        }
     }
 }
 
@@ -1311,6 +1369,10 @@ pub(crate) enum Way {
     PassNoNeigh,
     /// To the stack, which fragments it (IPv4 without DF, bigger than the MTU).
     PassToFragment,
+    /// To the stack, which segments it: a GSO packet (CHECKSUM_PARTIAL, generic XDP only)
+    /// bigger than the MTU. A redirect would fail (`xdp_ok_fwd_dev` compares the whole
+    /// length with the MTU).
+    PassGso,
 }
 
 /// Backend → node SNAT port: translated back to VIP → client and sent; [`NOT_MINE`] when
@@ -1433,13 +1495,14 @@ fn reply<const V4: bool, const TCP: bool>(
         return xdp_action::XDP_PASS;
     }
     let xlat = rev.client_family != 0;
-    if xlat && !nat46::eligible(p, &h) {
+    if xlat && (!nat46::eligible(p, &h) || csum_partial(ctx, p, &h, key)) {
         st.add(stat::PASS_UNSUPPORTED, 1);
         return xdp_action::XDP_PASS;
     }
     let way = match route {
         Route::Via => Way::Hop,
         Route::NoNeigh => Way::PassNoNeigh,
+        Route::TooBig(_) if csum_partial(ctx, p, &h, key) => Way::PassGso,
         Route::TooBig(mtu) => {
             if !h.may_fragment() {
                 return TOO_BIG | client_mtu::<V4>(mtu, xlat).min(0xffff);
@@ -1492,7 +1555,7 @@ fn reply<const V4: bool, const TCP: bool>(
                     true,
                 )
             }
-            Way::PassToFragment => {
+            Way::PassToFragment | Way::PassGso => {
                 st.add(stat::PASS_UNSUPPORTED, 1);
                 xdp_action::XDP_PASS
             }
