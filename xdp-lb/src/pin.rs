@@ -28,8 +28,8 @@ use crate::program::{map_err, LoadOptions, XdpError};
 /// live in, and the per-CPU caches: their size is in `CONFIG::flow_cache_mask`, which the old
 /// and the new program share until the new one is swapped into the links, so both must use
 /// caches of the same size. Not pinned: `SCRATCH`, each packet's scratch space, `FRAGS`,
-/// whose entries serve the fragments of a datagram for a few seconds, and `GENERIC_IFACES`,
-/// which every attach writes for its own program.
+/// whose entries serve the fragments of a datagram for a few seconds, and `GENERIC_IFACES`
+/// and `GENERIC_ANY`, which every attach writes for its own program.
 pub(crate) const PINNED_MAPS: [&str; 15] = [
     map_name::STATS,
     map_name::VIP_FILTER,
@@ -50,7 +50,7 @@ pub(crate) const PINNED_MAPS: [&str; 15] = [
 
 /// Maps of the object that are deliberately not pinned (see [`PINNED_MAPS`]).
 #[cfg(test)]
-pub(crate) const UNPINNED_MAPS: [&str; 3] = ["SCRATCH", "FRAGS", "GENERIC_IFACES"];
+pub(crate) const UNPINNED_MAPS: [&str; 4] = ["SCRATCH", "FRAGS", "GENERIC_IFACES", "GENERIC_ANY"];
 
 /// Magic and layout version of the pinned set.
 const META: &str = "ptc_meta";

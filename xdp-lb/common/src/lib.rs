@@ -424,6 +424,9 @@ pub mod map_name {
     /// Interfaces the program is attached to in generic mode: ifindex (`u32`) → 1. Not
     /// pinned: every attach writes its interface.
     pub const GENERIC_IFACES: &str = "GENERIC_IFACES";
+    /// How many interfaces `GENERIC_IFACES` holds (`Array<u32>`, one entry): 0 spares
+    /// natively attached nodes the pseudo-header check. Not pinned.
+    pub const GENERIC_ANY: &str = "GENERIC_ANY";
 }
 
 /// Layout version of the maps the loader pins in bpffs (all but the per-CPU scratch and

@@ -135,6 +135,11 @@ pub static REV_NAT_NEW: LruHashMap<FlowKey, RevNat> = LruHashMap::with_max_entri
 #[map(name = "GENERIC_IFACES")]
 pub static GENERIC_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
 
+/// How many interfaces `GENERIC_IFACES` holds: while 0 (every interface attached natively),
+/// no packet is checked for a pseudo-header sum (one array read, on the fast path).
+#[map(name = "GENERIC_ANY")]
+pub static GENERIC_ANY: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`), for `FRAGS`: a datagram's fragments most
 /// often reach the CPU its first one did.
 const BPF_F_NO_COMMON_LRU: u32 = 2;

@@ -269,7 +269,7 @@ pub(crate) fn csum_partial<const V4: bool, const TCP: bool>(
     h: &Headers<V4, TCP>,
     old: &FlowKey,
 ) -> bool {
-    if !TCP && old.proto != proto::UDP {
+    if maps::GENERIC_ANY.get(0).is_none_or(|&n| n == 0) || !TCP && old.proto != proto::UDP {
         return false;
     }
     // SAFETY: the checksum field is within the checked transport header.
