@@ -630,10 +630,6 @@ impl XdpProgram {
                    unresolved neighbours)",
             source,
         })?;
-        // Before the program can see a packet from the interface: in generic mode a packet
-        // may carry CHECKSUM_PARTIAL's pseudo-header sum in its checksum field, which the
-        // program must know to update it as one (docs/xdp.md, "Checksums in generic mode").
-        self.record_mode(iface, mode)?;
         if let Some(p) = &self.pins {
             let path = pin::link_path(&p.dir, iface);
             return self.attach_pinned(iface, mode, &path);
@@ -646,23 +642,12 @@ impl XdpProgram {
         }
     }
 
-    /// Writes whether `iface` is attached in generic mode into `GENERIC_IFACES`. (A pinned
-    /// link keeps the mode it was created with: [`XdpProgram::attach`] asks for the same.)
-    fn record_mode(&mut self, iface: &str, mode: AttachMode) -> Result<(), XdpError> {
-        let name = std::ffi::CString::new(iface)
-            .map_err(|_| XdpError::NoSuchInterface(iface.to_owned()))?;
-        // SAFETY: a NUL-terminated string that outlives the call.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        if ifindex == 0 {
-            return Err(XdpError::NoSuchInterface(iface.to_owned()));
-        }
-        self.mark_generic(ifindex, mode == AttachMode::Generic && !is_hardware(iface))
-    }
-
-    /// Tells the program whether packets arriving on interface `ifindex` come through
-    /// generic XDP, where a transport checksum field may hold CHECKSUM_PARTIAL's
-    /// pseudo-header sum. [`XdpProgram::attach`] does it; `BPF_PROG_TEST_RUN` fixtures call
-    /// it for the interface they run on.
+    /// Tells the program that packets arriving on interface `ifindex` may be CHECKSUM_PARTIAL
+    /// (generic XDP on a veth fed by a local sender): a transport checksum field equal to
+    /// the packet's pseudo-header sum is then updated as that sum. Opt-in, never done by
+    /// [`XdpProgram::attach`]: a finished checksum that happens to equal the sum is taken
+    /// for one and comes out wrong, and for a UDP datagram of fixed content that happens for
+    /// one source port every time (docs/xdp.md, "Checksums in generic mode").
     ///
     /// # Errors
     /// The map cannot be written.
@@ -963,66 +948,6 @@ impl XdpProgram {
     }
 }
 
-/// Whether `iface` is a device on a bus (a PCI or virtio NIC: ethtool's bus info names its
-/// slot), as opposed to a veth, bridge, VLAN, bond or TAP (no bus info, or "tap"). Generic
-/// XDP on a hardware NIC never sees a CHECKSUM_PARTIAL packet (it receives from the wire,
-/// and GRO is skipped on a device with a generic program), so its packets are never checked
-/// for one: that check has a one-in-65,536 false match on finished checksums (docs/xdp.md,
-/// "Checksums in generic mode"). Unknown (the query fails): not hardware.
-fn is_hardware(iface: &str) -> bool {
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
-    const ETHTOOL_GDRVINFO: u32 = 3;
-    /// `struct ethtool_drvinfo`.
-    #[repr(C)]
-    struct DrvInfo {
-        cmd: u32,
-        driver: [u8; 32],
-        version: [u8; 32],
-        fw_version: [u8; 32],
-        bus_info: [u8; 32],
-        erom_version: [u8; 32],
-        reserved2: [u8; 12],
-        n_priv_flags: u32,
-        n_stats: u32,
-        testinfo_len: u32,
-        eedump_len: u32,
-        regdump_len: u32,
-    }
-    /// `struct ifreq` with its `ifr_data` member.
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; libc::IFNAMSIZ],
-        data: *mut DrvInfo,
-        _pad: [u8; 16],
-    }
-    if iface.len() >= libc::IFNAMSIZ {
-        return false;
-    }
-    // SAFETY: all-zero is a valid value of these plain C structs.
-    let mut info: DrvInfo = unsafe { std::mem::zeroed() };
-    info.cmd = ETHTOOL_GDRVINFO;
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        data: &mut info,
-        _pad: [0; 16],
-    };
-    req.name[..iface.len()].copy_from_slice(iface.as_bytes());
-    // SAFETY: a plain socket call; the descriptor is closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return false;
-    }
-    // SAFETY: SIOCETHTOOL reads the name and writes `info` through `data`, both live here.
-    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut req) };
-    // SAFETY: `fd` is ours.
-    unsafe { libc::close(fd) };
-    if rc != 0 {
-        return false;
-    }
-    let bus = info.bus_info.split(|&b| b == 0).next().unwrap_or_default();
-    !bus.is_empty() && bus != b"tap"
-}
-
 /// Entries of every map whose size comes from the options.
 fn map_sizes(options: &LoadOptions) -> Result<Vec<(&'static str, u32)>, XdpError> {
     // The caches hold a block of `flow_cache_entries` per possible CPU.
@@ -1154,16 +1079,4 @@ pub(crate) fn run_once(
         packet: out,
         duration: result.duration,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_hardware;
-
-    #[test]
-    fn loopback_and_unknown_interfaces_are_not_hardware() {
-        assert!(!is_hardware("lo"));
-        assert!(!is_hardware("no-such-if0"));
-        assert!(!is_hardware("a-name-longer-than-ifnamsiz"));
-    }
 }
