@@ -1517,7 +1517,9 @@ fn reply<const V4: bool, const TCP: bool>(
     };
     if xlat {
         return match way {
-            Way::Hop => {
+            // Without a neighbour, translated all the same and passed to the stack, which
+            // resolves the client-side neighbour (see `send_to_backend`).
+            Way::Hop | Way::PassNoNeigh => {
                 st.add(stat::REPLY_NAT, 1);
                 count(
                     &maps::SERVICE_STATS,
@@ -1525,6 +1527,7 @@ fn reply<const V4: bool, const TCP: bool>(
                     p.ip_end as u64,
                     false,
                 );
+                let pass = matches!(way, Way::PassNoNeigh);
                 nat46::request(
                     &rev.vip,
                     &rev.client,
@@ -1532,27 +1535,7 @@ fn reply<const V4: bool, const TCP: bool>(
                     rev.client_port,
                     rev.client_family,
                     hop,
-                    false,
-                )
-            }
-            // Translated all the same, and passed to the stack, which resolves the
-            // client-side neighbour (see `send_to_backend`).
-            Way::PassNoNeigh => {
-                st.add(stat::REPLY_NAT, 1);
-                count(
-                    &maps::SERVICE_STATS,
-                    u32::from(rev.service_id),
-                    p.ip_end as u64,
-                    false,
-                );
-                nat46::request(
-                    &rev.vip,
-                    &rev.client,
-                    rev.vip_port,
-                    rev.client_port,
-                    rev.client_family,
-                    hop,
-                    true,
+                    pass,
                 )
             }
             Way::PassToFragment | Way::PassGso => {
