@@ -23,7 +23,7 @@
 //! backends with a wrong checksum and no connection opened.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
     time::Duration,
 };
@@ -63,28 +63,6 @@ fn tcp_csum_errors(ns: &NetNs) -> Result<u64> {
         .nth(i)
         .context("short Tcp line")?
         .parse()?)
-}
-
-/// One upload of [`VOLUME`] bytes to a backend's sink through `vip`; the count the backend
-/// read.
-fn upload(vip: SocketAddr) -> Result<u64> {
-    let mut s = TcpStream::connect_timeout(&vip, traffic::IO_TIMEOUT)
-        .with_context(|| format!("connecting to {vip}"))?;
-    s.set_write_timeout(Some(STALL))?;
-    s.set_read_timeout(Some(STALL))?;
-    s.write_all(format!("{}\n", traffic::SINK_REQUEST).as_bytes())?;
-    let chunk = vec![0xa5_u8; 256 * 1024];
-    for _ in 0..VOLUME / chunk.len() {
-        s.write_all(&chunk).context("sending")?;
-    }
-    s.shutdown(Shutdown::Write)?;
-    let mut line = String::new();
-    BufReader::new(&s)
-        .read_line(&mut line)
-        .context("reading the byte count")?;
-    line.trim()
-        .parse()
-        .with_context(|| format!("not a byte count: {line:?}"))
 }
 
 /// Many exchanges on one connection: [`LINES`] short request lines sent in one burst (the
@@ -160,7 +138,7 @@ fn run(v6: bool) -> Result<()> {
 
     let uploads = traffic::in_ns(&t.client, move || {
         (0..CONNECTIONS)
-            .map(|_| upload(vip))
+            .map(|_| traffic::tcp_upload(vip, VOLUME, STALL))
             .collect::<Result<Vec<_>>>()
     });
     let exchanged = traffic::in_ns(&t.client, move || {

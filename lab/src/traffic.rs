@@ -334,15 +334,38 @@ pub fn udp_who(vip: SocketAddr) -> Result<Answer> {
 /// # Errors
 /// The connection fails, breaks, or the count does not come back.
 pub fn tcp_bulk(vip: SocketAddr, duration: Duration) -> Result<u64> {
+    let start = Instant::now();
+    tcp_sink(vip, IO_TIMEOUT, 64 * 1024, |_| start.elapsed() < duration)
+}
+
+/// Sends `bytes` bytes (a multiple of 256 KiB rounded down) to a backend's sink through
+/// `vip`, each read or write allowed `timeout`; the count the backend read.
+///
+/// # Errors
+/// The connection fails, breaks, or the count does not come back.
+pub fn tcp_upload(vip: SocketAddr, bytes: usize, timeout: Duration) -> Result<u64> {
+    const CHUNK: usize = 256 * 1024;
+    tcp_sink(vip, timeout, CHUNK, |sent| sent + CHUNK <= bytes)
+}
+
+/// Opens a connection to the sink behind `vip`, sends chunks of `chunk` bytes while `more`
+/// (given the bytes sent so far) says so, and returns the count the backend read.
+fn tcp_sink(
+    vip: SocketAddr,
+    timeout: Duration,
+    chunk: usize,
+    mut more: impl FnMut(usize) -> bool,
+) -> Result<u64> {
     let mut s = TcpStream::connect_timeout(&vip, IO_TIMEOUT)
         .with_context(|| format!("connecting to {vip}"))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.set_read_timeout(Some(timeout))?;
     s.write_all(format!("{SINK_REQUEST}\n").as_bytes())?;
-    let chunk = vec![0xa5_u8; 64 * 1024];
-    let start = Instant::now();
-    while start.elapsed() < duration {
-        s.write_all(&chunk).context("sending")?;
+    let data = vec![0xa5_u8; chunk];
+    let mut sent = 0;
+    while more(sent) {
+        s.write_all(&data).context("sending")?;
+        sent += chunk;
     }
     s.shutdown(Shutdown::Write)?;
     let mut line = String::new();
