@@ -29,7 +29,7 @@ use crate::program::{map_err, LoadOptions, XdpError};
 /// and the new program share until the new one is swapped into the links, so both must use
 /// caches of the same size. Not pinned: `SCRATCH`, each packet's scratch space, `FRAGS`,
 /// whose entries serve the fragments of a datagram for a few seconds, and `GENERIC_IFACES`
-/// and `GENERIC_ANY`, which every attach writes for its own program.
+/// and `GENERIC_ANY`, which `XdpProgram::mark_generic` writes for its own program.
 pub(crate) const PINNED_MAPS: [&str; 15] = [
     map_name::STATS,
     map_name::VIP_FILTER,

@@ -421,11 +421,11 @@ pub mod map_name {
     /// Fragment tracking: [`crate::FragKey`] → [`crate::FragEntry`] (LRU), filled from first
     /// fragments.
     pub const FRAGS: &str = "FRAGS";
-    /// Interfaces the program is attached to in generic mode: ifindex (`u32`) → 1. Not
-    /// pinned: every attach writes its interface.
+    /// Interfaces whose packets may be CHECKSUM_PARTIAL: ifindex (`u32`) → 1, written by
+    /// `XdpProgram::mark_generic` (an opt-in). Not pinned.
     pub const GENERIC_IFACES: &str = "GENERIC_IFACES";
-    /// How many interfaces `GENERIC_IFACES` holds (`Array<u32>`, one entry): 0 spares
-    /// natively attached nodes the pseudo-header check. Not pinned.
+    /// How many interfaces `GENERIC_IFACES` holds (`Array<u32>`, one entry): while 0 no
+    /// packet pays the pseudo-header check. Not pinned.
     pub const GENERIC_ANY: &str = "GENERIC_ANY";
 }
 

@@ -127,16 +127,16 @@ pub static REV_NAT: LruHashMap<FlowKey, RevNat> = LruHashMap::with_max_entries(6
 #[map(name = "REV_NAT_NEW")]
 pub static REV_NAT_NEW: LruHashMap<FlowKey, RevNat> = LruHashMap::with_max_entries(65536, 0);
 
-/// Interfaces the program is attached to in generic mode (ifindex → 1), written by the
-/// loader when it attaches. Only there can a packet arrive CHECKSUM_PARTIAL (a local
-/// sender's through a veth, a GSO packet, an aggregate GRO built on a lower device), its
-/// transport checksum field holding the pseudo-header sum (`nat::csum_partial`). Looked up
-/// only for packets whose field equals that sum.
+/// Interfaces whose packets may be CHECKSUM_PARTIAL (ifindex → 1): generic XDP on a veth
+/// fed by a local sender, the transport checksum field holding the pseudo-header sum
+/// (`nat::csum_partial`). Written only when the loader is told (`XdpProgram::mark_generic`,
+/// an opt-in: docs/xdp.md, "Checksums in generic mode"). Looked up only for packets whose
+/// field equals that sum.
 #[map(name = "GENERIC_IFACES")]
 pub static GENERIC_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
 
-/// How many interfaces `GENERIC_IFACES` holds: while 0 (every interface attached natively),
-/// no packet is checked for a pseudo-header sum (one array read, on the fast path).
+/// How many interfaces `GENERIC_IFACES` holds: while 0 (the default), no packet is checked
+/// for a pseudo-header sum (one array read, on the fast path).
 #[map(name = "GENERIC_ANY")]
 pub static GENERIC_ANY: Array<u32> = Array::with_max_entries(1, 0);
 

@@ -252,16 +252,16 @@ fn key_of<const V4: bool, const TCP: bool>(h: &Headers<V4, TCP>, proto_: u8) -> 
 
 /// Whether the transport checksum field of `p` (its 5-tuple `old`) holds CHECKSUM_PARTIAL's
 /// pseudo-header sum rather than a checksum: the field equals the sum of the pseudo-header
-/// (addresses, protocol, transport length), and the packet came in on an interface with the
-/// program attached in generic mode (`GENERIC_IFACES`), the only place such a packet can
-/// reach XDP. The real checksum is computed after the program (segmentation, the NIC,
+/// (addresses, protocol, transport length), and the packet came in on an interface marked
+/// for it (`GENERIC_IFACES`, an opt-in: generic XDP is the only place such a packet can
+/// reach XDP). The real checksum is computed after the program (segmentation, the NIC,
 /// `skb_checksum_help`) from that sum, so it must stay a pseudo-header sum:
 /// [`rewrite`] updates it for the new addresses only, in the sum's direction.
 ///
-/// A packet with a finished checksum that happens to equal its pseudo-header sum (about one
-/// in 65,536, and only on a generic interface) is taken for one: its checksum comes out
-/// wrong, the backend drops it and the sender retransmits (docs/xdp.md). SCTP (CRC32c) and
-/// IPv4 UDP without a checksum never are.
+/// A packet with a finished checksum that happens to equal its pseudo-header sum is taken
+/// for one and its checksum comes out wrong (for a fixed-content UDP datagram, one source
+/// port in 65,535, every time: why marking is opt-in, docs/xdp.md). SCTP (CRC32c) and IPv4
+/// UDP without a checksum never are.
 #[inline(always)]
 pub(crate) fn csum_partial<const V4: bool, const TCP: bool>(
     ctx: &XdpContext,
