@@ -27,7 +27,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -41,7 +40,7 @@ use portico_integration::topology::{
     dsr_service, node_named, wait_for, DsrService, Lab, LabHandle, LabOptions, NodeStatus,
     NodeStop, BACKENDS, DSR_BACKENDS, GUE_PORT, NODES, SERVICE_PORT,
 };
-use portico_integration::traffic::{self, Answer, LongLived};
+use portico_integration::traffic::{self, Answer, Capture, LongLived};
 
 /// One lab at a time.
 static ONE_LAB: Mutex<()> = Mutex::new(());
@@ -689,91 +688,10 @@ fn a_gracefully_restarting_node_keeps_its_routes_at_the_router() -> Result<()> {
     Ok(())
 }
 
-/// A packet socket on one interface of a namespace, capturing every frame (both directions)
-/// from the moment it is opened.
-struct Capture {
-    fd: OwnedFd,
-}
-
-/// `ETH_P_ALL`.
-const ETH_P_ALL: u16 = 0x0003;
-
-impl Capture {
-    fn open(ns: &portico_integration::NetNs, iface: &str) -> Result<Self> {
-        let iface = iface.to_owned();
-        traffic::in_ns(ns, move || {
-            // SAFETY: plain socket(2); the descriptor is owned below.
-            let fd = unsafe {
-                libc::socket(
-                    libc::AF_PACKET,
-                    libc::SOCK_RAW | libc::SOCK_NONBLOCK,
-                    i32::from(ETH_P_ALL.to_be()),
-                )
-            };
-            if fd < 0 {
-                bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
-            }
-            // SAFETY: a fresh descriptor we own.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let name = std::ffi::CString::new(iface.as_str())?;
-            // SAFETY: a valid C string.
-            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-            if ifindex == 0 {
-                bail!("no interface {iface}");
-            }
-            // SAFETY: a zeroed sockaddr_ll is valid; its fields are set below.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = ETH_P_ALL.to_be();
-            sll.sll_ifindex = i32::try_from(ifindex)?;
-            // SAFETY: `sll` is valid for its length.
-            let rc = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    (&raw const sll).cast(),
-                    u32::try_from(std::mem::size_of::<libc::sockaddr_ll>())?,
-                )
-            };
-            if rc != 0 {
-                bail!("binding to {iface}: {}", std::io::Error::last_os_error());
-            }
-            let size: libc::c_int = 8 << 20;
-            // SAFETY: a c_int option value.
-            unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVBUFFORCE,
-                    (&raw const size).cast(),
-                    u32::try_from(std::mem::size_of::<libc::c_int>())?,
-                )
-            };
-            Ok(Self { fd })
-        })
-    }
-
-    /// The IP frames captured so far, by their outer header; other frames are left out.
-    fn frames(&self) -> Vec<Frame> {
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; 65536];
-        // Bounded: the socket holds what arrived; each read takes one frame.
-        for _ in 0..1_000_000 {
-            // SAFETY: `buf` is valid for its length.
-            let len = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            let Ok(len) = usize::try_from(len) else {
-                break;
-            };
-            out.extend(Frame::parse(&buf[..len]));
-        }
-        out
-    }
+/// The IP frames a capture has seen since the last call, by their outer header; other
+/// frames are left out.
+fn frames(c: &Capture) -> Vec<Frame> {
+    c.frames().iter().flat_map(|f| Frame::parse(f)).collect()
 }
 
 /// The outer IP header of a captured frame, and its UDP destination port if it carries UDP.
@@ -923,7 +841,7 @@ fn dsr_is_answered_by_its_backends_around_the_nodes(service: &str) -> Result<()>
     // On the wire: the outer header from the nodes to the backends; answers from the VIP to
     // the client from the backends toward the router, none toward a node.
     let frames: BTreeMap<&str, Vec<Frame>> =
-        captures.iter().map(|(p, c)| (*p, c.frames())).collect();
+        captures.iter().map(|(p, c)| (*p, frames(c))).collect();
     let answer = |f: &Frame| f.src == vip && f.dst == client;
     let count =
         |port: &str, pick: &dyn Fn(&Frame) -> bool| frames[port].iter().filter(|f| pick(f)).count();

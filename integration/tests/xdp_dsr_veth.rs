@@ -14,13 +14,12 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
 use anyhow::{ensure, Context as _, Result};
 use portico_integration::{
     lab::{self, Family},
-    traffic, NetNs,
+    traffic::{self, Capture},
 };
 use portico_xdp::{
     AttachMode, Balancer, Decap, DecapConfig, DsrConfig, Encapsulation, Forwarding, Protocol,
@@ -66,87 +65,13 @@ fn return_addr(f: Family, i: u8) -> String {
     }
 }
 
-/// A packet socket capturing every frame of one interface of a namespace (both directions).
-struct Capture {
-    fd: OwnedFd,
-}
-
-const ETH_P_ALL: u16 = 0x0003;
-
-impl Capture {
-    fn open(ns: &NetNs, iface: &'static str) -> Result<Self> {
-        traffic::in_ns(ns, move || {
-            // SAFETY: plain socket(2); the descriptor is owned below.
-            let fd = unsafe {
-                libc::socket(
-                    libc::AF_PACKET,
-                    libc::SOCK_RAW | libc::SOCK_NONBLOCK,
-                    i32::from(ETH_P_ALL.to_be()),
-                )
-            };
-            ensure!(
-                fd >= 0,
-                "AF_PACKET socket: {}",
-                std::io::Error::last_os_error()
-            );
-            // SAFETY: a fresh descriptor we own.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let name = std::ffi::CString::new(iface)?;
-            // SAFETY: valid C string.
-            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-            ensure!(ifindex != 0, "no interface {iface}");
-            // SAFETY: zeroed sockaddr_ll is valid; its fields are set below.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = ETH_P_ALL.to_be();
-            sll.sll_ifindex = ifindex as i32;
-            // SAFETY: `sll` is valid for its length.
-            let rc = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    (&sll as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            ensure!(
-                rc == 0,
-                "binding to {iface}: {}",
-                std::io::Error::last_os_error()
-            );
-            let size: libc::c_int = 8 << 20;
-            // SAFETY: a c_int option value.
-            unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVBUFFORCE,
-                    (&size as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as u32,
-                )
-            };
-            Ok(Self { fd })
-        })
-    }
-
-    /// The frames captured so far whose IP source is `from` and destination `to`.
-    fn count(&self, from: IpAddr, to: IpAddr) -> usize {
-        let mut n = 0;
-        let mut buf = vec![0u8; 65536];
-        // Bounded: the socket holds what arrived; each read takes one frame.
-        for _ in 0..1_000_000 {
-            // SAFETY: `buf` is valid for its length.
-            let len = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            let Ok(len) = usize::try_from(len) else {
-                break;
-            };
-            let p = &buf[..len];
+/// How many of the frames a capture has seen since the last call have IP source `from` and
+/// destination `to`.
+fn count(c: &Capture, from: IpAddr, to: IpAddr) -> usize {
+    c.frames()
+        .iter()
+        .filter(|p| {
+            let len = p.len();
             let addrs = match (p.get(12..14), from) {
                 (Some([0x08, 0x00]), IpAddr::V4(_)) if len >= 34 => Some((
                     IpAddr::from(<[u8; 4]>::try_from(&p[26..30]).expect("4 bytes")),
@@ -158,12 +83,9 @@ impl Capture {
                 )),
                 _ => None,
             };
-            if addrs == Some((from, to)) {
-                n += 1;
-            }
-        }
-        n
-    }
+            addrs == Some((from, to))
+        })
+        .count()
 }
 
 fn dsr_over_veth(v6: bool, encap: Encapsulation) -> Result<()> {
@@ -310,18 +232,18 @@ fn dsr_over_veth(v6: bool, encap: Encapsulation) -> Result<()> {
 
     // Every answer (TCP: SYN-ACK, data, FIN-ACK; UDP: one datagram each) came by the
     // return link; none by the balancer's link, none through the balancer.
-    let returned = client_return.count(vip, client_ip);
+    let returned = count(&client_return, vip, client_ip);
     ensure!(
         returned >= 4 * EXCHANGES,
         "{returned} frames from the VIP on the client's return link"
     );
-    let via_lb = client_via_lb.count(vip, client_ip);
+    let via_lb = count(&client_via_lb, vip, client_ip);
     ensure!(
         via_lb == 0,
         "{via_lb} frames from the VIP on the client's link to the balancer"
     );
     for (iface, c) in ["eth0", "eth1"].iter().zip(&lb_captures) {
-        let crossed = c.count(vip, client_ip);
+        let crossed = count(c, vip, client_ip);
         ensure!(
             crossed == 0,
             "{crossed} answers crossed the balancer's {iface}"

@@ -625,3 +625,96 @@ impl LongLived {
         Ok(())
     }
 }
+
+/// A packet socket (AF_PACKET) on one interface of a namespace, capturing every frame, both
+/// directions, from the moment it is opened (an 8 MiB receive buffer).
+pub struct Capture {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Capture {
+    /// Opens the socket on `iface` inside `ns`.
+    ///
+    /// # Errors
+    /// No such interface, or the socket cannot be made (needs root).
+    pub fn open(ns: &NetNs, iface: &str) -> Result<Self> {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+        /// `ETH_P_ALL`.
+        const ETH_P_ALL: u16 = 0x0003;
+        let iface = iface.to_owned();
+        in_ns(ns, move || {
+            // SAFETY: plain socket(2); the descriptor is owned below.
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_NONBLOCK,
+                    i32::from(ETH_P_ALL.to_be()),
+                )
+            };
+            if fd < 0 {
+                bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+            }
+            // SAFETY: a fresh descriptor we own.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let name = std::ffi::CString::new(iface.as_str())?;
+            // SAFETY: a valid C string.
+            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            if ifindex == 0 {
+                bail!("no interface {iface}");
+            }
+            // SAFETY: a zeroed sockaddr_ll is valid; its fields are set below.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = ETH_P_ALL.to_be();
+            sll.sll_ifindex = i32::try_from(ifindex)?;
+            // SAFETY: `sll` is valid for its length.
+            let rc = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&raw const sll).cast(),
+                    u32::try_from(std::mem::size_of::<libc::sockaddr_ll>())?,
+                )
+            };
+            if rc != 0 {
+                bail!("binding to {iface}: {}", std::io::Error::last_os_error());
+            }
+            let size: libc::c_int = 8 << 20;
+            // SAFETY: a c_int option value.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    (&raw const size).cast(),
+                    u32::try_from(std::mem::size_of::<libc::c_int>())?,
+                )
+            };
+            Ok(Self { fd })
+        })
+    }
+
+    /// The frames captured since the last call, in order (the socket is drained).
+    #[must_use]
+    pub fn frames(&self) -> Vec<Vec<u8>> {
+        use std::os::fd::AsRawFd as _;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        // Bounded: the socket holds what arrived; each read takes one frame.
+        for _ in 0..1_000_000 {
+            // SAFETY: `buf` is valid for its length.
+            let len = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            let Ok(len) = usize::try_from(len) else {
+                break;
+            };
+            out.push(buf[..len].to_vec());
+        }
+        out
+    }
+}
