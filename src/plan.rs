@@ -313,11 +313,14 @@ impl Ipam {
                 }
             }
         }
-        for ((ns, name), c) in consumers
+        let ordered: Vec<&Consumer> = consumers.values().collect();
+        let answers = self.allocator.allocate_all(&ordered);
+        for (((ns, name), c), answer) in consumers
             .iter()
             .map(|(id, c)| ((&id.namespace, &id.name), c))
+            .zip(answers)
         {
-            let entry = match self.allocator.allocate(c) {
+            let entry = match answer {
                 Ok(a) => {
                     let addresses = a.ips();
                     let wanted = c.families.len().max(1);

@@ -594,3 +594,34 @@ fn a_bad_forwarding_annotation_is_a_problem_naming_service_annotation_and_value(
         assert_eq!(plan.services.len(), 2);
     }
 }
+
+#[test]
+fn a_service_waiting_for_an_address_gets_it_in_the_same_plan_as_its_holder_moves_away() {
+    // b holds the first address; then, in one edit, a asks for it and b asks for another.
+    // a sorts first, so it is planned while b still holds the address.
+    let mut ipam = Ipam::new(ClassPolicy::default(), BTreeMap::new());
+    let first = ipam.reconcile(&world(&format!("{BASE}{}", service("b", ""))), 0);
+    let held = addr_of(&first, "b");
+    assert_eq!(held, "198.51.100.0".parse::<IpAddr>().unwrap());
+    let edited = format!(
+        "{BASE}{}{}",
+        annotated("a", "portico.io/ips: 198.51.100.0"),
+        annotated("b", "portico.io/ips: 198.51.100.7")
+    );
+    let w = world(&edited);
+    let once = ipam.reconcile(&w, 0);
+    assert_eq!(
+        addr_of(&once, "b"),
+        "198.51.100.7".parse::<IpAddr>().unwrap()
+    );
+    assert_eq!(
+        addr_of(&once, "a"),
+        held,
+        "a waits for a second plan: {once:?}"
+    );
+    assert_eq!(
+        ipam.reconcile(&w, 0),
+        once,
+        "a second plan changed something"
+    );
+}

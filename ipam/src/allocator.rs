@@ -443,6 +443,8 @@ pub struct Allocator {
     orphans: BTreeMap<IpAddr, u64>,
     /// What the last [`Allocator::allocate`] of each consumer had to say, where anything.
     notices: BTreeMap<ConsumerId, Vec<Notice>>,
+    /// Counts addresses becoming held or free: what can change another consumer's answer.
+    generation: u64,
 }
 
 impl Default for Allocator {
@@ -460,6 +462,7 @@ impl Default for Allocator {
             grace_period: DEFAULT_GRACE_PERIOD,
             orphans: BTreeMap::new(),
             notices: BTreeMap::new(),
+            generation: 0,
         }
     }
 }
@@ -725,6 +728,7 @@ impl Allocator {
     }
 
     fn mark_occupied(&mut self, ip: IpAddr) {
+        self.generation += 1;
         let (family, value) = to_number(ip);
         if let Some(index) = self.pool_of(ip) {
             let skip = self.skip_fn(family, index);
@@ -734,6 +738,7 @@ impl Allocator {
     }
 
     fn mark_free(&mut self, ip: IpAddr) {
+        self.generation += 1;
         let (family, value) = to_number(ip);
         self.occupied[family.index()].remove(value);
         if let Some(index) = self.pool_of(ip) {
@@ -785,6 +790,55 @@ impl Allocator {
             self.notices.insert(consumer.id.clone(), notices);
         }
         result
+    }
+
+    /// Allocates every consumer in `consumers`, in order, until nothing more changes:
+    /// the answers of a controller that reconciles everything.
+    ///
+    /// One pass is not enough when a consumer waits for an address that a consumer later
+    /// in the order gives up (it moves to the address it asked for, or takes a shared
+    /// one): those still waiting after a pass that changed what is held are tried again.
+    /// A second call with the same consumers changes nothing. Returns each consumer's
+    /// answer, in the order given.
+    pub fn allocate_all(
+        &mut self,
+        consumers: &[&Consumer],
+    ) -> Vec<Result<Allocation, Unsatisfied>> {
+        let before = self.generation;
+        let mut out: Vec<_> = consumers.iter().map(|c| self.allocate(c)).collect();
+        let mut changed = self.generation != before;
+        // A further pass that changes no answer leaves everything as it was, so it is the
+        // last; the bound only guards against a cycle nobody has found.
+        for _ in 0..consumers.len() {
+            if !changed {
+                break;
+            }
+            changed = false;
+            for (c, answer) in consumers.iter().zip(out.iter_mut()) {
+                if self.waiting(c, answer) {
+                    let again = self.allocate(c);
+                    changed |= again != *answer;
+                    *answer = again;
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether `consumer`, last answered `answer`, lacks something another consumer's
+    /// change could give it.
+    fn waiting(&self, consumer: &Consumer, answer: &Result<Allocation, Unsatisfied>) -> bool {
+        match answer {
+            Err(_) => true,
+            Ok(a) => {
+                a.ips().len() < consumer.wanted().families.len()
+                    || self.notices.get(&consumer.id).is_some_and(|n| {
+                        n.iter().any(|n| {
+                            matches!(n, Notice::RequestPending { .. } | Notice::NotShared { .. })
+                        })
+                    })
+            }
+        }
     }
 
     fn allocate_inner(

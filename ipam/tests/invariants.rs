@@ -213,9 +213,8 @@ impl World {
 
     /// Reconciles every known consumer, as the controller does after a pool change.
     fn reconcile_all(&mut self) {
-        for c in self.consumers.values() {
-            let _ = self.allocator.allocate(c);
-        }
+        let consumers: Vec<&Consumer> = self.consumers.values().collect();
+        let _ = self.allocator.allocate_all(&consumers);
     }
 
     fn restart(&mut self) {

@@ -573,3 +573,20 @@ fn ipv6_slash_64_costs_memory_only_for_what_is_used() {
     }
     assert_eq!(a.pool_status("v6").unwrap().v6.used, 1001);
 }
+
+#[test]
+fn allocate_all_reaches_the_state_a_second_pass_would_not_change() {
+    // y holds .0; then x asks for .0 and y for .5. x comes first, while y still holds .0.
+    let mut a = allocator_with(vec![pool("a", &["10.0.0.0/29"])]);
+    a.allocate(&svc("y")).unwrap();
+    let x = svc("x").requesting(&[ip("10.0.0.0")]);
+    let y = svc("y").requesting(&[ip("10.0.0.5")]);
+    let answers = a.allocate_all(&[&x, &y]);
+    assert_eq!(answers[0].as_ref().unwrap().ips(), vec![ip("10.0.0.0")]);
+    assert_eq!(answers[1].as_ref().unwrap().ips(), vec![ip("10.0.0.5")]);
+    assert_eq!(a.allocate_all(&[&x, &y]), answers);
+    // One pass of allocate, in the same order, leaves x waiting.
+    let mut b = allocator_with(vec![pool("a", &["10.0.0.0/29"])]);
+    b.allocate(&svc("y")).unwrap();
+    assert!(b.allocate(&x).is_err(), "the fixture must be able to fail");
+}
