@@ -388,6 +388,7 @@ fn main() -> Result<()> {
                     interfaces: xdp,
                     mode: xdp_mode.into(),
                     pin_dir,
+                    tables: datapath.tables(),
                 }
             };
             opts.router_id = router_id;
@@ -480,6 +481,7 @@ fn main() -> Result<()> {
                     interfaces: xdp,
                     mode: xdp_mode.into(),
                     pin_dir,
+                    tables: datapath.tables(),
                 }
             };
             opts.router_id = router_id;
@@ -696,6 +698,55 @@ struct NodeDatapathArgs {
     /// GSO/GRO size for --big-tcp, in bytes (clamped to the driver's limit).
     #[arg(long, value_name = "BYTES", default_value_t = portico::bigtcp::DEFAULT_SIZE)]
     big_tcp_size: u32,
+    /// Flows the node tracks (LRU): the size of each of its four flow tables, about
+    /// 560 bytes per entry over the four (docs/xdp.md, "Table sizes"). Size it for the flows
+    /// the node forwards at once.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_CONNTRACK_ENTRIES,
+          value_parser = parse_conntrack_entries)]
+    conntrack_entries: u32,
+    /// Slots of each CPU's flow cache (192 bytes a slot, per CPU), a power of two: two to
+    /// four slots per flow a CPU forwards keep established flows on the fast path.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_FLOW_CACHE_ENTRIES,
+          value_parser = parse_flow_cache_entries)]
+    flow_cache_entries: u32,
+}
+
+/// `--conntrack-entries` unless given: 262,144 flows (about 150 MB in all four tables).
+const DEFAULT_CONNTRACK_ENTRIES: u32 = 1 << 18;
+/// `--flow-cache-entries` unless given: 16,384 slots per CPU (3 MB per CPU).
+const DEFAULT_FLOW_CACHE_ENTRIES: u32 = 1 << 14;
+
+impl NodeDatapathArgs {
+    /// The XDP program's table sizes.
+    fn tables(&self) -> portico_xdp::LoadOptions {
+        portico_xdp::LoadOptions {
+            conntrack_entries: self.conntrack_entries,
+            flow_cache_entries: self.flow_cache_entries,
+            ..portico_xdp::LoadOptions::default()
+        }
+    }
+}
+
+/// `--conntrack-entries`: 64 to 2^26 flows.
+fn parse_conntrack_entries(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of entries"))?;
+    if !(64..=1 << 26).contains(&n) {
+        return Err(format!("{n}: must be between 64 and 67108864"));
+    }
+    Ok(n)
+}
+
+/// `--flow-cache-entries`: a power of two up to 2^20.
+fn parse_flow_cache_entries(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of entries"))?;
+    if !n.is_power_of_two() || n > 1 << 20 {
+        return Err(format!("{n}: must be a power of two up to 1048576"));
+    }
+    Ok(n)
 }
 
 /// Direct server return's outer header, the node's side (docs/dsr.md).
@@ -783,6 +834,54 @@ fn parse_nat64_prefix(s: &str) -> Result<portico_xdp::XlatPrefix, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bad_table_sizes_are_refused_naming_the_flag_and_the_value() {
+        for (args, want) in [
+            (
+                vec!["--conntrack-entries", "10"],
+                "--conntrack-entries <N>': 10: must be between 64 and 67108864",
+            ),
+            (
+                vec!["--conntrack-entries", "lots"],
+                "--conntrack-entries <N>': \"lots\" is not a number of entries",
+            ),
+            (
+                vec!["--flow-cache-entries", "3000"],
+                "--flow-cache-entries <N>': 3000: must be a power of two up to 1048576",
+            ),
+            (
+                vec!["--flow-cache-entries", "2097152"],
+                "--flow-cache-entries <N>': 2097152: must be a power of two up to 1048576",
+            ),
+        ] {
+            let mut argv = vec!["portico", "standalone", "--manifests", "m", "--node", "n1"];
+            argv.extend(args);
+            let err = Cli::try_parse_from(argv).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+        let ok = Cli::try_parse_from([
+            "portico",
+            "standalone",
+            "--manifests",
+            "m",
+            "--node",
+            "n1",
+            "--conntrack-entries",
+            "1000000",
+            "--flow-cache-entries",
+            "65536",
+        ])
+        .unwrap();
+        let Command::Standalone { datapath, .. } = ok.command else {
+            panic!("standalone");
+        };
+        let t = datapath.tables();
+        assert_eq!(
+            (t.conntrack_entries, t.flow_cache_entries),
+            (1_000_000, 65536)
+        );
+    }
 
     #[test]
     fn a_bad_nat64_prefix_is_refused_naming_the_flag_the_value_and_the_fault() {

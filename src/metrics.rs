@@ -238,7 +238,7 @@ pub fn render(report: &StatusReport, reconcile: &ReconcileMetrics) -> String {
     let tracked = gauge_family(
         &mut r,
         "portico_xdp_conntrack_entries",
-        "Flows the XDP balancer tracks, by table (established, unconfirmed)",
+        "Flows the XDP balancer tracks, by table (established, unconfirmed), and each table's capacity",
     );
     for (table, v) in &report.conntrack {
         set(&tracked, &[("table", table)], *v);

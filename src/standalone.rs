@@ -49,6 +49,9 @@ pub enum Datapath {
         /// Where maps and links are pinned (bpffs), so that a restart adopts the running
         /// datapath and tracked flows survive; `None`: nothing outlives the process.
         pin_dir: Option<PathBuf>,
+        /// Table sizes (`--conntrack-entries`, `--flow-cache-entries`). Pins of other
+        /// sizes are not adopted: the node starts over with empty tables.
+        tables: LoadOptions,
     },
     /// No datapath: an in-memory balancer (addresses and BGP only; benchmarks and tests).
     Fake,
@@ -517,11 +520,12 @@ pub fn open_datapath(datapath: &Datapath) -> Result<OpenedDatapath> {
             interfaces,
             mode,
             pin_dir,
+            tables,
         } => {
             let mut b = match pin_dir {
                 Some(dir) => {
                     check_bpffs(dir)?;
-                    let program = load_pinned_or_start_over(dir).with_context(|| {
+                    let program = load_pinned_or_start_over(dir, *tables).with_context(|| {
                         format!(
                             "loading the XDP program with its maps pinned in {}",
                             dir.display()
@@ -541,7 +545,7 @@ pub fn open_datapath(datapath: &Datapath) -> Result<OpenedDatapath> {
                     b
                 }
                 None => XdpBalancer::new(
-                    XdpProgram::load_with(LoadOptions::default())
+                    XdpProgram::load_with(*tables)
                         .context("loading the XDP program (needs root and a BPF-capable kernel)")?,
                 ),
             };
@@ -574,8 +578,11 @@ pub fn open_datapath(datapath: &Datapath) -> Result<OpenedDatapath> {
 /// tried once more: the pinned links stay, so the interfaces keep an XDP program throughout,
 /// but the connections tracked through this node are lost (logged as a warning). Any other
 /// error is returned as it is.
-fn load_pinned_or_start_over(dir: &std::path::Path) -> Result<XdpProgram, XdpError> {
-    match XdpProgram::load_pinned(LoadOptions::default(), dir) {
+fn load_pinned_or_start_over(
+    dir: &std::path::Path,
+    tables: LoadOptions,
+) -> Result<XdpProgram, XdpError> {
+    match XdpProgram::load_pinned(tables, dir) {
         Err(e @ (XdpError::PinnedMapMismatch { .. } | XdpError::PinnedLayout { .. })) => {
             tracing::warn!(
                 dir = %dir.display(),
@@ -584,7 +591,7 @@ fn load_pinned_or_start_over(dir: &std::path::Path) -> Result<XdpProgram, XdpErr
                  (XDP stays attached; connections tracked through this node are lost)"
             );
             XdpProgram::unpin_maps(dir)?;
-            XdpProgram::load_pinned(LoadOptions::default(), dir)
+            XdpProgram::load_pinned(tables, dir)
         }
         other => other,
     }

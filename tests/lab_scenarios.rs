@@ -270,6 +270,14 @@ fn a_service_gets_an_address_a_route_and_traffic_and_loses_them_when_deleted() -
             "{node}: {:?}",
             st.appliers
         );
+        // The node runs with the lab's table size (`--conntrack-entries`).
+        let capacity = st.conntrack.iter().find(|(t, _)| t == "capacity");
+        assert_eq!(
+            capacity.map(|(_, n)| *n),
+            Some(u64::from(portico_lab::topology::LAB_CONNTRACK_ENTRIES)),
+            "{node}: {:?}",
+            st.conntrack
+        );
     }
     eprintln!(
         "lifecycle: deleted → route withdrawn in {} ms",

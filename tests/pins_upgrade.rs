@@ -54,6 +54,7 @@ fn pins_of_another_layout_are_replaced_and_xdp_stays_attached() -> Result<()> {
             interfaces: vec!["eth0".into()],
             mode: AttachMode::Generic,
             pin_dir: Some(dir.clone()),
+            tables: LoadOptions::default(),
         })?;
         ensure!(xdp, "an XDP datapath");
         ensure!(adopted.is_empty(), "nothing adopted from the old maps");

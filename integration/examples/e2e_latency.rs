@@ -21,7 +21,7 @@ use anyhow::{bail, Result};
 use portico::standalone::{Datapath, Options};
 use portico_integration::standalone::{self as topo, NODE_IP};
 use portico_integration::traffic;
-use portico_xdp::AttachMode;
+use portico_xdp::{AttachMode, LoadOptions};
 
 const ROUNDS: usize = 10;
 
@@ -40,6 +40,7 @@ fn main() -> Result<()> {
         interfaces: vec!["eth0".into()],
         mode: AttachMode::Generic,
         pin_dir: None,
+        tables: LoadOptions::default(),
     };
     opts.router_id = Some(NODE_IP.parse()?);
     opts.hold_link = Some("portico0".into());

@@ -154,6 +154,9 @@ pub const DSR_VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, 0xe
 pub const DSR_GUE_VIP_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 13);
 /// GUE's UDP port: the nodes' `--gue-port` and the DSR backends' `portico decap --gue-port`
 /// (the balancer's default, given explicitly to both sides).
+/// Each lab node's `--conntrack-entries`.
+pub const LAB_CONNTRACK_ENTRIES: u32 = 65536;
+
 pub const GUE_PORT: u16 = portico_xdp::DEFAULT_GUE_PORT;
 
 /// How a DSR Service's packets travel from a node to a backend, the value of its
@@ -325,6 +328,9 @@ pub struct NodeStatus {
     /// The XDP program's global counters by name.
     #[serde(default)]
     pub datapath: Vec<(String, u64)>,
+    /// Tracked flows by table, and the tables' capacity.
+    #[serde(default)]
+    pub conntrack: Vec<(String, u64)>,
 }
 
 /// One address pool as a node sees it.
@@ -1117,6 +1123,11 @@ impl Lab {
             // the SNAT address), the backends' `portico decap --peer`.
             "--gue-port",
             &GUE_PORT.to_string(),
+            // A lab's flows are few: small tables (the defaults take about 150 MB a node).
+            "--conntrack-entries",
+            &LAB_CONNTRACK_ENTRIES.to_string(),
+            "--flow-cache-entries",
+            "4096",
         ])
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())

@@ -408,8 +408,8 @@ pub trait Balancer {
         Ok(Vec::new())
     }
 
-    /// Tracked flows by table (`established`, `unconfirmed`); none for a balancer without
-    /// a datapath.
+    /// Tracked flows by table (`established`, `unconfirmed`) and each table's `capacity`;
+    /// none for a balancer without a datapath.
     ///
     /// # Errors
     /// The tables cannot be read.
@@ -1310,9 +1310,14 @@ impl Balancer for XdpBalancer {
     fn tracked_flows(&self) -> Result<Vec<(&'static str, u64)>, BalancerError> {
         // Every unconfirmed flow holds one reservation in REV_NAT_NEW; most have no
         // CONNTRACK_NEW entry (docs/xdp.md, "Floods").
+        // Each table holds `capacity` entries: past it, its LRU evicts.
         Ok(vec![
             ("established", self.program.map_len(map_name::CONNTRACK)?),
             ("unconfirmed", self.program.map_len(map_name::REV_NAT_NEW)?),
+            (
+                "capacity",
+                u64::from(self.program.options().conntrack_entries),
+            ),
         ])
     }
 
