@@ -425,15 +425,17 @@ fn cache_index(key: &FlowKey, cfg: &Config) -> u32 {
     cpu_base(cfg) + (key.cache_hash() as u32 & cfg.flow_cache_mask)
 }
 
-/// The two slots of this CPU's flow cache a 5-tuple may occupy (a two-way set: adjacent
-/// entries, the same one if the cache has a single slot per CPU).
+/// The two slots of this CPU's flow cache a 5-tuple may occupy: the one its hash picks
+/// and the next (wrapping around the CPU's block; the same one if the block has a single
+/// slot). Not an aligned pair: most copies sit in their first slot, and aligned pairs put
+/// them all in even slots, leaving half of the CPU cache's sets unused.
 #[inline(always)]
 fn cache_ways(key: &FlowKey, cfg: &Config) -> (u32, u32) {
     let h = key.cache_hash() as u32;
     let base = cpu_base(cfg);
     (
-        base + (h & cfg.flow_cache_mask & !1),
-        base + ((h | 1) & cfg.flow_cache_mask),
+        base + (h & cfg.flow_cache_mask),
+        base + (h.wrapping_add(1) & cfg.flow_cache_mask),
     )
 }
 
