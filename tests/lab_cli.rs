@@ -119,6 +119,16 @@ fn lab_demo_sends_traffic_to_every_address_and_leaves_nothing_behind() -> Result
             .sum();
         assert!(packets >= 2 * 20, "{service}: {json}");
     }
+    // The bulk TCP step measures demo/web, both families (the most backends, no NAT46/64).
+    let web: Vec<std::net::IpAddr> = serde_json::from_value(json["addresses"]["demo/web"].clone())?;
+    let measured: Vec<std::net::SocketAddr> = json["throughput_gbps"]
+        .as_object()
+        .context("throughput_gbps")?
+        .keys()
+        .map(|k| k.parse())
+        .collect::<Result<_, _>>()?;
+    assert_eq!(measured.len(), 2, "{json}");
+    assert!(measured.iter().all(|t| web.contains(&t.ip())), "{json}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     for shown in [
         "allocated addresses",

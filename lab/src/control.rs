@@ -878,9 +878,13 @@ fn demo_on(
         routes,
         ..DemoReport::default()
     };
+    // Ready backends per Service, as its nodes count them (the most any node sees).
+    let mut ready: BTreeMap<String, usize> = BTreeMap::new();
     for st in statuses.values() {
         for s in &st.services {
             report.addresses.insert(s.id(), s.addresses.clone());
+            let n = ready.entry(s.id()).or_default();
+            *n = (*n).max(s.backends_ready);
         }
     }
     let client = handle.ns("client")?;
@@ -964,7 +968,9 @@ fn demo_on(
             .collect();
     }
     if opts.throughput_secs > 0 {
-        // Per family, the address routed over the most nodes (ECMP), first by name on ties.
+        // Per family, the address routed over the most nodes (ECMP), then of the Service
+        // with the most ready backends (demo/web: the streams spread over the most
+        // backends, and no NAT46/64 translation), first by name on ties.
         let hops = |a: &IpAddr| {
             report
                 .routes
@@ -983,7 +989,13 @@ fn demo_on(
                     // go around them (and whose outer headers need 20 to 48 bytes of MTU
                     // more).
                     .filter(|(_, a)| a.is_ipv6() == v6 && !is_dsr_vip(*a))
-                    .max_by_key(|(svc, a)| (hops(a), std::cmp::Reverse(svc.clone())))
+                    .max_by_key(|(svc, a)| {
+                        (
+                            hops(a),
+                            ready.get(svc).copied().unwrap_or(0),
+                            std::cmp::Reverse(svc.clone()),
+                        )
+                    })
             })
             .collect();
         let resets_before = handle.tcp_resets_sent();
