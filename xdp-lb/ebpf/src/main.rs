@@ -72,7 +72,7 @@ mod program {
         let (p, step) = match parse::parse(&ctx) {
             Ok(p) => {
                 st.add(stat::BYTES, p.ip_end as u64);
-                let step = front(&ctx, &p);
+                let step = front(&ctx, &st, &p);
                 if step < SLOW_BALANCE {
                     return step;
                 }
@@ -147,11 +147,8 @@ mod program {
     /// rewrite must pass, and the cached fast path. Returns a verdict, or the slow path to
     /// take.
     #[inline(never)]
-    fn front(ctx: &XdpContext, p: &Parsed) -> u32 {
-        let Some(st) = Stats::get() else {
-            return xdp_action::XDP_PASS;
-        };
-        match try_front(ctx, &st, p) {
+    fn front(ctx: &XdpContext, st: &Stats, p: &Parsed) -> u32 {
+        match try_front(ctx, st, p) {
             Ok(step) => step,
             Err(skip) => {
                 // Passed untouched (nothing was written yet), counted by reason.
