@@ -835,6 +835,46 @@ fn parse_nat64_prefix(s: &str) -> Result<portico_xdp::XlatPrefix, String> {
 mod tests {
     use super::*;
 
+    /// The agent's DaemonSet (deploy/base/agent.yaml): its args, with `$(VAR)` taken from
+    /// its ConfigMap, are accepted by this binary.
+    #[test]
+    fn the_agent_daemonset_args_parse() {
+        let text = include_str!("../deploy/base/agent.yaml");
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(text).unwrap();
+        let config = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+        let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+        let container = &ds["spec"]["template"]["spec"]["containers"][0];
+        let env: std::collections::BTreeMap<String, String> = container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| {
+                let key = e["valueFrom"]["configMapKeyRef"]["key"].as_str()?;
+                let value = config["data"][key].as_str()?;
+                Some((e["name"].as_str()?.to_owned(), value.to_owned()))
+            })
+            .collect();
+        let mut argv = vec!["portico".to_owned()];
+        for arg in container["args"].as_array().unwrap() {
+            let mut a = arg.as_str().unwrap().to_owned();
+            for (name, value) in &env {
+                a = a.replace(&format!("$({name})"), value);
+            }
+            assert!(!a.contains("$("), "{a}: no ConfigMap key for it");
+            argv.push(a);
+        }
+        argv.push("--node=n1".into());
+        let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        let Command::Agent { datapath, .. } = cli.command else {
+            panic!("agent");
+        };
+        let t = datapath.tables();
+        assert_eq!(
+            (t.conntrack_entries, t.flow_cache_entries),
+            (DEFAULT_CONNTRACK_ENTRIES, DEFAULT_FLOW_CACHE_ENTRIES)
+        );
+    }
+
     #[test]
     fn bad_table_sizes_are_refused_naming_the_flag_and_the_value() {
         for (args, want) in [
