@@ -727,26 +727,35 @@ impl NodeDatapathArgs {
     }
 }
 
-/// `--conntrack-entries`: 64 to 2^26 flows.
+/// `--conntrack-entries`, in the range the loader takes (`LoadOptions::validate`).
 fn parse_conntrack_entries(s: &str) -> Result<u32, String> {
-    let n: u32 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of entries"))?;
-    if !(64..=1 << 26).contains(&n) {
-        return Err(format!("{n}: must be between 64 and 67108864"));
-    }
-    Ok(n)
+    parse_table_size(s, |n| portico_xdp::LoadOptions {
+        conntrack_entries: n,
+        ..portico_xdp::LoadOptions::default()
+    })
 }
 
-/// `--flow-cache-entries`: a power of two up to 2^20.
+/// `--flow-cache-entries`, in the range the loader takes (`LoadOptions::validate`).
 fn parse_flow_cache_entries(s: &str) -> Result<u32, String> {
+    parse_table_size(s, |n| portico_xdp::LoadOptions {
+        flow_cache_entries: n,
+        ..portico_xdp::LoadOptions::default()
+    })
+}
+
+/// A table size `s`, checked by the loader's own rules on the options `with` makes of it.
+fn parse_table_size(
+    s: &str,
+    with: impl Fn(u32) -> portico_xdp::LoadOptions,
+) -> Result<u32, String> {
     let n: u32 = s
         .parse()
         .map_err(|_| format!("{s:?} is not a number of entries"))?;
-    if !n.is_power_of_two() || n > 1 << 20 {
-        return Err(format!("{n}: must be a power of two up to 1048576"));
+    match with(n).validate() {
+        Err(portico_xdp::XdpError::BadOption { why, .. }) => Err(format!("{n}: {why}")),
+        Err(e) => Err(format!("{n}: {e}")),
+        Ok(()) => Ok(n),
     }
-    Ok(n)
 }
 
 /// Direct server return's outer header, the node's side (docs/dsr.md).

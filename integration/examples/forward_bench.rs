@@ -82,19 +82,15 @@ fn options() -> Result<Options> {
             None => None,
         })
     };
+    let flows: u32 = arg("--flows")?.map_or(Ok(65_536), |v| v.parse())?;
     let o = Options {
         seconds: arg("--seconds")?.map_or(Ok(3.0), |v| v.parse())?,
         rounds: arg("--rounds")?.map_or(Ok(3), |v| v.parse())?,
-        flows: arg("--flows")?.map_or(Ok(65_536), |v| v.parse())?,
-        flow_cache: arg("--flow-cache")?.map_or(Ok(0), |v| v.parse())?,
-    };
-    let o = Options {
-        flow_cache: if o.flow_cache == 0 {
-            o.flows.saturating_mul(4).next_power_of_two().min(1 << 20)
-        } else {
-            o.flow_cache
-        },
-        ..o
+        flows,
+        flow_cache: arg("--flow-cache")?.map_or_else(
+            || Ok(flows.saturating_mul(4).next_power_of_two().min(1 << 20)),
+            |v| v.parse(),
+        )?,
     };
     ensure!(
         o.rounds > 0 && o.seconds > 0.0,

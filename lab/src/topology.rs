@@ -154,10 +154,10 @@ pub const DSR_VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, 0xe
 pub const DSR_GUE_VIP_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 13);
 /// GUE's UDP port: the nodes' `--gue-port` and the DSR backends' `portico decap --gue-port`
 /// (the balancer's default, given explicitly to both sides).
+pub const GUE_PORT: u16 = portico_xdp::DEFAULT_GUE_PORT;
+
 /// Each lab node's `--conntrack-entries`.
 pub const LAB_CONNTRACK_ENTRIES: u32 = 65536;
-
-pub const GUE_PORT: u16 = portico_xdp::DEFAULT_GUE_PORT;
 
 /// How a DSR Service's packets travel from a node to a backend, the value of its
 /// `portico.io/dsr-encapsulation` annotation.

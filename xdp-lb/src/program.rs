@@ -160,7 +160,11 @@ impl Default for LoadOptions {
 }
 
 impl LoadOptions {
-    fn validate(&self) -> Result<(), XdpError> {
+    /// Checks every option's range (what loading checks first).
+    ///
+    /// # Errors
+    /// [`XdpError::BadOption`] naming the first option out of range.
+    pub fn validate(&self) -> Result<(), XdpError> {
         let bad = |field, value: u32, why| XdpError::BadOption {
             field,
             value: value.into(),
@@ -203,11 +207,11 @@ impl LoadOptions {
                 "must be a power of two up to 1048576",
             ));
         }
-        if self.conntrack_entries < 64 {
+        if !(64..=1 << 26).contains(&self.conntrack_entries) {
             return Err(bad(
                 "conntrack_entries",
                 self.conntrack_entries,
-                "must be at least 64",
+                "must be between 64 and 67108864",
             ));
         }
         Ok(())
