@@ -230,6 +230,9 @@ impl BalancerApplier {
                 }
             }
         }
+        if let Err(e) = self.balancer.maintain() {
+            errors.push(e.to_string());
+        }
         self.health.record(errors);
     }
 

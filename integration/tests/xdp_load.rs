@@ -367,3 +367,123 @@ fn established_flows_keep_their_backend_through_a_flood_of_new_flows() {
     }
     assert_eq!(moved, 0, "{moved} of {ESTABLISHED} established flows moved");
 }
+
+/// Opens the flow of `client(n)`: SYN, the backend's SYN-ACK, the client's ACK, which
+/// confirms it (`CONNTRACK`). Returns (address, port, backend, SNAT port).
+fn open(b: &XdpBalancer, n: u32, eth0: u32, eth1: u32) -> ([u8; 4], u16, Ipv4Addr, u16) {
+    let prog = b.program();
+    let (src, sport) = client(n);
+    let out = prog.test_run_on(&tcp(src, sport, SYN), Some(eth0)).unwrap();
+    assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
+    let (to, port) = sent_to(&out);
+    let out = prog.test_run_on(&reply(to, port), Some(eth1)).unwrap();
+    assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
+    let out = prog.test_run_on(&tcp(src, sport, ACK), Some(eth0)).unwrap();
+    assert_eq!(sent_to(&out), (to, port));
+    (src, sport, to, port)
+}
+
+/// The presence filter in front of `CONNTRACK` (docs/xdp.md, "New flows"): a SYN whose
+/// 5-tuple's bit is clear skips the lookup, so a tracked flow's bit must be set, by the
+/// program when the flow is confirmed and by every rebuild after. A SYN of an open flow
+/// (retransmitted) keeps its backend and port though the ring changed meanwhile; new
+/// flows' SYNs skip the lookup.
+#[test]
+fn the_conntrack_filter_skips_new_flows_and_never_a_tracked_one() {
+    const FLOWS: u32 = 2_000;
+    const NEW: u32 = 10_000;
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let mut b = balancer(16_384, (1024, 65535), &[1, 2, 3]);
+    let _in = lb.enter().unwrap();
+    pin_to_cpu(0);
+    let (eth0, eth1) = (
+        fibnet::ifindex("eth0").unwrap(),
+        fibnet::ifindex("eth1").unwrap(),
+    );
+    let flows: Vec<_> = (0..FLOWS).map(|n| open(&b, n, eth0, eth1)).collect();
+    // A fourth backend: a quarter of the flows would be balanced elsewhere, so a SYN that
+    // missed its flow's entry would show.
+    b.upsert_service(&service(&[1, 2, 3, 4])).unwrap();
+    let check = |b: &XdpBalancer, what: &str| {
+        let prog = b.program();
+        let (hits, filtered) = (
+            prog.stat(stat::CT_HIT).unwrap(),
+            prog.stat(stat::CT_FILTERED).unwrap(),
+        );
+        for &(src, sport, to, port) in &flows {
+            let out = prog.test_run_on(&tcp(src, sport, SYN), Some(eth0)).unwrap();
+            assert_eq!(
+                sent_to(&out),
+                (to, port),
+                "{what}: the SYN of the open flow {src:?}:{sport} went elsewhere"
+            );
+        }
+        assert_eq!(
+            prog.stat(stat::CT_HIT).unwrap() - hits,
+            u64::from(FLOWS),
+            "{what}: every SYN found its flow"
+        );
+        assert_eq!(prog.stat(stat::CT_FILTERED).unwrap(), filtered, "{what}");
+    };
+    check(&b, "bits the program set");
+    b.maintain().unwrap();
+    check(&b, "bits the rebuild set");
+    let prog = b.program();
+    let filtered = prog.stat(stat::CT_FILTERED).unwrap();
+    let mut fourth = 0;
+    for n in FLOWS..FLOWS + NEW {
+        let (src, sport) = client(n);
+        let out = prog.test_run_on(&tcp(src, sport, SYN), Some(eth0)).unwrap();
+        assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
+        fourth += usize::from(sent_to(&out).0 == backend(4));
+    }
+    let skipped = prog.stat(stat::CT_FILTERED).unwrap() - filtered;
+    // 2,000 keys in at least 65,536 bits: 3 % of them set at most.
+    assert!(
+        skipped >= u64::from(NEW) * 95 / 100,
+        "{skipped} of {NEW} new flows skipped the lookup"
+    );
+    assert!(fourth > 0, "no new flow went to the fourth backend");
+}
+
+/// A rebuild of the conntrack filter drops the bits of flows that left the table (here
+/// evicted by the LRU), so their 5-tuples skip the lookup again; until then they do not.
+#[test]
+fn a_filter_rebuild_drops_the_bits_of_evicted_flows() {
+    const OLD: u32 = 1_000;
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    // 1,024 entries: the later flows evict the first ones.
+    let mut b = balancer(1_024, (1024, 65535), &[1, 2, 3]);
+    let _in = lb.enter().unwrap();
+    pin_to_cpu(0);
+    let (eth0, eth1) = (
+        fibnet::ifindex("eth0").unwrap(),
+        fibnet::ifindex("eth1").unwrap(),
+    );
+    for n in 0..OLD + 4_000 {
+        open(&b, n, eth0, eth1);
+    }
+    let tracked = b.program().map_len("CONNTRACK").unwrap();
+    assert!(tracked <= 1_024, "{tracked} tracked");
+    let filtered_syns = |b: &XdpBalancer, range: std::ops::Range<u32>| {
+        let prog = b.program();
+        let before = prog.stat(stat::CT_FILTERED).unwrap();
+        for n in range {
+            let (src, sport) = client(n);
+            let out = prog.test_run_on(&tcp(src, sport, SYN), Some(eth0)).unwrap();
+            assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
+        }
+        prog.stat(stat::CT_FILTERED).unwrap() - before
+    };
+    // The evicted flows' bits are still set: their SYNs look the table up.
+    let half = OLD / 2;
+    assert_eq!(filtered_syns(&b, 0..half), 0);
+    b.maintain().unwrap();
+    let skipped = filtered_syns(&b, half..OLD);
+    assert!(
+        skipped >= u64::from(half) * 95 / 100,
+        "after the rebuild, {skipped} of {half} evicted flows skipped the lookup"
+    );
+}

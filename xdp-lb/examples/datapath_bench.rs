@@ -19,7 +19,9 @@
 //!    `tcp4_new_flow_confirm` (a new flow's first ACK, which confirms it).
 //! 2. Many flows: ACKs round-robin over N established flows (N = 1, 1,000, 10,000,
 //!    100,000) from random client addresses and ports, IPv4 and IPv6, with the flow cache's
-//!    hit rate.
+//!    hit rate. Then, beside the flows those cases left tracked (about 222,000), the
+//!    conntrack filter's rebuild (`ct_filter_rebuild`, its time) and
+//!    `tcp4_new_flow_full_table`: new flows' SYNs with the filter sized for a full table.
 //! 3. SNAT port picks: new flows to a one-backend service whose ports are 10 %, 50 % and
 //!    90 % taken.
 //!
@@ -493,6 +495,30 @@ fn main() -> Result<()> {
                 &format!(",\"flow_cache_hit_rate\":{hit_rate:.3}"),
             );
         }
+    }
+
+    // ---- 2b. new flows beside a full table ----
+    // The many-flow cases left their flows in CONNTRACK: the node's rebuild of the
+    // conntrack filter (timed), sized for them, then new flows' SYNs (the realistic case of
+    // `tcp4_new_flow`, which runs beside an empty table and the smallest filter).
+    if wanted("tcp4_new_flow_full_table") {
+        let started = std::time::Instant::now();
+        let keys = bench.balancer.program_mut().rebuild_ct_filter()?;
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        println!("{{\"case\":\"ct_filter_rebuild\",\"keys\":{keys},\"ms\":{ms:.1}}}");
+        let mut t = bench.time(per_round, |b, _| {
+            let (src, sport) = rng.client(false);
+            b.run(
+                &tcp(src, vip(false), sport, 80, true),
+                verdict::TX,
+                "tcp4_new_flow_full_table",
+            )
+        })?;
+        report(
+            "tcp4_new_flow_full_table",
+            &mut t,
+            &format!(",\"tracked\":{keys}"),
+        );
     }
 
     // ---- 3. SNAT port picks ----

@@ -417,6 +417,16 @@ pub trait Balancer {
         Ok(Vec::new())
     }
 
+    /// Upkeep of the datapath's tables, once per reconcile pass: the XDP balancer rebuilds
+    /// the presence filter of its conntrack table (docs/xdp.md, "New flows"). Nothing for a
+    /// balancer without a datapath.
+    ///
+    /// # Errors
+    /// The tables cannot be read.
+    fn maintain(&mut self) -> Result<(), BalancerError> {
+        Ok(())
+    }
+
     /// Changes one backend's weight (0 drains it).
     ///
     /// # Errors
@@ -1100,6 +1110,7 @@ impl Balancer for XdpBalancer {
         array.set(0, cfg, 0).map_err(map_err(map_name::CONFIG))?;
         self.config = cfg;
         self.node = config.clone();
+        self.program.rebuild_ct_filter()?;
         Ok(())
     }
 
@@ -1305,6 +1316,11 @@ impl Balancer for XdpBalancer {
             out.push((*name, self.program.stat(i as u32)?));
         }
         Ok(out)
+    }
+
+    fn maintain(&mut self) -> Result<(), BalancerError> {
+        self.program.rebuild_ct_filter()?;
+        Ok(())
     }
 
     fn tracked_flows(&self) -> Result<Vec<(&'static str, u64)>, BalancerError> {

@@ -4,7 +4,10 @@
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
-    sync::OnceLock,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        OnceLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -20,8 +23,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use portico_xdp_common::{
-    map_name, stat, Counters, StatBlock, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
-    FLOOR_PROGRAM_NAME, JIFFIES_PROGRAM_NAME, PROGRAM_NAME,
+    ct_filter, map_name, stat, Counters, FlowKey, StatBlock, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_SERVICES, FLOOR_PROGRAM_NAME, JIFFIES_PROGRAM_NAME, PROGRAM_NAME,
 };
 
 use crate::{maglev, pin};
@@ -292,7 +295,10 @@ pub struct XdpProgram {
     pub(crate) ebpf: Ebpf,
     pub(crate) options: LoadOptions,
     hz: u32,
-    rings: RingsMap,
+    rings: Mapped,
+    ct_filter: Mapped,
+    /// Keys `CONNTRACK` held at the last filter rebuild: the next one's size.
+    ct_filter_keys: u64,
     pins: Option<Pins>,
 }
 
@@ -314,38 +320,34 @@ pub(crate) fn program_object() -> &'static [u8] {
 /// Bytes of one element of a BPF array of `u32` (the kernel rounds values up to 8).
 const ELEM_BYTES: usize = 8;
 
-/// The `RINGS` array, mapped into this process (`BPF_F_MMAPABLE`): Maglev tables are written
-/// with one copy rather than a syscall per slot (16,381 of them at the default size).
-struct RingsMap {
-    ptr: *mut u32,
-    slots: usize,
+/// An mmapable array map (`BPF_F_MMAPABLE`) of `elems` 8-byte elements, mapped into this
+/// process: `RINGS` (Maglev tables are written with one copy rather than a syscall per
+/// slot, 16,381 of them at the default size) and `CT_FILTER`.
+struct Mapped {
+    ptr: *mut u8,
+    elems: usize,
     len: usize,
 }
 
-// SAFETY: the mapping is owned by the RingsMap and only written through `&mut XdpProgram`.
-unsafe impl Send for RingsMap {}
+// SAFETY: the mapping is owned by the value and only written through `&mut XdpProgram`.
+unsafe impl Send for Mapped {}
 // SAFETY: as above; shared references never write.
-unsafe impl Sync for RingsMap {}
+unsafe impl Sync for Mapped {}
 
-impl RingsMap {
-    fn new(ebpf: &Ebpf, slots: usize) -> Result<Self, XdpError> {
-        let map = ebpf.map(map_name::RINGS).ok_or(XdpError::Map {
-            name: map_name::RINGS,
-            source: MapError::InvalidName {
-                name: map_name::RINGS.into(),
-            },
-        })?;
+impl Mapped {
+    fn new(ebpf: &Ebpf, name: &'static str, elems: usize) -> Result<Self, XdpError> {
+        let map = ebpf.map(name).ok_or_else(|| no_such_map(name))?;
         let aya::maps::Map::Array(data) = map else {
             return Err(XdpError::Map {
-                name: map_name::RINGS,
+                name,
                 source: MapError::InvalidMapType { map_type: 0 },
             });
         };
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
         // Array elements are 8-byte aligned: a u32 slot takes 8 bytes.
-        let len = (slots * ELEM_BYTES).div_ceil(page) * page;
-        // SAFETY: maps `len` bytes of an mmapable array map of at least `slots` u32 values,
+        let len = (elems * ELEM_BYTES).div_ceil(page) * page;
+        // SAFETY: maps `len` bytes of an mmapable array map of at least `elems` elements,
         // shared, at an address the kernel picks; checked for MAP_FAILED below.
         let ptr = unsafe {
             libc::mmap(
@@ -359,19 +361,26 @@ impl RingsMap {
         };
         if ptr == libc::MAP_FAILED {
             return Err(XdpError::Os {
-                what: "mapping the RINGS array into memory",
+                what: "mapping an array map into memory",
                 source: std::io::Error::last_os_error(),
             });
         }
         Ok(Self {
             ptr: ptr.cast(),
-            slots,
+            elems,
             len,
         })
     }
+
+    /// Element `i` as a `u64` the program updates concurrently.
+    fn word(&self, i: usize) -> Option<&AtomicU64> {
+        // SAFETY: in bounds of a live shared mapping, 8-byte aligned (page-aligned start,
+        // 8-byte elements); the program writes the same words with atomic operations.
+        (i < self.elems).then(|| unsafe { AtomicU64::from_ptr(self.ptr.cast::<u64>().add(i)) })
+    }
 }
 
-impl Drop for RingsMap {
+impl Drop for Mapped {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly what `new` mapped.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
@@ -433,10 +442,28 @@ impl XdpProgram {
         let prog: &mut Xdp = program_mut(&mut ebpf)?;
         load_retrying(prog)?;
         let hz = kernel_hz(&mut ebpf)?;
-        let rings = RingsMap::new(
+        let rings = Mapped::new(
             &ebpf,
+            map_name::RINGS,
             options.max_services as usize * 2 * options.ring_size as usize,
         )?;
+        let ct_filter = Mapped::new(
+            &ebpf,
+            map_name::CT_FILTER,
+            ct_filter::map_entries(options.conntrack_entries) as usize,
+        )?;
+        if !reused {
+            // Sized, not enabled: the program sets bits from now on; the first rebuild
+            // enables it.
+            let min = ct_filter::MIN_WORDS_LOG2;
+            let room = ct_filter::room_log2(options.conntrack_entries);
+            if let Some(c) = ct_filter.word(ct_filter::CONTROL as usize) {
+                c.store(
+                    ct_filter::control(false, 0, [min, min], room),
+                    Ordering::Release,
+                );
+            }
+        }
         let pins = match (pin_dir, lock) {
             (Some(dir), Some(lock)) => Some(Pins {
                 dir: dir.to_owned(),
@@ -451,6 +478,8 @@ impl XdpProgram {
             options,
             hz,
             rings,
+            ct_filter,
+            ct_filter_keys: 0,
             pins,
         })
     }
@@ -554,7 +583,7 @@ impl XdpProgram {
     /// # Errors
     /// The range is outside the array.
     pub(crate) fn write_ring(&mut self, first: usize, values: &[u32]) -> Result<(), XdpError> {
-        if first + values.len() > self.rings.slots {
+        if first + values.len() > self.rings.elems {
             return Err(XdpError::BadOption {
                 field: "ring slot",
                 value: (first + values.len()) as u64,
@@ -565,7 +594,13 @@ impl XdpProgram {
         for (i, v) in values.iter().enumerate() {
             // SAFETY: element `first + i` is in bounds (checked above) of a live, writable
             // shared mapping; its value is the first 4 of its 8 bytes.
-            unsafe { self.rings.ptr.add((first + i) * stride).write(*v) };
+            unsafe {
+                self.rings
+                    .ptr
+                    .cast::<u32>()
+                    .add((first + i) * stride)
+                    .write(*v)
+            };
         }
         // The flip that publishes the table is a map update (a syscall) after this: the
         // stores are visible to the program before the new generation is.
@@ -854,7 +889,15 @@ impl XdpProgram {
     /// # Errors
     /// The map is missing, is not a hash map, or the kernel refuses the batch read.
     pub fn map_len(&self, name: &'static str) -> Result<u64, XdpError> {
-        use std::os::fd::{AsFd, AsRawFd};
+        let mut total = 0u64;
+        self.for_each_key(name, |_| total += 1)?;
+        Ok(total)
+    }
+
+    /// Calls `f` with the key (its bytes) of every entry of the hash map `name`, read in
+    /// batches of 4,096 with `BPF_MAP_LOOKUP_BATCH`, bucket by bucket: an entry that is in
+    /// the map for the whole walk is seen once; one added or removed meanwhile, maybe.
+    fn for_each_key(&self, name: &'static str, mut f: impl FnMut(&[u8])) -> Result<(), XdpError> {
         const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
         const BATCH: u32 = 4096;
         /// The batch part of `union bpf_attr`.
@@ -875,7 +918,7 @@ impl XdpProgram {
             aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) => d,
             _ => {
                 return Err(XdpError::Os {
-                    what: "counting the entries of a map that is not a hash map",
+                    what: "reading the entries of a map that is not a hash map",
                     source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
                 })
             }
@@ -888,7 +931,6 @@ impl XdpProgram {
         let mut token_in = vec![0u8; key_size.max(8)];
         let mut token_out = vec![0u8; key_size.max(8)];
         let fd = data.fd().as_fd().as_raw_fd();
-        let mut total = 0u64;
         let mut first = true;
         loop {
             let mut attr = BatchAttr {
@@ -917,10 +959,11 @@ impl XdpProgram {
             };
             let err = (rc < 0).then(std::io::Error::last_os_error);
             // On ENOENT (the end) `count` still holds the last batch's entries.
-            total += u64::from(attr.count);
+            let n = (attr.count as usize).min(BATCH as usize);
+            keys.chunks_exact(key_size).take(n).for_each(&mut f);
             match err {
                 None => {}
-                Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(total),
+                Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
                 Some(source) => {
                     return Err(XdpError::Os {
                         what: "BPF_MAP_LOOKUP_BATCH",
@@ -931,6 +974,71 @@ impl XdpProgram {
             std::mem::swap(&mut token_in, &mut token_out);
             first = false;
         }
+    }
+
+    /// Rebuilds the presence filter of `CONNTRACK` (`ct_filter`) and enables it: sizes the
+    /// copy packets do not read for the table's entries (eight bits each, from the last
+    /// rebuild's count, at most the room for a copy), clears it, sets the bit of every key
+    /// the table holds, then makes that copy the one packets read. The program sets each
+    /// new entry's bit in both copies (at the size the control word gives) after its insert,
+    /// so an entry added during the rebuild is in the new copy either way: its bit set after
+    /// the clear, or its entry there for the walk. Bits of flows gone since the last rebuild
+    /// are dropped. Returns the keys walked.
+    ///
+    /// Called by [`XdpBalancer`](crate::XdpBalancer) when the node is configured and on
+    /// every [`Balancer::maintain`](crate::Balancer::maintain).
+    ///
+    /// # Errors
+    /// The table cannot be read (the filter stays as it was).
+    pub fn rebuild_ct_filter(&mut self) -> Result<u64, XdpError> {
+        let f = &self.ct_filter;
+        let Some(cw) = f.word(ct_filter::CONTROL as usize) else {
+            return Ok(0);
+        };
+        let control = cw.load(Ordering::Acquire);
+        if control == 0 {
+            // Not sized: a map of another build.
+            return Ok(0);
+        }
+        let room = ct_filter::room_log2(self.options.conntrack_entries);
+        let active = u32::from(control & ct_filter::ACTIVE_ONE != 0);
+        let idle = 1 - active;
+        let mut log2 = [
+            ct_filter::copy_log2(control, 0),
+            ct_filter::copy_log2(control, 1),
+        ];
+        log2[idle as usize] = ct_filter::words_log2_for(self.ct_filter_keys).min(room);
+        // The idle copy's new size first: from here on, packets set bits where the walk
+        // will.
+        cw.store(
+            ct_filter::control(control & ct_filter::ENABLED != 0, active, log2, room),
+            Ordering::SeqCst,
+        );
+        let start = ct_filter::copy_start(ct_filter::control(false, 0, log2, room), idle) as usize;
+        for i in 0..1usize << log2[idle as usize] {
+            if let Some(w) = f.word(start + i) {
+                w.store(0, Ordering::Relaxed);
+            }
+        }
+        // The clear is complete before the walk reads the first key.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let mut keys = 0u64;
+        self.for_each_key(map_name::CONNTRACK, |k| {
+            if k.len() != std::mem::size_of::<FlowKey>() {
+                return;
+            }
+            // SAFETY: `k` holds exactly one FlowKey's bytes (a plain repr(C) struct of
+            // integers, valid for any bits); read unaligned from the batch buffer.
+            let key = unsafe { k.as_ptr().cast::<FlowKey>().read_unaligned() };
+            let (word, bit) = ct_filter::position(&key, log2[idle as usize]);
+            if let Some(w) = f.word(start + word as usize) {
+                w.fetch_or(bit, Ordering::Relaxed);
+            }
+            keys += 1;
+        })?;
+        cw.store(ct_filter::control(true, idle, log2, room), Ordering::SeqCst);
+        self.ct_filter_keys = keys;
+        Ok(keys)
     }
 
     /// A typed view of map `name`.
@@ -981,6 +1089,10 @@ fn map_sizes(options: &LoadOptions) -> Result<Vec<(&'static str, u32)>, XdpError
         (map_name::CONNTRACK_NEW, options.conntrack_entries),
         (map_name::REV_NAT, options.conntrack_entries),
         (map_name::REV_NAT_NEW, options.conntrack_entries),
+        (
+            map_name::CT_FILTER,
+            ct_filter::map_entries(options.conntrack_entries),
+        ),
         (map_name::FLOW_CACHE, cache_entries),
         (map_name::REPLY_CACHE, cache_entries),
     ])

@@ -340,8 +340,11 @@ pub mod stat {
     /// generic XDP only) rewritten toward its backend or client, bigger than the next hop's
     /// MTU (a redirect of it would fail).
     pub const PASS_GSO: u32 = 36;
+    /// Conntrack: lookups skipped because the presence filter (`crate::ct_filter`) proved
+    /// the 5-tuple untracked (most new flows' first packets).
+    pub const CT_FILTERED: u32 = 37;
     /// Number of counters in a [`crate::StatBlock`].
-    pub const COUNT: u32 = 37;
+    pub const COUNT: u32 = 38;
 
     /// Each counter's name, by index, as status and metrics show it.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -382,6 +385,7 @@ pub mod stat {
         "drop_xlat_no_csum",
         "drop_xlat_icmp",
         "pass_gso",
+        "ct_filtered",
     ];
 }
 
@@ -427,13 +431,15 @@ pub mod map_name {
     /// How many interfaces `GENERIC_IFACES` holds (`Array<u32>`, one entry): while 0 no
     /// packet pays the pseudo-header check. Not pinned.
     pub const GENERIC_ANY: &str = "GENERIC_ANY";
+    /// Presence filter of `CONNTRACK` (`u64` words, see [`crate::ct_filter`]).
+    pub const CT_FILTER: &str = "CT_FILTER";
 }
 
 /// Layout version of the maps the loader pins in bpffs (all but the per-CPU scratch and
 /// caches), which a restarted loader reuses. Sizes are checked on their own; bump this when
 /// a pinned map's key or value changes meaning at the same size, so that a new build refuses
 /// the old pins instead of misreading them.
-pub const PINNED_LAYOUT_VERSION: u32 = 2;
+pub const PINNED_LAYOUT_VERSION: u32 = 3;
 
 /// Name of the XDP entry point in the object file.
 pub const PROGRAM_NAME: &str = "portico_xdp";
@@ -545,6 +551,88 @@ pub struct Config {
     pub xlat_prefix_len: u8,
     /// Explicit padding.
     pub _pad: u8,
+}
+
+/// The presence filter of `CONNTRACK` (map `CT_FILTER`): one bit per hash of a 5-tuple,
+/// set by the program after each `CONNTRACK` insert and never cleared by it, so a clear bit
+/// proves the 5-tuple has no entry and a new flow's first packet skips the lookup (a cold
+/// bucket of a large table: about a fifth of a SYN's cost). Two copies: the program sets
+/// the bit in both and reads the active one; the loader rebuilds the idle one from the
+/// table (size it, clear it, set the bits of the keys), then makes it the active one, so
+/// bits of gone flows do not pile up. Each copy is sized to the table's entries at its
+/// rebuild (eight bits per entry, at least [`MIN_WORDS_LOG2`]), not to its capacity: a
+/// small filter stays in the CPU's caches. Word [`CONTROL`](ct_filter::CONTROL) holds
+/// [`ENABLED`](ct_filter::ENABLED), the active copy, each copy's size and the room for one.
+pub mod ct_filter {
+    use crate::FlowKey;
+
+    /// Index of the control word.
+    pub const CONTROL: u32 = 0;
+    /// Index of the first word of copy 0 (a cache line past the control word).
+    pub const FIRST_WORD: u32 = 8;
+    /// Control bit: the active copy holds every entry's bit (a rebuild made it so); while
+    /// clear, every packet looks `CONNTRACK` up.
+    pub const ENABLED: u64 = 1;
+    /// Control bit: copy 1 is the active one.
+    pub const ACTIVE_ONE: u64 = 2;
+    /// Control bits: log2 of the words of copy 0 at this shift, of copy 1 at twice it, of
+    /// the room for a copy (copy 1 starts that many words after copy 0) at three times it.
+    pub const LOG2_SHIFT: u32 = 8;
+    /// Filter bits per `CONNTRACK` entry: a table that holds as many entries as at the
+    /// rebuild sets about one bit in eight (12 %), so most new flows skip the lookup.
+    pub const BITS_PER_ENTRY: u64 = 8;
+    /// The smallest copy: 2^10 words (8 KiB, 65,536 bits).
+    pub const MIN_WORDS_LOG2: u32 = 10;
+
+    /// Log2 of the room for one copy for a table of `entries` (its capacity).
+    pub fn room_log2(entries: u32) -> u32 {
+        words_log2_for(u64::from(entries))
+    }
+
+    /// Log2 of the words of a copy built for `entries` entries.
+    pub fn words_log2_for(entries: u64) -> u32 {
+        let words = entries.saturating_mul(BITS_PER_ENTRY).div_ceil(64).max(1);
+        words
+            .next_power_of_two()
+            .trailing_zeros()
+            .max(MIN_WORDS_LOG2)
+    }
+
+    /// Entries of the `CT_FILTER` array for a table of `entries`.
+    pub fn map_entries(entries: u32) -> u32 {
+        FIRST_WORD + (2u32 << room_log2(entries))
+    }
+
+    /// Log2 of the words of copy `copy` (0 or 1), from the control word.
+    #[inline(always)]
+    pub fn copy_log2(control: u64, copy: u32) -> u32 {
+        ((control >> (LOG2_SHIFT * (1 + copy))) & 0x3f) as u32
+    }
+
+    /// Index of the first word of copy `copy`, from the control word.
+    #[inline(always)]
+    pub fn copy_start(control: u64, copy: u32) -> u32 {
+        let room = ((control >> (LOG2_SHIFT * 3)) & 0x3f) as u32;
+        FIRST_WORD + (copy << room)
+    }
+
+    /// A control word: copies of 2^`log2[0]` and 2^`log2[1]` words in rooms of 2^`room`.
+    pub fn control(enabled: bool, active: u32, log2: [u32; 2], room: u32) -> u64 {
+        (if enabled { ENABLED } else { 0 })
+            | (if active != 0 { ACTIVE_ONE } else { 0 })
+            | u64::from(log2[0]) << LOG2_SHIFT
+            | u64::from(log2[1]) << (2 * LOG2_SHIFT)
+            | u64::from(room) << (3 * LOG2_SHIFT)
+    }
+
+    /// The word (from the copy's start) and bit of `key` in a copy of 2^`words_log2` words:
+    /// the high half of the flow cache's hash (the low half picks the cache slot).
+    #[inline(always)]
+    pub fn position(key: &FlowKey, words_log2: u32) -> (u32, u64) {
+        let h = (key.cache_hash() >> 32) as u32;
+        let b = h & (1u32 << words_log2 << 6).wrapping_sub(1);
+        (b >> 6, 1u64 << (b & 63))
+    }
 }
 
 /// Bits of [`Config::flags`].
@@ -1159,5 +1247,44 @@ mod tests {
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<FragEntry>(), 16);
         assert_eq!(size_of::<StatBlock>(), 8 * stat::COUNT as usize);
+    }
+
+    #[test]
+    fn conntrack_filter_copies_are_sized_to_eight_bits_per_entry_within_their_room() {
+        use ct_filter::*;
+        // At least 2^10 words; eight bits per entry above that.
+        assert_eq!(words_log2_for(0), MIN_WORDS_LOG2);
+        assert_eq!(words_log2_for(8_192), 10);
+        assert_eq!(words_log2_for(8_193), 11);
+        assert_eq!(words_log2_for(262_144), 15);
+        // The array: the control line, then room for two copies of the capacity's size.
+        assert_eq!(map_entries(262_144), FIRST_WORD + 2 * 32_768);
+        assert_eq!(map_entries(64), FIRST_WORD + 2 * 1_024);
+        let c = control(true, 1, [12, 15], 15);
+        assert_eq!(c & ENABLED, ENABLED);
+        assert_eq!(c & ACTIVE_ONE, ACTIVE_ONE);
+        assert_eq!((copy_log2(c, 0), copy_log2(c, 1)), (12, 15));
+        assert_eq!(copy_start(c, 0), FIRST_WORD);
+        assert_eq!(copy_start(c, 1), FIRST_WORD + 32_768);
+        assert_eq!(control(false, 0, [10, 10], 10) & (ENABLED | ACTIVE_ONE), 0);
+        // Positions stay inside the copy, and spread over all of it.
+        let mut seen = std::collections::HashSet::new();
+        for sport in 0..20_000u16 {
+            let key = FlowKey {
+                src: addr_from_v4([198, 51, 100, 7]),
+                dst: addr_from_v4([203, 0, 113, 10]),
+                sport,
+                dport: 443,
+                proto: proto::TCP,
+                family: family::V4,
+                _pad: [0; 2],
+            };
+            let (word, bit) = position(&key, 10);
+            assert!(word < 1 << 10);
+            assert_eq!(bit.count_ones(), 1);
+            seen.insert((word, bit));
+        }
+        // 20,000 keys in 65,536 bits: about 17,300 distinct bits if spread as chance has it.
+        assert!(seen.len() > 16_500, "{} distinct bits", seen.len());
     }
 }

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use portico_xdp_common::{
-    config_flags, source_filter_bit, vip_filter_bit, Addr, Backend, Config, Counters, Flow,
-    FlowCacheEntry, FlowKey, FragEntry, FragKey, ReplyCacheEntry, RevNat, Service, StatBlock,
+    config_flags, ct_filter, source_filter_bit, vip_filter_bit, Addr, Backend, Config, Counters,
+    Flow, FlowCacheEntry, FlowKey, FragEntry, FragKey, ReplyCacheEntry, RevNat, Service, StatBlock,
     VipKey, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, VIP_FILTER_WORDS,
 };
 
@@ -126,6 +126,57 @@ pub static REV_NAT: LruHashMap<FlowKey, RevNat> = LruHashMap::with_max_entries(6
 /// `REV_NAT`.
 #[map(name = "REV_NAT_NEW")]
 pub static REV_NAT_NEW: LruHashMap<FlowKey, RevNat> = LruHashMap::with_max_entries(65536, 0);
+
+/// Presence filter of `CONNTRACK` (`portico_xdp_common::ct_filter`): a control word, then
+/// two copies of the bitmap. Memory-mapped by the loader, which rebuilds the idle copy.
+#[map(name = "CT_FILTER")]
+pub static CT_FILTER: Array<u64> = Array::with_max_entries(8 + 2 * 8192, BPF_F_MMAPABLE);
+
+/// Whether `key` may have a `CONNTRACK` entry: `false` only when the filter is enabled and
+/// the key's bit is clear in its active copy.
+#[inline(always)]
+pub fn maybe_tracked(key: &FlowKey) -> bool {
+    let Some(&control) = CT_FILTER.get(ct_filter::CONTROL) else {
+        return true;
+    };
+    if control & ct_filter::ENABLED == 0 {
+        return true;
+    }
+    let copy = u32::from(control & ct_filter::ACTIVE_ONE != 0);
+    let (word, bit) = ct_filter::position(key, ct_filter::copy_log2(control, copy));
+    CT_FILTER
+        .get(ct_filter::copy_start(control, copy) + word)
+        .is_none_or(|&w| w & bit != 0)
+}
+
+/// Sets `key`'s bit in both copies of the `CONNTRACK` filter: called after each insert (a
+/// rebuild that clears a copy meanwhile finds the entry in the table).
+#[inline(always)]
+pub fn mark_tracked(key: &FlowKey) {
+    let Some(&control) = CT_FILTER.get(ct_filter::CONTROL) else {
+        return;
+    };
+    if control == 0 {
+        // Not sized by the loader (yet).
+        return;
+    }
+    for copy in [0, 1] {
+        let (word, bit) = ct_filter::position(key, ct_filter::copy_log2(control, copy));
+        if let Some(w) = CT_FILTER.get_ptr_mut(ct_filter::copy_start(control, copy) + word) {
+            // SAFETY: a valid map value pointer, 8-byte aligned; other CPUs and the loader
+            // set bits in the same words, hence the atomic OR (BPF_ATOMIC | BPF_OR, which
+            // `core` does not offer on this target).
+            unsafe {
+                core::arch::asm!(
+                    "lock *(u64 *)({w} + 0) |= {bit}",
+                    w = in(reg) w,
+                    bit = in(reg) bit,
+                    options(nostack),
+                );
+            }
+        }
+    }
+}
 
 /// Interfaces whose packets may be CHECKSUM_PARTIAL (ifindex → 1): generic XDP on a veth
 /// fed by a local sender, the transport checksum field holding the pseudo-header sum

@@ -896,7 +896,14 @@ fn tracked_flow<const V4: bool, const TCP: bool>(
 ) -> Option<u32> {
     let key = &t.key;
     let now = now();
-    let Some(f) = maps::CONNTRACK.get_ptr_mut(key) else {
+    // A clear filter bit: no entry, and no lookup (for a new flow, a cold bucket).
+    let f = if maps::maybe_tracked(key) {
+        maps::CONNTRACK.get_ptr_mut(key)
+    } else {
+        st.add(stat::CT_FILTERED, 1);
+        None
+    };
+    let Some(f) = f else {
         if t.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
             // A SYN (or an SCTP INIT): a new flow, or an unconfirmed one's retransmission,
             // whose port search finds its reservation.
@@ -993,7 +1000,7 @@ fn unconfirmed<const V4: bool, const TCP: bool>(
     if !snat::confirm(key, unsafe { &*be }, &flow, cfg, now) {
         return None;
     }
-    if maps::CONNTRACK.insert(key, flow, 0).is_ok() {
+    if track(key, &flow) {
         st.add(stat::CT_CONFIRM, 1);
         let _ = maps::CONNTRACK_NEW.remove(key);
         cache_store(key, &flow, cfg, now);
@@ -1007,6 +1014,16 @@ fn unconfirmed<const V4: bool, const TCP: bool>(
         preserved: flags & flow_flags::PRESERVE_SOURCE != 0,
     };
     Some(request_send(&to))
+}
+
+/// Inserts a flow into `CONNTRACK`, then sets its bit in the table's presence filter.
+#[inline(always)]
+fn track(key: &FlowKey, flow: &Flow) -> bool {
+    let ok = maps::CONNTRACK.insert(key, flow, 0).is_ok();
+    if ok {
+        maps::mark_tracked(key);
+    }
+    ok
 }
 
 /// Client → VIP packet of a new flow (or one whose entry went stale), first half: the
@@ -1125,7 +1142,7 @@ fn establish<const V4: bool, const TCP: bool>(
             maps::count_drop(u32::from(service_id));
             return xdp_action::XDP_DROP;
         }
-        if maps::CONNTRACK.insert(key, flow, 0).is_ok() {
+        if track(key, &flow) {
             st.add(stat::CT_CONFIRM, 1);
         }
         if !first {
@@ -1138,7 +1155,7 @@ fn establish<const V4: bool, const TCP: bool>(
             st.add(stat::CT_MISS, 1);
         }
         let inserted = if confirmed {
-            maps::CONNTRACK.insert(key, flow, 0).is_ok()
+            track(key, &flow)
         } else if !first {
             maps::CONNTRACK_NEW.insert(key, flow, 0).is_ok()
         } else {
