@@ -487,3 +487,38 @@ fn a_filter_rebuild_drops_the_bits_of_evicted_flows() {
         "after the rebuild, {skipped} of {half} evicted flows skipped the lookup"
     );
 }
+
+/// A rebuild sizes the filter for the flows tracked now (eight bits each), not for those of
+/// the last rebuild: the node configured with none, 30,000 opened after, most new flows
+/// still skip the lookup (63 % would, with the smallest filter's 65,536 bits).
+#[test]
+fn a_filter_rebuild_sizes_the_filter_for_the_flows_tracked_now() {
+    const FLOWS: u32 = 30_000;
+    const NEW: u32 = 10_000;
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let mut b = balancer(65_536, (1024, 65535), &[1, 2, 3]);
+    let _in = lb.enter().unwrap();
+    pin_to_cpu(0);
+    let (eth0, eth1) = (
+        fibnet::ifindex("eth0").unwrap(),
+        fibnet::ifindex("eth1").unwrap(),
+    );
+    for n in 0..FLOWS {
+        open(&b, n, eth0, eth1);
+    }
+    b.maintain().unwrap();
+    let prog = b.program();
+    let before = prog.stat(stat::CT_FILTERED).unwrap();
+    for n in FLOWS..FLOWS + NEW {
+        let (src, sport) = client(n);
+        let out = prog.test_run_on(&tcp(src, sport, SYN), Some(eth0)).unwrap();
+        assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
+    }
+    let skipped = prog.stat(stat::CT_FILTERED).unwrap() - before;
+    // 30,000 keys in 262,144 bits: 11 % of them set.
+    assert!(
+        skipped >= u64::from(NEW) * 80 / 100,
+        "{skipped} of {NEW} new flows skipped the lookup"
+    );
+}

@@ -28,7 +28,8 @@
 //! One JSON line per case, then the summary line:
 //! `{"ct_hit_over_floor_n1":..,"ct_hit_over_floor_n1000":..,"ct_hit_over_floor_n10000":..,
 //! "ct_hit_over_floor_n100000":..,"new_flow_over_floor":..}` (IPv4; IPv6 on the line before).
-//! `--case NAME` runs the cases whose name contains NAME, `--case =NAME` that case only.
+//! `--case NAME` runs the cases whose name contains NAME, `--case =NAME` that case only;
+//! several, separated by commas.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -247,8 +248,10 @@ fn main() -> Result<()> {
     let flow_cache_entries: u32 = arg("--flow-cache")?.map_or(Ok(1 << 20), |v| v.parse())?;
     // `--case =NAME`: that case only.
     let wanted = |name: &str| {
-        only.as_deref()
-            .is_none_or(|o| o.strip_prefix('=').map_or(name.contains(o), |e| name == e))
+        only.as_deref().is_none_or(|o| {
+            o.split(',')
+                .any(|o| o.strip_prefix('=').map_or(name.contains(o), |e| name == e))
+        })
     };
     let per_round = calls / ROUNDS;
 

@@ -297,7 +297,7 @@ pub struct XdpProgram {
     hz: u32,
     rings: Mapped,
     ct_filter: Mapped,
-    /// Keys `CONNTRACK` held at the last filter rebuild: the next one's size.
+    /// Keys `CONNTRACK` held at the last filter rebuild: the least the next one sizes for.
     ct_filter_keys: u64,
     pins: Option<Pins>,
 }
@@ -977,8 +977,8 @@ impl XdpProgram {
     }
 
     /// Rebuilds the presence filter of `CONNTRACK` (`ct_filter`) and enables it: sizes the
-    /// copy packets do not read for the table's entries (eight bits each, from the last
-    /// rebuild's count, at most the room for a copy), clears it, sets the bit of every key
+    /// copy packets do not read for the table's entries (eight bits each, counted by a first
+    /// walk, at most the room for a copy), clears it, sets the bit of every key
     /// the table holds, then makes that copy the one packets read. The program sets each
     /// new entry's bit in both copies (at the size the control word gives) after its insert,
     /// so an entry added during the rebuild is in the new copy either way: its bit set after
@@ -1007,7 +1007,10 @@ impl XdpProgram {
             ct_filter::copy_log2(control, 0),
             ct_filter::copy_log2(control, 1),
         ];
-        log2[idle as usize] = ct_filter::words_log2_for(self.ct_filter_keys).min(room);
+        // Sized for the entries there now (a walk of its own: the bits must be set by a
+        // walk that starts after the clear), or at the last rebuild if more.
+        let entries = self.map_len(map_name::CONNTRACK)?.max(self.ct_filter_keys);
+        log2[idle as usize] = ct_filter::words_log2_for(entries).min(room);
         // The idle copy's new size first: from here on, packets set bits where the walk
         // will.
         cw.store(
