@@ -522,3 +522,41 @@ fn a_filter_rebuild_sizes_the_filter_for_the_flows_tracked_now() {
         "{skipped} of {NEW} new flows skipped the lookup"
     );
 }
+
+/// The presence filter in front of `REV_NAT`: a port search skips the lookup of a port whose
+/// bit is clear, so a confirmed flow's port must have its bit, set by the program when the
+/// flow is confirmed and by every rebuild after; else a new flow would be given it too.
+#[test]
+fn a_confirmed_flows_port_is_never_given_again_through_the_reverse_nat_filter() {
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    // 1,000 ports toward one backend: 300 confirmed flows hold 30 % of them.
+    let mut b = balancer(16_384, (20000, 20999), &[1]);
+    let _in = lb.enter().unwrap();
+    pin_to_cpu(0);
+    let (eth0, eth1) = (
+        fibnet::ifindex("eth0").unwrap(),
+        fibnet::ifindex("eth1").unwrap(),
+    );
+    let mut held: HashMap<u16, String> = (0..300)
+        .map(|n| (open(&b, n, eth0, eth1).3, format!("confirmed flow {n}")))
+        .collect();
+    let mut new_flows = |b: &XdpBalancer, range: std::ops::Range<u32>, what: &str| {
+        for n in range {
+            let (src, sport) = client(n);
+            let out = b
+                .program()
+                .test_run_on(&tcp(src, sport, SYN), Some(eth0))
+                .unwrap();
+            assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
+            let port = sent_to(&out).1;
+            if let Some(other) = held.insert(port, format!("new flow {n}")) {
+                panic!("{what}: new flow {n} was given port {port}, held by {other}");
+            }
+        }
+    };
+    new_flows(&b, 1_000..1_200, "bits the program set");
+    b.maintain().unwrap();
+    new_flows(&b, 2_000..2_200, "bits the rebuild set");
+    assert_eq!(b.program().stat(stat::DROP_NO_SNAT_PORT).unwrap(), 0);
+}

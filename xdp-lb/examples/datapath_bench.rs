@@ -20,7 +20,7 @@
 //! 2. Many flows: ACKs round-robin over N established flows (N = 1, 1,000, 10,000,
 //!    100,000) from random client addresses and ports, IPv4 and IPv6, with the flow cache's
 //!    hit rate. Then, beside the flows those cases left tracked (about 222,000), the
-//!    conntrack filter's rebuild (`ct_filter_rebuild`, its time) and
+//!    presence filters' rebuild (`filter_rebuild`, its time) and
 //!    `tcp4_new_flow_full_table`: new flows' SYNs with the filter sized for a full table.
 //! 3. SNAT port picks: new flows to a one-backend service whose ports are 10 %, 50 % and
 //!    90 % taken.
@@ -501,14 +501,16 @@ fn main() -> Result<()> {
     }
 
     // ---- 2b. new flows beside a full table ----
-    // The many-flow cases left their flows in CONNTRACK: the node's rebuild of the
-    // conntrack filter (timed), sized for them, then new flows' SYNs (the realistic case of
+    // The many-flow cases left their flows in CONNTRACK and REV_NAT: the node's rebuild of
+    // the presence filters (timed), sized for them, then new flows' SYNs (the realistic case of
     // `tcp4_new_flow`, which runs beside an empty table and the smallest filter).
     if wanted("tcp4_new_flow_full_table") {
         let started = std::time::Instant::now();
-        let keys = bench.balancer.program_mut().rebuild_ct_filter()?;
+        let [keys, rev_keys] = bench.balancer.program_mut().rebuild_filters()?;
         let ms = started.elapsed().as_secs_f64() * 1e3;
-        println!("{{\"case\":\"ct_filter_rebuild\",\"keys\":{keys},\"ms\":{ms:.1}}}");
+        println!(
+            "{{\"case\":\"filter_rebuild\",\"conntrack_keys\":{keys},\"rev_nat_keys\":{rev_keys},\"ms\":{ms:.1}}}"
+        );
         let mut t = bench.time(per_round, |b, _| {
             let (src, sport) = rng.client(false);
             b.run(

@@ -1110,7 +1110,7 @@ impl Balancer for XdpBalancer {
         array.set(0, cfg, 0).map_err(map_err(map_name::CONFIG))?;
         self.config = cfg;
         self.node = config.clone();
-        self.program.rebuild_ct_filter()?;
+        self.program.rebuild_filters()?;
         Ok(())
     }
 
@@ -1319,7 +1319,7 @@ impl Balancer for XdpBalancer {
     }
 
     fn maintain(&mut self) -> Result<(), BalancerError> {
-        self.program.rebuild_ct_filter()?;
+        self.program.rebuild_filters()?;
         Ok(())
     }
 

@@ -27,11 +27,11 @@ use crate::program::{map_err, LoadOptions, XdpError};
 /// Maps pinned under the directory: every map tracked flows, services, backends and counters
 /// live in, and the per-CPU caches: their size is in `CONFIG::flow_cache_mask`, which the old
 /// and the new program share until the new one is swapped into the links, so both must use
-/// caches of the same size; and the conntrack filter, which both programs must keep
+/// caches of the same size; and the presence filters, which both programs must keep
 /// complete. Not pinned: `SCRATCH`, each packet's scratch space, `FRAGS`,
 /// whose entries serve the fragments of a datagram for a few seconds, and `GENERIC_IFACES`
 /// and `GENERIC_ANY`, which `XdpProgram::mark_generic` writes for its own program.
-pub(crate) const PINNED_MAPS: [&str; 16] = [
+pub(crate) const PINNED_MAPS: [&str; 17] = [
     map_name::STATS,
     map_name::VIP_FILTER,
     map_name::CONFIG,
@@ -48,6 +48,7 @@ pub(crate) const PINNED_MAPS: [&str; 16] = [
     map_name::FLOW_CACHE,
     map_name::REPLY_CACHE,
     map_name::CT_FILTER,
+    map_name::RN_FILTER,
 ];
 
 /// Maps of the object that are deliberately not pinned (see [`PINNED_MAPS`]).
@@ -148,7 +149,9 @@ fn sized_by(name: &str) -> &'static str {
         | map_name::CONNTRACK_NEW
         | map_name::REV_NAT
         | map_name::REV_NAT_NEW => "LoadOptions::conntrack_entries",
-        map_name::CT_FILTER => "LoadOptions::conntrack_entries (ct_filter::map_entries)",
+        map_name::CT_FILTER | map_name::RN_FILTER => {
+            "LoadOptions::conntrack_entries (ct_filter::map_entries)"
+        }
         map_name::FLOW_CACHE | map_name::REPLY_CACHE => {
             "LoadOptions::flow_cache_entries × possible CPUs"
         }

@@ -296,9 +296,10 @@ pub struct XdpProgram {
     pub(crate) options: LoadOptions,
     hz: u32,
     rings: Mapped,
-    ct_filter: Mapped,
-    /// Keys `CONNTRACK` held at the last filter rebuild: the least the next one sizes for.
-    ct_filter_keys: u64,
+    /// `CT_FILTER` and `RN_FILTER`, the presence filters of [`FILTERED_TABLES`].
+    filters: [Mapped; 2],
+    /// Keys each table held at its filter's last rebuild: the least the next one sizes for.
+    filter_keys: [u64; 2],
     pins: Option<Pins>,
 }
 
@@ -320,9 +321,12 @@ pub(crate) fn program_object() -> &'static [u8] {
 /// Bytes of one element of a BPF array of `u32` (the kernel rounds values up to 8).
 const ELEM_BYTES: usize = 8;
 
+/// The tables with a presence filter, in the order of `XdpProgram::filters`.
+const FILTERED_TABLES: [&str; 2] = [map_name::CONNTRACK, map_name::REV_NAT];
+
 /// An mmapable array map (`BPF_F_MMAPABLE`) of `elems` 8-byte elements, mapped into this
 /// process: `RINGS` (Maglev tables are written with one copy rather than a syscall per
-/// slot, 16,381 of them at the default size) and `CT_FILTER`.
+/// slot, 16,381 of them at the default size) and the presence filters.
 struct Mapped {
     ptr: *mut u8,
     elems: usize,
@@ -447,21 +451,24 @@ impl XdpProgram {
             map_name::RINGS,
             options.max_services as usize * 2 * options.ring_size as usize,
         )?;
-        let ct_filter = Mapped::new(
-            &ebpf,
-            map_name::CT_FILTER,
-            ct_filter::map_entries(options.conntrack_entries) as usize,
-        )?;
+        // The presence filters of CONNTRACK and REV_NAT (`ct_filter`).
+        let filter_words = ct_filter::map_entries(options.conntrack_entries) as usize;
+        let filters = [
+            Mapped::new(&ebpf, map_name::CT_FILTER, filter_words)?,
+            Mapped::new(&ebpf, map_name::RN_FILTER, filter_words)?,
+        ];
         if !reused {
             // Sized, not enabled: the program sets bits from now on; the first rebuild
-            // enables it.
+            // enables them.
             let min = ct_filter::MIN_WORDS_LOG2;
             let room = ct_filter::room_log2(options.conntrack_entries);
-            if let Some(c) = ct_filter.word(ct_filter::CONTROL as usize) {
-                c.store(
-                    ct_filter::control(false, 0, [min, min], room),
-                    Ordering::Release,
-                );
+            for f in &filters {
+                if let Some(c) = f.word(ct_filter::CONTROL as usize) {
+                    c.store(
+                        ct_filter::control(false, 0, [min, min], room),
+                        Ordering::Release,
+                    );
+                }
             }
         }
         let pins = match (pin_dir, lock) {
@@ -478,8 +485,8 @@ impl XdpProgram {
             options,
             hz,
             rings,
-            ct_filter,
-            ct_filter_keys: 0,
+            filters,
+            filter_keys: [0; 2],
             pins,
         })
     }
@@ -976,22 +983,32 @@ impl XdpProgram {
         }
     }
 
-    /// Rebuilds the presence filter of `CONNTRACK` (`ct_filter`) and enables it: sizes the
-    /// copy packets do not read for the table's entries (eight bits each, counted by a first
-    /// walk, at most the room for a copy), clears it, sets the bit of every key
-    /// the table holds, then makes that copy the one packets read. The program sets each
-    /// new entry's bit in both copies (at the size the control word gives) after its insert,
-    /// so an entry added during the rebuild is in the new copy either way: its bit set after
-    /// the clear, or its entry there for the walk. Bits of flows gone since the last rebuild
-    /// are dropped. Returns the keys walked.
+    /// Rebuilds the presence filters of `CONNTRACK` and `REV_NAT` (`ct_filter`) and enables
+    /// them: for each, sizes the copy packets do not read for the table's entries (eight
+    /// bits each, counted by a first walk, at most the room for a copy), clears it, sets the
+    /// bit of every key the table holds, then makes that copy the one packets read. The
+    /// program sets each new entry's bit in both copies (at the size the control word gives)
+    /// after its insert, so an entry added during the rebuild is in the new copy either way:
+    /// its bit set after the clear, or its entry there for the walk. Bits of entries gone
+    /// since the last rebuild are dropped. Returns the keys walked, by table.
     ///
     /// Called by [`XdpBalancer`](crate::XdpBalancer) when the node is configured and on
     /// every [`Balancer::maintain`](crate::Balancer::maintain).
     ///
     /// # Errors
-    /// The table cannot be read (the filter stays as it was).
-    pub fn rebuild_ct_filter(&mut self) -> Result<u64, XdpError> {
-        let f = &self.ct_filter;
+    /// A table cannot be read (its filter stays as it was).
+    pub fn rebuild_filters(&mut self) -> Result<[u64; 2], XdpError> {
+        let mut keys = [0; 2];
+        for (i, table) in FILTERED_TABLES.into_iter().enumerate() {
+            keys[i] = self.rebuild_filter(i, table)?;
+            self.filter_keys[i] = keys[i];
+        }
+        Ok(keys)
+    }
+
+    /// [`XdpProgram::rebuild_filters`] for filter `i`, of `table`.
+    fn rebuild_filter(&self, i: usize, table: &'static str) -> Result<u64, XdpError> {
+        let f = &self.filters[i];
         let Some(cw) = f.word(ct_filter::CONTROL as usize) else {
             return Ok(0);
         };
@@ -1009,7 +1026,7 @@ impl XdpProgram {
         ];
         // Sized for the entries there now (a walk of its own: the bits must be set by a
         // walk that starts after the clear), or at the last rebuild if more.
-        let entries = self.map_len(map_name::CONNTRACK)?.max(self.ct_filter_keys);
+        let entries = self.map_len(table)?.max(self.filter_keys[i]);
         log2[idle as usize] = ct_filter::words_log2_for(entries).min(room);
         // The idle copy's new size first: from here on, packets set bits where the walk
         // will.
@@ -1026,7 +1043,7 @@ impl XdpProgram {
         // The clear is complete before the walk reads the first key.
         std::sync::atomic::fence(Ordering::SeqCst);
         let mut keys = 0u64;
-        self.for_each_key(map_name::CONNTRACK, |k| {
+        self.for_each_key(table, |k| {
             if k.len() != std::mem::size_of::<FlowKey>() {
                 return;
             }
@@ -1040,7 +1057,6 @@ impl XdpProgram {
             keys += 1;
         })?;
         cw.store(ct_filter::control(true, idle, log2, room), Ordering::SeqCst);
-        self.ct_filter_keys = keys;
         Ok(keys)
     }
 
@@ -1094,6 +1110,10 @@ fn map_sizes(options: &LoadOptions) -> Result<Vec<(&'static str, u32)>, XdpError
         (map_name::REV_NAT_NEW, options.conntrack_entries),
         (
             map_name::CT_FILTER,
+            ct_filter::map_entries(options.conntrack_entries),
+        ),
+        (
+            map_name::RN_FILTER,
             ct_filter::map_entries(options.conntrack_entries),
         ),
         (map_name::FLOW_CACHE, cache_entries),

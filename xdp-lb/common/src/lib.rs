@@ -433,6 +433,8 @@ pub mod map_name {
     pub const GENERIC_ANY: &str = "GENERIC_ANY";
     /// Presence filter of `CONNTRACK` (`u64` words, see [`crate::ct_filter`]).
     pub const CT_FILTER: &str = "CT_FILTER";
+    /// Presence filter of `REV_NAT`, as `CT_FILTER`.
+    pub const RN_FILTER: &str = "RN_FILTER";
 }
 
 /// Layout version of the maps the loader pins in bpffs (all but the per-CPU scratch and

@@ -132,11 +132,16 @@ pub static REV_NAT_NEW: LruHashMap<FlowKey, RevNat> = LruHashMap::with_max_entri
 #[map(name = "CT_FILTER")]
 pub static CT_FILTER: Array<u64> = Array::with_max_entries(8 + 2 * 8192, BPF_F_MMAPABLE);
 
-/// Whether `key` may have a `CONNTRACK` entry: `false` only when the filter is enabled and
-/// the key's bit is clear in its active copy.
+/// Presence filter of `REV_NAT`, as `CT_FILTER`: a SNAT port whose bit is clear is not held
+/// by a confirmed flow.
+#[map(name = "RN_FILTER")]
+pub static RN_FILTER: Array<u64> = Array::with_max_entries(8 + 2 * 8192, BPF_F_MMAPABLE);
+
+/// Whether the table behind `filter` may hold `key`: `false` only when the filter is
+/// enabled and the key's bit is clear in its active copy.
 #[inline(always)]
-pub fn maybe_tracked(key: &FlowKey) -> bool {
-    let Some(&control) = CT_FILTER.get(ct_filter::CONTROL) else {
+pub fn maybe_in(filter: &Array<u64>, key: &FlowKey) -> bool {
+    let Some(&control) = filter.get(ct_filter::CONTROL) else {
         return true;
     };
     if control & ct_filter::ENABLED == 0 {
@@ -144,16 +149,16 @@ pub fn maybe_tracked(key: &FlowKey) -> bool {
     }
     let copy = u32::from(control & ct_filter::ACTIVE_ONE != 0);
     let (word, bit) = ct_filter::position(key, ct_filter::copy_log2(control, copy));
-    CT_FILTER
+    filter
         .get(ct_filter::copy_start(control, copy) + word)
         .is_none_or(|&w| w & bit != 0)
 }
 
-/// Sets `key`'s bit in both copies of the `CONNTRACK` filter: called after each insert (a
+/// Sets `key`'s bit in both copies of `filter`: called after each insert into its table (a
 /// rebuild that clears a copy meanwhile finds the entry in the table).
 #[inline(always)]
-pub fn mark_tracked(key: &FlowKey) {
-    let Some(&control) = CT_FILTER.get(ct_filter::CONTROL) else {
+pub fn mark(filter: &Array<u64>, key: &FlowKey) {
+    let Some(&control) = filter.get(ct_filter::CONTROL) else {
         return;
     };
     if control == 0 {
@@ -162,7 +167,7 @@ pub fn mark_tracked(key: &FlowKey) {
     }
     for copy in [0, 1] {
         let (word, bit) = ct_filter::position(key, ct_filter::copy_log2(control, copy));
-        if let Some(w) = CT_FILTER.get_ptr_mut(ct_filter::copy_start(control, copy) + word) {
+        if let Some(w) = filter.get_ptr_mut(ct_filter::copy_start(control, copy) + word) {
             // SAFETY: a valid map value pointer, 8-byte aligned; other CPUs and the loader
             // set bits in the same words, hence the atomic OR (BPF_ATOMIC | BPF_OR, which
             // `core` does not offer on this target).

@@ -897,7 +897,7 @@ fn tracked_flow<const V4: bool, const TCP: bool>(
     let key = &t.key;
     let now = now();
     // A clear filter bit: no entry, and no lookup (for a new flow, a cold bucket).
-    let f = if maps::maybe_tracked(key) {
+    let f = if maps::maybe_in(&maps::CT_FILTER, key) {
         maps::CONNTRACK.get_ptr_mut(key)
     } else {
         st.add(stat::CT_FILTERED, 1);
@@ -1021,7 +1021,7 @@ fn unconfirmed<const V4: bool, const TCP: bool>(
 fn track(key: &FlowKey, flow: &Flow) -> bool {
     let ok = maps::CONNTRACK.insert(key, flow, 0).is_ok();
     if ok {
-        maps::mark_tracked(key);
+        maps::mark(&maps::CT_FILTER, key);
     }
     ok
 }
@@ -1467,11 +1467,14 @@ fn reply<const V4: bool, const TCP: bool>(
     let (rev, hop, route): (&RevNat, &NextHop, Route) = match cached {
         Some(c) => (&c.rev, &c.hop, Route::Via),
         None => {
-            // A confirmed flow's entry, else an unconfirmed one's.
-            let Some(r) = maps::REV_NAT
-                .get_ptr_mut(key)
-                .or_else(|| maps::REV_NAT_NEW.get_ptr_mut(key))
-            else {
+            // A confirmed flow's entry, else an unconfirmed one's (a clear filter bit: no
+            // confirmed one).
+            let confirmed = if maps::maybe_in(&maps::RN_FILTER, key) {
+                maps::REV_NAT.get_ptr_mut(key)
+            } else {
+                None
+            };
+            let Some(r) = confirmed.or_else(|| maps::REV_NAT_NEW.get_ptr_mut(key)) else {
                 return NOT_MINE;
             };
             // SAFETY: valid map value pointer; racing writers write plain integers, or the

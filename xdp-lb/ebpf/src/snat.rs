@@ -436,6 +436,11 @@ fn reserve(sc: &Scratch) -> bool {
 /// when it is the requesting flow's.
 #[inline(always)]
 fn holder(sc: &mut Scratch, cfg: &Config, port: u16) -> Holder {
+    if !maps::maybe_in(&maps::RN_FILTER, &sc.rkey) {
+        // Its bit set after every insert, before the reservation that insert replaces
+        // goes: a reservation of this port made since sees it.
+        return Holder::None;
+    }
     let Some(old) = maps::REV_NAT.get_ptr_mut(&sc.rkey) else {
         return Holder::None;
     };
@@ -594,11 +599,7 @@ fn put_back(sc: &Scratch, cfg: &Config) -> bool {
                     <= unconfirmed_timeout(cfg, sc.rkey.proto)
         })
     };
-    if reserved_by_another(sc)
-        || maps::REV_NAT
-            .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
-            .is_err()
-    {
+    if reserved_by_another(sc) || !insert_confirmed(sc) {
         return false;
     }
     if reserved_by_another(sc) {
@@ -606,6 +607,20 @@ fn put_back(sc: &Scratch, cfg: &Config) -> bool {
         return false;
     }
     true
+}
+
+/// Inserts the requested entry into `REV_NAT` (with BPF_NOEXIST), then sets its bit in the
+/// table's presence filter: before the caller looks at or removes the port's reservation
+/// in `REV_NAT_NEW`, so a search that reserves the port later finds the bit set.
+#[inline(always)]
+fn insert_confirmed(sc: &Scratch) -> bool {
+    let ok = maps::REV_NAT
+        .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
+        .is_ok();
+    if ok {
+        maps::mark(&maps::RN_FILTER, &sc.rkey);
+    }
+    ok
 }
 
 /// Confirms an unconfirmed flow: its port's reservation moves from `REV_NAT_NEW` to
@@ -624,10 +639,7 @@ pub fn confirm(key: &FlowKey, be: &Backend, flow: &Flow, cfg: &Config, now: u64)
         // The reservation went (evicted, or reclaimed after the unconfirmed timeout).
         return hold(key, be, flow, cfg, now);
     }
-    if maps::REV_NAT
-        .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
+    if !insert_confirmed(sc) {
         // Confirmed meanwhile on another CPU, or (if not its own) held by another flow.
         return hold(key, be, flow, cfg, now);
     }
@@ -646,10 +658,7 @@ pub fn confirm_claimed(key: &FlowKey, be: &Backend, flow: &Flow, cfg: &Config, n
     };
     // SAFETY: this CPU's scratch entry; nothing else uses it while the program runs.
     let sc = unsafe { &mut *sc };
-    if maps::REV_NAT
-        .insert(&sc.rkey, &sc.rev, u64::from(BPF_NOEXIST))
-        .is_ok()
-    {
+    if insert_confirmed(sc) {
         let _ = maps::REV_NAT_NEW.remove(&sc.rkey);
         return true;
     }
