@@ -403,6 +403,7 @@ pub async fn run(client: Client, opts: Options, mut stop: watch::Receiver<bool>)
     // Detected addresses are the last resort for the router ID (after the Node's).
     let fallback_router_id = detected.v4;
     let mut retry = Duration::from_millis(250);
+    let mut upkeep = crate::standalone::upkeep_timer();
     loop {
         let failing = !a.healthy();
         let wait = if failing { retry } else { a.opts.resync };
@@ -427,6 +428,7 @@ pub async fn run(client: Client, opts: Options, mut stop: watch::Receiver<bool>)
                     let ready = a.relist.synced() && a.gws.synced() && a.healthy();
                     let _ = reply.send((a.report(), a.metrics.clone(), ready));
                 }
+                _ = upkeep.tick() => a.balancer.maintain(),
                 () = tokio::time::sleep_until(deadline) => break,
                 _ = stop.changed() => return a.shutdown().await,
             }

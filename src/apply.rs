@@ -236,6 +236,17 @@ impl BalancerApplier {
         self.health.record(errors);
     }
 
+    /// The datapath's upkeep ([`Balancer::maintain`]), between passes: a failure is logged
+    /// and shows in the next pass's health.
+    pub fn maintain(&mut self) {
+        if !self.configured {
+            return;
+        }
+        if let Err(e) = self.balancer.maintain() {
+            tracing::warn!("datapath upkeep: {e}");
+        }
+    }
+
     /// Removes every service (for `--shutdown withdraw`).
     pub fn clear(&mut self) {
         self.apply(&BTreeMap::new());

@@ -234,6 +234,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut retry = Duration::from_millis(250);
+    let mut upkeep = upkeep_timer();
     loop {
         rt.pass().await;
         let failing = !rt.healthy();
@@ -263,6 +264,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     let ready = rt.passes > 0 && rt.healthy();
                     let _ = reply.send((rt.report(), rt.reconcile_metrics.clone(), ready));
                 }
+                _ = upkeep.tick() => rt.balancer.maintain(),
                 () = tokio::time::sleep_until(deadline) => break,
                 _ = sigterm.recv() => return rt.shutdown().await,
                 _ = sigint.recv() => return rt.shutdown().await,
@@ -497,6 +499,14 @@ impl Runtime {
         }
         Ok(())
     }
+}
+
+/// The datapath's upkeep timer (`BalancerApplier::maintain`): every second, ticks missed
+/// while a pass ran skipped.
+pub(crate) fn upkeep_timer() -> tokio::time::Interval {
+    let mut t = tokio::time::interval(Duration::from_secs(1));
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    t
 }
 
 /// What [`open_datapath`] gives: the balancer, whether it is XDP, and the services it

@@ -252,7 +252,6 @@ fn a_closed_five_tuple_opens_again_at_once_on_its_own_port() {
             .unwrap();
         assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
     }
-    let started = Instant::now();
     let mut port = None;
     for round in 0..100 {
         let out = prog
@@ -272,11 +271,6 @@ fn a_closed_five_tuple_opens_again_at_once_on_its_own_port() {
             assert_eq!(sent_to(&out).1, p);
         }
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
     assert_eq!(prog.stat(stat::DROP_NO_SNAT_PORT).unwrap(), 0);
 }
 
@@ -427,7 +421,7 @@ fn the_conntrack_filter_skips_new_flows_and_never_a_tracked_one() {
         assert_eq!(prog.stat(stat::CT_FILTERED).unwrap(), filtered, "{what}");
     };
     check(&b, "bits the program set");
-    b.maintain().unwrap();
+    b.program_mut().rebuild_filters().unwrap();
     check(&b, "bits the rebuild set");
     let prog = b.program();
     let filtered = prog.stat(stat::CT_FILTERED).unwrap();
@@ -490,7 +484,8 @@ fn a_filter_rebuild_drops_the_bits_of_evicted_flows() {
 
 /// A rebuild sizes the filter for the flows tracked now (eight bits each), not for those of
 /// the last rebuild: the node configured with none, 30,000 opened after, most new flows
-/// still skip the lookup (63 % would, with the smallest filter's 65,536 bits).
+/// still skip the lookup (63 % would, with the smallest filter's 65,536 bits). The node's
+/// upkeep (`Balancer::maintain`, every second) rebuilds when that many new flows came.
 #[test]
 fn a_filter_rebuild_sizes_the_filter_for_the_flows_tracked_now() {
     const FLOWS: u32 = 30_000;
@@ -504,10 +499,16 @@ fn a_filter_rebuild_sizes_the_filter_for_the_flows_tracked_now() {
         fibnet::ifindex("eth0").unwrap(),
         fibnet::ifindex("eth1").unwrap(),
     );
+    // Configured: just rebuilt, not due.
+    assert!(!b.program().filters_due().unwrap());
     for n in 0..FLOWS {
         open(&b, n, eth0, eth1);
     }
+    // Many more entries than the filters were sized for: due, and the node's upkeep
+    // rebuilds them.
+    assert!(b.program().filters_due().unwrap());
     b.maintain().unwrap();
+    assert!(!b.program().filters_due().unwrap());
     let prog = b.program();
     let before = prog.stat(stat::CT_FILTERED).unwrap();
     for n in FLOWS..FLOWS + NEW {
@@ -556,7 +557,7 @@ fn a_confirmed_flows_port_is_never_given_again_through_the_reverse_nat_filter() 
         }
     };
     new_flows(&b, 1_000..1_200, "bits the program set");
-    b.maintain().unwrap();
+    b.program_mut().rebuild_filters().unwrap();
     new_flows(&b, 2_000..2_200, "bits the rebuild set");
     assert_eq!(b.program().stat(stat::DROP_NO_SNAT_PORT).unwrap(), 0);
 }

@@ -417,9 +417,9 @@ pub trait Balancer {
         Ok(Vec::new())
     }
 
-    /// Upkeep of the datapath's tables, once per reconcile pass: the XDP balancer rebuilds
-    /// the presence filter of its conntrack table (docs/xdp.md, "New flows"). Nothing for a
-    /// balancer without a datapath.
+    /// Upkeep of the datapath's tables, called every second and after each reconcile pass:
+    /// the XDP balancer rebuilds the presence filters of its flow tables when they are due
+    /// (docs/xdp.md, "New flows"). Nothing for a balancer without a datapath.
     ///
     /// # Errors
     /// The tables cannot be read.
@@ -1319,7 +1319,9 @@ impl Balancer for XdpBalancer {
     }
 
     fn maintain(&mut self) -> Result<(), BalancerError> {
-        self.program.rebuild_filters()?;
+        if self.program.filters_due()? {
+            self.program.rebuild_filters()?;
+        }
         Ok(())
     }
 

@@ -300,6 +300,8 @@ pub struct XdpProgram {
     filters: [Mapped; 2],
     /// Keys each table held at its filter's last rebuild: the least the next one sizes for.
     filter_keys: [u64; 2],
+    /// When the filters were last rebuilt, and [`XdpProgram::table_inserts`] then.
+    filter_rebuilt: Option<(Instant, u64)>,
     pins: Option<Pins>,
 }
 
@@ -320,6 +322,9 @@ pub(crate) fn program_object() -> &'static [u8] {
 
 /// Bytes of one element of a BPF array of `u32` (the kernel rounds values up to 8).
 const ELEM_BYTES: usize = 8;
+
+/// How often the presence filters are rebuilt at least (bits of gone entries dropped).
+pub const FILTER_REBUILD_EVERY: Duration = Duration::from_secs(30);
 
 /// The tables with a presence filter, in the order of `XdpProgram::filters`.
 const FILTERED_TABLES: [&str; 2] = [map_name::CONNTRACK, map_name::REV_NAT];
@@ -487,6 +492,7 @@ impl XdpProgram {
             rings,
             filters,
             filter_keys: [0; 2],
+            filter_rebuilt: None,
             pins,
         })
     }
@@ -998,12 +1004,39 @@ impl XdpProgram {
     /// # Errors
     /// A table cannot be read (its filter stays as it was).
     pub fn rebuild_filters(&mut self) -> Result<[u64; 2], XdpError> {
+        let inserts = self.table_inserts()?;
         let mut keys = [0; 2];
         for (i, table) in FILTERED_TABLES.into_iter().enumerate() {
             keys[i] = self.rebuild_filter(i, table)?;
             self.filter_keys[i] = keys[i];
         }
+        self.filter_rebuilt = Some((Instant::now(), inserts));
         Ok(keys)
+    }
+
+    /// Whether the presence filters are due for a rebuild: never rebuilt, rebuilt
+    /// [`FILTER_REBUILD_EVERY`] ago, or the tables took more new entries since than half
+    /// the entries the filters were sized for (their bits would then be a fifth set, and
+    /// more new flows would take the lookup). Cheap: one read of the counters.
+    ///
+    /// # Errors
+    /// The counters cannot be read.
+    pub fn filters_due(&self) -> Result<bool, XdpError> {
+        let Some((at, inserts)) = self.filter_rebuilt else {
+            return Ok(true);
+        };
+        let sized_for = self.filter_keys.iter().max().copied().unwrap_or(0).max(
+            // The smallest filter's entries at eight bits each.
+            (64 << ct_filter::MIN_WORDS_LOG2) / ct_filter::BITS_PER_ENTRY,
+        );
+        Ok(at.elapsed() >= FILTER_REBUILD_EVERY
+            || self.table_inserts()?.saturating_sub(inserts) > sized_for / 2)
+    }
+
+    /// New entries of `CONNTRACK` and `REV_NAT` so far, at most: confirmed flows and flows
+    /// tracked (`ct_confirm` + `ct_insert`; the latter also counts unconfirmed ones).
+    fn table_inserts(&self) -> Result<u64, XdpError> {
+        Ok(self.stat(stat::CT_CONFIRM)? + self.stat(stat::CT_INSERT)?)
     }
 
     /// [`XdpProgram::rebuild_filters`] for filter `i`, of `table`.
