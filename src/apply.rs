@@ -230,14 +230,12 @@ impl BalancerApplier {
                 }
             }
         }
-        if let Err(e) = self.balancer.maintain() {
-            errors.push(e.to_string());
-        }
         self.health.record(errors);
+        self.maintain();
     }
 
-    /// The datapath's upkeep ([`Balancer::maintain`]), between passes: a failure is logged
-    /// and shows in the next pass's health.
+    /// The datapath's upkeep ([`Balancer::maintain`]): a failure is logged, not counted
+    /// against the applier's health (the upkeep only makes the datapath faster).
     pub fn maintain(&mut self) {
         if !self.configured {
             return;

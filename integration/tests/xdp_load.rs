@@ -333,6 +333,9 @@ fn established_flows_keep_their_backend_through_a_flood_of_new_flows() {
     );
     assert!(prog.stat(stat::CT_INSERT).unwrap() - inserts >= u64::from(FLOOD));
     assert_eq!(prog.stat(stat::CT_CONFIRM).unwrap(), confirmed);
+    // Nor does it make the presence filters due for a rebuild: its flows went into neither
+    // CONNTRACK nor REV_NAT.
+    assert!(!prog.filters_due().unwrap(), "a flood made the filters due");
     // The first flood flows are long gone from the tables: an ACK of one is a new flow.
     let misses = prog.stat(stat::CT_MISS).unwrap();
     let early = tcp([100, 64, 0, 0], 1024, ACK);
@@ -474,7 +477,7 @@ fn a_filter_rebuild_drops_the_bits_of_evicted_flows() {
     // The evicted flows' bits are still set: their SYNs look the table up.
     let half = OLD / 2;
     assert_eq!(filtered_syns(&b, 0..half), 0);
-    b.maintain().unwrap();
+    b.program_mut().rebuild_filters().unwrap();
     let skipped = filtered_syns(&b, half..OLD);
     assert!(
         skipped >= u64::from(half) * 95 / 100,
@@ -484,8 +487,8 @@ fn a_filter_rebuild_drops_the_bits_of_evicted_flows() {
 
 /// A rebuild sizes the filter for the flows tracked now (eight bits each), not for those of
 /// the last rebuild: the node configured with none, 30,000 opened after, most new flows
-/// still skip the lookup (63 % would, with the smallest filter's 65,536 bits). The node's
-/// upkeep (`Balancer::maintain`, every second) rebuilds when that many new flows came.
+/// still skip the lookup (63 % would, with the smallest filter's 65,536 bits). The filters
+/// are due for the node's upkeep (`Balancer::maintain`) once that many new flows came.
 #[test]
 fn a_filter_rebuild_sizes_the_filter_for_the_flows_tracked_now() {
     const FLOWS: u32 = 30_000;
@@ -504,10 +507,10 @@ fn a_filter_rebuild_sizes_the_filter_for_the_flows_tracked_now() {
     for n in 0..FLOWS {
         open(&b, n, eth0, eth1);
     }
-    // Many more entries than the filters were sized for: due, and the node's upkeep
-    // rebuilds them.
+    // Many more entries than the filters were sized for: due (the node's upkeep rebuilds
+    // them, five seconds after its last try at most).
     assert!(b.program().filters_due().unwrap());
-    b.maintain().unwrap();
+    b.program_mut().rebuild_filters().unwrap();
     assert!(!b.program().filters_due().unwrap());
     let prog = b.program();
     let before = prog.stat(stat::CT_FILTERED).unwrap();

@@ -1110,7 +1110,9 @@ impl Balancer for XdpBalancer {
         array.set(0, cfg, 0).map_err(map_err(map_name::CONFIG))?;
         self.config = cfg;
         self.node = config.clone();
-        self.program.rebuild_filters()?;
+        // The presence filters: a failure leaves them as they were (disabled at first,
+        // which only costs lookups); the upkeep (`maintain`) tries again and reports it.
+        let _ = self.program.rebuild_filters();
         Ok(())
     }
 
@@ -1319,9 +1321,7 @@ impl Balancer for XdpBalancer {
     }
 
     fn maintain(&mut self) -> Result<(), BalancerError> {
-        if self.program.filters_due()? {
-            self.program.rebuild_filters()?;
-        }
+        self.program.rebuild_filters_if_due()?;
         Ok(())
     }
 

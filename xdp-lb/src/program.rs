@@ -302,6 +302,8 @@ pub struct XdpProgram {
     filter_keys: [u64; 2],
     /// When the filters were last rebuilt, and [`XdpProgram::table_inserts`] then.
     filter_rebuilt: Option<(Instant, u64)>,
+    /// When a rebuild was last tried.
+    filter_tried: Option<Instant>,
     pins: Option<Pins>,
 }
 
@@ -325,6 +327,9 @@ const ELEM_BYTES: usize = 8;
 
 /// How often the presence filters are rebuilt at least (bits of gone entries dropped).
 pub const FILTER_REBUILD_EVERY: Duration = Duration::from_secs(30);
+/// The least time between two rebuilds of the presence filters (or tries: a failed one
+/// waits as long), however fast the tables grow.
+pub const FILTER_REBUILD_GAP: Duration = Duration::from_secs(5);
 
 /// The tables with a presence filter, in the order of `XdpProgram::filters`.
 const FILTERED_TABLES: [&str; 2] = [map_name::CONNTRACK, map_name::REV_NAT];
@@ -493,6 +498,7 @@ impl XdpProgram {
             filters,
             filter_keys: [0; 2],
             filter_rebuilt: None,
+            filter_tried: None,
             pins,
         })
     }
@@ -991,33 +997,63 @@ impl XdpProgram {
 
     /// Rebuilds the presence filters of `CONNTRACK` and `REV_NAT` (`ct_filter`) and enables
     /// them: for each, sizes the copy packets do not read for the table's entries (eight
-    /// bits each, counted by a first walk, at most the room for a copy), clears it, sets the
-    /// bit of every key the table holds, then makes that copy the one packets read. The
-    /// program sets each new entry's bit in both copies (at the size the control word gives)
-    /// after its insert, so an entry added during the rebuild is in the new copy either way:
-    /// its bit set after the clear, or its entry there for the walk. Bits of entries gone
-    /// since the last rebuild are dropped. Returns the keys walked, by table.
+    /// bits each, at most the room for a copy), clears it, sets the bit of every key the
+    /// table holds, then makes that copy the one packets read. The entries: the keys of the
+    /// last rebuild's walk plus the inserts since (`flow_table_inserts`), or a count of
+    /// them (a walk) the first time. The program sets each new entry's bit in both copies
+    /// after its insert (and again if the size changed meanwhile), so an entry added during
+    /// the rebuild is in the new copy either way: its bit set after the clear, or its entry
+    /// there for the walk. Bits of entries gone since the last rebuild are dropped. Returns
+    /// the keys walked, by table.
     ///
-    /// Called by [`XdpBalancer`](crate::XdpBalancer) when the node is configured and on
-    /// every [`Balancer::maintain`](crate::Balancer::maintain).
+    /// Called by [`XdpBalancer`](crate::XdpBalancer) when the node is configured and by
+    /// [`Balancer::maintain`](crate::Balancer::maintain) when [`XdpProgram::filters_due`].
     ///
     /// # Errors
-    /// A table cannot be read (its filter stays as it was).
+    /// A table cannot be read, or a filter is not sized (a map of another build): that
+    /// filter stays as it was (a disabled filter only costs the lookups it would save).
     pub fn rebuild_filters(&mut self) -> Result<[u64; 2], XdpError> {
         let inserts = self.table_inserts()?;
+        let since = self
+            .filter_rebuilt
+            .map(|(_, then)| inserts.saturating_sub(then));
+        // A failure waits FILTER_REBUILD_GAP before the next try, as a success does.
+        self.filter_tried = Some(Instant::now());
         let mut keys = [0; 2];
         for (i, table) in FILTERED_TABLES.into_iter().enumerate() {
-            keys[i] = self.rebuild_filter(i, table)?;
+            let entries = match since {
+                Some(n) => self.filter_keys[i].saturating_add(n),
+                None => self.map_len(table)?,
+            };
+            keys[i] = self.rebuild_filter(i, table, entries)?;
             self.filter_keys[i] = keys[i];
         }
         self.filter_rebuilt = Some((Instant::now(), inserts));
         Ok(keys)
     }
 
+    /// [`XdpProgram::rebuild_filters`] when they are due ([`XdpProgram::filters_due`]) and
+    /// the last try is at least [`FILTER_REBUILD_GAP`] old: the node's upkeep, every
+    /// second. Returns whether it rebuilt them.
+    ///
+    /// # Errors
+    /// As [`XdpProgram::rebuild_filters`].
+    pub fn rebuild_filters_if_due(&mut self) -> Result<bool, XdpError> {
+        if self
+            .filter_tried
+            .is_some_and(|t| t.elapsed() < FILTER_REBUILD_GAP)
+            || !self.filters_due()?
+        {
+            return Ok(false);
+        }
+        self.rebuild_filters()?;
+        Ok(true)
+    }
+
     /// Whether the presence filters are due for a rebuild: never rebuilt, rebuilt
-    /// [`FILTER_REBUILD_EVERY`] ago, or the tables took more new entries since than half
-    /// the entries the filters were sized for (their bits would then be a fifth set, and
-    /// more new flows would take the lookup). Cheap: one read of the counters.
+    /// [`FILTER_REBUILD_EVERY`] ago, or outgrown: the tables took more new entries since
+    /// than half the entries the filters were sized for (their bits would then be a fifth
+    /// set, and more new flows would take the lookup). Cheap: one read of the counters.
     ///
     /// # Errors
     /// The counters cannot be read.
@@ -1033,23 +1069,24 @@ impl XdpProgram {
             || self.table_inserts()?.saturating_sub(inserts) > sized_for / 2)
     }
 
-    /// New entries of `CONNTRACK` and `REV_NAT` so far, at most: confirmed flows and flows
-    /// tracked (`ct_confirm` + `ct_insert`; the latter also counts unconfirmed ones).
+    /// Entries inserted into `CONNTRACK` and `REV_NAT` so far (`flow_table_inserts`).
     fn table_inserts(&self) -> Result<u64, XdpError> {
-        Ok(self.stat(stat::CT_CONFIRM)? + self.stat(stat::CT_INSERT)?)
+        self.stat(stat::FLOW_TABLE_INSERTS)
     }
 
-    /// [`XdpProgram::rebuild_filters`] for filter `i`, of `table`.
-    fn rebuild_filter(&self, i: usize, table: &'static str) -> Result<u64, XdpError> {
+    /// [`XdpProgram::rebuild_filters`] for filter `i`, of `table`, sized for `entries`.
+    fn rebuild_filter(&self, i: usize, table: &'static str, entries: u64) -> Result<u64, XdpError> {
         let f = &self.filters[i];
-        let Some(cw) = f.word(ct_filter::CONTROL as usize) else {
-            return Ok(0);
+        let not_sized = || XdpError::Os {
+            what: "rebuilding a presence filter the loader did not size (a map of another build)",
+            source: std::io::Error::from(std::io::ErrorKind::InvalidData),
         };
+        let cw = f.word(ct_filter::CONTROL as usize).ok_or_else(not_sized)?;
         let control = cw.load(Ordering::Acquire);
         if control == 0 {
-            // Not sized: a map of another build.
-            return Ok(0);
+            return Err(not_sized());
         }
+        self.check_key_size(table)?;
         let room = ct_filter::room_log2(self.options.conntrack_entries);
         let active = u32::from(control & ct_filter::ACTIVE_ONE != 0);
         let idle = 1 - active;
@@ -1057,9 +1094,6 @@ impl XdpProgram {
             ct_filter::copy_log2(control, 0),
             ct_filter::copy_log2(control, 1),
         ];
-        // Sized for the entries there now (a walk of its own: the bits must be set by a
-        // walk that starts after the clear), or at the last rebuild if more.
-        let entries = self.map_len(table)?.max(self.filter_keys[i]);
         log2[idle as usize] = ct_filter::words_log2_for(entries).min(room);
         // The idle copy's new size first: from here on, packets set bits where the walk
         // will.
@@ -1077,11 +1111,9 @@ impl XdpProgram {
         std::sync::atomic::fence(Ordering::SeqCst);
         let mut keys = 0u64;
         self.for_each_key(table, |k| {
-            if k.len() != std::mem::size_of::<FlowKey>() {
-                return;
-            }
-            // SAFETY: `k` holds exactly one FlowKey's bytes (a plain repr(C) struct of
-            // integers, valid for any bits); read unaligned from the batch buffer.
+            // SAFETY: `k` holds exactly one FlowKey's bytes (`for_each_key` gives keys of
+            // the map's key size, checked above to be FlowKey's), a plain repr(C) struct
+            // of integers, valid for any bits; read unaligned from the batch buffer.
             let key = unsafe { k.as_ptr().cast::<FlowKey>().read_unaligned() };
             let (word, bit) = ct_filter::position(&key, log2[idle as usize]);
             if let Some(w) = f.word(start + word as usize) {
@@ -1091,6 +1123,23 @@ impl XdpProgram {
         })?;
         cw.store(ct_filter::control(true, idle, log2, room), Ordering::SeqCst);
         Ok(keys)
+    }
+
+    /// Fails unless the keys of hash map `name` are [`FlowKey`]s.
+    fn check_key_size(&self, name: &'static str) -> Result<(), XdpError> {
+        let size = match self.ebpf.map(name).ok_or_else(|| no_such_map(name))? {
+            aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) => {
+                d.info().map_err(map_err(name))?.key_size() as usize
+            }
+            _ => 0,
+        };
+        if size != std::mem::size_of::<FlowKey>() {
+            return Err(XdpError::Os {
+                what: "a flow table whose keys are not FlowKeys (a map of another build)",
+                source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+            });
+        }
+        Ok(())
     }
 
     /// A typed view of map `name`.

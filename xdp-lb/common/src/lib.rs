@@ -343,8 +343,11 @@ pub mod stat {
     /// Conntrack: lookups skipped because the presence filter (`crate::ct_filter`) proved
     /// the 5-tuple untracked (most new flows' first packets).
     pub const CT_FILTERED: u32 = 37;
+    /// Entries inserted into `CONNTRACK` and `REV_NAT`, each of which set its bits in the
+    /// table's presence filter: the node rebuilds the filters when these outgrow them.
+    pub const FLOW_TABLE_INSERTS: u32 = 38;
     /// Number of counters in a [`crate::StatBlock`].
-    pub const COUNT: u32 = 38;
+    pub const COUNT: u32 = 39;
 
     /// Each counter's name, by index, as status and metrics show it.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -386,6 +389,7 @@ pub mod stat {
         "drop_xlat_icmp",
         "pass_gso",
         "ct_filtered",
+        "flow_table_inserts",
     ];
 }
 
@@ -555,10 +559,11 @@ pub struct Config {
     pub _pad: u8,
 }
 
-/// The presence filter of `CONNTRACK` (map `CT_FILTER`): one bit per hash of a 5-tuple,
-/// set by the program after each `CONNTRACK` insert and never cleared by it, so a clear bit
-/// proves the 5-tuple has no entry and a new flow's first packet skips the lookup (a cold
-/// bucket of a large table: about a fifth of a SYN's cost). Two copies: the program sets
+/// The layout of the presence filters of `CONNTRACK` and `REV_NAT` (maps `CT_FILTER`,
+/// `RN_FILTER`; docs/xdp.md, "New flows"): one bit per hash of a key, set by the program
+/// after each insert into the table and never cleared by it, so a clear bit proves the key
+/// has no entry and a new flow's first packet skips the lookup (a cold bucket of a large
+/// table: `CONNTRACK`'s alone about a fifth of a SYN's cost). Two copies: the program sets
 /// the bit in both and reads the active one; the loader rebuilds the idle one from the
 /// table (size it, clear it, set the bits of the keys), then makes it the active one, so
 /// bits of gone flows do not pile up. Each copy is sized to the table's entries at its

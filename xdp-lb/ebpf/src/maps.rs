@@ -138,44 +138,71 @@ pub static CT_FILTER: Array<u64> = Array::with_max_entries(8 + 2 * 8192, BPF_F_M
 pub static RN_FILTER: Array<u64> = Array::with_max_entries(8 + 2 * 8192, BPF_F_MMAPABLE);
 
 /// Whether the table behind `filter` may hold `key`: `false` only when the filter is
-/// enabled and the key's bit is clear in its active copy.
+/// enabled and the key's bit is clear in its active copy, and the control word did not
+/// change meanwhile (a rebuild may be clearing the copy this read was about).
 #[inline(always)]
 pub fn maybe_in(filter: &Array<u64>, key: &FlowKey) -> bool {
-    let Some(&control) = filter.get(ct_filter::CONTROL) else {
+    let Some(c) = filter.get_ptr(ct_filter::CONTROL) else {
         return true;
     };
+    // SAFETY: a valid map value pointer; the loader writes it with atomic stores.
+    let control = unsafe { core::ptr::read_volatile(c) };
     if control & ct_filter::ENABLED == 0 {
         return true;
     }
     let copy = u32::from(control & ct_filter::ACTIVE_ONE != 0);
     let (word, bit) = ct_filter::position(key, ct_filter::copy_log2(control, copy));
-    filter
-        .get(ct_filter::copy_start(control, copy) + word)
-        .is_none_or(|&w| w & bit != 0)
+    let Some(w) = filter.get_ptr(ct_filter::copy_start(control, copy) + word) else {
+        return true;
+    };
+    // SAFETY: as above.
+    let set = unsafe { core::ptr::read_volatile(w) } & bit != 0;
+    // SAFETY: as above.
+    set || unsafe { core::ptr::read_volatile(c) } != control
 }
 
 /// Sets `key`'s bit in both copies of `filter`: called after each insert into its table (a
-/// rebuild that clears a copy meanwhile finds the entry in the table).
+/// rebuild that clears a copy meanwhile finds the entry in the table), and counted.
 #[inline(always)]
 pub fn mark(filter: &Array<u64>, key: &FlowKey) {
-    let Some(&control) = filter.get(ct_filter::CONTROL) else {
+    if let Some(st) = Stats::get() {
+        st.add(portico_xdp_common::stat::FLOW_TABLE_INSERTS, 1);
+    }
+    let Some(c) = filter.get_ptr(ct_filter::CONTROL) else {
         return;
     };
+    // SAFETY: a valid map value pointer; the loader writes it with atomic stores.
+    let control = unsafe { core::ptr::read_volatile(c) };
     if control == 0 {
         // Not sized by the loader (yet).
         return;
     }
+    mark_with(filter, key, control);
+    // The ORs are full barriers: the insert is visible to the loader's walk from here. A
+    // rebuild that gave the idle copy a new size before them may have walked past the entry
+    // already, so the bits go where that size puts them too.
+    // SAFETY: as above.
+    let now = unsafe { core::ptr::read_volatile(c) };
+    if now != control {
+        mark_with(filter, key, now);
+    }
+}
+
+/// [`mark`]'s ORs, with the copies' sizes of `control`.
+#[inline(always)]
+fn mark_with(filter: &Array<u64>, key: &FlowKey, control: u64) {
     for copy in [0, 1] {
         let (word, bit) = ct_filter::position(key, ct_filter::copy_log2(control, copy));
         if let Some(w) = filter.get_ptr_mut(ct_filter::copy_start(control, copy) + word) {
             // SAFETY: a valid map value pointer, 8-byte aligned; other CPUs and the loader
-            // set bits in the same words, hence the atomic OR (BPF_ATOMIC | BPF_OR, which
-            // `core` does not offer on this target).
+            // set bits in the same words, hence the atomic OR (`core` offers none on this
+            // target). The fetching form: a full barrier on every architecture (the plain
+            // one orders nothing on arm64), which [`mark`] relies on.
             unsafe {
                 core::arch::asm!(
-                    "lock *(u64 *)({w} + 0) |= {bit}",
+                    "{bit} = atomic_fetch_or((u64 *)({w} + 0), {bit})",
                     w = in(reg) w,
-                    bit = in(reg) bit,
+                    bit = inout(reg) bit => _,
                     options(nostack),
                 );
             }
