@@ -138,6 +138,29 @@ fn client(n: u32) -> ([u8; 4], u16) {
     ([198, 18, 0, 1 + a as u8], 10_000 + (n % 20_000) as u16)
 }
 
+/// The LB namespace's client-side and backend-side interfaces (entered).
+fn ifaces() -> (u32, u32) {
+    (
+        fibnet::ifindex("eth0").unwrap(),
+        fibnet::ifindex("eth1").unwrap(),
+    )
+}
+
+/// Opens the flow of `client(n)`: SYN, the backend's SYN-ACK, the client's ACK, which
+/// confirms it (`CONNTRACK`). Returns (address, port, backend, SNAT port).
+fn open(b: &XdpBalancer, n: u32, eth0: u32, eth1: u32) -> ([u8; 4], u16, Ipv4Addr, u16) {
+    let prog = b.program();
+    let (src, sport) = client(n);
+    let out = prog.test_run_on(&tcp(src, sport, SYN), Some(eth0)).unwrap();
+    assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
+    let (to, port) = sent_to(&out);
+    let out = prog.test_run_on(&reply(to, port), Some(eth1)).unwrap();
+    assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
+    let out = prog.test_run_on(&tcp(src, sport, ACK), Some(eth0)).unwrap();
+    assert_eq!(sent_to(&out), (to, port));
+    (src, sport, to, port)
+}
+
 #[test]
 fn fifty_thousand_concurrent_flows_to_one_backend_each_get_a_port() {
     const FLOWS: u32 = 50_000;
@@ -287,28 +310,9 @@ fn established_flows_keep_their_backend_through_a_flood_of_new_flows() {
     let mut b = balancer(16_384, (1024, 65535), &[1, 2, 3]);
     let _in = lb.enter().unwrap();
     pin_to_cpu(0);
-    let (eth0, eth1) = (
-        fibnet::ifindex("eth0").unwrap(),
-        fibnet::ifindex("eth1").unwrap(),
-    );
+    let (eth0, eth1) = ifaces();
     // Established: SYN, the backend's SYN-ACK, the client's ACK.
-    let mut flows = Vec::new();
-    for n in 0..ESTABLISHED {
-        let sport = 20_000 + n as u16;
-        let prog = b.program();
-        let out = prog
-            .test_run_on(&tcp([198, 18, 0, 1], sport, SYN), Some(eth0))
-            .unwrap();
-        assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
-        let (to, port) = sent_to(&out);
-        let out = prog.test_run_on(&reply(to, port), Some(eth1)).unwrap();
-        assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
-        let out = prog
-            .test_run_on(&tcp([198, 18, 0, 1], sport, ACK), Some(eth0))
-            .unwrap();
-        assert_eq!(sent_to(&out), (to, port));
-        flows.push((sport, to, port));
-    }
+    let flows: Vec<_> = (0..ESTABLISHED).map(|n| open(&b, n, eth0, eth1)).collect();
     // Cached copies run out (two seconds); a fourth backend changes the ring, so a flow
     // whose entry was lost would be balanced anew, a quarter of them elsewhere.
     std::thread::sleep(Duration::from_millis(2100));
@@ -348,10 +352,8 @@ fn established_flows_keep_their_backend_through_a_flood_of_new_flows() {
     // Every established flow still goes where it went, on its port, and its replies come
     // back to the client.
     let mut moved = 0;
-    for &(sport, to, port) in &flows {
-        let out = prog
-            .test_run_on(&tcp([198, 18, 0, 1], sport, ACK), Some(eth0))
-            .unwrap();
+    for &(src, sport, to, port) in &flows {
+        let out = prog.test_run_on(&tcp(src, sport, ACK), Some(eth0)).unwrap();
         assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
         if sent_to(&out) != (to, port) {
             moved += 1;
@@ -363,21 +365,6 @@ fn established_flows_keep_their_backend_through_a_flood_of_new_flows() {
         assert_eq!(u16::from_be_bytes([p[36], p[37]]), sport, "reply to {port}");
     }
     assert_eq!(moved, 0, "{moved} of {ESTABLISHED} established flows moved");
-}
-
-/// Opens the flow of `client(n)`: SYN, the backend's SYN-ACK, the client's ACK, which
-/// confirms it (`CONNTRACK`). Returns (address, port, backend, SNAT port).
-fn open(b: &XdpBalancer, n: u32, eth0: u32, eth1: u32) -> ([u8; 4], u16, Ipv4Addr, u16) {
-    let prog = b.program();
-    let (src, sport) = client(n);
-    let out = prog.test_run_on(&tcp(src, sport, SYN), Some(eth0)).unwrap();
-    assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
-    let (to, port) = sent_to(&out);
-    let out = prog.test_run_on(&reply(to, port), Some(eth1)).unwrap();
-    assert_eq!(verdict::name(out.verdict), "XDP_REDIRECT");
-    let out = prog.test_run_on(&tcp(src, sport, ACK), Some(eth0)).unwrap();
-    assert_eq!(sent_to(&out), (to, port));
-    (src, sport, to, port)
 }
 
 /// The presence filter in front of `CONNTRACK` (docs/xdp.md, "New flows"): a SYN whose
@@ -394,10 +381,7 @@ fn the_conntrack_filter_skips_new_flows_and_never_a_tracked_one() {
     let mut b = balancer(16_384, (1024, 65535), &[1, 2, 3]);
     let _in = lb.enter().unwrap();
     pin_to_cpu(0);
-    let (eth0, eth1) = (
-        fibnet::ifindex("eth0").unwrap(),
-        fibnet::ifindex("eth1").unwrap(),
-    );
+    let (eth0, eth1) = ifaces();
     let flows: Vec<_> = (0..FLOWS).map(|n| open(&b, n, eth0, eth1)).collect();
     // A fourth backend: a quarter of the flows would be balanced elsewhere, so a SYN that
     // missed its flow's entry would show.
@@ -455,10 +439,7 @@ fn a_filter_rebuild_drops_the_bits_of_evicted_flows() {
     let mut b = balancer(1_024, (1024, 65535), &[1, 2, 3]);
     let _in = lb.enter().unwrap();
     pin_to_cpu(0);
-    let (eth0, eth1) = (
-        fibnet::ifindex("eth0").unwrap(),
-        fibnet::ifindex("eth1").unwrap(),
-    );
+    let (eth0, eth1) = ifaces();
     for n in 0..OLD + 4_000 {
         open(&b, n, eth0, eth1);
     }
@@ -498,10 +479,7 @@ fn a_filter_rebuild_sizes_the_filter_for_the_flows_tracked_now() {
     let mut b = balancer(65_536, (1024, 65535), &[1, 2, 3]);
     let _in = lb.enter().unwrap();
     pin_to_cpu(0);
-    let (eth0, eth1) = (
-        fibnet::ifindex("eth0").unwrap(),
-        fibnet::ifindex("eth1").unwrap(),
-    );
+    let (eth0, eth1) = ifaces();
     // Configured: just rebuilt, not due.
     assert!(!b.program().filters_due().unwrap());
     for n in 0..FLOWS {
@@ -538,10 +516,7 @@ fn a_confirmed_flows_port_is_never_given_again_through_the_reverse_nat_filter() 
     let mut b = balancer(16_384, (20000, 20999), &[1]);
     let _in = lb.enter().unwrap();
     pin_to_cpu(0);
-    let (eth0, eth1) = (
-        fibnet::ifindex("eth0").unwrap(),
-        fibnet::ifindex("eth1").unwrap(),
-    );
+    let (eth0, eth1) = ifaces();
     let mut held: HashMap<u16, String> = (0..300)
         .map(|n| (open(&b, n, eth0, eth1).3, format!("confirmed flow {n}")))
         .collect();
