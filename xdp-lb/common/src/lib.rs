@@ -801,6 +801,14 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
+    /// Ports, protocol, family and padding as two words (one compare each).
+    #[inline(always)]
+    pub fn tail(&self) -> [u32; 2] {
+        // SAFETY: `sport` starts 8 bytes of plain integers (`sport` to `_pad`) at offset 32
+        // of a `repr(C)` struct aligned to 4.
+        unsafe { *(&raw const self.sport).cast::<[u32; 2]>() }
+    }
+
     /// The same flow seen from the other end: addresses and ports swapped.
     #[inline(always)]
     pub fn reversed(&self) -> Self {

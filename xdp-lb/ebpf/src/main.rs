@@ -36,13 +36,13 @@ mod snat;
 #[cfg(target_arch = "bpf")]
 mod program {
     use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-    use portico_xdp_common::{family, proto, stat};
+    use portico_xdp_common::{family, proto, stat, Config};
 
     use crate::{
         csum, encap, frag, icmp, icmp46,
         maps::{self, Stats},
         nat,
-        parse::{self, Parsed, Skip},
+        parse::{self, Headers, Parsed, Skip},
     };
 
     /// What [`front`] asks the entry point to do, when not a verdict (verdicts are below
@@ -148,7 +148,12 @@ mod program {
     /// take.
     #[inline(never)]
     fn front(ctx: &XdpContext, st: &Stats, p: &Parsed) -> u32 {
-        match try_front(ctx, st, p) {
+        let step = if p.family == family::V4 {
+            try_front::<true>(ctx, st, p)
+        } else {
+            try_front::<false>(ctx, st, p)
+        };
+        match step {
             Ok(step) => step,
             Err(skip) => {
                 // Passed untouched (nothing was written yet), counted by reason.
@@ -161,22 +166,37 @@ mod program {
     /// Replies to the node's SNAT address, or from a backend of a service that keeps client
     /// sources, go to the reply path; traffic to an address
     /// outside the VIP filter passes after one array read; VIP traffic of a cached flow goes
-    /// to its backend here, the rest to the slow path.
+    /// to its backend here, the rest to the slow path. One copy per family (`V4`) and
+    /// transport: the headers are checked once, and IPv4 keys are compared and hashed by
+    /// their one address word.
     #[inline(always)]
-    fn try_front(ctx: &XdpContext, st: &Stats, p: &Parsed) -> Result<u32, Skip> {
+    fn try_front<const V4: bool>(ctx: &XdpContext, st: &Stats, p: &Parsed) -> Result<u32, Skip> {
         let Some(cfg) = maps::CONFIG.get(0) else {
             return Ok(xdp_action::XDP_PASS);
         };
-        if !parse::has_ports(p.proto) {
-            let icmp = (p.family == family::V4 && p.proto == proto::ICMP)
-                || (p.family == family::V6 && p.proto == proto::ICMPV6);
-            if icmp {
-                return Ok(SLOW_ICMP);
-            }
-            st.add(stat::PASS_NOT_VIP, 1);
-            return Ok(xdp_action::XDP_PASS);
+        if p.proto == proto::TCP {
+            return try_ports::<V4, true>(ctx, st, p, cfg);
         }
-        let t = nat::read_tuple(ctx, p)?;
+        if parse::has_ports(p.proto) {
+            return try_ports::<V4, false>(ctx, st, p, cfg);
+        }
+        if p.proto == if V4 { proto::ICMP } else { proto::ICMPV6 } {
+            return Ok(SLOW_ICMP);
+        }
+        st.add(stat::PASS_NOT_VIP, 1);
+        Ok(xdp_action::XDP_PASS)
+    }
+
+    /// [`try_front`] of a packet with ports: TCP (`TCP`), UDP or SCTP.
+    #[inline(always)]
+    fn try_ports<const V4: bool, const TCP: bool>(
+        ctx: &XdpContext,
+        st: &Stats,
+        p: &Parsed,
+        cfg: &Config,
+    ) -> Result<u32, Skip> {
+        let h = Headers::<V4, TCP>::of(ctx, p)?;
+        let t = nat::read_tuple(ctx, p, &h)?;
         let key = &t.key;
         let to_snat = key.dst == nat::snat_addr(cfg, key.family);
         let maybe_vip = maps::maybe_vip(key.family, &key.dst);
@@ -192,7 +212,7 @@ mod program {
         // Replies, and SYN, FIN or RST, do not use the flow cache.
         let set = (!to_snat && nat::may_be_cached(t.tcp_flags)).then(|| nat::cache_set(key, cfg));
         // Ours to rewrite: the stack would drop an IPv4 header with a bad checksum.
-        if p.family == family::V4 && !parse::ipv4_header_ok(ctx, p)? {
+        if V4 && !parse::ipv4_header_ok_at(ctx, p, h.ip)? {
             return Err(Skip::BadChecksum);
         }
         let flags = u32::from(t.tcp_flags) << 24;
@@ -200,7 +220,7 @@ mod program {
             return Ok(SLOW_REPLY | flags | if maybe_vip { MAYBE_VIP } else { 0 });
         }
         if let Some(set) = set {
-            if let Some(verdict) = nat::cached(ctx, st, p, &t, cfg, &set)? {
+            if let Some(verdict) = nat::cached(ctx, st, p, &h, &t, cfg, &set)? {
                 return Ok(verdict);
             }
         }

@@ -26,7 +26,7 @@ use crate::{
     fib::{self, Route},
     maps::{self, count, Stats},
     nat46,
-    parse::{load_addr, ptr_at, store32, store_addr, used, Headers, Parsed, Skip},
+    parse::{ptr_at, store32, store_addr, used, Headers, Parsed, Skip},
     snat,
 };
 
@@ -74,57 +74,37 @@ pub struct Tuple {
     pub tcp_flags: u8,
 }
 
-/// Reads addresses, ports and TCP flags.
+/// Reads addresses, ports and TCP flags through the checked headers `h` of an IPv4 (`V4`)
+/// or IPv6 packet. The whole transport header (TCP options, UDP's length) is checked here,
+/// before anything is looked up or written: a packet refused later would be half rewritten.
 #[inline(always)]
-pub fn read_tuple(ctx: &XdpContext, p: &Parsed) -> Result<Tuple, Skip> {
-    let v4 = p.family == family::V4;
-    let (src, dst) = if v4 {
-        let a: *const [u8; 8] = ptr_at(ctx, p.l3 + 12)?;
-        let a = a.cast::<u8>();
-        // SAFETY: 8 bytes checked.
-        unsafe { (load_addr(a, true), load_addr(a.add(4), true)) }
+pub fn read_tuple<const V4: bool, const TCP: bool>(
+    ctx: &XdpContext,
+    p: &Parsed,
+    h: &Headers<V4, TCP>,
+) -> Result<Tuple, Skip> {
+    let tcp_flags = if TCP {
+        tcp_flags_at(h.l4, p)?
     } else {
-        let a: *const [u8; 32] = ptr_at(ctx, p.l3 + 8)?;
-        let a = a.cast::<u8>();
-        // SAFETY: 32 bytes checked.
-        unsafe { (load_addr(a, false), load_addr(a.add(16), false)) }
-    };
-    // The whole transport header (checksum included) is checked here, before anything is
-    // looked up or written: a packet refused later would be half rewritten.
-    let mut tcp_flags = 0;
-    if p.proto == proto::TCP {
-        tcp_flags = tcp_header(ctx, p)?;
-    } else {
-        let u: *const [u8; 8] = ptr_at(ctx, p.l4)?;
         // UDP (and SCTP's common header): 8 bytes within the IP payload; UDP's own length
         // from 8 bytes up to the end of the IP payload.
         if p.l4 + 8 > p.ip_end {
             return Err(Skip::BadLength);
         }
         if p.proto == proto::UDP {
-            // SAFETY: 8 bytes checked.
-            let ulen = unsafe { u16::from_be_bytes([(*u)[4], (*u)[5]]) } as usize;
+            // SAFETY: the 8-byte header is checked.
+            let ulen = unsafe { u16::from_be_bytes([*h.l4.add(4), *h.l4.add(5)]) } as usize;
             if ulen < 8 || p.l4 + ulen > p.ip_end {
                 return Err(Skip::BadLength);
             }
+            0
         } else {
             // SCTP: its first chunk stands for TCP flags.
-            tcp_flags = crate::sctp::flags(ctx, p)?;
+            crate::sctp::flags(ctx, p)?
         }
-    }
-    let ports: *const [u16; 2] = ptr_at(ctx, p.l4)?;
-    // SAFETY: checked above.
-    let [sport, dport] = unsafe { *ports };
+    };
     Ok(Tuple {
-        key: FlowKey {
-            src,
-            dst,
-            sport,
-            dport,
-            proto: p.proto,
-            family: p.family,
-            _pad: [0; 2],
-        },
+        key: key_of(h, p.proto),
         tcp_flags,
     })
 }
@@ -133,8 +113,14 @@ pub fn read_tuple(ctx: &XdpContext, p: &Parsed) -> Result<Tuple, Skip> {
 #[inline(always)]
 pub(crate) fn tcp_header(ctx: &XdpContext, p: &Parsed) -> Result<u8, Skip> {
     let t: *const [u8; 20] = ptr_at(ctx, p.l4)?;
-    // SAFETY: 20 bytes checked.
-    let (doff, flags) = unsafe { ((*t)[12] >> 4, (*t)[13]) };
+    tcp_flags_at(t.cast(), p)
+}
+
+/// [`tcp_header`] of the checked 20 bytes at `t`.
+#[inline(always)]
+fn tcp_flags_at(t: *const u8, p: &Parsed) -> Result<u8, Skip> {
+    // SAFETY: the caller checked 20 bytes.
+    let (doff, flags) = unsafe { (*t.add(12) >> 4, *t.add(13)) };
     if doff < 5 {
         return Err(Skip::Malformed);
     }
@@ -469,20 +455,35 @@ pub fn cache_set(key: &FlowKey, cfg: &Config) -> CacheSet {
 #[inline(always)]
 fn cache_find(key: &FlowKey, cfg: &Config) -> Option<*mut FlowCacheEntry> {
     let (a, b) = cache_ways(key, cfg);
-    cache_find_in(&CacheSet(a, b), key)
+    if key.family == family::V4 {
+        cache_find_in::<true>(&CacheSet(a, b), key)
+    } else {
+        cache_find_in::<false>(&CacheSet(a, b), key)
+    }
 }
 
 /// The slot of the set `set` that holds the 5-tuple, if one does.
 #[inline(always)]
-fn cache_find_in(set: &CacheSet, key: &FlowKey) -> Option<*mut FlowCacheEntry> {
+fn cache_find_in<const V4: bool>(set: &CacheSet, key: &FlowKey) -> Option<*mut FlowCacheEntry> {
     for i in [set.0, set.1] {
         let c = maps::FLOW_CACHE.get_ptr_mut(i)?;
         // SAFETY: per-CPU slot; only this CPU writes it.
-        if unsafe { (*c).key == *key } {
+        if unsafe { same_key::<V4>(&(*c).key, key) } {
             return Some(c);
         }
     }
     None
+}
+
+/// Whether a cached key is `key`, an IPv4 (`V4`) or IPv6 5-tuple. An IPv4 key's address
+/// words 1..4 are zero (as [`read_tuple`] builds it), in the cache as in `key` (the family
+/// is compared), so the IPv4 compare skips them.
+#[inline(always)]
+fn same_key<const V4: bool>(cached: &FlowKey, key: &FlowKey) -> bool {
+    if !V4 {
+        return cached == key;
+    }
+    cached.src[0] == key.src[0] && cached.dst[0] == key.dst[0] && cached.tail() == key.tail()
 }
 
 /// This CPU's block of the cache arrays starts here (the verifier inlines the helper).
@@ -587,10 +588,11 @@ pub(crate) fn still_assigned(be: &Backend, flow: &Flow) -> bool {
 /// the packet. No hash lookup, no helper call. `None` sends the packet to
 /// [`balance_packet`].
 #[inline(always)]
-pub fn cached(
+pub fn cached<const V4: bool, const TCP: bool>(
     ctx: &XdpContext,
     st: &Stats,
     p: &Parsed,
+    h: &Headers<V4, TCP>,
     t: &Tuple,
     cfg: &Config,
     set: &CacheSet,
@@ -600,7 +602,7 @@ pub fn cached(
     }
     let key = &t.key;
     let now = now();
-    let Some(c) = cache_find_in(set, key) else {
+    let Some(c) = cache_find_in::<V4>(set, key) else {
         return Ok(None);
     };
     // SAFETY: per-CPU slot; only this CPU writes it.
@@ -623,9 +625,7 @@ pub fn cached(
         // Direct server return: sized, encapsulated and sent by `encap`, from the entry
         // point. The TTL is not decremented, but one about to expire passes to the stack
         // as on the slow paths.
-        let ttl: *const u8 = ptr_at(ctx, p.l3 + if p.family == family::V4 { 8 } else { 7 })?;
-        // SAFETY: checked above.
-        if unsafe { *ttl } <= 1 {
+        if h.hop_limit() <= 1 {
             st.add(stat::PASS_TTL, 1);
             return Ok(Some(xdp_action::XDP_PASS));
         }
@@ -635,35 +635,15 @@ pub fn cached(
     if be.family != key.family || !hop_fresh(&be.hop, p.ip_len(), now) {
         return Ok(None);
     }
-    let v4 = p.family == family::V4;
-    Ok(Some(match (v4, p.proto == proto::TCP) {
-        (true, true) => send_cached::<true, true>(ctx, st, p, key, cfg, c, be)?,
-        (true, false) => send_cached::<true, false>(ctx, st, p, key, cfg, c, be)?,
-        (false, true) => send_cached::<false, true>(ctx, st, p, key, cfg, c, be)?,
-        (false, false) => send_cached::<false, false>(ctx, st, p, key, cfg, c, be)?,
-    }))
-}
-
-/// The fast path's rewrite and send, once the flow, its backend and the next hop are known.
-#[inline(always)]
-fn send_cached<const V4: bool, const TCP: bool>(
-    ctx: &XdpContext,
-    st: &Stats,
-    p: &Parsed,
-    key: &FlowKey,
-    cfg: &Config,
-    c: &FlowCacheEntry,
-    be: &Backend,
-) -> Result<u32, Skip> {
-    let h = Headers::<V4, TCP>::of(ctx, p)?;
+    // The rewrite and send.
     if h.hop_limit() <= 1 {
         st.add(stat::PASS_TTL, 1);
-        return Ok(xdp_action::XDP_PASS);
+        return Ok(Some(xdp_action::XDP_PASS));
     }
     st.add(stat::CT_HIT, 1);
-    let partial = csum_partial(ctx, p, &h, key);
+    let partial = csum_partial(ctx, p, h, key);
     rewrite(
-        &h,
+        h,
         key,
         &flow_source::<V4>(key, &c.flow, cfg),
         &be.addr,
@@ -677,7 +657,7 @@ fn send_cached<const V4: bool, const TCP: bool>(
         p.ip_end as u64,
         false,
     );
-    Ok(fib::send(ctx, st, &be.hop))
+    Ok(Some(fib::send(ctx, st, &be.hop)))
 }
 
 /// Client → VIP packets the fast path did not serve: a tracked flow's packet goes to its

@@ -451,8 +451,13 @@ fn parse_v4<const FRAGS: bool>(ctx: &XdpContext, l3: usize) -> Result<(Parsed, F
 #[inline(always)]
 pub fn ipv4_header_ok(ctx: &XdpContext, p: &Parsed) -> Result<bool, Skip> {
     let h: *const [u8; 20] = ptr_at(ctx, p.l3)?;
-    let h = h.cast::<u8>();
-    // SAFETY: 20 bytes checked.
+    ipv4_header_ok_at(ctx, p, h.cast())
+}
+
+/// [`ipv4_header_ok`] with the header's first 20 bytes checked at `h`.
+#[inline(always)]
+pub fn ipv4_header_ok_at(ctx: &XdpContext, p: &Parsed, h: *const u8) -> Result<bool, Skip> {
+    // SAFETY: the caller checked 20 bytes.
     let mut sum = unsafe {
         u64::from(load32(h))
             + u64::from(load32(h.add(4)))
