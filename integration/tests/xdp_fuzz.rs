@@ -824,7 +824,20 @@ fn to_vip(rng: &mut Rng, model: &Model) -> Case {
 /// Client → a NAT46/64 VIP: TCP or UDP, sometimes another port or protocol, a TOS.
 fn to_xlat_vip(rng: &mut Rng) -> Case {
     let v6 = rng.chance(50);
-    let (client, cport) = client_tuple(rng, v6);
+    let (mut client, cport) = client_tuple(rng, v6);
+    // Now and then a client on the client subnet the node has no neighbour entry for: the
+    // replies to it are translated and left to the stack to resolve.
+    if rng.chance(5) {
+        client = if v6 {
+            IpAddr::V6(Ipv6Addr::from({
+                let mut a = CLIENT6;
+                a[15] = 0x60;
+                a
+            }))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(198, 18, 0, 60))
+        };
+    }
     let proto = rng.pick(&[TCP, UDP, TCP, UDP, SCTP]);
     let port = if rng.chance(90) { XLAT_PORT } else { 81 };
     let flags = rng.pick(&[0x02u8, 0x10, 0x18, 0x11, 0x04]);
@@ -1743,14 +1756,31 @@ fn check_l4(
                 .then(|| model.reverse.get(&(ip.src, dport, ip.proto)))
                 .flatten()
             else {
-                // A reservation of a NAT46/64 flow refused translation: back to its client.
-                if let Some(o) =
-                    parse(&out.packet).filter(|o| o.v6 != v6 && out.verdict != verdict::PASS)
-                {
+                // A reservation of a NAT46/64 flow refused translation: back to its client
+                // (passed, translated, toward one without a neighbour entry) ...
+                let sent_or_no_neigh =
+                    |o: &Ip| out.verdict != verdict::PASS || matches!(hop_to(o.dst), Hop::NoNeigh);
+                if let Some(o) = parse(&out.packet).filter(|o| o.v6 != v6 && sent_or_no_neigh(o)) {
                     let (_, cport) = ports(&out.packet, &o);
                     if model.xlat_refused.contains(&(o.dst, cport, ip.proto)) {
                         return Ok("reply_to_a_refused_xlat_flow");
                     }
+                }
+                // ... or, too big once translated, answered with too-big (or dropped over
+                // the rate limit), as a tracked flow's reply is (`check_xlat`).
+                let ip_len = ip.ip_end - ip.l3;
+                let xlat_len = if v6 { ip_len - 20 } else { ip_len + 20 };
+                let refused = model
+                    .xlat_refused
+                    .iter()
+                    .any(|r| r.2 == ip.proto && r.0.is_ipv6() != v6);
+                let icmp_back = parse(&out.packet)
+                    .is_some_and(|o| o.dst == ip.src && o.proto == if v6 { ICMP6 } else { ICMP4 });
+                if refused
+                    && xlat_len > MTU
+                    && (out.verdict == verdict::DROP || out.verdict == verdict::TX && icmp_back)
+                {
+                    return Ok("reply_to_a_refused_xlat_flow_too_big");
                 }
                 unchanged(input, out)?;
                 return Ok("passed_not_a_reply");
@@ -1981,7 +2011,13 @@ fn check_xlat(
     // address, `Unsure`, may have a route the kernel's FIB finds: then its MTU applies.)
     let hop = hop_to(dst);
     let routed_too_big = new_len > MTU && out.verdict == verdict::TX;
-    if matches!(hop, Hop::NoRoute) || matches!(hop, Hop::Unsure) && !routed_too_big {
+    // A network address has a connected route the kernel's FIB finds, and no neighbour: then
+    // it is translated and passed as toward any address without one.
+    let unsure_no_neigh =
+        matches!(hop, Hop::Unsure) && out.verdict == verdict::PASS && out.packet != input;
+    if matches!(hop, Hop::NoRoute)
+        || matches!(hop, Hop::Unsure) && !routed_too_big && !unsure_no_neigh
+    {
         if out.packet != input || !matches!(out.verdict, verdict::DROP | verdict::PASS) {
             return Err(format!(
                 "toward {dst} (no route): got {}",
@@ -2006,7 +2042,7 @@ fn check_xlat(
     }
     // Without a neighbour it is translated all the same and passed to the stack with the
     // frame's own MAC addresses (the stack resolves the neighbour and forwards it).
-    let no_neigh = matches!(hop_to(dst), Hop::NoNeigh);
+    let no_neigh = matches!(hop, Hop::NoNeigh) || unsure_no_neigh;
     if no_neigh && (out.verdict != verdict::PASS || out.packet.get(..12) != input.get(..12)) {
         return Err(format!(
             "toward {dst} (no neighbour): want the translation passed with the frame's MACs, \
