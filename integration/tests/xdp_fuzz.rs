@@ -2349,6 +2349,12 @@ fn check_icmp(
         None
     };
     let Some((osrc, odst, isrc, isport, idst, idport)) = want else {
+        let touched = out.verdict != verdict::PASS || out.packet != *input;
+        if touched && ip.dst == qsrc && model.xlat_refused.contains(&(qdst, qdport, qproto)) {
+            // About a reply of a NAT46/64 flow refused translation whose reservation lives
+            // on, answered: the model does not know its port.
+            return Ok("icmp_about_a_refused_xlat_flow");
+        }
         unchanged(input, out)?;
         return Ok("passed_icmp_not_ours");
     };
