@@ -34,16 +34,40 @@ pub fn fold(mut sum: u64) -> u16 {
     sum as u16
 }
 
+/// As [`fold`], for an accumulator below 2^40 (up to 256 32-bit words): three 16-bit
+/// steps (after the first the sum is below 2^24 + 2^16, after the second at most
+/// 0xffff + 256, after the third at most 0xffff), without the 32-bit step.
+#[inline(always)]
+pub fn fold40(mut sum: u64) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
 /// Applies an accumulated change to checksum `csum`.
 #[inline(always)]
 pub fn apply(csum: u16, delta: u64) -> u16 {
     !fold(u64::from(!csum) + delta)
 }
 
+/// As [`apply`], for a change below 2^39 (a rewrite's addresses and ports: at most ten
+/// 32-bit words), through [`fold40`].
+#[inline(always)]
+pub fn apply_small(csum: u16, delta: u64) -> u16 {
+    !fold40(u64::from(!csum) + delta)
+}
+
 /// As [`apply`], for a UDP checksum: a result of 0 goes on the wire as 0xffff (RFC 768).
 #[inline(always)]
 pub fn apply_udp(csum: u16, delta: u64) -> u16 {
-    match apply(csum, delta) {
+    udp_nonzero(apply(csum, delta))
+}
+
+/// A computed UDP checksum as it goes on the wire: 0 as 0xffff (RFC 768).
+#[inline(always)]
+pub fn udp_nonzero(csum: u16) -> u16 {
+    match csum {
         0 => 0xffff,
         c => c,
     }
@@ -56,11 +80,4 @@ pub fn apply_udp(csum: u16, delta: u64) -> u16 {
 #[inline(always)]
 pub fn pseudo_len_proto(len: u32, proto: u8) -> u64 {
     u64::from(len + u32::from(proto)) << 8
-}
-
-/// Applies an accumulated change to a field holding a pseudo-header sum (CHECKSUM_PARTIAL:
-/// the sum itself, not its complement), the opposite direction of [`apply`].
-#[inline(always)]
-pub fn apply_pseudo(sum: u16, delta: u64) -> u16 {
-    fold(u64::from(sum) + delta)
 }

@@ -172,17 +172,22 @@ pub(crate) fn now() -> u64 {
     unsafe { bpf_jiffies64() }
 }
 
+/// How long a flow in its state lives without a packet, in jiffies.
 #[inline(always)]
-pub(crate) fn expired(f: &Flow, cfg: &Config, proto_: u8, now: u64) -> bool {
-    let timeout = if f.state == flow_state::CLOSING {
+fn timeout(f: &Flow, cfg: &Config, proto_: u8) -> u64 {
+    u64::from(if f.state == flow_state::CLOSING {
         cfg.tcp_closing_timeout
     } else if proto_ != proto::UDP {
         // TCP, and SCTP associations.
         cfg.tcp_timeout
     } else {
         cfg.udp_timeout
-    };
-    now.saturating_sub(f.last_seen) > u64::from(timeout)
+    })
+}
+
+#[inline(always)]
+pub(crate) fn expired(f: &Flow, cfg: &Config, proto_: u8, now: u64) -> bool {
+    now.saturating_sub(f.last_seen) > timeout(f, cfg, proto_)
 }
 
 /// A live backend by id, as a pointer (the program caches its next hop in it).
@@ -301,7 +306,7 @@ fn rewrite<const V4: bool, const TCP: bool>(
             let new_tp = u16::from_ne_bytes(bytes);
             *ttl_proto = new_tp;
             let c = h.ip.add(10) as *mut u16;
-            *c = csum::apply(*c, addr_delta + csum::diff16(old_tp, new_tp));
+            *c = csum::apply_small(*c, addr_delta + csum::diff16(old_tp, new_tp));
             store32(h.ip.add(12), new_src[0]);
             store32(h.ip.add(16), new_dst[0]);
         } else {
@@ -313,18 +318,20 @@ fn rewrite<const V4: bool, const TCP: bool>(
         *(h.l4 as *mut [u16; 2]) = [new_sport, new_dport];
         if TCP {
             let c = h.l4.add(16) as *mut u16;
+            // A pseudo-header sum (CHECKSUM_PARTIAL) is the sum itself, not its complement:
+            // it changes in the other direction.
             *c = if partial {
-                csum::apply_pseudo(*c, addr_delta)
+                csum::fold40(u64::from(*c) + addr_delta)
             } else {
-                csum::apply(*c, addr_delta + ports)
+                csum::apply_small(*c, addr_delta + ports)
             };
         } else if old.proto == proto::UDP {
             let c = h.l4.add(6) as *mut u16;
             // IPv4 UDP without checksum stays without one.
             if partial {
-                *c = csum::apply_pseudo(*c, addr_delta);
+                *c = csum::fold40(u64::from(*c) + addr_delta);
             } else if !(V4 && *c == 0) {
-                *c = csum::apply_udp(*c, addr_delta + ports);
+                *c = csum::udp_nonzero(csum::apply_small(*c, addr_delta + ports));
             }
         }
         // SCTP: its CRC32c is updated by the caller (`sctp_crc`).
@@ -432,9 +439,14 @@ pub fn may_be_cached(tcp_flags: u8) -> bool {
     tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
 }
 
-/// A 5-tuple's set in this CPU's flow cache, its memory already on its way: see
-/// [`cache_set`].
-pub struct CacheSet(u32, u32);
+/// A 5-tuple's set in this CPU's flow cache, its first slot's memory already on its way:
+/// see [`cache_set`].
+pub struct CacheSet {
+    /// The first slot (null if the lookup failed, which it does not for a valid index).
+    first: *mut FlowCacheEntry,
+    /// The second slot's index.
+    second: u32,
+}
 
 /// The 5-tuple's set in this CPU's flow cache. Its first slot is read here, early: with
 /// many flows the read misses the TLB and the CPU caches, and the checks before the fast
@@ -442,37 +454,39 @@ pub struct CacheSet(u32, u32);
 #[inline(always)]
 pub fn cache_set(key: &FlowKey, cfg: &Config) -> CacheSet {
     let (a, b) = cache_ways(key, cfg);
-    if let Some(c) = maps::FLOW_CACHE.get_ptr(a) {
+    let first = maps::FLOW_CACHE
+        .get_ptr_mut(a)
+        .unwrap_or(core::ptr::null_mut());
+    if !first.is_null() {
         // SAFETY: a valid slot; a plain read, kept by `used`.
         used(u64::from(unsafe {
-            core::ptr::read_volatile(&raw const (*c).flow.epoch)
+            core::ptr::read_volatile(&raw const (*first).flow.epoch)
         }));
     }
-    CacheSet(a, b)
+    CacheSet { first, second: b }
 }
 
 /// The slot of this CPU's flow cache that holds the 5-tuple, if one does.
 #[inline(always)]
 fn cache_find(key: &FlowKey, cfg: &Config) -> Option<*mut FlowCacheEntry> {
-    let (a, b) = cache_ways(key, cfg);
+    let set = cache_set(key, cfg);
     if key.family == family::V4 {
-        cache_find_in::<true>(&CacheSet(a, b), key)
+        cache_find_in::<true>(&set, key)
     } else {
-        cache_find_in::<false>(&CacheSet(a, b), key)
+        cache_find_in::<false>(&set, key)
     }
 }
 
 /// The slot of the set `set` that holds the 5-tuple, if one does.
 #[inline(always)]
 fn cache_find_in<const V4: bool>(set: &CacheSet, key: &FlowKey) -> Option<*mut FlowCacheEntry> {
-    for i in [set.0, set.1] {
-        let c = maps::FLOW_CACHE.get_ptr_mut(i)?;
-        // SAFETY: per-CPU slot; only this CPU writes it.
-        if unsafe { same_key::<V4>(&(*c).key, key) } {
-            return Some(c);
-        }
+    // SAFETY: per-CPU slots; only this CPU writes them.
+    if !set.first.is_null() && unsafe { same_key::<V4>(&(*set.first).key, key) } {
+        return Some(set.first);
     }
-    None
+    let c = maps::FLOW_CACHE.get_ptr_mut(set.second)?;
+    // SAFETY: as above.
+    unsafe { same_key::<V4>(&(*c).key, key) }.then_some(c)
 }
 
 /// Whether a cached key is `key`, an IPv4 (`V4`) or IPv6 5-tuple. An IPv4 key's address
@@ -497,10 +511,18 @@ fn cpu_base(cfg: &Config) -> u32 {
 /// Remembers a tracked flow in this CPU's flow cache: in the slot of its set that holds
 /// it already (a flow never has two copies), else in one that holds nothing valid, else in
 /// place of the copy refreshed longer ago.
+///
+/// A copy serves packets for its [`copy_life`] without looking at the flow's timeout, so a
+/// flow whose timeout is shorter (a closing TCP flow, or UDP, under timeouts configured
+/// below two seconds) is not cached, and a copy of its earlier state is dropped.
 #[inline(always)]
 fn cache_store(key: &FlowKey, flow: &Flow, cfg: &Config, now: u64) {
     // SCTP takes the slow path only (its CRC32c is updated there).
     if key.proto == proto::SCTP {
+        return;
+    }
+    if timeout(flow, cfg, key.proto) < copy_life(cfg) {
+        cache_forget(key, cfg);
         return;
     }
     let (a, b) = cache_ways(key, cfg);
@@ -607,10 +629,8 @@ pub fn cached<const V4: bool, const TCP: bool>(
     };
     // SAFETY: per-CPU slot; only this CPU writes it.
     let c = unsafe { &*c };
-    if c.flow.epoch != cfg.cache_epoch
-        || now.saturating_sub(c.flow.last_seen) > copy_life(cfg)
-        || expired(&c.flow, cfg, key.proto, now)
-    {
+    // Within its life a copy's flow has not timed out (`cache_store`).
+    if c.flow.epoch != cfg.cache_epoch || now.saturating_sub(c.flow.last_seen) > copy_life(cfg) {
         return Ok(None);
     }
     let Some(be) = backend_ptr(c.flow.backend_id) else {
