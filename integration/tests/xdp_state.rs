@@ -240,6 +240,40 @@ fn a_snat_port_is_reclaimed_only_three_seconds_after_its_flow_was_last_seen() {
 }
 
 #[test]
+fn a_flow_idle_past_a_timeout_shorter_than_a_cached_copys_life_is_balanced_again() {
+    let mut net = TestNet::new().unwrap();
+    let lb = fibnet::lb_namespace(&mut net).unwrap();
+    let mut b = balancer();
+    // Flows expire after a second; a per-CPU cached copy lives two.
+    b.configure_node(&NodeConfig {
+        snat_v4: Some(Ipv4Addr::from(fibnet::SNAT4)),
+        snat_ports: (20000, 20999),
+        tcp_timeout: Duration::from_secs(1),
+        ..NodeConfig::default()
+    })
+    .unwrap();
+    b.upsert_service(&spec(VIP_A, &[X])).unwrap();
+    let _in = lb.enter().unwrap();
+    for flags in [SYN, ACK, ACK] {
+        let (v, _) = run(&b, &tcp(VIP_A, 44000, flags));
+        assert_eq!(verdict::name(v), "XDP_REDIRECT");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    // Another flow to X: its new flow's slow path refreshes X's cached next hop (it lives a
+    // second), which the fast path needs.
+    let (v, _) = run(&b, &tcp(VIP_A, 44001, SYN));
+    assert_eq!(verdict::name(v), "XDP_REDIRECT");
+    let misses = b.program().stat(stat::CT_MISS).unwrap();
+    let (v, _) = run(&b, &tcp(VIP_A, 44000, ACK));
+    assert_eq!(verdict::name(v), "XDP_REDIRECT");
+    assert_eq!(
+        b.program().stat(stat::CT_MISS).unwrap(),
+        misses + 1,
+        "the flow timed out: no cached copy may serve it"
+    );
+}
+
+#[test]
 fn the_program_reads_the_maglev_table_userspace_built() {
     use portico_xdp::maglev::{self, MaglevBackend};
     let mut b = balancer();
