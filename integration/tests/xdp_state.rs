@@ -84,6 +84,21 @@ fn balancer() -> XdpBalancer {
     b
 }
 
+/// A balancer whose TCP flows expire after a second, with SNAT ports `ports`, and a
+/// service on `VIP_A` with backend X.
+fn one_second_flows(ports: (u16, u16)) -> XdpBalancer {
+    let mut b = balancer();
+    b.configure_node(&NodeConfig {
+        snat_v4: Some(Ipv4Addr::from(fibnet::SNAT4)),
+        snat_ports: ports,
+        tcp_timeout: Duration::from_secs(1),
+        ..NodeConfig::default()
+    })
+    .unwrap();
+    b.upsert_service(&spec(VIP_A, &[X])).unwrap();
+    b
+}
+
 /// Runs `frame` as if it came in on eth0; returns (verdict, output).
 fn run(b: &XdpBalancer, frame: &[u8]) -> (u32, Vec<u8>) {
     let eth0 = fibnet::ifindex("eth0").unwrap();
@@ -191,16 +206,8 @@ fn the_loader_measures_the_kernel_tick_rate() {
 fn a_snat_port_is_reclaimed_only_three_seconds_after_its_flow_was_last_seen() {
     let mut net = TestNet::new().unwrap();
     let lb = fibnet::lb_namespace(&mut net).unwrap();
-    let mut b = balancer();
-    // Two SNAT ports, and flows that expire after a second.
-    b.configure_node(&NodeConfig {
-        snat_v4: Some(Ipv4Addr::from(fibnet::SNAT4)),
-        snat_ports: (20000, 20001),
-        tcp_timeout: Duration::from_secs(1),
-        ..NodeConfig::default()
-    })
-    .unwrap();
-    b.upsert_service(&spec(VIP_A, &[X])).unwrap();
+    // Two SNAT ports.
+    let b = one_second_flows((20000, 20001));
     let _in = lb.enter().unwrap();
     let new_flow = |b: &XdpBalancer, sport: u16| {
         let drops = b.program().stat(stat::DROP_NO_SNAT_PORT).unwrap();
@@ -243,16 +250,8 @@ fn a_snat_port_is_reclaimed_only_three_seconds_after_its_flow_was_last_seen() {
 fn a_flow_idle_past_a_timeout_shorter_than_a_cached_copys_life_is_balanced_again() {
     let mut net = TestNet::new().unwrap();
     let lb = fibnet::lb_namespace(&mut net).unwrap();
-    let mut b = balancer();
-    // Flows expire after a second; a per-CPU cached copy lives two.
-    b.configure_node(&NodeConfig {
-        snat_v4: Some(Ipv4Addr::from(fibnet::SNAT4)),
-        snat_ports: (20000, 20999),
-        tcp_timeout: Duration::from_secs(1),
-        ..NodeConfig::default()
-    })
-    .unwrap();
-    b.upsert_service(&spec(VIP_A, &[X])).unwrap();
+    // A per-CPU cached copy lives two seconds.
+    let b = one_second_flows((20000, 20999));
     let _in = lb.enter().unwrap();
     for flags in [SYN, ACK, ACK] {
         let (v, _) = run(&b, &tcp(VIP_A, 44000, flags));
