@@ -64,6 +64,13 @@ pub fn apply_udp(csum: u16, delta: u64) -> u16 {
     udp_nonzero(apply(csum, delta))
 }
 
+/// Applies a change below 2^39 to a field holding a pseudo-header sum (CHECKSUM_PARTIAL:
+/// the sum itself, not its complement), the opposite direction of [`apply`].
+#[inline(always)]
+pub fn apply_pseudo(sum: u16, delta: u64) -> u16 {
+    fold40(u64::from(sum) + delta)
+}
+
 /// A computed UDP checksum as it goes on the wire: 0 as 0xffff (RFC 768).
 #[inline(always)]
 pub fn udp_nonzero(csum: u16) -> u16 {

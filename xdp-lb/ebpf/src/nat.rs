@@ -318,10 +318,8 @@ fn rewrite<const V4: bool, const TCP: bool>(
         *(h.l4 as *mut [u16; 2]) = [new_sport, new_dport];
         if TCP {
             let c = h.l4.add(16) as *mut u16;
-            // A pseudo-header sum (CHECKSUM_PARTIAL) is the sum itself, not its complement:
-            // it changes in the other direction.
             *c = if partial {
-                csum::fold40(u64::from(*c) + addr_delta)
+                csum::apply_pseudo(*c, addr_delta)
             } else {
                 csum::apply_small(*c, addr_delta + ports)
             };
@@ -329,7 +327,7 @@ fn rewrite<const V4: bool, const TCP: bool>(
             let c = h.l4.add(6) as *mut u16;
             // IPv4 UDP without checksum stays without one.
             if partial {
-                *c = csum::fold40(u64::from(*c) + addr_delta);
+                *c = csum::apply_pseudo(*c, addr_delta);
             } else if !(V4 && *c == 0) {
                 *c = csum::udp_nonzero(csum::apply_small(*c, addr_delta + ports));
             }
@@ -469,6 +467,8 @@ pub fn cache_set(key: &FlowKey, cfg: &Config) -> CacheSet {
 /// The slot of this CPU's flow cache that holds the 5-tuple, if one does.
 #[inline(always)]
 fn cache_find(key: &FlowKey, cfg: &Config) -> Option<*mut FlowCacheEntry> {
+    // The early read is of no use here, but a variant without it changed how the program
+    // is laid out and measured the fast path 7 % slower (session 10).
     let set = cache_set(key, cfg);
     if key.family == family::V4 {
         cache_find_in::<true>(&set, key)
