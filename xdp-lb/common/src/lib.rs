@@ -1029,15 +1029,16 @@ mod tests {
 
     use super::*;
 
-    /// Of `keys` hashed into `slots` slots, the share alone in its slot.
-    fn alone(keys: impl Iterator<Item = FlowKey>, slots: u64) -> f64 {
+    /// Of `keys` hashed into `slots` slots by the half of their hash from bit `shift` on
+    /// (the flow cache uses both), the share alone in its slot.
+    fn alone(keys: &[FlowKey], slots: u64, shift: u32) -> f64 {
         let mut count = std::collections::HashMap::<u64, u32>::new();
-        let mut n = 0;
         for k in keys {
-            *count.entry(k.cache_hash() & (slots - 1)).or_default() += 1;
-            n += 1;
+            *count
+                .entry((k.cache_hash() >> shift) & (slots - 1))
+                .or_default() += 1;
         }
-        count.values().filter(|&&c| c == 1).count() as f64 / f64::from(n)
+        count.values().filter(|&&c| c == 1).count() as f64 / keys.len() as f64
     }
 
     #[test]
@@ -1092,14 +1093,21 @@ mod tests {
                 ..key(src, rand() as u16)
             }
         });
-        for (what, share) in [
-            ("random", alone(random, slots)),
-            ("two clients", alone(two_clients, slots)),
-            ("a /16", alone(slash16, slots)),
-            ("a /24 × 400 ports", alone(grid, slots)),
-            ("random IPv6", alone(v6, slots)),
-        ] {
-            assert!(share > 0.89, "{what}: {share:.3} alone in their slot");
+        let sets: [(&str, std::vec::Vec<FlowKey>); 5] = [
+            ("random", random.collect()),
+            ("two clients", two_clients.collect()),
+            ("a /16", slash16.collect()),
+            ("a /24 × 400 ports", grid.collect()),
+            ("random IPv6", v6.collect()),
+        ];
+        for (what, keys) in &sets {
+            for shift in [0, 32] {
+                let share = alone(keys, slots, shift);
+                assert!(
+                    share > 0.89,
+                    "{what}, bits {shift}..: {share:.3} alone in their slot"
+                );
+            }
         }
     }
 

@@ -416,19 +416,27 @@ fn cache_index(key: &FlowKey, cfg: &Config) -> u32 {
     cpu_base(cfg) + (key.cache_hash() as u32 & cfg.flow_cache_mask)
 }
 
-/// The two slots of this CPU's flow cache a 5-tuple may occupy: the one its hash picks
-/// and the next (wrapping around the CPU's block; the same one if the block has a single
-/// slot). Not an aligned pair: most copies sit in their first slot, and aligned pairs put
-/// them all in even slots, leaving half of the CPU cache's sets unused.
+/// The three slots of this CPU's flow cache a 5-tuple may occupy (docs/xdp.md, "Flow
+/// cache"): one among the block's first [`COMPACT_WAY_MASK`] + 1 slots, picked by the low
+/// half of its hash, and two neighbours anywhere in the block, picked by the high half
+/// (wrapping around the block). With fewer flows than the compact slots, most copies sit in
+/// 512 pages however large the block, and their lookups do not miss the TLB; with more,
+/// the other two keep the hit rate. Slots may coincide in a small block.
 #[inline(always)]
-fn cache_ways(key: &FlowKey, cfg: &Config) -> (u32, u32) {
-    let h = key.cache_hash() as u32;
+fn cache_ways(key: &FlowKey, cfg: &Config) -> (u32, u32, u32) {
+    let h = key.cache_hash();
     let base = cpu_base(cfg);
+    let b = (h >> 32) as u32;
     (
-        base + (h & cfg.flow_cache_mask),
-        base + (h.wrapping_add(1) & cfg.flow_cache_mask),
+        base + (h as u32 & cfg.flow_cache_mask & COMPACT_WAY_MASK),
+        base + (b & cfg.flow_cache_mask),
+        base + (b.wrapping_add(1) & cfg.flow_cache_mask),
     )
 }
+
+/// The first way's slots: the first 2^15 of the CPU's block (2 MB, 512 pages of 4 KB,
+/// which the TLB holds).
+const COMPACT_WAY_MASK: u32 = (1 << 15) - 1;
 
 /// Whether a client → VIP packet with these TCP flags may take the fast path: not a SYN,
 /// FIN or RST, which change the flow's state.
@@ -444,6 +452,8 @@ pub struct CacheSet {
     first: *mut FlowCacheEntry,
     /// The second slot's index.
     second: u32,
+    /// The third slot's index.
+    third: u32,
 }
 
 /// The 5-tuple's set in this CPU's flow cache. Its first slot is read here, early: with
@@ -451,7 +461,7 @@ pub struct CacheSet {
 /// path run while it completes.
 #[inline(always)]
 pub fn cache_set(key: &FlowKey, cfg: &Config) -> CacheSet {
-    let (a, b) = cache_ways(key, cfg);
+    let (a, b, c) = cache_ways(key, cfg);
     let first = maps::FLOW_CACHE
         .get_ptr_mut(a)
         .unwrap_or(core::ptr::null_mut());
@@ -461,7 +471,11 @@ pub fn cache_set(key: &FlowKey, cfg: &Config) -> CacheSet {
             core::ptr::read_volatile(&raw const (*first).flow.epoch)
         }));
     }
-    CacheSet { first, second: b }
+    CacheSet {
+        first,
+        second: b,
+        third: c,
+    }
 }
 
 /// The slot of this CPU's flow cache that holds the 5-tuple, if one does.
@@ -486,6 +500,11 @@ fn cache_find_in<const V4: bool>(set: &CacheSet, key: &FlowKey) -> Option<*mut F
     }
     let c = maps::FLOW_CACHE.get_ptr_mut(set.second)?;
     // SAFETY: as above.
+    if unsafe { same_key::<V4>(&(*c).key, key) } {
+        return Some(c);
+    }
+    let c = maps::FLOW_CACHE.get_ptr_mut(set.third)?;
+    // SAFETY: as above.
     unsafe { same_key::<V4>(&(*c).key, key) }.then_some(c)
 }
 
@@ -509,8 +528,8 @@ fn cpu_base(cfg: &Config) -> u32 {
 }
 
 /// Remembers a tracked flow in this CPU's flow cache: in the slot of its set that holds
-/// it already (a flow never has two copies), else in one that holds nothing valid, else in
-/// place of the copy refreshed longer ago.
+/// it already (a flow never has two copies), else in the first that holds nothing valid
+/// (the compact slot first), else in place of the copy refreshed longest ago.
 ///
 /// A copy serves packets for its [`copy_life`] without looking at the flow's timeout, so a
 /// flow whose timeout is shorter (a closing TCP flow, or UDP, under timeouts configured
@@ -525,15 +544,16 @@ fn cache_store(key: &FlowKey, flow: &Flow, cfg: &Config, now: u64) {
         cache_forget(key, cfg);
         return;
     }
-    let (a, b) = cache_ways(key, cfg);
-    let (Some(a), Some(b)) = (
+    let (a, b, c) = cache_ways(key, cfg);
+    let (Some(a), Some(b), Some(c3)) = (
         maps::FLOW_CACHE.get_ptr_mut(a),
         maps::FLOW_CACHE.get_ptr_mut(b),
+        maps::FLOW_CACHE.get_ptr_mut(c),
     ) else {
         return;
     };
     // SAFETY: per-CPU slots; only this CPU touches them while the program runs.
-    let (ra, rb) = unsafe { (&*a, &*b) };
+    let (ra, rb, rc) = unsafe { (&*a, &*b, &*c3) };
     let invalid = |c: &FlowCacheEntry| {
         c.flow.epoch != cfg.cache_epoch || now.saturating_sub(c.flow.last_seen) > copy_life(cfg)
     };
@@ -541,12 +561,26 @@ fn cache_store(key: &FlowKey, flow: &Flow, cfg: &Config, now: u64) {
         a
     } else if rb.key == *key {
         b
+    } else if rc.key == *key {
+        c3
     } else if invalid(ra) {
         a
-    } else if invalid(rb) || rb.flow.last_seen < ra.flow.last_seen {
+    } else if invalid(rb) {
         b
+    } else if invalid(rc) {
+        c3
     } else {
-        a
+        // The copy refreshed longest ago.
+        let (o, ro) = if rc.flow.last_seen < rb.flow.last_seen {
+            (c3, rc)
+        } else {
+            (b, rb)
+        };
+        if ro.flow.last_seen < ra.flow.last_seen {
+            o
+        } else {
+            a
+        }
     };
     // SAFETY: as above.
     unsafe {
