@@ -21,7 +21,8 @@
 //!    `tcp4_new_flow_confirm` (a new flow's first ACK, which confirms it).
 //! 2. Many flows: ACKs round-robin over N established flows (N = 1, 1,000, 10,000,
 //!    100,000) from random client addresses and ports, IPv4 and IPv6, with the flow cache's
-//!    hit rate. Then, beside the flows those cases left tracked (about 222,000), the
+//!    hit rate; replies (backend → SNAT address) round-robin over 10,000 established
+//!    flows (`tcp4_reply_n10000`). Then, beside the flows those cases left tracked, the
 //!    presence filters' rebuild (`filter_rebuild`, its time) and
 //!    `tcp4_new_flow_full_table`: new flows' SYNs with the filter sized for a full table.
 //! 3. SNAT port picks: new flows to a one-backend service whose ports are 10 %, 50 % and
@@ -511,6 +512,46 @@ fn main() -> Result<()> {
                 &format!(",\"flow_cache_hit_rate\":{hit_rate:.3}"),
             );
         }
+    }
+
+    // ---- 2a. replies of many flows ----
+    // Backend → SNAT address replies, round-robin over 10,000 established flows (the
+    // reply cache in front of `REV_NAT`). From the one client whose neighbour the node
+    // knows (replies to others would pass to the stack), on 10,000 ports.
+    if wanted("tcp4_reply_n10000") {
+        let n = 10_000;
+        let mut replies = Vec::with_capacity(n);
+        for i in 0..n {
+            let (src, sport) = (client4, 20_000 + i as u16);
+            let syn = bench
+                .balancer
+                .program()
+                .test_run_on(&tcp(src, vip(false), sport, 80, true), Some(eth0))?;
+            ensure!(
+                syn.verdict == verdict::TX,
+                "establishing: SYN not forwarded"
+            );
+            bench.run(
+                &tcp(src, vip(false), sport, 80, false),
+                verdict::TX,
+                "establishing",
+            )?;
+            let backend: [u8; 4] = syn.packet[30..34].try_into()?;
+            let snat_port = u16::from_be_bytes([syn.packet[34], syn.packet[35]]);
+            let mut out = Vec::new();
+            PacketBuilder::ethernet2(fibnet::CLIENT_MAC, fibnet::LB0_MAC)
+                .ipv4(backend, fibnet::SNAT4, 64)
+                .tcp(8080, snat_port, 1, 64240)
+                .ack(2)
+                .write(&mut out, &[])?;
+            replies.push(out);
+        }
+        bench.upkeep()?;
+        let per_round = per_round.max(2 * n / ROUNDS);
+        let mut t = bench.time(per_round, |b, i| {
+            b.run(&replies[i % n], verdict::TX, "tcp4_reply_n10000")
+        })?;
+        report("tcp4_reply_n10000", &mut t, "");
     }
 
     // ---- 2b. new flows beside a full table ----

@@ -76,7 +76,8 @@ pub static CONNTRACK_NEW: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entri
 pub static FLOW_CACHE: Array<FlowCacheEntry> = Array::with_max_entries(4096, BPF_F_MMAPABLE);
 
 /// Per-CPU exact-match cache in front of `REV_NAT` (with the next hop to the client), one
-/// entry per slot, refreshed as `FLOW_CACHE` is.
+/// entry per slot, refreshed as `FLOW_CACHE` is. Two-way sets: one entry among the block's
+/// first 2^14, one anywhere in it (`nat::reply_ways`).
 #[map(name = "REPLY_CACHE")]
 pub static REPLY_CACHE: Array<ReplyCacheEntry> = Array::with_max_entries(4096, BPF_F_MMAPABLE);
 

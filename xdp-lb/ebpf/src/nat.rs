@@ -410,11 +410,22 @@ pub(crate) fn snat_addr(cfg: &Config, fam: u8) -> Addr {
     }
 }
 
-/// Index of a 5-tuple in this CPU's block of the caches.
+/// The two slots of this CPU's reply cache a reply's 5-tuple may occupy: one among the
+/// block's first [`COMPACT_REPLY_MASK`] + 1, picked by the low half of its hash, and one
+/// anywhere in the block, picked by the high half (as [`cache_ways`], for the same reason).
 #[inline(always)]
-fn cache_index(key: &FlowKey, cfg: &Config) -> u32 {
-    cpu_base(cfg) + (key.cache_hash() as u32 & cfg.flow_cache_mask)
+fn reply_ways(key: &FlowKey, cfg: &Config) -> (u32, u32) {
+    let h = key.cache_hash();
+    let base = cpu_base(cfg);
+    (
+        base + (h as u32 & cfg.flow_cache_mask & COMPACT_REPLY_MASK),
+        base + ((h >> 32) as u32 & cfg.flow_cache_mask),
+    )
 }
+
+/// The reply cache's compact slots: the first 2^14 of the CPU's block (128-byte entries:
+/// 2 MB, 512 pages).
+const COMPACT_REPLY_MASK: u32 = (1 << 14) - 1;
 
 /// The three slots of this CPU's flow cache a 5-tuple may occupy (docs/xdp.md, "Flow
 /// cache"): one among the block's first [`COMPACT_WAY_MASK`] + 1 slots, picked by the low
@@ -1482,19 +1493,33 @@ fn reply<const V4: bool, const TCP: bool>(
     };
     let key = &key_of(&h, p.proto);
     let now = now();
-    let slot = maps::REPLY_CACHE.get_ptr_mut(cache_index(key, cfg));
+    let (a, b) = reply_ways(key, cfg);
+    let (Some(a), Some(b)) = (
+        maps::REPLY_CACHE.get_ptr_mut(a),
+        maps::REPLY_CACHE.get_ptr_mut(b),
+    ) else {
+        return NOT_MINE;
+    };
+    // SAFETY: per-CPU slots; only this CPU touches them while the program runs.
+    let (ra, rb) = unsafe { (&*a, &*b) };
+    let valid = |c: &ReplyCacheEntry| {
+        c.epoch == cfg.cache_epoch && now.saturating_sub(c.rev.last_seen) <= copy_life(cfg)
+    };
+    // The slot that holds the 5-tuple, else the one to take: one whose copy is no longer
+    // valid (the compact one first), else the one refreshed longer ago.
+    let slot = if ra.key == *key {
+        a
+    } else if rb.key == *key || (valid(ra) && (!valid(rb) || rb.rev.last_seen < ra.rev.last_seen)) {
+        b
+    } else {
+        a
+    };
     let mut cached: Option<&ReplyCacheEntry> = None;
     if tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
-        if let Some(c) = slot {
-            // SAFETY: per-CPU slot.
-            let c = unsafe { &*c };
-            if c.key == *key
-                && c.epoch == cfg.cache_epoch
-                && now.saturating_sub(c.rev.last_seen) <= copy_life(cfg)
-                && reply_len::<V4>(p, &c.rev) <= c.hop.mtu as usize
-            {
-                cached = Some(c);
-            }
+        // SAFETY: per-CPU slot.
+        let c = unsafe { &*slot };
+        if c.key == *key && valid(c) && reply_len::<V4>(p, &c.rev) <= c.hop.mtu as usize {
+            cached = Some(c);
         }
     }
     // Map values are used in place: the stack is 512 bytes for the whole program.
@@ -1520,11 +1545,8 @@ fn reply<const V4: bool, const TCP: bool>(
             // Work from a copy in this CPU's slot: LRU entries are recycled at once when
             // evicted, so the shared one may change under us. Valid for the fast path only
             // with a resolved next hop (written into the slot by the lookup).
-            let Some(c) = slot else {
-                return NOT_MINE;
-            };
             // SAFETY: per-CPU slot.
-            let c = unsafe { &mut *c };
+            let c = unsafe { &mut *slot };
             c.rev = *r;
             let route = fib::lookup(
                 ctx,
