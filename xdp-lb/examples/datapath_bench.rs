@@ -56,6 +56,21 @@ const SNAT_PORTS: (u16, u16) = (1024, 65535);
 /// The listener whose one backend's SNAT ports the port-pick part fills.
 const PICK_PORT: u16 = 82;
 
+/// The backend's ACK to an IPv4 SYN the balancer forwarded (`forwarded`: that SYN as it
+/// left the node): from the backend's address and port 8080 to the SNAT address and port
+/// the SYN carried.
+fn backend_ack(forwarded: &[u8]) -> Result<Vec<u8>> {
+    let backend: [u8; 4] = forwarded[30..34].try_into()?;
+    let snat_port = u16::from_be_bytes([forwarded[34], forwarded[35]]);
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(fibnet::CLIENT_MAC, fibnet::LB0_MAC)
+        .ipv4(backend, fibnet::SNAT4, 64)
+        .tcp(8080, snat_port, 1, 64240)
+        .ack(2)
+        .write(&mut out, &[])?;
+    Ok(out)
+}
+
 fn tcp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, syn: bool) -> Vec<u8> {
     let eth = PacketBuilder::ethernet2(fibnet::CLIENT_MAC, fibnet::LB0_MAC);
     let b = match (src, dst) {
@@ -376,24 +391,7 @@ fn main() -> Result<()> {
     for p in [&established, &established_81] {
         bench.balancer.program().test_run_on(p, Some(eth0))?;
     }
-    let (backend, snat_port) = (
-        [
-            syn.packet[30],
-            syn.packet[31],
-            syn.packet[32],
-            syn.packet[33],
-        ],
-        u16::from_be_bytes([syn.packet[34], syn.packet[35]]),
-    );
-    let reply = {
-        let mut out = Vec::new();
-        PacketBuilder::ethernet2(fibnet::CLIENT_MAC, fibnet::LB0_MAC)
-            .ipv4(backend, fibnet::SNAT4, 64)
-            .tcp(8080, snat_port, 1, 64240)
-            .ack(2)
-            .write(&mut out, &[])?;
-        out
-    };
+    let reply = backend_ack(&syn.packet)?;
     let mut new_flow_ratio = (f64::NAN, f64::NAN);
     type Case<'a> = (
         &'static str,
@@ -536,15 +534,7 @@ fn main() -> Result<()> {
                 verdict::TX,
                 "establishing",
             )?;
-            let backend: [u8; 4] = syn.packet[30..34].try_into()?;
-            let snat_port = u16::from_be_bytes([syn.packet[34], syn.packet[35]]);
-            let mut out = Vec::new();
-            PacketBuilder::ethernet2(fibnet::CLIENT_MAC, fibnet::LB0_MAC)
-                .ipv4(backend, fibnet::SNAT4, 64)
-                .tcp(8080, snat_port, 1, 64240)
-                .ack(2)
-                .write(&mut out, &[])?;
-            replies.push(out);
+            replies.push(backend_ack(&syn.packet)?);
         }
         bench.upkeep()?;
         let per_round = per_round.max(2 * n / ROUNDS);
