@@ -536,10 +536,6 @@ fn main() -> Result<()> {
             )?;
             replies.push(backend_ack(&syn.packet)?);
         }
-        // Each flow's first reply finds its entry and next hop, and caches them.
-        for r in &replies {
-            bench.run(r, verdict::TX, "first replies")?;
-        }
         bench.upkeep()?;
         let per_round = per_round.max(2 * n / ROUNDS);
         let mut t = bench.time(per_round, |b, i| {
