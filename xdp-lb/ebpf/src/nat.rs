@@ -410,17 +410,27 @@ pub(crate) fn snat_addr(cfg: &Config, fam: u8) -> Addr {
     }
 }
 
-/// The two slots of this CPU's reply cache a reply's 5-tuple may occupy: one among the
-/// block's first [`COMPACT_REPLY_MASK`] + 1, picked by the low half of its hash, and one
-/// anywhere in the block, picked by the high half (as [`cache_ways`], for the same reason).
+/// Where a 5-tuple's cache slots lie in this CPU's block: the block's start, the offset of
+/// its compact slot (among the block's first `compact + 1`, by the low half of its hash) and
+/// a far offset (anywhere in the block, by the high half). With fewer flows than the
+/// compact slots, most copies sit in a few hundred pages however large the block, and their
+/// lookups do not miss the TLB. Shared by [`cache_ways`] and [`reply_ways`].
+#[inline(always)]
+fn slot_offsets(key: &FlowKey, cfg: &Config, compact: u32) -> (u32, u32, u32) {
+    let h = key.cache_hash();
+    (
+        cpu_base(cfg),
+        h as u32 & cfg.flow_cache_mask & compact,
+        (h >> 32) as u32 & cfg.flow_cache_mask,
+    )
+}
+
+/// The two slots of this CPU's reply cache a reply's 5-tuple may occupy: its compact and
+/// far slots ([`slot_offsets`]).
 #[inline(always)]
 fn reply_ways(key: &FlowKey, cfg: &Config) -> (u32, u32) {
-    let h = key.cache_hash();
-    let base = cpu_base(cfg);
-    (
-        base + (h as u32 & cfg.flow_cache_mask & COMPACT_REPLY_MASK),
-        base + ((h >> 32) as u32 & cfg.flow_cache_mask),
-    )
+    let (base, compact, far) = slot_offsets(key, cfg, COMPACT_REPLY_MASK);
+    (base + compact, base + far)
 }
 
 /// The reply cache's compact slots: the first 2^14 of the CPU's block (128-byte entries:
@@ -428,20 +438,16 @@ fn reply_ways(key: &FlowKey, cfg: &Config) -> (u32, u32) {
 const COMPACT_REPLY_MASK: u32 = (1 << 14) - 1;
 
 /// The three slots of this CPU's flow cache a 5-tuple may occupy (docs/xdp.md, "Flow
-/// cache"): one among the block's first [`COMPACT_WAY_MASK`] + 1 slots, picked by the low
-/// half of its hash, and two neighbours anywhere in the block, picked by the high half
-/// (wrapping around the block). With fewer flows than the compact slots, most copies sit in
-/// 512 pages however large the block, and their lookups do not miss the TLB; with more,
-/// the other two keep the hit rate. Slots may coincide in a small block.
+/// cache"): its compact slot, its far slot and the far slot's neighbour (wrapping around
+/// the block) ([`slot_offsets`]); with more flows than compact slots, the other two keep
+/// the hit rate. Slots may coincide in a small block.
 #[inline(always)]
 fn cache_ways(key: &FlowKey, cfg: &Config) -> (u32, u32, u32) {
-    let h = key.cache_hash();
-    let base = cpu_base(cfg);
-    let b = (h >> 32) as u32;
+    let (base, compact, far) = slot_offsets(key, cfg, COMPACT_WAY_MASK);
     (
-        base + (h as u32 & cfg.flow_cache_mask & COMPACT_WAY_MASK),
-        base + (b & cfg.flow_cache_mask),
-        base + (b.wrapping_add(1) & cfg.flow_cache_mask),
+        base + compact,
+        base + far,
+        base + (far.wrapping_add(1) & cfg.flow_cache_mask),
     )
 }
 
@@ -1509,7 +1515,11 @@ fn reply<const V4: bool, const TCP: bool>(
     // valid (the compact one first), else the one refreshed longer ago.
     let slot = if ra.key == *key {
         a
-    } else if rb.key == *key || (valid(ra) && (!valid(rb) || rb.rev.last_seen < ra.rev.last_seen)) {
+    } else if rb.key == *key {
+        b
+    } else if !valid(ra) {
+        a
+    } else if !valid(rb) || rb.rev.last_seen < ra.rev.last_seen {
         b
     } else {
         a
