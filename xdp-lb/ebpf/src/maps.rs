@@ -67,7 +67,7 @@ pub static CONNTRACK_NEW: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entri
 /// Per-CPU exact-match cache in front of `CONNTRACK`: CPU `c` owns entries
 /// `[c·N, (c+1)·N)`, indexed by a hash of the 5-tuple. A plain array in page-aligned
 /// (mmapable) memory rather than a per-CPU array, so each 64-byte entry is one cache line.
-/// Three-way sets: a 5-tuple may sit in one entry among the block's first 2^15 or in two
+/// Three-way sets: a 5-tuple may sit in one entry among the block's first 2^16 or in two
 /// neighbours anywhere in the block (`nat::cache_ways`). A copy serves for two
 /// seconds past the `CONNTRACK` age it copies, then the flow's next packet refreshes the
 /// entry (its `last_seen` and LRU position, at most once a second) and the copy; so does
