@@ -286,12 +286,8 @@ pub async fn run(
                     }
                     break;
                 }
-                Ok(()) = lead_rx.changed() => {
-                    let leading = *lead_rx.borrow();
-                    c.stats.leading.store(u64::from(leading), Ordering::Relaxed);
-                    tracing::info!(identity = %c.opts.identity, leading, "leadership changed");
-                    break;
-                }
+                // Wakes the loop; the value is read (and published) below.
+                Ok(()) = lead_rx.changed() => break,
                 Some(reply) = metrics_rx.recv() => {
                     let ready = c.relist.synced();
                     let _ = reply.send((c.report(), c.metrics.clone(), ready));
@@ -305,7 +301,12 @@ pub async fn run(
                 }
             }
         }
-        let leading = *lead_rx.borrow();
+        // The pass and the `leading` stat see the same value, whichever branch woke us
+        // (a pass must never write as leader while the stat still says follower).
+        let leading = *lead_rx.borrow_and_update();
+        if c.stats.leading.swap(u64::from(leading), Ordering::Relaxed) != u64::from(leading) {
+            tracing::info!(identity = %c.opts.identity, leading, "leadership changed");
+        }
         c.pass(leading).await;
     }
 }
