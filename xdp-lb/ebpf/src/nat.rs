@@ -452,8 +452,8 @@ fn cache_ways(key: &FlowKey, cfg: &Config) -> (u32, u32, u32) {
 }
 
 /// The first way's slots: the first 2^16 of the CPU's block (4 MB, 1,024 pages of 4 KB).
-/// With 2^15, twice as many of 10,000 flows found their compact
-/// slot taken and sat each on a page of its own (docs/xdp.md, "Flow cache").
+/// With 2^15, twice as many of 10,000 flows found their compact slot taken and sat each on
+/// a page of its own (docs/xdp.md, "Flow cache").
 const COMPACT_WAY_MASK: u32 = (1 << 16) - 1;
 
 /// Whether a client → VIP packet with these TCP flags may take the fast path: not a SYN,
